@@ -1,0 +1,185 @@
+"""The offline engine and its Python API: `LLM(model).generate(prompts, SamplingParams(...))`."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from engine.block_manager import BlockManager
+from engine.config import ConfigError, EngineConfig, ModelConfig
+from engine.model_runner import ModelRunner
+from engine.sampling import SamplingParams
+from engine.scheduler import Batch, StepScheduler
+from engine.sequence import Sequence
+from engine.tiny import tiny_model_path
+from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+
+log = logging.getLogger("kairos")
+
+Prompt = str | list[int]
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    num_cached_tokens: int
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def resolve_model_path(model: str) -> Path:
+    return tiny_model_path() if model == "tiny" else Path(model)
+
+
+class LLM:
+    def __init__(self, model: str = "tiny", **engine_args):
+        self.config = EngineConfig(model=model, **engine_args)
+        path = resolve_model_path(model)
+        self.model_config = ModelConfig.from_pretrained(path)
+        self.tokenizer = self._load_tokenizer(path)
+        self.max_model_len = self.config.resolve_max_model_len(self.model_config)
+        self.eos_token_ids = self.model_config.eos_token_ids or (
+            self.tokenizer.eos_token_ids if self.tokenizer else ())
+        self.runner = ModelRunner(self.model_config, self.config, self.max_model_len)
+        self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size,
+                                          self.config.enable_prefix_caching)
+        self.scheduler = StepScheduler(self.block_manager, self.config.max_num_seqs,
+                                       self.config.max_num_batched_tokens, self.max_model_len)
+        self.num_prefill_tokens_computed = 0
+
+    def _load_tokenizer(self, path: Path) -> Tokenizer | None:
+        source = self.config.tokenizer
+        if source is not None:
+            return Tokenizer(resolve_model_path(source))
+        return Tokenizer(path) if (path / "tokenizer.json").exists() else None
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def make_sequence(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None) -> Sequence:
+        """Validates a prompt and turns it into a Sequence; raises ValueError naming the problem."""
+        params.validate()
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ConfigError(f"{self.model_config.path} has no tokenizer.json: pass token ids "
+                                  "or a tokenizer (--tokenizer)")
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, ids = None, list(prompt)
+            vocab = self.model_config.vocab_size
+            if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+                raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens, but the model's maximum length is "
+                             f"{self.max_model_len} (prompt and output together)")
+        bad_stop = [t for t in params.stop_token_ids if t >= self.model_config.vocab_size]
+        if bad_stop:
+            raise ValueError(f"stop_token_ids {bad_stop} are outside the vocabulary")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer")
+        detok = IncrementalDetokenizer(self.tokenizer, ids) if self.tokenizer else None
+        return Sequence(ids, params, self.eos_token_ids, detok, request_id, text)
+
+    def add_request(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None) -> Sequence:
+        seq = self.make_sequence(prompt, params, request_id)
+        self.scheduler.add(seq)
+        return seq
+
+    def abort(self, request_id: str) -> bool:
+        seq = self.scheduler.abort(request_id)
+        if seq is not None:
+            self.runner.sampler.forget(seq.seq_id)
+        return seq is not None
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[Sequence]:
+        """Runs one scheduled batch; returns the sequences that finished in it."""
+        batch = self.scheduler.schedule()
+        if batch is None:
+            if self.scheduler.has_unfinished():
+                raise RuntimeError("the scheduler made no progress with requests pending")
+            return []
+        if batch.is_prefill:
+            self.num_prefill_tokens_computed += sum(batch.num_new_tokens)
+        sampled = self.runner.run(batch)
+        finished = self.scheduler.postprocess(batch, sampled)
+        for seq in finished:
+            self.runner.sampler.forget(seq.seq_id)
+        return finished
+
+    # ---- offline API ----------------------------------------------------------------------
+
+    def generate(self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        prompts = _as_prompt_list(prompts)
+        params = sampling_params or SamplingParams()
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        # Validate everything before any work starts.
+        seqs = [self.make_sequence(p, sp) for p, sp in zip(prompts, params)]
+        for seq in seqs:
+            self.scheduler.add(seq)
+        with tqdm(total=len(seqs), desc="generate", disable=not use_tqdm, unit="req") as bar:
+            while self.has_unfinished():
+                bar.update(len(self.step()))
+        return [self._output(seq) for seq in seqs]
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, seq.text,
+                             seq.output_token_ids, seq.finish_reason.value, seq.num_cached_tokens)
+
+    @torch.inference_mode()
+    def prompt_logits(self, prompts: Prompt | list[Prompt]) -> list[torch.Tensor]:
+        """Float32 logits at every prompt position, [len, vocab] per prompt, from one batched
+        prefill (reusing cached prefixes where they exist). For teacher-forced comparisons."""
+        seqs = [self.make_sequence(p, SamplingParams(max_tokens=1)) for p in _as_prompt_list(prompts)]
+        try:
+            for seq in seqs:
+                self.block_manager.match_prefix(seq)
+                n = seq.num_uncomputed_tokens
+                if not self.block_manager.can_allocate(seq, n):
+                    raise RuntimeError("not enough free KV blocks for these prompts at once")
+                self.block_manager.allocate(seq, n)
+            batch = Batch(True, seqs, [s.num_uncomputed_tokens for s in seqs])
+            logits = self.runner.forward_logits(batch, all_logits=True)
+            out, start = [], 0
+            for seq, n in zip(seqs, batch.num_new_tokens):
+                out.append(logits[start : start + n])
+                start += n
+            return out
+        finally:
+            for seq in seqs:
+                if seq.block_table:
+                    self.block_manager.free_sequence(seq)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.block_manager.num_free_blocks
+
+    @property
+    def num_total_blocks(self) -> int:
+        return self.block_manager.num_total_blocks
+
+
+def _as_prompt_list(prompts) -> list[Prompt]:
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts):
+        return [prompts]
+    if not isinstance(prompts, list) or not prompts:
+        raise ValueError("prompts must be a string, a list of token ids, or a non-empty list of those")
+    return prompts

@@ -1,0 +1,172 @@
+"""Owns the model and its KV cache on one device: builds the inputs of a step, runs the forward
+pass and samples."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from engine.config import EngineConfig, ModelConfig
+from engine.context import AttentionContext
+from engine.loader import init_dummy_weights, load_weights
+from engine.model import CausalLM, rope_cos_sin_cache
+from engine.sampler import Sampler
+from engine.scheduler import Batch
+from engine.sequence import Sequence
+from kernels import get_backend
+
+log = logging.getLogger("kairos")
+
+
+class ModelRunner:
+    def __init__(self, model_config: ModelConfig, config: EngineConfig, max_model_len: int):
+        self.model_config = model_config
+        self.config = config
+        self.device = torch.device(config.device)
+        self.dtype = config.torch_dtype(model_config)
+        self.block_size = config.block_size
+        self.max_model_len = max_model_len
+        self.model = self._build_model()
+        self.num_blocks = self._allocate_kv_cache()
+        self.sampler = Sampler(self.device, config.seed)
+
+    def _build_model(self) -> CausalLM:
+        with torch.device("meta"):
+            model = CausalLM(self.model_config, get_backend(self.config.backend))
+        model = model.to(dtype=self.dtype).to_empty(device=self.device)
+        model.tie_weights()
+        if self.config.load_format == "dummy":
+            init_dummy_weights(model, self.config.seed)
+        else:
+            load_weights(model, self.model_config.path)
+        model.cos_sin_cache = rope_cos_sin_cache(self.model_config, self.max_model_len, self.device)
+        return model.eval().requires_grad_(False)
+
+    def kv_bytes_per_block(self) -> int:
+        cfg = self.model_config
+        elem = torch.empty(0, dtype=self.dtype).element_size()
+        return 2 * cfg.num_layers * self.block_size * cfg.num_kv_heads * cfg.head_dim * elem
+
+    def _allocate_kv_cache(self) -> int:
+        cfg = self.model_config
+        per_block = self.kv_bytes_per_block()
+        blocks_per_seq = -(-self.max_model_len // self.block_size)
+        if self.config.num_kv_blocks is not None:
+            num_blocks = self.config.num_kv_blocks
+        elif self.device.type == "cuda":
+            num_blocks = self._blocks_fitting_gpu_memory(per_block)
+        else:
+            # CPU: a fixed budget, but no more than every sequence at full length could use.
+            budget_blocks = int(self.config.cpu_kv_cache_gb * 2**30) // per_block
+            num_blocks = min(budget_blocks, self.config.max_num_seqs * blocks_per_seq)
+        if num_blocks < blocks_per_seq:
+            raise ValueError(
+                f"the KV cache holds {num_blocks} blocks of {self.block_size} tokens, fewer than the "
+                f"{blocks_per_seq} one sequence of max_model_len={self.max_model_len} needs; "
+                "raise the KV memory or lower --max-model-len"
+            )
+        shape = (2, cfg.num_layers, num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim)
+        self.kv_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+        for i, layer in enumerate(self.model.model.layers):
+            layer.self_attn.k_cache = self.kv_cache[0, i]
+            layer.self_attn.v_cache = self.kv_cache[1, i]
+        log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, self.block_size,
+                 num_blocks * per_block / 2**20)
+        return num_blocks
+
+    def _blocks_fitting_gpu_memory(self, per_block: int) -> int:
+        """Blocks that fit in gpu_memory_utilization of the device, after the weights and the
+        activations of the largest prefill step (measured by running one)."""
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        num_tokens = min(self.config.max_num_batched_tokens, self.max_model_len)
+        self._profile_forward(num_tokens)
+        torch.cuda.synchronize()
+        free, total = torch.cuda.mem_get_info()
+        peak = torch.cuda.max_memory_allocated()
+        used_by_others = total - free - torch.cuda.memory_reserved()
+        budget = total * self.config.gpu_memory_utilization - used_by_others - peak
+        torch.cuda.empty_cache()
+        return max(0, int(budget) // per_block)
+
+    @torch.inference_mode()
+    def _profile_forward(self, num_tokens: int) -> None:
+        """A prefill of num_tokens over a throwaway one-block-per-layer cache, for its memory peak."""
+        cfg = self.model_config
+        scratch = torch.zeros((2, cfg.num_layers, 1, self.block_size, cfg.num_kv_heads, cfg.head_dim),
+                              dtype=self.dtype, device=self.device)
+        for i, layer in enumerate(self.model.model.layers):
+            layer.self_attn.k_cache, layer.self_attn.v_cache = scratch[0, i], scratch[1, i]
+        ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
+        cu = torch.tensor([0, num_tokens], dtype=torch.int32, device=self.device)
+        ctx = AttentionContext(True, torch.full_like(ids, -1), cu, cu)
+        hidden = self.model(ids, torch.arange(num_tokens, device=self.device), ctx)
+        self.model.compute_logits(hidden[-1:])
+
+    def _tensor(self, data, dtype=torch.int64) -> torch.Tensor:
+        return torch.tensor(data, dtype=dtype, pin_memory=self.device.type == "cuda").to(
+            self.device, non_blocking=True)
+
+    def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
+        width = max(len(s.block_table) for s in seqs)
+        rows = [s.block_table + [-1] * (width - len(s.block_table)) for s in seqs]
+        return self._tensor(rows, torch.int32)
+
+    def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
+        bs, table = self.block_size, seq.block_table
+        return [table[p // bs] * bs + p % bs for p in range(start, end)]
+
+    def prepare_prefill(self, batch: Batch, all_logits: bool = False):
+        ids, positions, slots, logit_rows = [], [], [], []
+        cu_q, cu_k = [0], [0]
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+            ids += seq.token_ids[start:end]
+            positions += range(start, end)
+            slots += self._slots(seq, start, end)
+            if all_logits:
+                logit_rows += range(cu_q[-1], cu_q[-1] + n)
+            elif batch.samples(seq, n):
+                logit_rows.append(cu_q[-1] + n - 1)
+            cu_q.append(cu_q[-1] + n)
+            cu_k.append(cu_k[-1] + end)
+        has_prefix = any(s.num_computed_tokens for s in batch.seqs)
+        ctx = AttentionContext(
+            is_prefill=True,
+            slot_mapping=self._tensor(slots),
+            cu_seqlens_q=self._tensor(cu_q, torch.int32),
+            cu_seqlens_k=self._tensor(cu_k, torch.int32),
+            block_tables=self._block_tables(batch.seqs) if has_prefix else None,
+        )
+        return self._tensor(ids), self._tensor(positions), ctx, logit_rows
+
+    def prepare_decode(self, batch: Batch):
+        seqs = batch.seqs
+        positions = [len(s) - 1 for s in seqs]
+        ctx = AttentionContext(
+            is_prefill=False,
+            slot_mapping=self._tensor([self._slots(s, p, p + 1)[0] for s, p in zip(seqs, positions)]),
+            block_tables=self._block_tables(seqs),
+            context_lens=self._tensor([len(s) for s in seqs], torch.int32),
+        )
+        return self._tensor([s.token_ids[-1] for s in seqs]), self._tensor(positions), ctx, list(range(len(seqs)))
+
+    @torch.inference_mode()
+    def forward_logits(self, batch: Batch, all_logits: bool = False) -> torch.Tensor:
+        prepare = self.prepare_prefill if batch.is_prefill else self.prepare_decode
+        args = (batch, all_logits) if batch.is_prefill else (batch,)
+        ids, positions, ctx, rows = prepare(*args)
+        hidden = self.model(ids, positions, ctx)
+        if not rows:
+            return hidden.new_empty((0, self.model_config.vocab_size), dtype=torch.float32)
+        return self.model.compute_logits(hidden[self._tensor(rows)])
+
+    def run(self, batch: Batch) -> list[int | None]:
+        """One step. Returns a sampled token per sequence, None where the prompt is not done."""
+        logits = self.forward_logits(batch)
+        sampling = [(s, n) for s, n in zip(batch.seqs, batch.num_new_tokens) if batch.samples(s, n)]
+        tokens = iter(self.sampler(logits, [s.params for s, _ in sampling], [s.seq_id for s, _ in sampling])
+                      if sampling else [])
+        return [next(tokens) if batch.samples(s, n) else None for s, n in zip(batch.seqs, batch.num_new_tokens)]

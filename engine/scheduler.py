@@ -1,0 +1,139 @@
+"""The offline step scheduler: continuous batching with chunked prefill and preemption by
+recompute. Which waiting request goes next is the admission policy's call (scheduler/)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from engine.block_manager import BlockManager
+from engine.sequence import FinishReason, Sequence, Status
+from scheduler import AdmissionPolicy, FCFSPolicy
+
+
+@dataclass
+class Batch:
+    is_prefill: bool
+    seqs: list[Sequence]
+    num_new_tokens: list[int]  # per sequence: tokens computed this step
+
+    def samples(self, seq: Sequence, n: int) -> bool:
+        """Whether this step ends with a token sampled for seq (its prompt is then complete)."""
+        return seq.num_computed_tokens + n == len(seq)
+
+
+class StepScheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_model_len: int, policy: AdmissionPolicy | None = None):
+        self.blocks = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.policy = policy or FCFSPolicy()
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []  # admission order; every one holds blocks
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def abort(self, request_id: str) -> Sequence | None:
+        for queue in (self.waiting, self.running):
+            for seq in queue:
+                if seq.request_id == request_id:
+                    queue.remove(seq)
+                    self._finish(seq, FinishReason.ABORT)
+                    return seq
+        return None
+
+    def schedule(self) -> Batch | None:
+        return self._schedule_prefill() or self._schedule_decode()
+
+    def _schedule_prefill(self) -> Batch | None:
+        budget = self.max_num_batched_tokens
+        batch = Batch(True, [], [])
+
+        def add(seq: Sequence) -> bool:
+            nonlocal budget
+            n = min(seq.num_uncomputed_tokens, budget)
+            if n == 0 or not self.blocks.can_allocate(seq, n):
+                return False
+            self.blocks.allocate(seq, n)
+            batch.seqs.append(seq)
+            batch.num_new_tokens.append(n)
+            budget -= n
+            return True
+
+        # Prompts already part-way through (chunked) go on before anything new is admitted.
+        for seq in self.running:
+            if seq.is_prefilling and not add(seq):
+                break
+        else:
+            for seq in list(self.policy.order(self.waiting, time.monotonic())):
+                if budget == 0 or len(self.running) >= self.max_num_seqs:
+                    break
+                self.blocks.match_prefix(seq)
+                if not add(seq):
+                    self.blocks.free_sequence(seq)
+                    break
+                self.waiting.remove(seq)
+                seq.status = Status.RUNNING
+                self.running.append(seq)
+        if batch.seqs:
+            return batch
+        stalled = [s for s in self.running if s.is_prefilling]
+        if stalled and len(stalled) == len(self.running) and len(stalled) > 1:
+            # Every running sequence is a part-done prompt waiting for blocks that only those
+            # prompts hold: give the newest one's blocks back so the oldest can finish.
+            self._preempt(stalled[-1])
+            return self._schedule_prefill()
+        return None
+
+    def _schedule_decode(self) -> Batch | None:
+        batch = Batch(False, [], [])
+        for seq in list(self.running):
+            if seq.status is not Status.RUNNING or seq.is_prefilling:
+                continue
+            while not self.blocks.can_allocate(seq, 1):
+                # Preempt the newest sequence not yet in this batch; seq itself if none is left.
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if seq.status is not Status.RUNNING:
+                continue
+            self.blocks.allocate(seq, 1)
+            batch.seqs.append(seq)
+            batch.num_new_tokens.append(1)
+        return batch if batch.seqs else None
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Frees the sequence's blocks and sends it back to wait; it will recompute its K/V."""
+        self.running.remove(seq)
+        self.blocks.free_sequence(seq)
+        seq.status = Status.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.insert(0, seq)
+
+    def postprocess(self, batch: Batch, sampled: list[int | None]) -> list[Sequence]:
+        """Records the step's progress and sampled tokens; returns the sequences that finished."""
+        finished = []
+        for seq, n, token in zip(batch.seqs, batch.num_new_tokens, sampled):
+            seq.num_computed_tokens += n
+            if token is None:
+                continue
+            reason = seq.append_token(token, self.max_model_len)
+            if reason is not None:
+                self.running.remove(seq)
+                self._finish(seq, reason)
+                finished.append(seq)
+        return finished
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        self.blocks.free_sequence(seq)
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason

@@ -1,0 +1,95 @@
+"""A request inside the engine: its tokens, its KV blocks and how far its prefill has come."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+
+from engine.sampling import SamplingParams
+from engine.tokenizer import IncrementalDetokenizer
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"  # holds no KV blocks
+    RUNNING = "running"  # holds KV blocks: prefilling (maybe in chunks) or decoding
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+
+
+_ids = itertools.count()
+
+
+class Sequence:
+    def __init__(self, prompt_token_ids: list[int], params: SamplingParams,
+                 eos_token_ids: tuple[int, ...] = (), detokenizer: IncrementalDetokenizer | None = None,
+                 request_id: str | None = None, prompt: str | None = None):
+        self.seq_id = next(_ids)
+        self.request_id = request_id if request_id is not None else str(self.seq_id)
+        self.prompt = prompt
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.token_ids = list(prompt_token_ids)  # prompt then output
+        self.params = params
+        self.stop_token_ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            self.stop_token_ids.update(eos_token_ids)
+        self.detokenizer = detokenizer
+        self.status = Status.WAITING
+        self.finish_reason: FinishReason | None = None
+        self.block_table: list[int] = []
+        self.num_computed_tokens = 0  # tokens whose K/V is in the cache
+        self.num_cached_tokens = 0  # of the prompt, served by prefix-cache hits (last admission)
+        self.num_preemptions = 0
+        self.arrival_time = time.monotonic()
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_prefilling(self) -> bool:
+        """More than the newest token is missing from the cache: a prefill (or recompute) step."""
+        return self.num_uncomputed_tokens > 1 or not self.output_token_ids
+
+    @property
+    def text(self) -> str:
+        return self.detokenizer.text if self.detokenizer else ""
+
+    def append_token(self, token_id: int, max_model_len: int) -> FinishReason | None:
+        """Adds a sampled token and returns why the sequence must stop, if it must."""
+        self.token_ids.append(token_id)
+        if self.detokenizer is not None:
+            delta = self.detokenizer.push(token_id)
+            if delta and self.params.stop and self._truncate_at_stop(len(delta)):
+                return FinishReason.STOP
+        if token_id in self.stop_token_ids:
+            return FinishReason.STOP
+        if len(self.output_token_ids) >= self.params.max_tokens or len(self) >= max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def _truncate_at_stop(self, delta_len: int) -> bool:
+        text = self.detokenizer.text
+        # Only a match that includes new text counts; earlier text was checked already.
+        start = max(0, len(text) - delta_len - max(len(s) for s in self.params.stop) + 1)
+        hits = [i for i in (text.find(s, start) for s in self.params.stop) if i >= 0]
+        if not hits:
+            return False
+        self.detokenizer.text = text[: min(hits)]
+        return True

@@ -1,0 +1,138 @@
+"""PyTorch reference implementations of every kernel on the engine's hot path.
+
+Each function here is the specification for the Triton kernel of the same name and signature:
+kernel tests compare the two, and the engine runs on these wherever Triton is unavailable.
+
+Shapes:
+  tokens      x, q, k, v: [num_tokens, ...]; q is [T, Hq, D], k and v are [T, Hkv, D]
+  KV cache    k_cache, v_cache: [num_blocks, block_size, Hkv, D]
+  slots       slot_mapping[i] = block_id * block_size + offset, or -1 to skip the token
+  block table block_tables[s, j] = the j-th block of sequence s (-1 past its end)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Normalise in float32, then round to the input dtype before the weight, as transformers does.
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (rms_norm(x + residual), x + residual)."""
+    residual = x + residual
+    return rms_norm(residual, weight, eps), residual
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x is [..., 2 * d] holding gate then up; returns silu(gate) * up."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def rotary_embedding(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor
+) -> None:
+    """Rotates q [T, Hq, D] and k [T, Hkv, D] in place (rotate-half layout).
+
+    cos_sin_cache is [max_positions, D] float32: cos in the first D/2 columns, sin in the rest.
+    """
+    cos, sin = cos_sin_cache[positions].to(q.dtype).unsqueeze(1).chunk(2, dim=-1)
+    for t in (q, k):
+        x1, x2 = t.chunk(2, dim=-1)
+        rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        t.copy_(rotated)
+
+
+def store_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep]
+    v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep]
+
+
+def _gather_paged(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """The first `length` tokens of one sequence's paged KV, as [length, Hkv, D]."""
+    block_size = cache.shape[1]
+    blocks = block_table[: (length + block_size - 1) // block_size].long()
+    return cache[blocks].flatten(0, 1)[:length]
+
+
+def prefill_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    block_tables: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention for a batch of variable-length prompts, packed along the token axis.
+
+    Sequence s owns queries cu_seqlens_q[s]:cu_seqlens_q[s+1] and has a context of
+    cu_seqlens_k[s+1] - cu_seqlens_k[s] tokens. When the context is longer than the queries, the
+    earlier tokens are a cached prefix: all of the context is then read from the paged cache
+    (where the new tokens have already been stored). Query i sees context positions up to
+    i + (context length - query length).
+    """
+    out = torch.empty_like(q)
+    group = q.shape[1] // k.shape[1]
+    q_starts = cu_seqlens_q.tolist()
+    k_lens = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist()
+    for s, k_len in enumerate(k_lens):
+        q0, q1 = q_starts[s], q_starts[s + 1]
+        q_len = q1 - q0
+        if k_len == q_len:
+            ks, vs = k[q0:q1], v[q0:q1]
+        else:
+            ks = _gather_paged(k_cache, block_tables[s], k_len)
+            vs = _gather_paged(v_cache, block_tables[s], k_len)
+        qs = q[q0:q1].transpose(0, 1)
+        ks = ks.transpose(0, 1).repeat_interleave(group, dim=0)
+        vs = vs.transpose(0, 1).repeat_interleave(group, dim=0)
+        offset = k_len - q_len
+        rows = torch.arange(q_len, device=q.device).unsqueeze(1)
+        cols = torch.arange(k_len, device=q.device).unsqueeze(0)
+        mask = cols <= rows + offset
+        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale)
+        out[q0:q1] = o.transpose(0, 1)
+    return out
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One query token per sequence, q [B, Hq, D], over each sequence's paged KV."""
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    tables = block_tables.clamp(min=0).long()
+    keys = k_cache[tables].flatten(1, 2).float()  # [B, L, Hkv, D]
+    values = v_cache[tables].flatten(1, 2).float()
+    qg = q.float().view(batch, num_kv_heads, group, head_dim)
+    scores = torch.einsum("bhgd,blhd->bhgl", qg, keys) * scale
+    positions = torch.arange(keys.shape[1], device=q.device)
+    invalid = positions.view(1, 1, 1, -1) >= context_lens.view(-1, 1, 1, 1)
+    probs = scores.masked_fill(invalid, float("-inf")).softmax(dim=-1)
+    out = torch.einsum("bhgl,blhd->bhgd", probs, values)
+    return out.reshape(batch, num_heads, head_dim).to(q.dtype)

@@ -1,0 +1,1 @@
+"""Wire protocol, KV transfer, router and client for disaggregated serving."""
