@@ -1,0 +1,30 @@
+# `make demo` and `make test` set up a virtual environment on first use, then run.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.kairos-installed
+# Without CUDA, torch comes from this spec (a CPU build on the reference machines). Elsewhere:
+#   make TORCH_CPU="torch --index-url https://download.pytorch.org/whl/cpu" test
+TORCH_CPU ?= torch==2.13.0
+
+.PHONY: demo test clean
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(BIN)/python || $(PYTHON) -m venv --system-site-packages $(VENV)
+	@# An existing torch (a CUDA build on a GPU machine, say) is left alone.
+	@if ! $(BIN)/python -c "import torch" 2>/dev/null; then \
+		if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install torch; \
+		else $(BIN)/pip install $(TORCH_CPU); fi; \
+	fi
+	$(BIN)/pip install -e '.[test]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/kairos generate --model tiny --temperature 0.8 --seed 7 --max-tokens 48 \
+		--prompt "The quick brown fox" --prompt "Once upon a time" --prompt "def add(a, b):"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) build *.egg-info

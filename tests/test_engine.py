@@ -1,0 +1,114 @@
+"""The offline engine on the tiny model: batching, chunked prefill, preemption, aborts, stops."""
+
+import pytest
+import torch
+
+from engine import LLM, SamplingParams
+
+GREEDY = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+
+
+def prompts(n, seed=0, low=5, high=60):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(low, high, (n,), generator=g).tolist()
+    return [torch.randint(2, 512, (k,), generator=g).tolist() for k in lengths]
+
+
+@pytest.fixture(scope="module")
+def reference_outputs():
+    """Greedy outputs one prompt at a time, with room to spare: the ground truth."""
+    llm = LLM("tiny", num_kv_blocks=512, max_model_len=256, enable_prefix_caching=False)
+    return [llm.generate(p, GREEDY)[0].token_ids for p in prompts(8)]
+
+
+def test_batching_does_not_change_greedy_output(reference_outputs):
+    llm = LLM("tiny", num_kv_blocks=512, max_model_len=256)
+    outs = llm.generate(prompts(8), GREEDY)
+    assert [o.token_ids for o in outs] == reference_outputs
+
+
+def test_chunked_prefill_matches_whole_prefill(reference_outputs):
+    llm = LLM("tiny", num_kv_blocks=512, max_model_len=256, max_num_batched_tokens=16)
+    outs = llm.generate(prompts(8), GREEDY)
+    assert [o.token_ids for o in outs] == reference_outputs
+    assert llm.num_free_blocks == llm.num_total_blocks
+
+
+@pytest.mark.parametrize("caching", [True, False])
+def test_preemption_under_kv_pressure_keeps_outputs_exact(reference_outputs, caching):
+    # 16 blocks is one max-length sequence: eight prompts cannot all fit at once.
+    llm = LLM("tiny", num_kv_blocks=16, max_model_len=256, enable_prefix_caching=caching)
+    outs = llm.generate(prompts(8), GREEDY)
+    assert llm.scheduler.num_preemptions > 0
+    assert [o.token_ids for o in outs] == reference_outputs
+    assert llm.num_free_blocks == llm.num_total_blocks
+
+
+def test_abort_frees_blocks_of_running_and_waiting_requests():
+    llm = LLM("tiny", num_kv_blocks=64, max_model_len=256, max_num_seqs=2)
+    seqs = [llm.add_request(p, GREEDY, request_id=f"r{i}") for i, p in enumerate(prompts(4))]
+    for _ in range(3):
+        llm.step()
+    assert seqs[0].block_table and not seqs[3].block_table
+    assert llm.abort("r0") and llm.abort("r3") and not llm.abort("nope")
+    while llm.has_unfinished():
+        llm.step()
+    assert [s.finish_reason.value for s in seqs] == ["abort", "length", "length", "abort"]
+    assert llm.num_free_blocks == llm.num_total_blocks
+
+
+def test_max_tokens_and_max_model_len_end_with_length():
+    llm = LLM("tiny", num_kv_blocks=64, max_model_len=32)
+    out = llm.generate(list(range(2, 12)), SamplingParams(max_tokens=100, temperature=0, ignore_eos=True))[0]
+    assert len(out.token_ids) == 22 and out.finish_reason == "length"
+    out = llm.generate(list(range(2, 12)), SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))[0]
+    assert len(out.token_ids) == 5 and out.finish_reason == "length"
+
+
+def test_stop_token_ends_generation_on_that_token(tiny_llm):
+    free_run = tiny_llm.generate("Hello", GREEDY)[0].token_ids
+    stop_at = free_run[10]
+    first = free_run.index(stop_at)
+    out = tiny_llm.generate("Hello", SamplingParams(max_tokens=40, temperature=0, stop_token_ids=[stop_at]))[0]
+    assert out.token_ids == free_run[: first + 1] and out.finish_reason == "stop"
+
+
+def test_eos_from_generation_config_stops_unless_ignored(tiny_llm):
+    assert tiny_llm.eos_token_ids == (1,)
+    seq = tiny_llm.make_sequence("Hi", SamplingParams(max_tokens=5))
+    assert seq.append_token(1, 1024) == "stop"
+    seq = tiny_llm.make_sequence("Hi", SamplingParams(max_tokens=5, ignore_eos=True))
+    assert seq.append_token(1, 1024) is None
+
+
+def test_stop_string_truncates_text(tiny_llm):
+    free_run = tiny_llm.generate("The quick brown fox", GREEDY)[0]
+    text = free_run.text
+    stop = text[12:15]
+    assert stop.strip("\ufffd") == stop  # a whole-character stop string
+    out = tiny_llm.generate("The quick brown fox", SamplingParams(max_tokens=40, temperature=0, stop=[stop]))[0]
+    assert out.finish_reason == "stop"
+    assert out.text == text[: text.index(stop)]
+    assert out.token_ids == free_run.token_ids[: len(out.token_ids)]
+
+
+def test_seeded_sampling_is_reproducible_whatever_the_batch(tiny_llm):
+    params = SamplingParams(max_tokens=20, temperature=1.0, seed=42, ignore_eos=True)
+    alone = tiny_llm.generate("Once upon", params)[0].token_ids
+    batched = tiny_llm.generate(["x y z", "Once upon", "abc"], [GREEDY, params, SamplingParams(temperature=0.7)])
+    assert batched[1].token_ids == alone
+    other_seed = tiny_llm.generate("Once upon", SamplingParams(max_tokens=20, seed=43, ignore_eos=True))[0]
+    assert other_seed.token_ids != alone
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy(tiny_llm):
+    greedy = tiny_llm.generate("Once upon", GREEDY)[0].token_ids
+    for params in (SamplingParams(max_tokens=40, temperature=1.5, top_k=1, seed=1, ignore_eos=True),
+                   SamplingParams(max_tokens=40, temperature=1.5, top_p=1e-6, seed=1, ignore_eos=True)):
+        assert tiny_llm.generate("Once upon", params)[0].token_ids == greedy
+
+
+def test_text_and_token_id_prompts_agree(tiny_llm):
+    by_text = tiny_llm.generate("Hello world", GREEDY)[0]
+    by_ids = tiny_llm.generate(by_text.prompt_token_ids, GREEDY)[0]
+    assert by_ids.token_ids == by_text.token_ids and by_ids.text == by_text.text

@@ -1,0 +1,138 @@
+"""Bad input fails early with an error that names the problem."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from engine import LLM, SamplingParams
+from engine.config import ConfigError
+from hf_models import make_checkpoint
+
+
+@pytest.fixture(scope="module")
+def good_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("good")
+    make_checkpoint("llama", path)
+    return path
+
+
+@pytest.fixture
+def checkpoint(good_checkpoint, tmp_path):
+    path = tmp_path / "model"
+    shutil.copytree(good_checkpoint, path)
+    return path
+
+
+def edit_config(path, **changes):
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(changes)
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def test_unknown_architecture(checkpoint):
+    edit_config(checkpoint, architectures=["GPT2LMHeadModel"])
+    with pytest.raises(ConfigError, match="unknown architecture.*GPT2LMHeadModel"):
+        LLM(str(checkpoint))
+
+
+def test_unsupported_rope_type(checkpoint):
+    edit_config(checkpoint, rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4})
+    with pytest.raises(ConfigError, match="rope type 'yarn'"):
+        LLM(str(checkpoint))
+
+
+def test_not_a_model_folder(tmp_path):
+    with pytest.raises(ConfigError, match="no config.json"):
+        LLM(str(tmp_path))
+    with pytest.raises(ConfigError, match="does not exist"):
+        LLM(str(tmp_path / "absent"))
+
+
+def test_no_weight_files(checkpoint):
+    (checkpoint / "model.safetensors").unlink()
+    with pytest.raises(ConfigError, match="no \\*.safetensors"):
+        LLM(str(checkpoint))
+
+
+def test_sharded_index_names_a_missing_shard(checkpoint):
+    weights = load_file(checkpoint / "model.safetensors")
+    names = sorted(weights)
+    half = len(names) // 2
+    save_file({n: weights[n] for n in names[:half]}, checkpoint / "model-00001-of-00002.safetensors")
+    (checkpoint / "model.safetensors").unlink()
+    index = {"weight_map": {n: f"model-0000{1 + (i >= half)}-of-00002.safetensors" for i, n in enumerate(names)}}
+    (checkpoint / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ConfigError, match="missing.*model-00002-of-00002"):
+        LLM(str(checkpoint))
+    save_file({n: weights[n] for n in names[half:]}, checkpoint / "model-00002-of-00002.safetensors")
+    assert LLM(str(checkpoint), num_kv_blocks=64).generate([5, 6, 7], SamplingParams(max_tokens=2))
+
+
+def test_missing_tensor(checkpoint):
+    weights = load_file(checkpoint / "model.safetensors")
+    del weights["model.layers.1.self_attn.k_proj.weight"]
+    save_file(weights, checkpoint / "model.safetensors")
+    with pytest.raises(ConfigError, match="missing tensors.*model.layers.1.self_attn.k_proj.weight"):
+        LLM(str(checkpoint))
+
+
+def test_unexpected_tensor(checkpoint):
+    weights = load_file(checkpoint / "model.safetensors")
+    weights["model.layers.0.mlp.extra.weight"] = weights["model.norm.weight"].clone()
+    save_file(weights, checkpoint / "model.safetensors")
+    with pytest.raises(ConfigError, match="does not use.*mlp.extra"):
+        LLM(str(checkpoint))
+
+
+def test_shape_mismatch(checkpoint):
+    edit_config(checkpoint, intermediate_size=128)
+    with pytest.raises(ConfigError, match="mlp.(gate|up|down)_proj.weight in model.safetensors has shape .*96.* config.json implies .*128"):
+        LLM(str(checkpoint))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_tokens=0), "max_tokens must be an integer >= 1"),
+    (dict(temperature=-0.5), "temperature"),
+    (dict(temperature=float("nan")), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(top_k=-2), "top_k"),
+    (dict(stop=[""]), "stop strings"),
+])
+def test_invalid_sampling_params(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_bad_prompts_are_rejected_before_any_work(tiny_llm):
+    computed = tiny_llm.num_prefill_tokens_computed
+    with pytest.raises(ValueError, match="maximum length is 1024"):
+        tiny_llm.generate(["fine", [5] * 1024], SamplingParams(max_tokens=4))
+    with pytest.raises(ValueError, match="token ids must be integers in \\[0, 512\\)"):
+        tiny_llm.generate([[1, 2, 512]], SamplingParams(max_tokens=4))
+    with pytest.raises(ValueError, match="empty"):
+        tiny_llm.generate([[]], SamplingParams(max_tokens=4))
+    with pytest.raises(ValueError, match="stop_token_ids"):
+        tiny_llm.generate("ok", SamplingParams(stop_token_ids=[10**6]))
+    assert not tiny_llm.has_unfinished()
+    assert tiny_llm.num_prefill_tokens_computed == computed
+
+
+def test_text_prompt_without_tokenizer(good_checkpoint):
+    with pytest.raises(ConfigError, match="no tokenizer.json"):
+        LLM(str(good_checkpoint), num_kv_blocks=64).generate("hello")
+
+
+def test_cli_reports_errors_with_exit_status_2(checkpoint):
+    edit_config(checkpoint, architectures=["FooForCausalLM"])
+    run = subprocess.run([sys.executable, "-m", "engine.cli", "generate", "--model", str(checkpoint),
+                          "--prompt", "hi"], capture_output=True, text=True)
+    assert run.returncode == 2
+    assert "unknown architecture" in run.stderr and "Traceback" not in run.stderr
+    run = subprocess.run([sys.executable, "-m", "engine.cli", "generate", "--prompt", "hi", "--top-p", "2"],
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and "top_p must be in (0, 1]" in run.stderr

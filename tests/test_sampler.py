@@ -1,0 +1,59 @@
+"""The sampler's distributions on logits whose probabilities are known."""
+
+import torch
+
+from engine.sampler import Sampler
+from engine.sampling import SamplingParams
+
+N = 6000
+LOGITS = torch.log(torch.tensor([0.4, 0.3, 0.2, 0.1]))
+
+
+def draw(params: SamplingParams, seed: int = 0) -> torch.Tensor:
+    sampler = Sampler(torch.device("cpu"), seed)
+    tokens = sampler(LOGITS.repeat(N, 1), [params] * N, list(range(N)))
+    return torch.bincount(torch.tensor(tokens), minlength=4).float() / N
+
+
+def close(freq, expected, tol=0.025):
+    return torch.allclose(freq, torch.tensor(expected), atol=tol)
+
+
+def test_temperature_one_follows_softmax():
+    assert close(draw(SamplingParams(temperature=1.0)), [0.4, 0.3, 0.2, 0.1])
+
+
+def test_temperature_sharpens_and_flattens():
+    for t in (0.5, 2.0):
+        p = torch.softmax(LOGITS / t, dim=0).tolist()
+        assert close(draw(SamplingParams(temperature=t)), p)
+
+
+def test_top_k_keeps_only_the_k_most_likely():
+    assert close(draw(SamplingParams(top_k=2)), [0.4 / 0.7, 0.3 / 0.7, 0, 0])
+
+
+def test_top_p_keeps_the_smallest_head_reaching_p():
+    # 0.4 < 0.5, so the second token is needed to reach the mass; the third is not.
+    assert close(draw(SamplingParams(top_p=0.5)), [0.4 / 0.7, 0.3 / 0.7, 0, 0])
+    assert close(draw(SamplingParams(top_p=0.75)), [0.4 / 0.9, 0.3 / 0.9, 0.2 / 0.9, 0])
+
+
+def test_greedy_rows_and_sampled_rows_in_one_batch():
+    logits = torch.tensor([[0.0, 5.0, 1.0]] + [[0.0, 0.0, 0.0]] * 64)
+    params = [SamplingParams(temperature=0)] + [SamplingParams(temperature=1.0, seed=3)] * 64
+    first = Sampler(torch.device("cpu"), 0)(logits, params, list(range(65)))
+    assert first[0] == 1
+    # Seeded requests draw from their own streams: another engine seed changes nothing.
+    assert Sampler(torch.device("cpu"), 99)(logits, params, list(range(65))) == first
+
+
+def test_engine_seed_drives_unseeded_draws():
+    logits = torch.zeros(64, 8)
+    params = [SamplingParams()] * 64
+
+    def sample(seed):
+        return Sampler(torch.device("cpu"), seed)(logits, params, list(range(64)))
+
+    assert sample(1) == sample(1)
+    assert sample(1) != sample(2)
