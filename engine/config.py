@@ -76,8 +76,8 @@ class ModelConfig:
         num_heads = cfg["num_attention_heads"]
         rope_theta, rope_scaling = _rope_settings(cfg)
         sliding_window = cfg.get("sliding_window")
-        if arch == "Qwen2ForCausalLM" and not cfg.get("use_sliding_window", False):
-            sliding_window = None
+        if not cfg.get("use_sliding_window", arch == "MistralForCausalLM"):
+            sliding_window = None  # Qwen configs carry a window size they do not use
         attention_bias = bool(cfg.get("attention_bias", False))
         return cls(
             path=path,
