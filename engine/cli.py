@@ -37,10 +37,12 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
 def cmd_generate(args: argparse.Namespace) -> int:
     from engine import LLM, SamplingParams
 
-    params = SamplingParams(
+    # With --seed S, prompt i gets seed S + i: the run is reproducible and the prompts do not
+    # all share one random stream.
+    params = [SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        seed=args.seed, stop=args.stop or [], ignore_eos=args.ignore_eos,
-    )
+        seed=None if args.seed is None else args.seed + i, stop=args.stop or [], ignore_eos=args.ignore_eos,
+    ) for i in range(len(args.prompt))]
     llm = LLM(args.model, **engine_kwargs(args))
     outputs = llm.generate(args.prompt, params, use_tqdm=not args.json and sys.stderr.isatty())
     for out in outputs:
@@ -67,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=-1)
-    gen.add_argument("--seed", type=int, help="sampling seed of each request (reproducible output)")
+    gen.add_argument("--seed", type=int, help="sampling seed: prompt i uses S + i (reproducible output)")
     gen.add_argument("--stop", action="append", help="stop string; repeatable")
     gen.add_argument("--ignore-eos", action="store_true")
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt, per line")

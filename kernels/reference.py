@@ -105,11 +105,14 @@ def prefill_attention(
         qs = q[q0:q1].transpose(0, 1)
         ks = ks.transpose(0, 1).repeat_interleave(group, dim=0)
         vs = vs.transpose(0, 1).repeat_interleave(group, dim=0)
-        offset = k_len - q_len
-        rows = torch.arange(q_len, device=q.device).unsqueeze(1)
-        cols = torch.arange(k_len, device=q.device).unsqueeze(0)
-        mask = cols <= rows + offset
-        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale)
+        if k_len == q_len:
+            # No prefix: plain causal, which lets SDPA avoid materialising the score matrix.
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
+        else:
+            rows = torch.arange(q_len, device=q.device).unsqueeze(1)
+            cols = torch.arange(k_len, device=q.device).unsqueeze(0)
+            mask = cols <= rows + (k_len - q_len)
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale)
         out[q0:q1] = o.transpose(0, 1)
     return out
 
