@@ -80,7 +80,7 @@ def main() -> None:
     name = Path(args.model).name if args.model != "tiny" else "tiny"
     path = write_result(f"decode_throughput_{name}_{device.type}", {
         "device": device_name(device), "model": name, "load_format": args.load_format,
-        "dtype": str(runner.dtype), "backend": llm.config.backend,
+        "dtype": str(runner.dtype), "backend": runner.backend.name,
         "copy_bandwidth_GBps": bandwidth / 1e9, "weight_bytes": weight_bytes,
         "kv_bytes_per_token": kv_bytes_per_token, "results": rows,
     })

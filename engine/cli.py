@@ -17,7 +17,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
                    help="dummy: random weights from config.json alone, for benchmarking shapes")
-    p.add_argument("--backend", default="torch", help="kernel backend")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
+                   help="kernels: auto is triton on CUDA, torch (the PyTorch reference) elsewhere")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     p.add_argument("--num-kv-blocks", type=int, help="KV cache size in blocks (default: from memory)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)

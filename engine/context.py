@@ -15,6 +15,7 @@ class AttentionContext:
     # (cached prefix + new tokens) has cu_seqlens_k[s+1] - cu_seqlens_k[s] tokens.
     cu_seqlens_q: torch.Tensor | None = None
     cu_seqlens_k: torch.Tensor | None = None
+    max_seqlen_q: int = 0  # host-side, for kernel launch grids
     # Paged reads: a prefill with a cached prefix, or every decode step.
     block_tables: torch.Tensor | None = None  # [num_seqs, max_blocks] int32, -1 padded
     context_lens: torch.Tensor | None = None  # [num_seqs] int32, decode only

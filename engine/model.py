@@ -61,7 +61,7 @@ class Attention(nn.Module):
         if ctx.is_prefill:
             o = self.ops.prefill_attention(
                 q, k, v, self.k_cache, self.v_cache,
-                ctx.cu_seqlens_q, ctx.cu_seqlens_k, ctx.block_tables, self.scale,
+                ctx.cu_seqlens_q, ctx.cu_seqlens_k, ctx.block_tables, self.scale, ctx.max_seqlen_q,
             )
         else:
             o = self.ops.decode_attention(

@@ -32,8 +32,9 @@ class ModelRunner:
         self.sampler = Sampler(self.device, config.seed)
 
     def _build_model(self) -> CausalLM:
+        self.backend = get_backend(self.config.backend, self.device.type)
         with torch.device("meta"):
-            model = CausalLM(self.model_config, get_backend(self.config.backend))
+            model = CausalLM(self.model_config, self.backend)
         model = model.to(dtype=self.dtype).to_empty(device=self.device)
         model.tie_weights()
         if self.config.load_format == "dummy":
@@ -101,7 +102,7 @@ class ModelRunner:
             layer.self_attn.k_cache, layer.self_attn.v_cache = scratch[0, i], scratch[1, i]
         ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
         cu = torch.tensor([0, num_tokens], dtype=torch.int32, device=self.device)
-        ctx = AttentionContext(True, torch.full_like(ids, -1), cu, cu)
+        ctx = AttentionContext(True, torch.full_like(ids, -1), cu, cu, num_tokens)
         hidden = self.model(ids, torch.arange(num_tokens, device=self.device), ctx)
         self.model.compute_logits(hidden[-1:])
 
@@ -138,6 +139,7 @@ class ModelRunner:
             slot_mapping=self._tensor(slots),
             cu_seqlens_q=self._tensor(cu_q, torch.int32),
             cu_seqlens_k=self._tensor(cu_k, torch.int32),
+            max_seqlen_q=max(batch.num_new_tokens),
             block_tables=self._block_tables(batch.seqs) if has_prefix else None,
         )
         return self._tensor(ids), self._tensor(positions), ctx, logit_rows

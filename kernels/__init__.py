@@ -1,11 +1,14 @@
 """The kernel backend seam: every attention and small op the model runs goes through a Backend.
 
-A backend is a namespace of functions with the signatures of `kernels.reference`. The `torch`
-backend is that reference and runs on any device; faster backends plug in here by name.
+A backend is a namespace of functions with the signatures of `kernels.reference`:
+- `torch`: that reference; runs on any device.
+- `triton`: the Triton kernels (`small_ops`, `attention`); on CPU only under TRITON_INTERPRET=1.
+- `auto`: triton on CUDA when Triton is installed, torch otherwise.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from types import SimpleNamespace
 
 from kernels import reference
@@ -20,10 +23,27 @@ OPS = (
     "decode_attention",
 )
 
-BACKENDS = ("torch",)
+BACKENDS = ("auto", "torch", "triton")
 
 
-def get_backend(name: str = "torch") -> SimpleNamespace:
+def resolve_backend_name(name: str, device_type: str) -> str:
     if name not in BACKENDS:
         raise ValueError(f"unknown kernel backend {name!r}; available: {', '.join(BACKENDS)}")
-    return SimpleNamespace(name=name, **{op: getattr(reference, op) for op in OPS})
+    if name == "auto":
+        triton_ok = importlib.util.find_spec("triton") is not None
+        return "triton" if device_type == "cuda" and triton_ok else "torch"
+    return name
+
+
+def get_backend(name: str = "torch", device_type: str = "cpu") -> SimpleNamespace:
+    name = resolve_backend_name(name, device_type)
+    if name == "torch":
+        impls = [reference]
+    else:
+        try:
+            from kernels import attention, small_ops
+        except ImportError as e:
+            raise ValueError(f"the triton backend needs Triton installed: {e}") from e
+        impls = [small_ops, attention]
+    ops = {op: getattr(next(m for m in impls if hasattr(m, op)), op) for op in OPS}
+    return SimpleNamespace(name=name, **ops)

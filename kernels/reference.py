@@ -81,6 +81,7 @@ def prefill_attention(
     cu_seqlens_k: torch.Tensor,
     block_tables: torch.Tensor | None,
     scale: float,
+    max_seqlen_q: int,
 ) -> torch.Tensor:
     """Causal attention for a batch of variable-length prompts, packed along the token axis.
 
@@ -88,7 +89,8 @@ def prefill_attention(
     cu_seqlens_k[s+1] - cu_seqlens_k[s] tokens. When the context is longer than the queries, the
     earlier tokens are a cached prefix: all of the context is then read from the paged cache
     (where the new tokens have already been stored). Query i sees context positions up to
-    i + (context length - query length).
+    i + (context length - query length). max_seqlen_q (the longest query run, known on the
+    host) sizes a kernel's launch grid.
     """
     out = torch.empty_like(q)
     group = q.shape[1] // k.shape[1]

@@ -1,6 +1,8 @@
 """The engine against transformers on the same random weights: logits, greedy tokens, and both
 again through the prefix cache."""
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -8,6 +10,8 @@ from engine import LLM, SamplingParams
 from hf_models import VOCAB, make_checkpoint
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
+# The Triton kernels (in the interpreter on CPU) must give the same answers as the reference.
+BACKENDS = ["torch"] + (["triton"] if importlib.util.find_spec("triton") else [])
 # Lengths around the 16-token block size, a single token, and several blocks.
 LENGTHS = [1, 15, 16, 17, 33, 50]
 
@@ -55,10 +59,11 @@ def test_config_is_read_as_transformers_reads_it(checkpoint):
         assert cfg.qkv_bias
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("block_size", [16, 4])
-def test_logits_match_at_every_position(checkpoint, block_size):
+def test_logits_match_at_every_position(checkpoint, block_size, backend):
     _, path, hf = checkpoint
-    llm = LLM(str(path), num_kv_blocks=128, block_size=block_size, enable_prefix_caching=False)
+    llm = LLM(str(path), num_kv_blocks=128, block_size=block_size, enable_prefix_caching=False, backend=backend)
     prompts = random_prompts(1)
     ours = llm.prompt_logits(prompts)
     for prompt, logits in zip(prompts, ours):
@@ -67,9 +72,10 @@ def test_logits_match_at_every_position(checkpoint, block_size):
     assert llm.num_free_blocks == llm.num_total_blocks
 
 
-def test_greedy_tokens_match_generate(checkpoint):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_greedy_tokens_match_generate(checkpoint, backend):
     _, path, hf = checkpoint
-    llm = LLM(str(path), num_kv_blocks=64)
+    llm = LLM(str(path), num_kv_blocks=64, backend=backend)
     prompts = random_prompts(2)
     outputs = llm.generate(prompts, SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))
     for prompt, out in zip(prompts, outputs):
@@ -78,9 +84,10 @@ def test_greedy_tokens_match_generate(checkpoint):
     assert llm.num_free_blocks == llm.num_total_blocks
 
 
-def test_prefix_cache_hit_gives_the_same_output_with_less_compute(checkpoint):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_prefix_cache_hit_gives_the_same_output_with_less_compute(checkpoint, backend):
     _, path, hf = checkpoint
-    llm = LLM(str(path), num_kv_blocks=64)
+    llm = LLM(str(path), num_kv_blocks=64, backend=backend)
     prefix, tail_a, tail_b = random_prompts(3, [40, 7, 11])
     params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
     first = llm.generate(prefix + tail_a, params)[0]

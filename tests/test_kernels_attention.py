@@ -1,0 +1,91 @@
+"""Triton attention kernels against the PyTorch references: paged layouts with scattered
+blocks, odd lengths around tile and page boundaries, GQA ratios 1, 4 and 8, several splits."""
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from kernels import attention  # noqa: E402
+from kernels import reference as ref  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(autouse=True)
+def nan_outputs(monkeypatch):
+    def poisoned(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(attention, "alloc", poisoned)
+
+
+def close(actual, expected, dtype):
+    assert not actual.isnan().any()
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=TOL[dtype], atol=TOL[dtype])
+
+
+def paged_pool(lengths, kv_heads, head_dim, page, dtype):
+    """A KV pool with random contents and each sequence in randomly scattered blocks."""
+    blocks = [-(-n // page) for n in lengths]
+    num_blocks = sum(blocks) + 3
+    k_cache = torch.randn(num_blocks, page, kv_heads, head_dim, device=DEVICE, dtype=dtype)
+    v_cache = torch.randn_like(k_cache)
+    order = torch.randperm(num_blocks).tolist()
+    width = max(blocks)
+    tables = [[order.pop() for _ in range(n)] + [-1] * (width - n) for n in blocks]
+    return k_cache, v_cache, torch.tensor(tables, dtype=torch.int32, device=DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("head_dim, page", [(64, 16), (128, 32), (24, 16)])
+@pytest.mark.parametrize("num_splits", [1, 3, None])
+def test_decode_attention(dtype, group, head_dim, page, num_splits):
+    lengths = [1, 15, 16, 17, 100, 300]
+    kv_heads = 2
+    k_cache, v_cache, tables = paged_pool(lengths, kv_heads, head_dim, page, dtype)
+    q = torch.randn(len(lengths), kv_heads * group, head_dim, device=DEVICE, dtype=dtype)
+    ctx = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    scale = head_dim**-0.5
+    out = attention.decode_attention(q, k_cache, v_cache, tables, ctx, scale, num_splits=num_splits)
+    close(out, ref.decode_attention(q, k_cache, v_cache, tables, ctx, scale), dtype)
+
+
+def test_decode_splits_follow_shapes_only():
+    h100_sms = 132
+    assert attention.decode_num_splits(64, 8, 4096, h100_sms) == 1  # 512 programs already
+    splits = attention.decode_num_splits(1, 8, 32768, h100_sms)  # a long context must fill the SMs
+    assert 8 * splits >= 2 * h100_sms and 32768 / splits >= attention.MIN_TOKENS_PER_SPLIT
+    assert attention.decode_num_splits(1, 1, 100, h100_sms) == 1  # never below the minimum split
+
+
+def pack_prefill(q_lens, prefixes, kv_heads, group, head_dim, page, dtype):
+    """Random q/k/v for the new tokens, stored into a paged pool that already holds prefixes."""
+    k_lens = [a + b for a, b in zip(q_lens, prefixes)]
+    k_cache, v_cache, tables = paged_pool(k_lens, kv_heads, head_dim, page, dtype)
+    total = sum(q_lens)
+    q = torch.randn(total, kv_heads * group, head_dim, device=DEVICE, dtype=dtype)
+    k = torch.randn(total, kv_heads, head_dim, device=DEVICE, dtype=dtype)
+    v = torch.randn_like(k)
+    slots = [tables[s, pos // page].item() * page + pos % page
+             for s, (ql, p) in enumerate(zip(q_lens, prefixes)) for pos in range(p, p + ql)]
+    ref.store_kv(k, v, k_cache, v_cache, torch.tensor(slots, device=DEVICE))
+    cu_q = torch.tensor([0] + q_lens, device=DEVICE).cumsum(0).to(torch.int32)
+    cu_k = torch.tensor([0] + k_lens, device=DEVICE).cumsum(0).to(torch.int32)
+    return q, k, v, k_cache, v_cache, cu_q, cu_k, tables
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("head_dim", [64, 24])
+@pytest.mark.parametrize("with_prefix", [False, True])
+def test_prefill_attention(dtype, group, head_dim, with_prefix):
+    q_lens = [1, 17, 16, 5, 40]
+    prefixes = [0, 0, 32, 16, 3] if with_prefix else [0] * len(q_lens)
+    q, k, v, k_cache, v_cache, cu_q, cu_k, tables = pack_prefill(q_lens, prefixes, 2, group, head_dim, 16, dtype)
+    tables = tables if with_prefix else None
+    args = (q, k, v, k_cache, v_cache, cu_q, cu_k, tables, head_dim**-0.5, max(q_lens))
+    close(attention.prefill_attention(*args), ref.prefill_attention(*args), dtype)

@@ -1,0 +1,93 @@
+"""Triton small-op kernels against their PyTorch references, on fresh random inputs with odd
+sizes; output buffers are poisoned with NaN so every element is proven written."""
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from kernels import reference as ref  # noqa: E402
+from kernels import small_ops  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(autouse=True)
+def nan_outputs(monkeypatch):
+    def poisoned(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(small_ops, "alloc", poisoned)
+
+
+def close(actual, expected, dtype):
+    assert not actual.isnan().any()
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=TOL[dtype], atol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows, cols", [(1, 64), (7, 100), (33, 128)])
+def test_rms_norm_and_fused_residual(dtype, rows, cols):
+    x = torch.randn(rows, cols, device=DEVICE, dtype=dtype)
+    res = torch.randn_like(x)
+    w = torch.randn(cols, device=DEVICE, dtype=dtype)
+    close(small_ops.rms_norm(x, w, 1e-6), ref.rms_norm(x, w, 1e-6), dtype)
+    out, new_res = small_ops.add_rms_norm(x, res, w, 1e-6)
+    ref_out, ref_res = ref.add_rms_norm(x, res, w, 1e-6)
+    close(out, ref_out, dtype)
+    close(new_res, ref_res, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_of_strided_head_views(dtype):
+    qkv = torch.randn(5, 3 * 4 * 24, device=DEVICE, dtype=dtype)  # head_dim 24, as Qwen3 q/k norm
+    q = qkv[:, : 4 * 24].reshape(5, 4, 24)
+    w = torch.randn(24, device=DEVICE, dtype=dtype)
+    close(small_ops.rms_norm(q, w, 1e-6), ref.rms_norm(q, w, 1e-6), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows, d", [(1, 16), (9, 344), (4, 1500)])
+def test_silu_and_mul(dtype, rows, d):
+    x = torch.randn(rows, 2 * d, device=DEVICE, dtype=dtype)
+    close(small_ops.silu_and_mul(x), ref.silu_and_mul(x), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 4, 64), (8, 2, 24), (32, 4, 128)])
+def test_rotary_embedding_in_place_on_packed_qkv(dtype, heads, kv_heads, head_dim):
+    tokens = 11
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, device=DEVICE, dtype=dtype)
+    q = qkv[:, : heads * head_dim].view(tokens, heads, head_dim)
+    k = qkv[:, heads * head_dim : (heads + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
+    positions = torch.randint(0, 500, (tokens,), device=DEVICE)
+    angles = torch.outer(torch.arange(512.0), 1e4 ** (-torch.arange(0, head_dim, 2) / head_dim))
+    cache = torch.cat((angles.cos(), angles.sin()), -1).to(DEVICE)
+    expected = qkv.clone()
+    eq = expected[:, : heads * head_dim].view(tokens, heads, head_dim)
+    ek = expected[:, heads * head_dim : (heads + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
+    ref.rotary_embedding(positions, eq, ek, cache)
+    small_ops.rotary_embedding(positions, q, k, cache)
+    close(qkv, expected, dtype)  # q and k rotated, v untouched
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kv_heads, head_dim, block_size", [(1, 64, 16), (2, 24, 32), (8, 128, 16)])
+def test_store_kv_writes_exactly_the_mapped_slots(dtype, kv_heads, head_dim, block_size):
+    tokens, num_blocks = 13, 6
+    kv = torch.randn(tokens, 2 * kv_heads * head_dim, device=DEVICE, dtype=dtype)
+    k = kv[:, : kv_heads * head_dim].view(tokens, kv_heads, head_dim)
+    v = kv[:, kv_heads * head_dim :].view(tokens, kv_heads, head_dim)
+    slots = torch.randperm(num_blocks * block_size, device=DEVICE)[:tokens]
+    slots[[2, 7]] = -1  # padding: skipped
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    k_cache = torch.full(shape, float("nan"), device=DEVICE, dtype=dtype)
+    v_cache = torch.full_like(k_cache, float("nan"))
+    ref_k, ref_v = k_cache.clone(), v_cache.clone()
+    ref.store_kv(k, v, ref_k, ref_v, slots)
+    small_ops.store_kv(k, v, k_cache, v_cache, slots)
+    assert torch.equal(k_cache.isnan(), ref_k.isnan()) and torch.equal(v_cache.isnan(), ref_v.isnan())
+    written = ~ref_k.isnan()
+    assert torch.equal(k_cache[written], ref_k[written]) and torch.equal(v_cache[written], ref_v[written])
