@@ -89,3 +89,13 @@ def test_prefill_attention(dtype, group, head_dim, with_prefix):
     tables = tables if with_prefix else None
     args = (q, k, v, k_cache, v_cache, cu_q, cu_k, tables, head_dim**-0.5, max(q_lens))
     close(attention.prefill_attention(*args), ref.prefill_attention(*args), dtype)
+
+
+@pytest.mark.parametrize("head_dim, page", [(256, 16), (128, 128)])
+def test_decode_attention_large_heads_and_pages(head_dim, page):
+    lengths = [3, 129, 257]
+    k_cache, v_cache, tables = paged_pool(lengths, 2, head_dim, page, torch.float16)
+    q = torch.randn(len(lengths), 8, head_dim, device=DEVICE, dtype=torch.float16)
+    ctx = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    out = attention.decode_attention(q, k_cache, v_cache, tables, ctx, head_dim**-0.5, num_splits=2)
+    close(out, ref.decode_attention(q, k_cache, v_cache, tables, ctx, head_dim**-0.5), torch.float16)

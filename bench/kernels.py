@@ -1,0 +1,162 @@
+"""Kernel benchmark on the GPU: each Triton kernel against the device's own ceilings, measured
+in the same run, and against peers (torch SDPA flash for prefill, FlashInfer where installed).
+
+  python bench/kernels.py            # needs a CUDA GPU; writes bench/results/kernels_<gpu>.json
+
+Shapes are Llama-3-8B's (32 query heads, 8 KV heads, head dim 128, bf16). Times are medians
+from triton.testing.do_bench, which flushes L2 between runs; KV pools are far larger than L2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import triton
+from triton.testing import do_bench
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import write_result  # noqa: E402
+from kernels import attention, small_ops  # noqa: E402
+
+HQ, HKV, D, PAGE = 32, 8, 128, 16
+DTYPE = torch.bfloat16
+DEV = "cuda"
+
+
+def ms(fn) -> float:
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def ceilings() -> dict:
+    n = 1 << 30
+    src = torch.empty(n // 2, dtype=DTYPE, device=DEV).uniform_()
+    dst = torch.empty_like(src)
+    copy_gbps = 2 * n / (ms(lambda: dst.copy_(src)) * 1e-3) / 1e9
+    a = torch.randn(8192, 8192, dtype=DTYPE, device=DEV)
+    b = torch.randn_like(a)
+    tflops = 2 * 8192**3 / (ms(lambda: a @ b) * 1e-3) / 1e12
+    return {"copy_GBps": copy_gbps, "matmul_bf16_TFLOPs": tflops}
+
+
+def paged_kv(batch: int, length: int):
+    pages_per_seq = triton.cdiv(length, PAGE)
+    num_pages = batch * pages_per_seq
+    k_cache = torch.randn(num_pages, PAGE, HKV, D, dtype=DTYPE, device=DEV)
+    v_cache = torch.randn_like(k_cache)
+    tables = torch.randperm(num_pages, device=DEV).view(batch, pages_per_seq).to(torch.int32)
+    return k_cache, v_cache, tables
+
+
+def flashinfer_decode(q, k_cache, v_cache, tables, length):
+    """A callable running FlashInfer's paged decode on the same inputs, or None."""
+    try:
+        import flashinfer
+    except ImportError:
+        return None
+    batch, pages = tables.shape
+    workspace = torch.empty(128 << 20, dtype=torch.uint8, device=DEV)
+    wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD")
+    indptr = torch.arange(0, batch * pages + 1, pages, dtype=torch.int32, device=DEV)
+    last = torch.full((batch,), length - (pages - 1) * PAGE, dtype=torch.int32, device=DEV)
+    wrapper.plan(indptr, tables.flatten(), last, HQ, HKV, D, PAGE, data_type=DTYPE)
+    return lambda: wrapper.run(q, (k_cache, v_cache))
+
+
+def bench_decode(ceil: dict) -> list[dict]:
+    rows = []
+    for batch, length in [(64, 4096), (1, 32768), (2, 32768), (4, 32768), (8, 32768)]:
+        k_cache, v_cache, tables = paged_kv(batch, length)
+        q = torch.randn(batch, HQ, D, dtype=DTYPE, device=DEV)
+        lens = torch.full((batch,), length, dtype=torch.int32, device=DEV)
+        t = ms(lambda: attention.decode_attention(q, k_cache, v_cache, tables, lens, D**-0.5))
+        gbps = 2 * batch * length * HKV * D * 2 / (t * 1e-3) / 1e9
+        row = {"batch": batch, "context": length, "ms": t, "GBps": gbps,
+               "fraction_of_copy_bw": gbps / ceil["copy_GBps"]}
+        peer = None
+        try:
+            peer = flashinfer_decode(q, k_cache, v_cache, tables, length)
+        except Exception as e:  # a FlashInfer whose API differs: record why, keep going
+            row["flashinfer_error"] = repr(e)
+        if peer is not None:
+            row["flashinfer_ms"] = ms(peer)
+            row["speedup_vs_flashinfer"] = row["flashinfer_ms"] / t
+        rows.append(row)
+        print(f"decode B={batch:3d} L={length:6d}: {t:8.3f} ms {gbps:7.0f} GB/s "
+              f"({row['fraction_of_copy_bw']:.0%} of copy)"
+              + (f", {row['speedup_vs_flashinfer']:.2f}x FlashInfer" if peer else ""))
+    return rows
+
+
+def bench_prefill(ceil: dict) -> list[dict]:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    rows = []
+    for seq in (4096, 8192):
+        q = torch.randn(seq, HQ, D, dtype=DTYPE, device=DEV)
+        k = torch.randn(seq, HKV, D, dtype=DTYPE, device=DEV)
+        v = torch.randn_like(k)
+        cu = torch.tensor([0, seq], dtype=torch.int32, device=DEV)
+        empty = torch.empty(1, PAGE, HKV, D, dtype=DTYPE, device=DEV)
+        t = ms(lambda: attention.prefill_attention(q, k, v, empty, empty, cu, cu, None, D**-0.5, seq))
+        # The peer gets its K/V already expanded to every query head, outside the timing.
+        qs, ks, vs = (x.transpose(0, 1).unsqueeze(0) for x in (q, k.repeat_interleave(HQ // HKV, 1),
+                                                             v.repeat_interleave(HQ // HKV, 1)))
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            t_sdpa = ms(lambda: torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True))
+        tflops = 2 * seq * seq * HQ * D / (t * 1e-3) / 1e12  # causal: half of 4*S^2*H*D
+        rows.append({"seq": seq, "ms": t, "TFLOPs": tflops, "fraction_of_matmul": tflops / ceil["matmul_bf16_TFLOPs"],
+                     "sdpa_flash_ms": t_sdpa, "speedup_vs_sdpa_flash": t_sdpa / t})
+        print(f"prefill S={seq}: {t:8.3f} ms {tflops:6.0f} TFLOP/s ({tflops / ceil['matmul_bf16_TFLOPs']:.0%} of "
+              f"matmul), {t_sdpa / t:.2f}x SDPA flash")
+    return rows
+
+
+def bench_small_ops(ceil: dict) -> list[dict]:
+    tokens, hidden, inter = 8192, 4096, 14336
+    x = torch.randn(tokens, hidden, dtype=DTYPE, device=DEV)
+    res = torch.randn_like(x)
+    w = torch.randn(hidden, dtype=DTYPE, device=DEV)
+    gate_up = torch.randn(tokens, 2 * inter, dtype=DTYPE, device=DEV)
+    qkv = torch.randn(tokens, (HQ + 2 * HKV) * D, dtype=DTYPE, device=DEV)
+    q = qkv[:, : HQ * D].view(tokens, HQ, D)
+    k = qkv[:, HQ * D : (HQ + HKV) * D].view(tokens, HKV, D)
+    v = qkv[:, (HQ + HKV) * D :].view(tokens, HKV, D)
+    positions = torch.randint(0, 8192, (tokens,), device=DEV)
+    cos_sin = torch.randn(8192, D, device=DEV)
+    k_cache, v_cache, _ = paged_kv(1, 4 * tokens)
+    slots = torch.randperm(4 * tokens, device=DEV)[:tokens]
+    e = x.element_size()
+    cases = {
+        "rms_norm": (lambda: small_ops.rms_norm(x, w, 1e-5), 2 * x.numel() * e),
+        "add_rms_norm": (lambda: small_ops.add_rms_norm(x, res, w, 1e-5), 4 * x.numel() * e),
+        "silu_and_mul": (lambda: small_ops.silu_and_mul(gate_up), 1.5 * gate_up.numel() * e),
+        "rotary_embedding": (lambda: small_ops.rotary_embedding(positions, q, k, cos_sin),
+                             2 * (q.numel() + k.numel()) * e),
+        "store_kv": (lambda: small_ops.store_kv(k, v, k_cache, v_cache, slots), 4 * k.numel() * e),
+    }
+    rows = []
+    for name, (fn, nbytes) in cases.items():
+        t = ms(fn)
+        gbps = nbytes / (t * 1e-3) / 1e9
+        rows.append({"op": name, "tokens": tokens, "ms": t, "GBps": gbps,
+                     "fraction_of_copy_bw": gbps / ceil["copy_GBps"]})
+        print(f"{name:17s}: {t:7.3f} ms {gbps:7.0f} GB/s ({gbps / ceil['copy_GBps']:.0%} of copy)")
+    return rows
+
+
+def main() -> None:
+    if not torch.cuda.is_available():
+        sys.exit("bench/kernels.py times kernels on a CUDA GPU; none is visible here")
+    ceil = ceilings()
+    name = torch.cuda.get_device_name()
+    print(f"{name}: copy {ceil['copy_GBps']:.0f} GB/s, bf16 matmul {ceil['matmul_bf16_TFLOPs']:.0f} TFLOP/s")
+    result = {"device": name, "triton": triton.__version__, "ceilings": ceil, "decode": bench_decode(ceil),
+              "prefill": bench_prefill(ceil), "small_ops": bench_small_ops(ceil)}
+    print(f"wrote {write_result('kernels_' + name.replace(' ', '_'), result)}")
+
+
+if __name__ == "__main__":
+    main()
