@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,8 +16,6 @@ from engine.scheduler import Batch, StepScheduler
 from engine.sequence import Sequence
 from engine.tiny import tiny_model_path
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
-
-log = logging.getLogger("kairos")
 
 Prompt = str | list[int]
 
@@ -155,12 +152,7 @@ class LLM:
                     raise RuntimeError("not enough free KV blocks for these prompts at once")
                 self.block_manager.allocate(seq, n)
             batch = Batch(True, seqs, [s.num_uncomputed_tokens for s in seqs])
-            logits = self.runner.forward_logits(batch, all_logits=True)
-            out, start = [], 0
-            for seq, n in zip(seqs, batch.num_new_tokens):
-                out.append(logits[start : start + n])
-                start += n
-            return out
+            return list(self.runner.forward_logits(batch, all_logits=True).split(batch.num_new_tokens))
         finally:
             for seq in seqs:
                 if seq.block_table:
