@@ -9,6 +9,7 @@ A backend is a namespace of functions with the signatures of `kernels.reference`
 from __future__ import annotations
 
 import importlib.util
+import os
 from types import SimpleNamespace
 
 from kernels import reference
@@ -39,6 +40,9 @@ def get_backend(name: str = "torch", device_type: str = "cpu") -> SimpleNamespac
     name = resolve_backend_name(name, device_type)
     if name == "torch":
         impls = [reference]
+    elif device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("the triton backend runs on CUDA; on CPU only in Triton's interpreter, "
+                         "with TRITON_INTERPRET=1 set (slow: for testing)")
     else:
         try:
             from kernels import attention, small_ops

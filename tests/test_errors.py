@@ -136,3 +136,14 @@ def test_cli_reports_errors_with_exit_status_2(checkpoint):
     run = subprocess.run([sys.executable, "-m", "engine.cli", "generate", "--prompt", "hi", "--top-p", "2"],
                          capture_output=True, text=True)
     assert run.returncode == 2 and "top_p must be in (0, 1]" in run.stderr
+
+
+def test_backend_choice(monkeypatch):
+    from kernels import get_backend
+
+    assert get_backend("auto", "cpu").name == "torch"
+    with pytest.raises(ValueError, match="unknown kernel backend 'cuDNN'"):
+        get_backend("cuDNN", "cpu")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        get_backend("triton", "cpu")
