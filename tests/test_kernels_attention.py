@@ -6,25 +6,13 @@ import torch
 
 triton = pytest.importorskip("triton")
 
+from kernel_testing import DEVICE, DTYPES, close, poison_outputs  # noqa: E402
 from kernels import attention  # noqa: E402
 from kernels import reference as ref  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
-TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}
-
-
 @pytest.fixture(autouse=True)
 def nan_outputs(monkeypatch):
-    def poisoned(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(attention, "alloc", poisoned)
-
-
-def close(actual, expected, dtype):
-    assert not actual.isnan().any()
-    torch.testing.assert_close(actual.float(), expected.float(), rtol=TOL[dtype], atol=TOL[dtype])
+    poison_outputs(monkeypatch, attention)
 
 
 def paged_pool(lengths, kv_heads, head_dim, page, dtype):
@@ -51,7 +39,7 @@ def test_decode_attention(dtype, group, head_dim, page, num_splits):
     ctx = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
     scale = head_dim**-0.5
     out = attention.decode_attention(q, k_cache, v_cache, tables, ctx, scale, num_splits=num_splits)
-    close(out, ref.decode_attention(q, k_cache, v_cache, tables, ctx, scale), dtype)
+    close(out, ref.decode_attention(q, k_cache, v_cache, tables, ctx, scale), dtype, fp32_tol=1e-4)
 
 
 def test_decode_splits_follow_shapes_only():
@@ -88,7 +76,7 @@ def test_prefill_attention(dtype, group, head_dim, with_prefix):
     q, k, v, k_cache, v_cache, cu_q, cu_k, tables = pack_prefill(q_lens, prefixes, 2, group, head_dim, 16, dtype)
     tables = tables if with_prefix else None
     args = (q, k, v, k_cache, v_cache, cu_q, cu_k, tables, head_dim**-0.5, max(q_lens))
-    close(attention.prefill_attention(*args), ref.prefill_attention(*args), dtype)
+    close(attention.prefill_attention(*args), ref.prefill_attention(*args), dtype, fp32_tol=1e-4)
 
 
 @pytest.mark.parametrize("head_dim, page", [(256, 16), (128, 128)])

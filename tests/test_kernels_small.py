@@ -7,24 +7,12 @@ import torch
 triton = pytest.importorskip("triton")
 
 from kernels import reference as ref  # noqa: E402
+from kernel_testing import DEVICE, DTYPES, close, poison_outputs  # noqa: E402
 from kernels import small_ops  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
-
 
 @pytest.fixture(autouse=True)
 def nan_outputs(monkeypatch):
-    def poisoned(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(small_ops, "alloc", poisoned)
-
-
-def close(actual, expected, dtype):
-    assert not actual.isnan().any()
-    torch.testing.assert_close(actual.float(), expected.float(), rtol=TOL[dtype], atol=TOL[dtype])
+    poison_outputs(monkeypatch, small_ops)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
