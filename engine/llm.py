@@ -30,9 +30,6 @@ class RequestOutput:
     finish_reason: str
     num_cached_tokens: int
 
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
-
 
 def resolve_model_path(model: str) -> Path:
     return tiny_model_path() if model == "tiny" else Path(model)

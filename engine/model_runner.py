@@ -157,9 +157,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward_logits(self, batch: Batch, all_logits: bool = False) -> torch.Tensor:
-        prepare = self.prepare_prefill if batch.is_prefill else self.prepare_decode
-        args = (batch, all_logits) if batch.is_prefill else (batch,)
-        ids, positions, ctx, rows = prepare(*args)
+        """Float32 logits of the rows that sample (every prompt row with all_logits)."""
+        if batch.is_prefill:
+            ids, positions, ctx, rows = self.prepare_prefill(batch, all_logits)
+        else:
+            ids, positions, ctx, rows = self.prepare_decode(batch)
         hidden = self.model(ids, positions, ctx)
         if not rows:
             return hidden.new_empty((0, self.model_config.vocab_size), dtype=torch.float32)
@@ -168,7 +170,9 @@ class ModelRunner:
     def run(self, batch: Batch) -> list[int | None]:
         """One step. Returns a sampled token per sequence, None where the prompt is not done."""
         logits = self.forward_logits(batch)
-        sampling = [(s, n) for s, n in zip(batch.seqs, batch.num_new_tokens) if batch.samples(s, n)]
-        tokens = iter(self.sampler(logits, [s.params for s, _ in sampling], [s.seq_id for s, _ in sampling])
-                      if sampling else [])
-        return [next(tokens) if batch.samples(s, n) else None for s, n in zip(batch.seqs, batch.num_new_tokens)]
+        sampling = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if batch.samples(s, n)]
+        if not sampling:
+            return [None] * len(batch.seqs)
+        sampled = dict(zip((s.seq_id for s in sampling),
+                           self.sampler(logits, [s.params for s in sampling], [s.seq_id for s in sampling])))
+        return [sampled.get(s.seq_id) for s in batch.seqs]

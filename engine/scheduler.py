@@ -115,7 +115,6 @@ class StepScheduler:
         self.running.remove(seq)
         self.blocks.free_sequence(seq)
         seq.status = Status.WAITING
-        seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.insert(0, seq)
 

@@ -44,7 +44,6 @@ class Sequence:
         self.block_table: list[int] = []
         self.num_computed_tokens = 0  # tokens whose K/V is in the cache
         self.num_cached_tokens = 0  # of the prompt, served by prefix-cache hits (last admission)
-        self.num_preemptions = 0
         self.arrival_time = time.monotonic()
 
     def __len__(self) -> int:
@@ -53,6 +52,10 @@ class Sequence:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - len(self.prompt_token_ids)
 
     @property
     def output_token_ids(self) -> list[int]:
@@ -65,7 +68,7 @@ class Sequence:
     @property
     def is_prefilling(self) -> bool:
         """More than the newest token is missing from the cache: a prefill (or recompute) step."""
-        return self.num_uncomputed_tokens > 1 or not self.output_token_ids
+        return self.num_uncomputed_tokens > 1 or self.num_output_tokens == 0
 
     @property
     def text(self) -> str:
@@ -80,7 +83,7 @@ class Sequence:
                 return FinishReason.STOP
         if token_id in self.stop_token_ids:
             return FinishReason.STOP
-        if len(self.output_token_ids) >= self.params.max_tokens or len(self) >= max_model_len:
+        if self.num_output_tokens >= self.params.max_tokens or len(self) >= max_model_len:
             return FinishReason.LENGTH
         return None
 
