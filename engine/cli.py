@@ -7,6 +7,8 @@ import json
 import logging
 import sys
 
+import zmq
+
 from engine.config import DTYPES
 
 
@@ -58,6 +60,133 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- serving ------------------------------------------------------------------------------------
+
+DEFAULT_ROUTER = "tcp://127.0.0.1:7100"
+
+
+def add_network_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=7100)
+
+
+def add_worker_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--transfer-timeout", type=float, default=10.0,
+                   help="seconds a KV transfer may take once the decode side is ready for it")
+    p.add_argument("--kv-frame-mb", type=float, default=8.0, help="largest KV frame on the wire, MiB")
+
+
+def worker_kwargs(args: argparse.Namespace) -> dict:
+    return {"transfer_timeout_s": args.transfer_timeout, "max_frame_bytes": int(args.kv_frame_mb * 2**20)}
+
+
+def cmd_router(args: argparse.Namespace) -> int:
+    from transport.router import Router
+
+    router = Router(args.host, args.port, args.worker_timeout, args.queue_timeout)
+    print(f"kairos router: listening at {router.addr}", flush=True)
+    router.run()
+    return 0
+
+
+def cmd_prefill(args: argparse.Namespace) -> int:
+    from transport.prefill import PrefillWorker
+    from transport.worker import build_llm
+
+    PrefillWorker(build_llm(args.model, "prefill", engine_kwargs(args)), args.router, **worker_kwargs(args)).run()
+    return 0
+
+
+def cmd_decode(args: argparse.Namespace) -> int:
+    from transport.decode import DecodeWorker
+    from transport.worker import build_llm
+
+    DecodeWorker(build_llm(args.model, "decode", engine_kwargs(args)), args.router, kv_host=args.kv_host,
+                 kv_port=args.kv_port, max_inflight_transfers=args.max_inflight_transfers,
+                 **worker_kwargs(args)).run()
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import torch
+
+    from transport.serve import serve
+
+    worker_argv = ["--model", args.model, "--dtype", args.dtype, "--device", args.device, "--load-format",
+                   args.load_format, "--backend", args.backend, "--block-size", str(args.block_size),
+                   "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
+                   "--transfer-timeout", str(args.transfer_timeout), "--kv-frame-mb", str(args.kv_frame_mb)]
+    for flag, value in (("--tokenizer", args.tokenizer), ("--max-model-len", args.max_model_len),
+                        ("--num-kv-blocks", args.num_kv_blocks)):
+        if value is not None:
+            worker_argv += [flag, str(value)]
+    if not args.enable_prefix_caching:
+        worker_argv.append("--no-prefix-caching")
+    on_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    # One GPU, two workers: prefill takes a share, then decode fills up to the total.
+    util = args.gpu_memory_utilization
+    prefill_argv = ["--gpu-memory-utilization", f"{util * args.prefill_memory_share:.3f}"]
+    decode_argv = ["--gpu-memory-utilization", f"{util:.3f}"]
+    if args.verbose:
+        worker_argv.insert(0, "-v")
+    return serve(args.host, args.port, worker_argv, prefill_argv, decode_argv, args.startup_timeout, on_gpu)
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    from transport.client import Client, RequestFailed
+
+    options = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
+               "top_k": args.top_k, "seed": args.seed, "stop": args.stop, "ignore_eos": args.ignore_eos,
+               "ttft_ms": args.ttft_ms, "tpot_ms": args.tpot_ms}
+    failed = False
+    with Client(args.addr, timeout_s=args.timeout) as client:
+        if args.json or len(args.prompt) > 1:
+            for completion in client.generate(args.prompt, **options):
+                failed |= completion.error is not None
+                if args.json:
+                    out = completion.to_dict()
+                    if out["error"] is None:
+                        del out["error"]
+                    print(json.dumps(out, ensure_ascii=False), flush=True)
+                else:
+                    print(f"--- {completion.request_id}\n{completion.text}\n"
+                          f"[{completion.error or completion.finish_reason}]", flush=True)
+            return 1 if failed else 0
+        request_id = client.submit(args.prompt[0], **options)
+        try:
+            for chunk in client.stream(request_id):
+                print(chunk.text, end="", flush=True)
+            print()
+        except KeyboardInterrupt:
+            client.abort(request_id)
+            raise
+        except RequestFailed as e:
+            print(f"\nkairos: error: {e.message}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from transport.client import Client
+
+    with Client(args.addr, timeout_s=args.timeout) as client:
+        report = client.status()
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    counters = report["counters"]
+    print("requests: " + ", ".join(f"{k} {v}" for k, v in counters.items()) + f", waiting for workers {report['pending']}")
+    columns = ("role", "worker_id", "requests", "waiting", "running", "ready", "transfers", "free_blocks",
+               "total_blocks", "completed", "aborted", "failed", "last_seen_ms")
+    rows = [[str(w.get(c, "")) for c in columns] for w in sorted(report["workers"], key=lambda w: w["role"])]
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
+    for row in [list(columns), *rows]:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+    if not rows:
+        print("(no workers registered)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kairos", description="Kairos LLM inference engine")
     parser.add_argument("-v", "--verbose", action="store_true", help="log engine set-up details")
@@ -75,6 +204,57 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ignore-eos", action="store_true")
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt, per line")
     gen.set_defaults(func=cmd_generate)
+
+    router = sub.add_parser("router", help="the front door that clients and workers connect to")
+    add_network_args(router)
+    router.add_argument("--worker-timeout", type=float, default=2.0,
+                        help="seconds without a heartbeat before a worker is given up for dead")
+    router.add_argument("--queue-timeout", type=float, default=30.0,
+                        help="seconds a request may wait for a worker to register")
+    router.set_defaults(func=cmd_router)
+
+    for role, func in (("prefill", cmd_prefill), ("decode", cmd_decode)):
+        worker = sub.add_parser(role, help=f"a {role} worker")
+        add_engine_args(worker)
+        add_worker_args(worker)
+        worker.add_argument("--router", default=DEFAULT_ROUTER, help="the router's address")
+        worker.set_defaults(func=func)
+        if role == "decode":
+            worker.add_argument("--kv-host", default="127.0.0.1",
+                                help="address prefill workers send KV to (default: loopback only)")
+            worker.add_argument("--kv-port", type=int, default=0, help="default: any free port")
+            worker.add_argument("--max-inflight-transfers", type=int, default=8)
+
+    srv = sub.add_parser("serve", help="router + prefill + decode workers on this machine")
+    add_engine_args(srv)
+    add_worker_args(srv)
+    add_network_args(srv)
+    srv.add_argument("--prefill-memory-share", type=float, default=0.4,
+                     help="on one GPU: the prefill worker's share of --gpu-memory-utilization")
+    srv.add_argument("--startup-timeout", type=float, default=600.0)
+    srv.set_defaults(func=cmd_serve)
+
+    cli = sub.add_parser("client", help="send prompts to a router and stream the replies")
+    cli.add_argument("prompt", nargs="+")
+    cli.add_argument("--addr", default=DEFAULT_ROUTER)
+    cli.add_argument("--max-tokens", type=int, default=64)
+    cli.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
+    cli.add_argument("--top-p", type=float, default=1.0)
+    cli.add_argument("--top-k", type=int, default=-1)
+    cli.add_argument("--seed", type=int)
+    cli.add_argument("--stop", action="append", help="stop string; repeatable")
+    cli.add_argument("--ignore-eos", action="store_true")
+    cli.add_argument("--ttft-ms", type=float, help="time-to-first-token SLO")
+    cli.add_argument("--tpot-ms", type=float, help="time-per-output-token SLO")
+    cli.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for any reply")
+    cli.add_argument("--json", action="store_true", help="one JSON object per request")
+    cli.set_defaults(func=cmd_client)
+
+    status = sub.add_parser("status", help="workers, queues, KV blocks and request counts of a router")
+    status.add_argument("--addr", default=DEFAULT_ROUTER)
+    status.add_argument("--timeout", type=float, default=5.0)
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)
     return parser
 
 
@@ -84,7 +264,10 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         return args.func(args)
-    except (ValueError, OSError) as e:
+    except TimeoutError as e:  # no answer from a server
+        print(f"kairos: error: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError, zmq.ZMQError) as e:
         print(f"kairos: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

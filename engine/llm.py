@@ -91,16 +91,13 @@ class LLM:
         return seq
 
     def abort(self, request_id: str) -> bool:
-        seq = self.scheduler.abort(request_id)
-        if seq is not None:
-            self.runner.sampler.forget(seq.seq_id)
-        return seq is not None
+        return self.scheduler.abort(request_id) is not None
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[Sequence]:
-        """Runs one scheduled batch; returns the sequences that finished in it."""
+        """Runs one scheduled batch; returns the sequences that got a token in it."""
         batch = self.scheduler.schedule()
         if batch is None:
             if self.scheduler.has_unfinished():
@@ -109,10 +106,7 @@ class LLM:
         if batch.is_prefill:
             self.num_prefill_tokens_computed += sum(batch.num_new_tokens)
         sampled = self.runner.run(batch)
-        finished = self.scheduler.postprocess(batch, sampled)
-        for seq in finished:
-            self.runner.sampler.forget(seq.seq_id)
-        return finished
+        return self.scheduler.postprocess(batch, sampled)
 
     # ---- offline API ----------------------------------------------------------------------
 
@@ -129,7 +123,7 @@ class LLM:
             self.scheduler.add(seq)
         with tqdm(total=len(seqs), desc="generate", disable=not use_tqdm, unit="req") as bar:
             while self.has_unfinished():
-                bar.update(len(self.step()))
+                bar.update(sum(seq.is_finished for seq in self.step()))
         return [self._output(seq) for seq in seqs]
 
     def _output(self, seq: Sequence) -> RequestOutput:

@@ -174,5 +174,5 @@ class ModelRunner:
         if not sampling:
             return [None] * len(batch.seqs)
         sampled = dict(zip((s.seq_id for s in sampling),
-                           self.sampler(logits, [s.params for s in sampling], [s.seq_id for s in sampling])))
+                           self.sampler(logits, [s.params for s in sampling], [s.num_output_tokens for s in sampling])))
         return [sampled.get(s.seq_id) for s in batch.seqs]

@@ -1,5 +1,9 @@
-"""Token sampling: greedy, temperature, top-k, top-p, with a reproducible stream per seeded
-request."""
+"""Token sampling: greedy, temperature, top-k, top-p, with reproducible draws for seeded
+requests.
+
+A seeded request's k-th output token is drawn from a generator seeded by (seed, k) alone, so
+any process can continue a request where another left off (prefill samples the first token,
+decode the rest) and still produce the offline engine's tokens."""
 
 from __future__ import annotations
 
@@ -12,13 +16,11 @@ class Sampler:
     def __init__(self, device: torch.device, seed: int):
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
-        self._request_generators: dict[int, torch.Generator] = {}
+        self._seeded = torch.Generator(device=device)
 
-    def forget(self, seq_id: int) -> None:
-        self._request_generators.pop(seq_id, None)
-
-    def __call__(self, logits: torch.Tensor, params: list[SamplingParams], seq_ids: list[int]) -> list[int]:
-        """logits: [B, V] float32. Returns one token id per row."""
+    def __call__(self, logits: torch.Tensor, params: list[SamplingParams], steps: list[int]) -> list[int]:
+        """logits: [B, V] float32; steps: per row, how many tokens the request has output so far.
+        Returns one token id per row."""
         greedy = logits.argmax(dim=-1)
         if all(p.greedy for p in params):
             return greedy.tolist()
@@ -30,20 +32,17 @@ class Sampler:
         # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p, and lets each seeded
         # request use its own generator regardless of the rest of the batch.
         noise = torch.empty_like(probs)
-        for row, (p, seq_id) in enumerate(zip(params, seq_ids)):
-            noise[row].exponential_(generator=self._generator_for(p, seq_id))
+        for row, (p, step) in enumerate(zip(params, steps)):
+            noise[row].exponential_(generator=self._generator_for(p, step))
         sampled = (probs / noise).argmax(dim=-1)
         is_greedy = torch.tensor([p.greedy for p in params], device=logits.device)
         return torch.where(is_greedy, greedy, sampled).tolist()
 
-    def _generator_for(self, params: SamplingParams, seq_id: int) -> torch.Generator:
+    def _generator_for(self, params: SamplingParams, step: int) -> torch.Generator:
         if params.seed is None:
             return self.generator
-        gen = self._request_generators.get(seq_id)
-        if gen is None:
-            gen = torch.Generator(device=self.device).manual_seed(params.seed)
-            self._request_generators[seq_id] = gen
-        return gen
+        # A 64-bit mix of (seed, step): neighbouring seeds and steps give unrelated streams.
+        return self._seeded.manual_seed((params.seed * 0x9E3779B97F4A7C15 + step) % 2**63)
 
     @staticmethod
     def _filter_top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

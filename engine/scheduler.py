@@ -1,9 +1,15 @@
-"""The offline step scheduler: continuous batching with chunked prefill and preemption by
-recompute. Which waiting request goes next is the admission policy's call (scheduler/)."""
+"""The step scheduler: continuous batching with chunked prefill and preemption by recompute.
+Which waiting request goes next is the admission policy's call (scheduler/).
+
+It also runs the two halves of disaggregated serving. On a prefill worker (`prefill_only`) a
+sequence leaves after its first token, still holding its blocks, until its KV has been handed
+to a decode worker. On a decode worker, sequences arrive with their prompt's KV already in
+place (`add_prefilled`) and join the running batch from a ready queue."""
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass
 
 from engine.block_manager import BlockManager
@@ -24,7 +30,7 @@ class Batch:
 
 class StepScheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int, policy: AdmissionPolicy | None = None):
+                 max_model_len: int, policy: AdmissionPolicy | None = None, prefill_only: bool = False):
         self.blocks = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -32,16 +38,29 @@ class StepScheduler:
         self.policy = policy or FCFSPolicy()
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []  # admission order; every one holds blocks
+        self.ready: deque[Sequence] = deque()  # prefilled elsewhere, KV in place, not yet running
+        self.prefill_only = prefill_only
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
+    def add_prefilled(self, seq: Sequence) -> None:
+        """A sequence whose prompt KV fills its blocks and whose first token is sampled."""
+        assert seq.num_computed_tokens == seq.num_prompt_tokens and seq.num_output_tokens == 1
+        seq.status = Status.RUNNING
+        self.ready.append(seq)
+
+    def release(self, seq: Sequence) -> None:
+        """Frees the blocks of a handed-off sequence once the decode side has its KV (or gave up)."""
+        assert seq.status is Status.HANDED_OFF
+        self._finish(seq, None)
+
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.ready)
 
     def abort(self, request_id: str) -> Sequence | None:
-        for queue in (self.waiting, self.running):
+        for queue in (self.waiting, self.running, self.ready):
             for seq in queue:
                 if seq.request_id == request_id:
                     queue.remove(seq)
@@ -93,6 +112,8 @@ class StepScheduler:
         return None
 
     def _schedule_decode(self) -> Batch | None:
+        while self.ready and len(self.running) < self.max_num_seqs:
+            self.running.append(self.ready.popleft())
         batch = Batch(False, [], [])
         for seq in list(self.running):
             if seq.status is not Status.RUNNING or seq.is_prefilling:
@@ -119,20 +140,24 @@ class StepScheduler:
         self.waiting.insert(0, seq)
 
     def postprocess(self, batch: Batch, sampled: list[int | None]) -> list[Sequence]:
-        """Records the step's progress and sampled tokens; returns the sequences that finished."""
-        finished = []
+        """Records the step's progress and sampled tokens; returns the sequences that got a token
+        (finished ones have status FINISHED; with prefill_only the rest are HANDED_OFF)."""
+        stepped = []
         for seq, n, token in zip(batch.seqs, batch.num_new_tokens, sampled):
             seq.num_computed_tokens += n
             if token is None:
                 continue
+            stepped.append(seq)
             reason = seq.append_token(token, self.max_model_len)
             if reason is not None:
                 self.running.remove(seq)
                 self._finish(seq, reason)
-                finished.append(seq)
-        return finished
+            elif self.prefill_only:
+                self.running.remove(seq)
+                seq.status = Status.HANDED_OFF
+        return stepped
 
-    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+    def _finish(self, seq: Sequence, reason: FinishReason | None) -> None:
         self.blocks.free_sequence(seq)
         seq.status = Status.FINISHED
         seq.finish_reason = reason

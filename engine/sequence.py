@@ -13,6 +13,7 @@ from engine.tokenizer import IncrementalDetokenizer
 class Status(enum.Enum):
     WAITING = "waiting"  # holds no KV blocks
     RUNNING = "running"  # holds KV blocks: prefilling (maybe in chunks) or decoding
+    HANDED_OFF = "handed_off"  # prefill done on a prefill worker; blocks held until decode has the KV
     FINISHED = "finished"
 
 
@@ -44,6 +45,7 @@ class Sequence:
         self.block_table: list[int] = []
         self.num_computed_tokens = 0  # tokens whose K/V is in the cache
         self.num_cached_tokens = 0  # of the prompt, served by prefix-cache hits (last admission)
+        self.num_text_streamed = 0  # characters of text already handed to a stream
         self.arrival_time = time.monotonic()
 
     def __len__(self) -> int:
@@ -73,6 +75,25 @@ class Sequence:
     @property
     def text(self) -> str:
         return self.detokenizer.text if self.detokenizer else ""
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    def take_text_delta(self) -> str:
+        """The text not yet streamed, less any tail that may still become part of a stop string
+        (a stop string can span tokens, and stopped text is cut). Everything once finished."""
+        text = self.text
+        end = len(text)
+        if not self.is_finished:
+            for stop in self.params.stop:
+                for n in range(min(len(stop) - 1, end - self.num_text_streamed), 0, -1):
+                    if text.endswith(stop[:n]):
+                        end = min(end, len(text) - n)
+                        break
+        delta = text[self.num_text_streamed : end]
+        self.num_text_streamed = max(self.num_text_streamed, end)
+        return delta
 
     def append_token(self, token_id: int, max_model_len: int) -> FinishReason | None:
         """Adds a sampled token and returns why the sequence must stop, if it must."""

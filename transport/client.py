@@ -1,0 +1,302 @@
+"""Clients of a Kairos router: `Client` (blocking) and `AsyncClient` (asyncio), each able to
+keep many requests in flight on one connection.
+
+    client = Client("tcp://127.0.0.1:7100")
+    rid = client.submit("Hello", max_tokens=32, temperature=0)
+    for chunk in client.stream(rid):
+        print(chunk.text, end="", flush=True)
+
+Timings (`ttft_ms`, `token_times_ms`) are taken on the client's clock, from the moment the
+request was sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from typing import AsyncIterator, Iterator
+
+import zmq
+import zmq.asyncio
+
+from engine.sampling import SamplingParams
+from transport import protocol as p
+from transport.sockets import make_socket
+
+
+class RequestFailed(RuntimeError):
+    def __init__(self, request_id: str, message: str):
+        super().__init__(f"request {request_id} failed: {message}")
+        self.request_id, self.message = request_id, message
+
+
+@dataclass
+class Completion:
+    request_id: str
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    ttft_ms: float | None = None
+    token_times_ms: list[float] = field(default_factory=list)  # per token, since the request was sent
+    finish_reason: str | None = None
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class _Tracked:
+    """One request's progress on the client side."""
+
+    def __init__(self, request_id: str):
+        self.request_id = request_id
+        self.sent_at = time.perf_counter()
+        self.completion = Completion(request_id)
+        self.chunks: deque[p.Tokens | p.Error] = deque()
+        self.done = False
+
+    def record(self, msg: p.Tokens | p.Error) -> None:
+        c = self.completion
+        if isinstance(msg, p.Error):
+            c.error = msg.message
+            self.done = True
+        else:
+            ms = (time.perf_counter() - self.sent_at) * 1e3
+            if msg.token_ids and c.ttft_ms is None:
+                c.ttft_ms = ms
+            c.token_ids += msg.token_ids
+            c.token_times_ms += [ms] * len(msg.token_ids)
+            c.text += msg.text
+            if msg.finish_reason is not None:
+                c.finish_reason = msg.finish_reason
+                self.done = True
+        self.chunks.append(msg)
+
+
+def make_submit(prompt: str | list[int], request_id: str, *, max_tokens: int = 16, temperature: float = 1.0,
+                top_p: float = 1.0, top_k: int = -1, seed: int | None = None, stop: list[str] | str | None = None,
+                stop_token_ids: list[int] | None = None, ignore_eos: bool = False, ttft_ms: float | None = None,
+                tpot_ms: float | None = None, request_class: str | None = None,
+                group_id: str | None = None) -> p.Submit:
+    """Checks a request's values here, so a bad one fails before it is sent."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                            stop=stop or [], stop_token_ids=stop_token_ids or [], ignore_eos=ignore_eos)
+    for name, slo in (("ttft_ms", ttft_ms), ("tpot_ms", tpot_ms)):
+        if slo is not None and not slo > 0:
+            raise ValueError(f"{name} must be positive, got {slo!r}")
+    if isinstance(prompt, str):
+        text, ids = prompt, None
+    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        text, ids = None, prompt
+    else:
+        raise ValueError("a prompt is a string or a non-empty list of token ids")
+    return p.Submit(request_id, text, ids, asdict(params), ttft_ms, tpot_ms, request_class, group_id)
+
+
+def status_dict(report: p.StatusReport) -> dict:
+    return {"workers": report.workers, "counters": report.counters, "pending": report.pending}
+
+
+class _Base:
+    def __init__(self, addr: str, timeout_s: float):
+        self.addr = addr
+        self.timeout_s = timeout_s
+        self.tracked: dict[str, _Tracked] = {}
+        self._ids = itertools.count()
+        self._prefix = f"{os.getpid()}-{id(self) & 0xFFFF:x}"
+
+    def _new_request(self, prompt, request_id: str | None, options: dict) -> tuple[p.Submit, _Tracked]:
+        request_id = request_id or f"{self._prefix}-{next(self._ids)}"
+        if request_id in self.tracked:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        return make_submit(prompt, request_id, **options), _Tracked(request_id)
+
+    def _route(self, data: bytes) -> p.Message:
+        """Files a request's message under its request, and returns the message."""
+        msg = p.decode(data)
+        if isinstance(msg, (p.Tokens, p.Error)) and msg.request_id in self.tracked:
+            self.tracked[msg.request_id].record(msg)
+        elif isinstance(msg, p.Error) and msg.request_id is None:
+            raise RuntimeError(f"the router at {self.addr} rejected a message: {msg.message}")
+        return msg
+
+    def _timeout_error(self) -> TimeoutError:
+        return TimeoutError(f"no reply from the router at {self.addr} within {self.timeout_s:g} s")
+
+
+class Client(_Base):
+    def __init__(self, addr: str = "tcp://127.0.0.1:7100", timeout_s: float = 60.0):
+        super().__init__(addr, timeout_s)
+        self.ctx = zmq.Context()
+        self.socket = make_socket(self.ctx, zmq.DEALER)
+        self.socket.connect(addr)
+
+    def submit(self, prompt: str | list[int], request_id: str | None = None, **options) -> str:
+        """Sends a request (options: see `make_submit`) and returns its id at once."""
+        msg, tracked = self._new_request(prompt, request_id, options)
+        self.tracked[tracked.request_id] = tracked
+        tracked.sent_at = time.perf_counter()
+        self.socket.send(p.encode(msg))
+        return tracked.request_id
+
+    def stream(self, request_id: str) -> Iterator[p.Tokens]:
+        """The request's token chunks as they arrive; raises RequestFailed on an error."""
+        tracked = self.tracked[request_id]
+        try:
+            while True:
+                while tracked.chunks:
+                    chunk = tracked.chunks.popleft()
+                    if isinstance(chunk, p.Error):
+                        raise RequestFailed(request_id, chunk.message)
+                    yield chunk
+                if tracked.done:
+                    return
+                self._receive()
+        finally:
+            if tracked.done:
+                self.tracked.pop(request_id, None)
+
+    def result(self, request_id: str) -> Completion:
+        """Waits for the request to end; failures are in the completion's `error`."""
+        tracked = self.tracked[request_id]
+        while not tracked.done:
+            self._receive()
+        self.tracked.pop(request_id, None)
+        return tracked.completion
+
+    def generate(self, prompts: str | list[int] | list, **options) -> Completion | list[Completion]:
+        """One prompt gives one Completion; a list of prompts runs concurrently."""
+        single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))
+        ids = [self.submit(prompt, **options) for prompt in ([prompts] if single else prompts)]
+        results = [self.result(rid) for rid in ids]
+        return results[0] if single else results
+
+    def abort(self, request_id: str) -> None:
+        self.socket.send(p.encode(p.Abort(request_id)))
+
+    def status(self) -> dict:
+        self.socket.send(p.encode(p.StatusQuery()))
+        while not isinstance(msg := self._receive(), p.StatusReport):
+            pass
+        return status_dict(msg)
+
+    def _receive(self) -> p.Message:
+        if not self.socket.poll(self.timeout_s * 1e3):
+            raise self._timeout_error()
+        return self._route(self.socket.recv())
+
+    def close(self) -> None:
+        self.ctx.destroy(linger=0)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class AsyncClient(_Base):
+    """The asyncio client: `async for chunk in client.stream(prompt, ...)`. One reader task
+    files incoming messages under their requests."""
+
+    def __init__(self, addr: str = "tcp://127.0.0.1:7100", timeout_s: float = 60.0):
+        super().__init__(addr, timeout_s)
+        self.ctx = zmq.asyncio.Context()
+        self.socket = make_socket(self.ctx, zmq.DEALER)
+        self.socket.connect(addr)
+        self._wakeups: dict[str, asyncio.Event] = {}
+        self._status: asyncio.Future | None = None
+        self._reader: asyncio.Task | None = None
+        self._failure: BaseException | None = None
+
+    async def stream(self, prompt: str | list[int], request_id: str | None = None,
+                     **options) -> AsyncIterator[p.Tokens]:
+        """The request's token chunks as they arrive; raises RequestFailed on an error."""
+        tracked = await self._start(prompt, request_id, options)
+        async for chunk in self._chunks(tracked):
+            yield chunk
+
+    async def generate(self, prompt: str | list[int], request_id: str | None = None, **options) -> Completion:
+        """Waits for the request to end; failures are in the completion's `error`."""
+        tracked = await self._start(prompt, request_id, options)
+        try:
+            async for _ in self._chunks(tracked):
+                pass
+        except RequestFailed:
+            pass
+        return tracked.completion
+
+    async def _start(self, prompt, request_id: str | None, options: dict) -> _Tracked:
+        msg, tracked = self._new_request(prompt, request_id, options)
+        self.tracked[tracked.request_id] = tracked
+        self._wakeups[tracked.request_id] = asyncio.Event()
+        self._ensure_reader()
+        tracked.sent_at = time.perf_counter()
+        await self.socket.send(p.encode(msg))
+        return tracked
+
+    async def _chunks(self, tracked: _Tracked) -> AsyncIterator[p.Tokens]:
+        rid = tracked.request_id
+        wake = self._wakeups[rid]
+        try:
+            while True:
+                while tracked.chunks:
+                    chunk = tracked.chunks.popleft()
+                    if isinstance(chunk, p.Error):
+                        raise RequestFailed(rid, chunk.message)
+                    yield chunk
+                if tracked.done:
+                    return
+                if self._failure is not None:
+                    raise self._failure
+                wake.clear()
+                try:
+                    await asyncio.wait_for(wake.wait(), self.timeout_s)
+                except asyncio.TimeoutError:
+                    raise self._timeout_error() from None
+        finally:
+            self.tracked.pop(rid, None)
+            self._wakeups.pop(rid, None)
+
+    async def abort(self, request_id: str) -> None:
+        await self.socket.send(p.encode(p.Abort(request_id)))
+
+    async def status(self) -> dict:
+        self._ensure_reader()
+        self._status = asyncio.get_running_loop().create_future()
+        await self.socket.send(p.encode(p.StatusQuery()))
+        return await asyncio.wait_for(self._status, self.timeout_s)
+
+    def _ensure_reader(self) -> None:
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                msg = self._route(await self.socket.recv())
+                if isinstance(msg, p.StatusReport) and self._status is not None and not self._status.done():
+                    self._status.set_result(status_dict(msg))
+                wake = self._wakeups.get(getattr(msg, "request_id", None))
+                if wake is not None:
+                    wake.set()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a broken reader must not leave streams waiting forever
+            self._failure = e
+            for wake in self._wakeups.values():
+                wake.set()
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+        self.ctx.destroy(linger=0)
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        self.close()

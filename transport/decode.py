@@ -1,0 +1,192 @@
+"""The decode worker: takes prefilled requests' KV from prefill workers, decodes them in one
+continuous batch, and streams tokens to the router.
+
+Incoming KV lands straight in blocks reserved for it. Offers are answered in arrival order,
+and only while there are blocks to reserve and fewer than `max_inflight_transfers` transfers
+under way; the rest wait (and their prefill workers keep holding the blocks). A request joins
+the running batch only once all of its KV is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import zmq
+
+from engine.sequence import Sequence
+from transport import protocol as p
+from transport.kv import KVGeometry, KVWriter
+from transport.sockets import make_socket, recv, send
+from transport.worker import Worker
+
+log = logging.getLogger("kairos.decode")
+
+
+@dataclass
+class Incoming:
+    transfer_id: str
+    peer: bytes  # the prefill worker's identity on the KV socket
+    seq: Sequence
+    num_blocks: int
+    deadline: float = float("inf")  # set once the offer is accepted
+
+
+class DecodeWorker(Worker):
+    role = "decode"
+
+    def __init__(self, *args, kv_host: str = "127.0.0.1", kv_port: int = 0, max_inflight_transfers: int = 8,
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        self.max_inflight_transfers = max_inflight_transfers
+        self.writer = KVWriter(self.llm.runner, self.max_frame_bytes)
+        # Header plus frames; ZeroMQ's size limit applies to each frame.
+        self.kv_socket = make_socket(self.ctx, zmq.ROUTER, max_bytes=max(self.max_frame_bytes, p.MAX_CONTROL_MESSAGE_BYTES))
+        if kv_port:
+            self.kv_socket.bind(f"tcp://{kv_host}:{kv_port}")
+        else:
+            kv_port = self.kv_socket.bind_to_random_port(f"tcp://{kv_host}")
+        self.kv_addr = f"tcp://{kv_host}:{kv_port}"
+        self.poller.register(self.kv_socket, zmq.POLLIN)
+        self.offers: deque[Incoming] = deque()  # waiting for room
+        self.incoming: dict[str, Incoming] = {}  # accepted, data not yet complete
+        self.greeted: set[bytes] = set()
+        log.info("decode worker %s receives KV at %s", self.worker_id, self.kv_addr)
+
+    def registration(self) -> p.Register:
+        reg = super().registration()
+        reg.kv_addr = self.kv_addr
+        return reg
+
+    def stats(self) -> dict:
+        return {**super().stats(), "transfers": len(self.incoming), "offers_waiting": len(self.offers)}
+
+    # ---- from the router ----------------------------------------------------------------------
+
+    def handle_router(self, msg: p.Message) -> None:
+        if isinstance(msg, p.Abort):
+            self.abort(msg.request_id)
+        elif isinstance(msg, p.WorkerGone):
+            gone = msg.worker_id.encode()
+            for item in [i for i in (*self.offers, *self.incoming.values()) if i.peer == gone]:
+                self.drop(item)
+            self.greeted.discard(gone)
+        else:
+            log.warning("unexpected %s message from the router", msg.TYPE)
+
+    def abort(self, request_id: str) -> None:
+        if self.llm.abort(request_id):
+            self.counters["aborted"] += 1
+        for item in [i for i in (*self.offers, *self.incoming.values()) if i.seq.request_id == request_id]:
+            self.counters["aborted"] += 1
+            send(self.kv_socket, p.KVCancel(item.transfer_id, "aborted"), item.peer)
+            self.drop(item)
+
+    def drop(self, item: Incoming) -> None:
+        if item in self.offers:
+            self.offers.remove(item)
+        if self.incoming.pop(item.transfer_id, None) is not None:
+            self.llm.block_manager.free_sequence(item.seq)
+
+    # ---- engine -------------------------------------------------------------------------------
+
+    def step(self) -> None:
+        for seq in self.llm.step():
+            self.send_tokens(seq, 1)
+
+    # ---- the KV channel -----------------------------------------------------------------------
+
+    def handle_socket(self, sock: zmq.Socket) -> bool:
+        received = recv(sock, routed=True)
+        if received is None:
+            return False
+        peer, msg = received.identity, received.msg
+        if isinstance(msg, p.KVHello):
+            self.on_hello(peer, msg)
+        elif peer not in self.greeted:
+            send(sock, p.Error(None, "no KV handshake yet: send kv_hello first"), peer)
+        elif isinstance(msg, p.KVOffer):
+            self.on_offer(peer, msg)
+        elif isinstance(msg, p.KVData):
+            self.on_data(peer, msg, received.frames)
+        elif isinstance(msg, p.KVCancel):
+            item = self.incoming.get(msg.transfer_id) or next(
+                (i for i in self.offers if i.transfer_id == msg.transfer_id), None)
+            if item is not None and item.peer == peer:
+                self.drop(item)  # the prefill side has told the router
+        else:
+            send(sock, p.Error(None, f"unexpected {msg.TYPE} on the KV channel"), peer)
+        return True
+
+    def on_hello(self, peer: bytes, msg: p.KVHello) -> None:
+        try:
+            problem = KVGeometry.from_dict(msg.geometry).mismatch(self.geometry)
+        except ValueError as e:
+            problem = str(e)
+        if problem:
+            log.warning("refused KV handshake from %s: %s", msg.worker_id, problem)
+            send(self.kv_socket, p.Error(None, problem), peer)
+            return
+        self.greeted.add(peer)
+        send(self.kv_socket, p.KVHelloOk(self.worker_id), peer)
+
+    def on_offer(self, peer: bytes, msg: p.KVOffer) -> None:
+        try:
+            seq = self.make_sequence(None, msg.prompt_token_ids, msg.params, msg.request_id)
+            needed = -(-len(msg.prompt_token_ids) // self.geometry.block_size)
+            if msg.num_blocks != needed or len(msg.output_token_ids) != 1:
+                raise ValueError(f"an offer of {msg.num_blocks} blocks and {len(msg.output_token_ids)} "
+                                 f"output tokens for a {len(msg.prompt_token_ids)}-token prompt")
+            if needed > self.llm.num_total_blocks:
+                raise ValueError(f"the prompt needs {needed} KV blocks; this decode worker has "
+                                 f"{self.llm.num_total_blocks} in all")
+        except ValueError as e:
+            send(self.kv_socket, p.KVReject(msg.transfer_id, f"decode worker {self.worker_id}: {e}"), peer)
+            return
+        # The first token was sampled on the prefill side; replay it so the detokenizer and
+        # the stop-string state continue where the prefill worker's left off.
+        seq.append_token(msg.output_token_ids[0], self.llm.max_model_len)
+        seq.take_text_delta()
+        self.offers.append(Incoming(msg.transfer_id, peer, seq, msg.num_blocks))
+
+    def on_data(self, peer: bytes, msg: p.KVData, frames: list) -> None:
+        item = self.incoming.get(msg.transfer_id)
+        if item is None or item.peer != peer:
+            return  # cancelled or timed out here already; the sender has been told
+        problem = self.writer.check(frames, item.num_blocks, msg.blocks_per_frame)
+        if problem:
+            send(self.kv_socket, p.KVCancel(item.transfer_id, problem), peer)
+            self.fail(item.seq.request_id, f"bad KV transfer from {peer.decode(errors='replace')}: {problem}")
+            self.drop(item)
+            return
+        self.writer.write(frames, item.seq.block_table, msg.blocks_per_frame)
+        del self.incoming[item.transfer_id]
+        send(self.kv_socket, p.KVAck(item.transfer_id), peer)
+        send(self.router, p.HandedOff(item.seq.request_id))
+        item.seq.num_computed_tokens = item.seq.num_prompt_tokens
+        self.llm.scheduler.add_prefilled(item.seq)
+
+    def tick(self, now: float) -> None:
+        for item in [i for i in self.incoming.values() if now > i.deadline]:
+            send(self.kv_socket, p.KVCancel(item.transfer_id, "timed out"), item.peer)
+            self.fail(item.seq.request_id, f"KV transfer from {item.peer.decode(errors='replace')} timed out "
+                                           f"after {self.transfer_timeout_s:g} s")
+            self.drop(item)
+        self.accept_offers(now)
+
+    def accept_offers(self, now: float) -> None:
+        blocks = self.llm.block_manager
+        # Keep a block per running sequence spare, so admitting new KV does not at once force
+        # the running batch into preemption.
+        spare = len(self.llm.scheduler.running) + len(self.llm.scheduler.ready)
+        while self.offers and len(self.incoming) < self.max_inflight_transfers:
+            item = self.offers[0]
+            if item.num_blocks + spare > blocks.num_free_blocks:
+                break  # backpressure: the prefill worker holds the blocks until there is room
+            self.offers.popleft()
+            blocks.allocate(item.seq, item.seq.num_prompt_tokens)
+            item.deadline = now + self.transfer_timeout_s
+            self.incoming[item.transfer_id] = item
+            send(self.kv_socket, p.KVReady(item.transfer_id), item.peer)

@@ -1,0 +1,178 @@
+"""Moving a request's KV blocks between workers.
+
+The unit is the request's blocks across all layers. On the wire they are raw frames after a
+`KVData` header, each frame the K or V of one layer for a run of `blocks_per_frame` blocks, in
+the order (k/v, layer, run). Both ends derive that layout from the geometry they agreed on in
+the handshake and the header, so the receiver checks every frame's size before it writes a byte.
+
+On a GPU the prefill side gathers the blocks into pinned host memory on a side stream (the
+compute stream goes on), and the decode side copies each frame through a small pinned staging
+buffer onto its own side stream, straight into the blocks it reserved. On a CPU the frames are
+views of the cache copy and are written straight into the reserved blocks.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import warnings
+from dataclasses import asdict, dataclass
+
+import torch
+
+from engine.model_runner import ModelRunner
+
+DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+DEFAULT_FRAME_BYTES = 8 * 2**20
+
+
+@dataclass(frozen=True)
+class KVGeometry:
+    """What must agree between a prefill and a decode worker for KV bytes to mean the same."""
+
+    model: str  # architecture and shape: the same weights are the operator's promise
+    dtype: str
+    block_size: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, runner: ModelRunner) -> KVGeometry:
+        cfg = runner.model_config
+        model = (f"{cfg.path.name}:{cfg.architecture}:h{cfg.hidden_size}:v{cfg.vocab_size}"
+                 f":i{cfg.intermediate_size}:q{cfg.num_heads}")
+        return cls(model, DTYPE_NAMES[runner.dtype], runner.block_size, cfg.num_layers,
+                   cfg.num_kv_heads, cfg.head_dim)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> KVGeometry:
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise ValueError(f"bad KV geometry {d!r}: {e}") from None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def mismatch(self, other: KVGeometry) -> str | None:
+        """None if the two agree, else a sentence naming every difference."""
+        diffs = [f"{k} {v!r} vs {getattr(other, k)!r}" for k, v in asdict(self).items() if getattr(other, k) != v]
+        return f"KV geometry differs: {'; '.join(diffs)}" if diffs else None
+
+    @property
+    def bytes_per_block_layer(self) -> int:
+        """Bytes of K (or of V) of one block in one layer."""
+        elem = torch.empty(0, dtype=getattr(torch, self.dtype)).element_size()
+        return self.block_size * self.num_kv_heads * self.head_dim * elem
+
+
+def blocks_per_frame(geometry: KVGeometry, max_frame_bytes: int) -> int:
+    return max(1, max_frame_bytes // geometry.bytes_per_block_layer)
+
+
+def frame_runs(num_blocks: int, per_frame: int) -> list[tuple[int, int]]:
+    return [(start, min(start + per_frame, num_blocks)) for start in range(0, num_blocks, per_frame)]
+
+
+def _buffer(t: torch.Tensor) -> memoryview:
+    """A zero-copy byte view of a contiguous CPU tensor that keeps the tensor alive as long as
+    the view (ZeroMQ holds it until the bytes are on the wire)."""
+    assert t.is_contiguous() and t.device.type == "cpu"
+    raw = (ctypes.c_char * (t.numel() * t.element_size())).from_address(t.data_ptr())
+    raw.owner = t
+    return memoryview(raw).cast("B")
+
+
+class OutgoingKV:
+    """A request's blocks copied out of the cache, becoming frames once the copy is done."""
+
+    def __init__(self, runner: ModelRunner, block_ids: list[int], stream: torch.cuda.Stream | None):
+        ids = torch.tensor(block_ids, device=runner.device)
+        if stream is None:
+            self.host = runner.kv_cache[:, :, ids]  # [2, layers, n, bs, heads, dim], a copy
+            self.done = None
+            return
+        stream.wait_stream(torch.cuda.current_stream())  # the prefill that wrote them
+        with torch.cuda.stream(stream):
+            gathered = runner.kv_cache[:, :, ids]
+            self.host = torch.empty(gathered.shape, dtype=gathered.dtype, pin_memory=True)
+            self.host.copy_(gathered, non_blocking=True)
+            gathered.record_stream(stream)
+            self.done = torch.cuda.Event()
+            self.done.record(stream)
+
+    def ready(self) -> bool:
+        return self.done is None or self.done.query()
+
+    def frames(self, per_frame: int) -> list[memoryview]:
+        runs = frame_runs(self.host.shape[2], per_frame)
+        return [_buffer(self.host[kv, layer, a:b]) for kv in range(2)
+                for layer in range(self.host.shape[1]) for a, b in runs]
+
+    @property
+    def nbytes(self) -> int:
+        return self.host.numel() * self.host.element_size()
+
+
+class KVWriter:
+    """Writes received frames into reserved blocks of the local cache."""
+
+    STAGING_SLOTS = 2
+
+    def __init__(self, runner: ModelRunner, max_frame_bytes: int):
+        self.runner = runner
+        self.geometry = KVGeometry.of(runner)
+        self.max_frame_bytes = max_frame_bytes
+        self.on_gpu = runner.device.type == "cuda"
+        if self.on_gpu:
+            self.stream = torch.cuda.Stream()
+            # Bounded pinned staging: frames take turns through a few fixed slots.
+            self.staging = [torch.empty(max_frame_bytes, dtype=torch.uint8, pin_memory=True)
+                            for _ in range(self.STAGING_SLOTS)]
+            self.slot_free = [None] * self.STAGING_SLOTS
+        self._next_slot = 0
+
+    def expected_frames(self, num_blocks: int, per_frame: int) -> list[tuple[int, int, int, int]]:
+        """(k/v, layer, first block, end block) of every frame, in wire order."""
+        runs = frame_runs(num_blocks, per_frame)
+        return [(kv, layer, a, b) for kv in range(2) for layer in range(self.geometry.num_layers) for a, b in runs]
+
+    def check(self, frames: list, num_blocks: int, per_frame: int) -> str | None:
+        """None if the frames are exactly what this transfer should carry, else what is wrong."""
+        if per_frame < 1 or per_frame * self.geometry.bytes_per_block_layer > self.max_frame_bytes:
+            return f"blocks_per_frame {per_frame} is outside 1..{self.max_frame_bytes // self.geometry.bytes_per_block_layer}"
+        layout = self.expected_frames(num_blocks, per_frame)
+        if len(frames) != len(layout):
+            return f"expected {len(layout)} KV frames, got {len(frames)}"
+        per_block = self.geometry.bytes_per_block_layer
+        for frame, (_, _, a, b) in zip(frames, layout):
+            if len(frame.buffer) != (b - a) * per_block:
+                return f"a KV frame has {len(frame.buffer)} bytes, expected {(b - a) * per_block}"
+        return None
+
+    def write(self, frames: list, block_ids: list[int], per_frame: int) -> None:
+        """Copies checked frames into the blocks; on GPU the copies are complete on return."""
+        g, cache = self.geometry, self.runner.kv_cache
+        shape = (g.block_size, g.num_kv_heads, g.head_dim)
+        for frame, (kv, layer, a, b) in zip(frames, self.expected_frames(len(block_ids), per_frame)):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # read-only buffer: we only read it
+                src = torch.frombuffer(frame.buffer, dtype=torch.uint8)
+            ids = torch.tensor(block_ids[a:b], device=cache.device)
+            if not self.on_gpu:
+                cache[kv, layer].index_copy_(0, ids, src.view(cache.dtype).view(b - a, *shape))
+                continue
+            slot = self._next_slot
+            self._next_slot = (slot + 1) % self.STAGING_SLOTS
+            if self.slot_free[slot] is not None:
+                self.slot_free[slot].synchronize()  # its previous frame has left for the GPU
+            staged = self.staging[slot][: src.numel()]
+            staged.copy_(src)
+            with torch.cuda.stream(self.stream):
+                dev = staged.to(cache.device, non_blocking=True).view(cache.dtype).view(b - a, *shape)
+                cache[kv, layer].index_copy_(0, ids, dev)
+                self.slot_free[slot] = torch.cuda.Event()
+                self.slot_free[slot].record(self.stream)
+        if self.on_gpu:
+            # Decode steps run on the default stream: the blocks must be whole before then.
+            self.stream.synchronize()

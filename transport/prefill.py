@@ -1,0 +1,192 @@
+"""The prefill worker: batched prefill, the first token to the router, then the request's KV
+blocks to its decode worker.
+
+A transfer goes: handshake with the decode worker (once per pair) -> offer -> the decode side
+answers ready when it has reserved room (until then the blocks stay here: backpressure) -> the
+KV frames -> ack, and only then are the blocks freed. No ack within the transfer timeout fails
+the request and frees the blocks; so does an abort or the decode worker's death.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import torch
+import zmq
+
+from engine.sequence import Sequence, Status
+from transport import protocol as p
+from transport.kv import KVGeometry, OutgoingKV, blocks_per_frame
+from transport.sockets import make_socket, recv, send
+from transport.worker import Worker
+
+log = logging.getLogger("kairos.prefill")
+
+
+@dataclass
+class Transfer:
+    transfer_id: str
+    seq: Sequence
+    peer: DecodePeer
+    deadline: float = 0.0  # while the data awaits its ack
+    kv: OutgoingKV | None = None  # once the decode side is ready
+    sent: bool = False
+
+
+@dataclass
+class DecodePeer:
+    worker_id: str
+    socket: zmq.Socket
+    greeted: bool = False
+    unsent_offers: list = field(default_factory=list)  # transfers waiting for the handshake
+
+
+class PrefillWorker(Worker):
+    role = "prefill"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.targets: dict[str, tuple[str, str]] = {}  # request id -> decode worker id, KV address
+        self.peers: dict[str, DecodePeer] = {}
+        self.transfers: dict[str, Transfer] = {}
+        self.by_request: dict[str, Transfer] = {}
+        self.copy_stream = torch.cuda.Stream() if self.llm.runner.device.type == "cuda" else None
+        self.per_frame = blocks_per_frame(self.geometry, self.max_frame_bytes)
+
+    def stats(self) -> dict:
+        return {**super().stats(), "transfers": len(self.transfers)}
+
+    # ---- from the router ----------------------------------------------------------------------
+
+    def handle_router(self, msg: p.Message) -> None:
+        if isinstance(msg, p.PrefillRequest):
+            try:
+                seq = self.make_sequence(msg.prompt, msg.prompt_token_ids, msg.params, msg.request_id)
+            except ValueError as e:
+                self.fail(msg.request_id, str(e))
+                return
+            self.targets[msg.request_id] = (msg.decode_worker_id, msg.decode_kv_addr)
+            self.llm.scheduler.add(seq)
+        elif isinstance(msg, p.Abort):
+            self.abort(msg.request_id)
+        elif isinstance(msg, p.WorkerGone):
+            self.drop_peer(msg.worker_id)
+        else:
+            log.warning("unexpected %s message from the router", msg.TYPE)
+
+    def abort(self, request_id: str) -> None:
+        if self.llm.abort(request_id):
+            self.counters["aborted"] += 1
+        transfer = self.by_request.get(request_id)
+        if transfer is not None:
+            self.counters["aborted"] += 1
+            send(transfer.peer.socket, p.KVCancel(transfer.transfer_id, "aborted"))
+            self.finish_transfer(transfer)
+        self.targets.pop(request_id, None)
+
+    def drop_peer(self, worker_id: str) -> None:
+        """The decode worker died: the router has failed its requests; free their blocks."""
+        peer = self.peers.pop(worker_id, None)
+        if peer is None:
+            return
+        for transfer in [t for t in self.transfers.values() if t.peer is peer]:
+            self.finish_transfer(transfer)
+        self.poller.unregister(peer.socket)
+        peer.socket.close(linger=0)
+
+    # ---- engine -------------------------------------------------------------------------------
+
+    def step(self) -> None:
+        for seq in self.llm.step():
+            self.send_tokens(seq, 1)
+            if seq.status is Status.HANDED_OFF:
+                self.start_transfer(seq)
+            else:
+                self.targets.pop(seq.request_id, None)
+
+    def start_transfer(self, seq: Sequence) -> None:
+        worker_id, kv_addr = self.targets.pop(seq.request_id)
+        peer = self.peers.get(worker_id)
+        if peer is None:
+            sock = make_socket(self.ctx, zmq.DEALER, identity=self.worker_id.encode())
+            sock.connect(kv_addr)
+            self.poller.register(sock, zmq.POLLIN)
+            peer = self.peers[worker_id] = DecodePeer(worker_id, sock)
+            send(sock, p.KVHello(self.worker_id, self.geometry.to_dict()))
+        transfer = Transfer(uuid.uuid4().hex, seq, peer, deadline=time.monotonic() + self.transfer_timeout_s)
+        self.transfers[transfer.transfer_id] = transfer
+        self.by_request[seq.request_id] = transfer
+        if peer.greeted:
+            self.offer(transfer)
+        else:
+            peer.unsent_offers.append(transfer)
+
+    def offer(self, t: Transfer) -> None:
+        seq = t.seq
+        params = dataclasses.asdict(seq.params)
+        send(t.peer.socket, p.KVOffer(t.transfer_id, seq.request_id, seq.prompt_token_ids,
+                                      seq.output_token_ids, params, len(seq.block_table)))
+        t.deadline = float("inf")  # waiting for room on the decode side is backpressure, not a fault
+
+    def finish_transfer(self, t: Transfer) -> None:
+        self.transfers.pop(t.transfer_id, None)
+        self.by_request.pop(t.seq.request_id, None)
+        if t in t.peer.unsent_offers:
+            t.peer.unsent_offers.remove(t)
+        self.llm.scheduler.release(t.seq)
+
+    def fail_transfer(self, t: Transfer, message: str) -> None:
+        self.fail(t.seq.request_id, message)
+        self.finish_transfer(t)
+
+    # ---- the KV channel -----------------------------------------------------------------------
+
+    def handle_socket(self, sock: zmq.Socket) -> bool:
+        received = recv(sock, routed=False)
+        if received is None:
+            return False
+        peer = next((q for q in self.peers.values() if q.socket is sock), None)
+        if peer is None:
+            return True
+        msg = received.msg
+        if isinstance(msg, p.KVHelloOk):
+            peer.greeted = True
+            for t in peer.unsent_offers:
+                self.offer(t)
+            peer.unsent_offers.clear()
+            return True
+        if isinstance(msg, p.Error) and msg.request_id is None and not peer.greeted:
+            # The handshake failed (geometry mismatch): nothing can go to this worker.
+            for t in list(peer.unsent_offers):
+                self.fail_transfer(t, f"decode worker {peer.worker_id} refused the KV handshake: {msg.message}")
+            self.drop_peer(peer.worker_id)
+            return True
+        t = self.transfers.get(getattr(msg, "transfer_id", None))
+        if t is None:
+            if not isinstance(msg, p.Error):
+                log.info("%s for a transfer that is over; ignored", msg.TYPE)
+            return True
+        if isinstance(msg, p.KVReady):
+            t.kv = OutgoingKV(self.llm.runner, t.seq.block_table, self.copy_stream)
+            t.deadline = time.monotonic() + self.transfer_timeout_s
+        elif isinstance(msg, p.KVAck):
+            self.finish_transfer(t)
+        elif isinstance(msg, p.KVReject):
+            self.fail_transfer(t, msg.message)
+        elif isinstance(msg, p.KVCancel):
+            self.finish_transfer(t)  # the decode side has reported the request's fate
+        return True
+
+    def tick(self, now: float) -> None:
+        for t in list(self.transfers.values()):
+            if t.kv is not None and not t.sent and t.kv.ready():
+                send(t.peer.socket, p.KVData(t.transfer_id, self.per_frame), frames=t.kv.frames(self.per_frame))
+                t.sent = True
+            if now > t.deadline:
+                send(t.peer.socket, p.KVCancel(t.transfer_id, "timed out"))
+                self.fail_transfer(t, f"KV transfer to decode worker {t.peer.worker_id} timed out "
+                                      f"after {self.transfer_timeout_s:g} s")

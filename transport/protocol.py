@@ -1,0 +1,284 @@
+"""The wire protocol: typed messages encoded as msgpack maps, validated on receipt.
+
+Every message is a map with the protocol version `v`, its `type`, and exactly the fields of its
+class, each checked against the field's annotation. Nothing but msgpack goes on the wire (never
+pickle); raw KV bytes travel as extra frames after a `KVData` header, never inside a map.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import msgpack
+
+PROTOCOL_VERSION = 1
+# Control messages (requests, tokens, status) are small; the largest is a long prompt's ids.
+MAX_CONTROL_MESSAGE_BYTES = 16 * 2**20
+
+
+class ProtocolError(ValueError):
+    """A message that is not valid Kairos protocol."""
+
+
+MESSAGE_TYPES: dict[str, type[Message]] = {}
+
+
+class Message:
+    TYPE: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.TYPE in MESSAGE_TYPES:
+            raise TypeError(f"message type {cls.TYPE!r} is defined twice")
+        MESSAGE_TYPES[cls.TYPE] = cls
+
+
+# ---- client <-> router --------------------------------------------------------------------------
+
+
+@dataclass
+class Submit(Message):
+    TYPE = "submit"
+    request_id: str
+    prompt: str | None = None  # text, or
+    prompt_token_ids: list[int] | None = None
+    params: dict = field(default_factory=dict)  # SamplingParams fields
+    ttft_slo_ms: float | None = None
+    tpot_slo_ms: float | None = None
+    request_class: str | None = None
+    group_id: str | None = None
+
+
+@dataclass
+class Abort(Message):
+    TYPE = "abort"
+    request_id: str
+
+
+@dataclass
+class Tokens(Message):
+    """New output tokens of a request, from position `index` of its output, with their text.
+    The last message of a request carries its finish reason."""
+    TYPE = "tokens"
+    request_id: str
+    index: int
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None = None
+
+
+@dataclass
+class Error(Message):
+    """A failed request (request_id set), or a message that could not be served."""
+    TYPE = "error"
+    request_id: str | None
+    message: str
+
+
+@dataclass
+class StatusQuery(Message):
+    TYPE = "status_query"
+
+
+@dataclass
+class StatusReport(Message):
+    TYPE = "status"
+    workers: list[dict]
+    counters: dict
+    pending: int
+
+
+# ---- workers <-> router -------------------------------------------------------------------------
+
+
+@dataclass
+class Register(Message):
+    TYPE = "register"
+    worker_id: str
+    role: str  # "prefill" | "decode"
+    geometry: dict  # see transport.kv.KVGeometry
+    total_blocks: int
+    kv_addr: str | None = None  # decode workers: where prefill workers send KV
+
+
+@dataclass
+class Registered(Message):
+    TYPE = "registered"
+    worker_id: str
+
+
+@dataclass
+class RegisterAgain(Message):
+    """The router does not know this worker (it restarted, or declared the worker dead)."""
+    TYPE = "register_again"
+
+
+@dataclass
+class Heartbeat(Message):
+    TYPE = "heartbeat"
+    worker_id: str
+    stats: dict
+
+
+@dataclass
+class PrefillRequest(Message):
+    TYPE = "prefill"
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int] | None
+    params: dict
+    decode_worker_id: str
+    decode_kv_addr: str
+
+
+@dataclass
+class HandedOff(Message):
+    """Decode worker -> router: the request's KV is complete and it is decoding here."""
+    TYPE = "handed_off"
+    request_id: str
+
+
+@dataclass
+class WorkerGone(Message):
+    TYPE = "worker_gone"
+    worker_id: str
+
+
+# ---- prefill worker <-> decode worker (the KV channel) ------------------------------------------
+
+
+@dataclass
+class KVHello(Message):
+    TYPE = "kv_hello"
+    worker_id: str
+    geometry: dict
+
+
+@dataclass
+class KVHelloOk(Message):
+    TYPE = "kv_hello_ok"
+    worker_id: str
+
+
+@dataclass
+class KVOffer(Message):
+    TYPE = "kv_offer"
+    transfer_id: str
+    request_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    params: dict
+    num_blocks: int
+
+
+@dataclass
+class KVReady(Message):
+    TYPE = "kv_ready"
+    transfer_id: str
+
+
+@dataclass
+class KVReject(Message):
+    TYPE = "kv_reject"
+    transfer_id: str
+    message: str
+
+
+@dataclass
+class KVData(Message):
+    """Header of a KV transfer; the raw frames follow in the same multipart message."""
+    TYPE = "kv_data"
+    transfer_id: str
+    blocks_per_frame: int
+
+
+@dataclass
+class KVAck(Message):
+    TYPE = "kv_ack"
+    transfer_id: str
+
+
+@dataclass
+class KVCancel(Message):
+    TYPE = "kv_cancel"
+    transfer_id: str
+    reason: str
+
+
+# ---- encoding -----------------------------------------------------------------------------------
+
+
+def encode(msg: Message) -> bytes:
+    body = {"v": PROTOCOL_VERSION, "type": msg.TYPE}
+    for f in dataclasses.fields(msg):
+        body[f.name] = getattr(msg, f.name)
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def decode(data: bytes | memoryview, max_bytes: int = MAX_CONTROL_MESSAGE_BYTES) -> Message:
+    """Parses and validates one message; raises ProtocolError saying what is wrong."""
+    if len(data) > max_bytes:
+        raise ProtocolError(f"message of {len(data)} bytes exceeds the limit of {max_bytes}")
+    try:
+        body = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as e:  # msgpack raises several unrelated exception types
+        raise ProtocolError(f"malformed message: not msgpack ({type(e).__name__}: {e})") from None
+    if not isinstance(body, dict):
+        raise ProtocolError(f"malformed message: expected a map, got {type(body).__name__}")
+    version = body.pop("v", None)
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {version!r} is not supported (this end speaks {PROTOCOL_VERSION})")
+    type_name = body.pop("type", None)
+    cls = MESSAGE_TYPES.get(type_name) if isinstance(type_name, str) else None
+    if cls is None:
+        raise ProtocolError(f"unknown message type {type_name!r}")
+    hints = _field_types(cls)
+    unknown = set(body) - set(hints)
+    if unknown:
+        raise ProtocolError(f"{type_name}: unknown fields {sorted(unknown)}")
+    for f in dataclasses.fields(cls):
+        if f.name not in body:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ProtocolError(f"{type_name}: missing field {f.name!r}")
+        elif not _matches(body[f.name], hints[f.name]):
+            raise ProtocolError(f"{type_name}.{f.name}: expected {_describe(hints[f.name])}, "
+                                f"got {type(body[f.name]).__name__}")
+    return cls(**body)
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+        _HINTS[cls].pop("TYPE", None)
+    return _HINTS[cls]
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    if hint is list:
+        return isinstance(value, list)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _describe(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")

@@ -1,0 +1,290 @@
+"""The router: the one front door. Clients and workers connect to its single socket.
+
+It registers workers, picks a prefill and a decode worker for each request, relays token
+streams to clients in order, propagates aborts, and fails the requests of a worker that stops
+sending heartbeats with a clear error, within `worker_timeout_s`. A request that has not
+streamed anything yet moves to another prefill worker instead, if there is one. Requests wait
+at the router while no worker of a kind is registered, for at most `queue_timeout_s`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+
+import zmq
+
+from transport import protocol as p
+from transport.sockets import make_socket, recv, send
+
+log = logging.getLogger("kairos.router")
+
+ROLES = ("prefill", "decode")
+
+
+@dataclass
+class WorkerInfo:
+    worker_id: str
+    role: str
+    identity: bytes
+    geometry: dict
+    total_blocks: int
+    kv_addr: str | None
+    last_seen: float
+    stats: dict = field(default_factory=dict)
+    requests: set[str] = field(default_factory=set)  # router request ids assigned here
+
+
+@dataclass
+class RoutedRequest:
+    rid: str
+    client: bytes
+    submit: p.Submit
+    arrival: float
+    prefill: str | None = None
+    decode: str | None = None
+    handed_off: bool = False
+    next_index: int = 0  # the next output position owed to the client
+    held: dict[int, p.Tokens] = field(default_factory=dict)  # arrived ahead of their turn
+
+
+class Router:
+    def __init__(self, host: str = "127.0.0.1", port: int = 7100, worker_timeout_s: float = 2.0,
+                 queue_timeout_s: float = 30.0):
+        self.ctx = zmq.Context()
+        self.socket = make_socket(self.ctx, zmq.ROUTER)
+        if port:
+            self.socket.bind(f"tcp://{host}:{port}")
+        else:
+            port = self.socket.bind_to_random_port(f"tcp://{host}")
+        self.addr = f"tcp://{host}:{port}"
+        self.worker_timeout_s = worker_timeout_s
+        self.queue_timeout_s = queue_timeout_s
+        self.workers: dict[str, WorkerInfo] = {}
+        self.requests: dict[str, RoutedRequest] = {}
+        self.by_client: dict[tuple[bytes, str], str] = {}
+        self.pending: list[str] = []  # waiting for workers
+        self.counters = {"submitted": 0, "completed": 0, "aborted": 0, "failed": 0}
+        self._ids = itertools.count()
+        self.stopping = False
+
+    def run(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: setattr(self, "stopping", True))
+        log.info("router listening at %s", self.addr)
+        try:
+            while not self.stopping:
+                self.run_once()
+        finally:
+            self.ctx.destroy(linger=0)
+
+    def run_once(self, poll_ms: int = 50) -> None:
+        if self.socket.poll(poll_ms):
+            for _ in range(1024):
+                received = recv(self.socket, routed=True)
+                if received is None:
+                    break
+                self.handle(received.identity, received.msg)
+        now = time.monotonic()
+        for w in [w for w in self.workers.values() if now - w.last_seen > self.worker_timeout_s]:
+            self.worker_died(w)
+        self.dispatch_pending(now)
+
+    # ---- messages -----------------------------------------------------------------------------
+
+    def handle(self, identity: bytes, msg: p.Message) -> None:
+        if isinstance(msg, p.Submit):
+            self.on_submit(identity, msg)
+        elif isinstance(msg, p.Abort):
+            self.on_client_abort(identity, msg.request_id)
+        elif isinstance(msg, p.StatusQuery):
+            send(self.socket, self.status(), identity)
+        elif isinstance(msg, p.Register):
+            self.on_register(identity, msg)
+        else:
+            worker = self.worker_by_identity(identity)
+            if worker is None:
+                # A worker the router does not know (the router restarted, or gave it up for
+                # dead): it must register again before it serves.
+                if isinstance(msg, (p.Heartbeat, p.Tokens, p.Error, p.HandedOff)):
+                    send(self.socket, p.RegisterAgain(), identity)
+                else:
+                    send(self.socket, p.Error(None, f"unexpected {msg.TYPE} message"), identity)
+                return
+            worker.last_seen = time.monotonic()
+            if isinstance(msg, p.Heartbeat):
+                worker.stats = msg.stats
+            elif isinstance(msg, p.Tokens):
+                self.on_tokens(worker, msg)
+            elif isinstance(msg, p.Error):
+                self.on_worker_error(worker, msg)
+            elif isinstance(msg, p.HandedOff):
+                r = self.requests.get(msg.request_id)
+                if r is not None and r.decode == worker.worker_id:
+                    r.handed_off = True
+                    if r.prefill in self.workers:
+                        self.workers[r.prefill].requests.discard(r.rid)
+            else:
+                send(self.socket, p.Error(None, f"unexpected {msg.TYPE} message from a worker"), identity)
+
+    def worker_by_identity(self, identity: bytes) -> WorkerInfo | None:
+        w = self.workers.get(identity.decode(errors="replace"))
+        return w if w is not None and w.identity == identity else None
+
+    def on_register(self, identity: bytes, msg: p.Register) -> None:
+        problem = None
+        if msg.role not in ROLES:
+            problem = f"unknown worker role {msg.role!r}"
+        elif msg.role == "decode" and not msg.kv_addr:
+            problem = "a decode worker must give its kv_addr"
+        elif identity != msg.worker_id.encode():
+            problem = "worker_id must equal the socket identity"
+        else:
+            other = next((w for w in self.workers.values() if w.worker_id != msg.worker_id), None)
+            if other is not None and other.geometry != msg.geometry:
+                diffs = [f"{k} {msg.geometry.get(k)!r} vs {v!r}" for k, v in other.geometry.items()
+                         if msg.geometry.get(k) != v]
+                problem = f"this worker's KV geometry differs from the registered workers': {'; '.join(diffs)}"
+        if problem:
+            log.warning("refused registration of %s: %s", msg.worker_id, problem)
+            send(self.socket, p.Error(None, problem), identity)
+            return
+        self.workers[msg.worker_id] = WorkerInfo(msg.worker_id, msg.role, identity, msg.geometry,
+                                                 msg.total_blocks, msg.kv_addr, time.monotonic())
+        log.info("registered %s worker %s", msg.role, msg.worker_id)
+        send(self.socket, p.Registered(msg.worker_id), identity)
+
+    def on_submit(self, client: bytes, msg: p.Submit) -> None:
+        problem = None
+        if (msg.prompt is None) == (msg.prompt_token_ids is None):
+            problem = "give exactly one of prompt and prompt_token_ids"
+        elif (client, msg.request_id) in self.by_client:
+            problem = f"request id {msg.request_id!r} is already in flight"
+        if problem:
+            send(self.socket, p.Error(msg.request_id, problem), client)
+            self.counters["failed"] += 1
+            return
+        rid = str(next(self._ids))
+        self.requests[rid] = RoutedRequest(rid, client, msg, time.monotonic())
+        self.by_client[(client, msg.request_id)] = rid
+        self.counters["submitted"] += 1
+        self.pending.append(rid)
+        self.dispatch_pending(time.monotonic())
+
+    def on_client_abort(self, client: bytes, request_id: str) -> None:
+        rid = self.by_client.get((client, request_id))
+        r = self.requests.get(rid) if rid is not None else None
+        if r is None:
+            return  # already over: its final message is on its way
+        self.tell_workers(r, p.Abort(r.rid))
+        send(self.socket, p.Tokens(request_id, r.next_index, [], "", "abort"), client)
+        self.counters["aborted"] += 1
+        self.forget(r)
+
+    def on_tokens(self, worker: WorkerInfo, msg: p.Tokens) -> None:
+        r = self.requests.get(msg.request_id)
+        if r is None or worker.worker_id not in (r.prefill, r.decode):
+            return  # aborted or failed already
+        r.held[msg.index] = msg
+        while r.next_index in r.held:
+            chunk = r.held.pop(r.next_index)
+            send(self.socket, p.Tokens(r.submit.request_id, chunk.index, chunk.token_ids, chunk.text,
+                                       chunk.finish_reason), r.client)
+            r.next_index += len(chunk.token_ids)
+            if chunk.finish_reason is not None:
+                self.counters["completed"] += 1
+                self.forget(r)
+                return
+
+    def on_worker_error(self, worker: WorkerInfo, msg: p.Error) -> None:
+        if msg.request_id is None:
+            log.warning("worker %s: %s", worker.worker_id, msg.message)
+            return
+        r = self.requests.get(msg.request_id)
+        if r is not None and worker.worker_id in (r.prefill, r.decode):
+            self.tell_workers(r, p.Abort(r.rid), skip=worker.worker_id)
+            self.fail(r, msg.message)
+
+    # ---- placement ----------------------------------------------------------------------------
+
+    def dispatch_pending(self, now: float) -> None:
+        still = []
+        for rid in self.pending:
+            r = self.requests.get(rid)
+            if r is None:
+                continue
+            prefill, decode = self.pick("prefill"), self.pick("decode")
+            if prefill is None or decode is None:
+                if now - r.arrival > self.queue_timeout_s:
+                    missing = " and ".join(role for role, w in (("prefill", prefill), ("decode", decode)) if w is None)
+                    self.fail(r, f"no {missing} worker registered within {self.queue_timeout_s:g} s")
+                else:
+                    still.append(rid)
+                continue
+            r.prefill, r.decode = prefill.worker_id, decode.worker_id
+            prefill.requests.add(rid)
+            decode.requests.add(rid)
+            s = r.submit
+            send(self.socket, p.PrefillRequest(rid, s.prompt, s.prompt_token_ids, s.params, decode.worker_id,
+                                               decode.kv_addr), prefill.identity)
+        self.pending = still
+
+    def pick(self, role: str) -> WorkerInfo | None:
+        candidates = [w for w in self.workers.values() if w.role == role]
+        if not candidates:
+            return None
+        # Fewest requests in hand; then the most free KV blocks.
+        return min(candidates, key=lambda w: (len(w.requests), -w.stats.get("free_blocks", w.total_blocks)))
+
+    def worker_died(self, w: WorkerInfo) -> None:
+        log.warning("%s worker %s sent nothing for %.1f s: dropping it", w.role, w.worker_id, self.worker_timeout_s)
+        del self.workers[w.worker_id]
+        can_retry = w.role == "prefill" and any(o.role == "prefill" for o in self.workers.values())
+        for rid in sorted(w.requests, key=int):
+            r = self.requests.get(rid)
+            if r is None:
+                continue
+            if can_retry and r.next_index == 0 and not r.held:
+                # Nothing streamed yet: it can start over on another prefill worker.
+                self.tell_workers(r, p.Abort(r.rid), skip=w.worker_id)
+                self.release(r)
+                r.prefill = r.decode = None
+                self.pending.append(rid)
+            else:
+                self.tell_workers(r, p.Abort(r.rid), skip=w.worker_id)
+                self.fail(r, f"the {w.role} worker {w.worker_id} serving this request died")
+        for other in self.workers.values():
+            send(self.socket, p.WorkerGone(w.worker_id), other.identity)
+
+    # ---- bookkeeping --------------------------------------------------------------------------
+
+    def tell_workers(self, r: RoutedRequest, msg: p.Message, skip: str | None = None) -> None:
+        for worker_id in {r.prefill, r.decode} - {None, skip}:
+            w = self.workers.get(worker_id)
+            if w is not None:
+                send(self.socket, msg, w.identity)
+
+    def fail(self, r: RoutedRequest, message: str) -> None:
+        send(self.socket, p.Error(r.submit.request_id, message), r.client)
+        self.counters["failed"] += 1
+        self.forget(r)
+
+    def release(self, r: RoutedRequest) -> None:
+        for worker_id in (r.prefill, r.decode):
+            if worker_id in self.workers:
+                self.workers[worker_id].requests.discard(r.rid)
+
+    def forget(self, r: RoutedRequest) -> None:
+        self.release(r)
+        self.requests.pop(r.rid, None)
+        self.by_client.pop((r.client, r.submit.request_id), None)
+
+    def status(self) -> p.StatusReport:
+        now = time.monotonic()
+        workers = [{"worker_id": w.worker_id, "role": w.role, "kv_addr": w.kv_addr, "requests": len(w.requests),
+                    "total_blocks": w.total_blocks, "last_seen_ms": round((now - w.last_seen) * 1e3, 1), **w.stats}
+                   for w in self.workers.values()]
+        return p.StatusReport(workers, {**self.counters, "in_flight": len(self.requests)}, len(self.pending))

@@ -1,0 +1,105 @@
+"""`kairos serve`: a router, one prefill worker and one decode worker on this machine, as child
+processes that go down together on Ctrl-C or SIGTERM (and with this process if it is killed)."""
+
+from __future__ import annotations
+
+import ctypes
+import signal
+import subprocess
+import sys
+import time
+
+from transport.client import Client
+
+SHUTDOWN_GRACE_S = 5.0
+
+
+def _die_with_parent() -> None:
+    """Runs in each child before exec: on Linux, SIGTERM it if the serve process dies."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class ProcessGroup:
+    def __init__(self):
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+
+    def start(self, name: str, argv: list[str]) -> None:
+        cmd = [sys.executable, "-m", "engine.cli", *argv]
+        preexec = _die_with_parent if sys.platform.startswith("linux") else None
+        self.procs.append((name, subprocess.Popen(cmd, preexec_fn=preexec)))
+
+    def dead(self) -> list[tuple[str, int]]:
+        return [(name, proc.returncode) for name, proc in self.procs if proc.poll() is not None]
+
+    def stop(self) -> None:
+        for _, proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + SHUTDOWN_GRACE_S
+        for _, proc in self.procs:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def wait_for_roles(addr: str, roles: set[str], group: ProcessGroup, timeout_s: float, interrupted) -> None:
+    """Until the router reports workers of these roles; raises if a child exits first."""
+    deadline = time.monotonic() + timeout_s
+    with Client(addr, timeout_s=1.0) as client:
+        while time.monotonic() < deadline and not interrupted():
+            if group.dead():
+                name, code = group.dead()[0]
+                raise RuntimeError(f"the {name} process exited with status {code} during start-up")
+            try:
+                if roles <= {w["role"] for w in client.status()["workers"]}:
+                    return
+            except TimeoutError:
+                continue
+            time.sleep(0.2)
+    if not interrupted():
+        raise RuntimeError(f"the {' and '.join(sorted(roles))} workers did not register within {timeout_s:g} s")
+
+
+def serve(host: str, port: int, worker_argv: list[str], prefill_argv: list[str], decode_argv: list[str],
+          startup_timeout_s: float, one_at_a_time: bool) -> int:
+    """one_at_a_time: start decode only once prefill has registered, so that on a shared GPU
+    each sizes its KV cache from what the other really left free."""
+    addr = f"tcp://{host}:{port}"
+    stop = {"signal": None}
+
+    def on_signal(signum, _frame):
+        stop["signal"] = signum
+
+    def interrupted() -> bool:
+        return stop["signal"] is not None
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    group = ProcessGroup()
+    try:
+        group.start("router", ["router", "--host", host, "--port", str(port)])
+        group.start("prefill", ["prefill", "--router", addr, *worker_argv, *prefill_argv])
+        if one_at_a_time:
+            wait_for_roles(addr, {"prefill"}, group, startup_timeout_s, interrupted)
+        if not interrupted():
+            group.start("decode", ["decode", "--router", addr, "--kv-host", host, *worker_argv, *decode_argv])
+            wait_for_roles(addr, {"prefill", "decode"}, group, startup_timeout_s, interrupted)
+        if not interrupted():
+            print(f"kairos: serving at {addr}  (Ctrl-C stops)", flush=True)
+        while not interrupted():
+            if group.dead():
+                name, code = group.dead()[0]
+                print(f"kairos: the {name} process exited with status {code}; shutting down", file=sys.stderr)
+                return 1
+            time.sleep(0.2)
+        return 0
+    except RuntimeError as e:
+        print(f"kairos: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        group.stop()

@@ -1,0 +1,72 @@
+"""ZeroMQ sockets with the protocol's limits: bounded message sizes, no lingering on close, and
+a receive that validates what arrived."""
+
+from __future__ import annotations
+
+import logging
+
+import zmq
+
+from transport.protocol import MAX_CONTROL_MESSAGE_BYTES, Error, Message, ProtocolError, decode, encode
+
+log = logging.getLogger("kairos.transport")
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7100
+
+
+def make_socket(ctx: zmq.Context, kind: int, max_bytes: int = MAX_CONTROL_MESSAGE_BYTES,
+                identity: bytes | None = None) -> zmq.Socket:
+    sock = ctx.socket(kind)
+    # ZeroMQ drops any frame over this size and disconnects its sender.
+    sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)
+    sock.setsockopt(zmq.LINGER, 0)
+    if kind == zmq.ROUTER:
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a reply to a vanished peer raises, not drops
+    if identity is not None:
+        sock.setsockopt(zmq.IDENTITY, identity)
+    return sock
+
+
+def send(sock: zmq.Socket, msg: Message, identity: bytes | None = None, frames=()) -> bool:
+    """Sends one message (and raw frames after it, zero-copy). False if the peer is gone."""
+    parts = ([identity] if identity is not None else []) + [encode(msg), *frames]
+    try:
+        sock.send_multipart(parts, copy=not frames, flags=zmq.NOBLOCK)
+        return True
+    except zmq.Again:
+        log.warning("dropped a %s message: the peer is not reading (send queue full)", msg.TYPE)
+    except zmq.ZMQError as e:
+        if e.errno != zmq.EHOSTUNREACH:
+            raise
+        log.info("dropped a %s message: peer %r is gone", msg.TYPE, identity)
+    return False
+
+
+class Received:
+    """One validated message, its sender (on ROUTER sockets) and any raw frames after it."""
+
+    __slots__ = ("identity", "msg", "frames")
+
+    def __init__(self, identity: bytes | None, msg: Message, frames: list[zmq.Frame]):
+        self.identity, self.msg, self.frames = identity, msg, frames
+
+
+def recv(sock: zmq.Socket, routed: bool, max_header_bytes: int = MAX_CONTROL_MESSAGE_BYTES) -> Received | None:
+    """Receives one multipart message without blocking. A message that fails validation gets
+    an Error reply naming the problem (where there is a sender to reply to) and is dropped;
+    None then, as when nothing is waiting."""
+    try:
+        parts = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+    except zmq.Again:
+        return None
+    identity = parts.pop(0).bytes if routed else None
+    try:
+        if not parts:
+            raise ProtocolError("malformed message: no frames")
+        return Received(identity, decode(parts[0].buffer, max_header_bytes), parts[1:])
+    except ProtocolError as e:
+        log.warning("rejected a message%s: %s", f" from {identity!r}" if identity else "", e)
+        if routed:
+            send(sock, Error(None, f"rejected: {e}"), identity)
+        return None
