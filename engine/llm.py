@@ -96,13 +96,14 @@ class LLM:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
-    def step(self) -> list[Sequence]:
-        """Runs one scheduled batch; returns the sequences that got a token in it."""
+    def step(self) -> list[Sequence] | None:
+        """Runs one scheduled batch; returns the sequences that got a token in it. None if
+        nothing could run: on a prefill worker, while handed-off requests hold the blocks."""
         batch = self.scheduler.schedule()
         if batch is None:
-            if self.scheduler.has_unfinished():
+            if self.scheduler.has_unfinished() and not self.scheduler.num_handed_off:
                 raise RuntimeError("the scheduler made no progress with requests pending")
-            return []
+            return None
         if batch.is_prefill:
             self.num_prefill_tokens_computed += sum(batch.num_new_tokens)
         sampled = self.runner.run(batch)
@@ -123,7 +124,7 @@ class LLM:
             self.scheduler.add(seq)
         with tqdm(total=len(seqs), desc="generate", disable=not use_tqdm, unit="req") as bar:
             while self.has_unfinished():
-                bar.update(sum(seq.is_finished for seq in self.step()))
+                bar.update(sum(seq.is_finished for seq in self.step() or ()))
         return [self._output(seq) for seq in seqs]
 
     def _output(self, seq: Sequence) -> RequestOutput:

@@ -40,6 +40,7 @@ class StepScheduler:
         self.running: list[Sequence] = []  # admission order; every one holds blocks
         self.ready: deque[Sequence] = deque()  # prefilled elsewhere, KV in place, not yet running
         self.prefill_only = prefill_only
+        self.num_handed_off = 0  # sequences out of every queue, still holding blocks
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
@@ -54,6 +55,7 @@ class StepScheduler:
     def release(self, seq: Sequence) -> None:
         """Frees the blocks of a handed-off sequence once the decode side has its KV (or gave up)."""
         assert seq.status is Status.HANDED_OFF
+        self.num_handed_off -= 1
         self._finish(seq, None)
 
     def has_unfinished(self) -> bool:
@@ -155,6 +157,7 @@ class StepScheduler:
             elif self.prefill_only:
                 self.running.remove(seq)
                 seq.status = Status.HANDED_OFF
+                self.num_handed_off += 1
         return stepped
 
     def _finish(self, seq: Sequence, reason: FinishReason | None) -> None:

@@ -76,6 +76,13 @@ class DecodeWorker(Worker):
         else:
             log.warning("unexpected %s message from the router", msg.TYPE)
 
+    def reset(self) -> None:
+        for item in [*self.offers, *self.incoming.values()]:
+            send(self.kv_socket, p.KVCancel(item.transfer_id, "the decode worker was reset"), item.peer)
+            self.drop(item)
+        self.greeted.clear()
+        super().reset()
+
     def abort(self, request_id: str) -> None:
         if self.llm.abort(request_id):
             self.counters["aborted"] += 1
@@ -92,8 +99,8 @@ class DecodeWorker(Worker):
 
     # ---- engine -------------------------------------------------------------------------------
 
-    def step(self) -> None:
-        for seq in self.llm.step():
+    def on_step(self, stepped: list[Sequence]) -> None:
+        for seq in stepped:
             self.send_tokens(seq, 1)
 
     # ---- the KV channel -----------------------------------------------------------------------

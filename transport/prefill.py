@@ -88,6 +88,15 @@ class PrefillWorker(Worker):
             self.finish_transfer(transfer)
         self.targets.pop(request_id, None)
 
+    def reset(self) -> None:
+        for t in list(self.transfers.values()):
+            send(t.peer.socket, p.KVCancel(t.transfer_id, "the prefill worker was reset"))
+            self.finish_transfer(t)
+        for worker_id in list(self.peers):
+            self.drop_peer(worker_id)
+        self.targets.clear()
+        super().reset()
+
     def drop_peer(self, worker_id: str) -> None:
         """The decode worker died: the router has failed its requests; free their blocks."""
         peer = self.peers.pop(worker_id, None)
@@ -100,8 +109,8 @@ class PrefillWorker(Worker):
 
     # ---- engine -------------------------------------------------------------------------------
 
-    def step(self) -> None:
-        for seq in self.llm.step():
+    def on_step(self, stepped: list[Sequence]) -> None:
+        for seq in stepped:
             self.send_tokens(seq, 1)
             if seq.status is Status.HANDED_OFF:
                 self.start_transfer(seq)

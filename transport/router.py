@@ -105,12 +105,13 @@ class Router:
         elif isinstance(msg, p.Register):
             self.on_register(identity, msg)
         else:
-            worker = self.worker_by_identity(identity)
+            worker = self.worker_by_identity(identity, heartbeat=isinstance(msg, p.Heartbeat))
             if worker is None:
                 # A worker the router does not know (the router restarted, or gave it up for
                 # dead): it must register again before it serves.
                 if isinstance(msg, (p.Heartbeat, p.Tokens, p.Error, p.HandedOff)):
-                    send(self.socket, p.RegisterAgain(), identity)
+                    main_identity = identity.removesuffix(b"/heartbeat") if isinstance(msg, p.Heartbeat) else identity
+                    send(self.socket, p.RegisterAgain(), main_identity)
                 else:
                     send(self.socket, p.Error(None, f"unexpected {msg.TYPE} message"), identity)
                 return
@@ -130,9 +131,13 @@ class Router:
             else:
                 send(self.socket, p.Error(None, f"unexpected {msg.TYPE} message from a worker"), identity)
 
-    def worker_by_identity(self, identity: bytes) -> WorkerInfo | None:
-        w = self.workers.get(identity.decode(errors="replace"))
-        return w if w is not None and w.identity == identity else None
+    def worker_by_identity(self, identity: bytes, heartbeat: bool) -> WorkerInfo | None:
+        """Workers send heartbeats from a second socket, '<worker id>/heartbeat'."""
+        name = identity.decode(errors="replace")
+        if heartbeat:
+            name = name.removesuffix("/heartbeat")
+        w = self.workers.get(name)
+        return w if w is not None and w.identity == name.encode() else None
 
     def on_register(self, identity: bytes, msg: p.Register) -> None:
         problem = None

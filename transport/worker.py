@@ -1,17 +1,21 @@
 """What prefill and decode workers share: the engine, the link to the router (registration,
 heartbeats with load figures, re-registration) and the event loop that interleaves messages
-with engine steps."""
+with engine steps.
+
+Heartbeats come from a thread with a socket of its own, so a long engine step (a big prefill
+batch) does not make a live worker look dead. If the router has given a worker up anyway, the
+worker drops everything it holds (the router has failed those requests) and registers again."""
 
 from __future__ import annotations
 
 import logging
 import signal
+import threading
 import time
 import uuid
 
 import zmq
 
-from engine.config import EngineConfig
 from engine.llm import LLM
 from engine.sampling import SamplingParams
 from engine.sequence import Sequence
@@ -43,9 +47,10 @@ class Worker:
         self.poller.register(self.router, zmq.POLLIN)
         self.registered = False
         self.stopping = False
+        self.blocked = False  # the last step found nothing it could run
         self.counters = {"completed": 0, "aborted": 0, "failed": 0}
-        self._last_heartbeat = 0.0
         self._last_register = 0.0
+        self._heartbeats = threading.Thread(target=self._send_heartbeats, name="heartbeat", daemon=True)
 
     # ---- to override --------------------------------------------------------------------------
 
@@ -67,12 +72,19 @@ class Worker:
     def registration(self) -> p.Register:
         return p.Register(self.worker_id, self.role, self.geometry.to_dict(), self.llm.num_total_blocks)
 
+    def reset(self) -> None:
+        """Drops every request (the router has failed them all): blocks return to the pool."""
+        sched = self.llm.scheduler
+        for seq in [*sched.waiting, *sched.running, *sched.ready]:
+            self.llm.abort(seq.request_id)
+
     # ---- the loop -----------------------------------------------------------------------------
 
     def run(self) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._request_stop)
         log.info("%s worker %s: connecting to the router at %s", self.role, self.worker_id, self.router_addr)
+        self._heartbeats.start()
         try:
             while not self.stopping:
                 self.run_once()
@@ -84,7 +96,7 @@ class Worker:
         if not self.registered and now - self._last_register > 1.0:
             send(self.router, self.registration())
             self._last_register = now
-        busy = self.llm.has_unfinished()
+        busy = self.llm.has_unfinished() and not self.blocked
         for sock, _ in self.poller.poll(0 if busy else IDLE_POLL_MS):
             # Drain what is waiting, but bounded, so a flood cannot starve the engine.
             for _ in range(256):
@@ -95,15 +107,28 @@ class Worker:
                     self._on_router_message(received)
                 elif not self.handle_socket(sock):
                     break
-        now = time.monotonic()
-        self.tick(now)
+        self.tick(time.monotonic())
+        self.blocked = False
         if self.llm.has_unfinished():
-            self.step()
-        if now - self._last_heartbeat >= HEARTBEAT_INTERVAL_S and self.registered:
-            send(self.router, p.Heartbeat(self.worker_id, self.stats()))
-            self._last_heartbeat = now
+            stepped = self.llm.step()
+            self.blocked = stepped is None
+            self.on_step(stepped or [])
 
-    def step(self) -> None:
+    def _send_heartbeats(self) -> None:
+        sock = make_socket(self.ctx, zmq.DEALER, identity=f"{self.worker_id}/heartbeat".encode())
+        sock.connect(self.router_addr)
+        try:
+            while not self.stopping:
+                if self.registered:
+                    send(sock, p.Heartbeat(self.worker_id, self.stats()))
+                time.sleep(HEARTBEAT_INTERVAL_S)
+        except zmq.ContextTerminated:
+            pass
+        finally:
+            sock.close(linger=0)
+
+    def on_step(self, stepped: list[Sequence]) -> None:
+        """Sends on what an engine step produced."""
         raise NotImplementedError
 
     def _on_router_message(self, received: Received) -> None:
@@ -111,8 +136,10 @@ class Worker:
         if isinstance(msg, p.Registered):
             self.registered = True
             log.info("%s worker %s registered", self.role, self.worker_id)
-        elif isinstance(msg, p.RegisterAgain):
+        elif isinstance(msg, p.RegisterAgain) and self.registered:
+            log.warning("the router no longer knows this worker: dropping all requests, registering again")
             self.registered = False
+            self.reset()
             self._last_register = 0.0
         elif isinstance(msg, p.Error) and msg.request_id is None and not self.registered:
             raise SystemExit(f"kairos {self.role}: the router refused registration: {msg.message}")
@@ -125,6 +152,8 @@ class Worker:
         self.stopping = True
 
     def close(self) -> None:
+        self.stopping = True
+        self._heartbeats.join(timeout=2 * HEARTBEAT_INTERVAL_S)
         self.ctx.destroy(linger=0)
 
     # ---- shared helpers -----------------------------------------------------------------------
@@ -163,6 +192,3 @@ def build_llm(model: str, role: str, engine_args: dict) -> LLM:
     llm.scheduler.prefill_only = role == "prefill"
     return llm
 
-
-def engine_config_summary(config: EngineConfig) -> str:
-    return f"device={config.device} dtype={config.dtype} backend={config.backend}"

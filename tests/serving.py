@@ -1,0 +1,99 @@
+"""Real router and worker processes on CPU with the tiny model, for the serving tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from transport.client import Client
+
+ROOT = Path(__file__).resolve().parent.parent
+# Small enough that 100 concurrent requests run into backpressure and full caches.
+# Short steps keep the workers responsive on a busy 2-core machine.
+WORKER_ARGS = ["--model", "tiny", "--num-kv-blocks", "256", "--max-model-len", "512", "--transfer-timeout", "4",
+               "--max-num-batched-tokens", "1024"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def kairos_process(*argv: str, prefix: tuple[str, ...] = (), **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([*prefix, sys.executable, "-m", "engine.cli", *argv], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+class Cluster:
+    """A router and workers; stop() ends them all, killing what does not exit."""
+
+    def __init__(self, host: str = "127.0.0.1", worker_timeout_s: float = 2.0, prefix: tuple[str, ...] = ()):
+        self.host = host
+        self.port = free_port()
+        self.addr = f"tcp://{host}:{self.port}"
+        self.procs: list[subprocess.Popen] = []
+        self.workers: dict[str, list[subprocess.Popen]] = {"prefill": [], "decode": []}
+        self.router = self.spawn("router", "--host", host, "--port", str(self.port),
+                                 "--worker-timeout", str(worker_timeout_s), prefix=prefix)
+
+    def spawn(self, *argv: str, prefix: tuple[str, ...] = ()) -> subprocess.Popen:
+        proc = kairos_process(*argv, prefix=prefix)
+        self.procs.append(proc)
+        return proc
+
+    def add_worker(self, role: str, *extra: str, prefix: tuple[str, ...] = (), router_addr: str | None = None) -> subprocess.Popen:
+        proc = self.spawn(role, "--router", router_addr or self.addr, *WORKER_ARGS, *extra, prefix=prefix)
+        self.workers[role].append(proc)
+        return proc
+
+    def client(self, timeout_s: float = 30.0) -> Client:
+        return Client(self.addr, timeout_s=timeout_s)
+
+    def wait_for_workers(self, prefill: int, decode: int, timeout_s: float = 90.0) -> dict:
+        deadline = time.monotonic() + timeout_s
+        with self.client(timeout_s=2.0) as client:
+            while time.monotonic() < deadline:
+                for proc in self.procs:
+                    if proc.poll() is not None and proc.returncode not in (-signal.SIGKILL, -signal.SIGSTOP):
+                        raise RuntimeError(f"{proc.args} exited {proc.returncode}:\n{proc.stdout.read()}")
+                try:
+                    status = client.status()
+                except TimeoutError:
+                    continue
+                roles = [w["role"] for w in status["workers"]]
+                if roles.count("prefill") == prefill and roles.count("decode") == decode:
+                    return status
+                time.sleep(0.2)
+        raise TimeoutError(f"workers did not register: {status}")
+
+    def wait_idle(self, timeout_s: float = 20.0) -> dict:
+        """Until every worker reports no requests and all its KV blocks free."""
+        deadline = time.monotonic() + timeout_s
+        with self.client() as client:
+            while True:
+                status = client.status()
+                if all(w.get("free_blocks") == w["total_blocks"] and not w.get("running") and not w.get("transfers")
+                       and not w.get("waiting") and not w.get("ready") for w in status["workers"]):
+                    return status
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"workers did not return to idle: {status}")
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

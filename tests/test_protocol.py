@@ -1,0 +1,127 @@
+"""The wire protocol, socket validation and the KV frame format, in one process."""
+
+import msgpack
+import pytest
+import torch
+import zmq
+
+from transport import protocol as p
+from transport.kv import KVGeometry, KVWriter, OutgoingKV, blocks_per_frame
+from transport.sockets import make_socket, recv, send
+
+EXAMPLES = [
+    p.Submit("r1", prompt="hello", params={"max_tokens": 4}, ttft_slo_ms=200.0, request_class="chat"),
+    p.Submit("r2", prompt_token_ids=[1, 2, 3]),
+    p.Abort("r1"),
+    p.Tokens("r1", 3, [7, 8], "ab", "stop"),
+    p.Error(None, "nope"),
+    p.StatusQuery(),
+    p.StatusReport([{"role": "decode"}], {"completed": 1}, 0),
+    p.Register("w", "decode", {"dtype": "float32"}, 64, "tcp://127.0.0.1:1"),
+    p.Heartbeat("w", {"free_blocks": 3}),
+    p.PrefillRequest("7", None, [1, 2], {}, "d", "tcp://127.0.0.1:2"),
+    p.KVOffer("t", "7", [1, 2], [3], {"max_tokens": 2}, 1),
+    p.KVData("t", 4),
+    p.KVCancel("t", "timed out"),
+]
+
+
+@pytest.mark.parametrize("msg", EXAMPLES, ids=lambda m: m.TYPE)
+def test_every_message_round_trips(msg):
+    assert p.decode(p.encode(msg)) == msg
+
+
+def raw(**body) -> bytes:
+    return msgpack.packb(body)
+
+
+@pytest.mark.parametrize("data, error", [
+    (b"\xc1\x00", "not msgpack"),
+    (msgpack.packb([1, 2]), "expected a map"),
+    (raw(v=99, type="abort", request_id="x"), "protocol version 99"),
+    (raw(type="abort", request_id="x"), "protocol version None"),
+    (raw(v=1, type="launch_missiles"), "unknown message type 'launch_missiles'"),
+    (raw(v=1, type="abort"), "missing field 'request_id'"),
+    (raw(v=1, type="abort", request_id=5), "abort.request_id: expected str, got int"),
+    (raw(v=1, type="abort", request_id="x", extra=1), "unknown fields ['extra']"),
+    (raw(v=1, type="submit", request_id="x", prompt_token_ids=[1, "2"]), "prompt_token_ids"),
+    (raw(v=1, type="tokens", request_id="x", index=True, token_ids=[], text=""), "expected int, got bool"),
+])
+def test_invalid_messages_are_rejected_with_the_reason(data, error):
+    with pytest.raises(p.ProtocolError, match=error.replace("[", r"\[").replace("]", r"\]")):
+        p.decode(data)
+
+
+def test_oversized_messages_are_rejected_before_parsing():
+    with pytest.raises(p.ProtocolError, match="exceeds the limit"):
+        p.decode(p.encode(p.Abort("x" * 100)), max_bytes=50)
+
+
+def test_a_bad_message_gets_an_error_reply_and_the_socket_keeps_serving():
+    ctx = zmq.Context()
+    try:
+        server = make_socket(ctx, zmq.ROUTER, max_bytes=4096)
+        port = server.bind_to_random_port("tcp://127.0.0.1")
+        client = make_socket(ctx, zmq.DEALER)
+        client.connect(f"tcp://127.0.0.1:{port}")
+
+        def receive():
+            assert server.poll(5000)
+            return recv(server, routed=True)
+
+        client.send(b"garbage")
+        assert receive() is None
+        assert client.poll(5000)
+        reply = p.decode(client.recv())
+        assert isinstance(reply, p.Error) and "malformed" in reply.message
+        client.send(p.encode(p.Abort("ok")))
+        good = receive()
+        assert good.msg == p.Abort("ok") and good.identity
+        assert send(server, p.Abort("back"), good.identity)
+        assert client.poll(5000) and p.decode(client.recv()) == p.Abort("back")
+        # A peer that is gone: the send reports it instead of raising.
+        assert not send(server, p.Abort("x"), b"nobody")
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_geometry_mismatch_names_every_difference(tiny_llm):
+    g = KVGeometry.of(tiny_llm.runner)
+    other = KVGeometry(g.model, "float16", 32, g.num_layers, g.num_kv_heads, g.head_dim)
+    assert g.mismatch(g) is None
+    assert g.mismatch(other) == "KV geometry differs: dtype 'float32' vs 'float16'; block_size 16 vs 32"
+
+
+class FakeFrame:
+    def __init__(self, view):
+        self.buffer = memoryview(bytes(view))
+
+
+@pytest.mark.parametrize("num_blocks, frame_blocks", [(1, 1), (5, 2), (7, 16), (3, 3)])
+def test_kv_blocks_survive_export_and_import(tiny_llm, num_blocks, frame_blocks):
+    """Blocks copied out of one cache as frames land bit-exact in other blocks of a cache."""
+    runner = tiny_llm.runner
+    cache = runner.kv_cache
+    src_ids = torch.randperm(32)[:num_blocks].tolist()
+    dst_ids = (torch.randperm(32) + 64)[:num_blocks].tolist()
+    cache[:, :, src_ids] = torch.randn_like(cache[:, :, src_ids])
+    geometry = KVGeometry.of(runner)
+    frame_bytes = frame_blocks * geometry.bytes_per_block_layer
+    per_frame = blocks_per_frame(geometry, frame_bytes)
+    assert per_frame == frame_blocks
+    frames = [FakeFrame(f) for f in OutgoingKV(runner, src_ids, None).frames(per_frame)]
+    writer = KVWriter(runner, frame_bytes)
+    assert writer.check(frames, num_blocks, per_frame) is None
+    writer.write(frames, dst_ids, per_frame)
+    assert torch.equal(cache[:, :, dst_ids], cache[:, :, src_ids])
+
+
+def test_kv_frames_of_the_wrong_shape_are_refused(tiny_llm):
+    runner = tiny_llm.runner
+    geometry = KVGeometry.of(runner)
+    writer = KVWriter(runner, 4 * geometry.bytes_per_block_layer)
+    frames = [FakeFrame(f) for f in OutgoingKV(runner, [0, 1, 2], None).frames(2)]
+    assert writer.check(frames, 3, 2) is None
+    assert "expected 16 KV frames, got 15" in writer.check(frames[:-1], 3, 2)
+    assert "bytes, expected" in writer.check(frames, 4, 2)
+    assert "blocks_per_frame 5" in writer.check(frames, 3, 5)

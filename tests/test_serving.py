@@ -1,0 +1,214 @@
+"""Disaggregated serving with real router, prefill and decode processes (tiny model, CPU)."""
+
+import asyncio
+import json
+import random
+import time
+
+import msgpack
+import pytest
+import zmq
+
+from engine import LLM, SamplingParams
+from tests.serving import ROOT, Cluster, kairos_process
+from transport import protocol as p
+from transport.client import AsyncClient, RequestFailed
+from transport.kv import KVGeometry
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_path):
+    c = Cluster()
+    try:
+        c.add_worker("prefill")
+        c.add_worker("decode")
+        c.wait_for_workers(1, 1)
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture(scope="module")
+def offline():
+    return LLM("tiny", num_kv_blocks=512, max_model_len=512)
+
+
+def mixed_prompts(n: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(1, 512) for _ in range(rng.choice([1, 5, 16, 17, 40, 100, 250]))] for _ in range(n)]
+
+
+def test_disaggregated_outputs_equal_the_offline_engine(cluster, offline):
+    prompts = mixed_prompts(100)
+    max_tokens = [random.Random(i).choice([1, 3, 20, 40]) for i in range(100)]
+    expected = offline.generate(prompts, [SamplingParams(max_tokens=m, temperature=0) for m in max_tokens])
+    with cluster.client() as client:
+        ids = [client.submit(prompt, max_tokens=m, temperature=0) for prompt, m in zip(prompts, max_tokens)]
+        results = [client.result(rid) for rid in ids]
+    for got, want in zip(results, expected):
+        assert got.error is None
+        assert got.token_ids == want.token_ids
+        assert got.finish_reason == want.finish_reason
+        assert got.text == want.text
+        assert len(got.token_times_ms) == len(got.token_ids) and got.ttft_ms == got.token_times_ms[0]
+        assert got.token_times_ms == sorted(got.token_times_ms)
+    status = cluster.wait_idle()
+    assert status["counters"]["completed"] >= 100 and status["counters"]["failed"] == 0
+
+
+def test_seeded_sampling_continues_across_workers(cluster, offline):
+    prompts = ["Once upon a time", "def add(a, b):"]
+    params = [SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95, seed=s) for s in (5, 6)]
+    expected = offline.generate(prompts, params)
+    with cluster.client() as client:
+        for prompt, sp, want in zip(prompts, params, expected):
+            got = client.generate(prompt, max_tokens=24, temperature=0.9, top_p=0.95, seed=sp.seed)
+            assert got.token_ids == want.token_ids
+
+
+def test_asyncio_client_streams_and_stop_strings_spanning_tokens(cluster, offline):
+    prompt = "The quick brown fox"
+    full = offline.generate(prompt, SamplingParams(max_tokens=30, temperature=0))[0].text
+    # A stop string that starts inside one token's text and ends inside a later one.
+    stop = full[9:14]
+    want = offline.generate(prompt, SamplingParams(max_tokens=30, temperature=0, stop=[stop]))[0]
+    assert want.finish_reason == "stop"
+
+    async def run():
+        async with AsyncClient(cluster.addr, timeout_s=30) as client:
+            chunks = [c async for c in client.stream(prompt, max_tokens=30, temperature=0, stop=[stop])]
+            together = await asyncio.gather(*[client.generate(prompt, max_tokens=30, temperature=0)
+                                              for _ in range(5)])
+            bad = await client.generate([3] * 600, max_tokens=4)
+            return chunks, together, bad, await client.status()
+
+    chunks, together, bad, status = asyncio.run(run())
+    assert "".join(c.text for c in chunks) == want.text
+    assert [t for c in chunks for t in c.token_ids] == want.token_ids
+    assert chunks[-1].finish_reason == "stop" and all(c.finish_reason is None for c in chunks[:-1])
+    assert all(c.text == full for c in together)
+    assert bad.error and "maximum length is 512" in bad.error
+    assert {w["role"] for w in status["workers"]} == {"prefill", "decode"}
+
+
+def test_abort_mid_stream_frees_every_block(cluster):
+    with cluster.client() as client:
+        rid = client.submit([5] * 200, max_tokens=400, ignore_eos=True, temperature=0)
+        stream = client.stream(rid)
+        received = [next(stream) for _ in range(5)]
+        client.abort(rid)
+        rest = list(stream)
+    assert all(c.token_ids for c in received)
+    assert rest[-1].finish_reason == "abort"
+    assert sum(len(c.token_ids) for c in received + rest) < 400
+    status = cluster.wait_idle()
+    assert status["counters"]["aborted"] >= 1
+
+
+def test_bad_requests_fail_with_a_clear_error(cluster):
+    with cluster.client() as client:
+        too_long = client.generate([3] * 600, max_tokens=2)
+        out_of_vocab = client.generate([100000], max_tokens=2)
+        assert "maximum length is 512" in too_long.error
+        assert "token ids must be integers in [0, 512)" in out_of_vocab.error
+        with pytest.raises(ValueError, match="temperature"):
+            client.submit("x", temperature=-1)
+        rid = client.submit("x", max_tokens=2)
+        with pytest.raises(ValueError, match="already in use"):
+            client.submit("y", request_id=rid)
+        client.result(rid)
+        with pytest.raises(RequestFailed, match="maximum length"):
+            list(client.stream(client.submit([3] * 600)))
+
+
+def raw_dealer(ctx, addr):
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(addr)
+    return sock
+
+
+def reply(sock):
+    assert sock.poll(5000), "no reply"
+    return p.decode(sock.recv())
+
+
+def test_bad_messages_on_every_socket_are_refused_and_serving_goes_on(cluster):
+    ctx = zmq.Context()
+    try:
+        router = raw_dealer(ctx, cluster.addr)
+        for data, error in [(b"\x93\x01", "malformed"), (msgpack.packb({"v": 7, "type": "abort", "request_id": "x"}), "version 7"),
+                            (msgpack.packb({"v": 1, "type": "nuke"}), "unknown message type"),
+                            (p.encode(p.KVAck("t")), "unexpected kv_ack")]:
+            router.send(data)
+            answer = reply(router)
+            assert isinstance(answer, p.Error) and error in answer.message
+        # Oversized: ZeroMQ drops it and disconnects the sender; nothing comes back.
+        router.send(b"\x00" * (p.MAX_CONTROL_MESSAGE_BYTES + 1))
+        assert not router.poll(500)
+
+        kv_addr = decode_stats(cluster)["kv_addr"]
+        kv = raw_dealer(ctx, kv_addr)
+        kv.send(b"junk")
+        assert "malformed" in reply(kv).message
+        kv.send(p.encode(p.KVOffer("t", "r", [1], [2], {}, 1)))
+        assert "handshake" in reply(kv).message
+        kv.send(p.encode(p.KVHello("intruder", {"model": "other"})))
+        assert "bad KV geometry" in reply(kv).message
+    finally:
+        ctx.destroy(linger=0)
+    with cluster.client() as client:
+        assert client.generate("still serving", max_tokens=3, temperature=0).finish_reason == "length"
+
+
+def decode_stats(cluster, until=lambda w: True, timeout_s: float = 5.0) -> dict:
+    """The decode worker's figures, polled until they satisfy `until` (they lag by a heartbeat)."""
+    deadline = time.monotonic() + timeout_s
+    with cluster.client() as client:
+        while True:
+            w = next(w for w in client.status()["workers"] if w["role"] == "decode")
+            if until(w) or time.monotonic() > deadline:
+                return w
+            time.sleep(0.05)
+
+
+def test_a_transfer_that_never_completes_times_out_and_frees_the_blocks(cluster, tiny_llm):
+    """A prefill worker that sends an offer and then nothing: the decode worker's reservation
+    times out, it says so on the channel, and its blocks come back."""
+    decode = decode_stats(cluster)
+    ctx = zmq.Context()
+    try:
+        kv = raw_dealer(ctx, decode["kv_addr"])
+        kv.send(p.encode(p.KVHello("stalled", KVGeometry.of(tiny_llm.runner).to_dict())))
+        assert isinstance(reply(kv), p.KVHelloOk)
+        kv.send(p.encode(p.KVOffer("t1", "stalled-1", list(range(1, 101)), [7], {"max_tokens": 5}, 7)))
+        assert reply(kv) == p.KVReady("t1")
+        started = time.monotonic()
+        held = decode_stats(cluster, lambda w: w["free_blocks"] < w["total_blocks"])
+        assert held["free_blocks"] == held["total_blocks"] - 7 and held["transfers"] == 1
+        assert reply(kv) == p.KVCancel("t1", "timed out")
+        assert 3 < time.monotonic() - started < 8  # the workers' --transfer-timeout is 4 s
+    finally:
+        ctx.destroy(linger=0)
+    cluster.wait_idle()
+
+
+def test_cli_client_json_and_exit_status(cluster):
+    ok = kairos_process("client", "--addr", cluster.addr, "--json", "--max-tokens", "5", "--temperature", "0",
+                        "hello", "world")
+    out, _ = ok.communicate(timeout=60)
+    assert ok.returncode == 0, out
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert len(lines) == 2
+    for obj in lines:
+        assert set(obj) == {"request_id", "text", "token_ids", "ttft_ms", "token_times_ms", "finish_reason"}
+        assert len(obj["token_ids"]) == len(obj["token_times_ms"]) == 5
+    bad = kairos_process("client", "--addr", cluster.addr, "--json", "--max-tokens", "5", "x " * 600)
+    out, _ = bad.communicate(timeout=60)
+    assert bad.returncode == 1 and "maximum length" in json.loads(out.splitlines()[-1])["error"]
+    status = kairos_process("status", "--addr", cluster.addr)
+    out, _ = status.communicate(timeout=60)
+    assert status.returncode == 0 and "prefill" in out and "free_blocks" in out
+    dead = kairos_process("status", "--addr", "tcp://127.0.0.1:1", "--timeout", "0.5")
+    out, _ = dead.communicate(timeout=60)
+    assert dead.returncode == 1 and "no reply from the router" in out
