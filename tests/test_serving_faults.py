@@ -1,0 +1,284 @@
+"""Serving under faults, with real processes: killed workers, stalled transfers, a shutdown,
+and a deployment across network namespaces."""
+
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import zmq
+
+from engine import LLM, SamplingParams
+from tests.serving import ROOT, WORKER_ARGS, Cluster, free_port, kairos_process
+from transport import protocol as p
+from transport.kv import KVGeometry
+from transport.sockets import make_socket, recv, send
+
+LONG = {"max_tokens": 400, "ignore_eos": True, "temperature": 0}
+
+
+@pytest.fixture
+def cluster(tiny_path):
+    c = Cluster()
+    yield c
+    c.stop()
+
+
+def start_streams(client, n: int, tokens_each: int = 3) -> list:
+    """n long requests, each read until it has streamed a few tokens."""
+    streams = []
+    for i in range(n):
+        rid = client.submit([7 + i] * 30, **LONG)
+        stream = client.stream(rid)
+        for _ in range(tokens_each):
+            next(stream)
+        streams.append(stream)
+    return streams
+
+
+def drain(stream) -> str | None:
+    """The error a stream ends with, or None if it ends normally."""
+    try:
+        for _ in stream:
+            pass
+    except Exception as e:  # noqa: BLE001 - the error is what the test inspects
+        return str(e)
+    return None
+
+
+def test_killed_decode_worker_fails_its_requests_and_a_new_one_takes_over(cluster):
+    cluster.add_worker("prefill")
+    decode = cluster.add_worker("decode")
+    cluster.wait_for_workers(1, 1)
+    with cluster.client() as client:
+        streams = start_streams(client, 3)
+        decode.send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        errors = [drain(s) for s in streams]
+        assert time.monotonic() - killed < 5
+        assert all(e and "decode worker" in e and "died" in e for e in errors), errors
+        assert client.status()["counters"]["failed"] == 3  # the router is up
+        cluster.add_worker("decode")
+        cluster.wait_for_workers(1, 1)
+        assert client.generate("after the crash", max_tokens=4, temperature=0).finish_reason == "length"
+    cluster.wait_idle()
+
+
+def test_killed_prefill_worker_hands_its_queue_to_another_or_fails_it(cluster):
+    stopped = cluster.add_worker("prefill")
+    survivor = cluster.add_worker("prefill")
+    cluster.add_worker("decode")
+    cluster.wait_for_workers(2, 1)
+    with cluster.client() as client:
+        # A frozen worker still looks registered until its heartbeats are missed, so it is
+        # given requests that it never starts: they must move to the other worker.
+        stopped.send_signal(signal.SIGSTOP)
+        results = client.generate([[11 + i] * 20 for i in range(8)], max_tokens=5, temperature=0)
+        assert [r.error for r in results] == [None] * 8
+        stopped.send_signal(signal.SIGKILL)
+        # With no other prefill worker left, a dead worker's requests fail, within 5 s.
+        survivor.send_signal(signal.SIGSTOP)
+        ids = [client.submit([3] * 10, max_tokens=5) for _ in range(3)]
+        survivor.send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        errors = [client.result(rid).error for rid in ids]
+        assert time.monotonic() - killed < 5
+        assert all(e and "prefill worker" in e and "died" in e for e in errors), errors
+        cluster.add_worker("prefill")
+        cluster.wait_for_workers(1, 1)
+        assert client.generate("a new prefill worker", max_tokens=3).error is None
+    cluster.wait_idle()
+
+
+class SilentDecodeWorker:
+    """Registers as a decode worker and accepts KV offers, but never acknowledges the data."""
+
+    def __init__(self, router_addr: str, geometry: dict):
+        self.ctx = zmq.Context()
+        self.kv = make_socket(self.ctx, zmq.ROUTER, max_bytes=64 * 2**20)
+        kv_port = self.kv.bind_to_random_port("tcp://127.0.0.1")
+        self.router = make_socket(self.ctx, zmq.DEALER, identity=b"decode-silent")
+        self.router.connect(router_addr)
+        send(self.router, p.Register("decode-silent", "decode", geometry, 64, f"tcp://127.0.0.1:{kv_port}"))
+        self.received: list[p.Message] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self):
+        heartbeat = make_socket(self.ctx, zmq.DEALER, identity=b"decode-silent/heartbeat")
+        heartbeat.connect(self.router.getsockopt_string(zmq.LAST_ENDPOINT))
+        while not self.stop.is_set():
+            send(heartbeat, p.Heartbeat("decode-silent", {"free_blocks": 64}))
+            while (got := recv(self.router, routed=False)) is not None:
+                self.received.append(got.msg)
+            while self.kv.poll(100) and (got := recv(self.kv, routed=True)) is not None:
+                self.received.append(got.msg)
+                if isinstance(got.msg, p.KVHello):
+                    send(self.kv, p.KVHelloOk("decode-silent"), got.identity)
+                elif isinstance(got.msg, p.KVOffer):
+                    send(self.kv, p.KVReady(got.msg.transfer_id), got.identity)
+        heartbeat.close()
+
+    def close(self):
+        self.stop.set()
+        self.thread.join()
+        self.ctx.destroy(linger=0)
+
+
+def test_a_transfer_never_acknowledged_fails_the_request_and_frees_prefill_blocks(cluster, tiny_llm):
+    cluster.add_worker("prefill")
+    silent = SilentDecodeWorker(cluster.addr, KVGeometry.of(tiny_llm.runner).to_dict())
+    try:
+        cluster.wait_for_workers(1, 1)
+        with cluster.client() as client:
+            started = time.monotonic()
+            result = client.generate([9] * 40, max_tokens=8, temperature=0)
+            assert len(result.token_ids) == 1  # the first token came from the prefill worker
+            assert "timed out after 4 s" in result.error
+            assert time.monotonic() - started < 10
+        assert any(isinstance(m, p.KVData) for m in silent.received)
+        assert p.KVCancel(next(m.transfer_id for m in silent.received if isinstance(m, p.KVData)),
+                          "timed out") in silent.received
+        deadline = time.monotonic() + 5
+        with cluster.client() as client:
+            while True:
+                prefill = next(w for w in client.status()["workers"] if w["role"] == "prefill")
+                if prefill["free_blocks"] == prefill["total_blocks"] and prefill["transfers"] == 0:
+                    break
+                assert time.monotonic() < deadline, prefill
+                time.sleep(0.1)
+    finally:
+        silent.close()
+
+
+def processes_using_port(port: int, exclude: int) -> list[int]:
+    """Kairos processes whose command line names this port (as --port P or in an address)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if not proc.name.isdigit() or int(proc.name) == exclude:
+                continue
+            argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            if "engine.cli" in argv and (str(port) in argv or any(a.endswith(f":{port}") for a in argv)):
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+def start_serve(port: int) -> subprocess.Popen:
+    serve = kairos_process("serve", "--port", str(port), *WORKER_ARGS[2:])
+    for line in serve.stdout:
+        if "serving at" in line:
+            return serve
+    raise AssertionError(f"kairos serve exited {serve.wait()} without serving")
+
+
+@pytest.mark.skipif(not Path("/proc").exists(), reason="needs /proc to look for leftover processes")
+def test_serve_runs_and_shuts_down_without_orphans(tiny_path):
+    port = free_port()
+    serve = start_serve(port)
+    try:
+        children = processes_using_port(port, exclude=serve.pid)
+        assert len(children) == 3  # the router and both workers
+        from transport.client import Client
+
+        with Client(f"tcp://127.0.0.1:{port}", timeout_s=30) as client:
+            assert client.generate("served", max_tokens=4, temperature=0).finish_reason == "length"
+        serve.send_signal(signal.SIGTERM)
+        assert serve.wait(20) == 0
+        assert processes_using_port(port, exclude=serve.pid) == []
+        # Killed outright, serve still takes its children with it.
+        serve = start_serve(port)
+        serve.send_signal(signal.SIGKILL)
+        serve.wait()
+        deadline = time.monotonic() + 15
+        while processes_using_port(port, exclude=serve.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert processes_using_port(port, exclude=serve.pid) == []
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+        for pid in processes_using_port(port, exclude=serve.pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+# ---- across hosts ------------------------------------------------------------------------------
+
+NAMESPACES = {"router": "kx-router", "prefill": "kx-prefill", "decode": "kx-decode"}
+# One veth pair per pair of hosts, each its own subnet: router-prefill, router-decode, prefill-decode.
+LINKS = [("router", "prefill", "10.231.1"), ("router", "decode", "10.231.2"), ("prefill", "decode", "10.231.3")]
+
+
+def ip(*args: str, ns: str | None = None) -> None:
+    cmd = ["ip", *(["netns", "exec", ns, "ip"] if ns else []), *args]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+
+
+def setup_namespaces() -> dict[tuple[str, str], str]:
+    """Three namespaces joined by veth pairs; returns each host's address towards each peer."""
+    for name in NAMESPACES.values():
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        ip("netns", "add", name)
+        ip("link", "set", "lo", "up", ns=name)
+    addrs = {}
+    for i, (a, b, subnet) in enumerate(LINKS):
+        va, vb = f"kxv{i}a", f"kxv{i}b"
+        ip("link", "add", va, "type", "veth", "peer", "name", vb)
+        for host, dev, octet in ((a, va, 1), (b, vb, 2)):
+            ip("link", "set", dev, "netns", NAMESPACES[host])
+            ip("addr", "add", f"{subnet}.{octet}/24", "dev", dev, ns=NAMESPACES[host])
+            ip("link", "set", dev, "up", ns=NAMESPACES[host])
+            addrs[(host, b if host == a else a)] = f"{subnet}.{octet}"
+    return addrs
+
+
+def namespaces_available() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root to create network namespaces"
+    if shutil.which("ip") is None:
+        return "needs iproute2 (the ip command)"
+    probe = subprocess.run(["ip", "netns", "add", "kx-probe"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"cannot create network namespaces here: {probe.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", "kx-probe"], capture_output=True)
+    return None
+
+
+@pytest.mark.skipif(bool(reason := namespaces_available()), reason=reason or "")
+def test_router_prefill_and_decode_on_separate_hosts(tiny_path):
+    addrs = setup_namespaces()
+    in_ns = {role: ("ip", "netns", "exec", ns) for role, ns in NAMESPACES.items()}
+    cluster = Cluster(host="0.0.0.0", prefix=in_ns["router"])
+    try:
+        port = cluster.port
+        cluster.add_worker("prefill", prefix=in_ns["prefill"],
+                           router_addr=f"tcp://{addrs[('router', 'prefill')]}:{port}")
+        cluster.add_worker("decode", "--kv-host", addrs[("decode", "prefill")], prefix=in_ns["decode"],
+                           router_addr=f"tcp://{addrs[('router', 'decode')]}:{port}")
+        prompts = ["across hosts", "the KV goes over a veth pair"]
+        script = ("import json, sys; from transport.client import Client; "
+                  f"c = Client('tcp://127.0.0.1:{port}', timeout_s=60); "
+                  "import time; t = time.monotonic()\n"
+                  "while len(c.status()['workers']) < 2 and time.monotonic() - t < 90: time.sleep(0.3)\n"
+                  f"print(json.dumps([r.to_dict() for r in c.generate({prompts!r}, max_tokens=12, temperature=0)]))")
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        out = subprocess.run([*in_ns["router"], os.sys.executable, "-c", script], capture_output=True,
+                             text=True, env=env, timeout=180, cwd=ROOT)
+        assert out.returncode == 0, out.stderr
+        import json
+
+        got = json.loads(out.stdout.splitlines()[-1])
+        want = LLM("tiny", num_kv_blocks=64, max_model_len=512).generate(
+            prompts, SamplingParams(max_tokens=12, temperature=0))
+        assert [g["token_ids"] for g in got] == [w.token_ids for w in want]
+        assert all(g["error"] is None for g in got)
+    finally:
+        cluster.stop()
+        for name in NAMESPACES.values():
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
