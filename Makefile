@@ -19,9 +19,16 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -e '.[test]'
 	@touch $(STAMP)
 
+DEMO_ADDR ?= tcp://127.0.0.1:7199
+
 demo: $(STAMP)
 	$(BIN)/kairos generate --model tiny --temperature 0.8 --seed 7 --max-tokens 48 \
 		--prompt "The quick brown fox" --prompt "Once upon a time" --prompt "def add(a, b):"
+	@echo; echo "=== the same model served disaggregated: kairos serve, then a streaming client"
+	@# The router holds the request until both workers have registered.
+	@$(BIN)/kairos serve --port $(lastword $(subst :, ,$(DEMO_ADDR))) & serve=$$!; \
+	$(BIN)/kairos client --addr $(DEMO_ADDR) --timeout 120 --temperature 0 --max-tokens 32 "The quick brown fox"; \
+	code=$$?; $(BIN)/kairos status --addr $(DEMO_ADDR); kill $$serve; wait $$serve; exit $$code
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -154,11 +154,12 @@ class KVWriter:
         """Copies checked frames into the blocks; on GPU the copies are complete on return."""
         g, cache = self.geometry, self.runner.kv_cache
         shape = (g.block_size, g.num_kv_heads, g.head_dim)
-        for frame, (kv, layer, a, b) in zip(frames, self.expected_frames(len(block_ids), per_frame)):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # read-only buffer: we only read it
-                src = torch.frombuffer(frame.buffer, dtype=torch.uint8)
-            ids = torch.tensor(block_ids[a:b], device=cache.device)
+        all_ids = torch.tensor(block_ids, device=cache.device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # read-only buffers: they are only read
+            sources = [torch.frombuffer(frame.buffer, dtype=torch.uint8) for frame in frames]
+        for src, (kv, layer, a, b) in zip(sources, self.expected_frames(len(block_ids), per_frame)):
+            ids = all_ids[a:b]
             if not self.on_gpu:
                 cache[kv, layer].index_copy_(0, ids, src.view(cache.dtype).view(b - a, *shape))
                 continue
