@@ -10,7 +10,7 @@ import pytest
 import zmq
 
 from engine import LLM, SamplingParams
-from tests.serving import ROOT, Cluster, kairos_process
+from tests.serving import Cluster, kairos_process
 from transport import protocol as p
 from transport.client import AsyncClient, RequestFailed
 from transport.kv import KVGeometry

@@ -1,1 +1,2 @@
-"""Wire protocol, KV transfer, router and client for disaggregated serving."""
+"""Disaggregated serving: the wire protocol, the router, prefill and decode workers, KV
+transfer between them, and the clients."""

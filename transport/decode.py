@@ -10,7 +10,6 @@ the running batch only once all of its KV is written.
 from __future__ import annotations
 
 import logging
-import time
 from collections import deque
 from dataclasses import dataclass
 

@@ -97,9 +97,9 @@ class OutgoingKV:
             gathered = runner.kv_cache[:, :, ids]
             self.host = torch.empty(gathered.shape, dtype=gathered.dtype, pin_memory=True)
             self.host.copy_(gathered, non_blocking=True)
-            gathered.record_stream(stream)
             self.done = torch.cuda.Event()
             self.done.record(stream)
+        ids.record_stream(stream)  # made on the compute stream, read on this one
 
     def ready(self) -> bool:
         return self.done is None or self.done.query()

@@ -20,7 +20,7 @@ import zmq
 
 from engine.sequence import Sequence, Status
 from transport import protocol as p
-from transport.kv import KVGeometry, OutgoingKV, blocks_per_frame
+from transport.kv import OutgoingKV, blocks_per_frame
 from transport.sockets import make_socket, recv, send
 from transport.worker import Worker
 

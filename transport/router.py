@@ -46,7 +46,6 @@ class RoutedRequest:
     arrival: float
     prefill: str | None = None
     decode: str | None = None
-    handed_off: bool = False
     next_index: int = 0  # the next output position owed to the client
     held: dict[int, p.Tokens] = field(default_factory=dict)  # arrived ahead of their turn
 
@@ -124,8 +123,8 @@ class Router:
                 self.on_worker_error(worker, msg)
             elif isinstance(msg, p.HandedOff):
                 r = self.requests.get(msg.request_id)
+                # Its KV is on the decode worker: the prefill worker's death no longer concerns it.
                 if r is not None and r.decode == worker.worker_id:
-                    r.handed_off = True
                     if r.prefill in self.workers:
                         self.workers[r.prefill].requests.discard(r.rid)
             else:
