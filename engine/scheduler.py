@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from engine.block_manager import BlockManager
 from engine.sequence import FinishReason, Sequence, Status
-from scheduler import AdmissionPolicy, FCFSPolicy
+from scheduler import FCFSPolicy, PrefillPolicy
 
 
 @dataclass
@@ -30,7 +30,7 @@ class Batch:
 
 class StepScheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int, policy: AdmissionPolicy | None = None, prefill_only: bool = False):
+                 max_model_len: int, policy: PrefillPolicy | None = None, prefill_only: bool = False):
         self.blocks = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens

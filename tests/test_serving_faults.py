@@ -243,9 +243,12 @@ def namespaces_available() -> str | None:
         return "needs root to create network namespaces"
     if shutil.which("ip") is None:
         return "needs iproute2 (the ip command)"
-    probe = subprocess.run(["ip", "netns", "add", "kx-probe"], capture_output=True, text=True)
-    if probe.returncode != 0:
-        return f"cannot create network namespaces here: {probe.stderr.strip()}"
+    for step in (["netns", "add", "kx-probe"], ["link", "add", "kxprobe0", "type", "veth", "peer", "name", "kxprobe1"]):
+        probe = subprocess.run(["ip", *step], capture_output=True, text=True)
+        if probe.returncode != 0:
+            subprocess.run(["ip", "netns", "del", "kx-probe"], capture_output=True)
+            return f"cannot set up namespaces joined by veth here ({' '.join(step)}: {probe.stderr.strip()})"
+    subprocess.run(["ip", "link", "del", "kxprobe0"], capture_output=True)
     subprocess.run(["ip", "netns", "del", "kx-probe"], capture_output=True)
     return None
 

@@ -1,0 +1,91 @@
+"""Step-time prediction, fitted to a measured profile (`kairos profile`).
+
+    prefill step = a + b * new tokens + c * sum over prompts of (new tokens x context tokens)
+    decode step  = alpha + beta * batch size + gamma * sum of context lengths
+
+The prefill terms are the fixed launch cost, the per-token work (projections, MLP) and the
+causal attention work; with a cached prefix a prompt's new tokens attend to the whole context.
+The decode terms are the fixed cost (weights read once per step), the per-sequence work and the
+KV bytes read. Fitted by least squares; pure Python, so the simulator shares it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+def least_squares(rows: list[list[float]], targets: list[float]) -> list[float]:
+    """Solves the normal equations, columns scaled to unit size for conditioning."""
+    n = len(rows[0])
+    if len(rows) < n:
+        raise ValueError(f"need at least {n} measurements to fit {n} coefficients, got {len(rows)}")
+    scale = [max(abs(r[j]) for r in rows) or 1.0 for j in range(n)]
+    xs = [[r[j] / scale[j] for j in range(n)] for r in rows]
+    a = [[sum(x[i] * x[j] for x in xs) for j in range(n)] + [sum(x[i] * t for x, t in zip(xs, targets))]
+         for i in range(n)]
+    for col in range(n):  # Gauss-Jordan with partial pivoting
+        pivot = max(range(col, n), key=lambda r: abs(a[r][col]))
+        if abs(a[pivot][col]) < 1e-12:
+            raise ValueError("the profile does not vary enough to fit the cost model")
+        a[col], a[pivot] = a[pivot], a[col]
+        for r in range(n):
+            if r != col:
+                f = a[r][col] / a[col][col]
+                a[r] = [v - f * w for v, w in zip(a[r], a[col])]
+    return [a[i][n] / a[i][i] / scale[i] for i in range(n)]
+
+
+def mape(predicted: list[float], measured: list[float]) -> float:
+    return sum(abs(p - m) / m for p, m in zip(predicted, measured)) / len(measured)
+
+
+def prefill_features(prompts: list[tuple[int, int]]) -> list[float]:
+    """prompts: (new tokens, context tokens incl. the new ones) per prompt in the step."""
+    return [1.0, float(sum(n for n, _ in prompts)), float(sum(n * k for n, k in prompts))]
+
+
+def decode_features(context_lens: list[int]) -> list[float]:
+    return [1.0, float(len(context_lens)), float(sum(context_lens))]
+
+
+@dataclass(frozen=True)
+class CostModel:
+    prefill: tuple[float, float, float]  # a, b, c (seconds)
+    decode: tuple[float, float, float]  # alpha, beta, gamma (seconds)
+
+    def prefill_time(self, prompts: list[tuple[int, int]]) -> float:
+        return max(0.0, sum(c * f for c, f in zip(self.prefill, prefill_features(prompts))))
+
+    def prefill_marginal(self, new_tokens: int, context_tokens: int) -> float:
+        """What one prompt adds to a prefill step, without the step's fixed cost."""
+        _, b, c = self.prefill
+        return max(0.0, b * new_tokens + c * new_tokens * context_tokens)
+
+    def decode_time(self, batch_size: int, total_context: int) -> float:
+        alpha, beta, gamma = self.decode
+        return max(0.0, alpha + beta * batch_size + gamma * total_context)
+
+    @classmethod
+    def fit(cls, profile: dict) -> CostModel:
+        prefill = profile["prefill"]
+        decode = profile["decode"]
+        p = least_squares([prefill_features(m["prompts"]) for m in prefill], [m["seconds"] for m in prefill])
+        d = least_squares([decode_features(m["context_lens"]) for m in decode], [m["seconds"] for m in decode])
+        return cls(tuple(p), tuple(d))
+
+    @classmethod
+    def fit_with_holdout(cls, profile: dict, every: int = 4) -> tuple[CostModel, dict]:
+        """Fits on all but every `every`-th point, reports MAPE on those, then refits on all."""
+        report = {}
+        for kind, predict in (("prefill", lambda m, pts: m.prefill_time(pts["prompts"])),
+                              ("decode", lambda m, pts: m.decode_time(len(pts["context_lens"]),
+                                                                     sum(pts["context_lens"])))):
+            points = profile[kind]
+            held = points[every - 1 :: every]
+            train = [pt for i, pt in enumerate(points) if i % every != every - 1]
+            model = cls.fit({**profile, kind: train})
+            report[f"{kind}_mape"] = mape([predict(model, pt) for pt in held], [pt["seconds"] for pt in held])
+        return cls.fit(profile), report
+
+    def to_dict(self) -> dict:
+        return {"prefill": list(self.prefill), "decode": list(self.decode)}

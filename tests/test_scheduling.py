@@ -1,0 +1,230 @@
+"""The scheduling policies, cost model and output-length estimator, on synthetic requests."""
+
+import math
+import random
+from dataclasses import dataclass
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from scheduler import (ContinuousBatching, CostModel, EDFPolicy, FCFSPolicy, KairosPolicy, MooreHodgsonPolicy,
+                       OutputLengthEstimator, SlackBatching, get_decode_policy, get_prefill_policy)
+from scheduler.cost_model import decode_features, prefill_features
+
+COST = CostModel(prefill=(0.004, 2e-5, 1e-9), decode=(0.006, 1e-4, 2e-8))
+
+
+@dataclass(eq=False)
+class Req:
+    arrival_time: float = 0.0
+    ttft_slo: float = 1.0
+    tpot_slo: float = 0.05
+    num_uncomputed_tokens: int = 100
+    num_output_tokens: int = 0
+    max_tokens: int = 256
+    request_class: str | None = None
+    output_len_hint: int | None = None
+    prompt: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return self.prompt + self.num_uncomputed_tokens + self.num_output_tokens
+
+
+def on_time_count(order, cost: CostModel, now: float, budget: int) -> int:
+    """Runs prompts in this order as the step scheduler would (steps under a token budget, all
+    prompts of a step done at its end) and counts deadlines met."""
+    met, t, i = 0, now, 0
+    while i < len(order):
+        step = [order[i]]
+        tokens = order[i].num_uncomputed_tokens
+        i += 1
+        while i < len(order) and tokens + order[i].num_uncomputed_tokens <= budget:
+            tokens += order[i].num_uncomputed_tokens
+            step.append(order[i])
+            i += 1
+        t += cost.prefill_time([(r.num_uncomputed_tokens, r.num_tokens) for r in step])
+        met += sum(t <= r.arrival_time + r.ttft_slo for r in step)
+    return met
+
+
+# ---- cost model ----------------------------------------------------------------------------------
+
+
+def synthetic_profile(cost: CostModel, noise: float, seed: int = 0) -> dict:
+    rng = random.Random(seed)
+    prefill = [{"prompts": [(n, n + cached)] * k} for n in (64, 256, 1024, 4096) for k in (1, 4)
+               for cached in (0, 512)]
+    decode = [{"context_lens": [ctx] * b} for b in (1, 8, 32, 128) for ctx in (128, 1024, 4096)]
+    for m in prefill:
+        m["seconds"] = cost.prefill_time(m["prompts"]) * (1 + rng.uniform(-noise, noise))
+    for m in decode:
+        m["seconds"] = cost.decode_time(len(m["context_lens"]), sum(m["context_lens"])) * (1 + rng.uniform(-noise, noise))
+    return {"prefill": prefill, "decode": decode}
+
+
+def test_the_cost_model_recovers_known_coefficients():
+    fitted, report = CostModel.fit_with_holdout(synthetic_profile(COST, noise=0.0))
+    for got, want in zip(fitted.prefill + fitted.decode, COST.prefill + COST.decode):
+        assert got == pytest.approx(want, rel=1e-6)
+    assert report["prefill_mape"] < 1e-6 and report["decode_mape"] < 1e-6
+
+
+def test_the_cost_model_fits_noisy_profiles_within_their_noise():
+    fitted, report = CostModel.fit_with_holdout(synthetic_profile(COST, noise=0.03, seed=1))
+    assert report["prefill_mape"] < 0.05 and report["decode_mape"] < 0.05
+    assert fitted.decode[2] == pytest.approx(COST.decode[2], rel=0.1)
+
+
+def test_a_profile_without_variation_is_a_clear_error():
+    flat = {"prefill": [{"prompts": [(10, 10)], "seconds": 1.0}] * 5,
+            "decode": [{"context_lens": [5], "seconds": 1.0}] * 5}
+    with pytest.raises(ValueError, match="does not vary enough"):
+        CostModel.fit(flat)
+
+
+def test_features_count_attention_against_the_whole_context():
+    assert prefill_features([(10, 110), (5, 5)]) == [1.0, 15.0, 10 * 110 + 25.0]
+    assert decode_features([3, 4]) == [1.0, 2.0, 7.0]
+
+
+# ---- prefill policies ----------------------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(shorts=st.integers(2, 30), short_len=st.integers(16, 200), long_len=st.integers(3000, 8000),
+       slack=st.floats(0.001, 0.05))
+def test_kairos_prefill_beats_fcfs_where_fcfs_provably_misses(shorts, short_len, long_len, slack):
+    """A long prompt with a loose deadline arrives just before short ones with tight deadlines:
+    FCFS makes every short prompt wait behind it."""
+    long = Req(arrival_time=0.0, num_uncomputed_tokens=long_len, ttft_slo=100.0)
+    short_time = COST.prefill_time([(short_len, short_len)])
+    queue = [long] + [Req(arrival_time=0.001 * i, num_uncomputed_tokens=short_len,
+                          ttft_slo=short_time * (i + 1) + slack) for i in range(shorts)]
+    budget = short_len  # one prompt per step
+    fcfs = on_time_count(FCFSPolicy().order(queue, 0.0), COST, 0.0, budget)
+    kairos = on_time_count(KairosPolicy(COST, budget).order(queue, 0.0), COST, 0.0, budget)
+    assert fcfs < len(queue)  # FCFS does miss
+    assert kairos > fcfs
+
+
+requests = st.lists(st.builds(Req, arrival_time=st.floats(0, 1), ttft_slo=st.floats(0.01, 2),
+                              num_uncomputed_tokens=st.integers(1, 4000), prompt=st.integers(0, 2000)),
+                    min_size=1, max_size=40)
+
+
+@settings(max_examples=200, deadline=None)
+@given(queue=requests)
+def test_moore_hodgson_meets_the_most_deadlines_one_prompt_per_step(queue):
+    """With one prompt per step the predicted schedule is exact, and Moore-Hodgson is optimal."""
+    now, budget = 1.0, 1
+    counts = {name: on_time_count(get_prefill_policy(name, COST, budget).order(queue, now), COST, now, budget)
+              for name in ("fcfs", "edf", "kairos", "mh")}
+    assert counts["mh"] == max(counts.values())
+
+
+@settings(max_examples=100, deadline=None)
+@given(queue=requests, budget=st.integers(1, 8192), name=st.sampled_from(["fcfs", "edf", "kairos", "mh"]))
+def test_every_policy_orders_every_request_exactly_once(queue, budget, name):
+    """Hopeless requests are demoted, never dropped."""
+    order = get_prefill_policy(name, COST, budget).order(queue, 0.5)
+    assert sorted(map(id, order)) == sorted(map(id, queue))
+
+
+def test_kairos_demotes_hopeless_requests_behind_feasible_ones():
+    hopeless = Req(arrival_time=0.0, ttft_slo=0.001, num_uncomputed_tokens=500)
+    feasible = [Req(arrival_time=0.1 + i, ttft_slo=5.0, num_uncomputed_tokens=100) for i in range(3)]
+    order = KairosPolicy(COST, 8192).order([hopeless, *feasible], now=0.2)
+    assert order[-1] is hopeless and order[:3] == feasible
+
+
+def test_policies_without_a_cost_model_are_refused():
+    with pytest.raises(ValueError, match="needs a cost model"):
+        get_prefill_policy("kairos")
+    with pytest.raises(ValueError, match="unknown prefill policy 'sjf'"):
+        get_prefill_policy("sjf", COST)
+    with pytest.raises(ValueError, match="needs a cost model"):
+        get_decode_policy("kairos", 8)
+
+
+# ---- decode policies -----------------------------------------------------------------------------
+
+
+decode_reqs = st.lists(st.builds(Req, arrival_time=st.floats(0, 1), tpot_slo=st.floats(0.005, 0.2),
+                                 num_uncomputed_tokens=st.just(0), prompt=st.integers(1, 30000),
+                                 num_output_tokens=st.integers(1, 200), max_tokens=st.integers(201, 1000)),
+                       max_size=60)
+
+
+@settings(max_examples=200, deadline=None)
+@given(running=decode_reqs, ready=decode_reqs, free=st.integers(0, 400))
+def test_slack_batching_keeps_the_predicted_step_within_the_tightest_tpot(running, ready, free):
+    policy = SlackBatching(COST, max_batch=128)
+    admitted = policy.admit(running, ready, now=1.0, free_blocks=free)
+    assert all(any(a is r for r in ready) for a in admitted)
+    if not admitted:
+        return
+    batch = running + admitted
+    step = COST.decode_time(len(batch), sum(r.num_tokens for r in batch))
+    slo = min(policy.effective_slo(r) for r in batch)
+    # Only a lone request in an empty batch may go over (something must run).
+    assert step <= slo or (len(admitted) == 1 and not running)
+    assert len(batch) <= 128 and free >= len(batch)
+
+
+def test_slack_batching_prefers_short_predicted_outputs_and_floats_with_context():
+    policy = SlackBatching(COST, max_batch=64)
+    long, short = Req(output_len_hint=900, prompt=100), Req(output_len_hint=20, prompt=100)
+    assert policy.admit([], [long, short], now=0.0, free_blocks=100)[0] is short
+    small = policy.admit([], [Req(prompt=100, tpot_slo=0.02) for _ in range(64)], now=0.0, free_blocks=1000)
+    big = policy.admit([], [Req(prompt=20000, tpot_slo=0.02) for _ in range(64)], now=0.0, free_blocks=1000)
+    assert len(small) == 64 > len(big) > 0
+
+
+def test_no_request_starves_under_a_stream_of_shorter_ones():
+    """A long request keeps losing to fresh short ones until aging lifts it to the front."""
+    policy = SlackBatching(COST, max_batch=4, aging_tokens_per_s=100.0)
+    long = Req(arrival_time=0.0, output_len_hint=1000, prompt=10)
+    running, ready, now = [], [long], 0.0
+    for step in range(2000):
+        now = step * 0.01
+        ready.append(Req(arrival_time=now, output_len_hint=5, prompt=10))
+        running = [r for r in running if r.num_output_tokens < 5] + policy.admit(running, ready, now, 10_000)
+        ready = [r for r in ready if all(r is not a for a in running)]
+        for r in running:
+            r.num_output_tokens += 1
+        if any(r is long for r in running):
+            break
+    else:
+        raise AssertionError("the long request never ran")
+    assert now < 12  # its 1000-token lead is gone after about 10 s of waiting
+
+
+def test_continuous_batching_is_fcfs_up_to_the_batch_limit():
+    ready = [Req(arrival_time=i) for i in range(10)]
+    assert ContinuousBatching(4).admit(ready[:1], ready[1:], 0.0, 100) == ready[1:4]
+
+
+# ---- output lengths ------------------------------------------------------------------------------
+
+
+def test_output_length_quantile_refines_with_produced_tokens():
+    est = OutputLengthEstimator(quantile=0.9)
+    assert est.remaining("chat", 0, max_tokens=500) == 500  # nothing seen: the cap
+    for n in range(1, 101):
+        est.observe("chat", n)
+    assert est.remaining("chat", 0, 500) == 91
+    assert est.remaining("chat", 80, 500) == 99 - 80 + 0  # p90 of 81..100 is 99
+    assert est.remaining("chat", 100, 500) == 400  # longer than anything seen: up to the cap
+    assert est.remaining("code", 0, 300) == 300  # classes are separate
+    assert est.remaining("chat", 10, 500, hint=30) == 20  # a client hint wins
+    assert est.remaining("chat", 0, 50) == 50  # never beyond max_tokens
+
+
+def test_output_length_window_forgets_old_lengths():
+    est = OutputLengthEstimator(quantile=1.0, window=10)
+    for n in [1000] * 10 + [5] * 10:
+        est.observe(None, n)
+    assert est.remaining(None, 0, 2000) == 5
+    assert math.isfinite(est.remaining(None, 0, 2000))
