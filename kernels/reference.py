@@ -137,7 +137,9 @@ def decode_attention(
     qg = q.float().view(batch, num_kv_heads, group, head_dim)
     scores = torch.einsum("bhgd,blhd->bhgl", qg, keys) * scale
     positions = torch.arange(keys.shape[1], device=q.device)
-    invalid = positions.view(1, 1, 1, -1) >= context_lens.view(-1, 1, 1, 1)
-    probs = scores.masked_fill(invalid, float("-inf")).softmax(dim=-1)
+    invalid = positions.view(1, -1) >= context_lens.view(-1, 1)  # [B, L]
+    probs = scores.masked_fill(invalid[:, None, None, :], float("-inf")).softmax(dim=-1)
+    # Slots past the context hold whatever the cache held (NaN even): a zero weight is not enough.
+    values = values.masked_fill(invalid[:, :, None, None], 0.0)
     out = torch.einsum("bhgl,blhd->bhgd", probs, values)
     return out.reshape(batch, num_heads, head_dim).to(q.dtype)

@@ -51,6 +51,22 @@ def test_decode_attention_over_scattered_blocks(group):
         torch.testing.assert_close(out[s : s + 1].double(), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_decode_attention_ignores_whatever_lies_past_the_context():
+    """Unwritten slots of a sequence's last block may hold anything, NaN included."""
+    lengths = [3, 17, 40]
+    k_cache, v_cache, tables = paged(lengths, 2)
+    clean = ref.decode_attention(q := torch.randn(3, 4, D), k_cache, v_cache, tables,
+                                 torch.tensor(lengths, dtype=torch.int32), D**-0.5)
+    for s, n in enumerate(lengths):
+        for pos in range(n, tables.shape[1] * BS):
+            block = tables[s, pos // BS].item()
+            if block >= 0:
+                k_cache[block, pos % BS] = float("nan")
+                v_cache[block, pos % BS] = float("nan")
+    poisoned = ref.decode_attention(q, k_cache, v_cache, tables, torch.tensor(lengths, dtype=torch.int32), D**-0.5)
+    torch.testing.assert_close(poisoned, clean)
+
+
 @pytest.mark.parametrize("group", [1, 4, 8])
 def test_prefill_attention_with_and_without_cached_prefix(group):
     q_lens = [1, 17, 16, 5, 40]
