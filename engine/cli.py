@@ -28,12 +28,18 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    p.add_argument("--prefill-policy", default="fcfs", choices=["fcfs", "edf", "kairos", "mh"],
+                   help="order of waiting prompts: kairos ranks by TTFT slack; mh maximises deadlines met")
+    p.add_argument("--decode-policy", default="cb", choices=["cb", "kairos"],
+                   help="cb: FCFS up to --max-num-seqs; kairos: admit while the step fits the tightest TPOT")
+    p.add_argument("--profile", help="step-time profile (kairos profile) for the cost model; "
+                                     "without one, predicting policies measure a short one at start-up")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
     names = ("tokenizer", "dtype", "device", "load_format", "backend", "block_size", "num_kv_blocks",
              "gpu_memory_utilization", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
-             "enable_prefix_caching")
+             "enable_prefix_caching", "prefill_policy", "decode_policy", "profile")
     return {n: getattr(args, n) for n in names}
 
 
@@ -60,6 +66,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    from engine import LLM
+    from engine.profiler import measure_profile
+
+    llm = LLM(args.model, **engine_kwargs(args))
+    profile = measure_profile(llm, quick=args.quick, progress=sys.stderr.isatty())
+    out = args.out or f"profile_{profile['model']}_{llm.runner.device.type}.json"
+    with open(out, "w") as f:
+        json.dump(profile, f, indent=1)
+    a, b, c = profile["fit"]["prefill"]
+    alpha, beta, gamma = profile["fit"]["decode"]
+    print(f"{len(profile['prefill'])} prefill and {len(profile['decode'])} decode steps timed in "
+          f"{profile['seconds_to_measure']:.0f} s on {profile['device']} ({profile['dtype']})")
+    print(f"prefill = {a * 1e3:.3f} ms + {b * 1e6:.3f} us/token + {c * 1e9:.4f} ns/(token x context)   "
+          f"held-out MAPE {100 * profile['prefill_mape']:.1f}%")
+    print(f"decode  = {alpha * 1e3:.3f} ms + {beta * 1e6:.3f} us/seq + {gamma * 1e9:.4f} ns/context token   "
+          f"held-out MAPE {100 * profile['decode_mape']:.1f}%")
+    print(f"wrote {out}")
+    return 0
+
+
 # ---- serving ------------------------------------------------------------------------------------
 
 DEFAULT_ROUTER = "tcp://127.0.0.1:7100"
@@ -83,7 +110,8 @@ def worker_kwargs(args: argparse.Namespace) -> dict:
 def cmd_router(args: argparse.Namespace) -> int:
     from transport.router import Router
 
-    router = Router(args.host, args.port, args.worker_timeout, args.queue_timeout)
+    router = Router(args.host, args.port, args.worker_timeout, args.queue_timeout,
+                    default_slo=(args.ttft_slo_ms, args.tpot_slo_ms))
     print(f"kairos router: listening at {router.addr}", flush=True)
     router.run()
     return 0
@@ -115,9 +143,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     worker_argv = ["--model", args.model, "--dtype", args.dtype, "--device", args.device, "--load-format",
                    args.load_format, "--backend", args.backend, "--block-size", str(args.block_size),
                    "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
-                   "--transfer-timeout", str(args.transfer_timeout), "--kv-frame-mb", str(args.kv_frame_mb)]
+                   "--transfer-timeout", str(args.transfer_timeout), "--kv-frame-mb", str(args.kv_frame_mb),
+                   "--prefill-policy", args.prefill_policy, "--decode-policy", args.decode_policy]
     for flag, value in (("--tokenizer", args.tokenizer), ("--max-model-len", args.max_model_len),
-                        ("--num-kv-blocks", args.num_kv_blocks)):
+                        ("--num-kv-blocks", args.num_kv_blocks), ("--profile", args.profile)):
         if value is not None:
             worker_argv += [flag, str(value)]
     if not args.enable_prefix_caching:
@@ -129,7 +158,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     decode_argv = ["--gpu-memory-utilization", f"{util:.3f}"]
     if args.verbose:
         worker_argv.insert(0, "-v")
-    return serve(args.host, args.port, worker_argv, prefill_argv, decode_argv, args.startup_timeout, on_gpu)
+    router_argv = ["--ttft-slo-ms", str(args.ttft_slo_ms), "--tpot-slo-ms", str(args.tpot_slo_ms)]
+    return serve(args.host, args.port, router_argv, worker_argv, prefill_argv, decode_argv, args.startup_timeout,
+                 on_gpu)
 
 
 def cmd_client(args: argparse.Namespace) -> int:
@@ -137,7 +168,7 @@ def cmd_client(args: argparse.Namespace) -> int:
 
     options = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
                "top_k": args.top_k, "seed": args.seed, "stop": args.stop, "ignore_eos": args.ignore_eos,
-               "ttft_ms": args.ttft_ms, "tpot_ms": args.tpot_ms}
+               "ttft_ms": args.ttft_ms, "tpot_ms": args.tpot_ms, "output_len_hint": args.output_len_hint}
     failed = False
     with Client(args.addr, timeout_s=args.timeout) as client:
         if args.json or len(args.prompt) > 1:
@@ -205,8 +236,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt, per line")
     gen.set_defaults(func=cmd_generate)
 
+    prof = sub.add_parser("profile", help="time real prefill and decode steps; fit the cost model")
+    add_engine_args(prof)
+    prof.add_argument("--out", help="JSON file (default: profile_<model>_<device>.json)")
+    prof.add_argument("--quick", action="store_true", help="a coarse grid (what workers do at start-up)")
+    prof.set_defaults(func=cmd_profile)
+
     router = sub.add_parser("router", help="the front door that clients and workers connect to")
     add_network_args(router)
+    router.add_argument("--ttft-slo-ms", type=float, default=1000.0, help="default time-to-first-token SLO")
+    router.add_argument("--tpot-slo-ms", type=float, default=100.0, help="default time-per-output-token SLO")
     router.add_argument("--worker-timeout", type=float, default=2.0,
                         help="seconds without a heartbeat before a worker is given up for dead")
     router.add_argument("--queue-timeout", type=float, default=30.0,
@@ -232,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--prefill-memory-share", type=float, default=0.4,
                      help="on one GPU: the prefill worker's share of --gpu-memory-utilization")
     srv.add_argument("--startup-timeout", type=float, default=600.0)
+    srv.add_argument("--ttft-slo-ms", type=float, default=1000.0, help="default time-to-first-token SLO")
+    srv.add_argument("--tpot-slo-ms", type=float, default=100.0, help="default time-per-output-token SLO")
     srv.set_defaults(func=cmd_serve)
 
     cli = sub.add_parser("client", help="send prompts to a router and stream the replies")
@@ -246,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_argument("--ignore-eos", action="store_true")
     cli.add_argument("--ttft-ms", type=float, help="time-to-first-token SLO")
     cli.add_argument("--tpot-ms", type=float, help="time-per-output-token SLO")
+    cli.add_argument("--output-len-hint", type=int, help="expected output length, for the scheduler")
     cli.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for any reply")
     cli.add_argument("--json", action="store_true", help="one JSON object per request")
     cli.set_defaults(func=cmd_client)

@@ -161,6 +161,9 @@ class EngineConfig:
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     seed: int = 0
+    prefill_policy: str = "fcfs"
+    decode_policy: str = "cb"
+    profile: str | None = None  # a `kairos profile` JSON for the cost model
 
     def __post_init__(self):
         if self.device == "auto":

@@ -11,11 +11,14 @@ from tqdm import tqdm
 from engine.block_manager import BlockManager
 from engine.config import ConfigError, EngineConfig, ModelConfig
 from engine.model_runner import ModelRunner
+from engine.profiler import load_cost_model
 from engine.sampling import SamplingParams
 from engine.scheduler import Batch, StepScheduler
-from engine.sequence import Sequence
+from engine.sequence import RequestSLO, Sequence
 from engine.tiny import tiny_model_path
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from scheduler import get_decode_policy, get_prefill_policy
+from scheduler.prefill import PREDICTING_PREFILL_POLICIES
 
 Prompt = str | list[int]
 
@@ -47,9 +50,20 @@ class LLM:
         self.runner = ModelRunner(self.model_config, self.config, self.max_model_len)
         self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size,
                                           self.config.enable_prefix_caching)
+        prefill_policy, decode_policy = self._build_policies()
         self.scheduler = StepScheduler(self.block_manager, self.config.max_num_seqs,
-                                       self.config.max_num_batched_tokens, self.max_model_len)
+                                       self.config.max_num_batched_tokens, self.max_model_len,
+                                       prefill_policy, decode_policy)
         self.num_prefill_tokens_computed = 0
+
+    def _build_policies(self):
+        """The scheduling policies; those that predict step times get a cost model, fitted to
+        --profile or else to a short profile measured now."""
+        cfg = self.config
+        needs_cost = cfg.prefill_policy in PREDICTING_PREFILL_POLICIES or cfg.decode_policy == "kairos"
+        cost = load_cost_model(self, cfg.profile) if needs_cost else None
+        return (get_prefill_policy(cfg.prefill_policy, cost, cfg.max_num_batched_tokens),
+                get_decode_policy(cfg.decode_policy, cfg.max_num_seqs, cost))
 
     def _load_tokenizer(self, path: Path) -> Tokenizer | None:
         source = self.config.tokenizer
@@ -59,7 +73,8 @@ class LLM:
 
     # ---- requests -------------------------------------------------------------------------
 
-    def make_sequence(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None) -> Sequence:
+    def make_sequence(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None,
+                      slo: RequestSLO | None = None) -> Sequence:
         """Validates a prompt and turns it into a Sequence; raises ValueError naming the problem."""
         params.validate()
         if isinstance(prompt, str):
@@ -83,7 +98,7 @@ class LLM:
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
         detok = IncrementalDetokenizer(self.tokenizer, ids) if self.tokenizer else None
-        return Sequence(ids, params, self.eos_token_ids, detok, request_id, text)
+        return Sequence(ids, params, self.eos_token_ids, detok, request_id, text, slo)
 
     def add_request(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None) -> Sequence:
         seq = self.make_sequence(prompt, params, request_id)

@@ -1,5 +1,6 @@
 """The step scheduler: continuous batching with chunked prefill and preemption by recompute.
-Which waiting request goes next is the admission policy's call (scheduler/).
+Which waiting prompt goes next is the prefill policy's call, and which ready sequence joins the
+decode batch the decode policy's (both in scheduler/).
 
 It also runs the two halves of disaggregated serving. On a prefill worker (`prefill_only`) a
 sequence leaves after its first token, still holding its blocks, until its KV has been handed
@@ -9,12 +10,11 @@ place (`add_prefilled`) and join the running batch from a ready queue."""
 from __future__ import annotations
 
 import time
-from collections import deque
 from dataclasses import dataclass
 
 from engine.block_manager import BlockManager
 from engine.sequence import FinishReason, Sequence, Status
-from scheduler import FCFSPolicy, PrefillPolicy
+from scheduler import ContinuousBatching, DecodePolicy, FCFSPolicy, PrefillPolicy
 
 
 @dataclass
@@ -30,15 +30,17 @@ class Batch:
 
 class StepScheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int, policy: PrefillPolicy | None = None, prefill_only: bool = False):
+                 max_model_len: int, prefill_policy: PrefillPolicy | None = None,
+                 decode_policy: DecodePolicy | None = None, prefill_only: bool = False):
         self.blocks = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
-        self.policy = policy or FCFSPolicy()
+        self.prefill_policy = prefill_policy or FCFSPolicy()
+        self.decode_policy = decode_policy or ContinuousBatching(max_num_seqs)
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []  # admission order; every one holds blocks
-        self.ready: deque[Sequence] = deque()  # prefilled elsewhere, KV in place, not yet running
+        self.ready: list[Sequence] = []  # prefilled elsewhere, KV in place, not yet running
         self.prefill_only = prefill_only
         self.num_handed_off = 0  # sequences out of every queue, still holding blocks
         self.num_preemptions = 0
@@ -93,7 +95,7 @@ class StepScheduler:
             if seq.is_prefilling and not add(seq):
                 break
         else:
-            for seq in list(self.policy.order(self.waiting, time.monotonic())):
+            for seq in self.prefill_policy.order(self.waiting, time.monotonic()):
                 if budget == 0 or len(self.running) >= self.max_num_seqs:
                     break
                 self.blocks.match_prefix(seq)
@@ -114,8 +116,11 @@ class StepScheduler:
         return None
 
     def _schedule_decode(self) -> Batch | None:
-        while self.ready and len(self.running) < self.max_num_seqs:
-            self.running.append(self.ready.popleft())
+        if self.ready:
+            admitted = self.decode_policy.admit(self.running, self.ready, time.monotonic(), self.blocks.num_free_blocks)
+            for seq in admitted[: self.max_num_seqs - len(self.running)]:
+                self.ready.remove(seq)
+                self.running.append(seq)
         batch = Batch(False, [], [])
         for seq in list(self.running):
             if seq.status is not Status.RUNNING or seq.is_prefilling:
@@ -161,6 +166,8 @@ class StepScheduler:
         return stepped
 
     def _finish(self, seq: Sequence, reason: FinishReason | None) -> None:
+        if reason is not None and reason is not FinishReason.ABORT:
+            self.decode_policy.finished(seq)
         self.blocks.free_sequence(seq)
         seq.status = Status.FINISHED
         seq.finish_reason = reason

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import itertools
 import time
+from dataclasses import dataclass
 
 from engine.sampling import SamplingParams
 from engine.tokenizer import IncrementalDetokenizer
@@ -25,11 +26,32 @@ class FinishReason(str, enum.Enum):
 
 _ids = itertools.count()
 
+DEFAULT_TTFT_SLO_MS = 1000.0
+DEFAULT_TPOT_SLO_MS = 100.0
+
+
+@dataclass(frozen=True)
+class RequestSLO:
+    """A request's latency targets and what the scheduler may know about it."""
+
+    ttft_ms: float = DEFAULT_TTFT_SLO_MS
+    tpot_ms: float = DEFAULT_TPOT_SLO_MS
+    request_class: str | None = None
+    output_len_hint: int | None = None  # the client's guess of its output length
+
+    def __post_init__(self):
+        for name in ("ttft_ms", "tpot_ms"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value > 0):
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        if self.output_len_hint is not None and not (isinstance(self.output_len_hint, int) and self.output_len_hint > 0):
+            raise ValueError(f"output_len_hint must be a positive integer, got {self.output_len_hint!r}")
+
 
 class Sequence:
     def __init__(self, prompt_token_ids: list[int], params: SamplingParams,
                  eos_token_ids: tuple[int, ...] = (), detokenizer: IncrementalDetokenizer | None = None,
-                 request_id: str | None = None, prompt: str | None = None):
+                 request_id: str | None = None, prompt: str | None = None, slo: RequestSLO | None = None):
         self.seq_id = next(_ids)
         self.request_id = request_id if request_id is not None else str(self.seq_id)
         self.prompt = prompt
@@ -46,10 +68,25 @@ class Sequence:
         self.num_computed_tokens = 0  # tokens whose K/V is in the cache
         self.num_cached_tokens = 0  # of the prompt, served by prefix-cache hits (last admission)
         self.num_text_streamed = 0  # characters of text already handed to a stream
+        slo = slo or RequestSLO()
+        # What the scheduling policies read (scheduler/ documents the names).
+        self.ttft_slo = slo.ttft_ms / 1e3
+        self.tpot_slo = slo.tpot_ms / 1e3
+        self.request_class = slo.request_class
+        self.output_len_hint = slo.output_len_hint
         self.arrival_time = time.monotonic()
+        self.token_times: list[float] = []  # when each output token was sampled (monotonic)
 
     def __len__(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def max_tokens(self) -> int:
+        return self.params.max_tokens
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -98,6 +135,7 @@ class Sequence:
     def append_token(self, token_id: int, max_model_len: int) -> FinishReason | None:
         """Adds a sampled token and returns why the sequence must stop, if it must."""
         self.token_ids.append(token_id)
+        self.token_times.append(time.monotonic())
         if self.detokenizer is not None:
             delta = self.detokenizer.push(token_id)
             if delta and self.params.stop and self._truncate_at_stop(len(delta)):

@@ -6,7 +6,8 @@
 The prefill terms are the fixed launch cost, the per-token work (projections, MLP) and the
 causal attention work; with a cached prefix a prompt's new tokens attend to the whole context.
 The decode terms are the fixed cost (weights read once per step), the per-sequence work and the
-KV bytes read. Fitted by least squares; pure Python, so the simulator shares it.
+KV bytes read. Fitted by least squares with non-negative coefficients; pure Python, so the
+simulator shares it.
 """
 
 from __future__ import annotations
@@ -33,6 +34,21 @@ def least_squares(rows: list[list[float]], targets: list[float]) -> list[float]:
                 f = a[r][col] / a[col][col]
                 a[r] = [v - f * w for v, w in zip(a[r], a[col])]
     return [a[i][n] / a[i][i] / scale[i] for i in range(n)]
+
+
+def nonnegative_least_squares(rows: list[list[float]], targets: list[float]) -> list[float]:
+    """Least squares with every coefficient >= 0 (a negative step cost means the fit is
+    explaining noise): the most negative term is dropped and the rest refitted, until none is."""
+    active = list(range(len(rows[0])))
+    while True:
+        coef = least_squares([[r[j] for j in active] for r in rows], targets)
+        worst = min(range(len(active)), key=lambda i: coef[i])
+        if coef[worst] >= 0 or len(active) == 1:
+            full = [0.0] * len(rows[0])
+            for j, c in zip(active, coef):
+                full[j] = max(0.0, c)
+            return full
+        del active[worst]
 
 
 def mape(predicted: list[float], measured: list[float]) -> float:
@@ -69,8 +85,8 @@ class CostModel:
     def fit(cls, profile: dict) -> CostModel:
         prefill = profile["prefill"]
         decode = profile["decode"]
-        p = least_squares([prefill_features(m["prompts"]) for m in prefill], [m["seconds"] for m in prefill])
-        d = least_squares([decode_features(m["context_lens"]) for m in decode], [m["seconds"] for m in decode])
+        p = nonnegative_least_squares([prefill_features(m["prompts"]) for m in prefill], [m["seconds"] for m in prefill])
+        d = nonnegative_least_squares([decode_features(m["context_lens"]) for m in decode], [m["seconds"] for m in decode])
         return cls(tuple(p), tuple(d))
 
     @classmethod

@@ -112,6 +112,7 @@ class MooreHodgsonPolicy(_Predicting):
 
 
 PREFILL_POLICIES = {p.name: p for p in (FCFSPolicy, EDFPolicy, KairosPolicy, MooreHodgsonPolicy)}
+PREDICTING_PREFILL_POLICIES = {name for name, cls in PREFILL_POLICIES.items() if issubclass(cls, _Predicting)}
 
 
 def get_prefill_policy(name: str, cost: CostModel | None = None, token_budget: int = 8192) -> PrefillPolicy:

@@ -19,8 +19,8 @@ EXAMPLES = [
     p.StatusReport([{"role": "decode"}], {"completed": 1}, 0),
     p.Register("w", "decode", {"dtype": "float32"}, 64, "tcp://127.0.0.1:1"),
     p.Heartbeat("w", {"free_blocks": 3}),
-    p.PrefillRequest("7", None, [1, 2], {}, "d", "tcp://127.0.0.1:2"),
-    p.KVOffer("t", "7", [1, 2], [3], {"max_tokens": 2}, 1),
+    p.PrefillRequest("7", None, [1, 2], {}, {"ttft_ms": 200.0}, "d", "tcp://127.0.0.1:2"),
+    p.KVOffer("t", "7", [1, 2], [3], {"max_tokens": 2}, {"tpot_ms": 20.0}, 1),
     p.KVData("t", 4),
     p.KVCancel("t", "timed out"),
 ]

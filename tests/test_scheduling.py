@@ -228,3 +228,52 @@ def test_output_length_window_forgets_old_lengths():
         est.observe(None, n)
     assert est.remaining(None, 0, 2000) == 5
     assert math.isfinite(est.remaining(None, 0, 2000))
+
+
+# ---- in the engine -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_profile(tmp_path_factory, tiny_path):
+    from engine import LLM
+    from engine.profiler import measure_profile
+
+    llm = LLM("tiny", num_kv_blocks=256, max_model_len=256, max_num_batched_tokens=256, max_num_seqs=16)
+    profile = measure_profile(llm, quick=True)
+    path = tmp_path_factory.mktemp("profile") / "tiny.json"
+    import json
+
+    path.write_text(json.dumps(profile))
+    return path, profile
+
+
+def test_a_profile_times_prefill_with_prefixes_and_decode_batches(tiny_profile):
+    _, profile = tiny_profile
+    assert {"device", "dtype", "model", "torch", "date", "fit", "prefill_mape", "decode_mape"} <= set(profile)
+    assert any(ctx > new for m in profile["prefill"] for new, ctx in m["prompts"])  # cached prefixes
+    assert {len(m["context_lens"]) for m in profile["decode"]} >= {1, 4, 16}
+    assert all(m["seconds"] > 0 for m in profile["prefill"] + profile["decode"])
+    fitted = CostModel.fit(profile)
+    assert all(c >= 0 for c in fitted.prefill + fitted.decode)
+    assert fitted.prefill_time([(256, 256)]) > fitted.prefill_time([(16, 16)])
+
+
+def test_scheduling_policies_do_not_change_greedy_outputs(tiny_profile, tiny_llm):
+    from engine import LLM, SamplingParams
+
+    path, _ = tiny_profile
+    prompts = [[(5 * i) % 500 + 1] * (7 + 13 * i) for i in range(6)]
+    params = SamplingParams(max_tokens=12, temperature=0)
+    want = [o.token_ids for o in tiny_llm.generate(prompts, params)]
+    for prefill, decode in (("kairos", "kairos"), ("mh", "cb"), ("edf", "kairos")):
+        llm = LLM("tiny", num_kv_blocks=256, max_model_len=256, prefill_policy=prefill, decode_policy=decode,
+                  profile=str(path))
+        assert [o.token_ids for o in llm.generate(prompts, params)] == want
+        assert llm.num_free_blocks == llm.num_total_blocks
+
+
+def test_a_missing_profile_is_a_clear_error(tiny_path, tmp_path):
+    from engine import LLM
+
+    with pytest.raises(ValueError, match="cannot use the profile"):
+        LLM("tiny", num_kv_blocks=64, max_model_len=256, prefill_policy="kairos", profile=str(tmp_path / "nope.json"))

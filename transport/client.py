@@ -79,21 +79,22 @@ class _Tracked:
 def make_submit(prompt: str | list[int], request_id: str, *, max_tokens: int = 16, temperature: float = 1.0,
                 top_p: float = 1.0, top_k: int = -1, seed: int | None = None, stop: list[str] | str | None = None,
                 stop_token_ids: list[int] | None = None, ignore_eos: bool = False, ttft_ms: float | None = None,
-                tpot_ms: float | None = None, request_class: str | None = None,
-                group_id: str | None = None) -> p.Submit:
+                tpot_ms: float | None = None, request_class: str | None = None, group_id: str | None = None,
+                output_len_hint: int | None = None) -> p.Submit:
     """Checks a request's values here, so a bad one fails before it is sent."""
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                             stop=stop or [], stop_token_ids=stop_token_ids or [], ignore_eos=ignore_eos)
-    for name, slo in (("ttft_ms", ttft_ms), ("tpot_ms", tpot_ms)):
-        if slo is not None and not slo > 0:
-            raise ValueError(f"{name} must be positive, got {slo!r}")
+    for name, value in (("ttft_ms", ttft_ms), ("tpot_ms", tpot_ms), ("output_len_hint", output_len_hint)):
+        if value is not None and not value > 0:
+            raise ValueError(f"{name} must be positive, got {value!r}")
     if isinstance(prompt, str):
         text, ids = prompt, None
     elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         text, ids = None, prompt
     else:
         raise ValueError("a prompt is a string or a non-empty list of token ids")
-    return p.Submit(request_id, text, ids, asdict(params), ttft_ms, tpot_ms, request_class, group_id)
+    return p.Submit(request_id, text, ids, asdict(params), ttft_ms, tpot_ms, request_class, group_id,
+                    output_len_hint)
 
 
 def status_dict(report: p.StatusReport) -> dict:

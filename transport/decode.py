@@ -39,6 +39,7 @@ class DecodeWorker(Worker):
     def __init__(self, *args, kv_host: str = "127.0.0.1", kv_port: int = 0, max_inflight_transfers: int = 8,
                  **kwargs):
         super().__init__(*args, **kwargs)
+        self.counters["tpot_met"] = 0
         self.max_inflight_transfers = max_inflight_transfers
         self.writer = KVWriter(self.llm.runner, self.max_frame_bytes)
         # Header plus frames; ZeroMQ's size limit applies to each frame.
@@ -100,6 +101,10 @@ class DecodeWorker(Worker):
 
     def on_step(self, stepped: list[Sequence]) -> None:
         for seq in stepped:
+            if seq.is_finished:
+                # TPOT from the first token's arrival here (its KV offer) to the last.
+                times = seq.token_times
+                self.counters["tpot_met"] += len(times) < 2 or (times[-1] - times[0]) / (len(times) - 1) <= seq.tpot_slo
             self.send_tokens(seq, 1)
 
     # ---- the KV channel -----------------------------------------------------------------------
@@ -140,7 +145,7 @@ class DecodeWorker(Worker):
 
     def on_offer(self, peer: bytes, msg: p.KVOffer) -> None:
         try:
-            seq = self.make_sequence(None, msg.prompt_token_ids, msg.params, msg.request_id)
+            seq = self.make_sequence(None, msg.prompt_token_ids, msg.params, msg.slo, msg.request_id)
             needed = -(-len(msg.prompt_token_ids) // self.geometry.block_size)
             if msg.num_blocks != needed or len(msg.output_token_ids) != 1:
                 raise ValueError(f"an offer of {msg.num_blocks} blocks and {len(msg.output_token_ids)} "

@@ -50,6 +50,7 @@ class PrefillWorker(Worker):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self.counters.update(first_tokens=0, ttft_met=0)  # TTFT from arrival here
         self.targets: dict[str, tuple[str, str]] = {}  # request id -> decode worker id, KV address
         self.peers: dict[str, DecodePeer] = {}
         self.transfers: dict[str, Transfer] = {}
@@ -65,7 +66,7 @@ class PrefillWorker(Worker):
     def handle_router(self, msg: p.Message) -> None:
         if isinstance(msg, p.PrefillRequest):
             try:
-                seq = self.make_sequence(msg.prompt, msg.prompt_token_ids, msg.params, msg.request_id)
+                seq = self.make_sequence(msg.prompt, msg.prompt_token_ids, msg.params, msg.slo, msg.request_id)
             except ValueError as e:
                 self.fail(msg.request_id, str(e))
                 return
@@ -111,6 +112,8 @@ class PrefillWorker(Worker):
 
     def on_step(self, stepped: list[Sequence]) -> None:
         for seq in stepped:
+            self.counters["first_tokens"] += 1
+            self.counters["ttft_met"] += seq.token_times[0] - seq.arrival_time <= seq.ttft_slo
             self.send_tokens(seq, 1)
             if seq.status is Status.HANDED_OFF:
                 self.start_transfer(seq)
@@ -136,9 +139,10 @@ class PrefillWorker(Worker):
 
     def offer(self, t: Transfer) -> None:
         seq = t.seq
-        params = dataclasses.asdict(seq.params)
-        send(t.peer.socket, p.KVOffer(t.transfer_id, seq.request_id, seq.prompt_token_ids,
-                                      seq.output_token_ids, params, len(seq.block_table)))
+        slo = {"ttft_ms": seq.ttft_slo * 1e3, "tpot_ms": seq.tpot_slo * 1e3, "request_class": seq.request_class,
+               "output_len_hint": seq.output_len_hint}
+        send(t.peer.socket, p.KVOffer(t.transfer_id, seq.request_id, seq.prompt_token_ids, seq.output_token_ids,
+                                      dataclasses.asdict(seq.params), slo, len(seq.block_table)))
         t.deadline = float("inf")  # waiting for room on the decode side is backpressure, not a fault
 
     def finish_transfer(self, t: Transfer) -> None:

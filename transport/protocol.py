@@ -47,10 +47,11 @@ class Submit(Message):
     prompt: str | None = None  # text, or
     prompt_token_ids: list[int] | None = None
     params: dict = field(default_factory=dict)  # SamplingParams fields
-    ttft_slo_ms: float | None = None
+    ttft_slo_ms: float | None = None  # the router's defaults where absent
     tpot_slo_ms: float | None = None
     request_class: str | None = None
     group_id: str | None = None
+    output_len_hint: int | None = None
 
 
 @dataclass
@@ -131,6 +132,7 @@ class PrefillRequest(Message):
     prompt: str | None
     prompt_token_ids: list[int] | None
     params: dict
+    slo: dict  # engine.sequence.RequestSLO fields
     decode_worker_id: str
     decode_kv_addr: str
 
@@ -172,6 +174,7 @@ class KVOffer(Message):
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     params: dict
+    slo: dict
     num_blocks: int
 
 

@@ -47,12 +47,14 @@ class RoutedRequest:
     prefill: str | None = None
     decode: str | None = None
     next_index: int = 0  # the next output position owed to the client
+    first_token_at: float | None = None
+    last_token_at: float | None = None
     held: dict[int, p.Tokens] = field(default_factory=dict)  # arrived ahead of their turn
 
 
 class Router:
     def __init__(self, host: str = "127.0.0.1", port: int = 7100, worker_timeout_s: float = 2.0,
-                 queue_timeout_s: float = 30.0):
+                 queue_timeout_s: float = 30.0, default_slo: tuple[float, float] = (1000.0, 100.0)):
         self.ctx = zmq.Context()
         self.socket = make_socket(self.ctx, zmq.ROUTER)
         if port:
@@ -62,11 +64,14 @@ class Router:
         self.addr = f"tcp://{host}:{port}"
         self.worker_timeout_s = worker_timeout_s
         self.queue_timeout_s = queue_timeout_s
+        self.default_slo = default_slo
         self.workers: dict[str, WorkerInfo] = {}
         self.requests: dict[str, RoutedRequest] = {}
         self.by_client: dict[tuple[bytes, str], str] = {}
         self.pending: list[str] = []  # waiting for workers
-        self.counters = {"submitted": 0, "completed": 0, "aborted": 0, "failed": 0}
+        # Attainment is judged here, on one clock, from arrival to each token's relay.
+        self.counters = {"submitted": 0, "completed": 0, "aborted": 0, "failed": 0,
+                         "ttft_met": 0, "tpot_met": 0, "slo_met": 0}
         self._ids = itertools.count()
         self.stopping = False
 
@@ -198,8 +203,11 @@ class Router:
             send(self.socket, p.Tokens(r.submit.request_id, chunk.index, chunk.token_ids, chunk.text,
                                        chunk.finish_reason), r.client)
             r.next_index += len(chunk.token_ids)
+            if chunk.token_ids:
+                r.last_token_at = time.monotonic()
+                r.first_token_at = r.first_token_at or r.last_token_at
             if chunk.finish_reason is not None:
-                self.counters["completed"] += 1
+                self.count_completion(r)
                 self.forget(r)
                 return
 
@@ -211,6 +219,20 @@ class Router:
         if r is not None and worker.worker_id in (r.prefill, r.decode):
             self.tell_workers(r, p.Abort(r.rid), skip=worker.worker_id)
             self.fail(r, msg.message)
+
+    def count_completion(self, r: RoutedRequest) -> None:
+        ttft_ms, tpot_ms = self.slo_of(r.submit)
+        ttft_ok = r.first_token_at is not None and (r.first_token_at - r.arrival) * 1e3 <= ttft_ms
+        decoded = r.next_index - 1
+        tpot_ok = decoded <= 0 or (r.last_token_at - r.first_token_at) * 1e3 / decoded <= tpot_ms
+        self.counters["completed"] += 1
+        self.counters["ttft_met"] += ttft_ok
+        self.counters["tpot_met"] += tpot_ok
+        self.counters["slo_met"] += ttft_ok and tpot_ok
+
+    def slo_of(self, s: p.Submit) -> tuple[float, float]:
+        return (s.ttft_slo_ms if s.ttft_slo_ms is not None else self.default_slo[0],
+                s.tpot_slo_ms if s.tpot_slo_ms is not None else self.default_slo[1])
 
     # ---- placement ----------------------------------------------------------------------------
 
@@ -232,7 +254,10 @@ class Router:
             prefill.requests.add(rid)
             decode.requests.add(rid)
             s = r.submit
-            send(self.socket, p.PrefillRequest(rid, s.prompt, s.prompt_token_ids, s.params, decode.worker_id,
+            ttft_ms, tpot_ms = self.slo_of(s)
+            slo = {"ttft_ms": ttft_ms, "tpot_ms": tpot_ms, "request_class": s.request_class,
+                   "output_len_hint": s.output_len_hint}
+            send(self.socket, p.PrefillRequest(rid, s.prompt, s.prompt_token_ids, s.params, slo, decode.worker_id,
                                                decode.kv_addr), prefill.identity)
         self.pending = still
 

@@ -65,8 +65,8 @@ def wait_for_roles(addr: str, roles: set[str], group: ProcessGroup, timeout_s: f
         raise RuntimeError(f"the {' and '.join(sorted(roles))} workers did not register within {timeout_s:g} s")
 
 
-def serve(host: str, port: int, worker_argv: list[str], prefill_argv: list[str], decode_argv: list[str],
-          startup_timeout_s: float, one_at_a_time: bool) -> int:
+def serve(host: str, port: int, router_argv: list[str], worker_argv: list[str], prefill_argv: list[str],
+          decode_argv: list[str], startup_timeout_s: float, one_at_a_time: bool) -> int:
     """one_at_a_time: start decode only once prefill has registered, so that on a shared GPU
     each sizes its KV cache from what the other really left free."""
     addr = f"tcp://{host}:{port}"
@@ -82,7 +82,7 @@ def serve(host: str, port: int, worker_argv: list[str], prefill_argv: list[str],
         signal.signal(sig, on_signal)
     group = ProcessGroup()
     try:
-        group.start("router", ["router", "--host", host, "--port", str(port)])
+        group.start("router", ["router", "--host", host, "--port", str(port), *router_argv])
         group.start("prefill", ["prefill", "--router", addr, *worker_argv, *prefill_argv])
         if one_at_a_time:
             wait_for_roles(addr, {"prefill"}, group, startup_timeout_s, interrupted)

@@ -18,7 +18,7 @@ import zmq
 
 from engine.llm import LLM
 from engine.sampling import SamplingParams
-from engine.sequence import Sequence
+from engine.sequence import RequestSLO, Sequence
 from transport import protocol as p
 from transport.kv import DEFAULT_FRAME_BYTES, KVGeometry
 from transport.sockets import Received, make_socket, recv, send
@@ -158,16 +158,17 @@ class Worker:
 
     # ---- shared helpers -----------------------------------------------------------------------
 
-    def make_sequence(self, prompt, prompt_token_ids, params: dict, request_id: str) -> Sequence:
+    def make_sequence(self, prompt, prompt_token_ids, params: dict, slo: dict, request_id: str) -> Sequence:
         """A validated engine sequence; ValueError (with the reason) for anything it rejects."""
         try:
             sampling = SamplingParams(**params)
+            request_slo = RequestSLO(**slo)
         except TypeError as e:
-            raise ValueError(f"bad sampling params: {e}") from None
+            raise ValueError(f"bad request fields: {e}") from None
         source = prompt if prompt is not None else prompt_token_ids
         if source is None:
             raise ValueError("the request has neither a prompt nor prompt_token_ids")
-        return self.llm.make_sequence(source, sampling, request_id)
+        return self.llm.make_sequence(source, sampling, request_id, request_slo)
 
     def send_tokens(self, seq: Sequence, new_tokens: int) -> None:
         done = seq.is_finished

@@ -1,0 +1,107 @@
+"""TTFT attainment of the prefill policies, live: a router, a prefill and a decode worker (tiny
+model on CPU by default), and a burst of long prompts with loose TTFT SLOs followed at once by
+short prompts with tight ones. FCFS makes the short prompts wait behind the long ones.
+
+    python bench/slo_live.py                           # fcfs, edf, kairos, mh
+    python bench/slo_live.py --policies fcfs,kairos --rounds 3
+
+TTFT is taken on the client's clock. Each policy runs on fresh processes with the same
+step-time profile (measured first, or --profile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import write_result  # noqa: E402
+from transport.client import Client  # noqa: E402
+from transport.serve import ProcessGroup, wait_for_roles  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_burst(args, policy: str, profile: str) -> dict:
+    port = free_port()
+    addr = f"tcp://127.0.0.1:{port}"
+    worker = ["--model", args.model, "--profile", profile, "--max-num-batched-tokens", str(args.token_budget),
+              "--num-kv-blocks", "2048", "--max-model-len", "2048"]
+    group = ProcessGroup()
+    try:
+        group.start("router", ["router", "--port", str(port)])
+        group.start("prefill", ["prefill", "--router", addr, "--prefill-policy", policy, *worker])
+        group.start("decode", ["decode", "--router", addr, *worker])
+        wait_for_roles(addr, {"prefill", "decode"}, group, 300, lambda: False)
+        with Client(addr, timeout_s=120) as client:
+            client.generate("warm up", max_tokens=2)
+            rounds = []
+            for r in range(args.rounds):
+                longs = [client.submit([(7 * i + r) % 500 + 1] * args.long_len, max_tokens=2, ttft_ms=args.long_slo_ms)
+                         for i in range(args.longs)]
+                shorts = [client.submit([(3 * i + r) % 500 + 1] * args.short_len, max_tokens=2,
+                                        ttft_ms=args.short_slo_ms) for i in range(args.shorts)]
+                long_ttft = [client.result(rid).ttft_ms for rid in longs]
+                short_ttft = [client.result(rid).ttft_ms for rid in shorts]
+                met_long = sum(t <= args.long_slo_ms for t in long_ttft)
+                met_short = sum(t <= args.short_slo_ms for t in short_ttft)
+                rounds.append({"ttft_attainment": (met_long + met_short) / (args.longs + args.shorts),
+                               "short_attainment": met_short / args.shorts, "long_attainment": met_long / args.longs,
+                               "short_ttft_ms_p50": statistics.median(short_ttft),
+                               "long_ttft_ms_p50": statistics.median(long_ttft)})
+                time.sleep(0.5)
+        return {"policy": policy, "rounds": rounds,
+                "ttft_attainment": statistics.mean(r["ttft_attainment"] for r in rounds)}
+    finally:
+        group.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--policies", default="fcfs,edf,kairos,mh")
+    parser.add_argument("--profile", help="step-time profile; default: measured now (kairos profile --quick)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--longs", type=int, default=24)
+    parser.add_argument("--long-len", type=int, default=1000)
+    parser.add_argument("--long-slo-ms", type=float, default=30000)
+    parser.add_argument("--shorts", type=int, default=24)
+    parser.add_argument("--short-len", type=int, default=24)
+    parser.add_argument("--short-slo-ms", type=float, default=400)
+    parser.add_argument("--token-budget", type=int, default=1024)
+    args = parser.parse_args()
+    profile = args.profile
+    if profile is None:
+        from engine import LLM
+        from engine.profiler import measure_profile
+
+        llm = LLM(args.model, max_num_batched_tokens=args.token_budget, num_kv_blocks=2048, max_model_len=2048)
+        profile = str(Path(tempfile.mkdtemp()) / "profile.json")
+        Path(profile).write_text(json.dumps(measure_profile(llm, quick=True)))
+        del llm
+    results = [run_burst(args, policy, profile) for policy in args.policies.split(",")]
+    base = next((r for r in results if r["policy"] == "fcfs"), results[0])
+    print(f"{args.longs} prompts of {args.long_len} tokens (TTFT SLO {args.long_slo_ms:g} ms), then {args.shorts} of "
+          f"{args.short_len} (SLO {args.short_slo_ms:g} ms); {args.rounds} rounds")
+    print(f"{'policy':>8} {'TTFT attained':>14} {'vs fcfs':>8} {'short p50 ms':>13} {'long p50 ms':>12}")
+    for r in results:
+        print(f"{r['policy']:>8} {r['ttft_attainment']:>14.1%} {r['ttft_attainment'] - base['ttft_attainment']:>+8.1%} "
+              f"{statistics.mean(x['short_ttft_ms_p50'] for x in r['rounds']):>13.0f} "
+              f"{statistics.mean(x['long_ttft_ms_p50'] for x in r['rounds']):>12.0f}")
+    path = write_result(f"slo_live_{args.model}_cpu", {"setup": vars(args), "results": results})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
