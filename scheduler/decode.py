@@ -64,16 +64,19 @@ class SlackBatching:
         return r.tpot_slo if self.cost.decode_time(1, r.num_tokens) <= r.tpot_slo else math.inf
 
     def admit(self, running, ready, now, free_blocks):
+        alpha, beta, gamma = self.cost.decode
+        lone = alpha + beta  # a batch of one, before its context
         batch = len(running)
         context = sum(r.num_tokens for r in running)
-        tightest = min((self.effective_slo(r) for r in running), default=math.inf)
-        queue = sorted(ready, key=lambda r: self.remaining(r) - self.aging_tokens_per_s * (now - r.arrival_time))
+        tightest = min((r.tpot_slo for r in running if lone + gamma * r.num_tokens <= r.tpot_slo), default=math.inf)
+        aging = self.aging_tokens_per_s
+        queue = sorted(ready, key=lambda r: self.remaining(r) - aging * (now - r.arrival_time))
         admitted = []
         for r in queue:
             if batch >= self.max_batch or free_blocks < batch + 1:
                 break
-            slo = min(tightest, self.effective_slo(r))
-            if batch and self.cost.decode_time(batch + 1, context + r.num_tokens) > slo:
+            slo = min(tightest, r.tpot_slo if lone + gamma * r.num_tokens <= r.tpot_slo else math.inf)
+            if batch and alpha + beta * (batch + 1) + gamma * (context + r.num_tokens) > slo:
                 break  # the head waits for room rather than being overtaken
             admitted.append(r)
             batch, context, tightest = batch + 1, context + r.num_tokens, slo

@@ -52,37 +52,36 @@ class _Predicting:
         self.cost = cost
         self.token_budget = token_budget
 
-    def own_time(self, r) -> float:
-        return self.cost.prefill_marginal(r.num_uncomputed_tokens, r.num_tokens)
+    def jobs(self, waiting) -> list[tuple[float, float, int, object]]:
+        """(deadline, own prefill time, tokens, request) per request; computed once per call."""
+        _, b, c = self.cost.prefill
+        return [(r.arrival_time + r.ttft_slo, b * r.num_uncomputed_tokens + c * r.num_uncomputed_tokens * r.num_tokens,
+                 r.num_uncomputed_tokens, r) for r in waiting]
 
-    def split_on_time(self, candidates, now: float, drop_longest: bool):
-        """(on time, late) when prefilled in this order. A prompt that would finish late is moved
-        to `late`: itself, or with drop_longest the longest prompt kept so far (Moore-Hodgson)."""
-        fixed = self.cost.prefill[0]
-        t, step_tokens = now, self.token_budget  # the first prompt opens a step
-        kept: list = []
-        longest: list[tuple[float, int, object]] = []  # max-heap of kept prompts by own time
-        late = []
-        for i, r in enumerate(candidates):
-            tokens = r.num_uncomputed_tokens
-            opens_step = step_tokens + tokens > self.token_budget
-            own = self.own_time(r)
+    def split_on_time(self, jobs, now: float, drop_longest: bool) -> tuple[list, list]:
+        """(on time, late) requests when prefilled in this order. A prompt that would finish late
+        is moved to `late`: itself, or with drop_longest the longest prompt kept so far when that
+        one is longer (Moore-Hodgson)."""
+        fixed, budget = self.cost.prefill[0], self.token_budget
+        t, step_tokens = now, budget  # the first prompt opens a step
+        longest: list[tuple[float, int]] = []  # max-heap of kept jobs by own time
+        late: set[int] = set()
+        for i, (due, own, tokens, _) in enumerate(jobs):
+            opens_step = step_tokens + tokens > budget
             t_new = t + own + (fixed if opens_step else 0.0)
-            if t_new <= deadline(r):
-                kept.append(r)
-                heapq.heappush(longest, (-own, i, r))
+            if t_new <= due:
+                heapq.heappush(longest, (-own, i))
                 t, step_tokens = t_new, (tokens if opens_step else step_tokens + tokens)
             elif drop_longest and longest and -longest[0][0] > own:
                 # Giving up the longest kept prompt saves the most time for everyone after it.
-                neg_own, _, victim = heapq.heappop(longest)
-                kept.remove(victim)
-                late.append(victim)
-                kept.append(r)
-                heapq.heappush(longest, (-own, i, r))
+                neg_own, victim = heapq.heapreplace(longest, (-own, i))
+                late.add(victim)
                 t = t_new + neg_own
             else:
-                late.append(r)
-        return kept, late
+                late.add(i)
+        on_time = [job[3] for i, job in enumerate(jobs) if i not in late]
+        demoted = sorted((jobs[i][3] for i in late), key=lambda r: r.arrival_time)
+        return on_time, demoted
 
 
 class KairosPolicy(_Predicting):
@@ -94,9 +93,9 @@ class KairosPolicy(_Predicting):
     name = "kairos"
 
     def order(self, waiting, now):
-        by_latest_start = sorted(waiting, key=lambda r: deadline(r) - self.own_time(r))
-        on_time, late = self.split_on_time(by_latest_start, now, drop_longest=False)
-        return on_time + sorted(late, key=lambda r: r.arrival_time)
+        on_time, late = self.split_on_time(sorted(self.jobs(waiting), key=lambda j: j[0] - j[1]), now,
+                                           drop_longest=False)
+        return on_time + late
 
 
 class MooreHodgsonPolicy(_Predicting):
@@ -107,8 +106,8 @@ class MooreHodgsonPolicy(_Predicting):
     name = "mh"
 
     def order(self, waiting, now):
-        on_time, late = self.split_on_time(sorted(waiting, key=deadline), now, drop_longest=True)
-        return on_time + sorted(late, key=lambda r: r.arrival_time)
+        on_time, late = self.split_on_time(sorted(self.jobs(waiting), key=lambda j: j[0]), now, drop_longest=True)
+        return on_time + late
 
 
 PREFILL_POLICIES = {p.name: p for p in (FCFSPolicy, EDFPolicy, KairosPolicy, MooreHodgsonPolicy)}
