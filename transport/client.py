@@ -75,6 +75,14 @@ class _Tracked:
                 self.done = True
         self.chunks.append(msg)
 
+    def received(self) -> Iterator[p.Tokens]:
+        """The chunks received and not yet handed out; raises RequestFailed at an error."""
+        while self.chunks:
+            chunk = self.chunks.popleft()
+            if isinstance(chunk, p.Error):
+                raise RequestFailed(self.request_id, chunk.message)
+            yield chunk
+
 
 def make_submit(prompt: str | list[int], request_id: str, *, max_tokens: int = 16, temperature: float = 1.0,
                 top_p: float = 1.0, top_k: int = -1, seed: int | None = None, stop: list[str] | str | None = None,
@@ -148,11 +156,7 @@ class Client(_Base):
         tracked = self.tracked[request_id]
         try:
             while True:
-                while tracked.chunks:
-                    chunk = tracked.chunks.popleft()
-                    if isinstance(chunk, p.Error):
-                        raise RequestFailed(request_id, chunk.message)
-                    yield chunk
+                yield from tracked.received()
                 if tracked.done:
                     return
                 self._receive()
@@ -244,10 +248,7 @@ class AsyncClient(_Base):
         wake = self._wakeups[rid]
         try:
             while True:
-                while tracked.chunks:
-                    chunk = tracked.chunks.popleft()
-                    if isinstance(chunk, p.Error):
-                        raise RequestFailed(rid, chunk.message)
+                for chunk in tracked.received():
                     yield chunk
                 if tracked.done:
                     return
