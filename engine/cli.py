@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 
 import zmq
 
@@ -84,6 +85,84 @@ def cmd_profile(args: argparse.Namespace) -> int:
     print(f"decode  = {alpha * 1e3:.3f} ms + {beta * 1e6:.3f} us/seq + {gamma * 1e9:.4f} ns/context token   "
           f"held-out MAPE {100 * profile['decode_mape']:.1f}%")
     print(f"wrote {out}")
+    return 0
+
+
+# ---- trace-driven evaluation ----------------------------------------------------------------------
+
+DEFAULT_PROFILE = "bench/profiles/Llama-3.1-8B_H100_roofline.json"
+
+
+def add_trace_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trace", default="bench/traces/AzureLLMInferenceTrace_conv.csv",
+                   help="a trace file (or, with --trace-format synthetic, ignored)")
+    p.add_argument("--trace-format", default="azure", choices=["azure", "mooncake", "synthetic"])
+    p.add_argument("--rate-scale", type=float, default=1.0, help="compress time by this factor")
+    p.add_argument("--start-s", type=float, default=0.0)
+    p.add_argument("--duration-s", type=float)
+    p.add_argument("--limit", type=int, help="at most this many requests")
+    p.add_argument("--ttft-slo-ms", type=float, default=1000.0)
+    p.add_argument("--tpot-slo-ms", type=float, default=100.0)
+    p.add_argument("--ttft-ms-per-1k-prompt", type=float, default=0.0,
+                   help="grow the TTFT SLO by this much per 1000 prompt tokens")
+    p.add_argument("--synthetic-requests", type=int, default=1000)
+    p.add_argument("--synthetic-rate", type=float, default=5.0, help="requests/s")
+    p.add_argument("--synthetic-arrival", default="poisson", choices=["poisson", "gamma"])
+    p.add_argument("--synthetic-lengths", default="lognormal", choices=["lognormal", "zipf"])
+
+
+def read_trace(args: argparse.Namespace):
+    from scheduler.traces import load_trace, shape, with_slos
+
+    trace = load_trace(args.trace, args.trace_format, num_requests=args.synthetic_requests,
+                       rate=args.synthetic_rate, arrival=args.synthetic_arrival, lengths=args.synthetic_lengths)
+    trace = shape(trace, args.rate_scale, args.start_s, args.duration_s, args.limit)
+    return with_slos(trace, args.ttft_slo_ms, args.tpot_slo_ms, args.ttft_ms_per_1k_prompt)
+
+
+def sim_setup(args: argparse.Namespace):
+    from scheduler.cost_model import CostModel
+    from scheduler.simulator import SimConfig
+
+    try:
+        profile = json.loads(open(args.profile).read())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read the profile {args.profile}: {e}") from None
+    config = SimConfig(args.prefill_workers, args.decode_workers, args.prefill_policy, args.decode_policy,
+                       args.token_budget, args.max_batch,
+                       args.kv_capacity_tokens or profile.get("kv_capacity_tokens", SimConfig.kv_capacity_tokens),
+                       profile.get("kv_bytes_per_token", SimConfig.kv_bytes_per_token), args.kv_bandwidth_gb_s)
+    return config, CostModel.from_profile(profile)
+
+
+def add_sim_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", default=DEFAULT_PROFILE, help="step-time profile (kairos profile)")
+    p.add_argument("--prefill-workers", type=int, default=1)
+    p.add_argument("--decode-workers", type=int, default=1)
+    p.add_argument("--token-budget", type=int, default=8192, help="prefill tokens per step")
+    p.add_argument("--max-batch", type=int, default=256, help="decode sequences per step")
+    p.add_argument("--kv-capacity-tokens", type=int, help="per worker (default: from the profile)")
+    p.add_argument("--kv-bandwidth-gb-s", type=float, default=25.0, help="prefill -> decode KV bandwidth")
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from scheduler.simulator import simulate
+
+    config, cost = sim_setup(args)
+    trace = read_trace(args)
+    started = time.perf_counter()
+    report = simulate(trace, config, cost)
+    report["simulated_in_s"] = round(time.perf_counter() - started, 3)
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(f"{report['requests']} requests, {args.prefill_policy}+{args.decode_policy}, "
+          f"simulated in {report['simulated_in_s']:.1f} s")
+    print(f"attainment: TTFT {report['ttft_attainment']:.1%}  TPOT {report['tpot_attainment']:.1%}  "
+          f"both {report['e2e_attainment']:.1%}   decode {report['decode_throughput_tok_s']:.0f} tok/s")
+    for name in ("ttft_ms", "tpot_ms"):
+        q = report[name]
+        print(f"{name}: p50 {q['p50']:.1f}  p90 {q['p90']:.1f}  p99 {q['p99']:.1f}")
     return 0
 
 
@@ -241,6 +320,14 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--out", help="JSON file (default: profile_<model>_<device>.json)")
     prof.add_argument("--quick", action="store_true", help="a coarse grid (what workers do at start-up)")
     prof.set_defaults(func=cmd_profile)
+
+    sim = sub.add_parser("simulate", help="replay a trace through the policies in a discrete-event model")
+    add_trace_args(sim)
+    add_sim_args(sim)
+    sim.add_argument("--prefill-policy", default="fcfs", choices=["fcfs", "edf", "kairos", "mh"])
+    sim.add_argument("--decode-policy", default="cb", choices=["cb", "kairos"])
+    sim.add_argument("--json", action="store_true")
+    sim.set_defaults(func=cmd_simulate)
 
     router = sub.add_parser("router", help="the front door that clients and workers connect to")
     add_network_args(router)

@@ -148,8 +148,7 @@ def measure_profile(llm, quick: bool = False, progress: bool = False) -> dict:
 def load_cost_model(llm, profile_path: str | None) -> CostModel:
     if profile_path:
         try:
-            profile = json.loads(Path(profile_path).read_text())
-            return CostModel.fit(profile)
+            return CostModel.from_profile(json.loads(Path(profile_path).read_text()))
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"cannot use the profile {profile_path}: {e}") from None
     log.warning("no --profile given: measuring a short step-time profile for the cost model")

@@ -90,6 +90,15 @@ class CostModel:
         return cls(tuple(p), tuple(d))
 
     @classmethod
+    def from_profile(cls, profile: dict) -> CostModel:
+        """Fitted to a profile's measurements; a profile without any (derived from a roofline,
+        say) gives its coefficients directly under "fit"."""
+        if profile.get("prefill") and profile.get("decode"):
+            return cls.fit(profile)
+        fit = profile["fit"]
+        return cls(tuple(fit["prefill"]), tuple(fit["decode"]))
+
+    @classmethod
     def fit_with_holdout(cls, profile: dict, every: int = 4) -> tuple[CostModel, dict]:
         """Fits on all but every `every`-th point, reports MAPE on those, then refits on all."""
         report = {}

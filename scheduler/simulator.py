@@ -1,0 +1,267 @@
+"""A discrete-event model of disaggregated serving that runs the workers' own policy objects.
+
+Prefill workers take requests in their prefill policy's order into steps under a token budget;
+a step lasts what the cost model predicts. Each prompt's KV then moves to a decode worker at
+the KV bandwidth, once that worker has room for it (backpressure, as in the real workers). A
+decode worker admits ready requests through its decode policy and runs steps whose length the
+cost model predicts; every running request gains a token per step. Prefix-cache hits come from
+Mooncake `hash_ids` (an LRU of blocks per prefill worker). Pure Python.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from scheduler.cost_model import CostModel
+from scheduler.decode import get_decode_policy
+from scheduler.prefill import get_prefill_policy
+from scheduler.traces import MOONCAKE_BLOCK_TOKENS, TraceRequest
+
+
+@dataclass
+class SimConfig:
+    prefill_workers: int = 1
+    decode_workers: int = 1
+    prefill_policy: str = "fcfs"
+    decode_policy: str = "cb"
+    token_budget: int = 8192  # prefill tokens per step
+    max_batch: int = 256  # decode sequences per step
+    kv_capacity_tokens: int = 400_000  # per worker
+    kv_bytes_per_token: int = 131_072
+    kv_bandwidth_gb_s: float = 25.0  # prefill -> decode
+    block_size: int = 16
+
+
+class SimRequest:
+    """A request as the policies see it (the attribute names of engine.Sequence)."""
+
+    __slots__ = ("trace", "arrival_time", "ttft_slo", "tpot_slo", "prompt_len", "output_len", "cached",
+                 "max_tokens", "request_class", "output_len_hint", "first_token_time", "finish_time",
+                 "worker", "join_step")
+
+    def __init__(self, trace: TraceRequest):
+        self.trace = trace
+        self.arrival_time = trace.arrival
+        self.ttft_slo = trace.ttft_slo
+        self.tpot_slo = trace.tpot_slo
+        self.prompt_len = trace.prompt_len
+        self.output_len = trace.output_len
+        self.max_tokens = trace.output_len  # replayed traces cap generation at their length
+        self.request_class = None
+        self.output_len_hint = None
+        self.cached = 0
+        self.first_token_time = math.nan
+        self.finish_time = math.nan
+        self.worker: DecodeSim | None = None
+        self.join_step = 0
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return self.prompt_len - self.cached
+
+    @property
+    def num_output_tokens(self) -> int:
+        return 1 if self.worker is None else 1 + self.worker.steps - self.join_step
+
+    @property
+    def num_tokens(self) -> int:
+        return self.prompt_len + self.num_output_tokens
+
+
+@dataclass
+class PrefillSim:
+    policy: object
+    waiting: list = field(default_factory=list)
+    busy: bool = False
+    queued_tokens: int = 0
+    cache: OrderedDict = field(default_factory=OrderedDict)  # hash id -> None, LRU order
+
+
+@dataclass
+class DecodeSim:
+    policy: object
+    capacity_tokens: int
+    running: list = field(default_factory=list)
+    ready: list = field(default_factory=list)
+    pending: list = field(default_factory=list)  # prefilled, waiting for room to transfer into
+    finishing: list = field(default_factory=list)  # heap of (finish step, seq, request)
+    steps: int = 0
+    context: int = 0  # sum of running contexts
+    reserved: int = 0  # tokens of KV held or on the way (running + ready + transferring)
+    busy: bool = False
+    tokens_out: int = 0
+
+
+class Simulator:
+    def __init__(self, config: SimConfig, cost: CostModel):
+        self.config = config
+        self.cost = cost
+        self.prefills = [PrefillSim(get_prefill_policy(config.prefill_policy, cost, config.token_budget))
+                         for _ in range(config.prefill_workers)]
+        self.decodes = [DecodeSim(get_decode_policy(config.decode_policy, config.max_batch, cost),
+                                  config.kv_capacity_tokens) for _ in range(config.decode_workers)]
+        self.events: list = []
+        self._seq = itertools.count()
+        self.now = 0.0
+
+    def at(self, t: float, handler, *args) -> None:
+        heapq.heappush(self.events, (t, next(self._seq), handler, args))
+
+    def run(self, trace: list[TraceRequest]) -> list[SimRequest]:
+        requests = [SimRequest(r) for r in trace]
+        for r in requests:
+            self.at(r.arrival_time, self.arrive, r)
+        while self.events:
+            self.now, _, handler, args = heapq.heappop(self.events)
+            handler(*args)
+        return requests
+
+    # ---- prefill --------------------------------------------------------------------------------
+
+    def arrive(self, r: SimRequest) -> None:
+        worker = min(self.prefills, key=lambda w: w.queued_tokens)
+        if r.trace.hash_ids:
+            hits = 0
+            for h in r.trace.hash_ids:
+                if h not in worker.cache:
+                    break
+                hits += 1
+            # The last token is always computed (its logits are needed).
+            r.cached = min(hits * MOONCAKE_BLOCK_TOKENS, r.prompt_len - 1)
+        worker.waiting.append(r)
+        worker.queued_tokens += r.num_uncomputed_tokens
+        if not worker.busy:
+            self.start_prefill(worker)
+
+    def start_prefill(self, w: PrefillSim) -> None:
+        if not w.waiting:
+            w.busy = False
+            return
+        order = w.policy.order(w.waiting, self.now)
+        batch, tokens = [], 0
+        for r in order:
+            n = r.num_uncomputed_tokens
+            if batch and tokens + n > self.config.token_budget:
+                break
+            batch.append(r)
+            tokens += n
+        chosen = set(map(id, batch))
+        w.waiting = [r for r in w.waiting if id(r) not in chosen]
+        w.queued_tokens -= tokens
+        w.busy = True
+        self.at(self.now + self.cost.prefill_time([(r.num_uncomputed_tokens, r.prompt_len) for r in batch]),
+                self.prefill_done, w, batch)
+
+    def prefill_done(self, w: PrefillSim, batch: list[SimRequest]) -> None:
+        capacity_blocks = self.config.kv_capacity_tokens // MOONCAKE_BLOCK_TOKENS
+        for r in batch:
+            r.first_token_time = self.now
+            for h in r.trace.hash_ids:
+                w.cache[h] = None
+                w.cache.move_to_end(h)
+            while len(w.cache) > capacity_blocks:
+                w.cache.popitem(last=False)
+            if r.output_len <= 1:
+                r.finish_time = self.now
+            else:
+                d = min(self.decodes, key=lambda d: d.reserved)
+                self.offer(d, r)
+        self.start_prefill(w)
+
+    # ---- transfer and decode --------------------------------------------------------------------
+
+    def offer(self, d: DecodeSim, r: SimRequest) -> None:
+        if d.pending or d.reserved + r.prompt_len + r.output_len > d.capacity_tokens and d.reserved:
+            d.pending.append(r)  # backpressure: it waits on the prefill side
+            return
+        self.transfer(d, r)
+
+    def transfer(self, d: DecodeSim, r: SimRequest) -> None:
+        d.reserved += r.prompt_len + r.output_len
+        seconds = r.prompt_len * self.config.kv_bytes_per_token / (self.config.kv_bandwidth_gb_s * 1e9)
+        self.at(self.now + seconds, self.transfer_done, d, r)
+
+    def transfer_done(self, d: DecodeSim, r: SimRequest) -> None:
+        d.ready.append(r)
+        if not d.busy:
+            self.decode_step(d)
+
+    def decode_step(self, d: DecodeSim) -> None:
+        """Starts a decode step (the previous one, if any, has just ended)."""
+        if d.ready:
+            free_blocks = (d.capacity_tokens - d.context) // self.config.block_size
+            admitted = d.policy.admit(d.running, d.ready, self.now, free_blocks)
+            if admitted:
+                chosen = set(map(id, admitted))
+                d.ready = [r for r in d.ready if id(r) not in chosen]
+                for r in admitted:
+                    r.worker, r.join_step = d, d.steps
+                    d.running.append(r)
+                    d.context += r.prompt_len + 1
+                    heapq.heappush(d.finishing, (d.steps + r.output_len - 1, next(self._seq), r))
+        if not d.running:
+            d.busy = False
+            return
+        d.busy = True
+        self.at(self.now + self.cost.decode_time(len(d.running), d.context), self.decode_step_done, d)
+
+    def decode_step_done(self, d: DecodeSim) -> None:
+        d.steps += 1
+        d.context += len(d.running)
+        d.tokens_out += len(d.running)
+        done = []
+        while d.finishing and d.finishing[0][0] <= d.steps:
+            done.append(heapq.heappop(d.finishing)[2])
+        if done:
+            finished = set(map(id, done))
+            d.running = [r for r in d.running if id(r) not in finished]
+            for r in done:
+                r.finish_time = self.now
+                d.context -= r.num_tokens
+                d.reserved -= r.prompt_len + r.output_len
+                d.policy.finished(r)
+            while d.pending and d.reserved + d.pending[0].prompt_len + d.pending[0].output_len <= d.capacity_tokens:
+                self.transfer(d, d.pending.pop(0))
+        self.decode_step(d)
+
+
+def percentiles(values: list[float]) -> dict:
+    if not values:
+        return {"p50": None, "p90": None, "p99": None}
+    s = sorted(values)
+    return {f"p{q}": s[min(len(s) - 1, int(q / 100 * len(s)))] for q in (50, 90, 99)}
+
+
+def metrics(requests: list, decode_tokens: int | None = None) -> dict:
+    """The SLO report of finished requests (simulated or live): attainment, latency
+    percentiles and decode throughput. A request has arrival_time, first_token_time,
+    finish_time, output_len, ttft_slo and tpot_slo."""
+    ttft_ms, tpot_ms, ttft_ok, tpot_ok, both = [], [], 0, 0, 0
+    for r in requests:
+        ttft = r.first_token_time - r.arrival_time
+        tpot = (r.finish_time - r.first_token_time) / (r.output_len - 1) if r.output_len > 1 else 0.0
+        ttft_ms.append(ttft * 1e3)
+        tpot_ms.append(tpot * 1e3)
+        a, b = ttft <= r.ttft_slo, tpot <= r.tpot_slo
+        ttft_ok += a
+        tpot_ok += b
+        both += a and b
+    n = len(requests)
+    span = max(r.finish_time for r in requests) - min(r.arrival_time for r in requests)
+    tokens = decode_tokens if decode_tokens is not None else sum(r.output_len - 1 for r in requests)
+    return {"requests": n, "ttft_attainment": ttft_ok / n, "tpot_attainment": tpot_ok / n, "e2e_attainment": both / n,
+            "decode_throughput_tok_s": tokens / span if span > 0 else 0.0,
+            "ttft_ms": percentiles(ttft_ms), "tpot_ms": percentiles(tpot_ms)}
+
+
+def simulate(trace: list[TraceRequest], config: SimConfig, cost: CostModel) -> dict:
+    sim = Simulator(config, cost)
+    requests = sim.run(trace)
+    unfinished = [r for r in requests if math.isnan(r.finish_time)]
+    if unfinished:
+        raise RuntimeError(f"{len(unfinished)} requests never finished in the simulation")
+    return metrics(requests, sum(d.tokens_out for d in sim.decodes))

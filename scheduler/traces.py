@@ -1,0 +1,129 @@
+"""Request traces: Azure LLM inference CSVs, Mooncake-style JSONL and synthetic workloads, with
+time compression, windowing and SLO assignment. Pure Python.
+
+A trace is a list of `TraceRequest`, arrivals in seconds from the trace's start, sorted.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import math
+import random
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+MOONCAKE_BLOCK_TOKENS = 512
+FORMATS = ("azure", "mooncake", "synthetic")
+
+
+@dataclass(frozen=True)
+class TraceRequest:
+    arrival: float  # seconds since the start of the trace
+    prompt_len: int
+    output_len: int
+    hash_ids: tuple[int, ...] = ()  # Mooncake: one id per 512-token prompt block; equal ids, shared prefix
+    ttft_slo: float = 1.0  # seconds
+    tpot_slo: float = 0.1
+
+
+def load_azure(path: str | Path) -> list[TraceRequest]:
+    rows = []
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = {"TIMESTAMP", "ContextTokens", "GeneratedTokens"} - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(f"{path} is not an Azure LLM trace: no {', '.join(sorted(missing))} column")
+        for line, row in enumerate(reader, start=2):
+            try:
+                stamp = datetime.datetime.fromisoformat(row["TIMESTAMP"][:26])
+                rows.append((stamp, int(row["ContextTokens"]), int(row["GeneratedTokens"])))
+            except ValueError as e:
+                raise ValueError(f"{path}:{line}: {e}") from None
+    if not rows:
+        raise ValueError(f"{path} has no requests")
+    rows.sort(key=lambda r: r[0])
+    start = rows[0][0]
+    return [TraceRequest((t - start).total_seconds(), max(1, p), max(1, o)) for t, p, o in rows]
+
+
+def load_mooncake(path: str | Path) -> list[TraceRequest]:
+    out = []
+    with open(path) as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                out.append(TraceRequest(float(row["timestamp"]) / 1e3, max(1, int(row["input_length"])),
+                                        max(1, int(row["output_length"])), tuple(row.get("hash_ids", ()))))
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}:{line_no}: not a Mooncake trace record ({e!r})") from None
+    if not out:
+        raise ValueError(f"{path} has no requests")
+    out.sort(key=lambda r: r.arrival)
+    start = out[0].arrival
+    return [replace(r, arrival=r.arrival - start) for r in out]
+
+
+def synthetic(num_requests: int = 1000, rate: float = 5.0, arrival: str = "poisson", burstiness: float = 1.0,
+              lengths: str = "lognormal", prompt_mean: int = 1000, output_mean: int = 150, max_len: int = 8192,
+              seed: int = 0) -> list[TraceRequest]:
+    """Poisson or Gamma arrivals (Gamma with `burstiness` = squared coefficient of variation of
+    the gaps; 1 is Poisson), lognormal or Zipf lengths with the given means."""
+    rng = random.Random(seed)
+    if arrival not in ("poisson", "gamma") or lengths not in ("lognormal", "zipf"):
+        raise ValueError("arrival is poisson or gamma; lengths lognormal or zipf")
+
+    def gap() -> float:
+        if arrival == "poisson":
+            return rng.expovariate(rate)
+        shape = 1.0 / burstiness
+        return rng.gammavariate(shape, 1.0 / (rate * shape))
+
+    def length(mean: int) -> int:
+        if lengths == "lognormal":
+            sigma = 1.0
+            value = rng.lognormvariate(math.log(mean) - sigma**2 / 2, sigma)
+        else:  # Zipf-like: a Pareto tail with exponent 1.5, scaled to the mean
+            value = mean / 3 * rng.paretovariate(1.5)
+        return max(1, min(max_len, int(value)))
+
+    t, out = 0.0, []
+    for _ in range(num_requests):
+        out.append(TraceRequest(t, length(prompt_mean), length(output_mean)))
+        t += gap()
+    return out
+
+
+def load_trace(path_or_name: str, trace_format: str, **synthetic_args) -> list[TraceRequest]:
+    if trace_format == "synthetic":
+        return synthetic(**synthetic_args)
+    if trace_format == "azure":
+        return load_azure(path_or_name)
+    if trace_format == "mooncake":
+        return load_mooncake(path_or_name)
+    raise ValueError(f"unknown trace format {trace_format!r}; available: {', '.join(FORMATS)}")
+
+
+def shape(trace: list[TraceRequest], rate_scale: float = 1.0, start_s: float = 0.0,
+          duration_s: float | None = None, limit: int | None = None) -> list[TraceRequest]:
+    """The window [start_s, start_s + duration_s) of the original timeline, then time compressed
+    by rate_scale (2 = twice the rate), rebased to start at 0."""
+    if rate_scale <= 0:
+        raise ValueError(f"--rate-scale must be positive, got {rate_scale}")
+    end = math.inf if duration_s is None else start_s + duration_s
+    window = [r for r in trace if start_s <= r.arrival < end][:limit]
+    if not window:
+        raise ValueError("the trace window holds no requests")
+    return [replace(r, arrival=(r.arrival - start_s) / rate_scale) for r in window]
+
+
+def with_slos(trace: list[TraceRequest], ttft_slo_ms: float, tpot_slo_ms: float,
+              ttft_ms_per_1k_prompt: float = 0.0) -> list[TraceRequest]:
+    """Fixed SLOs; with ttft_ms_per_1k_prompt > 0, the TTFT SLO grows with the prompt: a long
+    prompt's prefill cannot be as fast as a short one's, so its target is
+    ttft_slo_ms + ttft_ms_per_1k_prompt * prompt_len / 1000."""
+    return [replace(r, ttft_slo=(ttft_slo_ms + ttft_ms_per_1k_prompt * r.prompt_len / 1000) / 1e3,
+                    tpot_slo=tpot_slo_ms / 1e3) for r in trace]
