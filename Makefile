@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 		if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install torch; \
 		else $(BIN)/pip install $(TORCH_CPU); fi; \
 	fi
-	$(BIN)/pip install -e '.[test]'
+	$(BIN)/pip install -e '.[test,bench]'
 	@touch $(STAMP)
 
 DEMO_ADDR ?= tcp://127.0.0.1:7199

@@ -128,7 +128,8 @@ def sim_setup(args: argparse.Namespace):
         profile = json.loads(open(args.profile).read())
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"cannot read the profile {args.profile}: {e}") from None
-    config = SimConfig(args.prefill_workers, args.decode_workers, args.prefill_policy, args.decode_policy,
+    config = SimConfig(args.prefill_workers, args.decode_workers, getattr(args, "prefill_policy", "fcfs"),
+                       getattr(args, "decode_policy", "cb"),
                        args.token_budget, args.max_batch,
                        args.kv_capacity_tokens or profile.get("kv_capacity_tokens", SimConfig.kv_capacity_tokens),
                        profile.get("kv_bytes_per_token", SimConfig.kv_bytes_per_token), args.kv_bandwidth_gb_s)
@@ -163,6 +164,35 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     for name in ("ttft_ms", "tpot_ms"):
         q = report[name]
         print(f"{name}: p50 {q['p50']:.1f}  p90 {q['p90']:.1f}  p99 {q['p99']:.1f}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from scheduler import compare as cmp
+
+    config, cost = sim_setup(args)
+    trace = read_trace(args)
+    scales = [float(x) for x in args.rate_scales.split(",")]
+    policies = args.policies.split(",")
+    if cmp.BASELINE not in policies:
+        policies.insert(0, cmp.BASELINE)
+    for policy in policies:
+        if policy.count("+") != 1:
+            raise ValueError(f"a policy pair is PREFILL+DECODE (such as kairos+kairos), not {policy!r}")
+    from tqdm import tqdm
+
+    with tqdm(total=len(scales) * len(policies), desc="simulate", disable=not sys.stderr.isatty()) as bar:
+        result = cmp.compare(trace, scales, policies, config, cost, progress=bar.update)
+    print(cmp.table(result))
+    name = args.name or f"compare_{Path(args.trace).stem if args.trace_format != 'synthetic' else 'synthetic'}"
+    meta = {"title": name, "trace": args.trace, "trace_format": args.trace_format, "profile": args.profile,
+            "ttft_slo_ms": args.ttft_slo_ms, "tpot_slo_ms": args.tpot_slo_ms,
+            "ttft_ms_per_1k_prompt": args.ttft_ms_per_1k_prompt, "config": vars(config), "mode": "simulated",
+            "command": " ".join(["kairos", *sys.argv[1:]])}
+    for path in cmp.write(result, Path(args.out_dir), name, meta):
+        print(f"wrote {path}")
     return 0
 
 
@@ -328,6 +358,17 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--decode-policy", default="cb", choices=["cb", "kairos"])
     sim.add_argument("--json", action="store_true")
     sim.set_defaults(func=cmd_simulate)
+
+    bench = sub.add_parser("bench", help="trace-driven comparisons").add_subparsers(dest="bench", required=True)
+    cmp = bench.add_parser("compare", help="sweep rates x policies in the simulator against fcfs+cb")
+    add_trace_args(cmp)
+    add_sim_args(cmp)
+    cmp.add_argument("--rate-scales", default="2,3,4,5,6,7,8")
+    cmp.add_argument("--policies", default="fcfs+cb,kairos+cb,kairos+kairos,mh+kairos",
+                     help="PREFILL+DECODE pairs; fcfs+cb (the baseline) is always included")
+    cmp.add_argument("--out-dir", default="bench/results")
+    cmp.add_argument("--name", help="file name stem (default: compare_<trace>)")
+    cmp.set_defaults(func=cmd_compare)
 
     router = sub.add_parser("router", help="the front door that clients and workers connect to")
     add_network_args(router)
