@@ -1,0 +1,129 @@
+"""Trace loading and the discrete-event simulator (pure Python)."""
+
+import json
+import math
+
+import pytest
+
+from scheduler.compare import compare, goodput
+from scheduler.cost_model import CostModel
+from scheduler.simulator import SimConfig, Simulator, metrics, simulate
+from scheduler.traces import TraceRequest, load_azure, load_mooncake, shape, synthetic, with_slos
+from tests.serving import ROOT
+
+COST = CostModel(prefill=(0.005, 2e-5, 3e-10), decode=(0.006, 2e-5, 4e-8))
+CONV = ROOT / "bench" / "traces" / "AzureLLMInferenceTrace_conv.csv"
+
+
+def test_the_azure_traces_load_with_their_published_shape():
+    trace = load_azure(CONV)
+    assert len(trace) == 19366
+    assert trace[0].arrival == 0 and all(a.arrival <= b.arrival for a, b in zip(trace, trace[1:]))
+    assert 3500 < trace[-1].arrival < 3600  # one hour
+    prompts = sorted(r.prompt_len for r in trace)
+    assert prompts[len(prompts) // 2] == 1020  # the README's p50
+
+
+def test_malformed_traces_are_clear_errors(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("time,prompt\n1,2\n")
+    with pytest.raises(ValueError, match="not an Azure LLM trace"):
+        load_azure(bad)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"timestamp": 0, "input_length": 5, "output_length": 3}\n{"timestamp": 1}\n')
+    with pytest.raises(ValueError, match="broken.jsonl:2"):
+        load_mooncake(broken)
+
+
+def test_mooncake_traces_carry_shared_prefixes(tmp_path):
+    rows = [{"timestamp": 1000 + 10 * i, "input_length": 1500, "output_length": 4, "hash_ids": [7, 8, 100 + i]}
+            for i in range(3)]
+    path = tmp_path / "mc.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    trace = load_mooncake(path)
+    assert [r.arrival for r in trace] == pytest.approx([0, 0.01, 0.02])
+    assert trace[1].hash_ids == (7, 8, 101)
+
+
+def test_rate_scaling_windows_and_slo_rules():
+    trace = [TraceRequest(float(t), 100 * (t + 1), 10) for t in range(10)]
+    window = shape(trace, rate_scale=2.0, start_s=2.0, duration_s=4.0)
+    assert [r.arrival for r in window] == [0.0, 0.5, 1.0, 1.5]
+    slo = with_slos(window, ttft_slo_ms=200, tpot_slo_ms=50, ttft_ms_per_1k_prompt=100)
+    assert slo[0].ttft_slo == pytest.approx(0.2 + 0.1 * 0.3) and slo[0].tpot_slo == 0.05
+    with pytest.raises(ValueError, match="no requests"):
+        shape(trace, start_s=100)
+
+
+def test_synthetic_arrivals_have_the_asked_rate_and_burstiness():
+    poisson = synthetic(4000, rate=10.0, seed=1)
+    gamma = synthetic(4000, rate=10.0, arrival="gamma", burstiness=8.0, seed=1)
+    for trace in (poisson, gamma):
+        assert trace[-1].arrival / len(trace) == pytest.approx(0.1, rel=0.15)
+
+    def cv2(trace):
+        gaps = [b.arrival - a.arrival for a, b in zip(trace, trace[1:])]
+        mean = sum(gaps) / len(gaps)
+        return sum((g - mean) ** 2 for g in gaps) / len(gaps) / mean**2
+
+    assert cv2(poisson) == pytest.approx(1.0, rel=0.2) and cv2(gamma) > 4
+
+
+def test_one_request_alone_takes_exactly_the_modelled_time():
+    r = TraceRequest(0.0, 1000, 5, ttft_slo=1.0, tpot_slo=0.1)
+    config = SimConfig(kv_bytes_per_token=1000, kv_bandwidth_gb_s=1.0)
+    requests = Simulator(config, COST).run([r])
+    ttft = COST.prefill_time([(1000, 1000)])
+    transfer = 1000 * 1000 / 1e9
+    steps = sum(COST.decode_time(1, 1001 + k) for k in range(4))
+    assert requests[0].first_token_time == pytest.approx(ttft)
+    assert requests[0].finish_time == pytest.approx(ttft + transfer + steps)
+
+
+@pytest.mark.parametrize("policies", [("fcfs", "cb"), ("kairos", "kairos"), ("mh", "cb"), ("edf", "kairos")])
+def test_every_request_finishes_under_load_and_kv_pressure(policies):
+    trace = with_slos(synthetic(800, rate=60.0, seed=3), 500, 50)
+    config = SimConfig(prefill_workers=2, decode_workers=2, prefill_policy=policies[0], decode_policy=policies[1],
+                       kv_capacity_tokens=40_000, max_batch=64)
+    report = simulate(trace, config, COST)  # raises if any request never finished
+    assert report["requests"] == 800
+    assert 0 <= report["e2e_attainment"] <= min(report["ttft_attainment"], report["tpot_attainment"])
+    assert report["ttft_ms"]["p50"] <= report["ttft_ms"]["p90"] <= report["ttft_ms"]["p99"]
+
+
+def test_light_load_meets_every_slo_and_overload_does_not():
+    trace = with_slos(synthetic(300, rate=1.0, seed=4), 1000, 100)
+    assert simulate(trace, SimConfig(), COST)["e2e_attainment"] == 1.0
+    heavy = shape(trace, rate_scale=200)
+    assert simulate(heavy, SimConfig(), COST)["ttft_attainment"] < 0.5
+
+
+def test_prefix_cache_hits_shorten_prefill():
+    shared = [TraceRequest(i * 0.5, 4096, 2, hash_ids=(1, 2, 3, 4, 5, 6, 7, 100 + i), ttft_slo=1, tpot_slo=1)
+              for i in range(4)]
+    cold = [TraceRequest(r.arrival, r.prompt_len, 2, ttft_slo=1, tpot_slo=1) for r in shared]
+    warm_ttft = metrics(Simulator(SimConfig(), COST).run(shared))["ttft_ms"]["p50"]
+    cold_ttft = metrics(Simulator(SimConfig(), COST).run(cold))["ttft_ms"]["p50"]
+    assert warm_ttft < 0.5 * cold_ttft
+
+
+def test_kairos_beats_fcfs_on_a_bursty_trace():
+    trace = with_slos(synthetic(1500, rate=40.0, arrival="gamma", burstiness=6.0, seed=5), 300, 100)
+    results = {p: simulate(trace, SimConfig(prefill_policy=p), COST)["ttft_attainment"] for p in ("fcfs", "kairos", "mh")}
+    assert results["kairos"] > results["fcfs"] + 0.05
+    assert results["mh"] > results["kairos"]
+
+
+def test_goodput_interpolates_to_the_ninety_percent_crossing():
+    assert goodput([(1, 1.0), (2, 0.95), (3, 0.85)]) == pytest.approx(2.5)
+    assert goodput([(1, 0.5), (2, 0.4)]) == 0.0
+    assert goodput([(1, 1.0), (2, 0.99)]) == 2
+
+
+def test_compare_reports_gains_against_the_baseline():
+    trace = with_slos(synthetic(600, rate=10.0, seed=6), 800, 100)
+    result = compare(trace, [1.0, 3.0], ["fcfs+cb", "kairos+kairos"], SimConfig(), COST)
+    assert len(result["rows"]) == 4 and set(result["summary"]) == {"fcfs+cb", "kairos+kairos"}
+    base = result["summary"]["fcfs+cb"]
+    assert base["goodput_vs_baseline"] in (None, 1.0)
+    assert all(math.isfinite(r["decode_throughput_tok_s"]) for r in result["rows"])
