@@ -196,6 +196,31 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from tqdm import tqdm
+
+    from transport.replay import replay
+
+    trace = read_trace(args)
+    if args.max_prompt_len or args.max_output_len:
+        trace = [replace(r, prompt_len=min(r.prompt_len, args.max_prompt_len or r.prompt_len),
+                         output_len=min(r.output_len, args.max_output_len or r.output_len)) for r in trace]
+    with tqdm(total=len(trace), desc="replay", disable=args.json or not sys.stderr.isatty()) as bar:
+        report = replay(args.addr, trace, timeout_s=args.timeout, progress=bar.update)
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(f"{report['requests']} requests ({report['failed']} failed), live at {args.addr}")
+    print(f"attainment: TTFT {report['ttft_attainment']:.1%}  TPOT {report['tpot_attainment']:.1%}  "
+          f"both {report['e2e_attainment']:.1%}   decode {report['decode_throughput_tok_s']:.0f} tok/s")
+    for name in ("ttft_ms", "tpot_ms"):
+        q = report[name]
+        print(f"{name}: p50 {q['p50']:.1f}  p90 {q['p90']:.1f}  p99 {q['p99']:.1f}")
+    return 0
+
+
 # ---- serving ------------------------------------------------------------------------------------
 
 DEFAULT_ROUTER = "tcp://127.0.0.1:7100"
@@ -369,6 +394,15 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--out-dir", default="bench/results")
     cmp.add_argument("--name", help="file name stem (default: compare_<trace>)")
     cmp.set_defaults(func=cmd_compare)
+
+    rep = bench.add_parser("replay", help="send a trace to a router, open loop, and report SLO attainment")
+    add_trace_args(rep)
+    rep.add_argument("--addr", default=DEFAULT_ROUTER)
+    rep.add_argument("--max-prompt-len", type=int, help="cap prompt lengths (to fit a small model)")
+    rep.add_argument("--max-output-len", type=int, help="cap output lengths")
+    rep.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for any reply")
+    rep.add_argument("--json", action="store_true")
+    rep.set_defaults(func=cmd_replay)
 
     router = sub.add_parser("router", help="the front door that clients and workers connect to")
     add_network_args(router)

@@ -217,3 +217,16 @@ def test_cli_client_json_and_exit_status(cluster):
     dead = kairos_process("status", "--addr", "tcp://127.0.0.1:1", "--timeout", "0.5")
     out, _ = dead.communicate(timeout=60)
     assert dead.returncode == 1 and "no reply from the router" in out
+
+
+def test_live_replay_reports_what_the_simulator_reports(cluster):
+    from scheduler.traces import synthetic, with_slos
+    from transport.replay import replay
+
+    trace = with_slos(synthetic(12, rate=20.0, prompt_mean=40, output_mean=6, max_len=200, seed=2), 5000, 1000)
+    report = replay(cluster.addr, trace, timeout_s=60)
+    assert report["requests"] == 12 and report["failed"] == 0
+    assert {"ttft_attainment", "tpot_attainment", "e2e_attainment", "decode_throughput_tok_s", "ttft_ms",
+            "tpot_ms"} <= set(report)
+    assert report["ttft_ms"]["p50"] > 0 and report["decode_throughput_tok_s"] > 0
+    cluster.wait_idle()

@@ -1,0 +1,107 @@
+"""Simulator fidelity: the same trace slice, live against real workers and in the simulator
+with the workers' own measured profile, for the same policies; the gap in SLO attainment.
+
+    python bench/sim_fidelity.py                       # tiny model on CPU, conv trace slice
+
+The simulator is given what the workers were given: the profile, the token budget, the batch
+limit and the KV capacity. Target: within 5 percentage points.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import write_result  # noqa: E402
+from scheduler.cost_model import CostModel  # noqa: E402
+from scheduler.simulator import SimConfig, simulate  # noqa: E402
+from scheduler.traces import load_azure, shape, with_slos  # noqa: E402
+from transport.replay import replay  # noqa: E402
+from transport.serve import ProcessGroup, wait_for_roles  # noqa: E402
+
+TRACES = Path(__file__).resolve().parent / "traces"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trace", default=str(TRACES / "AzureLLMInferenceTrace_conv.csv"))
+    parser.add_argument("--requests", type=int, default=150)
+    parser.add_argument("--rate-scale", type=float, default=2.0)
+    parser.add_argument("--max-prompt-len", type=int, default=512)
+    parser.add_argument("--max-output-len", type=int, default=32)
+    parser.add_argument("--ttft-slo-ms", type=float, default=500)
+    parser.add_argument("--tpot-slo-ms", type=float, default=60)
+    parser.add_argument("--policies", default="fcfs+cb,kairos+kairos")
+    parser.add_argument("--token-budget", type=int, default=1024)
+    parser.add_argument("--max-batch", type=int, default=64)
+    parser.add_argument("--kv-blocks", type=int, default=1024)
+    args = parser.parse_args()
+
+    from engine import LLM
+    from engine.profiler import measure_profile
+
+    engine_args = {"max_num_batched_tokens": args.token_budget, "max_num_seqs": args.max_batch,
+                   "num_kv_blocks": args.kv_blocks, "max_model_len": 1024}
+    llm = LLM("tiny", **engine_args)
+    profile = measure_profile(llm, quick=False)
+    kv_bytes_per_token = llm.runner.kv_bytes_per_block() // llm.config.block_size
+    del llm
+    profile_path = Path(tempfile.mkdtemp()) / "tiny_profile.json"
+    profile_path.write_text(json.dumps(profile))
+    print(f"profile: {len(profile['prefill'])} prefill and {len(profile['decode'])} decode points, held-out MAPE "
+          f"prefill {profile['prefill_mape']:.0%} decode {profile['decode_mape']:.0%}")
+
+    trace = shape(load_azure(args.trace), args.rate_scale, limit=args.requests)
+    trace = with_slos([replace(r, prompt_len=min(r.prompt_len, args.max_prompt_len),
+                               output_len=min(r.output_len, args.max_output_len)) for r in trace],
+                      args.ttft_slo_ms, args.tpot_slo_ms)
+    cost = CostModel.from_profile(profile)
+    rows = []
+    for policy in args.policies.split(","):
+        prefill, decode = policy.split("+")
+        config = SimConfig(prefill_policy=prefill, decode_policy=decode, token_budget=args.token_budget,
+                           max_batch=args.max_batch, kv_capacity_tokens=args.kv_blocks * 16,
+                           kv_bytes_per_token=kv_bytes_per_token, kv_bandwidth_gb_s=0.5)
+        simulated = simulate(trace, config, cost)
+        port = free_port()
+        addr = f"tcp://127.0.0.1:{port}"
+        worker = ["--model", "tiny", "--profile", str(profile_path), "--max-num-batched-tokens", str(args.token_budget),
+                  "--max-num-seqs", str(args.max_batch), "--num-kv-blocks", str(args.kv_blocks), "--max-model-len", "1024"]
+        group = ProcessGroup()
+        try:
+            group.start("router", ["router", "--port", str(port)])
+            group.start("prefill", ["prefill", "--router", addr, "--prefill-policy", prefill, *worker])
+            group.start("decode", ["decode", "--router", addr, "--decode-policy", decode, *worker])
+            wait_for_roles(addr, {"prefill", "decode"}, group, 300, lambda: False)
+            live = replay(addr, trace)
+        finally:
+            group.stop()
+        row = {"policy": policy, "simulated": simulated, "live": live}
+        row["gap_points"] = {k: 100 * (simulated[k] - live[k]) for k in ("ttft_attainment", "tpot_attainment",
+                                                                         "e2e_attainment")}
+        rows.append(row)
+        gap = row["gap_points"]
+        print(f"{policy:>15}: live TTFT {live['ttft_attainment']:.1%} TPOT {live['tpot_attainment']:.1%} "
+              f"E2E {live['e2e_attainment']:.1%} | simulated {simulated['ttft_attainment']:.1%} "
+              f"{simulated['tpot_attainment']:.1%} {simulated['e2e_attainment']:.1%} | gap "
+              f"{gap['ttft_attainment']:+.1f} / {gap['tpot_attainment']:+.1f} / {gap['e2e_attainment']:+.1f} points")
+    path = write_result("sim_fidelity_tiny_cpu", {"setup": vars(args), "profile_mape": {
+        "prefill": profile["prefill_mape"], "decode": profile["decode_mape"]}, "rows": rows})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
