@@ -342,7 +342,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     counters = report["counters"]
     print("requests: " + ", ".join(f"{k} {v}" for k, v in counters.items()) + f", waiting for workers {report['pending']}")
     columns = ("role", "worker_id", "requests", "waiting", "running", "ready", "transfers", "free_blocks",
-               "total_blocks", "completed", "aborted", "failed", "last_seen_ms")
+               "total_blocks", "completed", "aborted", "failed", "ttft_met", "tpot_met", "last_seen_ms")
     rows = [[str(w.get(c, "")) for c in columns] for w in sorted(report["workers"], key=lambda w: w["role"])]
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
     for row in [list(columns), *rows]:
