@@ -154,17 +154,22 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     report = simulate(trace, config, cost)
     report["simulated_in_s"] = round(time.perf_counter() - started, 3)
-    if args.json:
+    print_slo_report(report, args.json, f"{report['requests']} requests, {args.prefill_policy}+{args.decode_policy}, "
+                                        f"simulated in {report['simulated_in_s']:.1f} s")
+    return 0
+
+
+def print_slo_report(report: dict, as_json: bool, headline: str) -> None:
+    """A simulated or replayed run's SLO report: one JSON object, or a few lines."""
+    if as_json:
         print(json.dumps(report))
-        return 0
-    print(f"{report['requests']} requests, {args.prefill_policy}+{args.decode_policy}, "
-          f"simulated in {report['simulated_in_s']:.1f} s")
+        return
+    print(headline)
     print(f"attainment: TTFT {report['ttft_attainment']:.1%}  TPOT {report['tpot_attainment']:.1%}  "
           f"both {report['e2e_attainment']:.1%}   decode {report['decode_throughput_tok_s']:.0f} tok/s")
     for name in ("ttft_ms", "tpot_ms"):
         q = report[name]
         print(f"{name}: p50 {q['p50']:.1f}  p90 {q['p90']:.1f}  p99 {q['p99']:.1f}")
-    return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -209,15 +214,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
                          output_len=min(r.output_len, args.max_output_len or r.output_len)) for r in trace]
     with tqdm(total=len(trace), desc="replay", disable=args.json or not sys.stderr.isatty()) as bar:
         report = replay(args.addr, trace, timeout_s=args.timeout, progress=bar.update)
-    if args.json:
-        print(json.dumps(report))
-        return 0
-    print(f"{report['requests']} requests ({report['failed']} failed), live at {args.addr}")
-    print(f"attainment: TTFT {report['ttft_attainment']:.1%}  TPOT {report['tpot_attainment']:.1%}  "
-          f"both {report['e2e_attainment']:.1%}   decode {report['decode_throughput_tok_s']:.0f} tok/s")
-    for name in ("ttft_ms", "tpot_ms"):
-        q = report[name]
-        print(f"{name}: p50 {q['p50']:.1f}  p90 {q['p90']:.1f}  p99 {q['p99']:.1f}")
+    print_slo_report(report, args.json, f"{report['requests']} requests ({report['failed']} failed), live at {args.addr}")
     return 0
 
 
