@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import sys
 import tempfile
 from dataclasses import replace
@@ -24,15 +23,9 @@ from scheduler.cost_model import CostModel  # noqa: E402
 from scheduler.simulator import SimConfig, simulate  # noqa: E402
 from scheduler.traces import load_azure, shape, with_slos  # noqa: E402
 from transport.replay import replay  # noqa: E402
-from transport.serve import ProcessGroup, wait_for_roles  # noqa: E402
+from transport.serve import local_cluster  # noqa: E402
 
 TRACES = Path(__file__).resolve().parent / "traces"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:
@@ -76,19 +69,10 @@ def main() -> None:
                            max_batch=args.max_batch, kv_capacity_tokens=args.kv_blocks * 16,
                            kv_bytes_per_token=kv_bytes_per_token, kv_bandwidth_gb_s=0.5)
         simulated = simulate(trace, config, cost)
-        port = free_port()
-        addr = f"tcp://127.0.0.1:{port}"
         worker = ["--model", "tiny", "--profile", str(profile_path), "--max-num-batched-tokens", str(args.token_budget),
                   "--max-num-seqs", str(args.max_batch), "--num-kv-blocks", str(args.kv_blocks), "--max-model-len", "1024"]
-        group = ProcessGroup()
-        try:
-            group.start("router", ["router", "--port", str(port)])
-            group.start("prefill", ["prefill", "--router", addr, "--prefill-policy", prefill, *worker])
-            group.start("decode", ["decode", "--router", addr, "--decode-policy", decode, *worker])
-            wait_for_roles(addr, {"prefill", "decode"}, group, 300, lambda: False)
+        with local_cluster(["--prefill-policy", prefill, *worker], ["--decode-policy", decode, *worker]) as addr:
             live = replay(addr, trace)
-        finally:
-            group.stop()
         row = {"policy": policy, "simulated": simulated, "live": live}
         row["gap_points"] = {k: 100 * (simulated[k] - live[k]) for k in ("ttft_attainment", "tpot_attainment",
                                                                          "e2e_attainment")}

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
 import sys
 import tempfile
@@ -26,26 +25,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import write_result  # noqa: E402
 from transport.client import Client  # noqa: E402
-from transport.serve import ProcessGroup, wait_for_roles  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from transport.serve import local_cluster  # noqa: E402
 
 
 def run_burst(args, policy: str, profile: str) -> dict:
-    port = free_port()
-    addr = f"tcp://127.0.0.1:{port}"
     worker = ["--model", args.model, "--profile", profile, "--max-num-batched-tokens", str(args.token_budget),
               "--num-kv-blocks", "2048", "--max-model-len", "2048"]
-    group = ProcessGroup()
-    try:
-        group.start("router", ["router", "--port", str(port)])
-        group.start("prefill", ["prefill", "--router", addr, "--prefill-policy", policy, *worker])
-        group.start("decode", ["decode", "--router", addr, *worker])
-        wait_for_roles(addr, {"prefill", "decode"}, group, 300, lambda: False)
+    with local_cluster(["--prefill-policy", policy, *worker], worker) as addr:
         with Client(addr, timeout_s=120) as client:
             client.generate("warm up", max_tokens=2)
             rounds = []
@@ -65,10 +51,7 @@ def run_burst(args, policy: str, profile: str) -> dict:
                     row[f"{kind}_ttft_ms_p50"] = statistics.median(ttfts) if ids else None
                 rounds.append({"ttft_attainment": met_all / total, **row})
                 time.sleep(0.5)
-        return {"policy": policy, "rounds": rounds,
-                "ttft_attainment": statistics.mean(r["ttft_attainment"] for r in rounds)}
-    finally:
-        group.stop()
+    return {"policy": policy, "rounds": rounds, "ttft_attainment": statistics.mean(r["ttft_attainment"] for r in rounds)}
 
 
 def main() -> None:

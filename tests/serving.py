@@ -4,25 +4,19 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from transport.client import Client
+from transport.serve import free_port  # noqa: F401 - the tests take it from here
 
 ROOT = Path(__file__).resolve().parent.parent
 # Small enough that 100 concurrent requests run into backpressure and full caches.
 # Short steps keep the workers responsive on a busy 2-core machine.
 WORKER_ARGS = ["--model", "tiny", "--num-kv-blocks", "256", "--max-model-len", "512", "--transfer-timeout", "4",
                "--max-num-batched-tokens", "1024"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def kairos_process(*argv: str, prefix: tuple[str, ...] = (), **kwargs) -> subprocess.Popen:

@@ -3,8 +3,10 @@ processes that go down together on Ctrl-C or SIGTERM (and with this process if i
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -63,6 +65,29 @@ def wait_for_roles(addr: str, roles: set[str], group: ProcessGroup, timeout_s: f
             time.sleep(0.2)
     if not interrupted():
         raise RuntimeError(f"the {' and '.join(sorted(roles))} workers did not register within {timeout_s:g} s")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def local_cluster(prefill_argv: list[str], decode_argv: list[str], startup_timeout_s: float = 300.0):
+    """A router on a free loopback port and one prefill and one decode worker, started with
+    these arguments (each besides --router); yields the router's address, and stops them all."""
+    port = free_port()
+    addr = f"tcp://127.0.0.1:{port}"
+    group = ProcessGroup()
+    try:
+        group.start("router", ["router", "--port", str(port)])
+        group.start("prefill", ["prefill", "--router", addr, *prefill_argv])
+        group.start("decode", ["decode", "--router", addr, *decode_argv])
+        wait_for_roles(addr, {"prefill", "decode"}, group, startup_timeout_s, lambda: False)
+        yield addr
+    finally:
+        group.stop()
 
 
 def serve(host: str, port: int, router_argv: list[str], worker_argv: list[str], prefill_argv: list[str],
