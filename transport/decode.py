@@ -105,7 +105,7 @@ class DecodeWorker(Worker):
                 # TPOT from the first token's arrival here (its KV offer) to the last.
                 times = seq.token_times
                 self.counters["tpot_met"] += len(times) < 2 or (times[-1] - times[0]) / (len(times) - 1) <= seq.tpot_slo
-            self.send_tokens(seq, 1)
+            self.send_tokens(seq)
 
     # ---- the KV channel -----------------------------------------------------------------------
 

@@ -114,7 +114,7 @@ class PrefillWorker(Worker):
         for seq in stepped:
             self.counters["first_tokens"] += 1
             self.counters["ttft_met"] += seq.token_times[0] - seq.arrival_time <= seq.ttft_slo
-            self.send_tokens(seq, 1)
+            self.send_tokens(seq)
             if seq.status is Status.HANDED_OFF:
                 self.start_transfer(seq)
             else:

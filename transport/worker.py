@@ -170,10 +170,10 @@ class Worker:
             raise ValueError("the request has neither a prompt nor prompt_token_ids")
         return self.llm.make_sequence(source, sampling, request_id, request_slo)
 
-    def send_tokens(self, seq: Sequence, new_tokens: int) -> None:
+    def send_tokens(self, seq: Sequence) -> None:
+        """The token a step just gave the sequence, with its text (and finish reason, if done)."""
         done = seq.is_finished
-        send(self.router, p.Tokens(seq.request_id, seq.num_output_tokens - new_tokens,
-                                   seq.output_token_ids[-new_tokens:] if new_tokens else [],
+        send(self.router, p.Tokens(seq.request_id, seq.num_output_tokens - 1, seq.output_token_ids[-1:],
                                    seq.take_text_delta(), seq.finish_reason.value if done else None))
         if done:
             self.counters["completed"] += 1
