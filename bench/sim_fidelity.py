@@ -22,17 +22,27 @@ from bench.common import write_result  # noqa: E402
 from scheduler.cost_model import CostModel  # noqa: E402
 from scheduler.simulator import SimConfig, simulate  # noqa: E402
 from scheduler.traces import load_azure, shape, with_slos  # noqa: E402
+from transport.client import Client  # noqa: E402
 from transport.replay import replay  # noqa: E402
-from transport.serve import local_cluster  # noqa: E402
+from transport.serve import cpu_share, local_cluster  # noqa: E402
 
 TRACES = Path(__file__).resolve().parent / "traces"
+KEYS = ("ttft_attainment", "tpot_attainment", "e2e_attainment")
+
+
+def serving_drift(addr: str) -> dict:
+    """Mean observed over predicted step time, from the prefill and the decode worker."""
+    with Client(addr) as client:
+        workers = client.status()["workers"]
+    return {role: next(w["cost_scale"][role]["mean"] for w in workers if w["role"] == role)
+            for role in ("prefill", "decode")}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trace", default=str(TRACES / "AzureLLMInferenceTrace_conv.csv"))
     parser.add_argument("--requests", type=int, default=150)
-    parser.add_argument("--rate-scale", type=float, default=2.0)
+    parser.add_argument("--rate-scales", default="3,4,6", help="loads to compare at (time compression)")
     parser.add_argument("--max-prompt-len", type=int, default=512)
     parser.add_argument("--max-output-len", type=int, default=32)
     parser.add_argument("--ttft-slo-ms", type=float, default=500)
@@ -43,9 +53,13 @@ def main() -> None:
     parser.add_argument("--kv-blocks", type=int, default=1024)
     args = parser.parse_args()
 
+    import torch
+
     from engine import LLM
     from engine.profiler import measure_profile
 
+    # Measured with the thread count each worker of the local cluster gets.
+    torch.set_num_threads(cpu_share(2))
     engine_args = {"max_num_batched_tokens": args.token_budget, "max_num_seqs": args.max_batch,
                    "num_kv_blocks": args.kv_blocks, "max_model_len": 1024}
     llm = LLM("tiny", **engine_args)
@@ -57,33 +71,49 @@ def main() -> None:
     print(f"profile: {len(profile['prefill'])} prefill and {len(profile['decode'])} decode points, held-out MAPE "
           f"prefill {profile['prefill_mape']:.0%} decode {profile['decode_mape']:.0%}")
 
-    trace = shape(load_azure(args.trace), args.rate_scale, limit=args.requests)
-    trace = with_slos([replace(r, prompt_len=min(r.prompt_len, args.max_prompt_len),
-                               output_len=min(r.output_len, args.max_output_len)) for r in trace],
-                      args.ttft_slo_ms, args.tpot_slo_ms)
     cost = CostModel.from_profile(profile)
-    rows = []
-    for policy in args.policies.split(","):
-        prefill, decode = policy.split("+")
-        config = SimConfig(prefill_policy=prefill, decode_policy=decode, token_budget=args.token_budget,
-                           max_batch=args.max_batch, kv_capacity_tokens=args.kv_blocks * 16,
-                           kv_bytes_per_token=kv_bytes_per_token, kv_bandwidth_gb_s=0.5)
-        simulated = simulate(trace, config, cost)
-        worker = ["--model", "tiny", "--profile", str(profile_path), "--max-num-batched-tokens", str(args.token_budget),
-                  "--max-num-seqs", str(args.max_batch), "--num-kv-blocks", str(args.kv_blocks), "--max-model-len", "1024"]
-        with local_cluster(["--prefill-policy", prefill, *worker], ["--decode-policy", decode, *worker]) as addr:
-            live = replay(addr, trace)
-        row = {"policy": policy, "simulated": simulated, "live": live}
-        row["gap_points"] = {k: 100 * (simulated[k] - live[k]) for k in ("ttft_attainment", "tpot_attainment",
-                                                                         "e2e_attainment")}
-        rows.append(row)
-        gap = row["gap_points"]
-        print(f"{policy:>15}: live TTFT {live['ttft_attainment']:.1%} TPOT {live['tpot_attainment']:.1%} "
-              f"E2E {live['e2e_attainment']:.1%} | simulated {simulated['ttft_attainment']:.1%} "
-              f"{simulated['tpot_attainment']:.1%} {simulated['e2e_attainment']:.1%} | gap "
-              f"{gap['ttft_attainment']:+.1f} / {gap['tpot_attainment']:+.1f} / {gap['e2e_attainment']:+.1f} points")
+    worker = ["--model", "tiny", "--profile", str(profile_path), "--max-num-batched-tokens", str(args.token_budget),
+              "--max-num-seqs", str(args.max_batch), "--num-kv-blocks", str(args.kv_blocks), "--max-model-len", "1024"]
+    rows, calibration = [], None
+    for rate in (float(x) for x in args.rate_scales.split(",")):
+        trace = shape(load_azure(args.trace), rate, limit=args.requests)
+        trace = with_slos([replace(r, prompt_len=min(r.prompt_len, args.max_prompt_len),
+                                   output_len=min(r.output_len, args.max_output_len)) for r in trace],
+                          args.ttft_slo_ms, args.tpot_slo_ms)
+        for policy in args.policies.split(","):
+            prefill, decode = policy.split("+")
+            with local_cluster(["--prefill-policy", prefill, *worker], ["--decode-policy", decode, *worker]) as addr:
+                live = replay(addr, trace)
+                drift = serving_drift(addr)
+            if calibration is None:
+                # The first run calibrates every simulation: how much slower steps ran while
+                # serving than in the quiet profile (co-located workers share the cores).
+                calibration = drift
+                print(f"calibration ({policy} at rate x{rate:g}): steps ran {drift['prefill']:.2f}x (prefill) and "
+                      f"{drift['decode']:.2f}x (decode) the profile's prediction")
+            config = SimConfig(prefill_policy=prefill, decode_policy=decode, token_budget=args.token_budget,
+                               max_batch=args.max_batch, kv_capacity_tokens=args.kv_blocks * 16,
+                               kv_bytes_per_token=kv_bytes_per_token, kv_bandwidth_gb_s=0.5)
+            simulated = simulate(trace, config, cost.scaled(calibration["prefill"], calibration["decode"]))
+            uncalibrated = simulate(trace, config, cost)
+            row = {"policy": policy, "rate_scale": rate, "simulated": simulated, "live": live,
+                   "uncalibrated": uncalibrated, "drift": drift}
+            row["gap_points"] = {k: 100 * (simulated[k] - live[k]) for k in KEYS}
+            row["uncalibrated_gap_points"] = {k: 100 * (uncalibrated[k] - live[k]) for k in KEYS}
+            rows.append(row)
+            gap = row["gap_points"]
+            print(f"x{rate:<4g} {policy:>15}: live TTFT {live['ttft_attainment']:.1%} TPOT {live['tpot_attainment']:.1%} "
+                  f"E2E {live['e2e_attainment']:.1%} | simulated {simulated['ttft_attainment']:.1%} "
+                  f"{simulated['tpot_attainment']:.1%} {simulated['e2e_attainment']:.1%} | gap "
+                  f"{gap['ttft_attainment']:+.1f} / {gap['tpot_attainment']:+.1f} / {gap['e2e_attainment']:+.1f} points "
+                  f"(uncalibrated E2E {row['uncalibrated_gap_points']['e2e_attainment']:+.1f})")
+    worst = {k: max(abs(r["gap_points"][k]) for r in rows) for k in KEYS}
+    mean = {k: sum(abs(r["gap_points"][k]) for r in rows) / len(rows) for k in KEYS}
+    print("largest gap: " + ", ".join(f"{k.split('_')[0].upper()} {v:.1f}" for k, v in worst.items()) + " points; mean: "
+          + ", ".join(f"{k.split('_')[0].upper()} {v:.1f}" for k, v in mean.items()))
     path = write_result("sim_fidelity_tiny_cpu", {"setup": vars(args), "profile_mape": {
-        "prefill": profile["prefill_mape"], "decode": profile["decode_mape"]}, "rows": rows})
+        "prefill": profile["prefill_mape"], "decode": profile["decode_mape"]}, "calibration": calibration, "largest_gap_points": worst,
+        "mean_gap_points": mean, "rows": rows})
     print(f"wrote {path}")
 
 

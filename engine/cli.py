@@ -35,6 +35,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="cb: FCFS up to --max-num-seqs; kairos: admit while the step fits the tightest TPOT")
     p.add_argument("--profile", help="step-time profile (kairos profile) for the cost model; "
                                      "without one, predicting policies measure a short one at start-up")
+    p.add_argument("--cpu-threads", type=int, help="torch threads for CPU work (default: one per core); "
+                                                   "processes sharing a machine should split its cores")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -269,7 +271,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import torch
 
-    from transport.serve import serve
+    from transport.serve import cpu_share, serve
 
     worker_argv = ["--model", args.model, "--dtype", args.dtype, "--device", args.device, "--load-format",
                    args.load_format, "--backend", args.backend, "--block-size", str(args.block_size),
@@ -282,6 +284,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             worker_argv += [flag, str(value)]
     if not args.enable_prefix_caching:
         worker_argv.append("--no-prefix-caching")
+    worker_argv += ["--cpu-threads", str(args.cpu_threads or cpu_share(2))]
     on_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     # One GPU, two workers: prefill takes a share, then decode fills up to the total.
     util = args.gpu_memory_utilization
@@ -463,6 +466,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if getattr(args, "cpu_threads", None) is not None:
+        if args.cpu_threads < 1:
+            print("kairos: error: --cpu-threads must be at least 1", file=sys.stderr)
+            return 2
+        import torch
+
+        torch.set_num_threads(args.cpu_threads)
     try:
         return args.func(args)
     except TimeoutError as e:  # no answer from a server

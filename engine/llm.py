@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from engine.sequence import RequestSLO, Sequence
 from engine.tiny import tiny_model_path
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from scheduler import get_decode_policy, get_prefill_policy
+from scheduler.cost_model import CalibratedCostModel
 from scheduler.prefill import PREDICTING_PREFILL_POLICIES
 
 Prompt = str | list[int]
@@ -58,10 +60,13 @@ class LLM:
 
     def _build_policies(self):
         """The scheduling policies; those that predict step times get a cost model, fitted to
-        --profile or else to a short profile measured now."""
+        --profile or else to a short profile measured now. With a cost model, every step's time
+        recalibrates it (and `cost_model` reports how far serving has drifted from the profile)."""
         cfg = self.config
         needs_cost = cfg.prefill_policy in PREDICTING_PREFILL_POLICIES or cfg.decode_policy == "kairos"
-        cost = load_cost_model(self, cfg.profile) if needs_cost else None
+        cost = load_cost_model(self, cfg.profile) if needs_cost or cfg.profile else None
+        self.cost_model = CalibratedCostModel(cost) if cost is not None else None
+        cost = self.cost_model
         return (get_prefill_policy(cfg.prefill_policy, cost, cfg.max_num_batched_tokens),
                 get_decode_policy(cfg.decode_policy, cfg.max_num_seqs, cost))
 
@@ -121,8 +126,18 @@ class LLM:
             return None
         if batch.is_prefill:
             self.num_prefill_tokens_computed += sum(batch.num_new_tokens)
-        sampled = self.runner.run(batch)
+        started = time.perf_counter()
+        sampled = self.runner.run(batch)  # returns host-side token ids: the step is over
+        if self.cost_model is not None:
+            self._calibrate(batch, time.perf_counter() - started)
         return self.scheduler.postprocess(batch, sampled)
+
+    def _calibrate(self, batch: Batch, seconds: float) -> None:
+        if batch.is_prefill:
+            self.cost_model.observe_prefill([(n, seq.num_computed_tokens + n) for seq, n in
+                                             zip(batch.seqs, batch.num_new_tokens)], seconds)
+        else:
+            self.cost_model.observe_decode([seq.num_tokens for seq in batch.seqs], seconds)
 
     # ---- offline API ----------------------------------------------------------------------
 

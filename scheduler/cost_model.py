@@ -114,3 +114,43 @@ class CostModel:
 
     def to_dict(self) -> dict:
         return {"prefill": list(self.prefill), "decode": list(self.decode)}
+
+    def scaled(self, prefill_factor: float, decode_factor: float) -> CostModel:
+        return CostModel(tuple(c * prefill_factor for c in self.prefill), tuple(c * decode_factor for c in self.decode))
+
+
+class CalibratedCostModel:
+    """A cost model that follows the step times a worker actually sees. A profile is measured on
+    a quiet machine; serving adds interference (a co-located worker, the transport's own CPU
+    work, a warmer or cooler GPU), and a policy that trusts stale predictions admits work that
+    then misses its SLO. Each phase keeps a running mean of observed over predicted step time,
+    and of how far single steps stray from it; predictions use the mean plus that spread, so a
+    policy packing work up to a deadline keeps a margin for the step-to-step jitter. Policies
+    read it like a CostModel."""
+
+    prefill_time = CostModel.prefill_time
+    prefill_marginal = CostModel.prefill_marginal
+    decode_time = CostModel.decode_time
+
+    def __init__(self, base: CostModel, weight: float = 0.05, bounds: tuple[float, float] = (0.25, 4.0)):
+        self.base = base
+        self.weight = weight  # of each new step: the means span some 1 / weight steps
+        self.bounds = bounds
+        self.drift = {"prefill": [1.0, 0.0], "decode": [1.0, 0.0]}  # phase -> [mean ratio, mean deviation]
+        self.prefill, self.decode = base.prefill, base.decode
+
+    def _observe(self, phase: str, predicted: float, seconds: float) -> tuple[float, ...]:
+        stats = self.drift[phase]
+        if predicted > 0.0:
+            lo, hi = self.bounds
+            ratio = min(hi, max(lo, seconds / predicted))
+            stats[1] += self.weight * (abs(ratio - stats[0]) - stats[1])
+            stats[0] += self.weight * (ratio - stats[0])
+        factor = stats[0] + stats[1]
+        return tuple(c * factor for c in getattr(self.base, phase))
+
+    def observe_prefill(self, prompts: list[tuple[int, int]], seconds: float) -> None:
+        self.prefill = self._observe("prefill", self.base.prefill_time(prompts), seconds)
+
+    def observe_decode(self, context_lens: list[int], seconds: float) -> None:
+        self.decode = self._observe("decode", self.base.decode_time(len(context_lens), sum(context_lens)), seconds)

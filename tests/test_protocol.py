@@ -19,7 +19,7 @@ EXAMPLES = [
     p.StatusReport([{"role": "decode"}], {"completed": 1}, 0),
     p.Register("w", "decode", {"dtype": "float32"}, 64, "tcp://127.0.0.1:1"),
     p.Heartbeat("w", {"free_blocks": 3}),
-    p.PrefillRequest("7", None, [1, 2], {}, {"ttft_ms": 200.0}, "d", "tcp://127.0.0.1:2"),
+    p.PrefillRequest("7", None, [1, 2], {}, {"ttft_ms": 200.0}, "d", "tcp://127.0.0.1:2", 1.7e9),
     p.KVOffer("t", "7", [1, 2], [3], {"max_tokens": 2}, {"tpot_ms": 20.0}, 1),
     p.KVData("t", 4),
     p.KVCancel("t", "timed out"),
@@ -40,12 +40,12 @@ def raw(**body) -> bytes:
     (msgpack.packb([1, 2]), "expected a map"),
     (raw(v=99, type="abort", request_id="x"), "protocol version 99"),
     (raw(type="abort", request_id="x"), "protocol version None"),
-    (raw(v=1, type="launch_missiles"), "unknown message type 'launch_missiles'"),
-    (raw(v=1, type="abort"), "missing field 'request_id'"),
-    (raw(v=1, type="abort", request_id=5), "abort.request_id: expected str, got int"),
-    (raw(v=1, type="abort", request_id="x", extra=1), "unknown fields ['extra']"),
-    (raw(v=1, type="submit", request_id="x", prompt_token_ids=[1, "2"]), "prompt_token_ids"),
-    (raw(v=1, type="tokens", request_id="x", index=True, token_ids=[], text=""), "expected int, got bool"),
+    (raw(v=p.PROTOCOL_VERSION, type="launch_missiles"), "unknown message type 'launch_missiles'"),
+    (raw(v=p.PROTOCOL_VERSION, type="abort"), "missing field 'request_id'"),
+    (raw(v=p.PROTOCOL_VERSION, type="abort", request_id=5), "abort.request_id: expected str, got int"),
+    (raw(v=p.PROTOCOL_VERSION, type="abort", request_id="x", extra=1), "unknown fields ['extra']"),
+    (raw(v=p.PROTOCOL_VERSION, type="submit", request_id="x", prompt_token_ids=[1, "2"]), "prompt_token_ids"),
+    (raw(v=p.PROTOCOL_VERSION, type="tokens", request_id="x", index=True, token_ids=[], text=""), "expected int, got bool"),
 ])
 def test_invalid_messages_are_rejected_with_the_reason(data, error):
     with pytest.raises(p.ProtocolError, match=error.replace("[", r"\[").replace("]", r"\]")):

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scheduler import (ContinuousBatching, CostModel, FCFSPolicy, KairosPolicy, OutputLengthEstimator, SlackBatching, get_decode_policy, get_prefill_policy)
-from scheduler.cost_model import decode_features, prefill_features
+from scheduler.cost_model import CalibratedCostModel, decode_features, prefill_features
 
 COST = CostModel(prefill=(0.004, 2e-5, 1e-9), decode=(0.006, 1e-4, 2e-8))
 
@@ -81,6 +81,34 @@ def test_a_profile_without_variation_is_a_clear_error():
             "decode": [{"context_lens": [5], "seconds": 1.0}] * 5}
     with pytest.raises(ValueError, match="does not vary enough"):
         CostModel.fit(flat)
+
+
+def test_calibration_follows_observed_steps_with_a_margin_for_their_jitter():
+    rng = random.Random(1)
+    cost = CalibratedCostModel(COST)
+    prompts = [(300, 300), (200, 700)]
+    for _ in range(300):  # serving runs prefill 2x slower than profiled, +-20% step to step
+        cost.observe_prefill(prompts, COST.prefill_time(prompts) * 2 * rng.uniform(0.8, 1.2))
+    mean, spread = cost.drift["prefill"]
+    assert 1.9 < mean < 2.1 and 0.1 < spread < 0.3
+    assert cost.prefill_time(prompts) == pytest.approx(COST.prefill_time(prompts) * (mean + spread))
+    assert cost.decode == COST.decode  # decode steps were never observed
+    for _ in range(300):
+        cost.observe_decode([100] * 8, 1e3)  # an absurd stall is clamped, not believed
+    assert cost.drift["decode"][0] <= 4.0
+
+
+def test_a_policy_reads_the_calibrated_model_as_it_moves():
+    cost = CalibratedCostModel(COST)
+    policy = KairosPolicy(cost, token_budget=4096)
+    # Two 400-token prompts share a step that ends at 20 ms as profiled: both make 50 ms. At 3x
+    # the step time only the first would, if it went alone: the second is demoted.
+    first, second = Req(ttft_slo=0.05, num_uncomputed_tokens=400), Req(ttft_slo=0.05, num_uncomputed_tokens=400)
+    relaxed = Req(ttft_slo=0.5, num_uncomputed_tokens=1000)
+    assert policy.order([relaxed, first, second], 0.0) == [first, second, relaxed]
+    for _ in range(200):
+        cost.observe_prefill([(400, 400)], 3 * COST.prefill_time([(400, 400)]))
+    assert policy.order([relaxed, first, second], 0.0) == [first, relaxed, second]
 
 
 def test_features_count_attention_against_the_whole_context():
@@ -269,6 +297,8 @@ def test_scheduling_policies_do_not_change_greedy_outputs(tiny_profile, tiny_llm
                   profile=str(path))
         assert [o.token_ids for o in llm.generate(prompts, params)] == want
         assert llm.num_free_blocks == llm.num_total_blocks
+        # Every step recalibrated the cost model against its own measured time.
+        assert all(0.25 <= m <= 4.0 and m != 1.0 for m, _ in llm.cost_model.drift.values())
 
 
 def test_a_missing_profile_is_a_clear_error(tiny_path, tmp_path):

@@ -142,7 +142,7 @@ def test_bad_messages_on_every_socket_are_refused_and_serving_goes_on(cluster):
     try:
         router = raw_dealer(ctx, cluster.addr)
         for data, error in [(b"\x93\x01", "malformed"), (msgpack.packb({"v": 7, "type": "abort", "request_id": "x"}), "version 7"),
-                            (msgpack.packb({"v": 1, "type": "nuke"}), "unknown message type"),
+                            (msgpack.packb({"v": p.PROTOCOL_VERSION, "type": "nuke"}), "unknown message type"),
                             (p.encode(p.KVAck("t")), "unexpected kv_ack")]:
             router.send(data)
             answer = reply(router)
@@ -217,6 +217,24 @@ def test_cli_client_json_and_exit_status(cluster):
     dead = kairos_process("status", "--addr", "tcp://127.0.0.1:1", "--timeout", "0.5")
     out, _ = dead.communicate(timeout=60)
     assert dead.returncode == 1 and "no reply from the router" in out
+
+
+def test_slo_clocks_start_at_the_router_whatever_the_hosts_clock_skew():
+    from transport.prefill import MAX_DISPATCH_AGE_S, dispatch_age
+
+    assert dispatch_age(100.0, 100.25) == pytest.approx(0.25)  # waited a step in the worker's socket
+    assert dispatch_age(100.0, 99.0) == 0.0  # this host's clock is behind the router's
+    assert dispatch_age(100.0, 1e6) == MAX_DISPATCH_AGE_S
+
+
+def test_cpu_threads_are_checked_and_local_workers_split_the_cores():
+    from transport.serve import cpu_share
+
+    cores = cpu_share(1)
+    assert cores >= 1 and cpu_share(2) == max(1, cores // 2) and cpu_share(10 * cores) == 1
+    bad = kairos_process("generate", "--prompt", "hi", "--cpu-threads", "0")
+    out, _ = bad.communicate(timeout=60)
+    assert bad.returncode == 2 and "--cpu-threads must be at least 1" in out
 
 
 def test_live_replay_reports_what_the_simulator_reports(cluster):

@@ -25,6 +25,13 @@ from transport.sockets import make_socket, recv, send
 from transport.worker import Worker
 
 log = logging.getLogger("kairos.prefill")
+MAX_DISPATCH_AGE_S = 60.0
+
+
+def dispatch_age(arrival_unix: float, now_unix: float) -> float:
+    """How long ago the router received a request: its SLO clock has been running since. Clock
+    skew between hosts must not make a request look ancient, or from the future."""
+    return min(MAX_DISPATCH_AGE_S, max(0.0, now_unix - arrival_unix))
 
 
 @dataclass
@@ -70,6 +77,7 @@ class PrefillWorker(Worker):
             except ValueError as e:
                 self.fail(msg.request_id, str(e))
                 return
+            seq.arrival_time -= dispatch_age(msg.arrival_unix, time.time())
             self.targets[msg.request_id] = (msg.decode_worker_id, msg.decode_kv_addr)
             self.llm.scheduler.add(seq)
         elif isinstance(msg, p.Abort):

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import msgpack
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 # Control messages (requests, tokens, status) are small; the largest is a long prompt's ids.
 MAX_CONTROL_MESSAGE_BYTES = 16 * 2**20
 
@@ -135,6 +135,9 @@ class PrefillRequest(Message):
     slo: dict  # engine.sequence.RequestSLO fields
     decode_worker_id: str
     decode_kv_addr: str
+    # When the router received it (Unix seconds): SLO clocks start there, not when the worker
+    # gets round to reading its socket (after the step it is running). Hosts need NTP.
+    arrival_unix: float
 
 
 @dataclass

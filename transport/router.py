@@ -257,8 +257,9 @@ class Router:
             ttft_ms, tpot_ms = self.slo_of(s)
             slo = {"ttft_ms": ttft_ms, "tpot_ms": tpot_ms, "request_class": s.request_class,
                    "output_len_hint": s.output_len_hint}
+            arrival_unix = time.time() - (now - r.arrival)
             send(self.socket, p.PrefillRequest(rid, s.prompt, s.prompt_token_ids, s.params, slo, decode.worker_id,
-                                               decode.kv_addr), prefill.identity)
+                                               decode.kv_addr, arrival_unix), prefill.identity)
         self.pending = still
 
     def pick(self, role: str) -> WorkerInfo | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import signal
 import socket
 import subprocess
@@ -67,6 +68,14 @@ def wait_for_roles(addr: str, roles: set[str], group: ProcessGroup, timeout_s: f
         raise RuntimeError(f"the {' and '.join(sorted(roles))} workers did not register within {timeout_s:g} s")
 
 
+def cpu_share(processes: int) -> int:
+    """Cores per process when this many busy processes share the machine. Each torch process
+    otherwise starts one thread per core, and oversubscribed threads spin against each other:
+    on 2 cores, two such workers make a 6 ms prefill take over 300 ms."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // processes)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -82,8 +91,10 @@ def local_cluster(prefill_argv: list[str], decode_argv: list[str], startup_timeo
     group = ProcessGroup()
     try:
         group.start("router", ["router", "--port", str(port)])
-        group.start("prefill", ["prefill", "--router", addr, *prefill_argv])
-        group.start("decode", ["decode", "--router", addr, *decode_argv])
+        # The caller's own --cpu-threads, coming later, wins.
+        threads = ["--cpu-threads", str(cpu_share(2))]
+        group.start("prefill", ["prefill", "--router", addr, *threads, *prefill_argv])
+        group.start("decode", ["decode", "--router", addr, *threads, *decode_argv])
         wait_for_roles(addr, {"prefill", "decode"}, group, startup_timeout_s, lambda: False)
         yield addr
     finally:

@@ -65,9 +65,13 @@ class Worker:
 
     def stats(self) -> dict:
         sched = self.llm.scheduler
-        return {"waiting": len(sched.waiting), "running": len(sched.running), "ready": len(sched.ready),
-                "free_blocks": self.llm.num_free_blocks, "total_blocks": self.llm.num_total_blocks,
-                **self.counters}
+        stats = {"waiting": len(sched.waiting), "running": len(sched.running), "ready": len(sched.ready),
+                 "free_blocks": self.llm.num_free_blocks, "total_blocks": self.llm.num_total_blocks,
+                 **self.counters}
+        cost = self.llm.cost_model
+        if cost is not None:  # observed over predicted step time: how far serving is from the profile
+            stats["cost_scale"] = {phase: {"mean": m, "spread": d} for phase, (m, d) in cost.drift.items()}
+        return stats
 
     def registration(self) -> p.Register:
         return p.Register(self.worker_id, self.role, self.geometry.to_dict(), self.llm.num_total_blocks)
