@@ -1,10 +1,13 @@
-"""Simulator fidelity: the same trace slice, live against real workers and in the simulator
-with the workers' own measured profile, for the same policies; the gap in SLO attainment.
+"""Simulator fidelity: the same trace slice, live against real workers and in the simulator,
+for the same policies at several loads; the gap in SLO attainment.
 
     python bench/sim_fidelity.py                       # tiny model on CPU, conv trace slice
 
-The simulator is given what the workers were given: the profile, the token budget, the batch
-limit and the KV capacity. Target: within 5 percentage points.
+The simulator is given what the workers were given: their profile (measured with the thread
+count each worker runs with), the token budget, the batch limit and the KV capacity. Serving
+runs steps slower than the quiet profile (the workers share the machine), so the first live
+run is also a calibration: the workers' running ratio of observed to predicted step time
+(`kairos status`) scales the profile for every simulation. Target: within 5 percentage points.
 """
 
 from __future__ import annotations

@@ -113,12 +113,23 @@ def add_trace_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--synthetic-lengths", default="lognormal", choices=["lognormal", "zipf"])
 
 
+def add_length_caps(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-prompt-len", type=int, help="cap prompt lengths (to fit a small model)")
+    p.add_argument("--max-output-len", type=int, help="cap output lengths")
+
+
 def read_trace(args: argparse.Namespace):
+    from dataclasses import replace
+
     from scheduler.traces import load_trace, shape, with_slos
 
     trace = load_trace(args.trace, args.trace_format, num_requests=args.synthetic_requests,
                        rate=args.synthetic_rate, arrival=args.synthetic_arrival, lengths=args.synthetic_lengths)
     trace = shape(trace, args.rate_scale, args.start_s, args.duration_s, args.limit)
+    max_prompt, max_output = getattr(args, "max_prompt_len", None), getattr(args, "max_output_len", None)
+    if max_prompt or max_output:
+        trace = [replace(r, prompt_len=min(r.prompt_len, max_prompt or r.prompt_len),
+                         output_len=min(r.output_len, max_output or r.output_len)) for r in trace]
     return with_slos(trace, args.ttft_slo_ms, args.tpot_slo_ms, args.ttft_ms_per_1k_prompt)
 
 
@@ -179,7 +190,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     from scheduler import compare as cmp
 
-    config, cost = sim_setup(args)
     trace = read_trace(args)
     scales = [float(x) for x in args.rate_scales.split(",")]
     policies = args.policies.split(",")
@@ -190,30 +200,39 @@ def cmd_compare(args: argparse.Namespace) -> int:
             raise ValueError(f"a policy pair is PREFILL+DECODE (such as kairos+kairos), not {policy!r}")
     from tqdm import tqdm
 
-    with tqdm(total=len(scales) * len(policies), desc="simulate", disable=not sys.stderr.isatty()) as bar:
-        result = cmp.compare(trace, scales, policies, config, cost, progress=bar.update)
+    if args.live:
+        from transport.replay import live_point
+
+        worker = ["--model", args.model, "--max-num-batched-tokens", str(args.token_budget),
+                  "--max-num-seqs", str(args.max_batch)]
+        if args.kv_capacity_tokens:
+            worker += ["--num-kv-blocks", str(-(-args.kv_capacity_tokens // 16))]
+        if args.worker_profile:
+            worker += ["--profile", args.worker_profile]
+        run_point, setup = live_point(worker, args.timeout), {"workers": worker}
+    else:
+        config, cost = sim_setup(args)
+        run_point, setup = cmp.simulated_point(config, cost), {"profile": args.profile, "config": vars(config)}
+    mode = "live" if args.live else "simulated"
+    with tqdm(total=len(scales) * len(policies), desc=mode, disable=not sys.stderr.isatty()) as bar:
+        result = cmp.compare(trace, scales, policies, run_point, progress=bar.update)
     print(cmp.table(result))
-    name = args.name or f"compare_{Path(args.trace).stem if args.trace_format != 'synthetic' else 'synthetic'}"
-    meta = {"title": name, "trace": args.trace, "trace_format": args.trace_format, "profile": args.profile,
-            "ttft_slo_ms": args.ttft_slo_ms, "tpot_slo_ms": args.tpot_slo_ms,
-            "ttft_ms_per_1k_prompt": args.ttft_ms_per_1k_prompt, "config": vars(config), "mode": "simulated",
-            "command": " ".join(["kairos", *sys.argv[1:]])}
+    stem = Path(args.trace).stem if args.trace_format != "synthetic" else "synthetic"
+    name = args.name or f"compare_{stem}{'_live' if args.live else ''}"
+    meta = {"title": name, "trace": args.trace, "trace_format": args.trace_format, "ttft_slo_ms": args.ttft_slo_ms,
+            "tpot_slo_ms": args.tpot_slo_ms, "ttft_ms_per_1k_prompt": args.ttft_ms_per_1k_prompt, "mode": mode,
+            **setup, "command": " ".join(["kairos", *sys.argv[1:]])}
     for path in cmp.write(result, Path(args.out_dir), name, meta):
         print(f"wrote {path}")
     return 0
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
     from tqdm import tqdm
 
     from transport.replay import replay
 
     trace = read_trace(args)
-    if args.max_prompt_len or args.max_output_len:
-        trace = [replace(r, prompt_len=min(r.prompt_len, args.max_prompt_len or r.prompt_len),
-                         output_len=min(r.output_len, args.max_output_len or r.output_len)) for r in trace]
     with tqdm(total=len(trace), desc="replay", disable=args.json or not sys.stderr.isatty()) as bar:
         report = replay(args.addr, trace, timeout_s=args.timeout, progress=bar.update)
     print_slo_report(report, args.json, f"{report['requests']} requests ({report['failed']} failed), live at {args.addr}")
@@ -385,9 +404,17 @@ def build_parser() -> argparse.ArgumentParser:
     sim.set_defaults(func=cmd_simulate)
 
     bench = sub.add_parser("bench", help="trace-driven comparisons").add_subparsers(dest="bench", required=True)
-    cmp = bench.add_parser("compare", help="sweep rates x policies in the simulator against fcfs+cb")
+    cmp = bench.add_parser("compare", help="sweep rates x policies, simulated or live, against fcfs+cb")
     add_trace_args(cmp)
     add_sim_args(cmp)
+    add_length_caps(cmp)
+    cmp.add_argument("--live", action="store_true",
+                     help="replay against a local router and one prefill and one decode worker per point, "
+                          "started with --token-budget, --max-batch and --kv-capacity-tokens, instead of simulating")
+    cmp.add_argument("--model", default="tiny", help="--live: the workers' model")
+    cmp.add_argument("--worker-profile", help="--live: the workers' step-time profile (default: each measures "
+                                               "a short one at start-up; --profile is the simulator's)")
+    cmp.add_argument("--timeout", type=float, default=300.0, help="--live: seconds to wait for any reply")
     cmp.add_argument("--rate-scales", default="2,3,4,5,6,7,8")
     cmp.add_argument("--policies", default="fcfs+cb,kairos+cb,kairos+kairos,mh+kairos",
                      help="PREFILL+DECODE pairs; fcfs+cb (the baseline) is always included")
@@ -398,8 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep = bench.add_parser("replay", help="send a trace to a router, open loop, and report SLO attainment")
     add_trace_args(rep)
     rep.add_argument("--addr", default=DEFAULT_ROUTER)
-    rep.add_argument("--max-prompt-len", type=int, help="cap prompt lengths (to fit a small model)")
-    rep.add_argument("--max-output-len", type=int, help="cap output lengths")
+    add_length_caps(rep)
     rep.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for any reply")
     rep.add_argument("--json", action="store_true")
     rep.set_defaults(func=cmd_replay)

@@ -1,5 +1,6 @@
-"""`kairos bench compare`: sweep request rates x policies through the simulator, against the
-fcfs+cb baseline, and report the paper-style table, goodput, JSON and PNG plots."""
+"""`kairos bench compare`: sweep request rates x policies, in the simulator or live against
+local workers, against the fcfs+cb baseline, and report the paper-style table, goodput, JSON and
+PNG plots."""
 
 from __future__ import annotations
 
@@ -16,15 +17,24 @@ BASELINE = "fcfs+cb"
 GOODPUT_ATTAINMENT = 0.9
 
 
-def run_point(trace: list[TraceRequest], rate_scale: float, policy: str, config: SimConfig, cost: CostModel):
-    prefill, decode = policy.split("+")
-    sim = Simulator(replace(config, prefill_policy=prefill, decode_policy=decode), cost)
-    requests = sim.run(shape(trace, rate_scale))
-    report = metrics(requests, sum(d.tokens_out for d in sim.decodes))
-    samples = {"ttft_ms": sorted((r.first_token_time - r.arrival_time) * 1e3 for r in requests),
-               "tpot_ms": sorted((r.finish_time - r.first_token_time) / (r.output_len - 1) * 1e3
-                                 for r in requests if r.output_len > 1)}
-    return report, samples
+def latency_samples(requests: list) -> dict:
+    """Sorted TTFT and TPOT (ms) of served requests, simulated or replayed, for the CDF plots."""
+    served = [r for r in requests if not math.isnan(r.finish_time)]
+    return {"ttft_ms": sorted((r.first_token_time - r.arrival_time) * 1e3 for r in served),
+            "tpot_ms": sorted((r.finish_time - r.first_token_time) / (r.output_len - 1) * 1e3
+                              for r in served if r.output_len > 1)}
+
+
+def simulated_point(config: SimConfig, cost: CostModel):
+    """run_point for `compare`: one policy pair on one trace, in the simulator."""
+
+    def run(trace: list[TraceRequest], policy: str) -> tuple[dict, dict]:
+        prefill, decode = policy.split("+")
+        sim = Simulator(replace(config, prefill_policy=prefill, decode_policy=decode), cost)
+        requests = sim.run(trace)
+        return metrics(requests, sum(d.tokens_out for d in sim.decodes)), latency_samples(requests)
+
+    return run
 
 
 def goodput(points: list[tuple[float, float]]) -> float:
@@ -41,13 +51,14 @@ def goodput(points: list[tuple[float, float]]) -> float:
     return best
 
 
-def compare(trace: list[TraceRequest], rate_scales: list[float], policies: list[str], config: SimConfig,
-            cost: CostModel, progress=None) -> dict:
+def compare(trace: list[TraceRequest], rate_scales: list[float], policies: list[str], run_point,
+            progress=None) -> dict:
+    """run_point(trace, policy) -> (SLO report, latency samples), for the trace at each rate."""
     base_rate = len(trace) / max(r.arrival for r in trace)
     rows, cdfs = [], {}
     for scale in rate_scales:
         for policy in policies:
-            report, samples = run_point(trace, scale, policy, config, cost)
+            report, samples = run_point(shape(trace, scale), policy)
             rows.append({"rate_scale": scale, "rate_req_s": base_rate * scale, "policy": policy, **report})
             cdfs[(scale, policy)] = samples
             if progress:

@@ -248,3 +248,17 @@ def test_live_replay_reports_what_the_simulator_reports(cluster):
             "tpot_ms"} <= set(report)
     assert report["ttft_ms"]["p50"] > 0 and report["decode_throughput_tok_s"] > 0
     cluster.wait_idle()
+
+
+def test_compare_live_sweeps_policies_on_real_workers(tmp_path):
+    proc = kairos_process("bench", "compare", "--live", "--trace-format", "synthetic", "--synthetic-requests", "10",
+                          "--synthetic-rate", "10", "--rate-scales", "1", "--policies", "kairos+kairos",
+                          "--max-prompt-len", "64", "--max-output-len", "4", "--token-budget", "256",
+                          "--max-batch", "16", "--kv-capacity-tokens", "4096", "--out-dir", str(tmp_path),
+                          "--name", "live")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    result = json.loads((tmp_path / "live.json").read_text())
+    assert result["mode"] == "live" and {r["policy"] for r in result["rows"]} == {"fcfs+cb", "kairos+kairos"}
+    assert all(r["requests"] == 10 and r["failed"] == 0 and r["ttft_ms"]["p50"] > 0 for r in result["rows"])
+    assert (tmp_path / "live_attainment.png").exists() and "goodput" in out

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from scheduler.compare import compare, goodput
+from scheduler.compare import compare, goodput, simulated_point
 from scheduler.cost_model import CostModel
 from scheduler.simulator import SimConfig, Simulator, metrics, simulate
 from scheduler.traces import TraceRequest, load_azure, load_mooncake, shape, synthetic, with_slos
@@ -122,7 +122,7 @@ def test_goodput_interpolates_to_the_ninety_percent_crossing():
 
 def test_compare_reports_gains_against_the_baseline():
     trace = with_slos(synthetic(600, rate=10.0, seed=6), 800, 100)
-    result = compare(trace, [1.0, 3.0], ["fcfs+cb", "kairos+kairos"], SimConfig(), COST)
+    result = compare(trace, [1.0, 3.0], ["fcfs+cb", "kairos+kairos"], simulated_point(SimConfig(), COST))
     assert len(result["rows"]) == 4 and set(result["summary"]) == {"fcfs+cb", "kairos+kairos"}
     base = result["summary"]["fcfs+cb"]
     assert base["goodput_vs_baseline"] in (None, 1.0)

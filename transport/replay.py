@@ -52,16 +52,40 @@ async def _replay(addr: str, trace: list[TraceRequest], vocab_ids: int, timeout_
     return done
 
 
-def replay(addr: str, trace: list[TraceRequest], vocab_ids: int = 256, timeout_s: float = 300.0,
-           progress=None) -> dict:
-    requests = asyncio.run(_replay(addr, trace, vocab_ids, timeout_s, progress))
+def replay_requests(addr: str, trace: list[TraceRequest], vocab_ids: int = 256, timeout_s: float = 300.0,
+                    progress=None) -> list[ReplayedRequest]:
+    """Every request of the trace, sent open loop; each with its client-side timings or error."""
+    return asyncio.run(_replay(addr, trace, vocab_ids, timeout_s, progress))
+
+
+def report(requests: list[ReplayedRequest]) -> dict:
     served = [r for r in requests if r.error is None]
     if not served:
         raise RuntimeError(f"every replayed request failed; first error: {requests[0].error}")
-    report = metrics(served)
+    result = metrics(served)
     failed = len(requests) - len(served)
     # A failed request met no SLO.
     for key in ("ttft_attainment", "tpot_attainment", "e2e_attainment"):
-        report[key] = report[key] * len(served) / len(requests)
-    report.update(requests=len(requests), failed=failed)
-    return report
+        result[key] = result[key] * len(served) / len(requests)
+    result.update(requests=len(requests), failed=failed)
+    return result
+
+
+def live_point(worker_argv: list[str], timeout_s: float = 300.0):
+    """run_point for `scheduler.compare`: each policy pair on a fresh local router with one
+    prefill and one decode worker (started with these arguments), the trace replayed live."""
+    from scheduler.compare import latency_samples
+    from transport.serve import local_cluster
+
+    def run(trace: list[TraceRequest], policy: str) -> tuple[dict, dict]:
+        prefill, decode = policy.split("+")
+        with local_cluster(["--prefill-policy", prefill, *worker_argv], ["--decode-policy", decode, *worker_argv]) as addr:
+            requests = replay_requests(addr, trace, timeout_s=timeout_s)
+        return report(requests), latency_samples(requests)
+
+    return run
+
+
+def replay(addr: str, trace: list[TraceRequest], vocab_ids: int = 256, timeout_s: float = 300.0,
+           progress=None) -> dict:
+    return report(replay_requests(addr, trace, vocab_ids, timeout_s, progress))
