@@ -139,18 +139,18 @@ class CalibratedCostModel:
         self.drift = {"prefill": [1.0, 0.0], "decode": [1.0, 0.0]}  # phase -> [mean ratio, mean deviation]
         self.prefill, self.decode = base.prefill, base.decode
 
-    def _observe(self, phase: str, predicted: float, seconds: float) -> tuple[float, ...]:
+    def _observe(self, phase: str, predicted: float, seconds: float) -> None:
         stats = self.drift[phase]
         if predicted > 0.0:
             lo, hi = self.bounds
             ratio = min(hi, max(lo, seconds / predicted))
             stats[1] += self.weight * (abs(ratio - stats[0]) - stats[1])
             stats[0] += self.weight * (ratio - stats[0])
-        factor = stats[0] + stats[1]
-        return tuple(c * factor for c in getattr(self.base, phase))
+        current = self.base.scaled(*(sum(self.drift[p]) for p in ("prefill", "decode")))
+        self.prefill, self.decode = current.prefill, current.decode
 
     def observe_prefill(self, prompts: list[tuple[int, int]], seconds: float) -> None:
-        self.prefill = self._observe("prefill", self.base.prefill_time(prompts), seconds)
+        self._observe("prefill", self.base.prefill_time(prompts), seconds)
 
     def observe_decode(self, context_lens: list[int], seconds: float) -> None:
-        self.decode = self._observe("decode", self.base.decode_time(len(context_lens), sum(context_lens)), seconds)
+        self._observe("decode", self.base.decode_time(len(context_lens), sum(context_lens)), seconds)
