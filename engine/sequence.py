@@ -85,6 +85,12 @@ class Sequence:
         return len(self.token_ids)
 
     @property
+    def first_token_time(self) -> float:
+        """When the first output token was sampled (on a decode worker: when its KV offer came),
+        which starts the TPOT clock; the arrival time before that."""
+        return self.token_times[0] if self.token_times else self.arrival_time
+
+    @property
     def max_tokens(self) -> int:
         return self.params.max_tokens
 

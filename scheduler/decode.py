@@ -21,6 +21,9 @@ class DecodePolicy(Protocol):
     def admit(self, running: Sequence[R], ready: Sequence[R], now: float, free_blocks: int) -> list[R]:
         """The ready requests to add to the running batch now."""
 
+    def order(self, waiting: Sequence[R], running: Sequence[R], now: float) -> list[R]:
+        """Who gets KV room first among requests waiting to move their KV in."""
+
     def finished(self, request) -> None:
         """A request left the batch (to learn from, e.g. its output length)."""
 
@@ -36,6 +39,9 @@ class ContinuousBatching:
     def admit(self, running, ready, now, free_blocks):
         return list(ready[: max(0, self.max_batch - len(running))])
 
+    def order(self, waiting, running, now):
+        return list(waiting)
+
     def finished(self, request) -> None:
         pass
 
@@ -43,39 +49,66 @@ class ContinuousBatching:
 class SlackBatching:
     """Slack-guided adaptive batching. Waiting requests are taken shortest predicted remaining
     output first, and admitted while the predicted step time of the grown batch stays within
-    the tightest TPOT SLO in it and a block of headroom per sequence remains; so the batch size
-    floats with the contexts. Waiting lowers a request's key (`aging_tokens_per_s`), and no
-    request is passed over while it heads the queue, so none waits forever. A request whose SLO
-    no batch could meet does not constrain the others."""
+    the tightest TPOT SLO in it (less `headroom`: the time a request waits to join the batch
+    and to move its KV counts toward its TPOT too) and a block per sequence remains; so the
+    batch size floats with the contexts. Waiting lowers a request's key (`aging_tokens_per_s`),
+    and no request is passed over while it heads the queue.
+
+    Under overload some requests must miss. A request is lost once the time since its first
+    token (which started its TPOT clock) plus its predicted remaining tokens at the current step
+    time exceed its TPOT budget. Lost requests wait behind every feasible one, for the batch and
+    for KV room alike, and are taken oldest first; without this an overload makes every waiting
+    request late in turn, since each one waits behind the earlier late ones. Once the load
+    falls they go in, and once running they bound the step time like any other, so that they
+    slow no feasible request."""
 
     name = "kairos"
 
     def __init__(self, cost: CostModel, max_batch: int, estimator: OutputLengthEstimator | None = None,
-                 aging_tokens_per_s: float = 100.0):
+                 aging_tokens_per_s: float = 100.0, headroom: float = 0.9):
         self.cost = cost
         self.max_batch = max_batch
         self.estimator = estimator or OutputLengthEstimator()
         self.aging_tokens_per_s = aging_tokens_per_s
+        self.headroom = headroom
 
     def remaining(self, r) -> int:
         return self.estimator.remaining(r.request_class, r.num_output_tokens, r.max_tokens, r.output_len_hint)
 
-    def effective_slo(self, r) -> float:
-        return r.tpot_slo if self.cost.decode_time(1, r.num_tokens) <= r.tpot_slo else math.inf
+    def lost(self, r, now: float, step: float) -> bool:
+        """Whether r misses its TPOT SLO even if every step from now on takes `step` seconds."""
+        remaining = self.remaining(r)
+        budget = r.tpot_slo * (r.num_output_tokens - 1 + remaining)
+        return (now - r.first_token_time) + remaining * step > budget
+
+    def step_time(self, running) -> float:
+        return self.cost.decode_time(max(1, len(running)), sum(r.num_tokens for r in running))
+
+    def order(self, waiting, running, now):
+        """Feasible requests shortest predicted remaining output first (aged), then lost ones
+        oldest first."""
+        step = self.step_time(running)
+        is_lost = {id(r): self.lost(r, now, step) for r in waiting}
+        aging = self.aging_tokens_per_s
+        feasible = sorted((r for r in waiting if not is_lost[id(r)]),
+                          key=lambda r: self.remaining(r) - aging * (now - r.arrival_time))
+        return feasible + sorted((r for r in waiting if is_lost[id(r)]), key=lambda r: r.arrival_time)
+
+    def step_limit(self, r) -> float:
+        """The longest step r tolerates: its TPOT SLO less the headroom kept for time spent
+        waiting, or no limit if even a batch of one with its context would miss the SLO."""
+        return r.tpot_slo * self.headroom if self.cost.decode_time(1, r.num_tokens) <= r.tpot_slo else math.inf
 
     def admit(self, running, ready, now, free_blocks):
         alpha, beta, gamma = self.cost.decode
-        lone = alpha + beta  # a batch of one, before its context
         batch = len(running)
         context = sum(r.num_tokens for r in running)
-        tightest = min((r.tpot_slo for r in running if lone + gamma * r.num_tokens <= r.tpot_slo), default=math.inf)
-        aging = self.aging_tokens_per_s
-        queue = sorted(ready, key=lambda r: self.remaining(r) - aging * (now - r.arrival_time))
+        tightest = min(map(self.step_limit, running), default=math.inf)
         admitted = []
-        for r in queue:
+        for r in self.order(ready, running, now):
             if batch >= self.max_batch or free_blocks < batch + 1:
                 break
-            slo = min(tightest, r.tpot_slo if lone + gamma * r.num_tokens <= r.tpot_slo else math.inf)
+            slo = min(tightest, self.step_limit(r))
             if batch and alpha + beta * (batch + 1) + gamma * (context + r.num_tokens) > slo:
                 break  # the head waits for room rather than being overtaken
             admitted.append(r)

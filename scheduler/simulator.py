@@ -224,8 +224,16 @@ class Simulator:
                 d.context -= r.num_tokens
                 d.reserved -= r.prompt_len + r.output_len
                 d.policy.finished(r)
-            while d.pending and d.reserved + d.pending[0].prompt_len + d.pending[0].output_len <= d.capacity_tokens:
-                self.transfer(d, d.pending.pop(0))
+            if d.pending:
+                moved = []
+                for r in d.policy.order(d.pending, d.running, self.now):
+                    if d.reserved + r.prompt_len + r.output_len > d.capacity_tokens:
+                        break
+                    self.transfer(d, r)
+                    moved.append(id(r))
+                if moved:
+                    moved = set(moved)
+                    d.pending = [r for r in d.pending if id(r) not in moved]
         self.decode_step(d)
 
 

@@ -25,6 +25,7 @@ class Req:
     request_class: str | None = None
     output_len_hint: int | None = None
     prompt: int = 0
+    first_token_time: float = 0.0
 
     @property
     def num_tokens(self) -> int:
@@ -194,7 +195,7 @@ def test_slack_batching_keeps_the_predicted_step_within_the_tightest_tpot(runnin
         return
     batch = running + admitted
     step = COST.decode_time(len(batch), sum(r.num_tokens for r in batch))
-    slo = min(policy.effective_slo(r) for r in batch)
+    slo = min(policy.step_limit(r) for r in batch)
     # Only a lone request in an empty batch may go over (something must run).
     assert step <= slo or (len(admitted) == 1 and not running)
     assert len(batch) <= 128 and free >= len(batch)
@@ -226,6 +227,30 @@ def test_no_request_starves_under_a_stream_of_shorter_ones():
     else:
         raise AssertionError("the long request never ran")
     assert now < 12  # its 1000-token lead is gone after about 10 s of waiting
+
+
+def test_requests_that_can_no_longer_meet_tpot_wait_behind_those_that_can():
+    """Under overload the late requests are the ones sacrificed: a request whose time since its
+    first token already exceeds its TPOT budget goes behind feasible ones, for the batch and for
+    KV room alike, however early it came."""
+    policy = SlackBatching(COST, max_batch=2)
+    late = Req(arrival_time=0.0, first_token_time=0.0, tpot_slo=0.02, prompt=100, output_len_hint=10)
+    fresh = [Req(arrival_time=4.9 + i / 100, first_token_time=5.0, tpot_slo=0.02, prompt=100, output_len_hint=50)
+             for i in range(3)]
+    assert policy.lost(late, now=5.0, step=0.01) and not policy.lost(fresh[0], now=5.0, step=0.01)
+    order = policy.order([late, *fresh], running=[], now=5.0)
+    assert order[-1] is late and order[:3] == fresh
+    assert policy.admit([], [late, *fresh], now=5.0, free_blocks=100) == fresh[:2]
+    assert ContinuousBatching(2).order([late, *fresh], [], 5.0) == [late, *fresh]
+    # Once nothing feasible waits, the lost request goes in.
+    assert policy.admit(fresh[:1], [late], now=5.0, free_blocks=100) == [late]
+
+
+@settings(max_examples=100, deadline=None)
+@given(running=decode_reqs, waiting=decode_reqs, now=st.floats(0, 5), name=st.sampled_from(["cb", "kairos"]))
+def test_decode_policies_order_every_waiting_request_exactly_once(running, waiting, now, name):
+    order = get_decode_policy(name, 64, COST).order(waiting, running, now)
+    assert sorted(map(id, order)) == sorted(map(id, waiting))
 
 
 def test_continuous_batching_is_fcfs_up_to_the_batch_limit():

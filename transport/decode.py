@@ -1,8 +1,8 @@
 """The decode worker: takes prefilled requests' KV from prefill workers, decodes them in one
 continuous batch, and streams tokens to the router.
 
-Incoming KV lands straight in blocks reserved for it. Offers are answered in arrival order,
-and only while there are blocks to reserve and fewer than `max_inflight_transfers` transfers
+Incoming KV lands straight in blocks reserved for it. Offers are answered in the decode
+policy's order (arrival order under continuous batching), and only while there are blocks to reserve and fewer than `max_inflight_transfers` transfers
 under way; the rest wait (and their prefill workers keep holding the blocks). A request joins
 the running batch only once all of its KV is written.
 """
@@ -191,12 +191,18 @@ class DecodeWorker(Worker):
         blocks = self.llm.block_manager
         # Keep a block per running sequence spare, so admitting new KV does not at once force
         # the running batch into preemption.
-        spare = len(self.llm.scheduler.running) + len(self.llm.scheduler.ready)
-        while self.offers and len(self.incoming) < self.max_inflight_transfers:
-            item = self.offers[0]
+        scheduler = self.llm.scheduler
+        spare = len(scheduler.running) + len(scheduler.ready)
+        by_seq = {id(item.seq): item for item in self.offers}
+        # The decode policy says who gets room first (under kairos, requests that can still
+        # meet their TPOT SLO before those that cannot).
+        for seq in scheduler.decode_policy.order([i.seq for i in self.offers], scheduler.running, now):
+            if len(self.incoming) >= self.max_inflight_transfers:
+                break
+            item = by_seq[id(seq)]
             if item.num_blocks + spare > blocks.num_free_blocks:
                 break  # backpressure: the prefill worker holds the blocks until there is room
-            self.offers.popleft()
+            self.offers.remove(item)
             blocks.allocate(item.seq, item.seq.num_prompt_tokens)
             item.deadline = now + self.transfer_timeout_s
             self.incoming[item.transfer_id] = item
