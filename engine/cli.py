@@ -361,8 +361,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     counters = report["counters"]
     print("requests: " + ", ".join(f"{k} {v}" for k, v in counters.items()) + f", waiting for workers {report['pending']}")
     columns = ("role", "worker_id", "requests", "waiting", "running", "ready", "transfers", "free_blocks",
-               "total_blocks", "completed", "aborted", "failed", "ttft_met", "tpot_met", "last_seen_ms")
-    rows = [[str(w.get(c, "")) for c in columns] for w in sorted(report["workers"], key=lambda w: w["role"])]
+               "total_blocks", "completed", "aborted", "failed", "ttft_met", "tpot_met", "cost_scale", "last_seen_ms")
+
+    def cell(worker: dict, column: str) -> str:
+        if column == "cost_scale":  # measured over predicted step time, per phase
+            scale = worker.get("cost_scale") or {}
+            return " ".join(f"{phase}x{s['mean']:.2f}" for phase, s in scale.items())
+        return str(worker.get(column, ""))
+
+    rows = [[cell(w, c) for c in columns] for w in sorted(report["workers"], key=lambda w: w["role"])]
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
     for row in [list(columns), *rows]:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)))

@@ -131,6 +131,8 @@ def measure_profile(llm, quick: bool = False, progress: bool = False) -> dict:
         "architecture": llm.model_config.architecture,
         "load_format": llm.config.load_format,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU",
+        # CPU step times depend on the threads the steps ran with (--cpu-threads).
+        "cpu_threads": torch.get_num_threads() if device.type == "cpu" else None,
         "dtype": str(llm.runner.dtype).removeprefix("torch."),
         "backend": resolve_backend_name(llm.config.backend, device.type),
         "block_size": llm.config.block_size,

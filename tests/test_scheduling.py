@@ -300,8 +300,11 @@ def tiny_profile(tmp_path_factory, tiny_path):
 
 
 def test_a_profile_times_prefill_with_prefixes_and_decode_batches(tiny_profile):
+    import torch
+
     _, profile = tiny_profile
     assert {"device", "dtype", "model", "torch", "date", "fit", "prefill_mape", "decode_mape"} <= set(profile)
+    assert profile["cpu_threads"] == torch.get_num_threads()  # CPU step times depend on it
     assert any(ctx > new for m in profile["prefill"] for new, ctx in m["prompts"])  # cached prefixes
     assert {len(m["context_lens"]) for m in profile["decode"]} >= {1, 4, 16}
     assert all(m["seconds"] > 0 for m in profile["prefill"] + profile["decode"])
