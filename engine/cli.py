@@ -145,7 +145,8 @@ def sim_setup(args: argparse.Namespace):
                        getattr(args, "decode_policy", "cb"),
                        args.token_budget, args.max_batch,
                        args.kv_capacity_tokens or profile.get("kv_capacity_tokens", SimConfig.kv_capacity_tokens),
-                       profile.get("kv_bytes_per_token", SimConfig.kv_bytes_per_token), args.kv_bandwidth_gb_s)
+                       profile.get("kv_bytes_per_token", SimConfig.kv_bytes_per_token), args.kv_bandwidth_gb_s,
+                       prefill_jitter=args.step_jitter, decode_jitter=args.step_jitter)
     return config, CostModel.from_profile(profile)
 
 
@@ -157,6 +158,9 @@ def add_sim_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=256, help="decode sequences per step")
     p.add_argument("--kv-capacity-tokens", type=int, help="per worker (default: from the profile)")
     p.add_argument("--kv-bandwidth-gb-s", type=float, default=25.0, help="prefill -> decode KV bandwidth")
+    p.add_argument("--step-jitter", type=float, default=0.0,
+                   help="spread step times around the profile by this mean relative deviation "
+                        "(kairos status reports it while serving); 0 runs every step as predicted")
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:

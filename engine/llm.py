@@ -137,7 +137,7 @@ class LLM:
             self.cost_model.observe_prefill([(n, seq.num_computed_tokens + n) for seq, n in
                                              zip(batch.seqs, batch.num_new_tokens)], seconds)
         else:
-            self.cost_model.observe_decode([seq.num_tokens for seq in batch.seqs], seconds)
+            self.cost_model.observe_decode(len(batch.seqs), sum(seq.num_tokens for seq in batch.seqs), seconds)
 
     # ---- offline API ----------------------------------------------------------------------
 

@@ -152,5 +152,5 @@ class CalibratedCostModel:
     def observe_prefill(self, prompts: list[tuple[int, int]], seconds: float) -> None:
         self._observe("prefill", self.base.prefill_time(prompts), seconds)
 
-    def observe_decode(self, context_lens: list[int], seconds: float) -> None:
-        self._observe("decode", self.base.decode_time(len(context_lens), sum(context_lens)), seconds)
+    def observe_decode(self, batch_size: int, total_context: int, seconds: float) -> None:
+        self._observe("decode", self.base.decode_time(batch_size, total_context), seconds)

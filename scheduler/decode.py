@@ -21,8 +21,14 @@ class DecodePolicy(Protocol):
     def admit(self, running: Sequence[R], ready: Sequence[R], now: float, free_blocks: int) -> list[R]:
         """The ready requests to add to the running batch now."""
 
+    def split(self, waiting: Sequence[R], running: Sequence[R], now: float) -> tuple[list[R], list[R]]:
+        """Requests waiting to join the batch or to move their KV in, as (those that can still
+        meet their SLO, in the order they should get room; those that cannot, oldest first).
+        A request in the second list would seldom leave it (its wait only grows), so a caller
+        with a long queue may set it aside rather than ask again."""
+
     def order(self, waiting: Sequence[R], running: Sequence[R], now: float) -> list[R]:
-        """Who gets KV room first among requests waiting to move their KV in."""
+        """Who gets room first: split's two lists end to end."""
 
     def finished(self, request) -> None:
         """A request left the batch (to learn from, e.g. its output length)."""
@@ -38,6 +44,9 @@ class ContinuousBatching:
 
     def admit(self, running, ready, now, free_blocks):
         return list(ready[: max(0, self.max_batch - len(running))])
+
+    def split(self, waiting, running, now):
+        return list(waiting), []
 
     def order(self, waiting, running, now):
         return list(waiting)
@@ -75,24 +84,34 @@ class SlackBatching:
     def remaining(self, r) -> int:
         return self.estimator.remaining(r.request_class, r.num_output_tokens, r.max_tokens, r.output_len_hint)
 
-    def lost(self, r, now: float, step: float) -> bool:
+    def lost(self, r, now: float, step: float, remaining: int | None = None) -> bool:
         """Whether r misses its TPOT SLO even if every step from now on takes `step` seconds."""
-        remaining = self.remaining(r)
+        remaining = self.remaining(r) if remaining is None else remaining
         budget = r.tpot_slo * (r.num_output_tokens - 1 + remaining)
         return (now - r.first_token_time) + remaining * step > budget
 
     def step_time(self, running) -> float:
         return self.cost.decode_time(max(1, len(running)), sum(r.num_tokens for r in running))
 
-    def order(self, waiting, running, now):
-        """Feasible requests shortest predicted remaining output first (aged), then lost ones
-        oldest first."""
+    def split(self, waiting, running, now):
+        """Feasible requests shortest predicted remaining output first (aged); lost ones oldest
+        first."""
         step = self.step_time(running)
-        is_lost = {id(r): self.lost(r, now, step) for r in waiting}
         aging = self.aging_tokens_per_s
-        feasible = sorted((r for r in waiting if not is_lost[id(r)]),
-                          key=lambda r: self.remaining(r) - aging * (now - r.arrival_time))
-        return feasible + sorted((r for r in waiting if is_lost[id(r)]), key=lambda r: r.arrival_time)
+        feasible, lost = [], []
+        for r in waiting:
+            remaining = self.remaining(r)
+            if self.lost(r, now, step, remaining):
+                lost.append(r)
+            else:
+                feasible.append((remaining - aging * (now - r.arrival_time), r))
+        feasible.sort(key=lambda item: item[0])
+        lost.sort(key=lambda r: r.arrival_time)
+        return [r for _, r in feasible], lost
+
+    def order(self, waiting, running, now):
+        feasible, lost = self.split(waiting, running, now)
+        return feasible + lost
 
     def step_limit(self, r) -> float:
         """The longest step r tolerates: its TPOT SLO less the headroom kept for time spent

@@ -6,6 +6,12 @@ the KV bandwidth, once that worker has room for it (backpressure, as in the real
 decode worker admits ready requests through its decode policy and runs steps whose length the
 cost model predicts; every running request gains a token per step. Prefix-cache hits come from
 Mooncake `hash_ids` (an LRU of blocks per prefill worker). Pure Python.
+
+Served steps are not all alike: `prefill_jitter` and `decode_jitter` spread each step's length
+around the cost model (lognormal, with that mean relative deviation, as `kairos status` reports
+it per worker and phase). The
+policies then predict through a CalibratedCostModel fed with every simulated step, as the
+workers' policies are fed with every real one.
 """
 
 from __future__ import annotations
@@ -13,10 +19,11 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+import random
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from scheduler.cost_model import CostModel
+from scheduler.cost_model import CalibratedCostModel, CostModel
 from scheduler.decode import get_decode_policy
 from scheduler.prefill import get_prefill_policy
 from scheduler.traces import MOONCAKE_BLOCK_TOKENS, TraceRequest
@@ -34,6 +41,9 @@ class SimConfig:
     kv_bytes_per_token: int = 131_072
     kv_bandwidth_gb_s: float = 25.0  # prefill -> decode
     block_size: int = 16
+    prefill_jitter: float = 0.0  # mean relative deviation of a step's length from the cost model
+    decode_jitter: float = 0.0
+    seed: int = 0
 
 
 class SimRequest:
@@ -75,6 +85,7 @@ class SimRequest:
 @dataclass
 class PrefillSim:
     policy: object
+    model: CostModel | CalibratedCostModel  # what the policy predicts with
     waiting: list = field(default_factory=list)
     busy: bool = False
     queued_tokens: int = 0
@@ -84,10 +95,14 @@ class PrefillSim:
 @dataclass
 class DecodeSim:
     policy: object
+    model: CostModel | CalibratedCostModel
     capacity_tokens: int
     running: list = field(default_factory=list)
     ready: list = field(default_factory=list)
     pending: list = field(default_factory=list)  # prefilled, waiting for room to transfer into
+    # Of those, the ones the policy has given up on for their SLO: a heap by arrival, served
+    # once no other waits (set aside so that a long overload does not re-sort them every step).
+    given_up: list = field(default_factory=list)
     finishing: list = field(default_factory=list)  # heap of (finish step, seq, request)
     steps: int = 0
     context: int = 0  # sum of running contexts
@@ -98,15 +113,34 @@ class DecodeSim:
 
 class Simulator:
     def __init__(self, config: SimConfig, cost: CostModel):
+        if min(config.prefill_jitter, config.decode_jitter) < 0:
+            raise ValueError("step-time jitter must be >= 0")
         self.config = config
         self.cost = cost
-        self.prefills = [PrefillSim(get_prefill_policy(config.prefill_policy, cost, config.token_budget))
-                         for _ in range(config.prefill_workers)]
-        self.decodes = [DecodeSim(get_decode_policy(config.decode_policy, config.max_batch, cost),
-                                  config.kv_capacity_tokens) for _ in range(config.decode_workers)]
+        self.rng = random.Random(config.seed)
+        # Lognormal factors of mean 1 whose mean absolute deviation is about the jitter asked.
+        self.jittered = config.prefill_jitter > 0 or config.decode_jitter > 0
+        self.sigma = {"prefill": config.prefill_jitter * math.sqrt(math.pi / 2),
+                      "decode": config.decode_jitter * math.sqrt(math.pi / 2)}
+        self.prefills = []
+        for _ in range(config.prefill_workers):
+            model = self._policy_cost()
+            self.prefills.append(PrefillSim(get_prefill_policy(config.prefill_policy, model, config.token_budget), model))
+        self.decodes = []
+        for _ in range(config.decode_workers):
+            model = self._policy_cost()
+            self.decodes.append(DecodeSim(get_decode_policy(config.decode_policy, config.max_batch, model), model,
+                                          config.kv_capacity_tokens))
         self.events: list = []
         self._seq = itertools.count()
         self.now = 0.0
+
+    def _policy_cost(self):
+        return CalibratedCostModel(self.cost) if self.jittered else self.cost
+
+    def step_length(self, phase: str, predicted: float) -> float:
+        sigma = self.sigma[phase]
+        return predicted * math.exp(self.rng.gauss(-sigma**2 / 2, sigma)) if sigma else predicted
 
     def at(self, t: float, handler, *args) -> None:
         heapq.heappush(self.events, (t, next(self._seq), handler, args))
@@ -153,8 +187,11 @@ class Simulator:
         w.waiting = [r for r in w.waiting if id(r) not in chosen]
         w.queued_tokens -= tokens
         w.busy = True
-        self.at(self.now + self.cost.prefill_time([(r.num_uncomputed_tokens, r.prompt_len) for r in batch]),
-                self.prefill_done, w, batch)
+        prompts = [(r.num_uncomputed_tokens, r.prompt_len) for r in batch]
+        seconds = self.step_length("prefill", self.cost.prefill_time(prompts))
+        if self.jittered:
+            w.model.observe_prefill(prompts, seconds)
+        self.at(self.now + seconds, self.prefill_done, w, batch)
 
     def prefill_done(self, w: PrefillSim, batch: list[SimRequest]) -> None:
         capacity_blocks = self.config.kv_capacity_tokens // MOONCAKE_BLOCK_TOKENS
@@ -190,6 +227,23 @@ class Simulator:
         if not d.busy:
             self.decode_step(d)
 
+    def transfer_waiting(self, d: DecodeSim) -> None:
+        """Moves waiting KV in, in the decode policy's order, while there is room."""
+        feasible, lost = d.policy.split(d.pending, d.running, self.now)
+        for r in lost:
+            heapq.heappush(d.given_up, (r.arrival_time, next(self._seq), r))
+
+        def fits(r: SimRequest) -> bool:  # an empty worker takes anything (as offer does)
+            return d.reserved + r.prompt_len + r.output_len <= d.capacity_tokens or not d.reserved
+
+        moved = 0
+        while moved < len(feasible) and fits(feasible[moved]):
+            self.transfer(d, feasible[moved])
+            moved += 1
+        d.pending = feasible[moved:]
+        while not d.pending and d.given_up and fits(d.given_up[0][2]):
+            self.transfer(d, heapq.heappop(d.given_up)[2])
+
     def decode_step(self, d: DecodeSim) -> None:
         """Starts a decode step (the previous one, if any, has just ended)."""
         if d.ready:
@@ -207,7 +261,10 @@ class Simulator:
             d.busy = False
             return
         d.busy = True
-        self.at(self.now + self.cost.decode_time(len(d.running), d.context), self.decode_step_done, d)
+        seconds = self.step_length("decode", self.cost.decode_time(len(d.running), d.context))
+        if self.jittered:
+            d.model.observe_decode(len(d.running), d.context, seconds)
+        self.at(self.now + seconds, self.decode_step_done, d)
 
     def decode_step_done(self, d: DecodeSim) -> None:
         d.steps += 1
@@ -224,16 +281,8 @@ class Simulator:
                 d.context -= r.num_tokens
                 d.reserved -= r.prompt_len + r.output_len
                 d.policy.finished(r)
-            if d.pending:
-                moved = []
-                for r in d.policy.order(d.pending, d.running, self.now):
-                    if d.reserved + r.prompt_len + r.output_len > d.capacity_tokens:
-                        break
-                    self.transfer(d, r)
-                    moved.append(id(r))
-                if moved:
-                    moved = set(moved)
-                    d.pending = [r for r in d.pending if id(r) not in moved]
+            if d.pending or d.given_up:
+                self.transfer_waiting(d)
         self.decode_step(d)
 
 

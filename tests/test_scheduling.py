@@ -95,7 +95,7 @@ def test_calibration_follows_observed_steps_with_a_margin_for_their_jitter():
     assert cost.prefill_time(prompts) == pytest.approx(COST.prefill_time(prompts) * (mean + spread))
     assert cost.decode == COST.decode  # decode steps were never observed
     for _ in range(300):
-        cost.observe_decode([100] * 8, 1e3)  # an absurd stall is clamped, not believed
+        cost.observe_decode(8, 800, 1e3)  # an absurd stall is clamped, not believed
     assert cost.drift["decode"][0] <= 4.0
 
 

@@ -80,6 +80,22 @@ def test_one_request_alone_takes_exactly_the_modelled_time():
     assert requests[0].finish_time == pytest.approx(ttft + transfer + steps)
 
 
+def test_step_jitter_spreads_step_times_around_the_model_and_the_policies_learn_it():
+    trace = [TraceRequest(10.0 * i, 1000, 1, ttft_slo=1.0, tpot_slo=0.1) for i in range(2000)]
+    sim = Simulator(SimConfig(prefill_jitter=0.2, decode_jitter=0.2, prefill_policy="kairos"), COST)
+    ratios = [(r.first_token_time - r.arrival_time) / COST.prefill_time([(1000, 1000)]) for r in sim.run(trace)]
+    mean = sum(ratios) / len(ratios)
+    assert mean == pytest.approx(1.0, abs=0.03)
+    assert sum(abs(x - mean) for x in ratios) / len(ratios) == pytest.approx(0.2, abs=0.03)
+    ratio, spread = sim.prefills[0].model.drift["prefill"]
+    assert ratio == pytest.approx(1.0, abs=0.15) and spread == pytest.approx(0.2, abs=0.08)
+    steady = Simulator(SimConfig(), COST)
+    steady.run(trace[:5])
+    assert steady.prefills[0].model is COST  # no jitter: the policies predict with the model itself
+    with pytest.raises(ValueError, match="jitter"):
+        Simulator(SimConfig(decode_jitter=-0.1), COST)
+
+
 @pytest.mark.parametrize("policies", [("fcfs", "cb"), ("kairos", "kairos"), ("mh", "cb"), ("edf", "kairos")])
 def test_every_request_finishes_under_load_and_kv_pressure(policies):
     trace = with_slos(synthetic(800, rate=60.0, seed=3), 500, 50)
@@ -136,3 +152,17 @@ def test_compare_reports_gains_against_the_baseline():
     base = result["summary"]["fcfs+cb"]
     assert base["goodput_vs_baseline"] in (None, 1.0)
     assert all(math.isfinite(r["decode_throughput_tok_s"]) for r in result["rows"])
+
+
+def test_kairos_simulate_prints_the_slo_report_and_refuses_a_negative_jitter(capsys):
+    from engine.cli import main
+
+    args = ["simulate", "--trace", str(CONV), "--limit", "300", "--rate-scale", "5", "--prefill-policy", "kairos",
+            "--decode-policy", "kairos", "--json"]
+    assert main(args + ["--step-jitter", "0.2"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["requests"] == 300 and 0 <= report["e2e_attainment"] <= 1
+    assert report["ttft_ms"]["p50"] <= report["ttft_ms"]["p99"]
+    assert main(args + ["--step-jitter", "-1"]) == 2
+    assert "jitter must be >= 0" in capsys.readouterr().err
+

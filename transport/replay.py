@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from scheduler.simulator import metrics
 from scheduler.traces import TraceRequest
@@ -58,6 +58,14 @@ def replay_requests(addr: str, trace: list[TraceRequest], vocab_ids: int = 256, 
     return asyncio.run(_replay(addr, trace, vocab_ids, timeout_s, progress))
 
 
+def warm_up(addr: str, trace: list[TraceRequest], requests: int = 16, timeout_s: float = 300.0) -> None:
+    """Sends the trace's first requests, one after another, unmeasured: a fresh worker's first
+    steps pay one-off costs (allocations, lazy initialisation) that would otherwise land on
+    the first measured requests, and its cost-model calibration starts from real steps."""
+    for r in trace[:requests]:
+        replay_requests(addr, [replace(r, arrival=0.0)], timeout_s=timeout_s)
+
+
 def report(requests: list[ReplayedRequest]) -> dict:
     served = [r for r in requests if r.error is None]
     if not served:
@@ -73,13 +81,15 @@ def report(requests: list[ReplayedRequest]) -> dict:
 
 def live_point(worker_argv: list[str], timeout_s: float = 300.0):
     """run_point for `scheduler.compare`: each policy pair on a fresh local router with one
-    prefill and one decode worker (started with these arguments), the trace replayed live."""
+    prefill and one decode worker (started with these arguments), warmed up, then the trace
+    replayed live."""
     from scheduler.compare import latency_samples
     from transport.serve import local_cluster
 
     def run(trace: list[TraceRequest], policy: str) -> tuple[dict, dict]:
         prefill, decode = policy.split("+")
         with local_cluster(["--prefill-policy", prefill, *worker_argv], ["--decode-policy", decode, *worker_argv]) as addr:
+            warm_up(addr, trace, timeout_s=timeout_s)
             requests = replay_requests(addr, trace, timeout_s=timeout_s)
         return report(requests), latency_samples(requests)
 
