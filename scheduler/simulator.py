@@ -9,9 +9,8 @@ Mooncake `hash_ids` (an LRU of blocks per prefill worker). Pure Python.
 
 Served steps are not all alike: `prefill_jitter` and `decode_jitter` spread each step's length
 around the cost model (lognormal, with that mean relative deviation, as `kairos status` reports
-it per worker and phase). The
-policies then predict through a CalibratedCostModel fed with every simulated step, as the
-workers' policies are fed with every real one.
+it per worker and phase). The policies then predict through a CalibratedCostModel fed with
+every simulated step, as the workers' policies are fed with every real one.
 """
 
 from __future__ import annotations
