@@ -188,10 +188,12 @@ class DecodeWorker(Worker):
         self.accept_offers(now)
 
     def accept_offers(self, now: float) -> None:
+        if not self.offers or len(self.incoming) >= self.max_inflight_transfers:
+            return  # runs every loop: skip ordering the offers when none could go in
         blocks = self.llm.block_manager
+        scheduler = self.llm.scheduler
         # Keep a block per running sequence spare, so admitting new KV does not at once force
         # the running batch into preemption.
-        scheduler = self.llm.scheduler
         spare = len(scheduler.running) + len(scheduler.ready)
         by_seq = {id(item.seq): item for item in self.offers}
         # The decode policy says who gets room first (under kairos, requests that can still
