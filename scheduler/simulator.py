@@ -121,15 +121,12 @@ class Simulator:
         self.jittered = config.prefill_jitter > 0 or config.decode_jitter > 0
         self.sigma = {"prefill": config.prefill_jitter * math.sqrt(math.pi / 2),
                       "decode": config.decode_jitter * math.sqrt(math.pi / 2)}
-        self.prefills = []
-        for _ in range(config.prefill_workers):
-            model = self._policy_cost()
-            self.prefills.append(PrefillSim(get_prefill_policy(config.prefill_policy, model, config.token_budget), model))
-        self.decodes = []
-        for _ in range(config.decode_workers):
-            model = self._policy_cost()
-            self.decodes.append(DecodeSim(get_decode_policy(config.decode_policy, config.max_batch, model), model,
-                                          config.kv_capacity_tokens))
+        # Each worker's policy predicts through its own model, as each real worker calibrates its own.
+        models = [self._policy_cost() for _ in range(config.prefill_workers + config.decode_workers)]
+        self.prefills = [PrefillSim(get_prefill_policy(config.prefill_policy, m, config.token_budget), m)
+                         for m in models[:config.prefill_workers]]
+        self.decodes = [DecodeSim(get_decode_policy(config.decode_policy, config.max_batch, m), m, config.kv_capacity_tokens)
+                        for m in models[config.prefill_workers:]]
         self.events: list = []
         self._seq = itertools.count()
         self.now = 0.0

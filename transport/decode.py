@@ -2,9 +2,10 @@
 continuous batch, and streams tokens to the router.
 
 Incoming KV lands straight in blocks reserved for it. Offers are answered in the decode
-policy's order (arrival order under continuous batching), and only while there are blocks to reserve and fewer than `max_inflight_transfers` transfers
-under way; the rest wait (and their prefill workers keep holding the blocks). A request joins
-the running batch only once all of its KV is written.
+policy's order (arrival order under continuous batching), and only while there are blocks to
+reserve and fewer than `max_inflight_transfers` transfers under way; the rest wait (and their
+prefill workers keep holding the blocks). A request joins the running batch only once all of
+its KV is written.
 """
 
 from __future__ import annotations
