@@ -2,6 +2,8 @@
 for the same policies at several loads; the gap in SLO attainment.
 
     python bench/sim_fidelity.py                       # tiny model on CPU, conv trace slice
+    python bench/sim_fidelity.py --model bench/models/Llama-3.1-8B --load-format dummy \
+        --profile bench/profiles/Llama-3.1-8B_H100.json --rate-scales 6,8,12 ...   # one GPU
 
 The simulator is given what the workers were given: their profile (measured with the thread
 count each worker runs with), the token budget, the batch limit and the KV capacity. Serving
@@ -48,7 +50,21 @@ def serving_drift(addr: str) -> dict:
     return drift
 
 
-def main() -> None:
+def measure_here(model: str, engine_args: dict) -> dict:
+    """The workers' profile, measured in this process with the threads each worker gets."""
+    import torch
+
+    from engine import LLM
+    from engine.profiler import measure_profile
+
+    torch.set_num_threads(cpu_share(2))
+    llm = LLM(model, **engine_args)
+    profile = measure_profile(llm, quick=False)
+    del llm
+    return profile
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trace", default=str(TRACES / "AzureLLMInferenceTrace_conv.csv"))
     parser.add_argument("--requests", type=int, default=150)
@@ -63,45 +79,105 @@ def main() -> None:
     parser.add_argument("--kv-blocks", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=2,
                         help="live runs per point (fresh workers each); their spread is the live noise")
-    args = parser.parse_args()
+    parser.add_argument("--model", default="tiny", help="the workers' model: 'tiny' or a model folder")
+    parser.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
+    parser.add_argument("--max-model-len", type=int, default=1024)
+    parser.add_argument("--profile", help="the workers' step-time profile (default: measured here first, "
+                                          "with the threads each worker gets)")
+    parser.add_argument("--kv-bandwidth-gb-s", type=float, default=0.5,
+                        help="prefill -> decode KV bandwidth for the simulator (python bench/transfer.py)")
+    parser.add_argument("--warm-up", type=int, default=16, help="requests sent one at a time before each live run")
+    parser.add_argument("--name", default="sim_fidelity_tiny_cpu", help="result file stem under bench/results/")
+    parser.add_argument("--resimulate", metavar="RESULT",
+                        help="no live runs: judge the live runs recorded in this result file (with its "
+                             "settings and calibration) against the current simulator, and rewrite it")
+    return parser.parse_args(argv)
 
-    import torch
 
-    from engine import LLM
-    from engine.profiler import measure_profile
+def point_trace(args: argparse.Namespace, rate: float) -> list:
+    trace = shape(load_azure(args.trace), rate, limit=args.requests)
+    return with_slos([replace(r, prompt_len=min(r.prompt_len, args.max_prompt_len),
+                              output_len=min(r.output_len, args.max_output_len)) for r in trace],
+                     args.ttft_slo_ms, args.tpot_slo_ms)
 
-    # Measured with the thread count each worker of the local cluster gets.
-    torch.set_num_threads(cpu_share(2))
-    engine_args = {"max_num_batched_tokens": args.token_budget, "max_num_seqs": args.max_batch,
-                   "num_kv_blocks": args.kv_blocks, "max_model_len": 1024}
-    llm = LLM("tiny", **engine_args)
-    profile = measure_profile(llm, quick=False)
-    kv_bytes_per_token = llm.runner.kv_bytes_per_block() // llm.config.block_size
-    del llm
-    profile_path = Path(tempfile.mkdtemp()) / "tiny_profile.json"
-    profile_path.write_text(json.dumps(profile))
-    print(f"profile: {len(profile['prefill'])} prefill and {len(profile['decode'])} decode points, held-out MAPE "
-          f"prefill {profile['prefill_mape']:.0%} decode {profile['decode_mape']:.0%}")
 
+def judge(args: argparse.Namespace, profile: dict, calibration: dict, row: dict) -> dict:
+    """Simulates the row's point (calibrated and jittered as the live workers were, then without
+    the jitter, then straight from the profile) and the gaps to its live runs."""
+    prefill, decode = row["policy"].split("+")
+    trace = point_trace(args, row["rate_scale"])
     cost = CostModel.from_profile(profile)
-    worker = ["--model", "tiny", "--profile", str(profile_path), "--max-num-batched-tokens", str(args.token_budget),
-              "--max-num-seqs", str(args.max_batch), "--num-kv-blocks", str(args.kv_blocks), "--max-model-len", "1024"]
+    config = SimConfig(prefill_policy=prefill, decode_policy=decode, token_budget=args.token_budget,
+                       max_batch=args.max_batch, kv_capacity_tokens=args.kv_blocks * 16,
+                       kv_bytes_per_token=profile.get("kv_bytes_per_token", SimConfig.kv_bytes_per_token),
+                       kv_bandwidth_gb_s=args.kv_bandwidth_gb_s)
+    jittered = replace(config, prefill_jitter=calibration["prefill_jitter"], decode_jitter=calibration["decode_jitter"])
+    calibrated = cost.scaled(calibration["prefill"], calibration["decode"])
+    row["simulated"] = simulate(trace, jittered, calibrated)
+    row["without_jitter"] = simulate(trace, config, calibrated)
+    row["uncalibrated"] = simulate(trace, config, cost)
+    live = row["live"]
+    for key, sim in (("gap_points", "simulated"), ("without_jitter_gap_points", "without_jitter"),
+                     ("uncalibrated_gap_points", "uncalibrated")):
+        row[key] = {k: 100 * (row[sim][k] - live[k]) for k in KEYS}
+    return row
+
+
+def print_row(row: dict) -> None:
+    live, simulated, gap = row["live"], row["simulated"], row["gap_points"]
+    print(f"x{row['rate_scale']:<4g} {row['policy']:>15}: live TTFT {live['ttft_attainment']:.1%} "
+          f"TPOT {live['tpot_attainment']:.1%} E2E {live['e2e_attainment']:.1%} | simulated "
+          f"{simulated['ttft_attainment']:.1%} {simulated['tpot_attainment']:.1%} {simulated['e2e_attainment']:.1%} | "
+          f"gap {gap['ttft_attainment']:+.1f} / {gap['tpot_attainment']:+.1f} / {gap['e2e_attainment']:+.1f} points "
+          f"(without jitter E2E {row['without_jitter_gap_points']['e2e_attainment']:+.1f}, uncalibrated "
+          f"{row['uncalibrated_gap_points']['e2e_attainment']:+.1f}; live runs spread "
+          f"{row['live_spread_points']['e2e_attainment']:.1f})")
+
+
+def resimulate(path: Path) -> None:
+    recorded = json.loads(path.read_text())
+    args = argparse.Namespace(**recorded["setup"])
+    args.resimulate = str(path)
+    profile = json.loads(Path(args.profile).read_text())
+    rows = [judge(args, profile, recorded["calibration"], row) for row in recorded["rows"]]
+    for row in rows:
+        print_row(row)
+    summarize(args, profile, recorded["calibration"], rows, final=True,
+              live_date=recorded.get("live_date", recorded["date"]))
+
+
+def main() -> None:
+    args = parse_args()
+    if args.resimulate:
+        resimulate(Path(args.resimulate))
+        return
+    engine_args = {"max_num_batched_tokens": args.token_budget, "max_num_seqs": args.max_batch,
+                   "num_kv_blocks": args.kv_blocks, "max_model_len": args.max_model_len,
+                   "load_format": args.load_format}
+    if args.profile:
+        profile_path = Path(args.profile)
+        profile = json.loads(profile_path.read_text())
+    else:
+        profile_path = Path(tempfile.mkdtemp()) / "profile.json"
+        profile = measure_here(args.model, engine_args)
+        profile_path.write_text(json.dumps(profile))
+    print(f"profile: {len(profile['prefill'])} prefill and {len(profile['decode'])} decode points on "
+          f"{profile['device']}, held-out MAPE prefill {profile['prefill_mape']:.0%} decode {profile['decode_mape']:.0%}")
+
+    worker = ["--model", args.model, "--load-format", args.load_format, "--profile", str(profile_path),
+              "--max-num-batched-tokens", str(args.token_budget), "--max-num-seqs", str(args.max_batch),
+              "--num-kv-blocks", str(args.kv_blocks), "--max-model-len", str(args.max_model_len)]
     rows, calibration = [], None
     for rate in (float(x) for x in args.rate_scales.split(",")):
-        trace = shape(load_azure(args.trace), rate, limit=args.requests)
-        trace = with_slos([replace(r, prompt_len=min(r.prompt_len, args.max_prompt_len),
-                                   output_len=min(r.output_len, args.max_output_len)) for r in trace],
-                          args.ttft_slo_ms, args.tpot_slo_ms)
+        trace = point_trace(args, rate)
         for policy in args.policies.split(","):
             prefill, decode = policy.split("+")
             runs, drifts = [], []
             for _ in range(args.repeats):
                 with local_cluster(["--prefill-policy", prefill, *worker], ["--decode-policy", decode, *worker]) as addr:
-                    warm_up(addr, trace)
+                    warm_up(addr, trace, args.warm_up)
                     runs.append(replay(addr, trace))
                     drifts.append(serving_drift(addr))
-            live = {k: sum(run[k] for run in runs) / len(runs) for k in KEYS}
-            live_spread = {k: 100 * (max(run[k] for run in runs) - min(run[k] for run in runs)) for k in KEYS}
             drift = {k: sum(d[k] for d in drifts) / len(drifts) for k in drifts[0]}
             if calibration is None:
                 # The first point calibrates every simulation: how much slower steps ran while
@@ -110,39 +186,30 @@ def main() -> None:
                 print(f"calibration ({policy} at rate x{rate:g}): steps ran {drift['prefill']:.2f}x (prefill) and "
                       f"{drift['decode']:.2f}x (decode) the profile's prediction, give or take "
                       f"{drift['prefill_jitter']:.0%} and {drift['decode_jitter']:.0%}")
-            config = SimConfig(prefill_policy=prefill, decode_policy=decode, token_budget=args.token_budget,
-                               max_batch=args.max_batch, kv_capacity_tokens=args.kv_blocks * 16,
-                               kv_bytes_per_token=kv_bytes_per_token, kv_bandwidth_gb_s=0.5)
-            jittered = replace(config, prefill_jitter=calibration["prefill_jitter"],
-                               decode_jitter=calibration["decode_jitter"])
-            simulated = simulate(trace, jittered, cost.scaled(calibration["prefill"], calibration["decode"]))
-            steady = simulate(trace, config, cost.scaled(calibration["prefill"], calibration["decode"]))
-            uncalibrated = simulate(trace, config, cost)
-            row = {"policy": policy, "rate_scale": rate, "simulated": simulated, "live": live, "live_runs": runs,
-                   "live_spread_points": live_spread, "without_jitter": steady, "uncalibrated": uncalibrated,
-                   "drift": drift}
-            row["gap_points"] = {k: 100 * (simulated[k] - live[k]) for k in KEYS}
-            row["without_jitter_gap_points"] = {k: 100 * (steady[k] - live[k]) for k in KEYS}
-            row["uncalibrated_gap_points"] = {k: 100 * (uncalibrated[k] - live[k]) for k in KEYS}
-            rows.append(row)
-            gap = row["gap_points"]
-            print(f"x{rate:<4g} {policy:>15}: live TTFT {live['ttft_attainment']:.1%} TPOT {live['tpot_attainment']:.1%} "
-                  f"E2E {live['e2e_attainment']:.1%} | simulated {simulated['ttft_attainment']:.1%} "
-                  f"{simulated['tpot_attainment']:.1%} {simulated['e2e_attainment']:.1%} | gap "
-                  f"{gap['ttft_attainment']:+.1f} / {gap['tpot_attainment']:+.1f} / {gap['e2e_attainment']:+.1f} points "
-                  f"(without jitter E2E {row['without_jitter_gap_points']['e2e_attainment']:+.1f}, uncalibrated "
-                  f"{row['uncalibrated_gap_points']['e2e_attainment']:+.1f}; live runs spread "
-                  f"{live_spread['e2e_attainment']:.1f})")
+            row = {"policy": policy, "rate_scale": rate, "live_runs": runs, "drift": drift,
+                   "live": {k: sum(run[k] for run in runs) / len(runs) for k in KEYS},
+                   "live_spread_points": {k: 100 * (max(run[k] for run in runs) - min(run[k] for run in runs))
+                                          for k in KEYS}}
+            rows.append(judge(args, profile, calibration, row))
+            print_row(row)
+            summarize(args, profile, calibration, rows, final=False)
+    summarize(args, profile, calibration, rows, final=True)
+
+
+def summarize(args, profile: dict, calibration: dict, rows: list[dict], final: bool, live_date: str | None = None) -> None:
+    """Writes the result file (after every point, so a run cut short keeps what it measured)."""
     worst = {k: max(abs(r["gap_points"][k]) for r in rows) for k in KEYS}
     mean = {k: sum(abs(r["gap_points"][k]) for r in rows) / len(rows) for k in KEYS}
     noise = {k: sum(r["live_spread_points"][k] for r in rows) / len(rows) for k in KEYS}
-    print("largest gap: " + ", ".join(f"{k.split('_')[0].upper()} {v:.1f}" for k, v in worst.items()) + " points; mean: "
-          + ", ".join(f"{k.split('_')[0].upper()} {v:.1f}" for k, v in mean.items())
-          + f"; mean spread between live repeats: E2E {noise['e2e_attainment']:.1f}")
-    path = write_result("sim_fidelity_tiny_cpu", {"setup": vars(args), "profile_mape": {
-        "prefill": profile["prefill_mape"], "decode": profile["decode_mape"]}, "calibration": calibration, "largest_gap_points": worst,
-        "mean_gap_points": mean, "mean_live_spread_points": noise, "rows": rows})
-    print(f"wrote {path}")
+    dated = {"live_date": live_date} if live_date else {}
+    path = write_result(args.name, {"setup": vars(args), **dated, "device": profile["device"], "profile_mape": {
+        "prefill": profile["prefill_mape"], "decode": profile["decode_mape"]}, "calibration": calibration,
+        "largest_gap_points": worst, "mean_gap_points": mean, "mean_live_spread_points": noise, "rows": rows})
+    if final:
+        print("largest gap: " + ", ".join(f"{k.split('_')[0].upper()} {v:.1f}" for k, v in worst.items())
+              + " points; mean: " + ", ".join(f"{k.split('_')[0].upper()} {v:.1f}" for k, v in mean.items())
+              + f"; mean spread between live repeats: E2E {noise['e2e_attainment']:.1f}")
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -128,8 +128,7 @@ def kv_transfer_latency(src, dst, tokens: int, max_frame: int, repeats: int = 5)
         synchronize(src.device)
         start = time.perf_counter()
         out = OutgoingKV(src, src_ids, stream)
-        while not out.ready():
-            pass
+        out.wait()
         sender.send_multipart([p.encode(p.KVData(str(i), per_frame)), *out.frames(per_frame)], copy=False)
         sender.recv()
         best = min(best, time.perf_counter() - start)
@@ -160,8 +159,7 @@ def main() -> None:
     bytes_per_token = KVGeometry.of(src).bytes_per_block_layer * 2 * src.model_config.num_layers // 16
 
     largest = OutgoingKV(src, list(range(blocks)), None if device.type == "cpu" else torch.cuda.Stream())
-    while not largest.ready():
-        pass
+    largest.wait()
     frames = largest.frames(blocks_per_frame(KVGeometry.of(src), max_frame))
     pinned = pinned_copy_bandwidth(device, largest.nbytes)
     loopback = zmq_loopback_bandwidth(frames)

@@ -409,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim = sub.add_parser("simulate", help="replay a trace through the policies in a discrete-event model")
     add_trace_args(sim)
     add_sim_args(sim)
+    add_length_caps(sim)
     sim.add_argument("--prefill-policy", default="fcfs", choices=["fcfs", "edf", "kairos", "mh"])
     sim.add_argument("--decode-policy", default="cb", choices=["cb", "kairos"])
     sim.add_argument("--json", action="store_true")

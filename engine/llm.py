@@ -57,6 +57,7 @@ class LLM:
                                        self.config.max_num_batched_tokens, self.max_model_len,
                                        prefill_policy, decode_policy)
         self.num_prefill_tokens_computed = 0
+        self._decoding_since: float | None = None  # end of the last decode step, while decoding goes on
 
     def _build_policies(self):
         """The scheduling policies; those that predict step times get a cost model, fitted to
@@ -128,9 +129,16 @@ class LLM:
             self.num_prefill_tokens_computed += sum(batch.num_new_tokens)
         started = time.perf_counter()
         sampled = self.runner.run(batch)  # returns host-side token ids: the step is over
+        ended = time.perf_counter()
         if self.cost_model is not None:
-            self._calibrate(batch, time.perf_counter() - started)
-        return self.scheduler.postprocess(batch, sampled)
+            # What a token costs a running sequence is the whole period from one decode step to
+            # the next: a serving loop works between steps (sockets, streaming tokens out,
+            # taking KV in), and that time counts toward TPOT as much as the forward pass does.
+            between = started - self._decoding_since if self._decoding_since is not None else 0.0
+            self._calibrate(batch, ended - started + (0.0 if batch.is_prefill else between))
+        stepped = self.scheduler.postprocess(batch, sampled)
+        self._decoding_since = ended if not batch.is_prefill and self.scheduler.running else None
+        return stepped
 
     def _calibrate(self, batch: Batch, seconds: float) -> None:
         if batch.is_prefill:

@@ -136,6 +136,9 @@ def measure_profile(llm, quick: bool = False, progress: bool = False) -> dict:
         "dtype": str(llm.runner.dtype).removeprefix("torch."),
         "backend": resolve_backend_name(llm.config.backend, device.type),
         "block_size": llm.config.block_size,
+        # The simulator's KV transfer sizes and per-worker capacity, from this engine's cache.
+        "kv_bytes_per_token": llm.runner.kv_bytes_per_block() // llm.config.block_size,
+        "kv_capacity_tokens": llm.runner.num_blocks * llm.config.block_size,
         "quick": quick,
         "torch": torch.__version__,
         "python": platform.python_version(),

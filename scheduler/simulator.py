@@ -2,7 +2,10 @@
 
 Prefill workers take requests in their prefill policy's order into steps under a token budget;
 a step lasts what the cost model predicts. Each prompt's KV then moves to a decode worker at
-the KV bandwidth, once that worker has room for it (backpressure, as in the real workers). A
+the KV bandwidth, once that worker has room for it (backpressure, as in the real workers). As
+in the real workers, a prefill worker sends KV only between its steps (a transfer cleared while
+it is busy leaves when the current step ends), and a decode worker's inbound link carries one
+transfer at a time. A
 decode worker admits ready requests through its decode policy and runs steps whose length the
 cost model predicts; every running request gains a token per step. Prefix-cache hits come from
 Mooncake `hash_ids` (an LRU of blocks per prefill worker). Pure Python.
@@ -50,7 +53,7 @@ class SimRequest:
 
     __slots__ = ("trace", "arrival_time", "ttft_slo", "tpot_slo", "prompt_len", "output_len", "cached",
                  "max_tokens", "request_class", "output_len_hint", "first_token_time", "finish_time",
-                 "worker", "join_step")
+                 "worker", "join_step", "source")
 
     def __init__(self, trace: TraceRequest):
         self.trace = trace
@@ -67,6 +70,7 @@ class SimRequest:
         self.finish_time = math.nan
         self.worker: DecodeSim | None = None
         self.join_step = 0
+        self.source: PrefillSim | None = None  # the prefill worker holding its KV
 
     @property
     def num_uncomputed_tokens(self) -> int:
@@ -89,6 +93,7 @@ class PrefillSim:
     busy: bool = False
     queued_tokens: int = 0
     cache: OrderedDict = field(default_factory=OrderedDict)  # hash id -> None, LRU order
+    cleared: list = field(default_factory=list)  # (decode worker, request) to send once this step ends
 
 
 @dataclass
@@ -106,6 +111,7 @@ class DecodeSim:
     steps: int = 0
     context: int = 0  # sum of running contexts
     reserved: int = 0  # tokens of KV held or on the way (running + ready + transferring)
+    link_free_at: float = 0.0  # when the inbound KV link has carried what it was given
     busy: bool = False
     tokens_out: int = 0
 
@@ -170,6 +176,9 @@ class Simulator:
     def start_prefill(self, w: PrefillSim) -> None:
         if not w.waiting:
             w.busy = False
+            cleared, w.cleared = w.cleared, []
+            for d, r in cleared:  # an idle worker answers at once
+                self.send_kv(d, r)
             return
         order = w.policy.order(w.waiting, self.now)
         batch, tokens = [], 0
@@ -191,8 +200,12 @@ class Simulator:
 
     def prefill_done(self, w: PrefillSim, batch: list[SimRequest]) -> None:
         capacity_blocks = self.config.kv_capacity_tokens // MOONCAKE_BLOCK_TOKENS
+        cleared, w.cleared = w.cleared, []
+        for d, r in cleared:
+            self.send_kv(d, r)
         for r in batch:
             r.first_token_time = self.now
+            r.source = w
             for h in r.trace.hash_ids:
                 w.cache[h] = None
                 w.cache.move_to_end(h)
@@ -214,9 +227,18 @@ class Simulator:
         self.transfer(d, r)
 
     def transfer(self, d: DecodeSim, r: SimRequest) -> None:
+        """The decode worker has reserved room: the KV leaves as soon as its prefill worker is
+        between steps."""
         d.reserved += r.prompt_len + r.output_len
+        if r.source is not None and r.source.busy:
+            r.source.cleared.append((d, r))
+        else:
+            self.send_kv(d, r)
+
+    def send_kv(self, d: DecodeSim, r: SimRequest) -> None:
         seconds = r.prompt_len * self.config.kv_bytes_per_token / (self.config.kv_bandwidth_gb_s * 1e9)
-        self.at(self.now + seconds, self.transfer_done, d, r)
+        d.link_free_at = max(self.now, d.link_free_at) + seconds
+        self.at(d.link_free_at, self.transfer_done, d, r)
 
     def transfer_done(self, d: DecodeSim, r: SimRequest) -> None:
         d.ready.append(r)

@@ -125,3 +125,70 @@ def test_kv_frames_of_the_wrong_shape_are_refused(tiny_llm):
     assert "expected 16 KV frames, got 15" in writer.check(frames[:-1], 3, 2)
     assert "bytes, expected" in writer.check(frames, 4, 2)
     assert "blocks_per_frame 5" in writer.check(frames, 3, 5)
+
+
+def test_the_decode_worker_writes_kv_in_the_background_and_frees_blocks_only_after_the_write():
+    """KV lands on a writer thread while the worker loop goes on. A request aborted while its
+    write is under way keeps its blocks until the write is over (the thread is still filling
+    them), a failed write fails its request, and every path gives all blocks back."""
+    import threading
+    import time
+
+    from engine import LLM
+    from transport.decode import DecodeWorker
+
+    llm = LLM("tiny", num_kv_blocks=64, max_model_len=256)
+    worker = DecodeWorker(llm, "tcp://127.0.0.1:9")  # no router there: its messages are dropped
+    total = llm.num_total_blocks
+    gate = threading.Event()
+    write = worker.writer.write
+    worker.writer.write = lambda *args: (gate.wait(10), write(*args))
+    failures = []
+    worker.fail = lambda request_id, message: failures.append((request_id, message))
+    peer = b"prefill-test"
+    worker.greeted.add(peer)
+    source = llm.runner.kv_cache
+    source[:, :, :3] = torch.randn_like(source[:, :, :3])
+    per_frame = blocks_per_frame(worker.geometry, worker.max_frame_bytes)
+    frames = [FakeFrame(f) for f in OutgoingKV(llm.runner, [0, 1, 2], None).frames(per_frame)]
+    expected = source[:, :, :3].clone()
+
+    def receive(transfer_id: str, request_id: str):
+        worker.on_offer(peer, p.KVOffer(transfer_id, request_id, list(range(1, 41)), [7], {"max_tokens": 5}, {}, 3))
+        worker.accept_offers(time.monotonic())
+        worker.on_data(peer, p.KVData(transfer_id, per_frame), frames)
+        assert transfer_id in worker.writing and llm.num_free_blocks == total - 3
+
+    def settle():
+        deadline = time.monotonic() + 10
+        while worker.writing:
+            worker.finish_writes()
+            assert time.monotonic() < deadline, "the writer thread did not finish"
+            time.sleep(0.01)
+
+    try:
+        receive("t1", "aborted")
+        worker.abort("aborted")
+        worker.finish_writes()
+        assert llm.num_free_blocks == total - 3 and worker.counters["aborted"] == 1  # still being written
+        gate.set()
+        settle()
+        assert llm.num_free_blocks == total and not llm.has_unfinished()
+
+        receive("t2", "decoded")
+        settle()
+        (seq,) = llm.scheduler.ready
+        assert seq.request_id == "decoded" and seq.num_computed_tokens == 40
+        assert torch.equal(source[:, :, seq.block_table], expected)
+        while llm.has_unfinished():
+            llm.step()
+        assert llm.num_free_blocks == total
+
+        worker.writer.write = lambda *args: (_ for _ in ()).throw(RuntimeError("device lost"))
+        receive("t3", "failed")
+        settle()
+        assert failures == [("failed", "writing the KV failed: device lost")]
+        assert llm.num_free_blocks == total and not llm.has_unfinished()
+    finally:
+        gate.set()
+        worker.close()

@@ -1,5 +1,6 @@
 """The scheduling policies, cost model and output-length estimator, on synthetic requests."""
 
+import json
 import math
 import random
 from dataclasses import dataclass
@@ -305,6 +306,10 @@ def test_a_profile_times_prefill_with_prefixes_and_decode_batches(tiny_profile):
     _, profile = tiny_profile
     assert {"device", "dtype", "model", "torch", "date", "fit", "prefill_mape", "decode_mape"} <= set(profile)
     assert profile["cpu_threads"] == torch.get_num_threads()  # CPU step times depend on it
+    # The simulator's KV geometry: 256 blocks of 16 tokens; per token, K and V of every layer
+    # (the tiny model: 4 layers x 2 KV heads x head dim 32, float32).
+    assert profile["kv_capacity_tokens"] == 256 * 16
+    assert profile["kv_bytes_per_token"] == 2 * 4 * 2 * 32 * 4
     assert any(ctx > new for m in profile["prefill"] for new, ctx in m["prompts"])  # cached prefixes
     assert {len(m["context_lens"]) for m in profile["decode"]} >= {1, 4, 16}
     assert all(m["seconds"] > 0 for m in profile["prefill"] + profile["decode"])
@@ -327,6 +332,33 @@ def test_scheduling_policies_do_not_change_greedy_outputs(tiny_profile, tiny_llm
         assert llm.num_free_blocks == llm.num_total_blocks
         # Every step recalibrated the cost model against its own measured time.
         assert all(0.25 <= m <= 4.0 and m != 1.0 for m, _ in llm.cost_model.drift.values())
+
+
+def test_decode_calibration_counts_the_serving_loop_between_steps(tiny_profile):
+    """A worker that spends time between decode steps (sockets, streaming, KV writes) makes every
+    token cost that much more: the decode calibration sees the whole period, prefill does not."""
+    import time
+
+    from engine import LLM, SamplingParams
+
+    path, _ = tiny_profile
+
+    def decode_drift(pause_s: float) -> tuple[float, float]:
+        llm = LLM("tiny", num_kv_blocks=256, max_model_len=256, decode_policy="kairos", profile=str(path))
+        for i in range(4):
+            llm.add_request([i + 1] * 20, SamplingParams(max_tokens=40, temperature=0))
+        while llm.has_unfinished():
+            llm.step()
+            time.sleep(pause_s)
+        return llm.cost_model.drift["decode"][0], llm.cost_model.drift["prefill"][0]
+
+    quiet_decode, quiet_prefill = decode_drift(0.0)
+    busy_decode, busy_prefill = decode_drift(0.02)
+    predicted = CostModel.from_profile(json.loads(path.read_text())).decode_time(4, 4 * 40)
+    # Each step's ratio grows by pause / predicted (the calibration clamps ratios at 4); the
+    # running mean covers most of the way in the ~40 decode steps.
+    assert busy_decode > quiet_decode + 0.5 * min(3.0, 0.02 / predicted)
+    assert busy_prefill < 2 * quiet_prefill + 0.5  # the pause after the prefill step is not its cost
 
 
 def test_a_missing_profile_is_a_clear_error(tiny_path, tmp_path):

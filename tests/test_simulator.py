@@ -69,6 +69,28 @@ def test_synthetic_arrivals_have_the_asked_rate_and_burstiness():
     assert cv2(poisson) == pytest.approx(1.0, rel=0.2) and cv2(gamma) > 4
 
 
+def test_kv_leaves_between_prefill_steps_and_one_link_carries_one_transfer_at_a_time():
+    """As in the workers: a prefill worker answers a decode worker's "ready" only between steps,
+    so KV cleared while it is busy leaves when the step ends; and transfers into one decode
+    worker queue on its link."""
+    config = SimConfig(kv_bytes_per_token=1000, kv_bandwidth_gb_s=1.0, token_budget=1000)
+    transfer = 1000 * 1000 / 1e9
+    step = COST.prefill_time([(1000, 1000)])
+    # A in the first step, B (arriving during it) in the second: A's KV waits for that step.
+    a, b = Simulator(config, COST).run([TraceRequest(0.0, 1000, 2), TraceRequest(0.001, 1000, 2)])
+    assert b.first_token_time == pytest.approx(2 * step)
+    assert a.finish_time == pytest.approx(2 * step + transfer + COST.decode_time(1, 1001))
+    # A and B in one step (after C's, a one-token request with no KV to send), the worker idle
+    # after it: both leave at once, one after the other.
+    both = SimConfig(kv_bytes_per_token=1000, kv_bandwidth_gb_s=1.0, token_budget=2000)
+    _, a, b = Simulator(both, COST).run([TraceRequest(0.0, 1000, 1), TraceRequest(0.001, 1000, 2),
+                                         TraceRequest(0.001, 1000, 2)])
+    prefilled = step + COST.prefill_time([(1000, 1000), (1000, 1000)])
+    assert a.first_token_time == b.first_token_time == pytest.approx(prefilled)
+    assert a.finish_time == pytest.approx(prefilled + transfer + COST.decode_time(1, 1001))
+    assert b.finish_time > prefilled + 2 * transfer  # behind A's transfer on the link
+
+
 def test_one_request_alone_takes_exactly_the_modelled_time():
     r = TraceRequest(0.0, 1000, 5, ttft_slo=1.0, tpot_slo=0.1)
     config = SimConfig(kv_bytes_per_token=1000, kv_bandwidth_gb_s=1.0)

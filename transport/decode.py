@@ -5,7 +5,8 @@ Incoming KV lands straight in blocks reserved for it. Offers are answered in the
 policy's order (arrival order under continuous batching), and only while there are blocks to
 reserve and fewer than `max_inflight_transfers` transfers under way; the rest wait (and their
 prefill workers keep holding the blocks). A request joins the running batch only once all of
-its KV is written.
+its KV is written: the writes run on a thread of their own, and the loop picks finished ones
+up between steps.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class Incoming:
     seq: Sequence
     num_blocks: int
     deadline: float = float("inf")  # set once the offer is accepted
+    cancelled: bool = False  # dropped while its write was under way: free the blocks after it
 
 
 class DecodeWorker(Worker):
@@ -53,6 +55,7 @@ class DecodeWorker(Worker):
         self.poller.register(self.kv_socket, zmq.POLLIN)
         self.offers: deque[Incoming] = deque()  # waiting for room
         self.incoming: dict[str, Incoming] = {}  # accepted, data not yet complete
+        self.writing: dict[str, Incoming] = {}  # data received, being written into the blocks
         self.greeted: set[bytes] = set()
         log.info("decode worker %s receives KV at %s", self.worker_id, self.kv_addr)
 
@@ -62,7 +65,15 @@ class DecodeWorker(Worker):
         return reg
 
     def stats(self) -> dict:
-        return {**super().stats(), "transfers": len(self.incoming), "offers_waiting": len(self.offers)}
+        return {**super().stats(), "transfers": self.transfers_in_flight, "offers_waiting": len(self.offers)}
+
+    @property
+    def transfers_in_flight(self) -> int:
+        return len(self.incoming) + len(self.writing)
+
+    def pending(self) -> list[Incoming]:
+        """Every request this worker holds outside the engine, not yet dropped."""
+        return [*self.offers, *self.incoming.values(), *(i for i in self.writing.values() if not i.cancelled)]
 
     # ---- from the router ----------------------------------------------------------------------
 
@@ -71,14 +82,14 @@ class DecodeWorker(Worker):
             self.abort(msg.request_id)
         elif isinstance(msg, p.WorkerGone):
             gone = msg.worker_id.encode()
-            for item in [i for i in (*self.offers, *self.incoming.values()) if i.peer == gone]:
+            for item in [i for i in self.pending() if i.peer == gone]:
                 self.drop(item)
             self.greeted.discard(gone)
         else:
             log.warning("unexpected %s message from the router", msg.TYPE)
 
     def reset(self) -> None:
-        for item in [*self.offers, *self.incoming.values()]:
+        for item in self.pending():
             send(self.kv_socket, p.KVCancel(item.transfer_id, "the decode worker was reset"), item.peer)
             self.drop(item)
         self.greeted.clear()
@@ -87,7 +98,7 @@ class DecodeWorker(Worker):
     def abort(self, request_id: str) -> None:
         if self.llm.abort(request_id):
             self.counters["aborted"] += 1
-        for item in [i for i in (*self.offers, *self.incoming.values()) if i.seq.request_id == request_id]:
+        for item in [i for i in self.pending() if i.seq.request_id == request_id]:
             self.counters["aborted"] += 1
             send(self.kv_socket, p.KVCancel(item.transfer_id, "aborted"), item.peer)
             self.drop(item)
@@ -97,6 +108,8 @@ class DecodeWorker(Worker):
             self.offers.remove(item)
         if self.incoming.pop(item.transfer_id, None) is not None:
             self.llm.block_manager.free_sequence(item.seq)
+        if item.transfer_id in self.writing:
+            item.cancelled = True  # the writer thread may still be filling its blocks
 
     # ---- engine -------------------------------------------------------------------------------
 
@@ -124,8 +137,7 @@ class DecodeWorker(Worker):
         elif isinstance(msg, p.KVData):
             self.on_data(peer, msg, received.frames)
         elif isinstance(msg, p.KVCancel):
-            item = self.incoming.get(msg.transfer_id) or next(
-                (i for i in self.offers if i.transfer_id == msg.transfer_id), None)
+            item = next((i for i in self.pending() if i.transfer_id == msg.transfer_id), None)
             if item is not None and item.peer == peer:
                 self.drop(item)  # the prefill side has told the router
         else:
@@ -173,14 +185,35 @@ class DecodeWorker(Worker):
             self.fail(item.seq.request_id, f"bad KV transfer from {peer.decode(errors='replace')}: {problem}")
             self.drop(item)
             return
-        self.writer.write(frames, item.seq.block_table, msg.blocks_per_frame)
         del self.incoming[item.transfer_id]
-        send(self.kv_socket, p.KVAck(item.transfer_id), peer)
-        send(self.router, p.HandedOff(item.seq.request_id))
-        item.seq.num_computed_tokens = item.seq.num_prompt_tokens
-        self.llm.scheduler.add_prefilled(item.seq)
+        self.writing[item.transfer_id] = item
+        self.writer.submit(item.transfer_id, frames, item.seq.block_table, msg.blocks_per_frame)
+
+    def finish_writes(self) -> None:
+        for transfer_id, error in self.writer.finished():
+            item = self.writing.pop(transfer_id)
+            if item.cancelled:
+                self.llm.block_manager.free_sequence(item.seq)
+            elif error:
+                send(self.kv_socket, p.KVCancel(transfer_id, error), item.peer)
+                self.fail(item.seq.request_id, error)
+                self.llm.block_manager.free_sequence(item.seq)
+            else:
+                send(self.kv_socket, p.KVAck(transfer_id), item.peer)
+                send(self.router, p.HandedOff(item.seq.request_id))
+                item.seq.num_computed_tokens = item.seq.num_prompt_tokens
+                self.llm.scheduler.add_prefilled(item.seq)
+
+    def idle_poll_ms(self) -> int:
+        # A finished write is picked up (and its request starts decoding) within a millisecond.
+        return 1 if self.writing else super().idle_poll_ms()
+
+    def close(self) -> None:
+        self.writer.close()
+        super().close()
 
     def tick(self, now: float) -> None:
+        self.finish_writes()
         for item in [i for i in self.incoming.values() if now > i.deadline]:
             send(self.kv_socket, p.KVCancel(item.transfer_id, "timed out"), item.peer)
             self.fail(item.seq.request_id, f"KV transfer from {item.peer.decode(errors='replace')} timed out "
@@ -189,7 +222,7 @@ class DecodeWorker(Worker):
         self.accept_offers(now)
 
     def accept_offers(self, now: float) -> None:
-        if not self.offers or len(self.incoming) >= self.max_inflight_transfers:
+        if not self.offers or self.transfers_in_flight >= self.max_inflight_transfers:
             return  # runs every loop: skip ordering the offers when none could go in
         blocks = self.llm.block_manager
         scheduler = self.llm.scheduler
@@ -200,7 +233,7 @@ class DecodeWorker(Worker):
         # The decode policy says who gets room first (under kairos, requests that can still
         # meet their TPOT SLO before those that cannot).
         for seq in scheduler.decode_policy.order([i.seq for i in self.offers], scheduler.running, now):
-            if len(self.incoming) >= self.max_inflight_transfers:
+            if self.transfers_in_flight >= self.max_inflight_transfers:
                 break
             item = by_seq[id(seq)]
             if item.num_blocks + spare > blocks.num_free_blocks:

@@ -40,8 +40,7 @@ class Transfer:
     seq: Sequence
     peer: DecodePeer
     deadline: float = 0.0  # while the data awaits its ack
-    kv: OutgoingKV | None = None  # once the decode side is ready
-    sent: bool = False
+    kv: OutgoingKV | None = None  # sent once the decode side is ready; kept until the ack
 
 
 @dataclass
@@ -192,7 +191,12 @@ class PrefillWorker(Worker):
                 log.info("%s for a transfer that is over; ignored", msg.TYPE)
             return True
         if isinstance(msg, p.KVReady):
+            # The data goes out at once. Waiting for the next loop turn would put a whole prefill
+            # step (100 ms and more for long prompts on a GPU) into every handoff, and so into
+            # the request's TPOT; the copy to host memory takes milliseconds.
             t.kv = OutgoingKV(self.llm.runner, t.seq.block_table, self.copy_stream)
+            t.kv.wait()
+            send(t.peer.socket, p.KVData(t.transfer_id, self.per_frame), frames=t.kv.frames(self.per_frame))
             t.deadline = time.monotonic() + self.transfer_timeout_s
         elif isinstance(msg, p.KVAck):
             self.finish_transfer(t)
@@ -204,9 +208,6 @@ class PrefillWorker(Worker):
 
     def tick(self, now: float) -> None:
         for t in list(self.transfers.values()):
-            if t.kv is not None and not t.sent and t.kv.ready():
-                send(t.peer.socket, p.KVData(t.transfer_id, self.per_frame), frames=t.kv.frames(self.per_frame))
-                t.sent = True
             if now > t.deadline:
                 send(t.peer.socket, p.KVCancel(t.transfer_id, "timed out"))
                 self.fail_transfer(t, f"KV transfer to decode worker {t.peer.worker_id} timed out "

@@ -101,7 +101,7 @@ class Worker:
             send(self.router, self.registration())
             self._last_register = now
         busy = self.llm.has_unfinished() and not self.blocked
-        for sock, _ in self.poller.poll(0 if busy else IDLE_POLL_MS):
+        for sock, _ in self.poller.poll(0 if busy else self.idle_poll_ms()):
             # Drain what is waiting, but bounded, so a flood cannot starve the engine.
             for _ in range(256):
                 if sock is self.router:
@@ -117,6 +117,10 @@ class Worker:
             stepped = self.llm.step()
             self.blocked = stepped is None
             self.on_step(stepped or [])
+
+    def idle_poll_ms(self) -> int:
+        """How long an idle loop waits for a message before it ticks again."""
+        return IDLE_POLL_MS
 
     def _send_heartbeats(self) -> None:
         sock = make_socket(self.ctx, zmq.DEALER, identity=f"{self.worker_id}/heartbeat".encode())
@@ -157,7 +161,8 @@ class Worker:
 
     def close(self) -> None:
         self.stopping = True
-        self._heartbeats.join(timeout=2 * HEARTBEAT_INTERVAL_S)
+        if self._heartbeats.is_alive():
+            self._heartbeats.join(timeout=2 * HEARTBEAT_INTERVAL_S)
         self.ctx.destroy(linger=0)
 
     # ---- shared helpers -----------------------------------------------------------------------
