@@ -8,11 +8,12 @@ for the same policies at several loads; the gap in SLO attainment.
 The simulator is given what the workers were given: their profile (measured with the thread
 count each worker runs with), the token budget, the batch limit and the KV capacity. Serving
 runs steps slower than the quiet profile (the workers share the machine), so the first live
-point is also a calibration: the workers' running ratio of observed to predicted step time
-(`kairos status`) scales the profile for every simulation, and the steps' spread around it
-becomes the simulator's step-time jitter. Each live run starts on fresh, warmed-up workers, and
-each point runs `--repeats` times: the spread between repeats is the noise any simulator is
-judged against. Target: within 5 percentage points.
+point is also a calibration: its ratio of observed to predicted step time, over the measured
+run's own steps (`kairos status` totals before and after it, so time-weighted), scales the
+profile for every simulation, and the steps' spread becomes the simulator's step-time jitter.
+Each live run starts on fresh, warmed-up workers, and each point runs `--repeats` times: the
+spread between repeats is the noise any simulator is judged against. Target: within 5
+percentage points.
 """
 
 from __future__ import annotations
@@ -38,15 +39,24 @@ TRACES = Path(__file__).resolve().parent / "traces"
 KEYS = ("ttft_attainment", "tpot_attainment", "e2e_attainment")
 
 
-def serving_drift(addr: str) -> dict:
-    """Observed over predicted step time from the prefill and the decode worker: the running
-    mean, and the steps' mean deviation from it relative to the mean (their jitter)."""
+def cost_scales(addr: str) -> dict:
+    """Each role's cost_scale from `kairos status` (one prefill and one decode worker)."""
     with Client(addr) as client:
         workers = client.status()["workers"]
+    return {role: next(w["cost_scale"][role] for w in workers if w["role"] == role) for role in ("prefill", "decode")}
+
+
+def serving_drift(before: dict, after: dict) -> dict:
+    """How much slower the steps of one measured run went than the profile predicts, per phase:
+    observed over predicted seconds over just that run's steps (time-weighted, so the loaded
+    middle of the run counts as much as it lasted, not only the quiet end a running mean would
+    show), and the steps' spread around the running mean, relative to it (their jitter)."""
     drift = {}
     for role in ("prefill", "decode"):
-        scale = next(w["cost_scale"][role] for w in workers if w["role"] == role)
-        drift[role], drift[f"{role}_jitter"] = scale["mean"], scale["spread"] / scale["mean"]
+        observed = after[role]["observed_s"] - before[role]["observed_s"]
+        predicted = after[role]["predicted_s"] - before[role]["predicted_s"]
+        drift[role] = observed / predicted if predicted > 0 else after[role]["mean"]
+        drift[f"{role}_jitter"] = after[role]["spread"] / after[role]["mean"]
     return drift
 
 
@@ -176,8 +186,9 @@ def main() -> None:
             for _ in range(args.repeats):
                 with local_cluster(["--prefill-policy", prefill, *worker], ["--decode-policy", decode, *worker]) as addr:
                     warm_up(addr, trace, args.warm_up)
+                    before = cost_scales(addr)
                     runs.append(replay(addr, trace))
-                    drifts.append(serving_drift(addr))
+                    drifts.append(serving_drift(before, cost_scales(addr)))
             drift = {k: sum(d[k] for d in drifts) / len(drifts) for k in drifts[0]}
             if calibration is None:
                 # The first point calibrates every simulation: how much slower steps ran while

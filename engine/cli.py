@@ -92,7 +92,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 # ---- trace-driven evaluation ----------------------------------------------------------------------
 
-DEFAULT_PROFILE = "bench/profiles/Llama-3.1-8B_H100_roofline.json"
+DEFAULT_PROFILE = "bench/profiles/Llama-3.1-8B_H100.json"
 
 
 def add_trace_args(p: argparse.ArgumentParser) -> None:

@@ -137,10 +137,15 @@ class CalibratedCostModel:
         self.weight = weight  # of each new step: the means span some 1 / weight steps
         self.bounds = bounds
         self.drift = {"prefill": [1.0, 0.0], "decode": [1.0, 0.0]}  # phase -> [mean ratio, mean deviation]
+        # phase -> [observed, predicted] seconds of every step so far: over any stretch of
+        # serving, the difference of two readings gives its time-weighted ratio.
+        self.totals = {"prefill": [0.0, 0.0], "decode": [0.0, 0.0]}
         self.prefill, self.decode = base.prefill, base.decode
 
     def _observe(self, phase: str, predicted: float, seconds: float) -> None:
         stats = self.drift[phase]
+        self.totals[phase][0] += seconds
+        self.totals[phase][1] += predicted
         if predicted > 0.0:
             lo, hi = self.bounds
             ratio = min(hi, max(lo, seconds / predicted))
