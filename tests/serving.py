@@ -19,9 +19,13 @@ WORKER_ARGS = ["--model", "tiny", "--num-kv-blocks", "256", "--max-model-len", "
                "--max-num-batched-tokens", "1024"]
 
 
+def child_env() -> dict:
+    """This environment with the project importable; packages already on PYTHONPATH stay."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+
+
 def kairos_process(*argv: str, prefix: tuple[str, ...] = (), **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([*prefix, sys.executable, "-m", "engine.cli", *argv], cwd=ROOT, env=env,
+    return subprocess.Popen([*prefix, sys.executable, "-m", "engine.cli", *argv], cwd=ROOT, env=child_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
 
 

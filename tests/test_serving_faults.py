@@ -13,7 +13,7 @@ import pytest
 import zmq
 
 from engine import LLM, SamplingParams
-from tests.serving import ROOT, WORKER_ARGS, Cluster, free_port, kairos_process
+from tests.serving import ROOT, WORKER_ARGS, Cluster, child_env, free_port, kairos_process
 from transport import protocol as p
 from transport.kv import KVGeometry
 from transport.sockets import make_socket, recv, send
@@ -270,9 +270,8 @@ def test_router_prefill_and_decode_on_separate_hosts(tiny_path):
                   "import time; t = time.monotonic()\n"
                   "while len(c.status()['workers']) < 2 and time.monotonic() - t < 90: time.sleep(0.3)\n"
                   f"print(json.dumps([r.to_dict() for r in c.generate({prompts!r}, max_tokens=12, temperature=0)]))")
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
         out = subprocess.run([*in_ns["router"], os.sys.executable, "-c", script], capture_output=True,
-                             text=True, env=env, timeout=180, cwd=ROOT)
+                             text=True, env=child_env(), timeout=180, cwd=ROOT)
         assert out.returncode == 0, out.stderr
         import json
 
