@@ -188,3 +188,35 @@ def test_kairos_simulate_prints_the_slo_report_and_refuses_a_negative_jitter(cap
     assert main(args + ["--step-jitter", "-1"]) == 2
     assert "jitter must be >= 0" in capsys.readouterr().err
 
+
+
+def test_recorded_live_runs_are_judged_again_against_the_current_simulator(tmp_path, monkeypatch):
+    """`sim_fidelity.py --resimulate` keeps the recorded live runs, simulates each point anew
+    with the recorded settings and calibration, and gaps are simulated minus live."""
+    import bench.common
+    from bench import sim_fidelity
+
+    monkeypatch.setattr(bench.common, "RESULTS", tmp_path)
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps({"device": "test", "prefill_mape": 0.1, "decode_mape": 0.1,
+                                   "fit": {"prefill": list(COST.prefill), "decode": list(COST.decode)}}))
+    args = sim_fidelity.parse_args(["--requests", "40", "--rate-scales", "4", "--profile", str(profile),
+                                    "--name", "recorded"])
+    live = {"ttft_attainment": 0.5, "tpot_attainment": 0.75, "e2e_attainment": 0.25}
+    calibration = {"prefill": 1.5, "prefill_jitter": 0.1, "decode": 1.2, "decode_jitter": 0.1}
+    recorded = {"date": "2026-01-01T00:00:00+00:00", "setup": vars(args), "calibration": calibration,
+                "rows": [{"policy": "kairos+kairos", "rate_scale": 4.0, "live": live, "live_runs": [live],
+                          "live_spread_points": {k: 0.0 for k in live}, "drift": calibration}]}
+    path = tmp_path / "recorded.json"
+    path.write_text(json.dumps(recorded))
+    sim_fidelity.resimulate(path)
+    result = json.loads(path.read_text())
+    (row,) = result["rows"]
+    trace = sim_fidelity.point_trace(args, 4.0)
+    config = SimConfig(prefill_policy="kairos", decode_policy="kairos", token_budget=args.token_budget,
+                       max_batch=args.max_batch, kv_capacity_tokens=args.kv_blocks * 16,
+                       kv_bandwidth_gb_s=args.kv_bandwidth_gb_s)
+    assert row["without_jitter"] == simulate(trace, config, COST.scaled(1.5, 1.2))
+    assert row["live"] == live and result["live_date"] == recorded["date"]
+    assert row["gap_points"]["e2e_attainment"] == pytest.approx(100 * (row["simulated"]["e2e_attainment"] - 0.25))
+    assert result["largest_gap_points"]["ttft_attainment"] == pytest.approx(abs(row["gap_points"]["ttft_attainment"]))
