@@ -176,9 +176,7 @@ class Simulator:
     def start_prefill(self, w: PrefillSim) -> None:
         if not w.waiting:
             w.busy = False
-            cleared, w.cleared = w.cleared, []
-            for d, r in cleared:  # an idle worker answers at once
-                self.send_kv(d, r)
+            self.send_cleared(w)  # an idle worker answers at once
             return
         order = w.policy.order(w.waiting, self.now)
         batch, tokens = [], 0
@@ -200,9 +198,7 @@ class Simulator:
 
     def prefill_done(self, w: PrefillSim, batch: list[SimRequest]) -> None:
         capacity_blocks = self.config.kv_capacity_tokens // MOONCAKE_BLOCK_TOKENS
-        cleared, w.cleared = w.cleared, []
-        for d, r in cleared:
-            self.send_kv(d, r)
+        self.send_cleared(w)
         for r in batch:
             r.first_token_time = self.now
             r.source = w
@@ -233,6 +229,12 @@ class Simulator:
         if r.source is not None and r.source.busy:
             r.source.cleared.append((d, r))
         else:
+            self.send_kv(d, r)
+
+    def send_cleared(self, w: PrefillSim) -> None:
+        """The prefill worker is between steps: the KV cleared meanwhile leaves now."""
+        cleared, w.cleared = w.cleared, []
+        for d, r in cleared:
             self.send_kv(d, r)
 
     def send_kv(self, d: DecodeSim, r: SimRequest) -> None:

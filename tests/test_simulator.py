@@ -189,7 +189,6 @@ def test_kairos_simulate_prints_the_slo_report_and_refuses_a_negative_jitter(cap
     assert "jitter must be >= 0" in capsys.readouterr().err
 
 
-
 def test_recorded_live_runs_are_judged_again_against_the_current_simulator(tmp_path, monkeypatch):
     """`sim_fidelity.py --resimulate` keeps the recorded live runs, simulates each point anew
     with the recorded settings and calibration, and gaps are simulated minus live."""
