@@ -22,6 +22,7 @@ import argparse
 import json
 import sys
 import tempfile
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -46,17 +47,19 @@ def cost_scales(addr: str) -> dict:
     return {role: next(w["cost_scale"][role] for w in workers if w["role"] == role) for role in ("prefill", "decode")}
 
 
-def serving_drift(before: dict, after: dict) -> dict:
-    """How much slower the steps of one measured run went than the profile predicts, per phase:
-    observed over predicted seconds over just that run's steps (time-weighted, so the loaded
-    middle of the run counts as much as it lasted, not only the quiet end a running mean would
-    show), and the steps' spread around the running mean, relative to it (their jitter)."""
+def serving_drift(before: dict, after: dict, seconds: float) -> dict:
+    """How much slower the steps of one measured run (`seconds` long) went than the profile
+    predicts, per phase: observed over predicted seconds over just that run's steps
+    (time-weighted, so the loaded middle of the run counts as much as it lasted, not only the
+    quiet end a running mean would show); the steps' spread around the running mean, relative
+    to it (their jitter); and the share of the run the worker spent in steps (its busy share)."""
     drift = {}
     for role in ("prefill", "decode"):
         observed = after[role]["observed_s"] - before[role]["observed_s"]
         predicted = after[role]["predicted_s"] - before[role]["predicted_s"]
         drift[role] = observed / predicted if predicted > 0 else after[role]["mean"]
         drift[f"{role}_jitter"] = after[role]["spread"] / after[role]["mean"]
+        drift[f"{role}_busy"] = observed / seconds
     return drift
 
 
@@ -112,8 +115,10 @@ def point_trace(args: argparse.Namespace, rate: float) -> list:
 
 
 def judge(args: argparse.Namespace, profile: dict, calibration: dict, row: dict) -> dict:
-    """Simulates the row's point (calibrated and jittered as the live workers were, then without
-    the jitter, then straight from the profile) and the gaps to its live runs."""
+    """Simulates the row's point calibrated and jittered as the first point's workers were (the
+    prediction), then without the jitter, then straight from the profile, then at each live
+    run's own measured step speed (the event model and policies alone, given the speed the
+    machine ran at); and the gaps of each to the live runs."""
     prefill, decode = row["policy"].split("+")
     trace = point_trace(args, row["rate_scale"])
     cost = CostModel.from_profile(profile)
@@ -121,15 +126,22 @@ def judge(args: argparse.Namespace, profile: dict, calibration: dict, row: dict)
                        max_batch=args.max_batch, kv_capacity_tokens=args.kv_blocks * 16,
                        kv_bytes_per_token=profile.get("kv_bytes_per_token", SimConfig.kv_bytes_per_token),
                        kv_bandwidth_gb_s=args.kv_bandwidth_gb_s)
-    jittered = replace(config, prefill_jitter=calibration["prefill_jitter"], decode_jitter=calibration["decode_jitter"])
-    calibrated = cost.scaled(calibration["prefill"], calibration["decode"])
-    row["simulated"] = simulate(trace, jittered, calibrated)
-    row["without_jitter"] = simulate(trace, config, calibrated)
+
+    def at_speed(drift: dict) -> dict:
+        jittered = replace(config, prefill_jitter=drift["prefill_jitter"], decode_jitter=drift["decode_jitter"])
+        return simulate(trace, jittered, cost.scaled(drift["prefill"], drift["decode"]))
+
+    row["simulated"] = at_speed(calibration)
+    row["without_jitter"] = simulate(trace, config, cost.scaled(calibration["prefill"], calibration["decode"]))
     row["uncalibrated"] = simulate(trace, config, cost)
+    own = [at_speed(drift) for drift in row.get("run_drifts", [])]
+    if own:
+        row["own_speed"] = {k: sum(o[k] for o in own) / len(own) for k in KEYS}
     live = row["live"]
     for key, sim in (("gap_points", "simulated"), ("without_jitter_gap_points", "without_jitter"),
-                     ("uncalibrated_gap_points", "uncalibrated")):
-        row[key] = {k: 100 * (row[sim][k] - live[k]) for k in KEYS}
+                     ("uncalibrated_gap_points", "uncalibrated"), ("own_speed_gap_points", "own_speed")):
+        if sim in row:
+            row[key] = {k: 100 * (row[sim][k] - live[k]) for k in KEYS}
     return row
 
 
@@ -140,15 +152,20 @@ def print_row(row: dict) -> None:
           f"{simulated['ttft_attainment']:.1%} {simulated['tpot_attainment']:.1%} {simulated['e2e_attainment']:.1%} | "
           f"gap {gap['ttft_attainment']:+.1f} / {gap['tpot_attainment']:+.1f} / {gap['e2e_attainment']:+.1f} points "
           f"(without jitter E2E {row['without_jitter_gap_points']['e2e_attainment']:+.1f}, uncalibrated "
-          f"{row['uncalibrated_gap_points']['e2e_attainment']:+.1f}; live runs spread "
+          f"{row['uncalibrated_gap_points']['e2e_attainment']:+.1f}{own_speed_gap(row)}; live runs spread "
           f"{row['live_spread_points']['e2e_attainment']:.1f})")
+
+
+def own_speed_gap(row: dict) -> str:
+    gap = row.get("own_speed_gap_points")
+    return f", at the runs' own step speed {gap['e2e_attainment']:+.1f}" if gap else ""
 
 
 def resimulate(path: Path) -> None:
     recorded = json.loads(path.read_text())
     args = argparse.Namespace(**recorded["setup"])
     args.resimulate = str(path)
-    profile = json.loads(Path(args.profile).read_text())
+    profile = recorded.get("profile") or json.loads(Path(args.profile).read_text())
     rows = [judge(args, profile, recorded["calibration"], row) for row in recorded["rows"]]
     for row in rows:
         print_row(row)
@@ -186,9 +203,9 @@ def main() -> None:
             for _ in range(args.repeats):
                 with local_cluster(["--prefill-policy", prefill, *worker], ["--decode-policy", decode, *worker]) as addr:
                     warm_up(addr, trace, args.warm_up)
-                    before = cost_scales(addr)
+                    before, started = cost_scales(addr), time.perf_counter()
                     runs.append(replay(addr, trace))
-                    drifts.append(serving_drift(before, cost_scales(addr)))
+                    drifts.append(serving_drift(before, cost_scales(addr), time.perf_counter() - started))
             drift = {k: sum(d[k] for d in drifts) / len(drifts) for k in drifts[0]}
             if calibration is None:
                 # The first point calibrates every simulation: how much slower steps ran while
@@ -197,7 +214,7 @@ def main() -> None:
                 print(f"calibration ({policy} at rate x{rate:g}): steps ran {drift['prefill']:.2f}x (prefill) and "
                       f"{drift['decode']:.2f}x (decode) the profile's prediction, give or take "
                       f"{drift['prefill_jitter']:.0%} and {drift['decode_jitter']:.0%}")
-            row = {"policy": policy, "rate_scale": rate, "live_runs": runs, "drift": drift,
+            row = {"policy": policy, "rate_scale": rate, "live_runs": runs, "run_drifts": drifts, "drift": drift,
                    "live": {k: sum(run[k] for run in runs) / len(runs) for k in KEYS},
                    "live_spread_points": {k: 100 * (max(run[k] for run in runs) - min(run[k] for run in runs))
                                           for k in KEYS}}
@@ -209,17 +226,29 @@ def main() -> None:
 
 def summarize(args, profile: dict, calibration: dict, rows: list[dict], final: bool, live_date: str | None = None) -> None:
     """Writes the result file (after every point, so a run cut short keeps what it measured)."""
-    worst = {k: max(abs(r["gap_points"][k]) for r in rows) for k in KEYS}
-    mean = {k: sum(abs(r["gap_points"][k]) for r in rows) / len(rows) for k in KEYS}
+    def gaps(key: str) -> tuple[dict, dict] | None:
+        judged = [r[key] for r in rows if key in r]
+        if not judged:
+            return None
+        return ({k: max(abs(g[k]) for g in judged) for k in KEYS}, {k: sum(abs(g[k]) for g in judged) / len(judged) for k in KEYS})
+
+    worst, mean = gaps("gap_points")
+    own_speed = gaps("own_speed_gap_points")
     noise = {k: sum(r["live_spread_points"][k] for r in rows) / len(rows) for k in KEYS}
     dated = {"live_date": live_date} if live_date else {}
+    own = {"own_speed_largest_gap_points": own_speed[0], "own_speed_mean_gap_points": own_speed[1]} if own_speed else {}
     path = write_result(args.name, {"setup": vars(args), **dated, "device": profile["device"], "profile_mape": {
         "prefill": profile["prefill_mape"], "decode": profile["decode_mape"]}, "calibration": calibration,
-        "largest_gap_points": worst, "mean_gap_points": mean, "mean_live_spread_points": noise, "rows": rows})
+        "largest_gap_points": worst, "mean_gap_points": mean, **own, "mean_live_spread_points": noise,
+        "rows": rows, "profile": profile})
     if final:
-        print("largest gap: " + ", ".join(f"{k.split('_')[0].upper()} {v:.1f}" for k, v in worst.items())
-              + " points; mean: " + ", ".join(f"{k.split('_')[0].upper()} {v:.1f}" for k, v in mean.items())
-              + f"; mean spread between live repeats: E2E {noise['e2e_attainment']:.1f}")
+        def line(worst: dict, mean: dict) -> str:
+            return ("largest gap: " + ", ".join(f"{k.split('_')[0].upper()} {v:.1f}" for k, v in worst.items())
+                    + " points; mean: " + ", ".join(f"{k.split('_')[0].upper()} {v:.1f}" for k, v in mean.items()))
+        print(f"predicted (first point's calibration): {line(worst, mean)}")
+        if own_speed:
+            print(f"at each run's own step speed: {line(*own_speed)}")
+        print(f"mean spread between live repeats: E2E {noise['e2e_attainment']:.1f}")
         print(f"wrote {path}")
 
 

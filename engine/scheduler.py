@@ -82,7 +82,9 @@ class StepScheduler:
         def add(seq: Sequence) -> bool:
             nonlocal budget
             n = min(seq.num_uncomputed_tokens, budget)
-            if n == 0 or not self.blocks.can_allocate(seq, n):
+            if n == 0 or (n < seq.num_uncomputed_tokens and batch.seqs and not self.prefill_policy.fills_steps):
+                return False
+            if not self.blocks.can_allocate(seq, n):
                 return False
             self.blocks.allocate(seq, n)
             batch.seqs.append(seq)
@@ -90,21 +92,28 @@ class StepScheduler:
             budget -= n
             return True
 
-        # Prompts already part-way through (chunked) go on before anything new is admitted.
-        for seq in self.running:
-            if seq.is_prefilling and not add(seq):
+        # Prompts part-way through (chunked) are ranked with the waiting ones, so that an urgent
+        # arrival need not wait for a long prompt's every chunk.
+        prefilling = [seq for seq in self.running if seq.is_prefilling]
+        for seq in self.prefill_policy.order(prefilling + self.waiting, time.monotonic()):
+            new = seq.status is Status.WAITING
+            if budget == 0 or (new and len(self.running) >= self.max_num_seqs):
                 break
-        else:
-            for seq in self.prefill_policy.order(self.waiting, time.monotonic()):
-                if budget == 0 or len(self.running) >= self.max_num_seqs:
-                    break
+            if new:
                 self.blocks.match_prefix(seq)
-                if not add(seq):
+            if not add(seq):
+                if new:
                     self.blocks.free_sequence(seq)
-                    break
+                break
+            if new:
                 self.waiting.remove(seq)
                 seq.status = Status.RUNNING
                 self.running.append(seq)
+        if not batch.seqs:
+            # Nothing new fits: the prompts that hold blocks go on (and will free them).
+            for seq in prefilling:
+                if not add(seq):
+                    break
         if batch.seqs:
             return batch
         stalled = [s for s in self.running if s.is_prefilling]

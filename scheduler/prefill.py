@@ -17,6 +17,11 @@ R = TypeVar("R")
 
 class PrefillPolicy(Protocol):
     name: str
+    # Whether a step's last prompt is cut to fill the token budget (chunked prefill, the rest
+    # in later steps). The chunk finishes no prompt and delays every prompt the step does
+    # finish, so the deadline-aware policies close a step with the last prompt that fits whole
+    # (a prompt longer than the budget still goes in chunks, one step each).
+    fills_steps: bool
 
     def order(self, waiting: Sequence[R], now: float) -> list[R]:
         """The waiting requests, the one to prefill first at the front."""
@@ -30,6 +35,7 @@ class FCFSPolicy:
     """First come, first served: the baseline."""
 
     name = "fcfs"
+    fills_steps = True  # as vLLM and SGLang do
 
     def order(self, waiting, now):
         return sorted(waiting, key=lambda r: r.arrival_time)
@@ -39,6 +45,7 @@ class EDFPolicy:
     """Earliest TTFT deadline first."""
 
     name = "edf"
+    fills_steps = False
 
     def order(self, waiting, now):
         return sorted(waiting, key=deadline)
@@ -46,7 +53,10 @@ class EDFPolicy:
 
 class _Predicting:
     """Walks a candidate order, predicting when each prompt's prefill would finish: prompts go
-    into steps of at most `token_budget` tokens, each step paying the fixed cost once."""
+    whole into steps of at most `token_budget` tokens (a longer one alone into as many steps
+    as it needs), each step paying the fixed cost once."""
+
+    fills_steps = False
 
     def __init__(self, cost: CostModel, token_budget: int):
         self.cost = cost
@@ -68,10 +78,10 @@ class _Predicting:
         late: set[int] = set()
         for i, (due, own, tokens, _) in enumerate(jobs):
             opens_step = step_tokens + tokens > budget
-            t_new = t + own + (fixed if opens_step else 0.0)
+            t_new = t + own + (fixed * -(-tokens // budget) if opens_step else 0.0)
             if t_new <= due:
                 heapq.heappush(longest, (-own, i))
-                t, step_tokens = t_new, (tokens if opens_step else step_tokens + tokens)
+                t, step_tokens = t_new, ((tokens - 1) % budget + 1 if opens_step else step_tokens + tokens)
             elif drop_longest and longest and -longest[0][0] > own:
                 # Giving up the longest kept prompt saves the most time for everyone after it.
                 neg_own, victim = heapq.heapreplace(longest, (-own, i))

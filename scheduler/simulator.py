@@ -1,14 +1,18 @@
 """A discrete-event model of disaggregated serving that runs the workers' own policy objects.
 
-Prefill workers take requests in their prefill policy's order into steps under a token budget;
-a step lasts what the cost model predicts. Each prompt's KV then moves to a decode worker at
-the KV bandwidth, once that worker has room for it (backpressure, as in the real workers). As
-in the real workers, a prefill worker sends KV only between its steps (a transfer cleared while
+Prefill workers take requests in their prefill policy's order into steps under a token budget,
+as the engine does: a prompt longer than what is left of the budget is cut to fill it (chunked
+prefill) if it opens the step or the policy fills steps, and waits otherwise; a prompt
+part-way through is ranked by the policy with the waiting ones. A prompt holds its worker's KV
+from admission until its transfer lands, and a worker whose KV is full admits nothing new. A
+step lasts what the cost model predicts. Each prompt's KV then moves to a decode worker at the
+KV bandwidth, once that worker has room for it (backpressure, as in the real workers). As in
+the real workers, a prefill worker sends KV only between its steps (a transfer cleared while
 it is busy leaves when the current step ends), and a decode worker's inbound link carries one
-transfer at a time. A
-decode worker admits ready requests through its decode policy and runs steps whose length the
-cost model predicts; every running request gains a token per step. Prefix-cache hits come from
-Mooncake `hash_ids` (an LRU of blocks per prefill worker). Pure Python.
+transfer at a time. A decode worker admits ready requests through its decode policy and runs
+steps whose length the cost model predicts; every running request gains a token per step.
+Prefix-cache hits come from Mooncake `hash_ids` (an LRU of blocks per prefill worker). Pure
+Python.
 
 Served steps are not all alike: `prefill_jitter` and `decode_jitter` spread each step's length
 around the cost model (lognormal, with that mean relative deviation, as `kairos status` reports
@@ -52,8 +56,8 @@ class SimRequest:
     """A request as the policies see it (the attribute names of engine.Sequence)."""
 
     __slots__ = ("trace", "arrival_time", "ttft_slo", "tpot_slo", "prompt_len", "output_len", "cached",
-                 "max_tokens", "request_class", "output_len_hint", "first_token_time", "finish_time",
-                 "worker", "join_step", "source")
+                 "computed", "max_tokens", "request_class", "output_len_hint", "first_token_time",
+                 "finish_time", "worker", "join_step", "source")
 
     def __init__(self, trace: TraceRequest):
         self.trace = trace
@@ -65,7 +69,8 @@ class SimRequest:
         self.max_tokens = trace.output_len  # replayed traces cap generation at their length
         self.request_class = None
         self.output_len_hint = None
-        self.cached = 0
+        self.cached = 0  # prompt tokens found in the prefix cache
+        self.computed = 0  # prompt tokens prefilled (or cached) so far
         self.first_token_time = math.nan
         self.finish_time = math.nan
         self.worker: DecodeSim | None = None
@@ -74,7 +79,7 @@ class SimRequest:
 
     @property
     def num_uncomputed_tokens(self) -> int:
-        return self.prompt_len - self.cached
+        return self.prompt_len - self.computed
 
     @property
     def num_output_tokens(self) -> int:
@@ -89,7 +94,10 @@ class SimRequest:
 class PrefillSim:
     policy: object
     model: CostModel | CalibratedCostModel  # what the policy predicts with
+    capacity_tokens: int
     waiting: list = field(default_factory=list)
+    prefilling: list = field(default_factory=list)  # admitted, prompt part-way through (chunked)
+    held: int = 0  # tokens of KV its prompts hold until their transfers land
     busy: bool = False
     queued_tokens: int = 0
     cache: OrderedDict = field(default_factory=OrderedDict)  # hash id -> None, LRU order
@@ -129,8 +137,8 @@ class Simulator:
                       "decode": config.decode_jitter * math.sqrt(math.pi / 2)}
         # Each worker's policy predicts through its own model, as each real worker calibrates its own.
         models = [self._policy_cost() for _ in range(config.prefill_workers + config.decode_workers)]
-        self.prefills = [PrefillSim(get_prefill_policy(config.prefill_policy, m, config.token_budget), m)
-                         for m in models[:config.prefill_workers]]
+        self.prefills = [PrefillSim(get_prefill_policy(config.prefill_policy, m, config.token_budget), m,
+                                    config.kv_capacity_tokens) for m in models[:config.prefill_workers]]
         self.decodes = [DecodeSim(get_decode_policy(config.decode_policy, config.max_batch, m), m, config.kv_capacity_tokens)
                         for m in models[config.prefill_workers:]]
         self.events: list = []
@@ -167,39 +175,72 @@ class Simulator:
                     break
                 hits += 1
             # The last token is always computed (its logits are needed).
-            r.cached = min(hits * MOONCAKE_BLOCK_TOKENS, r.prompt_len - 1)
+            r.cached = r.computed = min(hits * MOONCAKE_BLOCK_TOKENS, r.prompt_len - 1)
         worker.waiting.append(r)
         worker.queued_tokens += r.num_uncomputed_tokens
         if not worker.busy:
             self.start_prefill(worker)
 
     def start_prefill(self, w: PrefillSim) -> None:
-        if not w.waiting:
+        """Starts a step: prompts waiting or part-way through, in the policy's order, each taking
+        what is left of the token budget, while the worker has KV room (an empty one takes a
+        prompt whatever its length, so that none waits forever)."""
+        budget = self.config.token_budget
+        batch: list[tuple[SimRequest, int]] = []
+        started = len(w.prefilling)
+
+        def add(r: SimRequest) -> bool:
+            nonlocal budget
+            n = min(r.num_uncomputed_tokens, budget)
+            if n == 0 or (n < r.num_uncomputed_tokens and batch and not w.policy.fills_steps):
+                return False
+            if w.held + n > w.capacity_tokens and w.held:
+                return False
+            w.held += n
+            budget -= n
+            batch.append((r, n))
+            return True
+
+        if w.waiting or w.prefilling:
+            admitted = []
+            for r in w.policy.order(w.prefilling + w.waiting, self.now):
+                new = r.computed == r.cached
+                if budget == 0 or (new and started >= self.config.max_batch) or not add(r):
+                    break
+                if new:
+                    admitted.append(r)
+                    started += 1
+            chosen = set(map(id, admitted))
+            w.waiting = [r for r in w.waiting if id(r) not in chosen]
+            w.prefilling.extend(admitted)
+            if not batch:
+                # Nothing new fits: the prompts that hold KV go on (and will free it).
+                for r in w.prefilling:
+                    if not add(r):
+                        break
+        if not batch:
             w.busy = False
             self.send_cleared(w)  # an idle worker answers at once
             return
-        order = w.policy.order(w.waiting, self.now)
-        batch, tokens = [], 0
-        for r in order:
-            n = r.num_uncomputed_tokens
-            if batch and tokens + n > self.config.token_budget:
-                break
-            batch.append(r)
-            tokens += n
-        chosen = set(map(id, batch))
-        w.waiting = [r for r in w.waiting if id(r) not in chosen]
+        tokens = self.config.token_budget - budget
         w.queued_tokens -= tokens
         w.busy = True
-        prompts = [(r.num_uncomputed_tokens, r.prompt_len) for r in batch]
+        prompts = [(n, r.computed + n) for r, n in batch]
         seconds = self.step_length("prefill", self.cost.prefill_time(prompts))
         if self.jittered:
             w.model.observe_prefill(prompts, seconds)
         self.at(self.now + seconds, self.prefill_done, w, batch)
 
-    def prefill_done(self, w: PrefillSim, batch: list[SimRequest]) -> None:
+    def prefill_done(self, w: PrefillSim, batch: list[tuple[SimRequest, int]]) -> None:
         capacity_blocks = self.config.kv_capacity_tokens // MOONCAKE_BLOCK_TOKENS
         self.send_cleared(w)
-        for r in batch:
+        for r, n in batch:
+            r.computed += n
+        done = [r for r, _ in batch if r.computed == r.prompt_len]
+        if done:
+            finished = set(map(id, done))
+            w.prefilling = [r for r in w.prefilling if id(r) not in finished]
+        for r in done:
             r.first_token_time = self.now
             r.source = w
             for h in r.trace.hash_ids:
@@ -209,6 +250,7 @@ class Simulator:
                 w.cache.popitem(last=False)
             if r.output_len <= 1:
                 r.finish_time = self.now
+                w.held -= r.prompt_len - r.cached
             else:
                 d = min(self.decodes, key=lambda d: d.reserved)
                 self.offer(d, r)
@@ -246,6 +288,10 @@ class Simulator:
         d.ready.append(r)
         if not d.busy:
             self.decode_step(d)
+        w = r.source
+        w.held -= r.prompt_len - r.cached  # the KV has landed: the prefill worker frees it
+        if not w.busy:
+            self.start_prefill(w)  # in case it waited for room
 
     def transfer_waiting(self, d: DecodeSim) -> None:
         """Moves waiting KV in, in the decode policy's order, while there is room."""

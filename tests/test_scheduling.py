@@ -34,18 +34,26 @@ class Req:
 
 
 def on_time_count(order, cost: CostModel, now: float, budget: int) -> int:
-    """Runs prompts in this order as the step scheduler would (steps under a token budget, all
-    prompts of a step done at its end) and counts deadlines met."""
+    """Runs prompts in this order as the step scheduler runs a deadline-aware policy's order
+    and counts deadlines met: whole prompts go into steps under the token budget; one longer
+    than the budget opens steps alone, a chunk each, and whole prompts may join the step of its
+    last chunk; every prompt of a step is done at its end."""
     met, t, i = 0, now, 0
     while i < len(order):
-        step = [order[i]]
-        tokens = order[i].num_uncomputed_tokens
+        first = order[i]
         i += 1
+        left, context = first.num_uncomputed_tokens, first.num_tokens - first.num_uncomputed_tokens
+        while left > budget:
+            context += budget
+            t += cost.prefill_time([(budget, context)])
+            left -= budget
+        step, prompts, tokens = [first], [(left, first.num_tokens)], left
         while i < len(order) and tokens + order[i].num_uncomputed_tokens <= budget:
             tokens += order[i].num_uncomputed_tokens
             step.append(order[i])
+            prompts.append((order[i].num_uncomputed_tokens, order[i].num_tokens))
             i += 1
-        t += cost.prefill_time([(r.num_uncomputed_tokens, r.num_tokens) for r in step])
+        t += cost.prefill_time(prompts)
         met += sum(t <= r.arrival_time + r.ttft_slo for r in step)
     return met
 
@@ -149,9 +157,12 @@ requests = st.lists(st.builds(Req, arrival_time=st.floats(0, 1), ttft_slo=st.flo
 @settings(max_examples=200, deadline=None)
 @given(queue=requests)
 def test_moore_hodgson_meets_the_most_deadlines_one_prompt_per_step(queue):
-    """With one prompt per step the predicted schedule is exact, and Moore-Hodgson is optimal."""
+    """With a one-token budget no two prompts share a step, and with prefill time linear in the
+    tokens (no attention term) chunking costs what the policies predict: each prompt is a job
+    of fixed length on one machine, where Moore-Hodgson is optimal."""
     now, budget = 1.0, 1
-    counts = {name: on_time_count(get_prefill_policy(name, COST, budget).order(queue, now), COST, now, budget)
+    linear = CostModel(prefill=(0.0005, 2e-5, 0.0), decode=COST.decode)
+    counts = {name: on_time_count(get_prefill_policy(name, linear, budget).order(queue, now), linear, now, budget)
               for name in ("fcfs", "edf", "kairos", "mh")}
     assert counts["mh"] == max(counts.values())
 
@@ -178,6 +189,71 @@ def test_policies_without_a_cost_model_are_refused():
         get_prefill_policy("sjf", COST)
     with pytest.raises(ValueError, match="needs a cost model"):
         get_decode_policy("kairos", 8)
+
+
+def test_step_scheduler_fills_steps_with_a_chunk_only_for_fcfs():
+    """FCFS cuts a step's last prompt to fill the budget; the deadline-aware policies close the
+    step with the last prompt that fits whole, chunk only a prompt longer than the budget, and
+    rank a prompt part-way through with the waiting ones. When no new prompt can get blocks,
+    the part-way prompts holding them go on."""
+    import time
+
+    from engine.block_manager import BlockManager
+    from engine.sampling import SamplingParams
+    from engine.scheduler import StepScheduler
+    from engine.sequence import Sequence
+
+    first_id = iter(range(1, 10**6, 1000))
+
+    def seq(tokens: int, ttft_s: float) -> Sequence:  # distinct prompts: no prefix-cache hits
+        start = next(first_id)
+        s = Sequence(list(range(start, start + tokens)), SamplingParams(max_tokens=4, temperature=0))
+        s.arrival_time, s.ttft_slo = time.monotonic(), ttft_s
+        return s
+
+    def scheduler(policy, blocks=256):
+        return StepScheduler(BlockManager(blocks, 4), max_num_seqs=16, max_num_batched_tokens=100,
+                             max_model_len=1024, prefill_policy=policy, prefill_only=True)
+
+    def planned(sched):
+        batch = sched.schedule()
+        return [(s, n) for s, n in zip(batch.seqs, batch.num_new_tokens)] if batch else []
+
+    def run(plan):  # the step's prompts computed their tokens
+        for s, n in plan:
+            s.num_computed_tokens += n
+
+    fcfs, kairos = scheduler(FCFSPolicy()), scheduler(KairosPolicy(COST, 100))
+    for sched in (fcfs, kairos):
+        a, b = seq(60, 10.0), seq(60, 20.0)
+        sched.add(a), sched.add(b)
+        expected = [(a, 60), (b, 40)] if sched is fcfs else [(a, 60)]
+        assert planned(sched) == expected
+
+    sched = scheduler(KairosPolicy(COST, 100))
+    long = seq(250, 100.0)
+    sched.add(long)
+    assert planned(sched) == [(long, 100)]  # longer than the budget: it opens the step alone
+    run([(long, 100)])
+    urgent = seq(20, 1.0)
+    sched.add(urgent)
+    assert planned(sched) == [(urgent, 20)]  # the rest of the long prompt does not fit whole
+    run([(urgent, 20)])
+
+    fcfs = scheduler(FCFSPolicy())
+    long = seq(250, 100.0)
+    fcfs.add(long)
+    run(planned(fcfs))
+    fcfs.add(seq(20, 1.0))
+    assert planned(fcfs)[0] == (long, 100)  # FCFS: the oldest prompt goes on first
+
+    tight = scheduler(KairosPolicy(COST, 100), blocks=40)  # 160 tokens of KV
+    long = seq(150, 100.0)
+    tight.add(long)
+    run(planned(tight))
+    late = seq(80, 0.5)
+    tight.add(late)
+    assert planned(tight) == [(long, 50)]  # 80 more tokens do not fit; the long prompt finishes
 
 
 # ---- decode policies -----------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Trace loading and the discrete-event simulator (pure Python)."""
 
 import json
+from dataclasses import replace
 import math
 
 import pytest
@@ -89,6 +90,30 @@ def test_kv_leaves_between_prefill_steps_and_one_link_carries_one_transfer_at_a_
     assert a.first_token_time == b.first_token_time == pytest.approx(prefilled)
     assert a.finish_time == pytest.approx(prefilled + transfer + COST.decode_time(1, 1001))
     assert b.finish_time > prefilled + 2 * transfer  # behind A's transfer on the link
+
+
+def test_prefill_steps_chunk_as_the_engine_does_and_prompts_hold_kv_until_it_lands():
+    """A prompt longer than the budget goes in chunks; FCFS fills a step with part of the next
+    prompt, kairos does not; a prefill worker admits no prompt its KV has no room for until
+    an earlier prompt's transfer lands."""
+    config = SimConfig(token_budget=1000, kv_bytes_per_token=1000, kv_bandwidth_gb_s=1.0)
+    (long,) = Simulator(config, COST).run([TraceRequest(0.0, 2500, 2)])
+    chunks = [[(1000, 1000)], [(1000, 2000)], [(500, 2500)]]
+    assert long.first_token_time == pytest.approx(sum(COST.prefill_time(c) for c in chunks))
+    # A and B arrive while C's step runs, so both wait for the next.
+    queued = [TraceRequest(0.0, 100, 2), TraceRequest(0.001, 600, 2, ttft_slo=5.0),
+              TraceRequest(0.001, 600, 2, ttft_slo=6.0)]
+    c, a, b = Simulator(config, COST).run(queued)
+    first = c.first_token_time + COST.prefill_time([(600, 600), (400, 400)])
+    assert a.first_token_time == pytest.approx(first)
+    assert b.first_token_time == pytest.approx(first + COST.prefill_time([(200, 600)]))
+    c, a, b = Simulator(replace(config, prefill_policy="kairos"), COST).run(queued)
+    assert a.first_token_time == pytest.approx(c.first_token_time + COST.prefill_time([(600, 600)]))
+    assert b.first_token_time == pytest.approx(a.first_token_time + COST.prefill_time([(600, 600)]))
+    small = replace(config, kv_capacity_tokens=1000)
+    a, b = Simulator(small, COST).run([TraceRequest(0.0, 800, 2), TraceRequest(0.0, 800, 2)])
+    landed = COST.prefill_time([(800, 800)]) + 800 * 1000 / 1e9
+    assert b.first_token_time == pytest.approx(landed + COST.prefill_time([(800, 800)]))
 
 
 def test_one_request_alone_takes_exactly_the_modelled_time():
@@ -191,7 +216,8 @@ def test_kairos_simulate_prints_the_slo_report_and_refuses_a_negative_jitter(cap
 
 def test_recorded_live_runs_are_judged_again_against_the_current_simulator(tmp_path, monkeypatch):
     """`sim_fidelity.py --resimulate` keeps the recorded live runs, simulates each point anew
-    with the recorded settings and calibration, and gaps are simulated minus live."""
+    with the recorded settings and calibration (and at each run's own recorded step speed),
+    and gaps are simulated minus live. The result file carries the profile it was judged with."""
     import bench.common
     from bench import sim_fidelity
 
@@ -205,9 +231,12 @@ def test_recorded_live_runs_are_judged_again_against_the_current_simulator(tmp_p
     calibration = {"prefill": 1.5, "prefill_jitter": 0.1, "decode": 1.2, "decode_jitter": 0.1}
     recorded = {"date": "2026-01-01T00:00:00+00:00", "setup": vars(args), "calibration": calibration,
                 "rows": [{"policy": "kairos+kairos", "rate_scale": 4.0, "live": live, "live_runs": [live],
-                          "live_spread_points": {k: 0.0 for k in live}, "drift": calibration}]}
+                          "live_spread_points": {k: 0.0 for k in live}, "drift": calibration,
+                          "run_drifts": [{"prefill": 30.0, "prefill_jitter": 0.0, "decode": 20.0, "decode_jitter": 0.0}]}]}
     path = tmp_path / "recorded.json"
     path.write_text(json.dumps(recorded))
+    sim_fidelity.resimulate(path)
+    profile.unlink()  # from now on only the copy in the result file remains
     sim_fidelity.resimulate(path)
     result = json.loads(path.read_text())
     (row,) = result["rows"]
@@ -216,6 +245,10 @@ def test_recorded_live_runs_are_judged_again_against_the_current_simulator(tmp_p
                        max_batch=args.max_batch, kv_capacity_tokens=args.kv_blocks * 16,
                        kv_bandwidth_gb_s=args.kv_bandwidth_gb_s)
     assert row["without_jitter"] == simulate(trace, config, COST.scaled(1.5, 1.2))
+    slow = simulate(trace, config, COST.scaled(30.0, 20.0))
+    assert row["own_speed"] == {k: slow[k] for k in sim_fidelity.KEYS}
+    assert row["own_speed_gap_points"]["e2e_attainment"] == pytest.approx(100 * (slow["e2e_attainment"] - 0.25))
+    assert row["own_speed"] != {k: row["without_jitter"][k] for k in sim_fidelity.KEYS}
     assert row["live"] == live and result["live_date"] == recorded["date"]
     assert row["gap_points"]["e2e_attainment"] == pytest.approx(100 * (row["simulated"]["e2e_attainment"] - 0.25))
     assert result["largest_gap_points"]["ttft_attainment"] == pytest.approx(abs(row["gap_points"]["ttft_attainment"]))
