@@ -70,23 +70,23 @@ class _Predicting:
 
     def split_on_time(self, jobs, now: float, drop_longest: bool) -> tuple[list, list]:
         """(on time, late) requests when prefilled in this order. A prompt that would finish late
-        is moved to `late`: itself, or with drop_longest the longest prompt kept so far when that
-        one is longer (Moore-Hodgson)."""
+        is moved to `late`: itself, or with drop_longest the kept prompt that added the most
+        predicted time, when it added more (Moore-Hodgson)."""
         fixed, budget = self.cost.prefill[0], self.token_budget
         t, step_tokens = now, budget  # the first prompt opens a step
-        longest: list[tuple[float, int]] = []  # max-heap of kept jobs by own time
+        costliest: list[tuple[float, int]] = []  # max-heap of kept jobs by the time each added
         late: set[int] = set()
         for i, (due, own, tokens, _) in enumerate(jobs):
             opens_step = step_tokens + tokens > budget
-            t_new = t + own + (fixed * -(-tokens // budget) if opens_step else 0.0)
-            if t_new <= due:
-                heapq.heappush(longest, (-own, i))
-                t, step_tokens = t_new, ((tokens - 1) % budget + 1 if opens_step else step_tokens + tokens)
-            elif drop_longest and longest and -longest[0][0] > own:
-                # Giving up the longest kept prompt saves the most time for everyone after it.
-                neg_own, victim = heapq.heapreplace(longest, (-own, i))
+            added = own + (fixed * -(-tokens // budget) if opens_step else 0.0)
+            if t + added <= due:
+                heapq.heappush(costliest, (-added, i))
+                t, step_tokens = t + added, ((tokens - 1) % budget + 1 if opens_step else step_tokens + tokens)
+            elif drop_longest and costliest and -costliest[0][0] > added:
+                # Giving up the costliest kept prompt saves the most time for everyone after it.
+                neg_added, victim = heapq.heapreplace(costliest, (-added, i))
                 late.add(victim)
-                t = t_new + neg_own
+                t += added + neg_added
             else:
                 late.add(i)
         on_time = [job[3] for i, job in enumerate(jobs) if i not in late]
@@ -109,8 +109,8 @@ class KairosPolicy(_Predicting):
 
 
 class MooreHodgsonPolicy(_Predicting):
-    """Earliest deadline first, but whenever a prompt would be late, the longest prompt kept so
-    far is demoted instead: on one machine this maximises the number of deadlines met
+    """Earliest deadline first, but whenever a prompt would be late, the kept prompt costing the
+    most time is demoted instead: on one machine this maximises the number of deadlines met
     (Moore-Hodgson). Demoted prompts follow in arrival order."""
 
     name = "mh"
