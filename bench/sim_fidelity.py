@@ -100,6 +100,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--kv-bandwidth-gb-s", type=float, default=0.5,
                         help="prefill -> decode KV bandwidth for the simulator (python bench/transfer.py)")
     parser.add_argument("--warm-up", type=int, default=16, help="requests sent one at a time before each live run")
+    parser.add_argument("--step-logs", metavar="DIR",
+                        help="keep each live run's worker step logs here (kairos prefill/decode --step-log)")
     parser.add_argument("--name", default="sim_fidelity_tiny_cpu", help="result file stem under bench/results/")
     parser.add_argument("--resimulate", metavar="RESULT",
                         help="no live runs: judge the live runs recorded in this result file (with its "
@@ -200,8 +202,11 @@ def main() -> None:
         for policy in args.policies.split(","):
             prefill, decode = policy.split("+")
             runs, drifts = [], []
-            for _ in range(args.repeats):
-                with local_cluster(["--prefill-policy", prefill, *worker], ["--decode-policy", decode, *worker]) as addr:
+            for repeat in range(args.repeats):
+                logs = {role: step_log_args(args, f"{prefill}_{decode}_x{rate:g}_{repeat}_{role}")
+                        for role in ("prefill", "decode")}
+                with local_cluster(["--prefill-policy", prefill, *worker, *logs["prefill"]],
+                                   ["--decode-policy", decode, *worker, *logs["decode"]]) as addr:
                     warm_up(addr, trace, args.warm_up)
                     before, started = cost_scales(addr), time.perf_counter()
                     runs.append(replay(addr, trace))
@@ -222,6 +227,13 @@ def main() -> None:
             print_row(row)
             summarize(args, profile, calibration, rows, final=False)
     summarize(args, profile, calibration, rows, final=True)
+
+
+def step_log_args(args: argparse.Namespace, stem: str) -> list[str]:
+    if not args.step_logs:
+        return []
+    Path(args.step_logs).mkdir(parents=True, exist_ok=True)
+    return ["--step-log", str(Path(args.step_logs) / f"{stem}.jsonl")]
 
 
 def summarize(args, profile: dict, calibration: dict, rows: list[dict], final: bool, live_date: str | None = None) -> None:

@@ -146,6 +146,7 @@ def sim_setup(args: argparse.Namespace):
                        args.token_budget, args.max_batch,
                        args.kv_capacity_tokens or profile.get("kv_capacity_tokens", SimConfig.kv_capacity_tokens),
                        profile.get("kv_bytes_per_token", SimConfig.kv_bytes_per_token), args.kv_bandwidth_gb_s,
+                       max_inflight_transfers=args.max_inflight_transfers,
                        prefill_jitter=args.step_jitter, decode_jitter=args.step_jitter)
     return config, CostModel.from_profile(profile)
 
@@ -158,6 +159,8 @@ def add_sim_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=256, help="decode sequences per step")
     p.add_argument("--kv-capacity-tokens", type=int, help="per worker (default: from the profile)")
     p.add_argument("--kv-bandwidth-gb-s", type=float, default=25.0, help="prefill -> decode KV bandwidth")
+    p.add_argument("--max-inflight-transfers", type=int, default=8,
+                   help="KV transfers under way per decode worker (as kairos decode --max-inflight-transfers)")
     p.add_argument("--step-jitter", type=float, default=0.0,
                    help="spread step times around the profile by this mean relative deviation "
                         "(kairos status reports it while serving); 0 runs every step as predicted")
@@ -257,10 +260,13 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transfer-timeout", type=float, default=10.0,
                    help="seconds a KV transfer may take once the decode side is ready for it")
     p.add_argument("--kv-frame-mb", type=float, default=8.0, help="largest KV frame on the wire, MiB")
+    p.add_argument("--step-log", metavar="FILE",
+                   help="append one JSON line per engine step: loop time split, batch, queue and free KV blocks")
 
 
 def worker_kwargs(args: argparse.Namespace) -> dict:
-    return {"transfer_timeout_s": args.transfer_timeout, "max_frame_bytes": int(args.kv_frame_mb * 2**20)}
+    return {"transfer_timeout_s": args.transfer_timeout, "max_frame_bytes": int(args.kv_frame_mb * 2**20),
+            "step_log": args.step_log}
 
 
 def cmd_router(args: argparse.Namespace) -> int:
@@ -302,7 +308,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                    "--transfer-timeout", str(args.transfer_timeout), "--kv-frame-mb", str(args.kv_frame_mb),
                    "--prefill-policy", args.prefill_policy, "--decode-policy", args.decode_policy]
     for flag, value in (("--tokenizer", args.tokenizer), ("--max-model-len", args.max_model_len),
-                        ("--num-kv-blocks", args.num_kv_blocks), ("--profile", args.profile)):
+                        ("--num-kv-blocks", args.num_kv_blocks), ("--profile", args.profile),
+                        ("--step-log", args.step_log)):
         if value is not None:
             worker_argv += [flag, str(value)]
     if not args.enable_prefix_caching:

@@ -8,8 +8,8 @@ from admission until its transfer lands, and a worker whose KV is full admits no
 step lasts what the cost model predicts. Each prompt's KV then moves to a decode worker at the
 KV bandwidth, once that worker has room for it (backpressure, as in the real workers). As in
 the real workers, a prefill worker sends KV only between its steps (a transfer cleared while
-it is busy leaves when the current step ends), and a decode worker's inbound link carries one
-transfer at a time. A decode worker admits ready requests through its decode policy and runs
+it is busy leaves when the current step ends), a decode worker's inbound link carries one
+transfer at a time, and it has at most `max_inflight_transfers` under way. A decode worker admits ready requests through its decode policy and runs
 steps whose length the cost model predicts; every running request gains a token per step.
 Prefix-cache hits come from Mooncake `hash_ids` (an LRU of blocks per prefill worker). Pure
 Python.
@@ -46,6 +46,7 @@ class SimConfig:
     kv_capacity_tokens: int = 400_000  # per worker
     kv_bytes_per_token: int = 131_072
     kv_bandwidth_gb_s: float = 25.0  # prefill -> decode
+    max_inflight_transfers: int = 8  # per decode worker, from its "ready" to the KV landing
     block_size: int = 16
     prefill_jitter: float = 0.0  # mean relative deviation of a step's length from the cost model
     decode_jitter: float = 0.0
@@ -120,6 +121,7 @@ class DecodeSim:
     context: int = 0  # sum of running contexts
     reserved: int = 0  # tokens of KV held or on the way (running + ready + transferring)
     link_free_at: float = 0.0  # when the inbound KV link has carried what it was given
+    inflight: int = 0  # transfers between "ready" and landing
     busy: bool = False
     tokens_out: int = 0
 
@@ -259,7 +261,8 @@ class Simulator:
     # ---- transfer and decode --------------------------------------------------------------------
 
     def offer(self, d: DecodeSim, r: SimRequest) -> None:
-        if d.pending or d.reserved + r.prompt_len + r.output_len > d.capacity_tokens and d.reserved:
+        if (d.pending or d.inflight >= self.config.max_inflight_transfers
+                or d.reserved + r.prompt_len + r.output_len > d.capacity_tokens and d.reserved):
             d.pending.append(r)  # backpressure: it waits on the prefill side
             return
         self.transfer(d, r)
@@ -268,6 +271,7 @@ class Simulator:
         """The decode worker has reserved room: the KV leaves as soon as its prefill worker is
         between steps."""
         d.reserved += r.prompt_len + r.output_len
+        d.inflight += 1
         if r.source is not None and r.source.busy:
             r.source.cleared.append((d, r))
         else:
@@ -286,6 +290,9 @@ class Simulator:
 
     def transfer_done(self, d: DecodeSim, r: SimRequest) -> None:
         d.ready.append(r)
+        d.inflight -= 1
+        if d.pending or d.given_up:
+            self.transfer_waiting(d)
         if not d.busy:
             self.decode_step(d)
         w = r.source
@@ -300,7 +307,8 @@ class Simulator:
             heapq.heappush(d.given_up, (r.arrival_time, next(self._seq), r))
 
         def fits(r: SimRequest) -> bool:  # an empty worker takes anything (as offer does)
-            return d.reserved + r.prompt_len + r.output_len <= d.capacity_tokens or not d.reserved
+            return d.inflight < self.config.max_inflight_transfers and (
+                d.reserved + r.prompt_len + r.output_len <= d.capacity_tokens or not d.reserved)
 
         moved = 0
         while moved < len(feasible) and fits(feasible[moved]):

@@ -1,12 +1,14 @@
 """The wire protocol, socket validation and the KV frame format, in one process."""
 
+import random
+
 import msgpack
 import pytest
 import torch
 import zmq
 
 from transport import protocol as p
-from transport.kv import KVGeometry, KVWriter, OutgoingKV, blocks_per_frame
+from transport.kv import KVGeometry, KVWriter, OutgoingKV, PinnedPool, blocks_per_frame
 from transport.sockets import make_socket, recv, send
 
 EXAMPLES = [
@@ -125,6 +127,42 @@ def test_kv_frames_of_the_wrong_shape_are_refused(tiny_llm):
     assert "expected 16 KV frames, got 15" in writer.check(frames[:-1], 3, 2)
     assert "bytes, expected" in writer.check(frames, 4, 2)
     assert "blocks_per_frame 5" in writer.check(frames, 3, 5)
+
+
+class FakeTracker:
+    def __init__(self):
+        self.done = False
+
+
+def test_the_staging_pool_lends_disjoint_ranges_and_reuses_them_only_once_sent():
+    """Ranges never overlap, a range whose frames ZeroMQ still holds is not lent again, and
+    when everything is back the pool is one free range again."""
+    align = PinnedPool.ALIGN
+    pool = PinnedPool(64 * align, pin=False)
+    rng = random.Random(7)
+    lent: dict[int, int] = {}  # offset -> bytes
+    for _ in range(2000):
+        if lent and (rng.random() < 0.5 or len(lent) > 12):
+            offset = rng.choice(list(lent))
+            tracker = FakeTracker() if rng.random() < 0.3 else None
+            pool.release(offset, lent.pop(offset), tracker)
+            if tracker is not None:  # ZeroMQ still holds it: not free until the send is done
+                pool.take(0)
+                assert all(not o <= offset < o + n for o, n in pool.free)
+                tracker.done = True
+        else:
+            nbytes = rng.randint(1, 8 * align)
+            offset = pool.take(nbytes)
+            if offset is None:
+                assert all(n < nbytes for _, n in pool.free)  # no free range fits
+                continue
+            assert offset % align == 0 and offset + nbytes <= 64 * align
+            end = offset + nbytes
+            assert all(end <= o or o + n <= offset for o, n in lent.items())  # disjoint
+            lent[offset] = nbytes
+    for offset, nbytes in lent.items():
+        pool.release(offset, nbytes)
+    assert pool.take(64 * align) == 0  # coalesced back into one range
 
 
 def test_the_decode_worker_writes_kv_in_the_background_and_frees_blocks_only_after_the_write():

@@ -17,11 +17,17 @@ from transport.kv import KVGeometry
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny_path):
+def step_logs(tmp_path_factory):
+    logs = tmp_path_factory.mktemp("step_logs")
+    return {role: logs / f"{role}.jsonl" for role in ("prefill", "decode")}
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_path, step_logs):
     c = Cluster()
     try:
-        c.add_worker("prefill")
-        c.add_worker("decode")
+        c.add_worker("prefill", "--step-log", str(step_logs["prefill"]))
+        c.add_worker("decode", "--step-log", str(step_logs["decode"]))
         c.wait_for_workers(1, 1)
         yield c
     finally:
@@ -58,6 +64,24 @@ def test_disaggregated_outputs_equal_the_offline_engine(cluster, offline):
     # Attainment against the router's default SLOs (1 s TTFT, 100 ms TPOT) is counted.
     assert 0 <= counters["slo_met"] <= min(counters["ttft_met"], counters["tpot_met"]) <= counters["completed"]
     assert counters["ttft_met"] > 0
+
+
+def test_step_logs_account_for_every_prefill_and_where_the_loop_spent_its_time(cluster, step_logs):
+    with cluster.client() as client:
+        for rid in [client.submit(prompt, max_tokens=4, temperature=0) for prompt in mixed_prompts(20, seed=3)]:
+            assert client.result(rid).error is None
+    status = cluster.wait_idle()
+    (prefill,) = [w for w in status["workers"] if w["role"] == "prefill"]
+    logged = {role: [json.loads(line) for line in path.read_text().splitlines()] for role, path in step_logs.items()}
+    # Every first token came out of a logged prefill step, and every decode step is logged.
+    assert sum(r["stepped"] for r in logged["prefill"]) == prefill["first_tokens"] >= 20
+    assert sum(r["prefill_tokens"] for r in logged["decode"]) == 0 and len(logged["decode"]) >= 3
+    for records in logged.values():
+        assert len({r["worker"] for r in records}) == 1
+        assert all(r["step_s"] > 0 and r["messages_s"] >= 0 and r["after_s"] >= 0 for r in records)
+        assert all(0 <= r["free_blocks"] <= 256 for r in records)
+        times = [r["t"] for r in records]
+        assert times == sorted(times)
 
 
 def test_seeded_sampling_continues_across_workers(cluster, offline):

@@ -92,6 +92,20 @@ def test_kv_leaves_between_prefill_steps_and_one_link_carries_one_transfer_at_a_
     assert b.finish_time > prefilled + 2 * transfer  # behind A's transfer on the link
 
 
+def test_a_decode_worker_takes_at_most_its_in_flight_limit_of_transfers():
+    """As `kairos decode --max-inflight-transfers`. A and B share a step; while the next (C's)
+    runs, the decode worker makes both ready, and both leave when it ends. With a limit of one,
+    B is made ready only when A lands, by then the worker is in D's step, and B leaves after it."""
+    config = SimConfig(kv_bytes_per_token=1000, kv_bandwidth_gb_s=1.0, token_budget=2000)
+    trace = [TraceRequest(0.0, 1, 1), TraceRequest(0.001, 1000, 2), TraceRequest(0.001, 1000, 2),
+             TraceRequest(0.002, 1000, 2), TraceRequest(0.06, 1000, 2)]
+    _, a, b, c, d = Simulator(config, COST).run(trace)
+    assert a.first_token_time == b.first_token_time < c.first_token_time < d.first_token_time
+    assert b.finish_time < d.first_token_time
+    _, a, b, c, d = Simulator(replace(config, max_inflight_transfers=1), COST).run(trace)
+    assert a.finish_time < d.first_token_time < b.finish_time
+
+
 def test_prefill_steps_chunk_as_the_engine_does_and_prompts_hold_kv_until_it_lands():
     """A prompt longer than the budget goes in chunks; FCFS fills a step with part of the next
     prompt, kairos does not; a prefill worker admits no prompt its KV has no room for until

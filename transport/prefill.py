@@ -20,12 +20,15 @@ import zmq
 
 from engine.sequence import Sequence, Status
 from transport import protocol as p
-from transport.kv import OutgoingKV, blocks_per_frame
-from transport.sockets import make_socket, recv, send
+from transport.kv import OutgoingKV, PinnedPool, blocks_per_frame
+from transport.sockets import make_socket, recv, send, send_tracked
 from transport.worker import Worker
 
 log = logging.getLogger("kairos.prefill")
 MAX_DISPATCH_AGE_S = 60.0
+# Host memory pinned at start for outgoing KV, at most: the KV of every prompt whose transfer
+# overlaps another's must fit, and pinning more costs startup time (about 0.5 s per GiB).
+MAX_STAGING_BYTES = 4 * 2**30
 
 
 def dispatch_age(arrival_unix: float, now_unix: float) -> float:
@@ -41,6 +44,7 @@ class Transfer:
     peer: DecodePeer
     deadline: float = 0.0  # while the data awaits its ack
     kv: OutgoingKV | None = None  # sent once the decode side is ready; kept until the ack
+    sent: zmq.MessageTracker | None = None  # whether ZeroMQ still holds the frames' memory
 
 
 @dataclass
@@ -61,7 +65,11 @@ class PrefillWorker(Worker):
         self.peers: dict[str, DecodePeer] = {}
         self.transfers: dict[str, Transfer] = {}
         self.by_request: dict[str, Transfer] = {}
-        self.copy_stream = torch.cuda.Stream() if self.llm.runner.device.type == "cuda" else None
+        on_gpu = self.llm.runner.device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream() if on_gpu else None
+        cache = self.llm.runner.kv_cache
+        self.staging = PinnedPool(min(MAX_STAGING_BYTES, cache.numel() * cache.element_size())) if on_gpu else None
+        self.ready: list[Transfer] = []  # the decode side has room; the data goes out this turn
         self.per_frame = blocks_per_frame(self.geometry, self.max_frame_bytes)
 
     def stats(self) -> dict:
@@ -153,6 +161,8 @@ class PrefillWorker(Worker):
         t.deadline = float("inf")  # waiting for room on the decode side is backpressure, not a fault
 
     def finish_transfer(self, t: Transfer) -> None:
+        if t.kv is not None:
+            t.kv.release(t.sent)
         self.transfers.pop(t.transfer_id, None)
         self.by_request.pop(t.seq.request_id, None)
         if t in t.peer.unsent_offers:
@@ -164,6 +174,25 @@ class PrefillWorker(Worker):
         self.finish_transfer(t)
 
     # ---- the KV channel -----------------------------------------------------------------------
+
+    def send_ready(self) -> None:
+        """Copies the KV of every transfer made ready this turn to host memory, then sends it, all
+        before the next step: waiting for the next turn would put a whole prefill step (100 ms
+        and more for long prompts on a GPU) into every handoff, and so into the request's TPOT.
+        All the copies are queued before the first is waited for, so a burst of ready transfers
+        costs the loop one wait, not one each."""
+        if not self.ready:
+            return
+        started = time.perf_counter()
+        staged = [t for t in self.ready if t.transfer_id in self.transfers]
+        self.ready.clear()
+        for t in staged:
+            t.kv = OutgoingKV(self.llm.runner, t.seq.block_table, self.copy_stream, self.staging)
+        for t in staged:
+            t.kv.wait()
+            t.sent = send_tracked(t.peer.socket, p.KVData(t.transfer_id, self.per_frame), t.kv.frames(self.per_frame))
+            t.deadline = time.monotonic() + self.transfer_timeout_s
+        self.turn_notes["kv_staging_s"] = time.perf_counter() - started
 
     def handle_socket(self, sock: zmq.Socket) -> bool:
         received = recv(sock, routed=False)
@@ -191,13 +220,7 @@ class PrefillWorker(Worker):
                 log.info("%s for a transfer that is over; ignored", msg.TYPE)
             return True
         if isinstance(msg, p.KVReady):
-            # The data goes out at once. Waiting for the next loop turn would put a whole prefill
-            # step (100 ms and more for long prompts on a GPU) into every handoff, and so into
-            # the request's TPOT; the copy to host memory takes milliseconds.
-            t.kv = OutgoingKV(self.llm.runner, t.seq.block_table, self.copy_stream)
-            t.kv.wait()
-            send(t.peer.socket, p.KVData(t.transfer_id, self.per_frame), frames=t.kv.frames(self.per_frame))
-            t.deadline = time.monotonic() + self.transfer_timeout_s
+            self.ready.append(t)  # staged with the others made ready this turn, before the next step
         elif isinstance(msg, p.KVAck):
             self.finish_transfer(t)
         elif isinstance(msg, p.KVReject):
@@ -207,6 +230,7 @@ class PrefillWorker(Worker):
         return True
 
     def tick(self, now: float) -> None:
+        self.send_ready()
         for t in list(self.transfers.values()):
             if now > t.deadline:
                 send(t.peer.socket, p.KVCancel(t.transfer_id, "timed out"))

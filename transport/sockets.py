@@ -28,11 +28,11 @@ def make_socket(ctx: zmq.Context, kind: int, max_bytes: int = MAX_CONTROL_MESSAG
     return sock
 
 
-def send(sock: zmq.Socket, msg: Message, identity: bytes | None = None, frames=()) -> bool:
-    """Sends one message (and raw frames after it, zero-copy). False if the peer is gone."""
-    parts = ([identity] if identity is not None else []) + [encode(msg), *frames]
+def send(sock: zmq.Socket, msg: Message, identity: bytes | None = None) -> bool:
+    """Sends one message. False if the peer is gone."""
+    parts = ([identity] if identity is not None else []) + [encode(msg)]
     try:
-        sock.send_multipart(parts, copy=not frames, flags=zmq.NOBLOCK)
+        sock.send_multipart(parts, flags=zmq.NOBLOCK)
         return True
     except zmq.Again:
         log.warning("dropped a %s message: the peer is not reading (send queue full)", msg.TYPE)
@@ -41,6 +41,16 @@ def send(sock: zmq.Socket, msg: Message, identity: bytes | None = None, frames=(
             raise
         log.info("dropped a %s message: peer %r is gone", msg.TYPE, identity)
     return False
+
+
+def send_tracked(sock: zmq.Socket, msg: Message, frames: list) -> zmq.MessageTracker | None:
+    """Sends a message and raw frames zero-copy; the tracker says when ZeroMQ has let go of the
+    frames' memory (so it may be reused). None if the message was dropped."""
+    try:
+        return sock.send_multipart([encode(msg), *frames], copy=False, track=True, flags=zmq.NOBLOCK)
+    except zmq.Again:
+        log.warning("dropped a %s message: the peer is not reading (send queue full)", msg.TYPE)
+        return None
 
 
 class Received:

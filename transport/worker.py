@@ -8,6 +8,7 @@ worker drops everything it holds (the router has failed those requests) and regi
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import threading
@@ -33,7 +34,7 @@ class Worker:
     role = ""
 
     def __init__(self, llm: LLM, router_addr: str, transfer_timeout_s: float = 10.0,
-                 max_frame_bytes: int = DEFAULT_FRAME_BYTES):
+                 max_frame_bytes: int = DEFAULT_FRAME_BYTES, step_log: str | None = None):
         self.llm = llm
         self.router_addr = router_addr
         self.transfer_timeout_s = transfer_timeout_s
@@ -50,6 +51,8 @@ class Worker:
         self.blocked = False  # the last step found nothing it could run
         self.counters = {"completed": 0, "aborted": 0, "failed": 0}
         self._last_register = 0.0
+        self.step_log = open(step_log, "a", buffering=1) if step_log else None
+        self.turn_notes: dict[str, float] = {}  # a role's own timings for this turn's step-log line
         self._heartbeats = threading.Thread(target=self._send_heartbeats, name="heartbeat", daemon=True)
 
     # ---- to override --------------------------------------------------------------------------
@@ -102,6 +105,7 @@ class Worker:
             send(self.router, self.registration())
             self._last_register = now
         busy = self.llm.has_unfinished() and not self.blocked
+        turn_started = time.perf_counter()
         for sock, _ in self.poller.poll(0 if busy else self.idle_poll_ms()):
             # Drain what is waiting, but bounded, so a flood cannot starve the engine.
             for _ in range(256):
@@ -115,9 +119,28 @@ class Worker:
         self.tick(time.monotonic())
         self.blocked = False
         if self.llm.has_unfinished():
+            step_started, tokens_before = time.perf_counter(), self.llm.num_prefill_tokens_computed
             stepped = self.llm.step()
+            step_ended = time.perf_counter()
             self.blocked = stepped is None
             self.on_step(stepped or [])
+            if self.step_log is not None:
+                self._log_step(turn_started, step_started, step_ended, stepped,
+                               self.llm.num_prefill_tokens_computed - tokens_before)
+
+    def _log_step(self, turn_started: float, step_started: float, step_ended: float,
+                  stepped: list[Sequence] | None, prefill_tokens: int) -> None:
+        """One JSON line per engine step tried: where the loop's time went (messages before the
+        step, the step, sending its output after) and the queue and KV around it. Live latency
+        that the simulator does not predict shows up here as time outside steps or blocked steps."""
+        stats = self.stats()
+        record = {"worker": self.worker_id, "t": time.time(), "messages_s": step_started - turn_started,
+                  "step_s": step_ended - step_started, "after_s": time.perf_counter() - step_ended,
+                  "blocked": stepped is None, "stepped": len(stepped or []), "prefill_tokens": prefill_tokens,
+                  **{k: stats[k] for k in ("waiting", "running", "ready", "free_blocks")},
+                  **{k: stats[k] for k in ("transfers", "offers_waiting") if k in stats}, **self.turn_notes}
+        self.turn_notes.clear()
+        self.step_log.write(json.dumps(record) + "\n")
 
     def idle_poll_ms(self) -> int:
         """How long an idle loop waits for a message before it ticks again."""
@@ -165,6 +188,8 @@ class Worker:
         if self._heartbeats.is_alive():
             self._heartbeats.join(timeout=2 * HEARTBEAT_INTERVAL_S)
         self.ctx.destroy(linger=0)
+        if self.step_log is not None:
+            self.step_log.close()
 
     # ---- shared helpers -----------------------------------------------------------------------
 
