@@ -146,7 +146,7 @@ def sim_setup(args: argparse.Namespace):
                        args.token_budget, args.max_batch,
                        args.kv_capacity_tokens or profile.get("kv_capacity_tokens", SimConfig.kv_capacity_tokens),
                        profile.get("kv_bytes_per_token", SimConfig.kv_bytes_per_token), args.kv_bandwidth_gb_s,
-                       max_inflight_transfers=args.max_inflight_transfers,
+                       max_inflight_transfer_bytes=int(args.max_inflight_transfer_mb * 2**20),
                        prefill_jitter=args.step_jitter, decode_jitter=args.step_jitter)
     return config, CostModel.from_profile(profile)
 
@@ -159,8 +159,8 @@ def add_sim_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=256, help="decode sequences per step")
     p.add_argument("--kv-capacity-tokens", type=int, help="per worker (default: from the profile)")
     p.add_argument("--kv-bandwidth-gb-s", type=float, default=25.0, help="prefill -> decode KV bandwidth")
-    p.add_argument("--max-inflight-transfers", type=int, default=8,
-                   help="KV transfers under way per decode worker (as kairos decode --max-inflight-transfers)")
+    p.add_argument("--max-inflight-transfer-mb", type=float, default=4096.0,
+                   help="KV under way into a decode worker, MiB (as kairos decode --max-inflight-transfer-mb)")
     p.add_argument("--step-jitter", type=float, default=0.0,
                    help="spread step times around the profile by this mean relative deviation "
                         "(kairos status reports it while serving); 0 runs every step as predicted")
@@ -292,7 +292,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
     from transport.worker import build_llm
 
     DecodeWorker(build_llm(args.model, "decode", engine_kwargs(args)), args.router, kv_host=args.kv_host,
-                 kv_port=args.kv_port, max_inflight_transfers=args.max_inflight_transfers,
+                 kv_port=args.kv_port, max_inflight_bytes=int(args.max_inflight_transfer_mb * 2**20),
                  **worker_kwargs(args)).run()
     return 0
 
@@ -469,7 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
             worker.add_argument("--kv-host", default="127.0.0.1",
                                 help="address prefill workers send KV to (default: loopback only)")
             worker.add_argument("--kv-port", type=int, default=0, help="default: any free port")
-            worker.add_argument("--max-inflight-transfers", type=int, default=8)
+            worker.add_argument("--max-inflight-transfer-mb", type=float, default=4096.0,
+                                help="KV under way into this worker, MiB (one transfer can always go)")
 
     srv = sub.add_parser("serve", help="router + prefill + decode workers on this machine")
     add_engine_args(srv)

@@ -68,6 +68,18 @@ class _Predicting:
         return [(r.arrival_time + r.ttft_slo, b * r.num_uncomputed_tokens + c * r.num_uncomputed_tokens * r.num_tokens,
                  r.num_uncomputed_tokens, r) for r in waiting]
 
+    def order(self, waiting, now):
+        on_time, late = self.split(waiting, now)
+        return on_time + late
+
+    def split(self, waiting, now) -> tuple[list, list]:
+        """(the prompts predicted on time, in prefill order; the late ones, oldest first). A
+        prompt whose deadline has passed is late in any order and takes none of the predicted
+        time, so the order of a queue is that of its prompts still in time, with the expired
+        ones merged into the late by arrival (up to equal arrival times): a caller with an
+        overload's long queue may keep the expired aside instead of sorting them every step."""
+        raise NotImplementedError
+
     def split_on_time(self, jobs, now: float, drop_longest: bool) -> tuple[list, list]:
         """(on time, late) requests when prefilled in this order. A prompt that would finish late
         is moved to `late`: itself, or with drop_longest the kept prompt that added the most
@@ -102,10 +114,8 @@ class KairosPolicy(_Predicting):
 
     name = "kairos"
 
-    def order(self, waiting, now):
-        on_time, late = self.split_on_time(sorted(self.jobs(waiting), key=lambda j: j[0] - j[1]), now,
-                                           drop_longest=False)
-        return on_time + late
+    def split(self, waiting, now):
+        return self.split_on_time(sorted(self.jobs(waiting), key=lambda j: j[0] - j[1]), now, drop_longest=False)
 
 
 class MooreHodgsonPolicy(_Predicting):
@@ -115,9 +125,8 @@ class MooreHodgsonPolicy(_Predicting):
 
     name = "mh"
 
-    def order(self, waiting, now):
-        on_time, late = self.split_on_time(sorted(self.jobs(waiting), key=lambda j: j[0]), now, drop_longest=True)
-        return on_time + late
+    def split(self, waiting, now):
+        return self.split_on_time(sorted(self.jobs(waiting), key=lambda j: j[0]), now, drop_longest=True)
 
 
 PREFILL_POLICIES = {p.name: p for p in (FCFSPolicy, EDFPolicy, KairosPolicy, MooreHodgsonPolicy)}

@@ -9,7 +9,8 @@ step lasts what the cost model predicts. Each prompt's KV then moves to a decode
 KV bandwidth, once that worker has room for it (backpressure, as in the real workers). As in
 the real workers, a prefill worker sends KV only between its steps (a transfer cleared while
 it is busy leaves when the current step ends), a decode worker's inbound link carries one
-transfer at a time, and it has at most `max_inflight_transfers` under way. A decode worker admits ready requests through its decode policy and runs
+transfer at a time, and it has at most `max_inflight_transfer_bytes` of KV under way (one
+transfer at least). A decode worker admits ready requests through its decode policy and runs
 steps whose length the cost model predicts; every running request gains a token per step.
 Prefix-cache hits come from Mooncake `hash_ids` (an LRU of blocks per prefill worker). Pure
 Python.
@@ -22,11 +23,13 @@ every simulated step, as the workers' policies are fed with every real one.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
 import math
 import random
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from scheduler.cost_model import CalibratedCostModel, CostModel
@@ -46,7 +49,7 @@ class SimConfig:
     kv_capacity_tokens: int = 400_000  # per worker
     kv_bytes_per_token: int = 131_072
     kv_bandwidth_gb_s: float = 25.0  # prefill -> decode
-    max_inflight_transfers: int = 8  # per decode worker, from its "ready" to the KV landing
+    max_inflight_transfer_bytes: int = 4 * 2**30  # per decode worker, from its "ready" to the KV landing
     block_size: int = 16
     prefill_jitter: float = 0.0  # mean relative deviation of a step's length from the cost model
     decode_jitter: float = 0.0
@@ -97,6 +100,9 @@ class PrefillSim:
     model: CostModel | CalibratedCostModel  # what the policy predicts with
     capacity_tokens: int
     waiting: list = field(default_factory=list)
+    # Waiting prompts whose TTFT deadline has passed, newest first, for a policy that demotes
+    # them by arrival (one with `split`): kept aside so an overload's queue is not sorted every step.
+    expired: list = field(default_factory=list)
     prefilling: list = field(default_factory=list)  # admitted, prompt part-way through (chunked)
     held: int = 0  # tokens of KV its prompts hold until their transfers land
     busy: bool = False
@@ -112,7 +118,7 @@ class DecodeSim:
     capacity_tokens: int
     running: list = field(default_factory=list)
     ready: list = field(default_factory=list)
-    pending: list = field(default_factory=list)  # prefilled, waiting for room to transfer into
+    pending: deque = field(default_factory=deque)  # prefilled, waiting for room to transfer into
     # Of those, the ones the policy has given up on for their SLO: a heap by arrival, served
     # once no other waits (set aside so that a long overload does not re-sort them every step).
     given_up: list = field(default_factory=list)
@@ -121,7 +127,7 @@ class DecodeSim:
     context: int = 0  # sum of running contexts
     reserved: int = 0  # tokens of KV held or on the way (running + ready + transferring)
     link_free_at: float = 0.0  # when the inbound KV link has carried what it was given
-    inflight: int = 0  # transfers between "ready" and landing
+    inflight_bytes: int = 0  # of the transfers between "ready" and landing
     busy: bool = False
     tokens_out: int = 0
 
@@ -203,9 +209,9 @@ class Simulator:
             batch.append((r, n))
             return True
 
-        if w.waiting or w.prefilling:
+        if w.waiting or w.prefilling or w.expired:
             admitted = []
-            for r in w.policy.order(w.prefilling + w.waiting, self.now):
+            for r in self.prefill_order(w):
                 new = r.computed == r.cached
                 if budget == 0 or (new and started >= self.config.max_batch) or not add(r):
                     break
@@ -214,6 +220,8 @@ class Simulator:
                     started += 1
             chosen = set(map(id, admitted))
             w.waiting = [r for r in w.waiting if id(r) not in chosen]
+            while w.expired and id(w.expired[-1]) in chosen:  # taken oldest first
+                w.expired.pop()
             w.prefilling.extend(admitted)
             if not batch:
                 # Nothing new fits: the prompts that hold KV go on (and will free it).
@@ -232,6 +240,21 @@ class Simulator:
         if self.jittered:
             w.model.observe_prefill(prompts, seconds)
         self.at(self.now + seconds, self.prefill_done, w, batch)
+
+    def prefill_order(self, w: PrefillSim) -> Iterable[SimRequest]:
+        """The prompts in the worker's policy's order. A policy with `split` ranks only those
+        whose deadline has not passed; the expired ones follow its late ones, by arrival."""
+        if not hasattr(w.policy, "split"):
+            return w.policy.order(w.prefilling + w.waiting, self.now)
+        in_time = []
+        for r in w.waiting:
+            if r.arrival_time + r.ttft_slo < self.now:
+                bisect.insort(w.expired, r, key=lambda q: -q.arrival_time)
+            else:
+                in_time.append(r)
+        w.waiting = in_time
+        on_time, late = w.policy.split(w.prefilling + w.waiting, self.now)
+        return itertools.chain(on_time, heapq.merge(late, reversed(w.expired), key=lambda q: q.arrival_time))
 
     def prefill_done(self, w: PrefillSim, batch: list[tuple[SimRequest, int]]) -> None:
         capacity_blocks = self.config.kv_capacity_tokens // MOONCAKE_BLOCK_TOKENS
@@ -261,8 +284,7 @@ class Simulator:
     # ---- transfer and decode --------------------------------------------------------------------
 
     def offer(self, d: DecodeSim, r: SimRequest) -> None:
-        if (d.pending or d.inflight >= self.config.max_inflight_transfers
-                or d.reserved + r.prompt_len + r.output_len > d.capacity_tokens and d.reserved):
+        if d.pending or not self.fits(d, r):
             d.pending.append(r)  # backpressure: it waits on the prefill side
             return
         self.transfer(d, r)
@@ -271,7 +293,7 @@ class Simulator:
         """The decode worker has reserved room: the KV leaves as soon as its prefill worker is
         between steps."""
         d.reserved += r.prompt_len + r.output_len
-        d.inflight += 1
+        d.inflight_bytes += self.kv_bytes(r)
         if r.source is not None and r.source.busy:
             r.source.cleared.append((d, r))
         else:
@@ -284,15 +306,14 @@ class Simulator:
             self.send_kv(d, r)
 
     def send_kv(self, d: DecodeSim, r: SimRequest) -> None:
-        seconds = r.prompt_len * self.config.kv_bytes_per_token / (self.config.kv_bandwidth_gb_s * 1e9)
+        seconds = self.kv_bytes(r) / (self.config.kv_bandwidth_gb_s * 1e9)
         d.link_free_at = max(self.now, d.link_free_at) + seconds
         self.at(d.link_free_at, self.transfer_done, d, r)
 
     def transfer_done(self, d: DecodeSim, r: SimRequest) -> None:
         d.ready.append(r)
-        d.inflight -= 1
-        if d.pending or d.given_up:
-            self.transfer_waiting(d)
+        d.inflight_bytes -= self.kv_bytes(r)
+        self.move_in(d)  # a transfer slot is free: the next in the last ranking takes it
         if not d.busy:
             self.decode_step(d)
         w = r.source
@@ -301,21 +322,28 @@ class Simulator:
             self.start_prefill(w)  # in case it waited for room
 
     def transfer_waiting(self, d: DecodeSim) -> None:
-        """Moves waiting KV in, in the decode policy's order, while there is room."""
+        """Ranks the waiting KV by the decode policy, then moves it in while there is room."""
         feasible, lost = d.policy.split(d.pending, d.running, self.now)
         for r in lost:
             heapq.heappush(d.given_up, (r.arrival_time, next(self._seq), r))
+        d.pending = deque(feasible)
+        self.move_in(d)
 
-        def fits(r: SimRequest) -> bool:  # an empty worker takes anything (as offer does)
-            return d.inflight < self.config.max_inflight_transfers and (
-                d.reserved + r.prompt_len + r.output_len <= d.capacity_tokens or not d.reserved)
+    def kv_bytes(self, r: SimRequest) -> int:
+        return r.prompt_len * self.config.kv_bytes_per_token
 
-        moved = 0
-        while moved < len(feasible) and fits(feasible[moved]):
-            self.transfer(d, feasible[moved])
-            moved += 1
-        d.pending = feasible[moved:]
-        while not d.pending and d.given_up and fits(d.given_up[0][2]):
+    def fits(self, d: DecodeSim, r: SimRequest) -> bool:
+        """Whether r's KV may go under way: room for it (an empty worker takes anything) and
+        room in flight (one transfer can always go)."""
+        room = d.reserved + r.prompt_len + r.output_len <= d.capacity_tokens or not d.reserved
+        return room and (not d.inflight_bytes
+                         or d.inflight_bytes + self.kv_bytes(r) <= self.config.max_inflight_transfer_bytes)
+
+    def move_in(self, d: DecodeSim) -> None:
+        """Moves waiting KV in, in its last ranking, while it fits."""
+        while d.pending and self.fits(d, d.pending[0]):
+            self.transfer(d, d.pending.popleft())
+        while not d.pending and d.given_up and self.fits(d, d.given_up[0][2]):
             self.transfer(d, heapq.heappop(d.given_up)[2])
 
     def decode_step(self, d: DecodeSim) -> None:

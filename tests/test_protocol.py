@@ -165,6 +165,33 @@ def test_the_staging_pool_lends_disjoint_ranges_and_reuses_them_only_once_sent()
     assert pool.take(64 * align) == 0  # coalesced back into one range
 
 
+def test_the_decode_worker_keeps_kv_under_way_within_its_byte_budget():
+    """Offers are made ready while the KV under way fits the budget; one always may go, and
+    the next goes once the first is no longer under way."""
+    import time
+
+    from engine import LLM
+    from transport.decode import DecodeWorker
+
+    llm = LLM("tiny", num_kv_blocks=64, max_model_len=256)
+    three_blocks = 3 * KVGeometry.of(llm.runner).bytes_per_block
+    worker = DecodeWorker(llm, "tcp://127.0.0.1:9", max_inflight_bytes=three_blocks + 1)
+    peer = b"prefill-test"
+    worker.greeted.add(peer)
+    for i, num_tokens in enumerate((40, 40, 100)):  # 3, 3 and 7 blocks of 16 tokens
+        prompt = list(range(1, num_tokens + 1))
+        worker.on_offer(peer, p.KVOffer(f"t{i}", f"r{i}", prompt, [7], {"max_tokens": 5}, {}, -(-num_tokens // 16)))
+    worker.accept_offers(time.monotonic())
+    assert list(worker.incoming) == ["t0"] and worker.inflight_bytes == three_blocks
+    worker.drop(worker.incoming["t0"])
+    worker.accept_offers(time.monotonic())
+    assert list(worker.incoming) == ["t1"]
+    worker.drop(worker.incoming["t1"])
+    worker.accept_offers(time.monotonic())  # 7 blocks exceed the budget, but nothing is under way
+    assert list(worker.incoming) == ["t2"] and not worker.offers
+    worker.close()
+
+
 def test_the_decode_worker_writes_kv_in_the_background_and_frees_blocks_only_after_the_write():
     """KV lands on a writer thread while the worker loop goes on. A request aborted while its
     write is under way keeps its blocks until the write is over (the thread is still filling

@@ -175,6 +175,21 @@ def test_every_policy_orders_every_request_exactly_once(queue, budget, name):
     assert sorted(map(id, order)) == sorted(map(id, queue))
 
 
+@settings(max_examples=100, deadline=None)
+@given(queue=requests, budget=st.integers(1, 8192), name=st.sampled_from(["kairos", "mh"]))
+def test_expired_prompts_may_wait_aside_and_merge_in_by_arrival(queue, budget, name):
+    """What lets the simulator keep an overload's expired prompts out of every step's sort: they
+    are late in any order and take none of the predicted time."""
+    for i, r in enumerate(queue):
+        r.arrival_time += i * 1e-9  # distinct arrivals: equal ones may merge in either order
+    now = 1.0
+    policy = get_prefill_policy(name, COST, budget)
+    expired = sorted((r for r in queue if r.arrival_time + r.ttft_slo < now), key=lambda r: r.arrival_time)
+    on_time, late = policy.split([r for r in queue if r.arrival_time + r.ttft_slo >= now], now)
+    merged = on_time + sorted(late + expired, key=lambda r: r.arrival_time)
+    assert [id(r) for r in policy.order(queue, now)] == [id(r) for r in merged]
+
+
 def test_kairos_demotes_hopeless_requests_behind_feasible_ones():
     hopeless = Req(arrival_time=0.0, ttft_slo=0.001, num_uncomputed_tokens=500)
     feasible = [Req(arrival_time=0.1 + i, ttft_slo=5.0, num_uncomputed_tokens=100) for i in range(3)]

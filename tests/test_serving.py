@@ -70,10 +70,16 @@ def test_step_logs_account_for_every_prefill_and_where_the_loop_spent_its_time(c
     with cluster.client() as client:
         for rid in [client.submit(prompt, max_tokens=4, temperature=0) for prompt in mixed_prompts(20, seed=3)]:
             assert client.result(rid).error is None
-    status = cluster.wait_idle()
-    (prefill,) = [w for w in status["workers"] if w["role"] == "prefill"]
-    logged = {role: [json.loads(line) for line in path.read_text().splitlines()] for role, path in step_logs.items()}
-    # Every first token came out of a logged prefill step, and every decode step is logged.
+    # Every first token came out of a logged prefill step (heartbeats lag: wait until the
+    # worker's count has caught up with the 20 just served).
+    deadline = time.monotonic() + 10
+    while True:
+        status = cluster.wait_idle()
+        (prefill,) = [w for w in status["workers"] if w["role"] == "prefill"]
+        logged = {role: [json.loads(line) for line in path.read_text().splitlines()] for role, path in step_logs.items()}
+        if sum(r["stepped"] for r in logged["prefill"]) == prefill["first_tokens"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
     assert sum(r["stepped"] for r in logged["prefill"]) == prefill["first_tokens"] >= 20
     assert sum(r["prefill_tokens"] for r in logged["decode"]) == 0 and len(logged["decode"]) >= 3
     for records in logged.values():

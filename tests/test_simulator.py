@@ -92,17 +92,18 @@ def test_kv_leaves_between_prefill_steps_and_one_link_carries_one_transfer_at_a_
     assert b.finish_time > prefilled + 2 * transfer  # behind A's transfer on the link
 
 
-def test_a_decode_worker_takes_at_most_its_in_flight_limit_of_transfers():
-    """As `kairos decode --max-inflight-transfers`. A and B share a step; while the next (C's)
-    runs, the decode worker makes both ready, and both leave when it ends. With a limit of one,
-    B is made ready only when A lands, by then the worker is in D's step, and B leaves after it."""
+def test_a_decode_worker_takes_at_most_its_in_flight_limit_of_kv():
+    """As `kairos decode --max-inflight-transfer-mb`. A and B share a step; while the next (C's)
+    runs, the decode worker makes both ready, and both leave when it ends. With room in flight
+    for one, B is made ready only when A lands, by then the worker is in D's step, and B leaves
+    after it."""
     config = SimConfig(kv_bytes_per_token=1000, kv_bandwidth_gb_s=1.0, token_budget=2000)
     trace = [TraceRequest(0.0, 1, 1), TraceRequest(0.001, 1000, 2), TraceRequest(0.001, 1000, 2),
              TraceRequest(0.002, 1000, 2), TraceRequest(0.06, 1000, 2)]
     _, a, b, c, d = Simulator(config, COST).run(trace)
     assert a.first_token_time == b.first_token_time < c.first_token_time < d.first_token_time
     assert b.finish_time < d.first_token_time
-    _, a, b, c, d = Simulator(replace(config, max_inflight_transfers=1), COST).run(trace)
+    _, a, b, c, d = Simulator(replace(config, max_inflight_transfer_bytes=1500 * 1000), COST).run(trace)
     assert a.finish_time < d.first_token_time < b.finish_time
 
 
@@ -128,6 +129,21 @@ def test_prefill_steps_chunk_as_the_engine_does_and_prompts_hold_kv_until_it_lan
     a, b = Simulator(small, COST).run([TraceRequest(0.0, 800, 2), TraceRequest(0.0, 800, 2)])
     landed = COST.prefill_time([(800, 800)]) + 800 * 1000 / 1e9
     assert b.first_token_time == pytest.approx(landed + COST.prefill_time([(800, 800)]))
+
+
+@pytest.mark.parametrize("policy", ["kairos", "mh"])
+def test_expired_prompts_kept_aside_change_no_result(policy):
+    """The simulator keeps prompts past their deadline out of the policy's sort; under a
+    sustained overload that must give exactly what ranking the whole queue every step gives."""
+    class RanksEverything(Simulator):
+        def prefill_order(self, w):
+            return w.policy.order(w.prefilling + w.waiting, self.now)
+
+    trace = with_slos(synthetic(3000, rate=100.0, seed=5), ttft_slo_ms=500, tpot_slo_ms=100)
+    config = SimConfig(prefill_policy=policy, decode_policy="kairos", kv_capacity_tokens=100_000)
+    fast, full = Simulator(config, COST).run(trace), RanksEverything(config, COST).run(trace)
+    assert [(r.first_token_time, r.finish_time) for r in fast] == [(r.first_token_time, r.finish_time) for r in full]
+    assert metrics(fast)["ttft_attainment"] < 0.6  # an overload: many prompts expire waiting
 
 
 def test_one_request_alone_takes_exactly_the_modelled_time():

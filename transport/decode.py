@@ -3,10 +3,10 @@ continuous batch, and streams tokens to the router.
 
 Incoming KV lands straight in blocks reserved for it. Offers are answered in the decode
 policy's order (arrival order under continuous batching), and only while there are blocks to
-reserve and fewer than `max_inflight_transfers` transfers under way; the rest wait (and their
-prefill workers keep holding the blocks). A request joins the running batch only once all of
-its KV is written: the writes run on a thread of their own, and the loop picks finished ones
-up between steps.
+reserve and the KV under way stays within `max_inflight_bytes` (one transfer can always go);
+the rest wait (and their prefill workers keep holding the blocks). A request joins the running
+batch only once all of its KV is written: the writes run on a thread of their own, and the
+loop picks finished ones up between steps.
 """
 
 from __future__ import annotations
@@ -24,6 +24,10 @@ from transport.sockets import make_socket, recv, send
 from transport.worker import Worker
 
 log = logging.getLogger("kairos.decode")
+# KV under way into one decode worker, at most (one transfer can always go): enough for the
+# transfers that several prefill workers clear in one step each (a 1000-token Llama-3-8B prompt
+# is 128 MiB), and a bound on the host memory received KV takes before it is written.
+DEFAULT_MAX_INFLIGHT_BYTES = 4 * 2**30
 
 
 @dataclass
@@ -39,11 +43,11 @@ class Incoming:
 class DecodeWorker(Worker):
     role = "decode"
 
-    def __init__(self, *args, kv_host: str = "127.0.0.1", kv_port: int = 0, max_inflight_transfers: int = 8,
-                 **kwargs):
+    def __init__(self, *args, kv_host: str = "127.0.0.1", kv_port: int = 0,
+                 max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES, **kwargs):
         super().__init__(*args, **kwargs)
         self.counters["tpot_met"] = 0
-        self.max_inflight_transfers = max_inflight_transfers
+        self.max_inflight_bytes = max_inflight_bytes
         self.writer = KVWriter(self.llm.runner, self.max_frame_bytes)
         # Header plus frames; ZeroMQ's size limit applies to each frame.
         self.kv_socket = make_socket(self.ctx, zmq.ROUTER, max_bytes=max(self.max_frame_bytes, p.MAX_CONTROL_MESSAGE_BYTES))
@@ -70,6 +74,17 @@ class DecodeWorker(Worker):
     @property
     def transfers_in_flight(self) -> int:
         return len(self.incoming) + len(self.writing)
+
+    @property
+    def inflight_bytes(self) -> int:
+        blocks = sum(i.num_blocks for i in self.incoming.values()) + sum(i.num_blocks for i in self.writing.values())
+        return blocks * self.geometry.bytes_per_block
+
+    def has_room_in_flight(self, item: Incoming) -> bool:
+        """Whether the offer's KV may go under way now: the bytes in flight (host memory while
+        they arrive and are written) stay bounded, but one transfer can always go."""
+        return not self.transfers_in_flight or (
+            self.inflight_bytes + item.num_blocks * self.geometry.bytes_per_block <= self.max_inflight_bytes)
 
     def pending(self) -> list[Incoming]:
         """Every request this worker holds outside the engine, not yet dropped."""
@@ -222,7 +237,7 @@ class DecodeWorker(Worker):
         self.accept_offers(now)
 
     def accept_offers(self, now: float) -> None:
-        if not self.offers or self.transfers_in_flight >= self.max_inflight_transfers:
+        if not self.offers or self.inflight_bytes >= self.max_inflight_bytes:
             return  # runs every loop: skip ordering the offers when none could go in
         blocks = self.llm.block_manager
         scheduler = self.llm.scheduler
@@ -233,9 +248,9 @@ class DecodeWorker(Worker):
         # The decode policy says who gets room first (under kairos, requests that can still
         # meet their TPOT SLO before those that cannot).
         for seq in scheduler.decode_policy.order([i.seq for i in self.offers], scheduler.running, now):
-            if self.transfers_in_flight >= self.max_inflight_transfers:
-                break
             item = by_seq[id(seq)]
+            if not self.has_room_in_flight(item):
+                break
             if item.num_blocks + spare > blocks.num_free_blocks:
                 break  # backpressure: the prefill worker holds the blocks until there is room
             self.offers.remove(item)

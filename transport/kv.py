@@ -72,6 +72,11 @@ class KVGeometry:
         elem = torch.empty(0, dtype=getattr(torch, self.dtype)).element_size()
         return self.block_size * self.num_kv_heads * self.head_dim * elem
 
+    @property
+    def bytes_per_block(self) -> int:
+        """Bytes of K and V of one block across all layers: what a transfer moves per block."""
+        return 2 * self.num_layers * self.bytes_per_block_layer
+
 
 def blocks_per_frame(geometry: KVGeometry, max_frame_bytes: int) -> int:
     return max(1, max_frame_bytes // geometry.bytes_per_block_layer)
