@@ -313,7 +313,7 @@ class Simulator:
     def transfer_done(self, d: DecodeSim, r: SimRequest) -> None:
         d.ready.append(r)
         d.inflight_bytes -= self.kv_bytes(r)
-        self.move_in(d)  # a transfer slot is free: the next in the last ranking takes it
+        self.move_in(d)  # room in flight has freed: the next in the last ranking may go
         if not d.busy:
             self.decode_step(d)
         w = r.source
