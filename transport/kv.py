@@ -138,10 +138,6 @@ class PinnedPool:
         for _, offset, length in done:
             self.release(offset, length)
 
-    @property
-    def free_bytes(self) -> int:
-        return sum(length for _, length in self.free)
-
 
 class OutgoingKV:
     """A request's blocks copied out of the cache, becoming frames once the copy is done. On a

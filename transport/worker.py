@@ -106,6 +106,7 @@ class Worker:
             self._last_register = now
         busy = self.llm.has_unfinished() and not self.blocked
         turn_started = time.perf_counter()
+        self.turn_notes.clear()
         for sock, _ in self.poller.poll(0 if busy else self.idle_poll_ms()):
             # Drain what is waiting, but bounded, so a flood cannot starve the engine.
             for _ in range(256):
@@ -139,7 +140,6 @@ class Worker:
                   "blocked": stepped is None, "stepped": len(stepped or []), "prefill_tokens": prefill_tokens,
                   **{k: stats[k] for k in ("waiting", "running", "ready", "free_blocks")},
                   **{k: stats[k] for k in ("transfers", "offers_waiting") if k in stats}, **self.turn_notes}
-        self.turn_notes.clear()
         self.step_log.write(json.dumps(record) + "\n")
 
     def idle_poll_ms(self) -> int:
