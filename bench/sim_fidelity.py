@@ -11,9 +11,9 @@ runs steps slower than the quiet profile (the workers share the machine), so the
 point is also a calibration: its ratio of observed to predicted step time, over the measured
 run's own steps (`kairos status` totals before and after it, so time-weighted), scales the
 profile for every simulation, and the steps' spread becomes the simulator's step-time jitter.
-Each live run starts on fresh, warmed-up workers, and each point runs `--repeats` times: the
-spread between repeats is the noise any simulator is judged against. Target: within 5
-percentage points.
+Each live run starts on fresh, warmed-up workers, and each point runs `--repeats` times (the
+policies taking turns): the spread between repeats is the noise any simulator is judged
+against. Target: within 5 percentage points.
 """
 
 from __future__ import annotations
@@ -197,21 +197,25 @@ def main() -> None:
               "--max-num-batched-tokens", str(args.token_budget), "--max-num-seqs", str(args.max_batch),
               "--num-kv-blocks", str(args.kv_blocks), "--max-model-len", str(args.max_model_len)]
     rows, calibration = [], None
+    policies = args.policies.split(",")
     for rate in (float(x) for x in args.rate_scales.split(",")):
         trace = point_trace(args, rate)
-        for policy in args.policies.split(","):
-            prefill, decode = policy.split("+")
-            runs, drifts = [], []
-            for repeat in range(args.repeats):
+        runs, drifts = {p: [] for p in policies}, {p: [] for p in policies}
+        # Repeats take the policies in turn, so that a machine whose speed drifts during a
+        # session (a GPU's clocks, its neighbours' load) slows every policy alike.
+        for repeat in range(args.repeats):
+            for policy in policies:
+                prefill, decode = policy.split("+")
                 logs = {role: step_log_args(args, f"{prefill}_{decode}_x{rate:g}_{repeat}_{role}")
                         for role in ("prefill", "decode")}
                 with local_cluster(["--prefill-policy", prefill, *worker, *logs["prefill"]],
                                    ["--decode-policy", decode, *worker, *logs["decode"]]) as addr:
                     warm_up(addr, trace, args.warm_up)
                     before, started = cost_scales(addr), time.perf_counter()
-                    runs.append(replay(addr, trace))
-                    drifts.append(serving_drift(before, cost_scales(addr), time.perf_counter() - started))
-            drift = {k: sum(d[k] for d in drifts) / len(drifts) for k in drifts[0]}
+                    runs[policy].append(replay(addr, trace))
+                    drifts[policy].append(serving_drift(before, cost_scales(addr), time.perf_counter() - started))
+        for policy in policies:
+            drift = {k: sum(d[k] for d in drifts[policy]) / args.repeats for k in drifts[policy][0]}
             if calibration is None:
                 # The first point calibrates every simulation: how much slower steps ran while
                 # serving than in the quiet profile (co-located workers share the cores).
@@ -219,13 +223,14 @@ def main() -> None:
                 print(f"calibration ({policy} at rate x{rate:g}): steps ran {drift['prefill']:.2f}x (prefill) and "
                       f"{drift['decode']:.2f}x (decode) the profile's prediction, give or take "
                       f"{drift['prefill_jitter']:.0%} and {drift['decode_jitter']:.0%}")
-            row = {"policy": policy, "rate_scale": rate, "live_runs": runs, "run_drifts": drifts, "drift": drift,
-                   "live": {k: sum(run[k] for run in runs) / len(runs) for k in KEYS},
-                   "live_spread_points": {k: 100 * (max(run[k] for run in runs) - min(run[k] for run in runs))
+            done = runs[policy]
+            row = {"policy": policy, "rate_scale": rate, "live_runs": done, "run_drifts": drifts[policy],
+                   "drift": drift, "live": {k: sum(run[k] for run in done) / len(done) for k in KEYS},
+                   "live_spread_points": {k: 100 * (max(run[k] for run in done) - min(run[k] for run in done))
                                           for k in KEYS}}
             rows.append(judge(args, profile, calibration, row))
             print_row(row)
-            summarize(args, profile, calibration, rows, final=False)
+        summarize(args, profile, calibration, rows, final=False)
     summarize(args, profile, calibration, rows, final=True)
 
 

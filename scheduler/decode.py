@@ -121,8 +121,12 @@ class SlackBatching:
     def admit(self, running, ready, now, free_blocks):
         alpha, beta, gamma = self.cost.decode
         batch = len(running)
+        if not ready or batch >= self.max_batch or free_blocks < batch + 1:
+            return []
         context = sum(r.num_tokens for r in running)
         tightest = min(map(self.step_limit, running), default=math.inf)
+        if batch and alpha + beta * (batch + 1) + gamma * (context + min(r.num_tokens for r in ready)) > tightest:
+            return []  # no request could join, whichever heads the order: skip ranking them
         admitted = []
         for r in self.order(ready, running, now):
             if batch >= self.max_batch or free_blocks < batch + 1:

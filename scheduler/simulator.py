@@ -12,8 +12,12 @@ it is busy leaves when the current step ends), a decode worker's inbound link ca
 transfer at a time, and it has at most `max_inflight_transfer_bytes` of KV under way (one
 transfer at least). A decode worker admits ready requests through its decode policy and runs
 steps whose length the cost model predicts; every running request gains a token per step.
-Prefix-cache hits come from Mooncake `hash_ids` (an LRU of blocks per prefill worker). Pure
-Python.
+Decode KV is kept in blocks as the engine keeps it: a transfer reserves its prompt's blocks
+(while a block per running or ready sequence stays spare), a sequence takes a new block each
+time its context crosses a block boundary, and a step short of blocks preempts the newest
+sequences, which then recompute their prompt and output on the decode worker in prefill steps
+that go before decode steps. Requests are placed as the router places them. Prefix-cache hits
+come from Mooncake `hash_ids` (an LRU of blocks per prefill worker). Pure Python.
 
 Served steps are not all alike: `prefill_jitter` and `decode_jitter` spread each step's length
 around the cost model (lognormal, with that mean relative deviation, as `kairos status` reports
@@ -61,7 +65,8 @@ class SimRequest:
 
     __slots__ = ("trace", "arrival_time", "ttft_slo", "tpot_slo", "prompt_len", "output_len", "cached",
                  "computed", "max_tokens", "request_class", "output_len_hint", "first_token_time",
-                 "finish_time", "worker", "join_step", "source")
+                 "finish_time", "worker", "join_step", "source", "outputs_at_join", "decoding", "crossing",
+                 "epoch", "recomputed")
 
     def __init__(self, trace: TraceRequest):
         self.trace = trace
@@ -77,8 +82,13 @@ class SimRequest:
         self.computed = 0  # prompt tokens prefilled (or cached) so far
         self.first_token_time = math.nan
         self.finish_time = math.nan
-        self.worker: DecodeSim | None = None
-        self.join_step = 0
+        self.worker: DecodeSim | None = None  # the decode worker the router assigned it
+        self.join_step = 0  # the worker's decode step count when it (last) joined the batch
+        self.outputs_at_join = 1  # the first token comes from prefill
+        self.decoding = False  # in its decode worker's running batch
+        self.crossing = 0  # the decode step (mod block size) at which it takes a new block
+        self.epoch = 0  # how often it was preempted (its earlier finish predictions are void)
+        self.recomputed = 0  # after a preemption: tokens whose KV is computed again
         self.source: PrefillSim | None = None  # the prefill worker holding its KV
 
     @property
@@ -87,11 +97,13 @@ class SimRequest:
 
     @property
     def num_output_tokens(self) -> int:
-        return 1 if self.worker is None else 1 + self.worker.steps - self.join_step
+        return self.outputs_at_join + (self.worker.steps - self.join_step if self.decoding else 0)
 
     @property
     def num_tokens(self) -> int:
-        return self.prompt_len + self.num_output_tokens
+        # The policies read this for every running request at every step: spelt out, not via
+        # num_output_tokens, it costs one attribute chain less.
+        return self.prompt_len + self.outputs_at_join + (self.worker.steps - self.join_step if self.decoding else 0)
 
 
 @dataclass
@@ -106,7 +118,7 @@ class PrefillSim:
     prefilling: list = field(default_factory=list)  # admitted, prompt part-way through (chunked)
     held: int = 0  # tokens of KV its prompts hold until their transfers land
     busy: bool = False
-    queued_tokens: int = 0
+    queued_tokens: int = 0  # prompt tokens of the requests sent here whose first token is not out
     cache: OrderedDict = field(default_factory=OrderedDict)  # hash id -> None, LRU order
     cleared: list = field(default_factory=list)  # (decode worker, request) to send once this step ends
 
@@ -115,17 +127,22 @@ class PrefillSim:
 class DecodeSim:
     policy: object
     model: CostModel | CalibratedCostModel
-    capacity_tokens: int
-    running: list = field(default_factory=list)
+    capacity_blocks: int
+    block_size: int
+    running: list = field(default_factory=list)  # in the order they joined: the newest is preempted first
     ready: list = field(default_factory=list)
     pending: deque = field(default_factory=deque)  # prefilled, waiting for room to transfer into
     # Of those, the ones the policy has given up on for their SLO: a heap by arrival, served
     # once no other waits (set aside so that a long overload does not re-sort them every step).
     given_up: list = field(default_factory=list)
-    finishing: list = field(default_factory=list)  # heap of (finish step, seq, request)
-    steps: int = 0
+    finishing: list = field(default_factory=list)  # heap of (finish step, seq, request, its epoch)
+    preempted: list = field(default_factory=list)  # to recompute, by arrival
+    crossings: list = field(default_factory=list)  # running sequences by the step (mod block size) they take a block
+    steps: int = 0  # decode steps run
     context: int = 0  # sum of running contexts
-    reserved: int = 0  # tokens of KV held or on the way (running + ready + transferring)
+    used_blocks: int = 0  # held by running, ready, recomputing and incoming sequences
+    assigned: int = 0  # requests placed here and not finished
+    preemptions: int = 0
     link_free_at: float = 0.0  # when the inbound KV link has carried what it was given
     inflight_bytes: int = 0  # of the transfers between "ready" and landing
     busy: bool = False
@@ -147,7 +164,9 @@ class Simulator:
         models = [self._policy_cost() for _ in range(config.prefill_workers + config.decode_workers)]
         self.prefills = [PrefillSim(get_prefill_policy(config.prefill_policy, m, config.token_budget), m,
                                     config.kv_capacity_tokens) for m in models[:config.prefill_workers]]
-        self.decodes = [DecodeSim(get_decode_policy(config.decode_policy, config.max_batch, m), m, config.kv_capacity_tokens)
+        self.decodes = [DecodeSim(get_decode_policy(config.decode_policy, config.max_batch, m), m,
+                                  config.kv_capacity_tokens // config.block_size, config.block_size,
+                                  crossings=[0] * config.block_size)
                         for m in models[config.prefill_workers:]]
         self.events: list = []
         self._seq = itertools.count()
@@ -175,7 +194,11 @@ class Simulator:
     # ---- prefill --------------------------------------------------------------------------------
 
     def arrive(self, r: SimRequest) -> None:
+        # Placed as the router places it: the prefill worker with the least prompt work queued,
+        # the decode worker with the fewest requests in hand (then the most free blocks).
         worker = min(self.prefills, key=lambda w: w.queued_tokens)
+        r.worker = min(self.decodes, key=lambda d: (d.assigned, d.used_blocks))
+        r.worker.assigned += 1
         if r.trace.hash_ids:
             hits = 0
             for h in r.trace.hash_ids:
@@ -185,7 +208,7 @@ class Simulator:
             # The last token is always computed (its logits are needed).
             r.cached = r.computed = min(hits * MOONCAKE_BLOCK_TOKENS, r.prompt_len - 1)
         worker.waiting.append(r)
-        worker.queued_tokens += r.num_uncomputed_tokens
+        worker.queued_tokens += r.prompt_len
         if not worker.busy:
             self.start_prefill(worker)
 
@@ -232,14 +255,16 @@ class Simulator:
             w.busy = False
             self.send_cleared(w)  # an idle worker answers at once
             return
-        tokens = self.config.token_budget - budget
-        w.queued_tokens -= tokens
+        self.prefill_step(w, [(n, r.computed + n) for r, n in batch], self.prefill_done, batch)
+
+    def prefill_step(self, w: PrefillSim | DecodeSim, prompts: list[tuple[int, int]], then, batch) -> None:
+        """Runs a prefill step of `prompts` ((new tokens, context after) each) on w; `then(w,
+        batch)` handles its end."""
         w.busy = True
-        prompts = [(n, r.computed + n) for r, n in batch]
         seconds = self.step_length("prefill", self.cost.prefill_time(prompts))
         if self.jittered:
             w.model.observe_prefill(prompts, seconds)
-        self.at(self.now + seconds, self.prefill_done, w, batch)
+        self.at(self.now + seconds, then, w, batch)
 
     def prefill_order(self, w: PrefillSim) -> Iterable[SimRequest]:
         """The prompts in the worker's policy's order. A policy with `split` ranks only those
@@ -268,6 +293,7 @@ class Simulator:
         for r in done:
             r.first_token_time = self.now
             r.source = w
+            w.queued_tokens -= r.prompt_len
             for h in r.trace.hash_ids:
                 w.cache[h] = None
                 w.cache.move_to_end(h)
@@ -275,10 +301,10 @@ class Simulator:
                 w.cache.popitem(last=False)
             if r.output_len <= 1:
                 r.finish_time = self.now
+                r.worker.assigned -= 1
                 w.held -= r.prompt_len - r.cached
             else:
-                d = min(self.decodes, key=lambda d: d.reserved)
-                self.offer(d, r)
+                self.offer(r.worker, r)
         self.start_prefill(w)
 
     # ---- transfer and decode --------------------------------------------------------------------
@@ -292,7 +318,7 @@ class Simulator:
     def transfer(self, d: DecodeSim, r: SimRequest) -> None:
         """The decode worker has reserved room: the KV leaves as soon as its prefill worker is
         between steps."""
-        d.reserved += r.prompt_len + r.output_len
+        d.used_blocks += self.blocks(d, r.prompt_len)
         d.inflight_bytes += self.kv_bytes(r)
         if r.source is not None and r.source.busy:
             r.source.cleared.append((d, r))
@@ -332,10 +358,16 @@ class Simulator:
     def kv_bytes(self, r: SimRequest) -> int:
         return r.prompt_len * self.config.kv_bytes_per_token
 
+    @staticmethod
+    def blocks(d: DecodeSim, tokens: int) -> int:
+        return -(-tokens // d.block_size)
+
     def fits(self, d: DecodeSim, r: SimRequest) -> bool:
-        """Whether r's KV may go under way: room for it (an empty worker takes anything) and
-        room in flight (one transfer can always go)."""
-        room = d.reserved + r.prompt_len + r.output_len <= d.capacity_tokens or not d.reserved
+        """Whether r's KV may go under way: blocks for its prompt with one spare per running or
+        ready sequence (an empty worker takes anything), and room in flight (one transfer can
+        always go)."""
+        spare = len(d.running) + len(d.ready)
+        room = d.used_blocks + self.blocks(d, r.prompt_len) + spare <= d.capacity_blocks or not d.used_blocks
         return room and (not d.inflight_bytes
                          or d.inflight_bytes + self.kv_bytes(r) <= self.config.max_inflight_transfer_bytes)
 
@@ -347,26 +379,109 @@ class Simulator:
             self.transfer(d, heapq.heappop(d.given_up)[2])
 
     def decode_step(self, d: DecodeSim) -> None:
-        """Starts a decode step (the previous one, if any, has just ended)."""
+        """Starts the worker's next step (the previous one, if any, has just ended): a step
+        recomputing preempted sequences if one can go, as the engine puts prefill first, else a
+        decode step."""
+        if d.preempted and self.recompute_step(d):
+            return
         if d.ready:
-            free_blocks = (d.capacity_tokens - d.context) // self.config.block_size
+            free_blocks = d.capacity_blocks - d.used_blocks
             admitted = d.policy.admit(d.running, d.ready, self.now, free_blocks)
             if admitted:
                 chosen = set(map(id, admitted))
                 d.ready = [r for r in d.ready if id(r) not in chosen]
                 for r in admitted:
-                    r.worker, r.join_step = d, d.steps
-                    d.running.append(r)
-                    d.context += r.prompt_len + 1
-                    heapq.heappush(d.finishing, (d.steps + r.output_len - 1, next(self._seq), r))
+                    self.join(d, r)
         if not d.running:
             d.busy = False
             return
+        self.grow(d)
         d.busy = True
         seconds = self.step_length("decode", self.cost.decode_time(len(d.running), d.context))
         if self.jittered:
             d.model.observe_decode(len(d.running), d.context, seconds)
         self.at(self.now + seconds, self.decode_step_done, d)
+
+    def join(self, d: DecodeSim, r: SimRequest) -> None:
+        """r joins the running batch with its KV (all but its last token's) in place."""
+        r.join_step, r.decoding = d.steps, True
+        d.running.append(r)
+        d.context += r.num_tokens
+        # Its context before a step is num_tokens - 1; a step whose context sits on a block
+        # boundary needs a new block for the token it writes.
+        r.crossing = (d.steps - (r.num_tokens - 1)) % d.block_size
+        d.crossings[r.crossing] += 1
+        heapq.heappush(d.finishing, (d.steps + r.output_len - r.outputs_at_join, next(self._seq), r, r.epoch))
+
+    def held_blocks(self, d: DecodeSim, r: SimRequest) -> int:
+        return self.blocks(d, r.num_tokens - 1)
+
+    def leave(self, d: DecodeSim, r: SimRequest) -> None:
+        """r leaves the running batch and gives back its blocks."""
+        d.context -= r.num_tokens
+        d.used_blocks -= self.held_blocks(d, r)
+        d.crossings[r.crossing] -= 1
+        r.outputs_at_join = r.num_output_tokens
+        r.decoding = False
+
+    def grow(self, d: DecodeSim) -> None:
+        """Gives a block to every running sequence that crosses a block boundary this step,
+        preempting the newest sequences while the blocks fall short."""
+        phase = d.steps % d.block_size
+        while d.crossings[phase] > d.capacity_blocks - d.used_blocks and len(d.running) > 1:
+            victim = d.running.pop()
+            self.leave(d, victim)
+            victim.epoch += 1
+            victim.recomputed = 0
+            d.preemptions += 1
+            bisect.insort(d.preempted, victim, key=lambda q: q.arrival_time)
+        d.used_blocks += d.crossings[phase]
+
+    def recompute_step(self, d: DecodeSim) -> bool:
+        """Starts a prefill step that computes preempted sequences' KV again (their prompt and
+        the output so far), oldest first and chunked to the token budget, if the first has
+        blocks for its part and the batch has a seat."""
+        budget = self.config.token_budget
+        batch = []
+        for r in d.preempted:
+            if budget == 0 or len(d.running) + len(batch) >= self.config.max_batch:
+                break
+            total = r.num_tokens
+            n = min(total - r.recomputed, budget)
+            more = self.blocks(d, r.recomputed + n) - self.blocks(d, r.recomputed)
+            if more > d.capacity_blocks - d.used_blocks:
+                break
+            d.used_blocks += more
+            budget -= n
+            batch.append((r, n))
+        if not batch:
+            partial = [r for r in d.preempted if r.recomputed]
+            if not d.running and not d.ready and len(partial) > 1:
+                # Only part-recomputed sequences hold the blocks the first needs: the newest
+                # gives its back (as the engine does).
+                d.used_blocks -= self.blocks(d, partial[-1].recomputed)
+                partial[-1].recomputed = 0
+                return self.recompute_step(d)
+            return False
+        self.prefill_step(d, [(n, r.recomputed + n) for r, n in batch], self.recompute_done, batch)
+        return True
+
+    def recompute_done(self, d: DecodeSim, batch: list[tuple[SimRequest, int]]) -> None:
+        for r, n in batch:
+            r.recomputed += n
+            if r.recomputed < r.num_tokens:
+                continue
+            d.preempted.remove(r)
+            r.outputs_at_join += 1  # the step samples its next token
+            d.tokens_out += 1
+            if r.num_output_tokens < r.output_len:
+                self.join(d, r)  # with the blocks it holds (num_tokens - 1 tokens of KV)
+            else:
+                r.finish_time = self.now
+                d.assigned -= 1
+                d.used_blocks -= self.blocks(d, r.recomputed)
+                d.policy.finished(r)
+        self.decode_step(d)
 
     def decode_step_done(self, d: DecodeSim) -> None:
         d.steps += 1
@@ -374,14 +489,16 @@ class Simulator:
         d.tokens_out += len(d.running)
         done = []
         while d.finishing and d.finishing[0][0] <= d.steps:
-            done.append(heapq.heappop(d.finishing)[2])
+            _, _, r, epoch = heapq.heappop(d.finishing)
+            if epoch == r.epoch:
+                done.append(r)
         if done:
             finished = set(map(id, done))
             d.running = [r for r in d.running if id(r) not in finished]
             for r in done:
                 r.finish_time = self.now
-                d.context -= r.num_tokens
-                d.reserved -= r.prompt_len + r.output_len
+                d.assigned -= 1
+                self.leave(d, r)
                 d.policy.finished(r)
             if d.pending or d.given_up:
                 self.transfer_waiting(d)
@@ -423,4 +540,5 @@ def simulate(trace: list[TraceRequest], config: SimConfig, cost: CostModel) -> d
     unfinished = [r for r in requests if math.isnan(r.finish_time)]
     if unfinished:
         raise RuntimeError(f"{len(unfinished)} requests never finished in the simulation")
-    return metrics(requests, sum(d.tokens_out for d in sim.decodes))
+    return {**metrics(requests, sum(d.tokens_out for d in sim.decodes)),
+            "preemptions": sum(d.preemptions for d in sim.decodes)}

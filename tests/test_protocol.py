@@ -257,3 +257,39 @@ def test_the_decode_worker_writes_kv_in_the_background_and_frees_blocks_only_aft
     finally:
         gate.set()
         worker.close()
+
+
+def test_the_router_sends_each_prompt_to_the_prefill_worker_with_the_least_prompt_work_queued():
+    """A prefill worker's queue is measured in prompt tokens until each first token comes back
+    (a request count would send a short prompt behind a long one); finished and aborted
+    requests leave the count."""
+    import time
+
+    from transport.router import Router, WorkerInfo
+
+    router = Router(port=0)
+    try:
+        for worker_id, role in (("p1", "prefill"), ("p2", "prefill"), ("d1", "decode")):
+            router.workers[worker_id] = WorkerInfo(worker_id, role, worker_id.encode(), {}, 64,
+                                                   "tcp://127.0.0.1:1" if role == "decode" else None, time.monotonic())
+        p1, p2, d1 = (router.workers[w] for w in ("p1", "p2", "d1"))
+
+        def submit(request_id: str, tokens: int | None = None, text: str | None = None) -> str:
+            router.on_submit(b"client", p.Submit(request_id, prompt=text, prompt_token_ids=None if text else [1] * tokens))
+            return router.by_client[(b"client", request_id)]
+
+        long = submit("long", 4000)
+        assert router.requests[long].prefill == "p1"
+        short = [submit(f"s{i}", 100) for i in range(3)]  # three short prompts, all behind no long one
+        assert all(router.requests[rid].prefill == "p2" for rid in short)
+        assert sum(p2.prefill_tokens.values()) == 300 and len(p2.requests) == 3
+        text = submit("text", text="x" * 4000)  # about 1000 tokens: still less work queued on p2
+        assert router.requests[text].prefill == "p2"
+        router.on_tokens(p1, p.Tokens(long, 0, [5], "a"))  # the long prompt's first token
+        assert p1.prefill_tokens == {} and long in p1.requests  # it decodes on; its prompt is done
+        assert router.requests[submit("next", 100)].prefill == "p1"
+        router.on_client_abort(b"client", "s0")
+        assert short[0] not in p2.prefill_tokens and short[0] not in d1.requests
+        assert router.status().workers[1]["queued_prompt_tokens"] == 200 + 1001
+    finally:
+        router.ctx.destroy(linger=0)

@@ -107,6 +107,51 @@ def test_a_decode_worker_takes_at_most_its_in_flight_limit_of_kv():
     assert a.finish_time < d.first_token_time < b.finish_time
 
 
+def test_requests_are_placed_as_the_router_places_them():
+    """Prefill: the worker with the least prompt work queued (two short prompts both go beside
+    a long one). Decode: the worker with the fewest requests in hand, chosen on arrival."""
+    sim = Simulator(SimConfig(prefill_workers=2, decode_workers=2), COST)
+    long, first, second = sim.run([TraceRequest(0.0, 4000, 3), TraceRequest(0.0001, 100, 3),
+                                   TraceRequest(0.0002, 100, 3)])
+    assert long.source is sim.prefills[0] and first.source is second.source is sim.prefills[1]
+    assert long.worker is second.worker is sim.decodes[0] and first.worker is sim.decodes[1]
+    assert all(w.queued_tokens == 0 for w in sim.prefills) and all(d.assigned == 0 for d in sim.decodes)
+
+
+def test_decode_kv_grows_by_blocks_and_a_short_step_preempts_the_newest_which_recomputes():
+    """As the engine keeps decode KV: a transfer reserves the prompt's block, each sequence takes
+    a block when its context crosses a boundary, and with six blocks two sequences growing to
+    four each cannot both finish. A (first in) needs its fourth block at step 32, when all six
+    are held: B, the newest, gives back its three and waits. It recomputes its 48 tokens (prompt
+    and output so far) once A's finish frees the blocks, in a prefill step of its own, then
+    decodes its last 8 tokens alone."""
+    config = SimConfig(kv_capacity_tokens=6 * 16, kv_bytes_per_token=1, kv_bandwidth_gb_s=1000.0)
+    sim = Simulator(config, COST)
+    a, b = sim.run([TraceRequest(0.0, 16, 41), TraceRequest(0.0, 16, 41)])
+    decode = sim.decodes[0]
+    assert decode.preemptions == 1
+    assert decode.used_blocks == 0 and not decode.preempted and not decode.running  # every block back
+    assert decode.tokens_out == 2 * 40  # a recomputed sequence's tokens are not counted twice
+    alone = sum(COST.decode_time(1, 49 + k) for k in range(8))
+    assert b.finish_time - a.finish_time == pytest.approx(COST.prefill_time([(48, 48)]) + alone)
+    roomy = Simulator(replace(config, kv_capacity_tokens=8 * 16), COST)
+    a2, b2 = roomy.run([TraceRequest(0.0, 16, 41), TraceRequest(0.0, 16, 41)])
+    assert roomy.decodes[0].preemptions == 0 and b2.finish_time < b.finish_time
+
+
+@pytest.mark.parametrize("decode_policy", ["cb", "kairos"])
+def test_preemption_under_decode_kv_pressure_leaks_no_block_and_loses_no_token(decode_policy):
+    trace = with_slos(synthetic(600, rate=40.0, seed=8), 500, 50)
+    config = SimConfig(decode_policy=decode_policy, kv_capacity_tokens=12_000, max_batch=64)
+    sim = Simulator(config, COST)
+    requests = sim.run(trace)
+    assert all(not math.isnan(r.finish_time) for r in requests)
+    decode = sim.decodes[0]
+    assert decode.preemptions > 0
+    assert decode.used_blocks == 0 and not decode.preempted and not decode.running and not decode.ready
+    assert decode.tokens_out == sum(r.output_len - 1 for r in requests)
+
+
 def test_prefill_steps_chunk_as_the_engine_does_and_prompts_hold_kv_until_it_lands():
     """A prompt longer than the budget goes in chunks; FCFS fills a step with part of the next
     prompt, kairos does not; a prefill worker admits no prompt its KV has no room for until

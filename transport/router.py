@@ -36,6 +36,8 @@ class WorkerInfo:
     last_seen: float
     stats: dict = field(default_factory=dict)
     requests: set[str] = field(default_factory=set)  # router request ids assigned here
+    # On a prefill worker: the prompt tokens of its requests whose first token has not come back.
+    prefill_tokens: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -197,6 +199,7 @@ class Router:
         r = self.requests.get(msg.request_id)
         if r is None or worker.worker_id not in (r.prefill, r.decode):
             return  # aborted or failed already
+        worker.prefill_tokens.pop(r.rid, None)  # the prompt is prefilled
         r.held[msg.index] = msg
         while r.next_index in r.held:
             chunk = r.held.pop(r.next_index)
@@ -254,6 +257,8 @@ class Router:
             prefill.requests.add(rid)
             decode.requests.add(rid)
             s = r.submit
+            # A text prompt is tokenized by the worker; about four characters make a token.
+            prefill.prefill_tokens[rid] = len(s.prompt_token_ids) if s.prompt is None else len(s.prompt) // 4 + 1
             ttft_ms, tpot_ms = self.slo_of(s)
             slo = {"ttft_ms": ttft_ms, "tpot_ms": tpot_ms, "request_class": s.request_class,
                    "output_len_hint": s.output_len_hint}
@@ -266,6 +271,10 @@ class Router:
         candidates = [w for w in self.workers.values() if w.role == role]
         if not candidates:
             return None
+        if role == "prefill":
+            # The least prompt work queued: a request's wait for its first token grows with the
+            # tokens ahead of it, not with how many requests they are.
+            return min(candidates, key=lambda w: (sum(w.prefill_tokens.values()), len(w.requests)))
         # Fewest requests in hand; then the most free KV blocks.
         return min(candidates, key=lambda w: (len(w.requests), -w.stats.get("free_blocks", w.total_blocks)))
 
@@ -306,6 +315,7 @@ class Router:
         for worker_id in (r.prefill, r.decode):
             if worker_id in self.workers:
                 self.workers[worker_id].requests.discard(r.rid)
+                self.workers[worker_id].prefill_tokens.pop(r.rid, None)
 
     def forget(self, r: RoutedRequest) -> None:
         self.release(r)
@@ -315,6 +325,7 @@ class Router:
     def status(self) -> p.StatusReport:
         now = time.monotonic()
         workers = [{"worker_id": w.worker_id, "role": w.role, "kv_addr": w.kv_addr, "requests": len(w.requests),
+                    **({"queued_prompt_tokens": sum(w.prefill_tokens.values())} if w.role == "prefill" else {}),
                     "total_blocks": w.total_blocks, "last_seen_ms": round((now - w.last_seen) * 1e3, 1), **w.stats}
                    for w in self.workers.values()]
         return p.StatusReport(workers, {**self.counters, "in_flight": len(self.requests)}, len(self.pending))
