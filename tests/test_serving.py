@@ -66,6 +66,23 @@ def test_disaggregated_outputs_equal_the_offline_engine(cluster, offline):
     assert counters["ttft_met"] > 0
 
 
+def test_decode_preemption_recomputes_on_the_decode_worker_and_keeps_outputs_exact(cluster, offline):
+    """Twelve 300-token prompts fit the decode worker's 256 blocks (19 each, a spare per
+    sequence), but not once they have grown by 180 tokens (30 each): it preempts, recomputes
+    the preempted sequences' prompt and output itself, and every output is still the offline
+    engine's."""
+    rng = random.Random(11)
+    prompts = [[rng.randrange(1, 512) for _ in range(300)] for _ in range(12)]
+    expected = offline.generate(prompts, SamplingParams(max_tokens=180, temperature=0))
+    before = decode_stats(cluster)["preemptions"]
+    with cluster.client() as client:
+        results = [client.result(rid) for rid in [client.submit(prompt, max_tokens=180, temperature=0)
+                                                  for prompt in prompts]]
+    assert [r.token_ids for r in results] == [e.token_ids for e in expected]
+    assert decode_stats(cluster, lambda w: w["preemptions"] > before)["preemptions"] > before
+    cluster.wait_idle()  # every block back
+
+
 def test_step_logs_account_for_every_prefill_and_where_the_loop_spent_its_time(cluster, step_logs):
     with cluster.client() as client:
         for rid in [client.submit(prompt, max_tokens=4, temperature=0) for prompt in mixed_prompts(20, seed=3)]:

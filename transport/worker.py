@@ -70,7 +70,7 @@ class Worker:
         sched = self.llm.scheduler
         stats = {"waiting": len(sched.waiting), "running": len(sched.running), "ready": len(sched.ready),
                  "free_blocks": self.llm.num_free_blocks, "total_blocks": self.llm.num_total_blocks,
-                 **self.counters}
+                 "preemptions": sched.num_preemptions, **self.counters}
         cost = self.llm.cost_model
         if cost is not None:  # observed over predicted step time: how far serving is from the profile
             stats["cost_scale"] = {phase: {"mean": m, "spread": d, "observed_s": cost.totals[phase][0],
