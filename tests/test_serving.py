@@ -84,6 +84,9 @@ def test_decode_preemption_recomputes_on_the_decode_worker_and_keeps_outputs_exa
 
 
 def test_step_logs_account_for_every_prefill_and_where_the_loop_spent_its_time(cluster, step_logs):
+    cluster.wait_idle()
+    decode_log = step_logs["decode"]
+    earlier = len(decode_log.read_text().splitlines()) if decode_log.exists() else 0
     with cluster.client() as client:
         for rid in [client.submit(prompt, max_tokens=4, temperature=0) for prompt in mixed_prompts(20, seed=3)]:
             assert client.result(rid).error is None
@@ -98,7 +101,9 @@ def test_step_logs_account_for_every_prefill_and_where_the_loop_spent_its_time(c
             break
         time.sleep(0.3)
     assert sum(r["stepped"] for r in logged["prefill"]) == prefill["first_tokens"] >= 20
-    assert sum(r["prefill_tokens"] for r in logged["decode"]) == 0 and len(logged["decode"]) >= 3
+    # The decode worker prefills only to recompute preempted sequences, which these short
+    # requests never are (an earlier test's may have been).
+    assert sum(r["prefill_tokens"] for r in logged["decode"][earlier:]) == 0 and len(logged["decode"]) - earlier >= 3
     for records in logged.values():
         assert len({r["worker"] for r in records}) == 1
         assert all(r["step_s"] > 0 and r["messages_s"] >= 0 and r["after_s"] >= 0 for r in records)
