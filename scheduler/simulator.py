@@ -413,13 +413,10 @@ class Simulator:
         d.crossings[r.crossing] += 1
         heapq.heappush(d.finishing, (d.steps + r.output_len - r.outputs_at_join, next(self._seq), r, r.epoch))
 
-    def held_blocks(self, d: DecodeSim, r: SimRequest) -> int:
-        return self.blocks(d, r.num_tokens - 1)
-
     def leave(self, d: DecodeSim, r: SimRequest) -> None:
         """r leaves the running batch and gives back its blocks."""
         d.context -= r.num_tokens
-        d.used_blocks -= self.held_blocks(d, r)
+        d.used_blocks -= self.blocks(d, r.num_tokens - 1)  # its KV: all but the last token's
         d.crossings[r.crossing] -= 1
         r.outputs_at_join = r.num_output_tokens
         r.decoding = False
@@ -481,6 +478,8 @@ class Simulator:
                 d.assigned -= 1
                 d.used_blocks -= self.blocks(d, r.recomputed)
                 d.policy.finished(r)
+                if d.pending or d.given_up:
+                    self.transfer_waiting(d)
         self.decode_step(d)
 
     def decode_step_done(self, d: DecodeSim) -> None:
