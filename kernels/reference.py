@@ -127,19 +127,33 @@ def decode_attention(
     context_lens: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """One query token per sequence, q [B, Hq, D], over each sequence's paged KV."""
+    """One query token per sequence, q [B, Hq, D], over each sequence's paged KV.
+
+    The batch's blocks are packed end to end, not padded to the longest context: a step's work
+    is the sum of its context lengths (to within a block per sequence), as the cost model
+    assumes; padding made a batch of mixed lengths cost up to twice what its total predicts."""
     batch, num_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[2]
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
-    tables = block_tables.clamp(min=0).long()
-    keys = k_cache[tables].flatten(1, 2).float()  # [B, L, Hkv, D]
-    values = v_cache[tables].flatten(1, 2).float()
+    lens = context_lens.long()
+    num_blocks = (lens + block_size - 1) // block_size
+    owner = torch.repeat_interleave(torch.arange(batch, device=q.device), num_blocks)  # [N]: each block's sequence
+    index = torch.arange(owner.numel(), device=q.device) - (torch.cumsum(num_blocks, 0) - num_blocks)[owner]
+    blocks = block_tables.long()[owner, index]
+    keys = k_cache[blocks].float()  # [N, block_size, Hkv, D]
+    values = v_cache[blocks].float()
     qg = q.float().view(batch, num_kv_heads, group, head_dim)
-    scores = torch.einsum("bhgd,blhd->bhgl", qg, keys) * scale
-    positions = torch.arange(keys.shape[1], device=q.device)
-    invalid = positions.view(1, -1) >= context_lens.view(-1, 1)  # [B, L]
-    probs = scores.masked_fill(invalid[:, None, None, :], float("-inf")).softmax(dim=-1)
-    # Slots past the context hold whatever the cache held (NaN even): a zero weight is not enough.
+    scores = torch.einsum("nhgd,nlhd->nhgl", qg[owner], keys) * scale
+    # A sequence's last block may be partly filled: whatever lies past the context (NaN even)
+    # must get no weight and add nothing.
+    invalid = (index * block_size).unsqueeze(1) + torch.arange(block_size, device=q.device) >= lens[owner].unsqueeze(1)
+    scores = scores.masked_fill(invalid[:, None, None, :], float("-inf"))
     values = values.masked_fill(invalid[:, :, None, None], 0.0)
-    out = torch.einsum("bhgl,blhd->bhgd", probs, values)
-    return out.reshape(batch, num_heads, head_dim).to(q.dtype)
+    # Softmax over each sequence's blocks together: subtract its maximum, divide by its sum.
+    peak = qg.new_full((batch, num_kv_heads, group), float("-inf"))
+    block_peak = scores.amax(-1)
+    peak = peak.scatter_reduce(0, owner.view(-1, 1, 1).expand_as(block_peak), block_peak, "amax")
+    weights = torch.exp(scores - peak[owner].unsqueeze(-1))
+    total = qg.new_zeros((batch, num_kv_heads, group)).index_add_(0, owner, weights.sum(-1))
+    out = torch.zeros_like(qg).index_add_(0, owner, torch.einsum("nhgl,nlhd->nhgd", weights, values))
+    return (out / total.unsqueeze(-1)).reshape(batch, num_heads, head_dim).to(q.dtype)

@@ -141,9 +141,11 @@ class CalibratedCostModel:
         # serving, the difference of two readings gives its time-weighted ratio.
         self.totals = {"prefill": [0.0, 0.0], "decode": [0.0, 0.0]}
         self.prefill, self.decode = base.prefill, base.decode
+        self.last_predicted_s = 0.0  # the profile's prediction for the latest step (step logs show it)
 
     def _observe(self, phase: str, predicted: float, seconds: float) -> None:
         stats = self.drift[phase]
+        self.last_predicted_s = predicted
         self.totals[phase][0] += seconds
         self.totals[phase][1] += predicted
         if predicted > 0.0:
