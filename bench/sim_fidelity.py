@@ -8,9 +8,11 @@ for the same policies at several loads; the gap in SLO attainment.
 The simulator is given what the workers were given: their profile (measured with the thread
 count each worker runs with), the token budget, the batch limit and the KV capacity. Serving
 runs steps slower than the quiet profile (the workers share the machine), so the first live
-point is also a calibration: its ratio of observed to predicted step time, over the measured
-run's own steps (`kairos status` totals before and after it, so time-weighted), scales the
-profile for every simulation, and the steps' spread becomes the simulator's step-time jitter.
+point is also a calibration. Its ratio of observed to predicted prefill step time, over the
+measured runs' own steps (`kairos status` totals before and after each, so time-weighted),
+scales the profile's prefill for every simulation. Its decode steps, from the workers' step
+logs, are fitted afresh: serving slows large batches more than small ones, which no single
+scale carries. The steps' spread becomes the simulator's step-time jitter.
 Each live run starts on fresh, warmed-up workers, and each point runs `--repeats` times (the
 policies taking turns): the spread between repeats is the noise any simulator is judged
 against. Target: within 5 percentage points.
@@ -29,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import write_result  # noqa: E402
-from scheduler.cost_model import CostModel  # noqa: E402
+from scheduler.cost_model import CostModel, nonnegative_least_squares  # noqa: E402
 from scheduler.simulator import SimConfig, simulate  # noqa: E402
 from scheduler.traces import load_azure, shape, with_slos  # noqa: E402
 from transport.client import Client  # noqa: E402
@@ -61,6 +63,29 @@ def serving_drift(before: dict, after: dict, seconds: float) -> dict:
         drift[f"{role}_jitter"] = after[role]["spread"] / after[role]["mean"]
         drift[f"{role}_busy"] = observed / seconds
     return drift
+
+
+def served_decode_fit(logs: list[Path], spans: list[tuple[float, float]]) -> dict:
+    """Serving's own decode step times, fitted as the profile is (fixed, per sequence, per
+    context token) to the decode steps the workers logged within the measured runs (wall-clock
+    spans): what each step cost the running sequences, the serving loop's time since the
+    previous step included. A scale on the quiet profile cannot carry how serving slows a step:
+    large batches slowed most (the other worker's steps contend with them for the cores and
+    memory), and the tail of TPOT lives in them. Plain least squares weighs a step by its
+    length, as TPOT does. The jitter is the steps' mean relative deviation from the fit."""
+    steps = []
+    for log, (start, end) in zip(logs, spans):
+        for line in log.read_text().splitlines():
+            record = json.loads(line)
+            if "context_tokens" in record and start <= record["t"] <= end:
+                steps.append((record["batch"], record["context_tokens"], record["observed_s"]))
+    if len(steps) < 3:
+        return {}
+    fit = nonnegative_least_squares([[1.0, float(b), float(c)] for b, c, _ in steps],
+                                    [seconds for _, _, seconds in steps])
+    model = CostModel((0.0, 0.0, 0.0), tuple(fit))
+    jitter = sum(abs(s / model.decode_time(b, c) - 1) for b, c, s in steps) / len(steps)
+    return {"decode_fit": fit, "decode_fit_jitter": jitter}
 
 
 def measure_here(model: str, engine_args: dict) -> dict:
@@ -129,12 +154,19 @@ def judge(args: argparse.Namespace, profile: dict, calibration: dict, row: dict)
                        kv_bytes_per_token=profile.get("kv_bytes_per_token", SimConfig.kv_bytes_per_token),
                        kv_bandwidth_gb_s=args.kv_bandwidth_gb_s)
 
+    def served(drift: dict) -> CostModel:
+        """The profile's prefill scaled to serving's; decode as serving's own steps were fitted
+        (a result recorded before those fits scales the profile's decode too)."""
+        scaled = cost.scaled(drift["prefill"], drift["decode"])
+        return CostModel(scaled.prefill, tuple(drift["decode_fit"])) if "decode_fit" in drift else scaled
+
     def at_speed(drift: dict) -> dict:
-        jittered = replace(config, prefill_jitter=drift["prefill_jitter"], decode_jitter=drift["decode_jitter"])
-        return simulate(trace, jittered, cost.scaled(drift["prefill"], drift["decode"]))
+        jittered = replace(config, prefill_jitter=drift["prefill_jitter"],
+                           decode_jitter=drift.get("decode_fit_jitter", drift["decode_jitter"]))
+        return simulate(trace, jittered, served(drift))
 
     row["simulated"] = at_speed(calibration)
-    row["without_jitter"] = simulate(trace, config, cost.scaled(calibration["prefill"], calibration["decode"]))
+    row["without_jitter"] = simulate(trace, config, served(calibration))
     row["uncalibrated"] = simulate(trace, config, cost)
     own = [at_speed(drift) for drift in row.get("run_drifts", [])]
     if own:
@@ -145,6 +177,16 @@ def judge(args: argparse.Namespace, profile: dict, calibration: dict, row: dict)
         if sim in row:
             row[key] = {k: 100 * (row[sim][k] - live[k]) for k in KEYS}
     return row
+
+
+def fitted(drift: dict, profile: dict) -> str:
+    if "decode_fit" not in drift:
+        return ""
+    ours, theirs = drift["decode_fit"], CostModel.from_profile(profile).decode
+    return ("; serving's decode steps fitted: {:.2f} ms + {:.3f} ms per sequence + {:.2f} us per context token "
+            "(profile {:.2f} + {:.3f} + {:.2f}), give or take {:.0%}").format(
+        ours[0] * 1e3, ours[1] * 1e3, ours[2] * 1e6, theirs[0] * 1e3, theirs[1] * 1e3, theirs[2] * 1e6,
+        drift["decode_fit_jitter"])
 
 
 def print_row(row: dict) -> None:
@@ -198,31 +240,41 @@ def main() -> None:
               "--num-kv-blocks", str(args.kv_blocks), "--max-model-len", str(args.max_model_len)]
     rows, calibration = [], None
     policies = args.policies.split(",")
+    # Step logs are always kept (in a temporary folder unless asked for): serving's own decode
+    # step times are fitted from them.
+    log_dir = Path(args.step_logs) if args.step_logs else Path(tempfile.mkdtemp(prefix="kairos-step-logs-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
     for rate in (float(x) for x in args.rate_scales.split(",")):
         trace = point_trace(args, rate)
         runs, drifts = {p: [] for p in policies}, {p: [] for p in policies}
+        decode_logs = {p: [] for p in policies}  # (log, measured span) of each run
         # Repeats take the policies in turn, so that a machine whose speed drifts during a
         # session (a GPU's clocks, its neighbours' load) slows every policy alike.
         for repeat in range(args.repeats):
             for policy in policies:
                 prefill, decode = policy.split("+")
-                logs = {role: step_log_args(args, f"{prefill}_{decode}_x{rate:g}_{repeat}_{role}")
+                logs = {role: log_dir / f"{prefill}_{decode}_x{rate:g}_{repeat}_{role}.jsonl"
                         for role in ("prefill", "decode")}
-                with local_cluster(["--prefill-policy", prefill, *worker, *logs["prefill"]],
-                                   ["--decode-policy", decode, *worker, *logs["decode"]]) as addr:
+                with local_cluster(["--prefill-policy", prefill, *worker, "--step-log", str(logs["prefill"])],
+                                   ["--decode-policy", decode, *worker, "--step-log", str(logs["decode"])]) as addr:
                     warm_up(addr, trace, args.warm_up)
-                    before, started = cost_scales(addr), time.perf_counter()
+                    before, started, wall = cost_scales(addr), time.perf_counter(), time.time()
                     runs[policy].append(replay(addr, trace))
-                    drifts[policy].append(serving_drift(before, cost_scales(addr), time.perf_counter() - started))
+                    drift = serving_drift(before, cost_scales(addr), time.perf_counter() - started)
+                span = (wall, time.time())
+                decode_logs[policy].append((logs["decode"], span))
+                drifts[policy].append({**drift, **served_decode_fit([logs["decode"]], [span])})
         for policy in policies:
-            drift = {k: sum(d[k] for d in drifts[policy]) / args.repeats for k in drifts[policy][0]}
+            drift = {k: sum(d[k] for d in drifts[policy]) / args.repeats for k in drifts[policy][0]
+                     if k not in ("decode_fit", "decode_fit_jitter")}
+            drift.update(served_decode_fit(*zip(*decode_logs[policy])))  # over all the point's runs
             if calibration is None:
                 # The first point calibrates every simulation: how much slower steps ran while
                 # serving than in the quiet profile (co-located workers share the cores).
                 calibration = drift
                 print(f"calibration ({policy} at rate x{rate:g}): steps ran {drift['prefill']:.2f}x (prefill) and "
                       f"{drift['decode']:.2f}x (decode) the profile's prediction, give or take "
-                      f"{drift['prefill_jitter']:.0%} and {drift['decode_jitter']:.0%}")
+                      f"{drift['prefill_jitter']:.0%} and {drift['decode_jitter']:.0%}{fitted(drift, profile)}")
             done = runs[policy]
             row = {"policy": policy, "rate_scale": rate, "live_runs": done, "run_drifts": drifts[policy],
                    "drift": drift, "live": {k: sum(run[k] for run in done) / len(done) for k in KEYS},
@@ -232,13 +284,6 @@ def main() -> None:
             print_row(row)
         summarize(args, profile, calibration, rows, final=False)
     summarize(args, profile, calibration, rows, final=True)
-
-
-def step_log_args(args: argparse.Namespace, stem: str) -> list[str]:
-    if not args.step_logs:
-        return []
-    Path(args.step_logs).mkdir(parents=True, exist_ok=True)
-    return ["--step-log", str(Path(args.step_logs) / f"{stem}.jsonl")]
 
 
 def summarize(args, profile: dict, calibration: dict, rows: list[dict], final: bool, live_date: str | None = None) -> None:

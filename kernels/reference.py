@@ -144,11 +144,12 @@ def decode_attention(
     values = v_cache[blocks].float()
     qg = q.float().view(batch, num_kv_heads, group, head_dim)
     scores = torch.einsum("nhgd,nlhd->nhgl", qg[owner], keys) * scale
-    # A sequence's last block may be partly filled: whatever lies past the context (NaN even)
-    # must get no weight and add nothing.
-    invalid = (index * block_size).unsqueeze(1) + torch.arange(block_size, device=q.device) >= lens[owner].unsqueeze(1)
-    scores = scores.masked_fill(invalid[:, None, None, :], float("-inf"))
-    values = values.masked_fill(invalid[:, :, None, None], 0.0)
+    # Only a sequence's last block may be partly filled: whatever lies past the context there
+    # (NaN even) must get no weight and add nothing.
+    last = torch.cumsum(num_blocks, 0) - 1
+    invalid = torch.arange(block_size, device=q.device) >= (lens - (num_blocks - 1) * block_size).unsqueeze(1)
+    scores[last] = scores[last].masked_fill(invalid[:, None, None, :], float("-inf"))
+    values[last] = values[last].masked_fill(invalid[:, :, None, None], 0.0)
     # Softmax over each sequence's blocks together: subtract its maximum, divide by its sum.
     peak = qg.new_full((batch, num_kv_heads, group), float("-inf"))
     block_peak = scores.amax(-1)

@@ -141,11 +141,13 @@ class CalibratedCostModel:
         # serving, the difference of two readings gives its time-weighted ratio.
         self.totals = {"prefill": [0.0, 0.0], "decode": [0.0, 0.0]}
         self.prefill, self.decode = base.prefill, base.decode
-        self.last_predicted_s = 0.0  # the profile's prediction for the latest step (step logs show it)
+        # The latest step as observed, with the profile's prediction and (for a decode step) its
+        # shape: step logs carry it, so serving's own step times can be fitted afterwards.
+        self.last_step: dict = {}
 
-    def _observe(self, phase: str, predicted: float, seconds: float) -> None:
+    def _observe(self, phase: str, predicted: float, seconds: float, **shape: int) -> None:
         stats = self.drift[phase]
-        self.last_predicted_s = predicted
+        self.last_step = {"predicted_s": predicted, "observed_s": seconds, **shape}
         self.totals[phase][0] += seconds
         self.totals[phase][1] += predicted
         if predicted > 0.0:
@@ -160,4 +162,5 @@ class CalibratedCostModel:
         self._observe("prefill", self.base.prefill_time(prompts), seconds)
 
     def observe_decode(self, batch_size: int, total_context: int, seconds: float) -> None:
-        self._observe("decode", self.base.decode_time(batch_size, total_context), seconds)
+        self._observe("decode", self.base.decode_time(batch_size, total_context), seconds,
+                      batch=batch_size, context_tokens=total_context)

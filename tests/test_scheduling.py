@@ -105,12 +105,13 @@ def test_calibration_follows_observed_steps_with_a_margin_for_their_jitter():
     assert cost.decode == COST.decode  # decode steps were never observed
     observed, predicted = cost.totals["prefill"]
     assert predicted == pytest.approx(300 * COST.prefill_time(prompts)) and 1.9 < observed / predicted < 2.1
-    assert cost.last_predicted_s == COST.prefill_time(prompts)  # the step log's prediction: the profile's
+    assert cost.last_step["predicted_s"] == COST.prefill_time(prompts)  # the profile's, for step logs
     for _ in range(300):
         cost.observe_decode(8, 800, 1e3)  # an absurd stall is clamped, not believed
     assert cost.drift["decode"][0] <= 4.0
     assert cost.totals["decode"][0] == pytest.approx(300e3)  # the totals keep what was seen
-    assert cost.last_predicted_s == COST.decode_time(8, 800)
+    assert cost.last_step == {"predicted_s": COST.decode_time(8, 800), "observed_s": 1e3, "batch": 8,
+                              "context_tokens": 800}
 
 
 def test_a_policy_reads_the_calibrated_model_as_it_moves():

@@ -107,8 +107,8 @@ def test_step_logs_account_for_every_prefill_and_where_the_loop_spent_its_time(c
     for records in logged.values():
         assert len({r["worker"] for r in records}) == 1
         assert all(r["step_s"] > 0 and r["messages_s"] >= 0 and r["after_s"] >= 0 for r in records)
-        # These workers run without a cost model: nothing to predict, and nothing made up.
-        assert all(r["predicted_s"] == 0 for r in records)
+        # These workers run without a cost model: no prediction is logged, and none made up.
+        assert not any("predicted_s" in r for r in records)
         assert all(0 <= r["free_blocks"] <= 256 for r in records)
         times = [r["t"] for r in records]
         assert times == sorted(times)

@@ -3,6 +3,7 @@
 import json
 from dataclasses import replace
 import math
+import random
 
 import pytest
 
@@ -307,7 +308,9 @@ def test_recorded_live_runs_are_judged_again_against_the_current_simulator(tmp_p
     recorded = {"date": "2026-01-01T00:00:00+00:00", "setup": vars(args), "calibration": calibration,
                 "rows": [{"policy": "kairos+kairos", "rate_scale": 4.0, "live": live, "live_runs": [live],
                           "live_spread_points": {k: 0.0 for k in live}, "drift": calibration,
-                          "run_drifts": [{"prefill": 30.0, "prefill_jitter": 0.0, "decode": 20.0, "decode_jitter": 0.0}]}]}
+                          # The run's decode steps were fitted afresh: the fit, not the scale, is its speed.
+                          "run_drifts": [{"prefill": 30.0, "prefill_jitter": 0.0, "decode": 1.0, "decode_jitter": 0.0,
+                                          "decode_fit": [20 * c for c in COST.decode], "decode_fit_jitter": 0.0}]}]}
     path = tmp_path / "recorded.json"
     path.write_text(json.dumps(recorded))
     sim_fidelity.resimulate(path)
@@ -327,3 +330,26 @@ def test_recorded_live_runs_are_judged_again_against_the_current_simulator(tmp_p
     assert row["live"] == live and result["live_date"] == recorded["date"]
     assert row["gap_points"]["e2e_attainment"] == pytest.approx(100 * (row["simulated"]["e2e_attainment"] - 0.25))
     assert result["largest_gap_points"]["ttft_attainment"] == pytest.approx(abs(row["gap_points"]["ttft_attainment"]))
+
+
+def test_serving_decode_steps_are_fitted_from_the_measured_runs_step_logs(tmp_path):
+    """The decode steps logged within each measured run's span are fitted (fixed, per sequence,
+    per context token); warm-up steps outside the span and steps without a decode shape are not."""
+    from bench import sim_fidelity
+
+    fit = (0.003, 0.0002, 2e-6)
+    rng = random.Random(4)
+    logs, spans = [], []
+    for run in range(2):
+        records = [{"t": 5.0, "blocked": False, "batch": 1, "context_tokens": 10, "observed_s": 9.0}]  # warm-up
+        for i in range(40):
+            batch, context = rng.randint(1, 64), rng.randint(10, 30000)
+            records.append({"t": 10.0 + i, "blocked": False, "batch": batch, "context_tokens": context,
+                            "observed_s": fit[0] + fit[1] * batch + fit[2] * context})
+            records.append({"t": 10.5 + i, "blocked": False, "prefill_tokens": 300, "observed_s": 1.0})  # a recompute
+        logs.append(tmp_path / f"run{run}.jsonl")
+        logs[-1].write_text("\n".join(json.dumps(r) for r in records) + "\n")
+        spans.append((9.0, 60.0))
+    served = sim_fidelity.served_decode_fit(logs, spans)
+    assert served["decode_fit"] == pytest.approx(fit, rel=1e-6) and served["decode_fit_jitter"] < 1e-6
+    assert sim_fidelity.served_decode_fit(logs, [(0.0, 1.0)] * 2) == {}  # nothing within the spans

@@ -138,11 +138,13 @@ class Worker:
         record = {"worker": self.worker_id, "t": time.time(), "messages_s": step_started - turn_started,
                   "step_s": step_ended - step_started, "after_s": time.perf_counter() - step_ended,
                   "blocked": stepped is None, "stepped": len(stepped or []), "prefill_tokens": prefill_tokens,
-                  # what the profile predicted for the step (for a decode step, with the loop's
-                  # time since the previous one): live over predicted is the serving slowdown
-                  "predicted_s": self.llm.cost_model.last_predicted_s if stepped is not None and self.llm.cost_model else 0.0,
                   **{k: stats[k] for k in ("waiting", "running", "ready", "free_blocks")},
                   **{k: stats[k] for k in ("transfers", "offers_waiting") if k in stats}, **self.turn_notes}
+        cost = self.llm.cost_model
+        if cost is not None and stepped is not None:
+            # The step as the cost model saw it (a decode step's time includes the loop's since
+            # the previous one), beside the profile's prediction: serving's own step times.
+            record.update(cost.last_step)
         self.step_log.write(json.dumps(record) + "\n")
 
     def idle_poll_ms(self) -> int:
