@@ -207,6 +207,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
             raise ValueError(f"a policy pair is PREFILL+DECODE (such as kairos+kairos), not {policy!r}")
     from tqdm import tqdm
 
+    if args.repeats != 1 and not args.live:
+        raise ValueError("--repeats is for --live runs: the simulator gives the same result every time")
     if args.live:
         from transport.replay import live_point
 
@@ -221,8 +223,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         config, cost = sim_setup(args)
         run_point, setup = cmp.simulated_point(config, cost), {"profile": args.profile, "config": vars(config)}
     mode = "live" if args.live else "simulated"
-    with tqdm(total=len(scales) * len(policies), desc=mode, disable=not sys.stderr.isatty()) as bar:
-        result = cmp.compare(trace, scales, policies, run_point, progress=bar.update)
+    with tqdm(total=len(scales) * len(policies) * args.repeats, desc=mode, disable=not sys.stderr.isatty()) as bar:
+        result = cmp.compare(trace, scales, policies, run_point, args.repeats, progress=bar.update)
     print(cmp.table(result))
     stem = Path(args.trace).stem if args.trace_format != "synthetic" else "synthetic"
     name = args.name or f"compare_{stem}{'_live' if args.live else ''}"
@@ -436,6 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                "a short one at start-up; --profile is the simulator's)")
     cmp.add_argument("--timeout", type=float, default=300.0, help="--live: seconds to wait for any reply")
     cmp.add_argument("--rate-scales", default="2,3,4,5,6,7,8")
+    cmp.add_argument("--repeats", type=int, default=1,
+                     help="--live: runs per point, the policies taking turns; rows report their mean")
     cmp.add_argument("--policies", default="fcfs+cb,kairos+cb,kairos+kairos,mh+kairos",
                      help="PREFILL+DECODE pairs; fcfs+cb (the baseline) is always included")
     cmp.add_argument("--out-dir", default="bench/results")

@@ -51,18 +51,38 @@ def goodput(points: list[tuple[float, float]]) -> float:
     return best
 
 
+def mean_report(reports: list[dict]) -> dict:
+    """The mean of several runs' SLO reports, key by key (latency percentiles too)."""
+    first = reports[0]
+    return {key: mean_report([r[key] for r in reports]) if isinstance(value, dict)
+            else sum(r[key] for r in reports) / len(reports) if isinstance(value, (int, float))
+            else value for key, value in first.items()}
+
+
 def compare(trace: list[TraceRequest], rate_scales: list[float], policies: list[str], run_point,
-            progress=None) -> dict:
-    """run_point(trace, policy) -> (SLO report, latency samples), for the trace at each rate."""
+            repeats: int = 1, progress=None) -> dict:
+    """run_point(trace, policy) -> (SLO report, latency samples), for the trace at each rate,
+    `repeats` times with the policies taking turns (so a slow spell of the machine falls on all
+    of them); a row holds the mean report, and each run's E2E attainment."""
+    if repeats < 1:
+        raise ValueError(f"--repeats must be at least 1, got {repeats}")
     base_rate = len(trace) / max(r.arrival for r in trace)
     rows, cdfs = [], {}
     for scale in rate_scales:
+        runs = {policy: [] for policy in policies}
+        for _ in range(repeats):
+            for policy in policies:
+                runs[policy].append(run_point(shape(trace, scale), policy))
+                if progress:
+                    progress()
         for policy in policies:
-            report, samples = run_point(shape(trace, scale), policy)
-            rows.append({"rate_scale": scale, "rate_req_s": base_rate * scale, "policy": policy, **report})
-            cdfs[(scale, policy)] = samples
-            if progress:
-                progress()
+            reports = [report for report, _ in runs[policy]]
+            row = {"rate_scale": scale, "rate_req_s": base_rate * scale, "policy": policy, **mean_report(reports)}
+            if repeats > 1:
+                row["e2e_runs"] = [r["e2e_attainment"] for r in reports]
+            rows.append(row)
+            cdfs[(scale, policy)] = {key: sorted(v for _, samples in runs[policy] for v in samples[key])
+                                     for key in runs[policy][0][1]}
     summary = {}
     for policy in policies:
         mine = [r for r in rows if r["policy"] == policy]

@@ -310,10 +310,11 @@ def test_compare_live_sweeps_policies_on_real_workers(tmp_path):
                           "--synthetic-rate", "10", "--rate-scales", "1", "--policies", "kairos+kairos",
                           "--max-prompt-len", "64", "--max-output-len", "4", "--token-budget", "256",
                           "--max-batch", "16", "--kv-capacity-tokens", "4096", "--out-dir", str(tmp_path),
-                          "--name", "live")
+                          "--name", "live", "--repeats", "2")
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     result = json.loads((tmp_path / "live.json").read_text())
     assert result["mode"] == "live" and {r["policy"] for r in result["rows"]} == {"fcfs+cb", "kairos+kairos"}
     assert all(r["requests"] == 10 and r["failed"] == 0 and r["ttft_ms"]["p50"] > 0 for r in result["rows"])
+    assert all(len(r["e2e_runs"]) == 2 for r in result["rows"])  # two fresh clusters per policy
     assert (tmp_path / "live_attainment.png").exists() and "goodput" in out

@@ -277,6 +277,38 @@ def test_compare_reports_gains_against_the_baseline():
     assert all(math.isfinite(r["decode_throughput_tok_s"]) for r in result["rows"])
 
 
+def test_repeated_points_take_turns_and_report_the_mean():
+    """Live runs vary, so each point may run several times: the policies alternate within a
+    point (a slow spell of the machine falls on both), a row is the mean of its runs, and the
+    CDFs pool every run's samples."""
+    trace = with_slos(synthetic(50, rate=10.0, seed=2), 800, 100)
+    calls = []
+
+    def run_point(points, policy):
+        calls.append(policy)
+        e2e = 0.5 if policy == "fcfs+cb" else 0.6 + 0.1 * calls.count(policy)
+        report = {"ttft_attainment": e2e, "tpot_attainment": 1.0, "e2e_attainment": e2e,
+                  "decode_throughput_tok_s": 100.0 * len(calls), "ttft_ms": {"p50": 10.0 * len(calls)}}
+        return report, {"ttft_ms": [float(len(calls))], "tpot_ms": []}
+
+    result = compare(trace, [2.0], ["fcfs+cb", "kairos+kairos"], run_point, repeats=3)
+    assert calls == ["fcfs+cb", "kairos+kairos"] * 3
+    base, ours = result["rows"]
+    assert ours["e2e_runs"] == pytest.approx([0.7, 0.8, 0.9]) and ours["e2e_attainment"] == pytest.approx(0.8)
+    assert ours["ttft_ms"]["p50"] == pytest.approx(40.0) and base["decode_throughput_tok_s"] == pytest.approx(300.0)
+    assert result["cdfs"][(2.0, "kairos+kairos")]["ttft_ms"] == [2.0, 4.0, 6.0]
+    assert result["summary"]["kairos+kairos"]["best_in_40_80_band"]["e2e_points"] == pytest.approx(30.0)
+    with pytest.raises(ValueError, match="at least 1"):
+        compare(trace, [2.0], ["fcfs+cb"], run_point, repeats=0)
+
+
+def test_compare_refuses_repeats_without_live_runs(capsys):
+    from engine.cli import main
+
+    assert main(["bench", "compare", "--trace", str(CONV), "--limit", "50", "--repeats", "3"]) == 2
+    assert "--repeats is for --live runs" in capsys.readouterr().err
+
+
 def test_kairos_simulate_prints_the_slo_report_and_refuses_a_negative_jitter(capsys):
     from engine.cli import main
 
