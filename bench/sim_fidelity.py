@@ -72,20 +72,24 @@ def served_decode_fit(logs: list[Path], spans: list[tuple[float, float]]) -> dic
     previous step included. A scale on the quiet profile cannot carry how serving slows a step:
     large batches slowed most (the other worker's steps contend with them for the cores and
     memory), and the tail of TPOT lives in them. Plain least squares weighs a step by its
-    length, as TPOT does. The jitter is the steps' mean relative deviation from the fit."""
-    steps = []
+    length, as TPOT does. The jitter is the steps' mean relative deviation from the fit. The
+    engine's own online fit is judged too: its prediction before each step against the step."""
+    steps, online = [], []
     for log, (start, end) in zip(logs, spans):
         for line in log.read_text().splitlines():
             record = json.loads(line)
             if "context_tokens" in record and start <= record["t"] <= end:
                 steps.append((record["batch"], record["context_tokens"], record["observed_s"]))
+                if record.get("fitted_s", 0.0) > 0.0:
+                    online.append(abs(record["fitted_s"] / record["observed_s"] - 1))
     if len(steps) < 3:
         return {}
     fit = nonnegative_least_squares([[1.0, float(b), float(c)] for b, c, _ in steps],
                                     [seconds for _, _, seconds in steps])
     model = CostModel((0.0, 0.0, 0.0), tuple(fit))
     jitter = sum(abs(s / model.decode_time(b, c) - 1) for b, c, s in steps) / len(steps)
-    return {"decode_fit": fit, "decode_fit_jitter": jitter}
+    return {"decode_fit": fit, "decode_fit_jitter": jitter,
+            **({"decode_online_error": sum(online) / len(online)} if online else {})}
 
 
 def measure_here(model: str, engine_args: dict) -> dict:
@@ -183,10 +187,12 @@ def fitted(drift: dict, profile: dict) -> str:
     if "decode_fit" not in drift:
         return ""
     ours, theirs = drift["decode_fit"], CostModel.from_profile(profile).decode
+    online = (f"; the workers' online fit predicted them within {drift['decode_online_error']:.0%}"
+              if "decode_online_error" in drift else "")
     return ("; serving's decode steps fitted: {:.2f} ms + {:.3f} ms per sequence + {:.2f} us per context token "
-            "(profile {:.2f} + {:.3f} + {:.2f}), give or take {:.0%}").format(
+            "(profile {:.2f} + {:.3f} + {:.2f}), give or take {:.0%}{}").format(
         ours[0] * 1e3, ours[1] * 1e3, ours[2] * 1e6, theirs[0] * 1e3, theirs[1] * 1e3, theirs[2] * 1e6,
-        drift["decode_fit_jitter"])
+        drift["decode_fit_jitter"], online)
 
 
 def print_row(row: dict) -> None:
@@ -266,7 +272,7 @@ def main() -> None:
                 drifts[policy].append({**drift, **served_decode_fit([logs["decode"]], [span])})
         for policy in policies:
             drift = {k: sum(d[k] for d in drifts[policy]) / args.repeats for k in drifts[policy][0]
-                     if k not in ("decode_fit", "decode_fit_jitter")}
+                     if k not in ("decode_fit", "decode_fit_jitter", "decode_online_error")}
             drift.update(served_decode_fit(*zip(*decode_logs[policy])))  # over all the point's runs
             if calibration is None:
                 # The first point calibrates every simulation: how much slower steps ran while

@@ -195,13 +195,15 @@ class CalibratedCostModel:
         # serving, the difference of two readings gives its time-weighted ratio.
         self.totals = {"prefill": [0.0, 0.0], "decode": [0.0, 0.0]}
         self.prefill, self.decode = base.prefill, base.decode
-        # The latest step as observed, with the profile's prediction and (for a decode step) its
-        # shape: step logs carry it, so serving's own step times can be fitted afterwards.
+        # The latest step as observed, with the profile's prediction, the fit's before the step,
+        # and (for a decode step) its shape: step logs carry it, so serving's own step times can
+        # be fitted afterwards and the online fit judged.
         self.last_step: dict = {}
 
     def _observe(self, phase: str, features: list[float], seconds: float, **shape: int) -> None:
         predicted = max(0.0, sum(c * f for c, f in zip(getattr(self.base, phase), features)))
-        self.last_step = {"predicted_s": predicted, "observed_s": seconds, **shape}
+        fitted = sum(c * f for c, f in zip(self.fitted[phase], features))
+        self.last_step = {"predicted_s": predicted, "fitted_s": fitted, "observed_s": seconds, **shape}
         self.totals[phase][0] += seconds
         self.totals[phase][1] += predicted
         if predicted <= 0.0:
@@ -212,7 +214,6 @@ class CalibratedCostModel:
         ratio = seconds / predicted
         stats[1] += self.weight * (abs(ratio - stats[0]) - stats[1])
         stats[0] += self.weight * (ratio - stats[0])
-        fitted = sum(c * f for c, f in zip(self.fitted[phase], features))
         if fitted > 0.0:
             self.spread[phase] += self.weight * (abs(seconds / fitted - 1.0) - self.spread[phase])
         fit = self.fits[phase]

@@ -118,8 +118,10 @@ def test_calibration_follows_observed_steps_with_a_margin_for_their_jitter():
         cost.observe_decode(8, 800, 1e3)  # an absurd stall is clamped, not believed
     assert cost.drift["decode"][0] <= 4.0
     assert cost.totals["decode"][0] == pytest.approx(300e3)  # the totals keep what was seen
-    assert cost.last_step == {"predicted_s": COST.decode_time(8, 800), "observed_s": 1e3, "batch": 8,
-                              "context_tokens": 800}
+    fitted_before = CostModel(COST.prefill, cost.fitted["decode"]).decode_time(8, 800)
+    cost.observe_decode(8, 800, 1e3)
+    assert cost.last_step == {"predicted_s": COST.decode_time(8, 800), "fitted_s": pytest.approx(fitted_before),
+                              "observed_s": 1e3, "batch": 8, "context_tokens": 800}
 
 
 def test_calibration_refits_each_term_to_what_serving_adds():
