@@ -73,15 +73,15 @@ def served_decode_fit(logs: list[Path], spans: list[tuple[float, float]]) -> dic
     large batches slowed most (the other worker's steps contend with them for the cores and
     memory), and the tail of TPOT lives in them. Plain least squares weighs a step by its
     length, as TPOT does. The jitter is the steps' mean relative deviation from the fit. The
-    engine's own online fit is judged too: its prediction before each step against the step."""
+    workers' own calibration is judged too: its prediction before each step against the step."""
     steps, online = [], []
     for log, (start, end) in zip(logs, spans):
         for line in log.read_text().splitlines():
             record = json.loads(line)
             if "context_tokens" in record and start <= record["t"] <= end:
                 steps.append((record["batch"], record["context_tokens"], record["observed_s"]))
-                if record.get("fitted_s", 0.0) > 0.0:
-                    online.append(abs(record["fitted_s"] / record["observed_s"] - 1))
+                if record.get("calibrated_s", 0.0) > 0.0:
+                    online.append(abs(record["calibrated_s"] / record["observed_s"] - 1))
     if len(steps) < 3:
         return {}
     fit = nonnegative_least_squares([[1.0, float(b), float(c)] for b, c, _ in steps],
@@ -187,7 +187,7 @@ def fitted(drift: dict, profile: dict) -> str:
     if "decode_fit" not in drift:
         return ""
     ours, theirs = drift["decode_fit"], CostModel.from_profile(profile).decode
-    online = (f"; the workers' online fit predicted them within {drift['decode_online_error']:.0%}"
+    online = (f"; the workers' calibration predicted them within {drift['decode_online_error']:.0%}"
               if "decode_online_error" in drift else "")
     return ("; serving's decode steps fitted: {:.2f} ms + {:.3f} ms per sequence + {:.2f} us per context token "
             "(profile {:.2f} + {:.3f} + {:.2f}), give or take {:.0%}{}").format(

@@ -378,12 +378,12 @@ def test_serving_decode_steps_are_fitted_from_the_measured_runs_step_logs(tmp_pa
             batch, context = rng.randint(1, 64), rng.randint(10, 30000)
             seconds = fit[0] + fit[1] * batch + fit[2] * context
             records.append({"t": 10.0 + i, "blocked": False, "batch": batch, "context_tokens": context,
-                            "observed_s": seconds, "fitted_s": seconds * (1.1 if i % 2 else 0.8)})
+                            "observed_s": seconds, "calibrated_s": seconds * (1.1 if i % 2 else 0.8)})
             records.append({"t": 10.5 + i, "blocked": False, "prefill_tokens": 300, "observed_s": 1.0})  # a recompute
         logs.append(tmp_path / f"run{run}.jsonl")
         logs[-1].write_text("\n".join(json.dumps(r) for r in records) + "\n")
         spans.append((9.0, 60.0))
     served = sim_fidelity.served_decode_fit(logs, spans)
     assert served["decode_fit"] == pytest.approx(fit, rel=1e-6) and served["decode_fit_jitter"] < 1e-6
-    assert served["decode_online_error"] == pytest.approx(0.15)  # the workers' fit, 10% and 20% off in turn
+    assert served["decode_online_error"] == pytest.approx(0.15)  # the workers' calibration, 10% and 20% off in turn
     assert sim_fidelity.served_decode_fit(logs, [(0.0, 1.0)] * 2) == {}  # nothing within the spans

@@ -74,8 +74,7 @@ class Worker:
         cost = self.llm.cost_model
         if cost is not None:  # observed over predicted step time: how far serving is from the profile
             stats["cost_scale"] = {phase: {"mean": m, "spread": d, "observed_s": cost.totals[phase][0],
-                                           "predicted_s": cost.totals[phase][1],
-                                           "fitted": list(cost.fitted[phase])} for phase, (m, d) in cost.drift.items()}
+                                           "predicted_s": cost.totals[phase][1]} for phase, (m, d) in cost.drift.items()}
         return stats
 
     def registration(self) -> p.Register:
