@@ -151,17 +151,22 @@ def sim_setup(args: argparse.Namespace):
     return config, CostModel.from_profile(profile)
 
 
+# Options of the simulated system alone, with their defaults: a live run has the real thing.
+SIMULATED_ONLY = {"--profile": DEFAULT_PROFILE, "--kv-bandwidth-gb-s": 25.0, "--step-jitter": 0.0}
+
+
 def add_sim_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--profile", default=DEFAULT_PROFILE, help="step-time profile (kairos profile)")
+    p.add_argument("--profile", default=SIMULATED_ONLY["--profile"], help="step-time profile (kairos profile)")
     p.add_argument("--prefill-workers", type=int, default=1)
     p.add_argument("--decode-workers", type=int, default=1)
     p.add_argument("--token-budget", type=int, default=8192, help="prefill tokens per step")
     p.add_argument("--max-batch", type=int, default=256, help="decode sequences per step")
     p.add_argument("--kv-capacity-tokens", type=int, help="per worker (default: from the profile)")
-    p.add_argument("--kv-bandwidth-gb-s", type=float, default=25.0, help="prefill -> decode KV bandwidth")
+    p.add_argument("--kv-bandwidth-gb-s", type=float, default=SIMULATED_ONLY["--kv-bandwidth-gb-s"],
+                   help="prefill -> decode KV bandwidth")
     p.add_argument("--max-inflight-transfer-mb", type=float, default=4096.0,
                    help="KV under way into a decode worker, MiB (as kairos decode --max-inflight-transfer-mb)")
-    p.add_argument("--step-jitter", type=float, default=0.0,
+    p.add_argument("--step-jitter", type=float, default=SIMULATED_ONLY["--step-jitter"],
                    help="spread step times around the profile by this mean relative deviation "
                         "(kairos status reports it while serving); 0 runs every step as predicted")
 
@@ -212,13 +217,20 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.live:
         from transport.replay import live_point
 
+        for flag, default in SIMULATED_ONLY.items():
+            if getattr(args, flag[2:].replace("-", "_")) != default:
+                hint = " (the workers' profile is --worker-profile)" if flag == "--profile" else ""
+                raise ValueError(f"{flag} sets up the simulator; a --live run measures it instead{hint}")
         worker = ["--model", args.model, "--max-num-batched-tokens", str(args.token_budget),
                   "--max-num-seqs", str(args.max_batch)]
         if args.kv_capacity_tokens:
             worker += ["--num-kv-blocks", str(-(-args.kv_capacity_tokens // 16))]
         if args.worker_profile:
             worker += ["--profile", args.worker_profile]
-        run_point, setup = live_point(worker, args.timeout), {"workers": worker}
+        decode = ["--max-inflight-transfer-mb", str(args.max_inflight_transfer_mb)]
+        run_point = live_point(worker, args.timeout, args.prefill_workers, args.decode_workers, decode)
+        setup = {"workers": worker, "decode_worker_extra": decode, "prefill_workers": args.prefill_workers,
+                 "decode_workers": args.decode_workers}
     else:
         config, cost = sim_setup(args)
         run_point, setup = cmp.simulated_point(config, cost), {"profile": args.profile, "config": vars(config)}
@@ -431,8 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_sim_args(cmp)
     add_length_caps(cmp)
     cmp.add_argument("--live", action="store_true",
-                     help="replay against a local router and one prefill and one decode worker per point, "
-                          "started with --token-budget, --max-batch and --kv-capacity-tokens, instead of simulating")
+                     help="replay against a local router with --prefill-workers and --decode-workers workers per "
+                          "point, started with --token-budget, --max-batch, --kv-capacity-tokens and "
+                          "--max-inflight-transfer-mb, instead of simulating")
     cmp.add_argument("--model", default="tiny", help="--live: the workers' model")
     cmp.add_argument("--worker-profile", help="--live: the workers' step-time profile (default: each measures "
                                                "a short one at start-up; --profile is the simulator's)")

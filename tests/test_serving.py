@@ -310,11 +310,22 @@ def test_compare_live_sweeps_policies_on_real_workers(tmp_path):
                           "--synthetic-rate", "10", "--rate-scales", "1", "--policies", "kairos+kairos",
                           "--max-prompt-len", "64", "--max-output-len", "4", "--token-budget", "256",
                           "--max-batch", "16", "--kv-capacity-tokens", "4096", "--out-dir", str(tmp_path),
-                          "--name", "live", "--repeats", "2")
+                          "--name", "live", "--repeats", "2", "--prefill-workers", "2")
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     result = json.loads((tmp_path / "live.json").read_text())
     assert result["mode"] == "live" and {r["policy"] for r in result["rows"]} == {"fcfs+cb", "kairos+kairos"}
     assert all(r["requests"] == 10 and r["failed"] == 0 and r["ttft_ms"]["p50"] > 0 for r in result["rows"])
     assert all(len(r["e2e_runs"]) == 2 for r in result["rows"])  # two fresh clusters per policy
+    # Two prefill workers and one decode worker each time, and every measured request counted once.
+    for row in result["rows"]:
+        served = row["served_by_worker"]
+        assert set(served) == {"prefill 1", "prefill 2", "decode 1"}
+        assert served["prefill 1"] + served["prefill 2"] == 10
     assert (tmp_path / "live_attainment.png").exists() and "goodput" in out
+
+
+def test_compare_live_refuses_what_only_the_simulator_has():
+    proc = kairos_process("bench", "compare", "--live", "--kv-bandwidth-gb-s", "2")
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and "--kv-bandwidth-gb-s sets up the simulator" in out

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 from scheduler.simulator import metrics
 from scheduler.traces import TraceRequest
-from transport.client import AsyncClient
+from transport.client import AsyncClient, Client
 
 
 @dataclass
@@ -58,12 +58,12 @@ def replay_requests(addr: str, trace: list[TraceRequest], vocab_ids: int = 256, 
     return asyncio.run(_replay(addr, trace, vocab_ids, timeout_s, progress))
 
 
-def warm_up(addr: str, trace: list[TraceRequest], requests: int = 16, timeout_s: float = 300.0) -> None:
+def warm_up(addr: str, trace: list[TraceRequest], requests: int = 16, timeout_s: float = 300.0) -> list[ReplayedRequest]:
     """Sends the trace's first requests, one after another, unmeasured: a fresh worker's first
     steps pay one-off costs (allocations, lazy initialisation) that would otherwise land on
     the first measured requests, and its cost-model calibration starts from real steps."""
-    for r in trace[:requests]:
-        replay_requests(addr, [replace(r, arrival=0.0)], timeout_s=timeout_s)
+    return [done for r in trace[:requests]
+            for done in replay_requests(addr, [replace(r, arrival=0.0)], timeout_s=timeout_s)]
 
 
 def report(requests: list[ReplayedRequest]) -> dict:
@@ -79,19 +79,50 @@ def report(requests: list[ReplayedRequest]) -> dict:
     return result
 
 
-def live_point(worker_argv: list[str], timeout_s: float = 300.0):
-    """run_point for `scheduler.compare`: each policy pair on a fresh local router with one
-    prefill and one decode worker (started with these arguments), warmed up, then the trace
-    replayed live."""
+def served_by_worker(addr: str, requests: list[ReplayedRequest], wait_s: float = 2.0) -> dict[str, int]:
+    """Requests each worker has served, by the router's status, once its totals account for
+    `requests` (every request sent to this cluster so far; workers report in heartbeats, so the
+    last ones may still be on their way): first tokens for a prefill worker, finished requests
+    for a decode worker (a one-token request ends on its prefill worker). Keyed "prefill 1",
+    "decode 1", ... in worker id order."""
+    expected = {"prefill": sum(r.error is None for r in requests),
+                "decode": sum(r.error is None and r.output_len > 1 for r in requests)}
+    deadline = time.monotonic() + wait_s
+    with Client(addr) as client:
+        while True:
+            workers = sorted(client.status()["workers"], key=lambda w: (w["role"], w["worker_id"]))
+            totals = {"prefill": 0, "decode": 0}
+            served, seen = {}, {}
+            for w in workers:
+                seen[w["role"]] = seen.get(w["role"], 0) + 1
+                served[f"{w['role']} {seen[w['role']]}"] = n = w.get("first_tokens" if w["role"] == "prefill"
+                                                                     else "completed", 0)
+                totals[w["role"]] += n
+            if all(totals[role] >= n for role, n in expected.items()) or time.monotonic() > deadline:
+                return served
+            time.sleep(0.1)
+
+
+def live_point(worker_argv: list[str], timeout_s: float = 300.0, prefill_workers: int = 1, decode_workers: int = 1,
+               decode_argv: list[str] | None = None):
+    """run_point for `scheduler.compare`: each policy pair on a fresh local router with this many
+    prefill and decode workers (started with these arguments; decode ones with decode_argv
+    too), warmed up, then the trace replayed live. The report adds what each worker served."""
     from scheduler.compare import latency_samples
     from transport.serve import local_cluster
 
     def run(trace: list[TraceRequest], policy: str) -> tuple[dict, dict]:
         prefill, decode = policy.split("+")
-        with local_cluster(["--prefill-policy", prefill, *worker_argv], ["--decode-policy", decode, *worker_argv]) as addr:
-            warm_up(addr, trace, timeout_s=timeout_s)
+        with local_cluster(["--prefill-policy", prefill, *worker_argv],
+                           ["--decode-policy", decode, *worker_argv, *(decode_argv or [])],
+                           prefill_workers, decode_workers) as addr:
+            warm = warm_up(addr, trace, timeout_s=timeout_s)
+            before = served_by_worker(addr, warm)
             requests = replay_requests(addr, trace, timeout_s=timeout_s)
-        return report(requests), latency_samples(requests)
+            after = served_by_worker(addr, warm + requests)
+        result = report(requests)
+        result["served_by_worker"] = {worker: n - before.get(worker, 0) for worker, n in after.items()}
+        return result, latency_samples(requests)
 
     return run
 

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 
 from transport.client import Client
 
@@ -50,8 +51,9 @@ class ProcessGroup:
                 proc.wait()
 
 
-def wait_for_roles(addr: str, roles: set[str], group: ProcessGroup, timeout_s: float, interrupted) -> None:
-    """Until the router reports workers of these roles; raises if a child exits first."""
+def wait_for_workers(addr: str, wanted: dict[str, int], group: ProcessGroup, timeout_s: float, interrupted) -> None:
+    """Until the router reports at least `wanted[role]` workers of each role; raises if a child
+    exits first."""
     deadline = time.monotonic() + timeout_s
     with Client(addr, timeout_s=1.0) as client:
         while time.monotonic() < deadline and not interrupted():
@@ -59,13 +61,15 @@ def wait_for_roles(addr: str, roles: set[str], group: ProcessGroup, timeout_s: f
                 name, code = group.dead()[0]
                 raise RuntimeError(f"the {name} process exited with status {code} during start-up")
             try:
-                if roles <= {w["role"] for w in client.status()["workers"]}:
+                registered = Counter(w["role"] for w in client.status()["workers"])
+                if all(registered[role] >= n for role, n in wanted.items()):
                     return
             except TimeoutError:
                 continue
             time.sleep(0.2)
     if not interrupted():
-        raise RuntimeError(f"the {' and '.join(sorted(roles))} workers did not register within {timeout_s:g} s")
+        missing = " and ".join(f"{n} {role}" for role, n in wanted.items())
+        raise RuntimeError(f"the {missing} workers did not register within {timeout_s:g} s")
 
 
 def cpu_share(processes: int) -> int:
@@ -83,19 +87,26 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 @contextlib.contextmanager
-def local_cluster(prefill_argv: list[str], decode_argv: list[str], startup_timeout_s: float = 300.0):
-    """A router on a free loopback port and one prefill and one decode worker, started with
-    these arguments (each besides --router); yields the router's address, and stops them all."""
+def local_cluster(prefill_argv: list[str], decode_argv: list[str], prefill_workers: int = 1, decode_workers: int = 1,
+                  startup_timeout_s: float = 300.0):
+    """A router on a free loopback port and this many prefill and decode workers, started with
+    these arguments (each besides --router) and sharing the cores; yields the router's address
+    once all have registered, and stops them all."""
+    if min(prefill_workers, decode_workers) < 1:
+        raise ValueError(f"a cluster needs at least one prefill and one decode worker, "
+                         f"not {prefill_workers} and {decode_workers}")
     port = free_port()
     addr = f"tcp://127.0.0.1:{port}"
     group = ProcessGroup()
     try:
         group.start("router", ["router", "--port", str(port)])
         # The caller's own --cpu-threads, coming later, wins.
-        threads = ["--cpu-threads", str(cpu_share(2))]
-        group.start("prefill", ["prefill", "--router", addr, *threads, *prefill_argv])
-        group.start("decode", ["decode", "--router", addr, *threads, *decode_argv])
-        wait_for_roles(addr, {"prefill", "decode"}, group, startup_timeout_s, lambda: False)
+        threads = ["--cpu-threads", str(cpu_share(prefill_workers + decode_workers))]
+        for role, count, argv in (("prefill", prefill_workers, prefill_argv), ("decode", decode_workers, decode_argv)):
+            for i in range(count):
+                group.start(f"{role} {i + 1}" if count > 1 else role, [role, "--router", addr, *threads, *argv])
+        wait_for_workers(addr, {"prefill": prefill_workers, "decode": decode_workers}, group, startup_timeout_s,
+                         lambda: False)
         yield addr
     finally:
         group.stop()
@@ -121,10 +132,10 @@ def serve(host: str, port: int, router_argv: list[str], worker_argv: list[str], 
         group.start("router", ["router", "--host", host, "--port", str(port), *router_argv])
         group.start("prefill", ["prefill", "--router", addr, *worker_argv, *prefill_argv])
         if one_at_a_time:
-            wait_for_roles(addr, {"prefill"}, group, startup_timeout_s, interrupted)
+            wait_for_workers(addr, {"prefill": 1}, group, startup_timeout_s, interrupted)
         if not interrupted():
             group.start("decode", ["decode", "--router", addr, "--kv-host", host, *worker_argv, *decode_argv])
-            wait_for_roles(addr, {"prefill", "decode"}, group, startup_timeout_s, interrupted)
+            wait_for_workers(addr, {"prefill": 1, "decode": 1}, group, startup_timeout_s, interrupted)
         if not interrupted():
             print(f"kairos: serving at {addr}  (Ctrl-C stops)", flush=True)
         while not interrupted():
