@@ -149,21 +149,8 @@ def write(result: dict, out_dir: Path, name: str, meta: dict) -> list[Path]:
         print("matplotlib is not installed: no plots (pip install -e '.[bench]')")
         return paths
     policies = list(result["summary"])
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
-    for ax, key, title in zip(axes, ("ttft_attainment", "tpot_attainment", "e2e_attainment"), ("TTFT", "TPOT", "E2E")):
-        for policy in policies:
-            mine = [r for r in result["rows"] if r["policy"] == policy]
-            ax.plot([r["rate_req_s"] for r in mine], [100 * r[key] for r in mine], marker="o", label=policy)
-        ax.set_title(f"{title} SLO attainment")
-        ax.set_xlabel("request rate (req/s)")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("% of requests")
-    axes[0].legend()
-    fig.suptitle(meta.get("title", name))
-    fig.tight_layout()
     paths.append(out_dir / f"{name}_attainment.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    plot_attainment(result["rows"], policies, meta.get("title", name), paths[-1])
 
     base_rows = [r for r in result["rows"] if r["policy"] == BASELINE] or result["rows"]
     scale = min(base_rows, key=lambda r: abs(r["e2e_attainment"] - 0.6))["rate_scale"]
@@ -185,3 +172,29 @@ def write(result: dict, out_dir: Path, name: str, meta: dict) -> list[Path]:
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
     return paths
+
+
+def plot_attainment(rows: list[dict], policies: list[str], title: str, path: Path) -> None:
+    """Attainment against rate, a line per policy; with repeated live runs, the E2E panel
+    shades the range their runs spanned."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
+    for ax, key, name in zip(axes, ("ttft_attainment", "tpot_attainment", "e2e_attainment"), ("TTFT", "TPOT", "E2E")):
+        for policy in policies:
+            mine = [r for r in rows if r["policy"] == policy]
+            rates = [r["rate_req_s"] for r in mine]
+            line, = ax.plot(rates, [100 * r[key] for r in mine], marker="o", label=policy)
+            if key == "e2e_attainment" and all("e2e_runs" in r for r in mine):
+                ax.fill_between(rates, [100 * min(r["e2e_runs"]) for r in mine],
+                                [100 * max(r["e2e_runs"]) for r in mine], color=line.get_color(), alpha=0.15)
+        ax.set_title(f"{name} SLO attainment" + (" (shaded: range of runs)" if key == "e2e_attainment"
+                                                 and all("e2e_runs" in r for r in rows) else ""))
+        ax.set_xlabel("request rate (req/s)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("% of requests")
+    axes[0].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
