@@ -11,6 +11,7 @@ import time
 import zmq
 
 from engine.config import DTYPES
+from transport.serve import StartupError
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -144,7 +145,8 @@ def sim_setup(args: argparse.Namespace):
     config = SimConfig(args.prefill_workers, args.decode_workers, getattr(args, "prefill_policy", "fcfs"),
                        getattr(args, "decode_policy", "cb"),
                        args.token_budget, args.max_batch,
-                       args.kv_capacity_tokens or profile.get("kv_capacity_tokens", SimConfig.kv_capacity_tokens),
+                       profile.get("kv_capacity_tokens", SimConfig.kv_capacity_tokens) if args.kv_capacity_tokens is None
+                       else args.kv_capacity_tokens,
                        profile.get("kv_bytes_per_token", SimConfig.kv_bytes_per_token), args.kv_bandwidth_gb_s,
                        max_inflight_transfer_bytes=int(args.max_inflight_transfer_mb * 2**20),
                        prefill_jitter=args.step_jitter, decode_jitter=args.step_jitter)
@@ -217,13 +219,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.live:
         from transport.replay import live_point
 
+        from scheduler.simulator import SimConfig, check_config
+
         for flag, default in SIMULATED_ONLY.items():
             if getattr(args, flag[2:].replace("-", "_")) != default:
                 hint = " (the workers' profile is --worker-profile)" if flag == "--profile" else ""
                 raise ValueError(f"{flag} sets up the simulator; a --live run measures it instead{hint}")
+        check_config(SimConfig(args.prefill_workers, args.decode_workers, token_budget=args.token_budget,
+                               max_batch=args.max_batch, max_inflight_transfer_bytes=int(args.max_inflight_transfer_mb),
+                               kv_capacity_tokens=SimConfig.kv_capacity_tokens if args.kv_capacity_tokens is None
+                               else args.kv_capacity_tokens))
         worker = ["--model", args.model, "--max-num-batched-tokens", str(args.token_budget),
                   "--max-num-seqs", str(args.max_batch)]
-        if args.kv_capacity_tokens:
+        if args.kv_capacity_tokens is not None:
             worker += ["--num-kv-blocks", str(-(-args.kv_capacity_tokens // 16))]
         if args.worker_profile:
             worker += ["--profile", args.worker_profile]
@@ -539,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.cpu_threads)
     try:
         return args.func(args)
-    except TimeoutError as e:  # no answer from a server
+    except (TimeoutError, StartupError) as e:  # no answer from a server; a local worker would not start
         print(f"kairos: error: {e}", file=sys.stderr)
         return 1
     except (ValueError, OSError, zmq.ZMQError) as e:

@@ -60,6 +60,22 @@ class SimConfig:
     seed: int = 0
 
 
+def check_config(config: SimConfig) -> None:
+    """A clear error for settings no system could have (named as `kairos simulate` names them)."""
+    at_least = {"--prefill-workers": (config.prefill_workers, 1), "--decode-workers": (config.decode_workers, 1),
+                "--token-budget": (config.token_budget, 1), "--max-batch": (config.max_batch, 1),
+                "--kv-capacity-tokens": (config.kv_capacity_tokens, config.block_size),
+                "--max-inflight-transfer-mb": (config.max_inflight_transfer_bytes, 0),
+                "block size": (config.block_size, 1), "KV bytes per token": (config.kv_bytes_per_token, 1)}
+    for name, (value, low) in at_least.items():
+        if value < low:
+            raise ValueError(f"{name} must be at least {low}, got {value}")
+    if not config.kv_bandwidth_gb_s > 0:
+        raise ValueError(f"--kv-bandwidth-gb-s must be positive, got {config.kv_bandwidth_gb_s}")
+    if min(config.prefill_jitter, config.decode_jitter) < 0:
+        raise ValueError("step-time jitter must be >= 0")
+
+
 class SimRequest:
     """A request as the policies see it (the attribute names of engine.Sequence)."""
 
@@ -151,8 +167,7 @@ class DecodeSim:
 
 class Simulator:
     def __init__(self, config: SimConfig, cost: CostModel):
-        if min(config.prefill_jitter, config.decode_jitter) < 0:
-            raise ValueError("step-time jitter must be >= 0")
+        check_config(config)
         self.config = config
         self.cost = cost
         self.rng = random.Random(config.seed)

@@ -325,7 +325,14 @@ def test_compare_live_sweeps_policies_on_real_workers(tmp_path):
     assert (tmp_path / "live_attainment.png").exists() and "goodput" in out
 
 
-def test_compare_live_refuses_what_only_the_simulator_has():
+def test_compare_live_refuses_what_only_the_simulator_has_and_reports_a_worker_that_will_not_start():
     proc = kairos_process("bench", "compare", "--live", "--kv-bandwidth-gb-s", "2")
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 2 and "--kv-bandwidth-gb-s sets up the simulator" in out
+    proc = kairos_process("bench", "compare", "--live", "--prefill-workers", "0")
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and "--prefill-workers must be at least 1" in out
+    proc = kairos_process("bench", "compare", "--live", "--model", "no-such-model", "--limit", "5", "--rate-scales", "1",
+                          "--policies", "kairos+kairos")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "exited with status 2 during start-up" in out and "Traceback" not in out

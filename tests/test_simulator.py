@@ -322,6 +322,22 @@ def test_kairos_simulate_prints_the_slo_report_and_refuses_a_negative_jitter(cap
     assert "jitter must be >= 0" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("--prefill-workers", "0", "--prefill-workers must be at least 1, got 0"),
+    ("--decode-workers", "0", "--decode-workers must be at least 1, got 0"),
+    ("--token-budget", "0", "--token-budget must be at least 1, got 0"),
+    ("--max-batch", "-2", "--max-batch must be at least 1, got -2"),
+    ("--kv-capacity-tokens", "0", "--kv-capacity-tokens must be at least 16, got 0"),  # not the profile's
+    ("--kv-bandwidth-gb-s", "0", "--kv-bandwidth-gb-s must be positive"),
+    ("--max-inflight-transfer-mb", "-1", "--max-inflight-transfer-mb must be at least 0"),
+])
+def test_simulator_settings_no_system_could_have_are_clear_errors(capsys, flag, value, message):
+    from engine.cli import main
+
+    assert main(["simulate", "--trace", str(CONV), "--limit", "20", flag, value]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_recorded_live_runs_are_judged_again_against_the_current_simulator(tmp_path, monkeypatch):
     """`sim_fidelity.py --resimulate` keeps the recorded live runs, simulates each point anew
     with the recorded settings and calibration (and at each run's own recorded step speed),

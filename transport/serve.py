@@ -26,6 +26,10 @@ def _die_with_parent() -> None:
         pass
 
 
+class StartupError(RuntimeError):
+    """A local cluster's process exited, or its workers did not register, during start-up."""
+
+
 class ProcessGroup:
     def __init__(self):
         self.procs: list[tuple[str, subprocess.Popen]] = []
@@ -59,7 +63,7 @@ def wait_for_workers(addr: str, wanted: dict[str, int], group: ProcessGroup, tim
         while time.monotonic() < deadline and not interrupted():
             if group.dead():
                 name, code = group.dead()[0]
-                raise RuntimeError(f"the {name} process exited with status {code} during start-up")
+                raise StartupError(f"the {name} process exited with status {code} during start-up")
             try:
                 registered = Counter(w["role"] for w in client.status()["workers"])
                 if all(registered[role] >= n for role, n in wanted.items()):
@@ -69,7 +73,7 @@ def wait_for_workers(addr: str, wanted: dict[str, int], group: ProcessGroup, tim
             time.sleep(0.2)
     if not interrupted():
         missing = " and ".join(f"{n} {role}" for role, n in wanted.items())
-        raise RuntimeError(f"the {missing} workers did not register within {timeout_s:g} s")
+        raise StartupError(f"the {missing} workers did not register within {timeout_s:g} s")
 
 
 def cpu_share(processes: int) -> int:
@@ -145,7 +149,7 @@ def serve(host: str, port: int, router_argv: list[str], worker_argv: list[str], 
                 return 1
             time.sleep(0.2)
         return 0
-    except RuntimeError as e:
+    except StartupError as e:
         print(f"kairos: error: {e}", file=sys.stderr)
         return 1
     finally:
