@@ -128,6 +128,9 @@ def read_trace(args: argparse.Namespace):
                        rate=args.synthetic_rate, arrival=args.synthetic_arrival, lengths=args.synthetic_lengths)
     trace = shape(trace, args.rate_scale, args.start_s, args.duration_s, args.limit)
     max_prompt, max_output = getattr(args, "max_prompt_len", None), getattr(args, "max_output_len", None)
+    for flag, cap in (("--max-prompt-len", max_prompt), ("--max-output-len", max_output)):
+        if cap is not None and cap < 1:
+            raise ValueError(f"{flag} must be at least 1, got {cap}")
     if max_prompt or max_output:
         trace = [replace(r, prompt_len=min(r.prompt_len, max_prompt or r.prompt_len),
                          output_len=min(r.output_len, max_output or r.output_len)) for r in trace]

@@ -75,6 +75,8 @@ def synthetic(num_requests: int = 1000, rate: float = 5.0, arrival: str = "poiss
     rng = random.Random(seed)
     if arrival not in ("poisson", "gamma") or lengths not in ("lognormal", "zipf"):
         raise ValueError("arrival is poisson or gamma; lengths lognormal or zipf")
+    if not (rate > 0 and burstiness > 0):
+        raise ValueError(f"a synthetic trace needs a positive rate and burstiness, got {rate} and {burstiness}")
 
     def gap() -> float:
         if arrival == "poisson":
@@ -111,7 +113,7 @@ def shape(trace: list[TraceRequest], rate_scale: float = 1.0, start_s: float = 0
           duration_s: float | None = None, limit: int | None = None) -> list[TraceRequest]:
     """The window [start_s, start_s + duration_s) of the original timeline, then time compressed
     by rate_scale (2 = twice the rate), rebased to start at 0."""
-    if rate_scale <= 0:
+    if not 0 < rate_scale < math.inf:
         raise ValueError(f"--rate-scale must be positive, got {rate_scale}")
     end = math.inf if duration_s is None else start_s + duration_s
     window = [r for r in trace if start_s <= r.arrival < end][:limit]
@@ -125,5 +127,9 @@ def with_slos(trace: list[TraceRequest], ttft_slo_ms: float, tpot_slo_ms: float,
     """Fixed SLOs; with ttft_ms_per_1k_prompt > 0, the TTFT SLO grows with the prompt: a long
     prompt's prefill cannot be as fast as a short one's, so its target is
     ttft_slo_ms + ttft_ms_per_1k_prompt * prompt_len / 1000."""
+    if not (ttft_slo_ms > 0 and tpot_slo_ms > 0):
+        raise ValueError(f"SLOs must be positive, got --ttft-slo-ms {ttft_slo_ms} and --tpot-slo-ms {tpot_slo_ms}")
+    if not ttft_ms_per_1k_prompt >= 0:
+        raise ValueError(f"--ttft-ms-per-1k-prompt must be >= 0, got {ttft_ms_per_1k_prompt}")
     return [replace(r, ttft_slo=(ttft_slo_ms + ttft_ms_per_1k_prompt * r.prompt_len / 1000) / 1e3,
                     tpot_slo=tpot_slo_ms / 1e3) for r in trace]

@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import math
 import random
 import time
 
@@ -197,7 +198,9 @@ def test_bad_messages_on_every_socket_are_refused_and_serving_goes_on(cluster):
         router = raw_dealer(ctx, cluster.addr)
         for data, error in [(b"\x93\x01", "malformed"), (msgpack.packb({"v": 7, "type": "abort", "request_id": "x"}), "version 7"),
                             (msgpack.packb({"v": p.PROTOCOL_VERSION, "type": "nuke"}), "unknown message type"),
-                            (p.encode(p.KVAck("t")), "unexpected kv_ack")]:
+                            (p.encode(p.KVAck("t")), "unexpected kv_ack"),
+                            (p.encode(p.Submit("s", "hi", ttft_slo_ms=-1.0)), "ttft_slo_ms must be a positive number"),
+                            (p.encode(p.Submit("s", "hi", tpot_slo_ms=math.nan)), "tpot_slo_ms must be a positive")]:
             router.send(data)
             answer = reply(router)
             assert isinstance(answer, p.Error) and error in answer.message

@@ -35,6 +35,8 @@ def test_malformed_traces_are_clear_errors(tmp_path):
     broken.write_text('{"timestamp": 0, "input_length": 5, "output_length": 3}\n{"timestamp": 1}\n')
     with pytest.raises(ValueError, match="broken.jsonl:2"):
         load_mooncake(broken)
+    with pytest.raises(ValueError, match="positive rate"):
+        synthetic(10, rate=0.0)
 
 
 def test_mooncake_traces_carry_shared_prefixes(tmp_path):
@@ -330,8 +332,13 @@ def test_kairos_simulate_prints_the_slo_report_and_refuses_a_negative_jitter(cap
     ("--kv-capacity-tokens", "0", "--kv-capacity-tokens must be at least 16, got 0"),  # not the profile's
     ("--kv-bandwidth-gb-s", "0", "--kv-bandwidth-gb-s must be positive"),
     ("--max-inflight-transfer-mb", "-1", "--max-inflight-transfer-mb must be at least 0"),
+    ("--max-prompt-len", "0", "--max-prompt-len must be at least 1, got 0"),  # not "no cap"
+    ("--ttft-slo-ms", "0", "SLOs must be positive"),
+    ("--tpot-slo-ms", "nan", "SLOs must be positive"),
+    ("--ttft-ms-per-1k-prompt", "-50", "--ttft-ms-per-1k-prompt must be >= 0"),
+    ("--rate-scale", "nan", "--rate-scale must be positive"),
 ])
-def test_simulator_settings_no_system_could_have_are_clear_errors(capsys, flag, value, message):
+def test_settings_no_system_or_trace_could_have_are_clear_errors(capsys, flag, value, message):
     from engine.cli import main
 
     assert main(["simulate", "--trace", str(CONV), "--limit", "20", flag, value]) == 2

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import signal
 import time
 from dataclasses import dataclass, field
@@ -174,6 +175,10 @@ class Router:
             problem = "give exactly one of prompt and prompt_token_ids"
         elif (client, msg.request_id) in self.by_client:
             problem = f"request id {msg.request_id!r} is already in flight"
+        else:
+            for name, slo in (("ttft_slo_ms", msg.ttft_slo_ms), ("tpot_slo_ms", msg.tpot_slo_ms)):
+                if slo is not None and not 0 < slo < math.inf:
+                    problem = f"{name} must be a positive number of milliseconds, got {slo!r}"
         if problem:
             send(self.socket, p.Error(msg.request_id, problem), client)
             self.counters["failed"] += 1
