@@ -82,20 +82,22 @@ class StepScheduler:
         def add(seq: Sequence) -> bool:
             nonlocal budget
             n = min(seq.num_uncomputed_tokens, budget)
-            if n == 0 or (n < seq.num_uncomputed_tokens and batch.seqs and not self.prefill_policy.fills_steps):
-                return False
-            if not self.blocks.can_allocate(seq, n):
+            if n < seq.num_uncomputed_tokens and batch.seqs:
+                n = self.prefill_policy.chunk(list(zip(batch.seqs, batch.num_new_tokens)), seq, n, now)
+            if n == 0 or not self.blocks.can_allocate(seq, n):
                 return False
             self.blocks.allocate(seq, n)
             batch.seqs.append(seq)
             batch.num_new_tokens.append(n)
-            budget -= n
+            # A chunk closes the step.
+            budget = 0 if n < seq.num_uncomputed_tokens else budget - n
             return True
 
         # Prompts part-way through (chunked) are ranked with the waiting ones, so that an urgent
         # arrival need not wait for a long prompt's every chunk.
         prefilling = [seq for seq in self.running if seq.is_prefilling]
-        for seq in self.prefill_policy.order(prefilling + self.waiting, time.monotonic()):
+        now = time.monotonic()
+        for seq in self.prefill_policy.order(prefilling + self.waiting, now):
             new = seq.status is Status.WAITING
             if budget == 0 or (new and len(self.running) >= self.max_num_seqs):
                 break

@@ -8,6 +8,7 @@ scheduler admits in the returned order under its token budget.
 from __future__ import annotations
 
 import heapq
+import math
 from typing import Protocol, Sequence, TypeVar
 
 from scheduler.cost_model import CostModel
@@ -17,14 +18,14 @@ R = TypeVar("R")
 
 class PrefillPolicy(Protocol):
     name: str
-    # Whether a step's last prompt is cut to fill the token budget (chunked prefill, the rest
-    # in later steps). The chunk finishes no prompt and delays every prompt the step does
-    # finish, so the deadline-aware policies close a step with the last prompt that fits whole
-    # (a prompt longer than the budget still goes in chunks, one step each).
-    fills_steps: bool
 
     def order(self, waiting: Sequence[R], now: float) -> list[R]:
         """The waiting requests, the one to prefill first at the front."""
+
+    def chunk(self, step: Sequence[tuple[R, int]], candidate: R, room: int, now: float) -> int:
+        """How many of candidate's prompt tokens (0 to room) close the step as a chunk, the rest
+        going to later steps, when its whole remaining prompt does not fit the `room` left of
+        the token budget. `step` holds the (request, tokens) already in the step."""
 
 
 def deadline(r) -> float:
@@ -35,28 +36,30 @@ class FCFSPolicy:
     """First come, first served: the baseline."""
 
     name = "fcfs"
-    fills_steps = True  # as vLLM and SGLang do
 
     def order(self, waiting, now):
         return sorted(waiting, key=lambda r: r.arrival_time)
+
+    def chunk(self, step, candidate, room, now):
+        return room  # every step full, as vLLM and SGLang run chunked prefill
 
 
 class EDFPolicy:
     """Earliest TTFT deadline first."""
 
     name = "edf"
-    fills_steps = False
 
     def order(self, waiting, now):
         return sorted(waiting, key=deadline)
+
+    def chunk(self, step, candidate, room, now):
+        return 0  # with no step times to go by, a chunk could make the step's prompts late
 
 
 class _Predicting:
     """Walks a candidate order, predicting when each prompt's prefill would finish: prompts go
     whole into steps of at most `token_budget` tokens (a longer one alone into as many steps
     as it needs), each step paying the fixed cost once."""
-
-    fills_steps = False
 
     def __init__(self, cost: CostModel, token_budget: int):
         self.cost = cost
@@ -71,6 +74,31 @@ class _Predicting:
     def order(self, waiting, now):
         on_time, late = self.split(waiting, now)
         return on_time + late
+
+    def chunk(self, step, candidate, room, now):
+        """The largest chunk that every prompt the step finishes in time still finishes in time
+        with (by the predicted step length): a chunk finishes no prompt, so it may only use the
+        slack of those the step does finish. Prompts the step finishes late do not limit it."""
+        prompts = [(n, r.num_tokens - r.num_uncomputed_tokens + n) for r, n in step]
+        length = self.cost.prefill_time(prompts)
+        limit = min((deadline(r) - now for r, n in step
+                     if n == r.num_uncomputed_tokens and now + length <= deadline(r)), default=math.inf)
+        computed = candidate.num_tokens - candidate.num_uncomputed_tokens
+        _, b, c = self.cost.prefill
+        own = b * candidate.num_uncomputed_tokens + c * candidate.num_uncomputed_tokens * candidate.num_tokens
+        if now + length + own > deadline(candidate):
+            return 0  # it is late either way: the slack is kept for prompts that can still make it
+
+        def fits(tokens: int) -> bool:
+            return self.cost.prefill_time(prompts + [(tokens, computed + tokens)]) <= limit
+
+        if fits(room):
+            return room
+        low, high = 0, room - 1  # fits(low) holds; the answer lies in [low, high]
+        while low < high:
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if fits(mid) else (low, mid - 1)
+        return low
 
     def split(self, waiting, now) -> tuple[list, list]:
         """(the prompts predicted on time, in prefill order; the late ones, oldest first). A

@@ -2,8 +2,8 @@
 
 Prefill workers take requests in their prefill policy's order into steps under a token budget,
 as the engine does: a prompt longer than what is left of the budget is cut to fill it (chunked
-prefill) if it opens the step or the policy fills steps, and waits otherwise; a prompt
-part-way through is ranked by the policy with the waiting ones. A prompt holds its worker's KV
+prefill) if it opens the step, and otherwise to what the policy's `chunk` allows, a chunk
+closing the step; a prompt part-way through is ranked by the policy with the waiting ones. A prompt holds its worker's KV
 from admission until its transfer lands, and a worker whose KV is full admits nothing new. A
 step lasts what the cost model predicts. Each prompt's KV then moves to a decode worker at the
 KV bandwidth, once that worker has room for it (backpressure, as in the real workers). As in
@@ -117,6 +117,8 @@ class SimRequest:
 
     @property
     def num_tokens(self) -> int:
+        if self.computed < self.prompt_len:  # prefilling: its context once the prompt is in
+            return self.prompt_len
         # The policies read this for every running request at every step: spelt out, not via
         # num_output_tokens, it costs one attribute chain less.
         return self.prompt_len + self.outputs_at_join + (self.worker.steps - self.join_step if self.decoding else 0)
@@ -238,12 +240,13 @@ class Simulator:
         def add(r: SimRequest) -> bool:
             nonlocal budget
             n = min(r.num_uncomputed_tokens, budget)
-            if n == 0 or (n < r.num_uncomputed_tokens and batch and not w.policy.fills_steps):
-                return False
-            if w.held + n > w.capacity_tokens and w.held:
+            if n < r.num_uncomputed_tokens and batch:
+                n = w.policy.chunk(batch, r, n, self.now)
+            if n == 0 or (w.held + n > w.capacity_tokens and w.held):
                 return False
             w.held += n
-            budget -= n
+            # A chunk closes the step.
+            budget = 0 if n < r.num_uncomputed_tokens else budget - n
             batch.append((r, n))
             return True
 

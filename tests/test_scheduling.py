@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scheduler import (ContinuousBatching, CostModel, FCFSPolicy, KairosPolicy, OutputLengthEstimator, SlackBatching, get_decode_policy, get_prefill_policy)
+from scheduler import (ContinuousBatching, CostModel, FCFSPolicy, KairosPolicy, MooreHodgsonPolicy, OutputLengthEstimator, SlackBatching, get_decode_policy, get_prefill_policy)
 from scheduler.cost_model import CalibratedCostModel, decode_features, prefill_features
 
 COST = CostModel(prefill=(0.004, 2e-5, 1e-9), decode=(0.006, 1e-4, 2e-8))
@@ -212,11 +212,31 @@ def test_policies_without_a_cost_model_are_refused():
         get_decode_policy("kairos", 8)
 
 
-def test_step_scheduler_fills_steps_with_a_chunk_only_for_fcfs():
-    """FCFS cuts a step's last prompt to fill the budget; the deadline-aware policies close the
-    step with the last prompt that fits whole, chunk only a prompt longer than the budget, and
-    rank a prompt part-way through with the waiting ones. When no new prompt can get blocks,
-    the part-way prompts holding them go on."""
+@pytest.mark.parametrize("policy", [KairosPolicy(COST, 100), MooreHodgsonPolicy(COST, 100)], ids=lambda p: p.name)
+def test_deadline_aware_policies_chunk_only_within_the_slack_of_the_prompts_a_step_finishes(policy):
+    def chunk(a_slo: float, b_slo: float = 20.0, a_tokens: int = 60) -> int:
+        a = Req(ttft_slo=a_slo, num_uncomputed_tokens=60)
+        b = Req(ttft_slo=b_slo, num_uncomputed_tokens=100)
+        return policy.chunk([(a, a_tokens)], b, 40, now=0.0)
+
+    alone = COST.prefill_time([(60, 60)])
+    assert chunk(10.0) == 40  # slack to spare: the step is filled
+    # Just enough slack for some of the chunk: the most that keeps the step within a's deadline.
+    a_slo = alone + 0.4 * (COST.prefill_time([(60, 60), (40, 40)]) - alone)
+    most = max(c for c in range(41) if COST.prefill_time([(60, 60), (c, c)]) <= a_slo)
+    assert 0 < most < 40 and chunk(a_slo) == most
+    assert chunk(0.5 * alone) == 40  # a is late either way: its deadline does not limit the step
+    assert chunk(10.0, a_tokens=30) == 40  # a chunk of a finishes nothing: nothing to keep in time
+    assert chunk(10.0, b_slo=1e-6) == 0  # the candidate is late either way: the slack is kept
+    assert FCFSPolicy().chunk([], Req(), 40, 0.0) == 40 and get_prefill_policy("edf").chunk([], Req(), 40, 0.0) == 0
+
+
+def test_step_scheduler_fills_steps_with_a_chunk_as_the_policy_allows():
+    """FCFS cuts a step's last prompt to fill the budget; the deadline-aware policies only with
+    the slack of the prompts the step finishes (otherwise closing the step with the last prompt
+    that fits whole) and chunk a prompt longer than the budget, and they rank a prompt part-way
+    through with the waiting ones. When no new prompt can get blocks, the part-way prompts
+    holding them go on."""
     import time
 
     from engine.block_manager import BlockManager
@@ -244,12 +264,15 @@ def test_step_scheduler_fills_steps_with_a_chunk_only_for_fcfs():
         for s, n in plan:
             s.num_computed_tokens += n
 
-    fcfs, kairos = scheduler(FCFSPolicy()), scheduler(KairosPolicy(COST, 100))
-    for sched in (fcfs, kairos):
+    for policy in (FCFSPolicy(), KairosPolicy(COST, 100)):
+        sched = scheduler(policy)
         a, b = seq(60, 10.0), seq(60, 20.0)
         sched.add(a), sched.add(b)
-        expected = [(a, 60), (b, 40)] if sched is fcfs else [(a, 60)]
-        assert planned(sched) == expected
+        assert planned(sched) == [(a, 60), (b, 40)]
+    sched = scheduler(KairosPolicy(COST, 100))
+    a, b = seq(60, 10.0), seq(60, 1e-6)  # b cannot make its deadline: no chunk of it
+    sched.add(a), sched.add(b)
+    assert planned(sched) == [(a, 60)]
 
     sched = scheduler(KairosPolicy(COST, 100))
     long = seq(250, 100.0)
@@ -258,8 +281,9 @@ def test_step_scheduler_fills_steps_with_a_chunk_only_for_fcfs():
     run([(long, 100)])
     urgent = seq(20, 1.0)
     sched.add(urgent)
-    assert planned(sched) == [(urgent, 20)]  # the rest of the long prompt does not fit whole
-    run([(urgent, 20)])
+    # The urgent prompt goes first; the long one's next chunk fills the step within its slack.
+    assert planned(sched) == [(urgent, 20), (long, 80)]
+    run([(urgent, 20), (long, 80)])
 
     fcfs = scheduler(FCFSPolicy())
     long = seq(250, 100.0)

@@ -157,8 +157,8 @@ def test_preemption_under_decode_kv_pressure_leaks_no_block_and_loses_no_token(d
 
 def test_prefill_steps_chunk_as_the_engine_does_and_prompts_hold_kv_until_it_lands():
     """A prompt longer than the budget goes in chunks; FCFS fills a step with part of the next
-    prompt, kairos does not; a prefill worker admits no prompt its KV has no room for until
-    an earlier prompt's transfer lands."""
+    prompt, kairos as far as the slack of the prompts the step finishes allows; a prefill
+    worker admits no prompt its KV has no room for until an earlier prompt's transfer lands."""
     config = SimConfig(token_budget=1000, kv_bytes_per_token=1000, kv_bandwidth_gb_s=1.0)
     (long,) = Simulator(config, COST).run([TraceRequest(0.0, 2500, 2)])
     chunks = [[(1000, 1000)], [(1000, 2000)], [(500, 2500)]]
@@ -170,9 +170,17 @@ def test_prefill_steps_chunk_as_the_engine_does_and_prompts_hold_kv_until_it_lan
     first = c.first_token_time + COST.prefill_time([(600, 600), (400, 400)])
     assert a.first_token_time == pytest.approx(first)
     assert b.first_token_time == pytest.approx(first + COST.prefill_time([(200, 600)]))
-    c, a, b = Simulator(replace(config, prefill_policy="kairos"), COST).run(queued)
-    assert a.first_token_time == pytest.approx(c.first_token_time + COST.prefill_time([(600, 600)]))
-    assert b.first_token_time == pytest.approx(a.first_token_time + COST.prefill_time([(600, 600)]))
+    kairos = replace(config, prefill_policy="kairos")
+    assert [r.first_token_time for r in Simulator(kairos, COST).run(queued)] == pytest.approx(
+        [c.first_token_time, a.first_token_time, b.first_token_time])  # slack to spare: it fills as FCFS does
+    # A's deadline leaves slack for part of B: the chunk is the most that keeps A in time.
+    start, alone = c.first_token_time, COST.prefill_time([(600, 600)])
+    deadline = start + alone + 0.5 * (COST.prefill_time([(600, 600), (400, 400)]) - alone)
+    most = max(n for n in range(401) if start + COST.prefill_time([(600, 600), (n, n)]) <= deadline)
+    tight = [queued[0], replace(queued[1], ttft_slo=deadline - 0.001), queued[2]]
+    c, a, b = Simulator(kairos, COST).run(tight)
+    assert 0 < most < 400 and a.first_token_time == pytest.approx(start + COST.prefill_time([(600, 600), (most, most)]))
+    assert b.first_token_time == pytest.approx(a.first_token_time + COST.prefill_time([(600 - most, 600)]))
     small = replace(config, kv_capacity_tokens=1000)
     a, b = Simulator(small, COST).run([TraceRequest(0.0, 800, 2), TraceRequest(0.0, 800, 2)])
     landed = COST.prefill_time([(800, 800)]) + 800 * 1000 / 1e9
