@@ -220,16 +220,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.repeats != 1 and not args.live:
         raise ValueError("--repeats is for --live runs: the simulator gives the same result every time")
     if args.live:
-        from transport.replay import live_point
-
         from scheduler.simulator import SimConfig, check_config
+        from transport.replay import live_point
 
         for flag, default in SIMULATED_ONLY.items():
             if getattr(args, flag[2:].replace("-", "_")) != default:
                 hint = " (the workers' profile is --worker-profile)" if flag == "--profile" else ""
                 raise ValueError(f"{flag} sets up the simulator; a --live run measures it instead{hint}")
+        # The live cluster's settings, checked as the simulator checks its own.
         check_config(SimConfig(args.prefill_workers, args.decode_workers, token_budget=args.token_budget,
-                               max_batch=args.max_batch, max_inflight_transfer_bytes=int(args.max_inflight_transfer_mb),
+                               max_batch=args.max_batch,
+                               max_inflight_transfer_bytes=int(args.max_inflight_transfer_mb * 2**20),
                                kv_capacity_tokens=SimConfig.kv_capacity_tokens if args.kv_capacity_tokens is None
                                else args.kv_capacity_tokens))
         worker = ["--model", args.model, "--max-num-batched-tokens", str(args.token_budget),
