@@ -148,8 +148,8 @@ def sim_setup(args: argparse.Namespace):
     config = SimConfig(args.prefill_workers, args.decode_workers, getattr(args, "prefill_policy", "fcfs"),
                        getattr(args, "decode_policy", "cb"),
                        args.token_budget, args.max_batch,
-                       profile.get("kv_capacity_tokens", SimConfig.kv_capacity_tokens) if args.kv_capacity_tokens is None
-                       else args.kv_capacity_tokens,
+                       profile.get("kv_capacity_tokens", SimConfig.kv_capacity_tokens)
+                       if args.kv_capacity_tokens is None else args.kv_capacity_tokens,
                        profile.get("kv_bytes_per_token", SimConfig.kv_bytes_per_token), args.kv_bandwidth_gb_s,
                        max_inflight_transfer_bytes=int(args.max_inflight_transfer_mb * 2**20),
                        prefill_jitter=args.step_jitter, decode_jitter=args.step_jitter)

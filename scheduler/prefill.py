@@ -84,8 +84,7 @@ class _Predicting:
         limit = min((deadline(r) - now for r, n in step
                      if n == r.num_uncomputed_tokens and now + length <= deadline(r)), default=math.inf)
         computed = candidate.num_tokens - candidate.num_uncomputed_tokens
-        _, b, c = self.cost.prefill
-        own = b * candidate.num_uncomputed_tokens + c * candidate.num_uncomputed_tokens * candidate.num_tokens
+        own = self.cost.prefill_marginal(candidate.num_uncomputed_tokens, candidate.num_tokens)
         if now + length + own > deadline(candidate):
             return 0  # it is late either way: the slack is kept for prompts that can still make it
 

@@ -5,8 +5,9 @@ as the engine does: a prompt longer than what is left of the budget is cut to fi
 prefill) if it opens the step, and otherwise to what the policy's `chunk` allows, a chunk
 closing the step; a prompt part-way through is ranked by the policy with the waiting ones. A
 prompt holds its worker's KV from admission until its transfer lands, and a worker whose KV
-is full admits nothing new. A step lasts what the cost model predicts. Each prompt's KV then moves to a decode worker at the
-KV bandwidth, once that worker has room for it (backpressure, as in the real workers). As in
+is full admits nothing new. A step lasts what the cost model predicts. Each prompt's KV then
+moves to a decode worker at the KV bandwidth, once that worker has room for it (backpressure,
+as in the real workers). As in
 the real workers, a prefill worker sends KV only between its steps (a transfer cleared while
 it is busy leaves when the current step ends), a decode worker's inbound link carries one
 transfer at a time, and it has at most `max_inflight_transfer_bytes` of KV under way (one

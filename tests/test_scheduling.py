@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scheduler import (ContinuousBatching, CostModel, FCFSPolicy, KairosPolicy, MooreHodgsonPolicy, OutputLengthEstimator, SlackBatching, get_decode_policy, get_prefill_policy)
+from scheduler import (ContinuousBatching, CostModel, FCFSPolicy, KairosPolicy, MooreHodgsonPolicy,
+                       OutputLengthEstimator, SlackBatching, get_decode_policy, get_prefill_policy)
 from scheduler.cost_model import CalibratedCostModel, decode_features, prefill_features
 
 COST = CostModel(prefill=(0.004, 2e-5, 1e-9), decode=(0.006, 1e-4, 2e-8))

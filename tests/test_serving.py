@@ -335,7 +335,7 @@ def test_compare_live_refuses_what_only_the_simulator_has_and_reports_a_worker_t
     proc = kairos_process("bench", "compare", "--live", "--prefill-workers", "0")
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 2 and "--prefill-workers must be at least 1" in out
-    proc = kairos_process("bench", "compare", "--live", "--model", "no-such-model", "--limit", "5", "--rate-scales", "1",
-                          "--policies", "kairos+kairos")
+    proc = kairos_process("bench", "compare", "--live", "--model", "no-such-model", "--limit", "5",
+                          "--rate-scales", "1", "--policies", "kairos+kairos")
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 1 and "exited with status 2 during start-up" in out and "Traceback" not in out
