@@ -78,15 +78,14 @@ class _Predicting:
     def chunk(self, step, candidate, room, now):
         """The largest chunk that every prompt the step finishes in time still finishes in time
         with (by the predicted step length): a chunk finishes no prompt, so it may only use the
-        slack of those the step does finish. Prompts the step finishes late do not limit it."""
+        slack of those the step does finish. Prompts the step finishes late do not limit it, nor
+        does the candidate's own deadline: a chunk only does its work sooner, and even a prompt
+        that will be late must be prefilled, so budget left idle under overload is lost."""
         prompts = [(n, r.num_tokens - r.num_uncomputed_tokens + n) for r, n in step]
         length = self.cost.prefill_time(prompts)
         limit = min((deadline(r) - now for r, n in step
                      if n == r.num_uncomputed_tokens and now + length <= deadline(r)), default=math.inf)
         computed = candidate.num_tokens - candidate.num_uncomputed_tokens
-        own = self.cost.prefill_marginal(candidate.num_uncomputed_tokens, candidate.num_tokens)
-        if now + length + own > deadline(candidate):
-            return 0  # it is late either way: the slack is kept for prompts that can still make it
 
         def fits(tokens: int) -> bool:
             return self.cost.prefill_time(prompts + [(tokens, computed + tokens)]) <= limit

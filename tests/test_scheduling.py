@@ -228,14 +228,15 @@ def test_deadline_aware_policies_chunk_only_within_the_slack_of_the_prompts_a_st
     assert 0 < most < 40 and chunk(a_slo) == most
     assert chunk(0.5 * alone) == 40  # a is late either way: its deadline does not limit the step
     assert chunk(10.0, a_tokens=30) == 40  # a chunk of a finishes nothing: nothing to keep in time
-    assert chunk(10.0, b_slo=1e-6) == 0  # the candidate is late either way: the slack is kept
+    # The candidate's own deadline does not matter, even one already past: a late prompt is
+    # prefilled all the same, so its chunk takes the slack rather than leaving it idle.
+    assert chunk(10.0, b_slo=1e-6) == 40 and chunk(a_slo, b_slo=1e-6) == most
     assert FCFSPolicy().chunk([], Req(), 40, 0.0) == 40 and get_prefill_policy("edf").chunk([], Req(), 40, 0.0) == 0
 
 
 def test_step_scheduler_fills_steps_with_a_chunk_as_the_policy_allows():
-    """FCFS cuts a step's last prompt to fill the budget; the deadline-aware policies only with
-    the slack of the prompts the step finishes (otherwise closing the step with the last prompt
-    that fits whole) and chunk a prompt longer than the budget, and they rank a prompt part-way
+    """FCFS cuts a step's last prompt to fill the budget; the deadline-aware policies only as far
+    as the slack of the prompts the step finishes allows, and chunk a prompt longer than the budget, and they rank a prompt part-way
     through with the waiting ones. When no new prompt can get blocks, the part-way prompts
     holding them go on."""
     import time
@@ -270,10 +271,13 @@ def test_step_scheduler_fills_steps_with_a_chunk_as_the_policy_allows():
         a, b = seq(60, 10.0), seq(60, 20.0)
         sched.add(a), sched.add(b)
         assert planned(sched) == [(a, 60), (b, 40)]
-    sched = scheduler(KairosPolicy(COST, 100))
-    a, b = seq(60, 10.0), seq(60, 1e-6)  # b cannot make its deadline: no chunk of it
+    # 10 ms a token: a takes 0.6 s of its 0.8 s, leaving room for some 20 tokens of b, which
+    # is late anyway and goes after it.
+    sched = scheduler(KairosPolicy(CostModel(prefill=(0.0, 0.01, 0.0), decode=COST.decode), 100))
+    a, b = seq(60, 0.8), seq(60, 1e-6)
     sched.add(a), sched.add(b)
-    assert planned(sched) == [(a, 60)]
+    (first, first_tokens), (second, chunk) = planned(sched)
+    assert (first, first_tokens) == (a, 60) and second is b and 10 < chunk < 21
 
     sched = scheduler(KairosPolicy(COST, 100))
     long = seq(250, 100.0)

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from scheduler.compare import compare, goodput, simulated_point
+from scheduler.compare import compare, goodput, simulated_point, table
 from scheduler.cost_model import CostModel
 from scheduler.simulator import SimConfig, Simulator, metrics, simulate
 from scheduler.traces import TraceRequest, load_azure, load_mooncake, shape, synthetic, with_slos
@@ -308,6 +308,9 @@ def test_repeated_points_take_turns_and_report_the_mean():
     assert ours["ttft_ms"]["p50"] == pytest.approx(40.0) and base["decode_throughput_tok_s"] == pytest.approx(300.0)
     assert result["cdfs"][(2.0, "kairos+kairos")]["ttft_ms"] == [2.0, 4.0, 6.0]
     assert result["summary"]["kairos+kairos"]["best_in_40_80_band"]["e2e_points"] == pytest.approx(30.0)
+    # The baseline misses 90% at the only rate swept: its goodput lies somewhere below it.
+    goodput_line = next(line for line in table(result).splitlines() if line.strip().startswith("fcfs+cb  "))
+    assert f"< {base['rate_req_s']:.1f}" in goodput_line and "sweep lower rates" in table(result)
     with pytest.raises(ValueError, match="at least 1"):
         compare(trace, [2.0], ["fcfs+cb"], run_point, repeats=0)
 
