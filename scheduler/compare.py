@@ -132,6 +132,7 @@ def table(result: dict) -> str:
         goodput = f"{s['goodput_req_s']:.2f}"
         if not s["goodput_req_s"]:  # even the lowest rate swept misses 90%: the goodput lies below it
             goodput = f"< {min(r['rate_req_s'] for r in result['rows'] if r['policy'] == policy):.1f}"
+            ratio = "n/a"
             below_sweep.append(policy)
         lines.append(f"{policy:>15} {goodput:>14} {ratio:>10}   {fmt(best['ttft_points'], 'p')} / "
                      f"{fmt(best['tpot_points'], 'p')} / {fmt(best['e2e_points'], 'p')}, "

@@ -315,6 +315,22 @@ def test_repeated_points_take_turns_and_report_the_mean():
         compare(trace, [2.0], ["fcfs+cb"], run_point, repeats=0)
 
 
+def test_a_goodput_below_the_sweep_is_shown_as_such_with_no_ratio():
+    trace = with_slos(synthetic(20, rate=10.0, seed=3), 800, 100)
+
+    def run_point(points, policy):
+        e2e = 0.95 if policy == "fcfs+cb" and points[-1].arrival > 2.0 else 0.5  # at rate 1 only
+        report = {"ttft_attainment": e2e, "tpot_attainment": 1.0, "e2e_attainment": e2e,
+                  "decode_throughput_tok_s": 100.0}
+        return report, {"ttft_ms": [1.0], "tpot_ms": [1.0]}
+
+    result = compare(trace, [1.0, 2.0], ["fcfs+cb", "kairos+kairos"], run_point)
+    assert result["summary"]["fcfs+cb"]["goodput_req_s"] > 0 == result["summary"]["kairos+kairos"]["goodput_req_s"]
+    line = next(line for line in table(result).splitlines() if line.strip().startswith("kairos+kairos  "))
+    lowest = min(r["rate_req_s"] for r in result["rows"])
+    assert line.split()[1:4] == ["<", f"{lowest:.1f}", "n/a"]
+
+
 def test_compare_refuses_repeats_without_live_runs(capsys):
     from engine.cli import main
 
