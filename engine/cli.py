@@ -390,6 +390,12 @@ def cmd_client(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from transport.client import Client
 
+    if args.wait is not None:
+        from transport.serve import wait_for_workers
+
+        if not args.wait > 0:
+            raise ValueError(f"--wait must be a positive number of seconds, got {args.wait}")
+        wait_for_workers(args.addr, {"prefill": 1, "decode": 1}, None, args.wait)
     with Client(args.addr, timeout_s=args.timeout) as client:
         report = client.status()
     if args.json:
@@ -533,6 +539,9 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="workers, queues, KV blocks and request counts of a router")
     status.add_argument("--addr", default=DEFAULT_ROUTER)
     status.add_argument("--timeout", type=float, default=5.0)
+    status.add_argument("--wait", type=float, metavar="S",
+                        help="first wait up to S seconds for a prefill and a decode worker to register "
+                             "(exit status 1 if they do not): for scripts that start a cluster")
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)
     return parser

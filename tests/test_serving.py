@@ -275,6 +275,17 @@ def test_cli_client_json_and_exit_status(cluster):
     dead = kairos_process("status", "--addr", "tcp://127.0.0.1:1", "--timeout", "0.5")
     out, _ = dead.communicate(timeout=60)
     assert dead.returncode == 1 and "no reply from the router" in out
+    ready = kairos_process("status", "--addr", cluster.addr, "--wait", "30", "--json")
+    out, _ = ready.communicate(timeout=60)
+    assert ready.returncode == 0 and {w["role"] for w in json.loads(out)["workers"]} == {"prefill", "decode"}
+    started = time.monotonic()
+    never = kairos_process("status", "--addr", "tcp://127.0.0.1:1", "--wait", "1.5")
+    out, _ = never.communicate(timeout=60)
+    assert never.returncode == 1 and "decode workers did not register within 1.5 s" in out
+    assert time.monotonic() - started < 30
+    zero = kairos_process("status", "--addr", cluster.addr, "--wait", "0")
+    out, _ = zero.communicate(timeout=60)
+    assert zero.returncode == 2 and "--wait must be a positive number of seconds" in out
 
 
 def test_slo_clocks_start_at_the_router_whatever_the_hosts_clock_skew():

@@ -55,13 +55,14 @@ class ProcessGroup:
                 proc.wait()
 
 
-def wait_for_workers(addr: str, wanted: dict[str, int], group: ProcessGroup, timeout_s: float, interrupted) -> None:
-    """Until the router reports at least `wanted[role]` workers of each role; raises if a child
-    exits first."""
+def wait_for_workers(addr: str, wanted: dict[str, int], group: ProcessGroup | None, timeout_s: float,
+                     interrupted=lambda: False) -> None:
+    """Until the router reports at least `wanted[role]` workers of each role (the router may not
+    be up yet); raises if one of `group`'s children exits first."""
     deadline = time.monotonic() + timeout_s
     with Client(addr, timeout_s=1.0) as client:
         while time.monotonic() < deadline and not interrupted():
-            if group.dead():
+            if group is not None and group.dead():
                 name, code = group.dead()[0]
                 raise StartupError(f"the {name} process exited with status {code} during start-up")
             try:
@@ -109,8 +110,7 @@ def local_cluster(prefill_argv: list[str], decode_argv: list[str], prefill_worke
         for role, count, argv in (("prefill", prefill_workers, prefill_argv), ("decode", decode_workers, decode_argv)):
             for i in range(count):
                 group.start(f"{role} {i + 1}" if count > 1 else role, [role, "--router", addr, *threads, *argv])
-        wait_for_workers(addr, {"prefill": prefill_workers, "decode": decode_workers}, group, startup_timeout_s,
-                         lambda: False)
+        wait_for_workers(addr, {"prefill": prefill_workers, "decode": decode_workers}, group, startup_timeout_s)
         yield addr
     finally:
         group.stop()
