@@ -236,9 +236,9 @@ def test_deadline_aware_policies_chunk_only_within_the_slack_of_the_prompts_a_st
 
 def test_step_scheduler_fills_steps_with_a_chunk_as_the_policy_allows():
     """FCFS cuts a step's last prompt to fill the budget; the deadline-aware policies only as far
-    as the slack of the prompts the step finishes allows, and chunk a prompt longer than the budget, and they rank a prompt part-way
-    through with the waiting ones. When no new prompt can get blocks, the part-way prompts
-    holding them go on."""
+    as the slack of the prompts the step finishes allows. All chunk a prompt longer than the
+    budget and rank a prompt part-way through with the waiting ones. When no new prompt can get
+    blocks, the part-way prompts holding them go on."""
     import time
 
     from engine.block_manager import BlockManager
