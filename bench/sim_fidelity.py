@@ -8,11 +8,12 @@ for the same policies at several loads; the gap in SLO attainment.
 The simulator is given what the workers were given: their profile (measured with the thread
 count each worker runs with), the token budget, the batch limit and the KV capacity. Serving
 runs steps slower than the quiet profile (the workers share the machine), so the first live
-point is also a calibration. Its ratio of observed to predicted prefill step time, over the
-measured runs' own steps (`kairos status` totals before and after each, so time-weighted),
-scales the profile's prefill for every simulation. Its decode steps, from the workers' step
-logs, are fitted afresh: serving slows large batches more than small ones, which no single
-scale carries. The steps' spread becomes the simulator's step-time jitter.
+point is also a calibration, from the workers' step logs of its measured runs. Its prefill
+steps scale the profile's prefill by least squares (a queue waits on its long steps, and
+serving slowed long steps more than short ones: up to 1.6x against 1.0x on one GPU shared
+with the decode worker). Its decode steps are fitted afresh: serving slows large batches more
+than small ones, which no single scale carries. The steps' spread becomes the simulator's
+step-time jitter.
 Each live run starts on fresh, warmed-up workers, and each point runs `--repeats` times (the
 policies taking turns): the spread between repeats is the noise any simulator is judged
 against. Target: within 5 percentage points.
@@ -22,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import sys
 import tempfile
 import time
@@ -40,6 +43,8 @@ from transport.serve import cpu_share, local_cluster  # noqa: E402
 
 TRACES = Path(__file__).resolve().parent / "traces"
 KEYS = ("ttft_attainment", "tpot_attainment", "e2e_attainment")
+# What a point's step logs give over all its runs together, not as a mean of its runs'.
+FITTED = ("decode_fit", "decode_fit_jitter", "decode_online_error", "prefill_fit", "prefill_fit_jitter")
 
 
 def cost_scales(addr: str) -> dict:
@@ -92,6 +97,35 @@ def served_decode_fit(logs: list[Path], spans: list[tuple[float, float]]) -> dic
             **({"decode_online_error": sum(online) / len(online)} if online else {})}
 
 
+def served_prefill_fit(logs: list[Path], spans: list[tuple[float, float]]) -> dict:
+    """Serving's prefill steps (from the prefill workers' step logs, within the measured runs'
+    spans) as a least-squares scale on the profile's prediction. Least squares weighs a step by
+    its length once more than the time-weighted ratio does, as queueing does: a prompt that
+    arrives while a step runs waits, on average, half the length-weighted mean step. The jitter is
+    the steps' mean relative deviation from the scaled prediction."""
+    steps = []
+    for log, (start, end) in zip(logs, spans):
+        for line in log.read_text().splitlines():
+            record = json.loads(line)
+            measured = start <= record["t"] <= end
+            if measured and record.get("prefill_tokens", 0) > 0 and record.get("predicted_s", 0.0) > 0.0:
+                steps.append((record["predicted_s"], record["observed_s"]))
+    if len(steps) < 3:
+        return {}
+    scale = sum(p * o for p, o in steps) / sum(p * p for p, _ in steps)
+    return {"prefill_fit": scale, "prefill_fit_jitter": sum(abs(o / (scale * p) - 1) for p, o in steps) / len(steps)}
+
+
+def replay_span(prefill_log: Path, warm_up: int) -> tuple[float, float]:
+    """A recorded run's measured span, for runs recorded before spans were: warm-up requests
+    go one at a time, each prefilled in a step of its own, so the run begins with the prefill
+    step after them."""
+    steps = [json.loads(line) for line in prefill_log.read_text().splitlines()]
+    steps = [r for r in steps if r.get("prefill_tokens", 0) > 0]
+    first = steps[warm_up]
+    return first["t"] - first["step_s"], float("inf")
+
+
 def measure_here(model: str, engine_args: dict) -> dict:
     """The workers' profile, measured in this process with the threads each worker gets."""
     import torch
@@ -130,7 +164,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="prefill -> decode KV bandwidth for the simulator (python bench/transfer.py)")
     parser.add_argument("--warm-up", type=int, default=16, help="requests sent one at a time before each live run")
     parser.add_argument("--step-logs", metavar="DIR",
-                        help="keep each live run's worker step logs here (kairos prefill/decode --step-log)")
+                        help="keep each live run's worker step logs here (kairos prefill/decode --step-log); "
+                             "with --resimulate, fit the recorded runs' prefill steps afresh from the logs here")
     parser.add_argument("--name", default="sim_fidelity_tiny_cpu", help="result file stem under bench/results/")
     parser.add_argument("--resimulate", metavar="RESULT",
                         help="no live runs: judge the live runs recorded in this result file (with its "
@@ -160,12 +195,12 @@ def judge(args: argparse.Namespace, profile: dict, calibration: dict, row: dict)
 
     def served(drift: dict) -> CostModel:
         """The profile's prefill scaled to serving's; decode as serving's own steps were fitted
-        (a result recorded before those fits scales the profile's decode too)."""
-        scaled = cost.scaled(drift["prefill"], drift["decode"])
+        (results recorded before those fits scale by the time-weighted ratios)."""
+        scaled = cost.scaled(drift.get("prefill_fit", drift["prefill"]), drift["decode"])
         return CostModel(scaled.prefill, tuple(drift["decode_fit"])) if "decode_fit" in drift else scaled
 
     def at_speed(drift: dict) -> dict:
-        jittered = replace(config, prefill_jitter=drift["prefill_jitter"],
+        jittered = replace(config, prefill_jitter=drift.get("prefill_fit_jitter", drift["prefill_jitter"]),
                            decode_jitter=drift.get("decode_fit_jitter", drift["decode_jitter"]))
         return simulate(trace, jittered, served(drift))
 
@@ -184,13 +219,16 @@ def judge(args: argparse.Namespace, profile: dict, calibration: dict, row: dict)
 
 
 def fitted(drift: dict, profile: dict) -> str:
+    prefill = (f"; least squares scales prefill {drift['prefill_fit']:.2f}x, "
+               f"give or take {drift['prefill_fit_jitter']:.0%}" if "prefill_fit" in drift else "")
     if "decode_fit" not in drift:
-        return ""
+        return prefill
     ours, theirs = drift["decode_fit"], CostModel.from_profile(profile).decode
     online = (f"; the workers' calibration predicted them within {drift['decode_online_error']:.0%}"
               if "decode_online_error" in drift else "")
-    return ("; serving's decode steps fitted: {:.2f} ms + {:.3f} ms per sequence + {:.2f} us per context token "
-            "(profile {:.2f} + {:.3f} + {:.2f}), give or take {:.0%}{}").format(
+    return prefill + (
+        "; serving's decode steps fitted: {:.2f} ms + {:.3f} ms per sequence + {:.2f} us per context token "
+        "(profile {:.2f} + {:.3f} + {:.2f}), give or take {:.0%}{}").format(
         ours[0] * 1e3, ours[1] * 1e3, ours[2] * 1e6, theirs[0] * 1e3, theirs[1] * 1e3, theirs[2] * 1e6,
         drift["decode_fit_jitter"], online)
 
@@ -211,22 +249,38 @@ def own_speed_gap(row: dict) -> str:
     return f", at the runs' own step speed {gap['e2e_attainment']:+.1f}" if gap else ""
 
 
-def resimulate(path: Path) -> None:
+def resimulate(path: Path, step_logs: Path | None = None) -> None:
     recorded = json.loads(path.read_text())
     args = argparse.Namespace(**recorded["setup"])
     args.resimulate = str(path)
     profile = recorded.get("profile") or json.loads(Path(args.profile).read_text())
+    if step_logs:
+        refit_prefill(recorded, args, step_logs)
     rows = [judge(args, profile, recorded["calibration"], row) for row in recorded["rows"]]
     for row in rows:
         print_row(row)
     summarize(args, profile, recorded["calibration"], rows, final=True,
-              live_date=recorded.get("live_date", recorded["date"]))
+              live_date=recorded.get("live_date", recorded["date"]), live_device=recorded.get("live_device"))
+
+
+def refit_prefill(recorded: dict, args: argparse.Namespace, step_logs: Path) -> None:
+    """Fits serving's prefill steps afresh from the recorded runs' step logs (named as a live
+    run names them), for each run and for each point; the first point's is the calibration."""
+    for row in recorded["rows"]:
+        prefill, decode = row["policy"].split("+")
+        logs = [step_logs / f"{prefill}_{decode}_x{row['rate_scale']:g}_{repeat}_prefill.jsonl"
+                for repeat in range(len(row["live_runs"]))]
+        spans = row.get("spans") or [replay_span(log, args.warm_up) for log in logs]
+        for log, span, drift in zip(logs, spans, row["run_drifts"]):
+            drift.update(served_prefill_fit([log], [span]))
+        row["drift"].update(served_prefill_fit(logs, spans))
+    recorded["calibration"] = recorded["rows"][0]["drift"]
 
 
 def main() -> None:
     args = parse_args()
     if args.resimulate:
-        resimulate(Path(args.resimulate))
+        resimulate(Path(args.resimulate), Path(args.step_logs) if args.step_logs else None)
         return
     engine_args = {"max_num_batched_tokens": args.token_budget, "max_num_seqs": args.max_batch,
                    "num_kv_blocks": args.kv_blocks, "max_model_len": args.max_model_len,
@@ -253,7 +307,7 @@ def main() -> None:
     for rate in (float(x) for x in args.rate_scales.split(",")):
         trace = point_trace(args, rate)
         runs, drifts = {p: [] for p in policies}, {p: [] for p in policies}
-        decode_logs = {p: [] for p in policies}  # (log, measured span) of each run
+        step_logs = {p: {"prefill": [], "decode": []} for p in policies}  # (log, measured span) of each run
         # Repeats take the policies in turn, so that a machine whose speed drifts during a
         # session (a GPU's clocks, its neighbours' load) slows every policy alike.
         for repeat in range(args.repeats):
@@ -268,12 +322,16 @@ def main() -> None:
                     runs[policy].append(replay(addr, trace))
                     drift = serving_drift(before, cost_scales(addr), time.perf_counter() - started)
                 span = (wall, time.time())
-                decode_logs[policy].append((logs["decode"], span))
-                drifts[policy].append({**drift, **served_decode_fit([logs["decode"]], [span])})
+                for role in ("prefill", "decode"):
+                    step_logs[policy][role].append((logs[role], span))
+                drifts[policy].append({**drift, **served_decode_fit([logs["decode"]], [span]),
+                                       **served_prefill_fit([logs["prefill"]], [span])})
         for policy in policies:
             drift = {k: sum(d[k] for d in drifts[policy]) / args.repeats for k in drifts[policy][0]
-                     if k not in ("decode_fit", "decode_fit_jitter", "decode_online_error")}
-            drift.update(served_decode_fit(*zip(*decode_logs[policy])))  # over all the point's runs
+                     if k not in FITTED}
+            # over all the point's runs
+            drift.update(served_decode_fit(*zip(*step_logs[policy]["decode"])))
+            drift.update(served_prefill_fit(*zip(*step_logs[policy]["prefill"])))
             if calibration is None:
                 # The first point calibrates every simulation: how much slower steps ran while
                 # serving than in the quiet profile (co-located workers share the cores).
@@ -283,6 +341,7 @@ def main() -> None:
                       f"{drift['prefill_jitter']:.0%} and {drift['decode_jitter']:.0%}{fitted(drift, profile)}")
             done = runs[policy]
             row = {"policy": policy, "rate_scale": rate, "live_runs": done, "run_drifts": drifts[policy],
+                   "spans": [span for _, span in step_logs[policy]["prefill"]],
                    "drift": drift, "live": {k: sum(run[k] for run in done) / len(done) for k in KEYS},
                    "live_spread_points": {k: 100 * (max(run[k] for run in done) - min(run[k] for run in done))
                                           for k in KEYS}}
@@ -292,8 +351,15 @@ def main() -> None:
     summarize(args, profile, calibration, rows, final=True)
 
 
-def summarize(args, profile: dict, calibration: dict, rows: list[dict], final: bool, live_date: str | None = None) -> None:
-    """Writes the result file (after every point, so a run cut short keeps what it measured)."""
+def summarize(args, profile: dict, calibration: dict, rows: list[dict], final: bool, live_date: str | None = None,
+              live_device: str | None = None) -> None:
+    """Writes the result file (after every point, so a run cut short keeps what it measured).
+    `live_device` is where the workers ran (the profile's device may be another)."""
+    if live_device is None and not args.resimulate:
+        import torch
+
+        live_device = (torch.cuda.get_device_name() if torch.cuda.is_available()
+                       else f"{platform.machine()} CPU, {os.cpu_count()} cores")
     def gaps(key: str) -> tuple[dict, dict] | None:
         judged = [r[key] for r in rows if key in r]
         if not judged:
@@ -304,6 +370,7 @@ def summarize(args, profile: dict, calibration: dict, rows: list[dict], final: b
     own_speed = gaps("own_speed_gap_points")
     noise = {k: sum(r["live_spread_points"][k] for r in rows) / len(rows) for k in KEYS}
     dated = {"live_date": live_date} if live_date else {}
+    dated |= {"live_device": live_device} if live_device else {}
     own = {"own_speed_largest_gap_points": own_speed[0], "own_speed_mean_gap_points": own_speed[1]} if own_speed else {}
     path = write_result(args.name, {"setup": vars(args), **dated, "device": profile["device"], "profile_mape": {
         "prefill": profile["prefill_mape"], "decode": profile["decode_mape"]}, "calibration": calibration,

@@ -437,3 +437,60 @@ def test_serving_decode_steps_are_fitted_from_the_measured_runs_step_logs(tmp_pa
     assert served["decode_fit"] == pytest.approx(fit, rel=1e-6) and served["decode_fit_jitter"] < 1e-6
     assert served["decode_online_error"] == pytest.approx(0.15)  # the workers' calibration, 10% and 20% off in turn
     assert sim_fidelity.served_decode_fit(logs, [(0.0, 1.0)] * 2) == {}  # nothing within the spans
+
+
+def test_serving_prefill_steps_scale_the_profile_by_least_squares(tmp_path):
+    """Prefill steps logged within the measured span give the least-squares scale on the
+    profile's prediction (long steps weigh most); warm-up steps and idle turns do not count."""
+    from bench import sim_fidelity
+
+    records = [{"t": 1.0, "step_s": 0.5, "prefill_tokens": 10, "predicted_s": 0.01, "observed_s": 0.5}]  # warm-up
+    for i, (predicted, observed) in enumerate([(0.01, 0.01), (0.01, 0.01), (0.1, 0.2)]):
+        records.append({"t": 10.0 + i, "step_s": observed, "prefill_tokens": 100, "predicted_s": predicted,
+                        "observed_s": observed})
+    records.append({"t": 20.0, "step_s": 0.0, "prefill_tokens": 0, "predicted_s": 0.0, "observed_s": 0.0})
+    log = tmp_path / "prefill.jsonl"
+    log.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    span = sim_fidelity.replay_span(log, warm_up=1)  # the span a run recorded before spans were begins after the warm-up
+    assert span[0] == pytest.approx(10.0 - 0.01)
+    served = sim_fidelity.served_prefill_fit([log], [span])
+    scale = (2 * 0.01 * 0.01 + 0.1 * 0.2) / (2 * 0.01**2 + 0.1**2)
+    assert served["prefill_fit"] == pytest.approx(scale)  # 1.98: the long step, twice its prediction, dominates
+    expected_jitter = (2 * abs(1 / scale - 1) + abs(2 / scale - 1)) / 3
+    assert served["prefill_fit_jitter"] == pytest.approx(expected_jitter)
+    assert sim_fidelity.served_prefill_fit([log], [(30.0, 40.0)]) == {}
+
+
+def test_resimulate_fits_recorded_runs_prefill_steps_from_their_step_logs(tmp_path, monkeypatch):
+    """`--resimulate RESULT --step-logs DIR` fits each recorded run's prefill steps from the
+    logs the run wrote and simulates with that scale rather than the recorded ratio."""
+    import bench.common
+    from bench import sim_fidelity
+
+    monkeypatch.setattr(bench.common, "RESULTS", tmp_path)
+    profile = {"device": "test", "prefill_mape": 0.1, "decode_mape": 0.1,
+               "fit": {"prefill": list(COST.prefill), "decode": list(COST.decode)}}
+    args = sim_fidelity.parse_args(["--requests", "40", "--rate-scales", "4", "--warm-up", "1", "--name", "refit"])
+    live = {"ttft_attainment": 0.5, "tpot_attainment": 0.75, "e2e_attainment": 0.25}
+    ratio = {"prefill": 1.5, "prefill_jitter": 0.0, "decode": 1.2, "decode_jitter": 0.0}
+    path = tmp_path / "refit.json"
+    path.write_text(json.dumps({"date": "2026-01-01T00:00:00+00:00", "setup": vars(args), "calibration": ratio,
+                                "profile": profile, "rows": [{
+                                    "policy": "kairos+kairos", "rate_scale": 4.0, "live": live, "live_runs": [live],
+                                    "live_spread_points": {k: 0.0 for k in live}, "drift": dict(ratio),
+                                    "run_drifts": [dict(ratio)]}]}))
+    steps = [{"t": float(i), "step_s": 0.01, "prefill_tokens": 50, "predicted_s": 0.01, "observed_s": 0.03}
+             for i in range(6)]
+    steps[0]["observed_s"] = 5.0  # the warm-up request's step, before the run
+    (tmp_path / "kairos_kairos_x4_0_prefill.jsonl").write_text("\n".join(json.dumps(r) for r in steps) + "\n")
+    sim_fidelity.resimulate(path, tmp_path)
+    result = json.loads(path.read_text())
+    assert result["calibration"]["prefill_fit"] == pytest.approx(3.0)
+    (row,) = result["rows"]
+    assert row["run_drifts"][0]["prefill_fit"] == pytest.approx(3.0)
+    config = SimConfig(prefill_policy="kairos", decode_policy="kairos", token_budget=args.token_budget,
+                       max_batch=args.max_batch, kv_capacity_tokens=args.kv_blocks * 16,
+                       kv_bandwidth_gb_s=args.kv_bandwidth_gb_s)
+    trace = sim_fidelity.point_trace(args, 4.0)
+    assert row["without_jitter"] == simulate(trace, config, COST.scaled(result["calibration"]["prefill_fit"], 1.2))
+    assert row["without_jitter"] != simulate(trace, config, COST.scaled(1.5, 1.2))
