@@ -116,6 +116,11 @@ class BlockManager:
         block.hash = chain_hash(prev, block.token_ids)
         self.cached[block.hash] = block.block_id
 
+    def forget_prefixes(self) -> None:
+        """Drops every cached prefix (blocks in use keep their KV, and are no longer matched)."""
+        for block_id in list(self.cached.values()):
+            self._evict_hash(block_id)
+
     def _evict_hash(self, block_id: int) -> None:
         block = self.blocks[block_id]
         if block.hash is not None and self.cached.get(block.hash) == block_id:

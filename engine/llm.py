@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,6 +147,32 @@ class LLM:
                                              zip(batch.seqs, batch.num_new_tokens)], seconds)
         else:
             self.cost_model.observe_decode(len(batch.seqs), sum(seq.num_tokens for seq in batch.seqs), seconds)
+
+    def warm_up(self) -> float:
+        """Runs one prefill step of the full token budget (as far as half the KV cache holds)
+        and a decode step of it, before any request: the first step of a shape compiles GPU
+        kernels for it, and a serving loop that met that on a request stalled for over a second
+        (an 8192-token step on an H100 and on an H200, once per machine). Distinct random
+        prompts, so the step is all new tokens; neither the calibration, the prefill counter nor
+        the prefix cache keeps anything of it. Returns the seconds it took."""
+        started = time.perf_counter()
+        total = min(self.config.max_num_batched_tokens, self.num_total_blocks // 2 * self.config.block_size)
+        per_prompt = max(1, min(total, self.max_model_len - 2))
+        lengths = [per_prompt] * (total // per_prompt) + ([total % per_prompt] if total % per_prompt else [])
+        if not lengths:
+            return 0.0
+        rng = random.Random(0)
+        vocab = self.model_config.vocab_size
+        prompts = [[rng.randrange(vocab) for _ in range(n)] for n in lengths]
+        calibrated, self.cost_model = self.cost_model, None
+        computed = self.num_prefill_tokens_computed
+        try:
+            self.generate(prompts, SamplingParams(max_tokens=2, ignore_eos=True, temperature=0))
+        finally:
+            self.cost_model, self.num_prefill_tokens_computed = calibrated, computed
+            self._decoding_since = None
+            self.block_manager.forget_prefixes()
+        return time.perf_counter() - started
 
     # ---- offline API ----------------------------------------------------------------------
 

@@ -112,3 +112,23 @@ def test_text_and_token_id_prompts_agree(tiny_llm):
     by_text = tiny_llm.generate("Hello world", GREEDY)[0]
     by_ids = tiny_llm.generate(by_text.prompt_token_ids, GREEDY)[0]
     assert by_ids.token_ids == by_text.token_ids and by_ids.text == by_text.text
+
+
+def test_warm_up_runs_a_full_budget_prefill_and_a_decode_step_and_keeps_nothing(monkeypatch):
+    """Workers warm up before serving (a shape's first step compiles GPU kernels): one prefill
+    step of the whole token budget, then a decode step, with no trace left in the calibration,
+    the prefill counter, the block pool or the prefix cache."""
+    from pathlib import Path
+
+    profile = Path(__file__).resolve().parent.parent / "bench" / "profiles" / "tiny_cpu_2core.json"
+    llm = LLM("tiny", num_kv_blocks=64, max_model_len=200, max_num_batched_tokens=500, prefill_policy="kairos",
+              decode_policy="kairos", profile=str(profile))
+    steps = []
+    run = llm.runner.run
+    monkeypatch.setattr(llm.runner, "run", lambda batch: steps.append(batch) or run(batch))
+    totals = {phase: list(t) for phase, t in llm.cost_model.totals.items()}
+    assert llm.warm_up() > 0
+    assert steps[0].is_prefill and sum(steps[0].num_new_tokens) == 500  # prompts of 198, 198 and 104
+    assert [len(b.seqs) for b in steps[1:] if not b.is_prefill] == [3]
+    assert llm.cost_model.totals == totals and llm.num_prefill_tokens_computed == 0
+    assert llm.num_free_blocks == llm.num_total_blocks and not llm.block_manager.cached

@@ -8,7 +8,7 @@ import torch
 import zmq
 
 from transport import protocol as p
-from transport.kv import KVGeometry, KVWriter, OutgoingKV, PinnedPool, blocks_per_frame
+from transport.kv import KVGeometry, KVWriter, OutgoingKV, PinnedPool, blocks_per_frame, export_cache, open_peer_cache
 from transport.sockets import make_socket, recv, send
 
 EXAMPLES = [
@@ -24,6 +24,9 @@ EXAMPLES = [
     p.PrefillRequest("7", None, [1, 2], {}, {"ttft_ms": 200.0}, "d", "tcp://127.0.0.1:2", 1.7e9),
     p.KVOffer("t", "7", [1, 2], [3], {"max_tokens": 2}, {"tpot_ms": 20.0}, 1),
     p.KVData("t", 4),
+    p.KVHello("p", {"dtype": "bfloat16"}, {"host": "h", "handle": b"\x00\xff"}),  # bytes stay bytes
+    p.KVHelloOk("d", cuda_ipc=True),
+    p.KVData("t", 4, block_ids=[3, 9]),
     p.KVCancel("t", "timed out"),
 ]
 
@@ -293,3 +296,23 @@ def test_the_router_sends_each_prompt_to_the_prefill_worker_with_the_least_promp
         assert router.status().workers[1]["queued_prompt_tokens"] == 200 + 1001
     finally:
         router.ctx.destroy(linger=0)
+
+
+def test_a_kv_cache_is_mapped_only_from_a_well_formed_export_on_this_gpu(tiny_llm):
+    """CUDA IPC exports are checked field by field before anything is mapped, and a worker whose
+    cache is not on a GPU exports nothing and maps nothing."""
+    runner = tiny_llm.runner
+    geometry = KVGeometry.of(runner)
+    export = {"host": "h", "device_uuid": "GPU-0", "handle": b"h", "storage_bytes": 1 << 20, "storage_offset": 0,
+              "ref_counter_handle": b"r", "ref_counter_offset": 0, "event_handle": b"e",
+              "event_sync_required": False, "tensor_offset": 0, "shape": list(runner.kv_cache.shape)}
+    for name, bad in [("handle", "not bytes"), ("shape", None), ("event_sync_required", 1)]:
+        with pytest.raises(ValueError, match=f"bad CUDA IPC export: {name}"):
+            open_peer_cache({**export, name: bad}, runner, geometry)
+    if runner.kv_cache.device.type == "cpu":
+        assert export_cache(runner) is None
+        with pytest.raises(ValueError, match="not on a GPU"):
+            open_peer_cache(export, runner, geometry)
+    else:
+        with pytest.raises(ValueError, match="another host or GPU"):
+            open_peer_cache(export, runner, geometry)

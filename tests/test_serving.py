@@ -8,6 +8,7 @@ import time
 
 import msgpack
 import pytest
+import torch
 import zmq
 
 from engine import LLM, SamplingParams
@@ -62,6 +63,11 @@ def test_disaggregated_outputs_equal_the_offline_engine(cluster, offline):
     status = cluster.wait_idle()
     counters = status["counters"]
     assert counters["completed"] >= 100 and counters["failed"] == 0
+    # Workers on one GPU copy KV GPU to GPU (CUDA IPC); on a CPU it goes over the socket. A
+    # request whose first token ends it finishes on the prefill worker, with no transfer.
+    decode = next(w for w in status["workers"] if w["role"] == "decode")
+    transfers = sum(len(want.token_ids) > 1 for want in expected)
+    assert decode["kv_cuda_ipc"] == (transfers if torch.cuda.is_available() else 0), decode
     # Attainment against the router's default SLOs (1 s TTFT, 100 ms TPOT) is counted.
     assert 0 <= counters["slo_met"] <= min(counters["ttft_met"], counters["tpot_met"]) <= counters["completed"]
     assert counters["ttft_met"] > 0
@@ -250,6 +256,28 @@ def test_a_transfer_that_never_completes_times_out_and_frees_the_blocks(cluster,
         assert held["free_blocks"] == held["total_blocks"] - 7 and held["transfers"] == 1
         assert reply(kv) == p.KVCancel("t1", "timed out")
         assert 3 < time.monotonic() - started < 8  # the workers' --transfer-timeout is 4 s
+    finally:
+        ctx.destroy(linger=0)
+    cluster.wait_idle()
+
+
+def test_a_cache_the_decode_worker_cannot_map_leaves_kv_on_the_socket(cluster, tiny_llm):
+    """A prefill worker's CUDA IPC export from another host is declined in the handshake; block
+    ids in place of KV bytes from such a worker fail the transfer, and its blocks come back."""
+    cluster.wait_idle()
+    export = {"host": "elsewhere:0", "device_uuid": "GPU-0", "handle": b"h", "storage_bytes": 1 << 20,
+              "storage_offset": 0, "ref_counter_handle": b"r", "ref_counter_offset": 0, "event_handle": b"e",
+              "event_sync_required": False, "tensor_offset": 0, "shape": list(tiny_llm.runner.kv_cache.shape)}
+    ctx = zmq.Context()
+    try:
+        kv = raw_dealer(ctx, decode_stats(cluster)["kv_addr"])
+        kv.send(p.encode(p.KVHello("elsewhere", KVGeometry.of(tiny_llm.runner).to_dict(), export)))
+        assert reply(kv) == p.KVHelloOk(decode_stats(cluster)["worker_id"], cuda_ipc=False)
+        kv.send(p.encode(p.KVOffer("t2", "elsewhere-1", list(range(1, 21)), [7], {"max_tokens": 5}, {}, 2)))
+        assert reply(kv) == p.KVReady("t2")
+        kv.send(p.encode(p.KVData("t2", 1, block_ids=[0, 1])))
+        answer = reply(kv)
+        assert isinstance(answer, p.KVCancel) and "not mapped here" in answer.reason
     finally:
         ctx.destroy(linger=0)
     cluster.wait_idle()

@@ -15,11 +15,12 @@ import logging
 from collections import deque
 from dataclasses import dataclass
 
+import torch
 import zmq
 
 from engine.sequence import Sequence
 from transport import protocol as p
-from transport.kv import KVGeometry, KVWriter
+from transport.kv import KVGeometry, KVWriter, open_peer_cache
 from transport.sockets import make_socket, recv, send
 from transport.worker import Worker
 
@@ -61,6 +62,8 @@ class DecodeWorker(Worker):
         self.incoming: dict[str, Incoming] = {}  # accepted, data not yet complete
         self.writing: dict[str, Incoming] = {}  # data received, being written into the blocks
         self.greeted: set[bytes] = set()
+        self.peer_caches: dict[bytes, torch.Tensor] = {}  # prefill workers on this GPU, their caches mapped
+        self.counters["kv_cuda_ipc"] = 0  # transfers copied GPU to GPU
         log.info("decode worker %s receives KV at %s", self.worker_id, self.kv_addr)
 
     def registration(self) -> p.Register:
@@ -100,6 +103,7 @@ class DecodeWorker(Worker):
             for item in [i for i in self.pending() if i.peer == gone]:
                 self.drop(item)
             self.greeted.discard(gone)
+            self.peer_caches.pop(gone, None)
         else:
             log.warning("unexpected %s message from the router", msg.TYPE)
 
@@ -108,6 +112,7 @@ class DecodeWorker(Worker):
             send(self.kv_socket, p.KVCancel(item.transfer_id, "the decode worker was reset"), item.peer)
             self.drop(item)
         self.greeted.clear()
+        self.peer_caches.clear()
         super().reset()
 
     def abort(self, request_id: str) -> None:
@@ -169,7 +174,13 @@ class DecodeWorker(Worker):
             send(self.kv_socket, p.Error(None, problem), peer)
             return
         self.greeted.add(peer)
-        send(self.kv_socket, p.KVHelloOk(self.worker_id), peer)
+        if msg.cuda_ipc is not None and peer not in self.peer_caches:
+            try:
+                self.peer_caches[peer] = open_peer_cache(msg.cuda_ipc, self.llm.runner, self.geometry)
+                log.info("KV from %s is copied from its cache on this GPU (CUDA IPC)", msg.worker_id)
+            except ValueError as e:
+                log.info("KV from %s comes over the socket: %s", msg.worker_id, e)
+        send(self.kv_socket, p.KVHelloOk(self.worker_id, cuda_ipc=peer in self.peer_caches), peer)
 
     def on_offer(self, peer: bytes, msg: p.KVOffer) -> None:
         try:
@@ -194,7 +205,13 @@ class DecodeWorker(Worker):
         item = self.incoming.get(msg.transfer_id)
         if item is None or item.peer != peer:
             return  # cancelled or timed out here already; the sender has been told
-        problem = self.writer.check(frames, item.num_blocks, msg.blocks_per_frame)
+        source = self.peer_caches.get(peer)
+        if source is not None:
+            problem = self.writer.check_copy(source, msg.block_ids, frames, item.num_blocks)
+        elif msg.block_ids is not None:
+            problem = "KV block ids from a prefill worker whose cache is not mapped here"
+        else:
+            problem = self.writer.check(frames, item.num_blocks, msg.blocks_per_frame)
         if problem:
             send(self.kv_socket, p.KVCancel(item.transfer_id, problem), peer)
             self.fail(item.seq.request_id, f"bad KV transfer from {peer.decode(errors='replace')}: {problem}")
@@ -202,7 +219,11 @@ class DecodeWorker(Worker):
             return
         del self.incoming[item.transfer_id]
         self.writing[item.transfer_id] = item
-        self.writer.submit(item.transfer_id, frames, item.seq.block_table, msg.blocks_per_frame)
+        if source is not None:
+            self.counters["kv_cuda_ipc"] += 1
+            self.writer.submit_copy(item.transfer_id, source, msg.block_ids, item.seq.block_table)
+        else:
+            self.writer.submit(item.transfer_id, frames, item.seq.block_table, msg.blocks_per_frame)
 
     def finish_writes(self) -> None:
         for transfer_id, error in self.writer.finished():

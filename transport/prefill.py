@@ -3,7 +3,8 @@ blocks to its decode worker.
 
 A transfer goes: handshake with the decode worker (once per pair) -> offer -> the decode side
 answers ready when it has reserved room (until then the blocks stay here: backpressure) -> the
-KV frames -> ack, and only then are the blocks freed. No ack within the transfer timeout fails
+KV frames (or, to a decode worker on this GPU, only the block ids: it copies them from our
+cache) -> ack, and only then are the blocks freed. No ack within the transfer timeout fails
 the request and frees the blocks; so does an abort or the decode worker's death.
 """
 
@@ -20,7 +21,7 @@ import zmq
 
 from engine.sequence import Sequence, Status
 from transport import protocol as p
-from transport.kv import OutgoingKV, PinnedPool, blocks_per_frame
+from transport.kv import OutgoingKV, PinnedPool, blocks_per_frame, export_cache
 from transport.sockets import make_socket, recv, send, send_tracked
 from transport.worker import Worker
 
@@ -52,6 +53,7 @@ class DecodePeer:
     worker_id: str
     socket: zmq.Socket
     greeted: bool = False
+    cuda_ipc: bool = False  # it maps our KV cache: transfers name blocks instead of sending bytes
     unsent_offers: list = field(default_factory=list)  # transfers waiting for the handshake
 
 
@@ -71,6 +73,7 @@ class PrefillWorker(Worker):
         self.staging = PinnedPool(min(MAX_STAGING_BYTES, cache.numel() * cache.element_size())) if on_gpu else None
         self.ready: list[Transfer] = []  # the decode side has room; the data goes out this turn
         self.per_frame = blocks_per_frame(self.geometry, self.max_frame_bytes)
+        self.cache_export = export_cache(self.llm.runner)
 
     def stats(self) -> dict:
         return {**super().stats(), "transfers": len(self.transfers)}
@@ -143,7 +146,7 @@ class PrefillWorker(Worker):
             sock.connect(kv_addr)
             self.poller.register(sock, zmq.POLLIN)
             peer = self.peers[worker_id] = DecodePeer(worker_id, sock)
-            send(sock, p.KVHello(self.worker_id, self.geometry.to_dict()))
+            send(sock, p.KVHello(self.worker_id, self.geometry.to_dict(), self.cache_export))
         transfer = Transfer(uuid.uuid4().hex, seq, peer, deadline=time.monotonic() + self.transfer_timeout_s)
         self.transfers[transfer.transfer_id] = transfer
         self.by_request[seq.request_id] = transfer
@@ -184,8 +187,15 @@ class PrefillWorker(Worker):
         if not self.ready:
             return
         started = time.perf_counter()
-        staged = [t for t in self.ready if t.transfer_id in self.transfers]
+        ready = [t for t in self.ready if t.transfer_id in self.transfers]
         self.ready.clear()
+        by_name = [t for t in ready if t.peer.cuda_ipc]
+        if by_name:
+            torch.cuda.current_stream().synchronize()  # the steps that wrote their KV are done
+        for t in by_name:
+            send(t.peer.socket, p.KVData(t.transfer_id, self.per_frame, block_ids=list(t.seq.block_table)))
+            t.deadline = time.monotonic() + self.transfer_timeout_s
+        staged = [t for t in ready if not t.peer.cuda_ipc]
         for t in staged:
             t.kv = OutgoingKV(self.llm.runner, t.seq.block_table, self.copy_stream, self.staging)
         for t in staged:
@@ -204,6 +214,7 @@ class PrefillWorker(Worker):
         msg = received.msg
         if isinstance(msg, p.KVHelloOk):
             peer.greeted = True
+            peer.cuda_ipc = msg.cuda_ipc and self.cache_export is not None
             for t in peer.unsent_offers:
                 self.offer(t)
             peer.unsent_offers.clear()

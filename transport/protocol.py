@@ -2,7 +2,8 @@
 
 Every message is a map with the protocol version `v`, its `type`, and exactly the fields of its
 class, each checked against the field's annotation. Nothing but msgpack goes on the wire (never
-pickle); raw KV bytes travel as extra frames after a `KVData` header, never inside a map.
+pickle); raw KV bytes travel as extra frames after a `KVData` header, never inside a map (or,
+between workers on one GPU, not at all: see transport.kv).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any, ClassVar
 
 import msgpack
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 # Control messages (requests, tokens, status) are small; the largest is a long prompt's ids.
 MAX_CONTROL_MESSAGE_BYTES = 16 * 2**20
 
@@ -161,12 +162,14 @@ class KVHello(Message):
     TYPE = "kv_hello"
     worker_id: str
     geometry: dict
+    cuda_ipc: dict | None = None  # the prefill worker's KV cache as a CUDA IPC export (transport.kv)
 
 
 @dataclass
 class KVHelloOk(Message):
     TYPE = "kv_hello_ok"
     worker_id: str
+    cuda_ipc: bool = False  # the decode worker mapped the export: transfers name blocks, not bytes
 
 
 @dataclass
@@ -196,10 +199,12 @@ class KVReject(Message):
 
 @dataclass
 class KVData(Message):
-    """Header of a KV transfer; the raw frames follow in the same multipart message."""
+    """Header of a KV transfer; the raw frames follow in the same multipart message, or, over
+    CUDA IPC, `block_ids` names the prefill worker's blocks for the decode worker to copy."""
     TYPE = "kv_data"
     transfer_id: str
     blocks_per_frame: int
+    block_ids: list[int] | None = None
 
 
 @dataclass

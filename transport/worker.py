@@ -230,6 +230,7 @@ def build_llm(model: str, role: str, engine_args: dict) -> LLM:
         # bytes not yet written. Decode workers only reuse KV they computed themselves.
         engine_args = {**engine_args, "enable_prefix_caching": False}
     llm = LLM(model, **engine_args)
+    log.info("%s worker warmed up in %.1f s", role, llm.warm_up())
     llm.scheduler.prefill_only = role == "prefill"
     return llm
 
