@@ -299,7 +299,7 @@ def test_cli_client_json_and_exit_status(cluster):
     status = kairos_process("status", "--addr", cluster.addr)
     out, _ = status.communicate(timeout=60)
     assert status.returncode == 0 and "prefill" in out and "free_blocks" in out and "cost_scale" in out
-    assert "queued_prompt_tokens" in out and "preemptions" in out
+    assert "queued_prompt_tokens" in out and "preemptions" in out and "kv_cuda_ipc" in out
     dead = kairos_process("status", "--addr", "tcp://127.0.0.1:1", "--timeout", "0.5")
     out, _ = dead.communicate(timeout=60)
     assert dead.returncode == 1 and "no reply from the router" in out
