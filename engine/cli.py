@@ -158,6 +158,8 @@ def sim_setup(args: argparse.Namespace):
 
 # Options of the simulated system alone, with their defaults: a live run has the real thing.
 SIMULATED_ONLY = {"--profile": DEFAULT_PROFILE, "--kv-bandwidth-gb-s": 25.0, "--step-jitter": 0.0}
+LIVE_ONLY = {"--model": "tiny", "--load-format": "auto", "--max-model-len": None, "--worker-profile": None,
+             "--timeout": 300.0}
 
 
 def add_sim_args(p: argparse.ArgumentParser) -> None:
@@ -219,6 +221,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     if args.repeats != 1 and not args.live:
         raise ValueError("--repeats is for --live runs: the simulator gives the same result every time")
+    for flag, default in LIVE_ONLY.items() if not args.live else ():
+        if getattr(args, flag[2:].replace("-", "_")) != default:
+            raise ValueError(f"{flag} sets up the live workers: it needs --live")
     if args.live:
         from scheduler.simulator import SimConfig, check_config
         from transport.replay import live_point
@@ -233,8 +238,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
                                max_inflight_transfer_bytes=int(args.max_inflight_transfer_mb * 2**20),
                                kv_capacity_tokens=SimConfig.kv_capacity_tokens if args.kv_capacity_tokens is None
                                else args.kv_capacity_tokens))
-        worker = ["--model", args.model, "--max-num-batched-tokens", str(args.token_budget),
-                  "--max-num-seqs", str(args.max_batch)]
+        worker = ["--model", args.model, "--load-format", args.load_format,
+                  "--max-num-batched-tokens", str(args.token_budget), "--max-num-seqs", str(args.max_batch)]
+        if args.max_model_len is not None:
+            worker += ["--max-model-len", str(args.max_model_len)]
         if args.kv_capacity_tokens is not None:
             worker += ["--num-kv-blocks", str(-(-args.kv_capacity_tokens // 16))]
         if args.worker_profile:
@@ -464,10 +471,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="replay against a local router with --prefill-workers and --decode-workers workers per "
                           "point, started with --token-budget, --max-batch, --kv-capacity-tokens and "
                           "--max-inflight-transfer-mb, instead of simulating")
-    cmp.add_argument("--model", default="tiny", help="--live: the workers' model")
+    cmp.add_argument("--model", default=LIVE_ONLY["--model"], help="--live: the workers' model")
+    cmp.add_argument("--load-format", default=LIVE_ONLY["--load-format"], choices=["auto", "dummy"],
+                     help="--live: the workers' weights (dummy: random, for a model folder with no weights)")
+    cmp.add_argument("--max-model-len", type=int, help="--live: the workers' longest sequence")
     cmp.add_argument("--worker-profile", help="--live: the workers' step-time profile (default: each measures "
                                                "a short one at start-up; --profile is the simulator's)")
-    cmp.add_argument("--timeout", type=float, default=300.0, help="--live: seconds to wait for any reply")
+    cmp.add_argument("--timeout", type=float, default=LIVE_ONLY["--timeout"],
+                     help="--live: seconds to wait for any reply")
     cmp.add_argument("--rate-scales", default="2,3,4,5,6,7,8")
     cmp.add_argument("--repeats", type=int, default=1,
                      help="--live: runs per point, the policies taking turns; rows report their mean")

@@ -352,10 +352,14 @@ def test_compare_live_sweeps_policies_on_real_workers(tmp_path):
                           "--synthetic-rate", "10", "--rate-scales", "1", "--policies", "kairos+kairos",
                           "--max-prompt-len", "64", "--max-output-len", "4", "--token-budget", "256",
                           "--max-batch", "16", "--kv-capacity-tokens", "4096", "--out-dir", str(tmp_path),
-                          "--name", "live", "--repeats", "2", "--prefill-workers", "2")
+                          "--name", "live", "--repeats", "2", "--prefill-workers", "2",
+                          "--load-format", "dummy", "--max-model-len", "256")
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     result = json.loads((tmp_path / "live.json").read_text())
+    workers = result["workers"]  # the workers were started with the model's settings asked for
+    assert workers[workers.index("--load-format") + 1] == "dummy"
+    assert workers[workers.index("--max-model-len") + 1] == "256"
     assert result["mode"] == "live" and {r["policy"] for r in result["rows"]} == {"fcfs+cb", "kairos+kairos"}
     assert all(r["requests"] == 10 and r["failed"] == 0 and r["ttft_ms"]["p50"] > 0 for r in result["rows"])
     assert all(len(r["e2e_runs"]) == 2 for r in result["rows"])  # two fresh clusters per policy
@@ -371,6 +375,9 @@ def test_compare_live_refuses_what_only_the_simulator_has_and_reports_a_worker_t
     proc = kairos_process("bench", "compare", "--live", "--kv-bandwidth-gb-s", "2")
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 2 and "--kv-bandwidth-gb-s sets up the simulator" in out
+    proc = kairos_process("bench", "compare", "--load-format", "dummy")  # and the other way round
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and "--load-format sets up the live workers: it needs --live" in out
     proc = kairos_process("bench", "compare", "--live", "--prefill-workers", "0")
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 2 and "--prefill-workers must be at least 1" in out
