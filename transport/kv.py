@@ -7,15 +7,16 @@ the handshake and the header, so the receiver checks every frame's size before i
 
 On a GPU the prefill side gathers the blocks into pinned host memory on a side stream (the
 compute stream goes on), and the decode side copies each frame through a small pinned staging
-buffer onto its own side stream, straight into the blocks it reserved. Two workers on the same
-GPU skip all of that: the prefill worker exports its KV cache once, in the handshake, as a CUDA
-IPC handle (`export_cache`); the decode worker maps it (`open_peer_cache`), and a transfer's
-header then names the prefill-side blocks instead of carrying frames, which the decode side
-copies GPU to GPU (`KVWriter.submit_copy`). TCP loopback carries about 2.4 GB/s; an H100 can
-prefill KV faster than that. On a CPU the frames are
+buffer onto its own side stream, straight into the blocks it reserved. On a CPU the frames are
 views of the cache copy and are written straight into the reserved blocks. The decode worker
 writes on a thread of its own (`KVWriter.submit`): a 1000-token Llama-3-8B transfer is 128 MiB,
 tens of milliseconds of copying that would otherwise stall every decode step behind it.
+
+Two workers on the same GPU skip the host and the socket: the prefill worker exports its KV
+cache once, in the handshake, as a CUDA IPC handle (`export_cache`); the decode worker maps it
+(`open_peer_cache`), and a transfer's header then names the prefill-side blocks instead of
+carrying frames, which the decode side copies GPU to GPU (`KVWriter.submit_copy`). TCP loopback
+carries about 2.4 GB/s, and one H100 prefills KV faster than that.
 """
 
 from __future__ import annotations
