@@ -97,6 +97,12 @@ def served_decode_fit(logs: list[Path], spans: list[tuple[float, float]]) -> dic
             **({"decode_online_error": sum(online) / len(online)} if online else {})}
 
 
+def step_log(folder: Path, policy: str, rate: float, repeat: int, role: str) -> Path:
+    """Where a live run keeps a worker's step log (and where `--resimulate` finds it)."""
+    prefill, decode = policy.split("+")
+    return folder / f"{prefill}_{decode}_x{rate:g}_{repeat}_{role}.jsonl"
+
+
 def served_prefill_fit(logs: list[Path], spans: list[tuple[float, float]]) -> dict:
     """Serving's prefill steps (from the prefill workers' step logs, within the measured runs'
     spans) as a least-squares scale on the profile's prediction. Least squares weighs a step by
@@ -267,8 +273,7 @@ def refit_prefill(recorded: dict, args: argparse.Namespace, step_logs: Path) -> 
     """Fits serving's prefill steps afresh from the recorded runs' step logs (named as a live
     run names them), for each run and for each point; the first point's is the calibration."""
     for row in recorded["rows"]:
-        prefill, decode = row["policy"].split("+")
-        logs = [step_logs / f"{prefill}_{decode}_x{row['rate_scale']:g}_{repeat}_prefill.jsonl"
+        logs = [step_log(step_logs, row["policy"], row["rate_scale"], repeat, "prefill")
                 for repeat in range(len(row["live_runs"]))]
         spans = row.get("spans") or [replay_span(log, args.warm_up) for log in logs]
         for log, span, drift in zip(logs, spans, row["run_drifts"]):
@@ -313,8 +318,7 @@ def main() -> None:
         for repeat in range(args.repeats):
             for policy in policies:
                 prefill, decode = policy.split("+")
-                logs = {role: log_dir / f"{prefill}_{decode}_x{rate:g}_{repeat}_{role}.jsonl"
-                        for role in ("prefill", "decode")}
+                logs = {role: step_log(log_dir, policy, rate, repeat, role) for role in ("prefill", "decode")}
                 with local_cluster(["--prefill-policy", prefill, *worker, "--step-log", str(logs["prefill"])],
                                    ["--decode-policy", decode, *worker, "--step-log", str(logs["decode"])]) as addr:
                     warm_up(addr, trace, args.warm_up)
