@@ -150,11 +150,12 @@ class LLM:
 
     def warm_up(self) -> float:
         """Runs one prefill step of the full token budget (as far as half the KV cache holds)
-        and a decode step of it, before any request: the first step of a shape compiles GPU
-        kernels for it, and a serving loop that met that on a request stalled for over a second
-        (an 8192-token step on an H100 and on an H200, once per machine). Distinct random
-        prompts, so the step is all new tokens; neither the calibration, the prefill counter nor
-        the prefix cache keeps anything of it. Returns the seconds it took."""
+        and a decode step of it, then every other attention shape with kernels of its own
+        (`ModelRunner.run_attention_variants`), before any request: a GPU kernel compiles on
+        first use, and a serving loop that met that on a request stalled for over a second (an
+        8192-token step on an H100 and on an H200, once per machine). Distinct random prompts,
+        so the step is all new tokens; neither the calibration, the prefill counter nor the
+        prefix cache keeps anything of it. Returns the seconds it took."""
         started = time.perf_counter()
         total = min(self.config.max_num_batched_tokens, self.num_total_blocks // 2 * self.config.block_size)
         per_prompt = max(1, min(total, self.max_model_len - 2))
@@ -168,6 +169,7 @@ class LLM:
         computed = self.num_prefill_tokens_computed
         try:
             self.generate(prompts, SamplingParams(max_tokens=2, ignore_eos=True, temperature=0))
+            self.runner.run_attention_variants()
         finally:
             self.cost_model, self.num_prefill_tokens_computed = calibrated, computed
             self._decoding_since = None

@@ -106,6 +106,26 @@ class ModelRunner:
         hidden = self.model(ids, torch.arange(num_tokens, device=self.device), ctx)
         self.model.compute_logits(hidden[-1:])
 
+    @torch.inference_mode()
+    def run_attention_variants(self) -> None:
+        """One forward pass of each attention shape that takes kernels of its own: a prefill
+        over a cached prefix (as a chunked prompt's later chunks are), and a decode step at the
+        shortest and at the longest context (the decode kernel splits a long one's keys and
+        merges the parts). A GPU kernel compiles on first use, and these may first come up
+        mid-serving. The passes read block 0 over and over and store nothing."""
+        one = self._tensor([0])
+        nowhere = self._tensor([-1])
+        prefix_len = 2 * self.block_size
+        self.model(one, self._tensor([prefix_len - 1]), AttentionContext(
+            is_prefill=True, slot_mapping=nowhere, cu_seqlens_q=self._tensor([0, 1], torch.int32),
+            cu_seqlens_k=self._tensor([0, prefix_len], torch.int32), max_seqlen_q=1,
+            block_tables=self._tensor([[0, 0]], torch.int32)))
+        for context_len in (1, self.max_model_len):
+            blocks = -(-context_len // self.block_size)
+            self.model(one, self._tensor([context_len - 1]), AttentionContext(
+                is_prefill=False, slot_mapping=nowhere, block_tables=self._tensor([[0] * blocks], torch.int32),
+                context_lens=self._tensor([context_len], torch.int32)))
+
     def _tensor(self, data, dtype=torch.int64) -> torch.Tensor:
         return torch.tensor(data, dtype=dtype, pin_memory=self.device.type == "cuda").to(
             self.device, non_blocking=True)

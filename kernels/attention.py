@@ -28,10 +28,17 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+# Triton compiles a kernel anew for each new specialization of an integer argument (equal to 1,
+# divisible by 16, other). The block-table stride (the widest sequence's block count) and the
+# split count change from batch to batch, so the kernels leave them unspecialized: otherwise
+# serving would meet up to six more variants of a kernel, each a step stalled while it compiles
+# (over a second on a GPU).
+
+
 # ---- decode ---------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt", "num_splits"])
 def _decode_kernel(q_ptr, k_cache, v_cache, block_tables, context_lens, out_ptr, part_out, part_lse,
                    stride_qb, stride_qh, stride_cb, stride_ct, stride_ch, stride_bt, stride_ob, stride_oh,
                    tokens_per_split, num_splits, qk_scale,
@@ -84,7 +91,7 @@ def _decode_kernel(q_ptr, k_cache, v_cache, block_tables, context_lens, out_ptr,
         tl.store(part_lse + part, lse, mask=rows < GROUP)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _merge_kernel(part_out, part_lse, out_ptr, stride_ob, stride_oh, num_splits,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
     """Combines the splits of one (sequence, head) by their log-sum-exp weights."""
@@ -116,9 +123,12 @@ def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, num
     group = num_heads // num_kv_heads
     block_n = 64 if page <= 64 else page
     max_tokens = block_tables.shape[1] * page
+    sms = _num_sms(q.device.index or 0) if q.is_cuda else 4
     if num_splits is None:
-        sms = _num_sms(q.device.index or 0) if q.is_cuda else 4
         num_splits = decode_num_splits(batch, num_kv_heads, max_tokens, sms)
+    # The merge's tile holds the most splits any batch on this cache can have, not this batch's,
+    # so that one compiled merge serves every batch.
+    most_splits = max(num_splits, decode_num_splits(1, num_kv_heads, k_cache.shape[0] * page, sms))
     tokens_per_split = triton.cdiv(triton.cdiv(max_tokens, num_splits), block_n) * block_n
     out = alloc(q.shape, q.dtype, q.device)
     direct = num_splits == 1
@@ -138,7 +148,7 @@ def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, num
     if not direct:
         _merge_kernel[(batch, num_heads)](part_out, part_lse, out, out.stride(0), out.stride(1), num_splits,
                                           HEAD_DIM=head_dim, BLOCK_D=block_d,
-                                          BLOCK_S=triton.next_power_of_2(num_splits))
+                                          BLOCK_S=triton.next_power_of_2(most_splits))
     return out
 
 
@@ -181,7 +191,7 @@ def _prefill_tile(q, m, l, acc, k_ptr, v_ptr, k_cache, v_cache, block_tables, se
     return m_new, l, acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])
 def _prefill_kernel(q_ptr, k_ptr, v_ptr, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, block_tables, out_ptr,
                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
                     stride_cb, stride_ct, stride_ch, stride_bt, qk_scale,

@@ -1,5 +1,7 @@
 """The offline engine on the tiny model: batching, chunked prefill, preemption, aborts, stops."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -132,3 +134,76 @@ def test_warm_up_runs_a_full_budget_prefill_and_a_decode_step_and_keeps_nothing(
     assert [len(b.seqs) for b in steps[1:] if not b.is_prefill] == [3]
     assert llm.cost_model.totals == totals and llm.num_prefill_tokens_computed == 0
     assert llm.num_free_blocks == llm.num_total_blocks and not llm.block_manager.cached
+
+
+@contextlib.contextmanager
+def kernel_variants():
+    """Records each Triton kernel launch's specialization as Triton keys its compiled kernels:
+    the constexpr values, and for every other argument its type with Triton's specialization of
+    it (an integer equal to 1 or divisible by 16, a pointer's 16-byte alignment), unless the
+    kernel leaves that argument unspecialized."""
+    import inspect
+
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import native_specialize_impl
+
+    from kernels import attention, small_ops
+
+    seen: set = set()
+    hooked = []
+    for module in (attention, small_ops):
+        for name, kernel in vars(module).items():
+            if not (name.endswith("_kernel") and hasattr(kernel, "add_pre_run_hook")):
+                continue
+            params = inspect.signature(kernel.fn).parameters
+            options = getattr(kernel, "kwargs", None) or {}  # the interpreter keeps jit's options here
+            unspecialized = options.get("do_not_specialize") or getattr(kernel, "do_not_specialize", None) or ()
+            unspecialized = {kernel.arg_names[a] if isinstance(a, int) else a for a in unspecialized}
+
+            def hook(*args, _name=name, _kernel=kernel, _params=params, _unspecialized=unspecialized, **kwargs):
+                bound = {**dict(zip(_kernel.arg_names, args)), **kwargs}
+                key = []
+                for arg in _kernel.arg_names:
+                    value = bound[arg]
+                    if "constexpr" in str(_params[arg].annotation):  # a string under postponed annotations
+                        key.append((arg, value))
+                    elif arg in _unspecialized:
+                        key.append((arg, type(value).__name__))
+                    else:
+                        key.append((arg, native_specialize_impl(BaseBackend, value, False, True, True)))
+                seen.add((_name, tuple(key)))
+
+            kernel.add_pre_run_hook(hook)
+            hooked.append((kernel, hook))
+    try:
+        yield seen
+    finally:
+        for kernel, hook in hooked:
+            kernel.pre_run_hooks.remove(hook)
+
+
+def test_after_the_warm_up_serving_compiles_no_kernel(monkeypatch):
+    """Every Triton kernel variant that serving launches, the warm-up launched first: on a GPU
+    each new one compiles mid-serving. The steps below vary what could make one: prompts of a
+    token, across block boundaries and past the token budget (chunked), a cached prefix, decode
+    batches of 1 to 3 whose widest block table is 1, 2, 16 or 18 blocks, and contexts the
+    decode kernel splits in 1 to 3. Blocks of 4 tokens, and splits from 32 keys rather than
+    256, keep the interpreted prompts short."""
+    from kernels import attention
+
+    monkeypatch.setattr(attention, "MIN_TOKENS_PER_SPLIT", 32)
+    llm = LLM("tiny", backend="triton", block_size=4, num_kv_blocks=96, max_model_len=160, max_num_batched_tokens=64)
+    rng = torch.Generator().manual_seed(0)
+    ids = {n: torch.randint(2, 512, (n,), generator=rng).tolist() for n in (1, 3, 5, 61, 70)}
+    with kernel_variants() as seen:
+        llm.warm_up()
+        warmed = set(seen)
+        assert {name for name, _ in warmed} >= {"_prefill_kernel", "_decode_kernel", "_merge_kernel",
+                                               "_rms_norm_kernel", "_store_kv_kernel"}
+        params = SamplingParams(max_tokens=3, ignore_eos=True, temperature=0)
+        llm.generate([ids[1], ids[3], ids[5]], params)
+        for n in (61, 70):
+            llm.generate([ids[n]], params)
+        llm.generate([ids[70][:40] + [7]], params)  # its first ten blocks are cached
+    assert llm.num_free_blocks == llm.num_total_blocks
+    assert set(seen) - warmed == set()
