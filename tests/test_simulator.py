@@ -331,6 +331,30 @@ def test_a_goodput_below_the_sweep_is_shown_as_such_with_no_ratio():
     assert line.split()[1:4] == ["<", f"{lowest:.1f}", "n/a"]
 
 
+def test_a_goodput_above_the_sweep_is_a_lower_bound_and_so_is_its_ratio():
+    trace = with_slos(synthetic(20, rate=10.0, seed=3), 800, 100)
+
+    def run_point(points, policy):
+        e2e = 0.95 if policy == "kairos+kairos" or points[-1].arrival > 2.0 else 0.5  # fcfs+cb: at rate 1 only
+        report = {"ttft_attainment": e2e, "tpot_attainment": 1.0, "e2e_attainment": e2e,
+                  "decode_throughput_tok_s": 100.0}
+        return report, {"ttft_ms": [1.0], "tpot_ms": [1.0]}
+
+    result = compare(trace, [1.0, 2.0], ["fcfs+cb", "kairos+kairos"], run_point)
+    ours, base = result["summary"]["kairos+kairos"], result["summary"]["fcfs+cb"]
+    assert ours["goodput_above_sweep"] and not base["goodput_above_sweep"]
+    highest = max(r["rate_req_s"] for r in result["rows"])
+    assert ours["goodput_req_s"] == pytest.approx(highest)
+    line = next(line for line in table(result).splitlines() if line.strip().startswith("kairos+kairos  "))
+    assert line.split()[1:5] == [">=", f"{highest:.2f}", ">=", f"{ours['goodput_vs_baseline']:.2f}"]
+    assert "sweep higher rates" in table(result)
+    # With the baseline above the sweep too, neither goodput is known, nor their ratio.
+    result = compare(trace, [0.5, 1.0], ["fcfs+cb", "kairos+kairos"], run_point)
+    assert all(s["goodput_above_sweep"] for s in result["summary"].values())
+    line = next(line for line in table(result).splitlines() if line.strip().startswith("kairos+kairos  "))
+    assert line.split()[1:4] == [">=", f"{max(r['rate_req_s'] for r in result['rows']):.2f}", "n/a"]
+
+
 def test_compare_refuses_repeats_without_live_runs(capsys):
     from engine.cli import main
 
