@@ -274,7 +274,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     trace = read_trace(args)
     with tqdm(total=len(trace), desc="replay", disable=args.json or not sys.stderr.isatty()) as bar:
-        report = replay(args.addr, trace, timeout_s=args.timeout, progress=bar.update)
+        report = replay(args.addr, trace, timeout_s=args.timeout, progress=bar.update, seed=args.prompt_seed)
     print_slo_report(report, args.json, f"{report['requests']} requests ({report['failed']} failed), live at {args.addr}")
     return 0
 
@@ -410,8 +410,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     counters = report["counters"]
     print("requests: " + ", ".join(f"{k} {v}" for k, v in counters.items()) + f", waiting for workers {report['pending']}")
-    columns = ("role", "worker_id", "requests", "queued_prompt_tokens", "waiting", "running", "ready", "transfers",
-               "kv_cuda_ipc", "free_blocks", "total_blocks", "preemptions", "completed", "aborted", "failed", "ttft_met",
+    columns = ("role", "worker_id", "requests", "queued_prompt_tokens", "cached_prompt_tokens", "waiting", "running",
+               "ready", "transfers", "kv_cuda_ipc", "free_blocks", "total_blocks", "preemptions", "completed", "aborted", "failed", "ttft_met",
                "tpot_met", "cost_scale", "last_seen_ms")
 
     def cell(worker: dict, column: str) -> str:
@@ -493,6 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--addr", default=DEFAULT_ROUTER)
     add_length_caps(rep)
     rep.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for any reply")
+    rep.add_argument("--prompt-seed", type=int, help="draw the synthetic prompts from this seed (default: a fresh "
+                     "one, so that no prompt of an earlier replay is still in the server's prefix cache)")
     rep.add_argument("--json", action="store_true")
     rep.set_defaults(func=cmd_replay)
 

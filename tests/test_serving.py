@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+from dataclasses import replace
 import math
 import random
 import time
@@ -344,6 +345,30 @@ def test_live_replay_reports_what_the_simulator_reports(cluster):
     assert {"ttft_attainment", "tpot_attainment", "e2e_attainment", "decode_throughput_tok_s", "ttft_ms",
             "tpot_ms"} <= set(report)
     assert report["ttft_ms"]["p50"] > 0 and report["decode_throughput_tok_s"] > 0
+    cluster.wait_idle()
+
+
+def test_replay_shares_prompt_prefixes_where_the_trace_marks_them_and_nowhere_else(cluster):
+    """Mooncake hash ids mark shared prompt blocks: replayed live, those blocks hit the prefill
+    worker's prefix cache, as the simulator models them. Nothing else may share a prefix by
+    chance, not even the warm-up's prompts with the measured replay's."""
+    from scheduler.traces import synthetic, with_slos
+    from transport.replay import replay, warm_up
+
+    def cached_prompt_tokens() -> int:
+        with cluster.client() as client:
+            return sum(w["cached_prompt_tokens"] for w in client.status()["workers"] if w["role"] == "prefill")
+
+    trace = with_slos(synthetic(8, rate=20.0, prompt_mean=60, output_mean=3, max_len=200, seed=4), 5000, 1000)
+    before = cached_prompt_tokens()
+    warm_up(cluster.addr, trace, requests=4)
+    assert replay(cluster.addr, trace, timeout_s=60)["failed"] == 0
+    assert cached_prompt_tokens() == before
+    # Two 300-token prompts of the same 512-token block (truncated), a second apart: the second
+    # is served from the cache but for its last, partial, 16-token block.
+    shared = [replace(r, arrival=float(i), prompt_len=300, hash_ids=(77,)) for i, r in enumerate(trace[:2])]
+    assert replay(cluster.addr, shared, timeout_s=60)["failed"] == 0
+    assert cached_prompt_tokens() - before == 299 // 16 * 16
     cluster.wait_idle()
 
 

@@ -272,6 +272,24 @@ def test_slack_batching_holds_tpot_through_a_decode_overload():
     assert tpot["cb"] < 0.7 and tpot["kairos"] > tpot["cb"] + 0.25
 
 
+def test_replayed_prompts_share_the_blocks_the_trace_marks_and_nothing_else():
+    from transport.replay import synthetic_prompts
+
+    def request(prompt_len, hash_ids=()):
+        return TraceRequest(0.0, prompt_len, 4, hash_ids)
+
+    trace = [request(1100, (1, 2, 3)), request(700, (1, 2)), request(300, (2,)), request(600), request(600)]
+    prompts = synthetic_prompts(trace, vocab_ids=100, seed=5)
+    assert [len(x) for x in prompts] == [1100, 700, 300, 600, 600]
+    assert all(1 <= t < 100 for x in prompts for t in x)
+    assert prompts[1][:700] == prompts[0][:700]  # blocks 1 and 2 (the second truncated to 188 tokens)
+    assert prompts[2] == prompts[0][512:812]  # block 2 alone, truncated
+    assert prompts[3][:16] != prompts[4][:16] and prompts[0][1024:] != prompts[3][:76]
+    again = synthetic_prompts(trace, vocab_ids=100, seed=5)
+    other = synthetic_prompts(trace, vocab_ids=100, seed=6)
+    assert again == prompts and all(a[:16] != b[:16] for a, b in zip(prompts, other))
+
+
 def test_goodput_interpolates_to_the_ninety_percent_crossing():
     assert goodput([(1, 1.0), (2, 0.95), (3, 0.85)]) == pytest.approx(2.5)
     assert goodput([(1, 0.5), (2, 0.4)]) == 0.0

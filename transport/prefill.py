@@ -62,7 +62,8 @@ class PrefillWorker(Worker):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.counters.update(first_tokens=0, ttft_met=0)  # TTFT from arrival here
+        # TTFT from arrival here; prompt tokens served from the prefix cache rather than computed.
+        self.counters.update(first_tokens=0, ttft_met=0, cached_prompt_tokens=0)
         self.targets: dict[str, tuple[str, str]] = {}  # request id -> decode worker id, KV address
         self.peers: dict[str, DecodePeer] = {}
         self.transfers: dict[str, Transfer] = {}
@@ -132,6 +133,7 @@ class PrefillWorker(Worker):
         for seq in stepped:
             self.counters["first_tokens"] += 1
             self.counters["ttft_met"] += seq.token_times[0] - seq.arrival_time <= seq.ttft_slo
+            self.counters["cached_prompt_tokens"] += seq.num_cached_tokens
             self.send_tokens(seq)
             if seq.status is Status.HANDED_OFF:
                 self.start_transfer(seq)

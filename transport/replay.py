@@ -6,13 +6,17 @@ report format."""
 from __future__ import annotations
 
 import asyncio
-import random
+import hashlib
+import secrets
 import time
 from dataclasses import dataclass, replace
 
+import torch
+
 from scheduler.simulator import metrics
-from scheduler.traces import TraceRequest
+from scheduler.traces import MOONCAKE_BLOCK_TOKENS, TraceRequest
 from transport.client import AsyncClient, Client
+
 
 
 @dataclass
@@ -28,14 +32,43 @@ class ReplayedRequest:
     error: str | None = None
 
 
-async def _replay(addr: str, trace: list[TraceRequest], vocab_ids: int, timeout_s: float, progress) -> list:
-    rng = random.Random(0)
+def synthetic_prompts(trace: list[TraceRequest], vocab_ids: int, seed: int) -> list[list[int]]:
+    """Token ids in [1, vocab_ids) of each request's prompt length, drawn from `seed`. Prompt
+    blocks that a Mooncake trace marks with the same hash id get the same tokens, so they share
+    prefixes in the workers' caches as they did where the trace was recorded (and as the
+    simulator models); nothing else is shared but by chance."""
+    own = torch.Generator().manual_seed(seed)
+    blocks: dict[int, list[int]] = {}
+
+    def shared_block(hash_id: int) -> list[int]:
+        if hash_id not in blocks:
+            block_seed = int.from_bytes(hashlib.blake2b(f"{seed}:{hash_id}".encode(), digest_size=8).digest())
+            g = torch.Generator().manual_seed(block_seed)
+            blocks[hash_id] = torch.randint(1, vocab_ids, (MOONCAKE_BLOCK_TOKENS,), generator=g).tolist()
+        return blocks[hash_id]
+
+    prompts = []
+    for r in trace:
+        prompt = [t for h in r.hash_ids for t in shared_block(h)][:r.prompt_len]
+        prompt += torch.randint(1, vocab_ids, (r.prompt_len - len(prompt),), generator=own).tolist()
+        prompts.append(prompt)
+    return prompts
+
+
+def fresh_seed() -> int:
+    """A prompt seed no earlier replay used (but by chance): a server keeps the prompts it has
+    seen in its prefix cache, and a replay that repeated them would be served from it."""
+    return secrets.randbits(63)
+
+
+async def _replay(addr: str, trace: list[TraceRequest], vocab_ids: int, timeout_s: float, progress,
+                  seed: int) -> list:
+    prompts = synthetic_prompts(trace, vocab_ids, seed)  # all made before the clock starts
     done: list[ReplayedRequest] = []
     async with AsyncClient(addr, timeout_s=timeout_s) as client:
         start = time.perf_counter()
 
-        async def one(r: TraceRequest) -> None:
-            prompt = [rng.randrange(1, vocab_ids) for _ in range(r.prompt_len)]
+        async def one(r: TraceRequest, prompt: list[int]) -> None:
             await asyncio.sleep(max(0.0, start + r.arrival - time.perf_counter()))
             sent = time.perf_counter() - start
             out = await client.generate(prompt, max_tokens=r.output_len, ignore_eos=True, temperature=0,
@@ -48,22 +81,25 @@ async def _replay(addr: str, trace: list[TraceRequest], vocab_ids: int, timeout_
             if progress:
                 progress()
 
-        await asyncio.gather(*(one(r) for r in trace))
+        await asyncio.gather(*(one(r, prompt) for r, prompt in zip(trace, prompts)))
     return done
 
 
 def replay_requests(addr: str, trace: list[TraceRequest], vocab_ids: int = 256, timeout_s: float = 300.0,
-                    progress=None) -> list[ReplayedRequest]:
-    """Every request of the trace, sent open loop; each with its client-side timings or error."""
-    return asyncio.run(_replay(addr, trace, vocab_ids, timeout_s, progress))
+                    progress=None, seed: int | None = None) -> list[ReplayedRequest]:
+    """Every request of the trace, sent open loop; each with its client-side timings or error.
+    The prompts come from `seed`, by default a fresh one."""
+    return asyncio.run(_replay(addr, trace, vocab_ids, timeout_s, progress, fresh_seed() if seed is None else seed))
 
 
 def warm_up(addr: str, trace: list[TraceRequest], requests: int = 16, timeout_s: float = 300.0) -> list[ReplayedRequest]:
     """Sends the trace's first requests, one after another, unmeasured: a fresh worker's first
     steps pay one-off costs (allocations, lazy initialisation) that would otherwise land on
-    the first measured requests, and its cost-model calibration starts from real steps."""
+    the first measured requests, and its cost-model calibration starts from real steps. Their
+    prompts share no prefix with each other or with the replay's (each has a fresh seed, and
+    none of the trace's shared blocks), so the measured run finds no prefix cached."""
     return [done for r in trace[:requests]
-            for done in replay_requests(addr, [replace(r, arrival=0.0)], timeout_s=timeout_s)]
+            for done in replay_requests(addr, [replace(r, arrival=0.0, hash_ids=())], timeout_s=timeout_s)]
 
 
 def report(requests: list[ReplayedRequest]) -> dict:
@@ -128,5 +164,5 @@ def live_point(worker_argv: list[str], timeout_s: float = 300.0, prefill_workers
 
 
 def replay(addr: str, trace: list[TraceRequest], vocab_ids: int = 256, timeout_s: float = 300.0,
-           progress=None) -> dict:
-    return report(replay_requests(addr, trace, vocab_ids, timeout_s, progress))
+           progress=None, seed: int | None = None) -> dict:
+    return report(replay_requests(addr, trace, vocab_ids, timeout_s, progress, seed))
