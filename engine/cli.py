@@ -411,8 +411,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     counters = report["counters"]
     print("requests: " + ", ".join(f"{k} {v}" for k, v in counters.items()) + f", waiting for workers {report['pending']}")
     columns = ("role", "worker_id", "requests", "queued_prompt_tokens", "cached_prompt_tokens", "waiting", "running",
-               "ready", "transfers", "kv_cuda_ipc", "free_blocks", "total_blocks", "preemptions", "completed", "aborted", "failed", "ttft_met",
-               "tpot_met", "cost_scale", "last_seen_ms")
+               "ready", "transfers", "kv_cuda_ipc", "free_blocks", "total_blocks", "preemptions", "completed", "aborted",
+               "failed", "ttft_met", "tpot_met", "cost_scale", "last_seen_ms")
 
     def cell(worker: dict, column: str) -> str:
         if column == "cost_scale":  # measured over predicted step time, per phase

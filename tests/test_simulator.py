@@ -273,7 +273,10 @@ def test_slack_batching_holds_tpot_through_a_decode_overload():
 
 
 def test_replayed_prompts_share_the_blocks_the_trace_marks_and_nothing_else():
-    from transport.replay import synthetic_prompts
+    from transport.replay import synthetic_prompt
+
+    def synthetic_prompts(trace, vocab_ids, seed):
+        return [synthetic_prompt(r, i, vocab_ids, seed) for i, r in enumerate(trace)]
 
     def request(prompt_len, hash_ids=()):
         return TraceRequest(0.0, prompt_len, 4, hash_ids)

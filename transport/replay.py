@@ -18,7 +18,6 @@ from scheduler.traces import MOONCAKE_BLOCK_TOKENS, TraceRequest
 from transport.client import AsyncClient, Client
 
 
-
 @dataclass
 class ReplayedRequest:
     """One replayed request, with what `scheduler.simulator.metrics` reads."""
@@ -32,27 +31,26 @@ class ReplayedRequest:
     error: str | None = None
 
 
-def synthetic_prompts(trace: list[TraceRequest], vocab_ids: int, seed: int) -> list[list[int]]:
-    """Token ids in [1, vocab_ids) of each request's prompt length, drawn from `seed`. Prompt
-    blocks that a Mooncake trace marks with the same hash id get the same tokens, so they share
-    prefixes in the workers' caches as they did where the trace was recorded (and as the
-    simulator models); nothing else is shared but by chance."""
-    own = torch.Generator().manual_seed(seed)
-    blocks: dict[int, list[int]] = {}
+def _seeded(seed: int, *key) -> torch.Generator:
+    digest = hashlib.blake2b(":".join(map(str, (seed, *key))).encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest))
 
-    def shared_block(hash_id: int) -> list[int]:
-        if hash_id not in blocks:
-            block_seed = int.from_bytes(hashlib.blake2b(f"{seed}:{hash_id}".encode(), digest_size=8).digest())
-            g = torch.Generator().manual_seed(block_seed)
-            blocks[hash_id] = torch.randint(1, vocab_ids, (MOONCAKE_BLOCK_TOKENS,), generator=g).tolist()
-        return blocks[hash_id]
 
-    prompts = []
-    for r in trace:
-        prompt = [t for h in r.hash_ids for t in shared_block(h)][:r.prompt_len]
-        prompt += torch.randint(1, vocab_ids, (r.prompt_len - len(prompt),), generator=own).tolist()
-        prompts.append(prompt)
-    return prompts
+def synthetic_prompt(r: TraceRequest, index: int, vocab_ids: int, seed: int) -> list[int]:
+    """Token ids in [1, vocab_ids) of the index-th request's prompt length, drawn from `seed`.
+    Prompt blocks that a Mooncake trace marks with the same hash id get the same tokens, so
+    they share prefixes in the workers' caches as they did where the trace was recorded (and as
+    the simulator models); nothing else is shared but by chance. Each prompt is drawn on its
+    own, when it is due (in microseconds), so that a long trace's prompts never all sit in
+    memory."""
+    prompt: list[int] = []
+    for h in r.hash_ids:
+        if len(prompt) >= r.prompt_len:
+            break
+        prompt += torch.randint(1, vocab_ids, (MOONCAKE_BLOCK_TOKENS,), generator=_seeded(seed, "block", h)).tolist()
+    del prompt[r.prompt_len:]
+    own = r.prompt_len - len(prompt)
+    return prompt + torch.randint(1, vocab_ids, (own,), generator=_seeded(seed, "request", index)).tolist()
 
 
 def fresh_seed() -> int:
@@ -63,13 +61,13 @@ def fresh_seed() -> int:
 
 async def _replay(addr: str, trace: list[TraceRequest], vocab_ids: int, timeout_s: float, progress,
                   seed: int) -> list:
-    prompts = synthetic_prompts(trace, vocab_ids, seed)  # all made before the clock starts
     done: list[ReplayedRequest] = []
     async with AsyncClient(addr, timeout_s=timeout_s) as client:
         start = time.perf_counter()
 
-        async def one(r: TraceRequest, prompt: list[int]) -> None:
+        async def one(index: int, r: TraceRequest) -> None:
             await asyncio.sleep(max(0.0, start + r.arrival - time.perf_counter()))
+            prompt = synthetic_prompt(r, index, vocab_ids, seed)
             sent = time.perf_counter() - start
             out = await client.generate(prompt, max_tokens=r.output_len, ignore_eos=True, temperature=0,
                                         ttft_ms=r.ttft_slo * 1e3, tpot_ms=r.tpot_slo * 1e3)
@@ -81,7 +79,7 @@ async def _replay(addr: str, trace: list[TraceRequest], vocab_ids: int, timeout_
             if progress:
                 progress()
 
-        await asyncio.gather(*(one(r, prompt) for r, prompt in zip(trace, prompts)))
+        await asyncio.gather(*(one(i, r) for i, r in enumerate(trace)))
     return done
 
 
