@@ -24,13 +24,17 @@ DEMO_ADDR ?= tcp://127.0.0.1:7199
 demo: $(STAMP)
 	$(BIN)/kairos generate --model tiny --temperature 0.8 --seed 7 --max-tokens 48 \
 		--prompt "The quick brown fox" --prompt "Once upon a time" --prompt "def add(a, b):"
-	@echo; echo "=== the same model served disaggregated: kairos serve, a streaming client, then a trace replayed"
-	@$(BIN)/kairos serve --port $(lastword $(subst :, ,$(DEMO_ADDR))) & serve=$$!; \
+	@echo; echo "=== the same model served disaggregated under the Kairos policies: kairos serve, a streaming client, then a trace replayed"
+	@$(BIN)/kairos serve --port $(lastword $(subst :, ,$(DEMO_ADDR))) --prefill-policy kairos --decode-policy kairos & serve=$$!; \
 	$(BIN)/kairos status --addr $(DEMO_ADDR) --wait 120 > /dev/null && \
 	$(BIN)/kairos client --addr $(DEMO_ADDR) --timeout 120 --temperature 0 --max-tokens 32 "The quick brown fox" && \
 	echo && echo "--- 60 requests of the Azure conversation trace, open loop, against TTFT 1 s and TPOT 100 ms" && \
 	$(BIN)/kairos bench replay --addr $(DEMO_ADDR) --limit 60 --rate-scale 2 --max-prompt-len 256 --max-output-len 16; \
 	code=$$?; echo; $(BIN)/kairos status --addr $(DEMO_ADDR); kill $$serve; wait $$serve; exit $$code
+	@echo; echo "=== the policies against FCFS prefill and continuous batching, simulated on the whole Azure"
+	@echo "    conversation trace: Llama-3.1-8B on one H100 per worker (measured profile), TTFT 1 s, TPOT 100 ms"
+	$(BIN)/kairos bench compare --rate-scales 3,4.5,5.5,7 --policies fcfs+cb,kairos+kairos,mh+kairos \
+		--out-dir build/demo --name compare_conv
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
