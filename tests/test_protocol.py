@@ -1,6 +1,7 @@
 """The wire protocol, socket validation and the KV frame format, in one process."""
 
 import random
+import time
 
 import msgpack
 import pytest
@@ -266,7 +267,6 @@ def test_the_router_sends_each_prompt_to_the_prefill_worker_with_the_least_promp
     """A prefill worker's queue is measured in prompt tokens until each first token comes back
     (a request count would send a short prompt behind a long one); finished and aborted
     requests leave the count."""
-    import time
 
     from transport.router import Router, WorkerInfo
 
@@ -294,6 +294,25 @@ def test_the_router_sends_each_prompt_to_the_prefill_worker_with_the_least_promp
         router.on_client_abort(b"client", "s0")
         assert short[0] not in p2.prefill_tokens and short[0] not in d1.requests
         assert router.status().workers[1]["queued_prompt_tokens"] == 200 + 1001
+    finally:
+        router.ctx.destroy(linger=0)
+
+
+def test_the_router_reports_how_old_each_workers_figures_are():
+    """A worker's figures come in its heartbeats; other messages show it alive without
+    refreshing them, so the status says how old the figures are, apart from the last contact."""
+    from transport.router import Router, WorkerInfo
+
+    router = Router(port=0)
+    try:
+        router.workers["p1"] = WorkerInfo("p1", "prefill", b"p1", {}, 64, None, time.monotonic())
+        assert router.status().workers[0]["stats_age_ms"] is None
+        router.handle(b"p1/heartbeat", p.Heartbeat("p1", {"free_blocks": 60}))
+        time.sleep(0.2)
+        router.handle(b"p1", p.Error(None, "an error about no request"))
+        status = router.status().workers[0]
+        assert status["free_blocks"] == 60
+        assert status["stats_age_ms"] >= 200 > status["last_seen_ms"]
     finally:
         router.ctx.destroy(linger=0)
 

@@ -34,8 +34,9 @@ class WorkerInfo:
     geometry: dict
     total_blocks: int
     kv_addr: str | None
-    last_seen: float
+    last_seen: float  # any message
     stats: dict = field(default_factory=dict)
+    stats_at: float | None = None  # the heartbeat that brought `stats`
     requests: set[str] = field(default_factory=set)  # router request ids assigned here
     # On a prefill worker: the prompt tokens of its requests whose first token has not come back.
     prefill_tokens: dict[str, int] = field(default_factory=dict)
@@ -124,7 +125,7 @@ class Router:
                 return
             worker.last_seen = time.monotonic()
             if isinstance(msg, p.Heartbeat):
-                worker.stats = msg.stats
+                worker.stats, worker.stats_at = msg.stats, worker.last_seen
             elif isinstance(msg, p.Tokens):
                 self.on_tokens(worker, msg)
             elif isinstance(msg, p.Error):
@@ -331,6 +332,7 @@ class Router:
         now = time.monotonic()
         workers = [{"worker_id": w.worker_id, "role": w.role, "kv_addr": w.kv_addr, "requests": len(w.requests),
                     **({"queued_prompt_tokens": sum(w.prefill_tokens.values())} if w.role == "prefill" else {}),
-                    "total_blocks": w.total_blocks, "last_seen_ms": round((now - w.last_seen) * 1e3, 1), **w.stats}
+                    "total_blocks": w.total_blocks, "last_seen_ms": round((now - w.last_seen) * 1e3, 1),
+                    "stats_age_ms": None if w.stats_at is None else round((now - w.stats_at) * 1e3, 1), **w.stats}
                    for w in self.workers.values()]
         return p.StatusReport(workers, {**self.counters, "in_flight": len(self.requests)}, len(self.pending))
