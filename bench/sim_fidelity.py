@@ -50,7 +50,7 @@ FITTED = ("decode_fit", "decode_fit_jitter", "decode_online_error", "prefill_fit
 def cost_scales(addr: str) -> dict:
     """Each role's cost_scale from `kairos status` (one prefill and one decode worker)."""
     with Client(addr) as client:
-        workers = client.status()["workers"]
+        workers = client.fresh_status()["workers"]
     return {role: next(w["cost_scale"][role] for w in workers if w["role"] == role) for role in ("prefill", "decode")}
 
 

@@ -71,31 +71,12 @@ class Cluster:
                 time.sleep(0.2)
         raise TimeoutError(f"workers did not register: {status}")
 
-    def fresh_status(self, until=lambda status: True, timeout_s: float = 20.0) -> dict:
-        """The router's status once every worker has reported since this call, and `until`
-        holds of it. Workers report their figures in heartbeats, so an earlier report may miss
-        the latest requests (and show a worker idle that is not)."""
-        asked = time.monotonic()
-        deadline = asked + timeout_s
-        with self.client() as client:
-            while True:
-                sent = time.monotonic()
-                status = client.status()
-                # The router received each report stats_age_ms before answering, so after
-                # `sent - stats_age_ms`; the margin covers the report's trip from the worker.
-                fresh = all(w["stats_age_ms"] is not None and sent - w["stats_age_ms"] / 1e3 > asked + 0.02
-                            for w in status["workers"])
-                if fresh and until(status):
-                    return status
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"no fresh report from every worker that fits in {timeout_s} s: {status}")
-                time.sleep(0.05)
-
     def wait_idle(self, timeout_s: float = 20.0) -> dict:
         """Until every worker reports no requests and all its KV blocks free."""
-        return self.fresh_status(lambda status: all(
-            w.get("free_blocks") == w["total_blocks"] and not w.get("running") and not w.get("transfers")
-            and not w.get("waiting") and not w.get("ready") for w in status["workers"]), timeout_s)
+        with self.client() as client:
+            return client.fresh_status(lambda status: all(
+                w.get("free_blocks") == w["total_blocks"] and not w.get("running") and not w.get("transfers")
+                and not w.get("waiting") and not w.get("ready") for w in status["workers"]), timeout_s)
 
     def stop(self) -> None:
         for proc in self.procs:

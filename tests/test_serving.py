@@ -357,7 +357,8 @@ def test_replay_shares_prompt_prefixes_where_the_trace_marks_them_and_nowhere_el
 
     def prefill_totals() -> tuple[int, int]:
         """First tokens and cached prompt tokens, over the prefill workers."""
-        workers = [w for w in cluster.fresh_status()["workers"] if w["role"] == "prefill"]
+        with cluster.client() as client:
+            workers = [w for w in client.fresh_status()["workers"] if w["role"] == "prefill"]
         return sum(w["first_tokens"] for w in workers), sum(w["cached_prompt_tokens"] for w in workers)
 
     trace = with_slos(synthetic(8, rate=20.0, prompt_mean=60, output_mean=3, max_len=200, seed=4), 5000, 1000)

@@ -188,6 +188,24 @@ class Client(_Base):
             pass
         return status_dict(msg)
 
+    def fresh_status(self, until=None, timeout_s: float = 20.0) -> dict:
+        """The router's status once every worker has reported since this call, and `until`
+        holds of it if given. Workers report their figures in heartbeats, so a status taken at
+        once may miss their latest steps and requests (and show a busy worker idle)."""
+        asked = time.monotonic()
+        while True:
+            sent = time.monotonic()
+            status = self.status()
+            # Each report reached the router stats_age_ms before it answered, so after
+            # `sent - stats_age_ms`; the margin covers the report's trip from its worker.
+            fresh = all(w["stats_age_ms"] is not None and sent - w["stats_age_ms"] / 1e3 > asked + 0.02
+                        for w in status["workers"])
+            if fresh and (until is None or until(status)):
+                return status
+            if time.monotonic() - asked > timeout_s:
+                raise TimeoutError(f"no report since the last {timeout_s} s from every worker fits: {status}")
+            time.sleep(0.05)
+
     def _receive(self) -> p.Message:
         if not self.socket.poll(self.timeout_s * 1e3):
             raise self._timeout_error()

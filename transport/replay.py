@@ -113,28 +113,17 @@ def report(requests: list[ReplayedRequest]) -> dict:
     return result
 
 
-def served_by_worker(addr: str, requests: list[ReplayedRequest], wait_s: float = 2.0) -> dict[str, int]:
-    """Requests each worker has served, by the router's status, once its totals account for
-    `requests` (every request sent to this cluster so far; workers report in heartbeats, so the
-    last ones may still be on their way): first tokens for a prefill worker, finished requests
-    for a decode worker (a one-token request ends on its prefill worker). Keyed "prefill 1",
-    "decode 1", ... in worker id order."""
-    expected = {"prefill": sum(r.error is None for r in requests),
-                "decode": sum(r.error is None and r.output_len > 1 for r in requests)}
-    deadline = time.monotonic() + wait_s
+def served_by_worker(addr: str) -> dict[str, int]:
+    """Requests each worker has served so far, by the router's status: first tokens for a
+    prefill worker, finished requests for a decode worker (a one-token request ends on its
+    prefill worker). Keyed "prefill 1", "decode 1", ... in worker id order."""
     with Client(addr) as client:
-        while True:
-            workers = sorted(client.status()["workers"], key=lambda w: (w["role"], w["worker_id"]))
-            totals = {"prefill": 0, "decode": 0}
-            served, seen = {}, {}
-            for w in workers:
-                seen[w["role"]] = seen.get(w["role"], 0) + 1
-                served[f"{w['role']} {seen[w['role']]}"] = n = w.get("first_tokens" if w["role"] == "prefill"
-                                                                     else "completed", 0)
-                totals[w["role"]] += n
-            if all(totals[role] >= n for role, n in expected.items()) or time.monotonic() > deadline:
-                return served
-            time.sleep(0.1)
+        workers = sorted(client.fresh_status()["workers"], key=lambda w: (w["role"], w["worker_id"]))
+    served, seen = {}, {}
+    for w in workers:
+        seen[w["role"]] = seen.get(w["role"], 0) + 1
+        served[f"{w['role']} {seen[w['role']]}"] = w.get("first_tokens" if w["role"] == "prefill" else "completed", 0)
+    return served
 
 
 def live_point(worker_argv: list[str], timeout_s: float = 300.0, prefill_workers: int = 1, decode_workers: int = 1,
@@ -150,10 +139,10 @@ def live_point(worker_argv: list[str], timeout_s: float = 300.0, prefill_workers
         with local_cluster(["--prefill-policy", prefill, *worker_argv],
                            ["--decode-policy", decode, *worker_argv, *(decode_argv or [])],
                            prefill_workers, decode_workers) as addr:
-            warm = warm_up(addr, trace, timeout_s=timeout_s)
-            before = served_by_worker(addr, warm)
+            warm_up(addr, trace, timeout_s=timeout_s)
+            before = served_by_worker(addr)
             requests = replay_requests(addr, trace, timeout_s=timeout_s)
-            after = served_by_worker(addr, warm + requests)
+            after = served_by_worker(addr)
         result = report(requests)
         result["served_by_worker"] = {worker: n - before.get(worker, 0) for worker, n in after.items()}
         return result, latency_samples(requests)
