@@ -5,25 +5,23 @@ transformers and Kairos in the chosen dtype, feeds both the same token sequences
 the logits at every position: top-1 agreement and logit error. Both are also compared with
 transformers in float32, which shows how much of any disagreement is the dtype's own rounding.
 
-  python bench/bf16_parity.py --device cuda --shape bench/models/Qwen3-0.6B
-  python bench/bf16_parity.py --device cpu --layers 2 --lengths 33,100      # quick CPU run
+  python -m kairos.bench.bf16_parity --device cuda --shape bench/models/Qwen3-0.6B
+  python -m kairos.bench.bf16_parity --device cpu --layers 2 --lengths 33,100      # quick CPU run
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.common import device_name, write_result  # noqa: E402
-from engine import LLM  # noqa: E402
-from engine.config import DTYPES  # noqa: E402
+from kairos.bench.common import device_name, write_result
+from kairos.engine import LLM
+from kairos.engine.config import DTYPES
+from kairos.scheduler.defaults import BLOCK_SIZE
 
 
 @torch.no_grad()
@@ -53,7 +51,7 @@ def main() -> None:
     config = json.loads((Path(args.shape) / "config.json").read_text())
     if args.layers:
         config["num_hidden_layers"] = args.layers
-    dtype = DTYPES[args.dtype]
+    dtype = getattr(torch, args.dtype)
     lengths = [int(n) for n in args.lengths.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
@@ -71,7 +69,7 @@ def main() -> None:
         hf_low = hf_logits(hf.to(dtype), prompts, args.device)
         del hf
         llm = LLM(tmp, dtype=args.dtype, device=args.device, max_model_len=max(lengths) + 1,
-                  num_kv_blocks=sum(-(-n // 16) for n in lengths) + 8)
+                  num_kv_blocks=sum(-(-n // BLOCK_SIZE) for n in lengths) + 8)
         ours = llm.prompt_logits(prompts)
     result = {"device": device_name(torch.device(args.device)), "dtype": args.dtype,
               "shape": Path(args.shape).name, "layers": config["num_hidden_layers"],

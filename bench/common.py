@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from kairos.bench import RESULTS
 
 
 def synchronize(device: torch.device) -> None:

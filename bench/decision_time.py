@@ -1,7 +1,7 @@
 """How long the scheduling policies take to decide, per step, with many requests queued or
 running (pure Python, this CPU). Target: <= 1 ms at 512 requests.
 
-    python bench/decision_time.py [--requests 64,256,512,2048]
+    python -m kairos.bench.decision_time [--requests 64,256,512,2048]
 """
 
 from __future__ import annotations
@@ -9,15 +9,19 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
-import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.common import write_result  # noqa: E402
-from scheduler import CostModel, OutputLengthEstimator, SlackBatching, get_decode_policy, get_prefill_policy  # noqa: E402
+from kairos.bench.common import write_result
+from kairos.scheduler import (
+    DECODE_POLICIES,
+    PREFILL_POLICIES,
+    CostModel,
+    OutputLengthEstimator,
+    PolicySettings,
+    RequestSLO,
+    SlackBatching,
+)
 
 # An H100-like Llama-3.1-8B step model, for realistic proportions only.
 COST = CostModel(prefill=(0.004, 6e-5, 2e-10), decode=(0.008, 3e-5, 1.5e-8))
@@ -26,14 +30,11 @@ COST = CostModel(prefill=(0.004, 6e-5, 2e-10), decode=(0.008, 3e-5, 1.5e-8))
 @dataclass(eq=False)
 class Req:
     arrival_time: float
-    ttft_slo: float
-    tpot_slo: float
+    slo: RequestSLO
     num_uncomputed_tokens: int
     num_tokens: int
     num_output_tokens: int
     max_tokens: int
-    request_class: str | None = None
-    output_len_hint: int | None = None
 
 
 def requests(n: int, rng: random.Random) -> list[Req]:
@@ -41,8 +42,8 @@ def requests(n: int, rng: random.Random) -> list[Req]:
     for _ in range(n):
         prompt = int(rng.lognormvariate(6.5, 1.0)) + 1
         produced = rng.randrange(1, 200)
-        out.append(Req(rng.uniform(0, 10), rng.choice([0.5, 1.0, 3.0]), rng.choice([0.03, 0.05, 0.1]),
-                       prompt, prompt + produced, produced, 1024, rng.choice(["chat", "code", None])))
+        slo = RequestSLO(rng.choice([500, 1000, 3000]), rng.choice([30, 50, 100]), rng.choice(["chat", "code", None]))
+        out.append(Req(rng.uniform(0, 10), slo, prompt, prompt + produced, produced, 1024))
     return out
 
 
@@ -69,11 +70,12 @@ def main() -> None:
         waiting = requests(n, rng)
         row = {"requests": n}
         for name in ("fcfs", "edf", "kairos", "mh"):
-            policy = get_prefill_policy(name, COST, 8192)
+            policy = PREFILL_POLICIES.build(name, PolicySettings(COST, 8192))
             row[f"prefill_{name}_ms"] = time_ms(lambda: policy.order(waiting, 10.0), args.repeats)
         # Decode: half running, half ready to join.
         running, ready = waiting[: n // 2], waiting[n // 2 :]
-        for name, policy in (("cb", get_decode_policy("cb", 256)), ("kairos", SlackBatching(COST, 256, estimator))):
+        for name, policy in (("cb", DECODE_POLICIES.build("cb", PolicySettings(max_batch=256))),
+                             ("kairos", SlackBatching(COST, 256, estimator))):
             row[f"decode_{name}_ms"] = time_ms(lambda: policy.admit(running, ready, 10.0, 100_000), args.repeats)
         rows.append(row)
     names = [k for k in rows[0] if k != "requests"]

@@ -4,9 +4,9 @@ A decode step must read every weight once and each sequence's whole KV context, 
 beat (weight bytes + KV bytes) / copy bandwidth. This times whole engine steps (scheduling,
 input building, forward, sampling) at several batch sizes and prints the ratio to that floor.
 
-  python bench/decode_throughput.py --model bench/models/Llama-3.1-8B --load-format dummy
-  python bench/decode_throughput.py --model tiny --batch-sizes 1,8,32     # CPU smoke run
-  python bench/decode_throughput.py --model tiny --batch-sizes 8,32,64 --context 300 --mixed
+  python -m kairos.bench.decode_throughput --model bench/models/Llama-3.1-8B --load-format dummy
+  python -m kairos.bench.decode_throughput --model tiny --batch-sizes 1,8,32     # CPU smoke run
+  python -m kairos.bench.decode_throughput --model tiny --batch-sizes 8,32,64 --context 300 --mixed
 
 --mixed also times, at each batch size, prompts of mixed lengths (between 16 and twice the
 mean less 16) with the same total: a step should cost what its total context costs, so the
@@ -17,17 +17,14 @@ approach twice that).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.common import copy_bandwidth, device_name, synchronize, write_result  # noqa: E402
-from engine import LLM, SamplingParams  # noqa: E402
+from kairos.bench.common import copy_bandwidth, device_name, synchronize, write_result
+from kairos.engine import LLM, SamplingParams
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """Kernel benchmark on the GPU: each Triton kernel against the device's own ceilings, measured
 in the same run, and against peers (torch SDPA flash for prefill, FlashInfer where installed).
 
-  python bench/kernels.py            # needs a CUDA GPU; writes bench/results/kernels_<gpu>.json
+  python -m kairos.bench.kernels            # needs a CUDA GPU; writes bench/results/kernels_<gpu>.json
 
 Shapes are Llama-3-8B's (32 query heads, 8 KV heads, head dim 128, bf16). Times are medians
 from triton.testing.do_bench, which flushes L2 between runs; KV pools are far larger than L2.
@@ -10,16 +10,13 @@ from triton.testing.do_bench, which flushes L2 between runs; KV pools are far la
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import torch
 import triton
 from triton.testing import do_bench
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.common import write_result  # noqa: E402
-from kernels import attention, small_ops  # noqa: E402
+from kairos.bench.common import write_result
+from kairos.kernels import attention, small_ops
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
 DTYPE = torch.bfloat16
@@ -149,7 +146,7 @@ def bench_small_ops(ceil: dict) -> list[dict]:
 
 def main() -> None:
     if not torch.cuda.is_available():
-        sys.exit("bench/kernels.py times kernels on a CUDA GPU; none is visible here")
+        sys.exit("kairos.bench.kernels times kernels on a CUDA GPU; none is visible here")
     ceil = ceilings()
     name = torch.cuda.get_device_name()
     print(f"{name}: copy {ceil['copy_GBps']:.0f} GB/s, bf16 matmul {ceil['matmul_bf16_TFLOPs']:.0f} TFLOP/s")

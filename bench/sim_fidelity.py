@@ -1,8 +1,8 @@
 """Simulator fidelity: the same trace slice, live against real workers and in the simulator,
 for the same policies at several loads; the gap in SLO attainment.
 
-    python bench/sim_fidelity.py                       # tiny model on CPU, conv trace slice
-    python bench/sim_fidelity.py --model bench/models/Llama-3.1-8B --load-format dummy \
+    python -m kairos.bench.sim_fidelity                       # tiny model on CPU, conv trace slice
+    python -m kairos.bench.sim_fidelity --model bench/models/Llama-3.1-8B --load-format dummy \
         --profile bench/profiles/Llama-3.1-8B_H100.json --rate-scales 6,8,12 ...   # one GPU
 
 The simulator is given what the workers were given: their profile (measured with the thread
@@ -25,21 +25,18 @@ import argparse
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.common import write_result  # noqa: E402
-from scheduler.cost_model import CostModel, nonnegative_least_squares  # noqa: E402
-from scheduler.simulator import SimConfig, simulate  # noqa: E402
-from scheduler.traces import load_azure, shape, with_slos  # noqa: E402
-from transport.client import Client  # noqa: E402
-from transport.replay import replay, warm_up  # noqa: E402
-from transport.serve import cpu_share, local_cluster  # noqa: E402
+from kairos.bench.common import write_result
+from kairos.scheduler.cost_model import CostModel, nonnegative_least_squares
+from kairos.scheduler.simulator import SimConfig, simulate
+from kairos.scheduler.traces import load_azure, shape, with_slos
+from kairos.transport.client import Client
+from kairos.transport.replay import replay, warm_up
+from kairos.transport.serve import cpu_share, local_cluster
 
 TRACES = Path(__file__).resolve().parent / "traces"
 KEYS = ("ttft_attainment", "tpot_attainment", "e2e_attainment")
@@ -136,8 +133,8 @@ def measure_here(model: str, engine_args: dict) -> dict:
     """The workers' profile, measured in this process with the threads each worker gets."""
     import torch
 
-    from engine import LLM
-    from engine.profiler import measure_profile
+    from kairos.engine import LLM
+    from kairos.engine.profiler import measure_profile
 
     torch.set_num_threads(cpu_share(2))
     llm = LLM(model, **engine_args)
@@ -167,7 +164,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--profile", help="the workers' step-time profile (default: measured here first, "
                                           "with the threads each worker gets)")
     parser.add_argument("--kv-bandwidth-gb-s", type=float, default=0.5,
-                        help="prefill -> decode KV bandwidth for the simulator (python bench/transfer.py)")
+                        help="prefill -> decode KV bandwidth for the simulator (python -m kairos.bench.transfer)")
     parser.add_argument("--warm-up", type=int, default=16, help="requests sent one at a time before each live run")
     parser.add_argument("--step-logs", metavar="DIR",
                         help="keep each live run's worker step logs here (kairos prefill/decode --step-log); "
@@ -298,7 +295,8 @@ def main() -> None:
         profile = measure_here(args.model, engine_args)
         profile_path.write_text(json.dumps(profile))
     print(f"profile: {len(profile['prefill'])} prefill and {len(profile['decode'])} decode points on "
-          f"{profile['device']}, held-out MAPE prefill {profile['prefill_mape']:.0%} decode {profile['decode_mape']:.0%}")
+          f"{profile['device']}, held-out MAPE prefill {profile['prefill_mape']:.0%} "
+          f"decode {profile['decode_mape']:.0%}")
 
     worker = ["--model", args.model, "--load-format", args.load_format, "--profile", str(profile_path),
               "--max-num-batched-tokens", str(args.token_budget), "--max-num-seqs", str(args.max_batch),
@@ -368,7 +366,8 @@ def summarize(args, profile: dict, calibration: dict, rows: list[dict], final: b
         judged = [r[key] for r in rows if key in r]
         if not judged:
             return None
-        return ({k: max(abs(g[k]) for g in judged) for k in KEYS}, {k: sum(abs(g[k]) for g in judged) / len(judged) for k in KEYS})
+        return ({k: max(abs(g[k]) for g in judged) for k in KEYS},
+                {k: sum(abs(g[k]) for g in judged) / len(judged) for k in KEYS})
 
     worst, mean = gaps("gap_points")
     own_speed = gaps("own_speed_gap_points")

@@ -4,8 +4,8 @@ model on CPU by default), and a burst of three kinds of prompt sent back to back
   - long prompts with SLOs too tight for any order (EDF serves them first, in vain);
   - short prompts with SLOs that ordering alone decides.
 
-    python bench/slo_live.py                           # fcfs, edf, kairos, mh
-    python bench/slo_live.py --policies fcfs,kairos --rounds 3
+    python -m kairos.bench.slo_live                           # fcfs, edf, kairos, mh
+    python -m kairos.bench.slo_live --policies fcfs,kairos --rounds 3
 
 TTFT is taken on the client's clock. Each policy runs on fresh processes with the same
 step-time profile (measured first, or --profile).
@@ -16,16 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.common import write_result  # noqa: E402
-from transport.client import Client  # noqa: E402
-from transport.serve import local_cluster  # noqa: E402
+from kairos.bench.common import write_result
+from kairos.transport.client import Client
+from kairos.transport.serve import local_cluster
 
 
 def run_burst(args, policy: str, profile: str) -> dict:
@@ -41,7 +38,7 @@ def run_burst(args, policy: str, profile: str) -> dict:
                                                  ("hopeless", args.hopeless, args.long_len, args.hopeless_slo_ms),
                                                  ("short", args.shorts, args.short_len, args.short_slo_ms)):
                     groups[kind] = (slo, [client.submit([(7 * i + r + len(kind)) % 500 + 1] * length, max_tokens=2,
-                                                        ttft_ms=slo) for i in range(count)])
+                                                        slo={"ttft_ms": slo}) for i in range(count)])
                 row, met_all, total = {}, 0, 0
                 for kind, (slo, ids) in groups.items():
                     ttfts = [client.result(rid).ttft_ms for rid in ids]
@@ -51,7 +48,8 @@ def run_burst(args, policy: str, profile: str) -> dict:
                     row[f"{kind}_ttft_ms_p50"] = statistics.median(ttfts) if ids else None
                 rounds.append({"ttft_attainment": met_all / total, **row})
                 time.sleep(0.5)
-    return {"policy": policy, "rounds": rounds, "ttft_attainment": statistics.mean(r["ttft_attainment"] for r in rounds)}
+    return {"policy": policy, "rounds": rounds,
+            "ttft_attainment": statistics.mean(r["ttft_attainment"] for r in rounds)}
 
 
 def main() -> None:
@@ -72,8 +70,8 @@ def main() -> None:
     args = parser.parse_args()
     profile = args.profile
     if profile is None:
-        from engine import LLM
-        from engine.profiler import measure_profile
+        from kairos.engine import LLM
+        from kairos.engine.profiler import measure_profile
 
         llm = LLM(args.model, max_num_batched_tokens=args.token_budget, num_kv_blocks=2048, max_model_len=2048)
         profile = str(Path(tempfile.mkdtemp()) / "profile.json")
@@ -81,10 +79,12 @@ def main() -> None:
         del llm
     results = [run_burst(args, policy, profile) for policy in args.policies.split(",")]
     base = next((r for r in results if r["policy"] == "fcfs"), results[0])
-    print(f"per round, back to back: {args.longs} prompts of {args.long_len} tokens (TTFT SLO {args.long_slo_ms:g} ms), "
+    print(f"per round, back to back: {args.longs} prompts of {args.long_len} tokens "
+          f"(TTFT SLO {args.long_slo_ms:g} ms), "
           f"{args.hopeless} of {args.long_len} (SLO {args.hopeless_slo_ms:g} ms), {args.shorts} of {args.short_len} "
           f"(SLO {args.short_slo_ms:g} ms); {args.rounds} rounds")
-    print(f"{'policy':>8} {'TTFT attained':>14} {'vs fcfs':>8} {'short met':>10} {'short p50 ms':>13} {'long p50 ms':>12}")
+    print(f"{'policy':>8} {'TTFT attained':>14} {'vs fcfs':>8} {'short met':>10} "
+          f"{'short p50 ms':>13} {'long p50 ms':>12}")
     for r in results:
         rounds = r["rounds"]
         print(f"{r['policy']:>8} {r['ttft_attainment']:>14.1%} {r['ttft_attainment'] - base['ttft_attainment']:>+8.1%} "

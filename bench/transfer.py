@@ -8,8 +8,8 @@ blocks), with the decode side in a second thread and an ack back per transfer. T
   - ZeroMQ loopback: the same frames over the same socket pair, with no gather or write.
 The ratio that matters is KV throughput over the slower ceiling (target on GPU: >= 0.7).
 
-    python bench/transfer.py                   # Llama-3.1-8B KV geometry, bf16
-    python bench/transfer.py --tokens 16,256,1024 --device cpu
+    python -m kairos.bench.transfer                   # Llama-3.1-8B KV geometry, bf16
+    python -m kairos.bench.transfer --tokens 16,256,1024 --device cpu
 """
 
 from __future__ import annotations
@@ -25,18 +25,17 @@ import torch
 import zmq
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.common import device_name, synchronize, write_result  # noqa: E402
-from engine.config import DTYPES, ModelConfig  # noqa: E402
-from transport import protocol as p  # noqa: E402
-from transport.kv import DEFAULT_FRAME_BYTES, KVGeometry, KVWriter, OutgoingKV, blocks_per_frame  # noqa: E402
-from transport.sockets import make_socket  # noqa: E402
+from kairos.bench.common import device_name, synchronize, write_result
+from kairos.engine.config import DTYPES, ModelConfig
+from kairos.scheduler.defaults import BLOCK_SIZE
+from kairos.transport import protocol as p
+from kairos.transport.kv import DEFAULT_FRAME_BYTES, KVWriter, OutgoingKV, blocks_per_frame, kv_geometry
+from kairos.transport.sockets import make_socket
 
 MODELS = Path(__file__).resolve().parent / "models"
 
 
-def kv_runner(model: str, dtype: torch.dtype, device: torch.device, num_blocks: int, block_size: int = 16):
+def kv_runner(model: str, dtype: torch.dtype, device: torch.device, num_blocks: int, block_size: int = BLOCK_SIZE):
     """The parts of a ModelRunner a transfer touches: a KV cache of the model's geometry."""
     cfg = ModelConfig.from_pretrained(MODELS / model)
     cache = torch.empty((2, cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim),
@@ -102,7 +101,7 @@ def kv_transfer_latency(src, dst, tokens: int, max_frame: int, repeats: int = 5)
     """Seconds from the start of the gather on the prefill side to the ack of the written
     blocks on the decode side, best of `repeats`."""
     num_blocks = -(-tokens // src.block_size)
-    geometry = KVGeometry.of(src)
+    geometry = kv_geometry(src)
     per_frame = blocks_per_frame(geometry, max_frame)
     writer = KVWriter(dst, max_frame)
     stream = torch.cuda.Stream() if src.device.type == "cuda" else None
@@ -149,28 +148,29 @@ def main() -> None:
     parser.add_argument("--frame-mb", type=float, default=DEFAULT_FRAME_BYTES / 2**20)
     args = parser.parse_args()
     device = torch.device(args.device)
-    dtype = DTYPES[args.dtype]
+    dtype = getattr(torch, args.dtype)
     tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else (
         [16, 256, 1024, 4096, 16384, 32768] if device.type == "cuda" else [16, 256, 1024, 4096])
     max_frame = int(args.frame_mb * 2**20)
-    blocks = -(-max(tokens) // 16)
+    blocks = -(-max(tokens) // BLOCK_SIZE)
     src = kv_runner(args.model, dtype, device, blocks)
     dst = kv_runner(args.model, dtype, device, 2 * blocks)
-    bytes_per_token = KVGeometry.of(src).bytes_per_block_layer * 2 * src.model_config.num_layers // 16
+    bytes_per_token = kv_geometry(src).bytes_per_block_layer * 2 * src.model_config.num_layers // BLOCK_SIZE
 
     largest = OutgoingKV(src, list(range(blocks)), None if device.type == "cpu" else torch.cuda.Stream())
     largest.wait()
-    frames = largest.frames(blocks_per_frame(KVGeometry.of(src), max_frame))
+    frames = largest.frames(blocks_per_frame(kv_geometry(src), max_frame))
     pinned = pinned_copy_bandwidth(device, largest.nbytes)
     loopback = zmq_loopback_bandwidth(frames)
     del frames, largest
     ceiling = min(pinned, loopback)
-    print(f"{device_name(device)}: {args.model} KV, {bytes_per_token / 1024:.0f} KiB/token, frames of {args.frame_mb:g} MiB")
+    print(f"{device_name(device)}: {args.model} KV, {bytes_per_token / 1024:.0f} KiB/token, "
+          f"frames of {args.frame_mb:g} MiB")
     print(f"ceilings: pinned host copy {pinned / 1e9:.2f} GB/s, ZeroMQ loopback {loopback / 1e9:.2f} GB/s")
     rows = []
     for n in tqdm(tokens, desc="transfer", unit="size", disable=not sys.stderr.isatty()):
         seconds = kv_transfer_latency(src, dst, n, max_frame)
-        nbytes = -(-n // 16) * 16 * bytes_per_token
+        nbytes = -(-n // BLOCK_SIZE) * BLOCK_SIZE * bytes_per_token
         rows.append({"tokens": n, "bytes": nbytes, "latency_ms": seconds * 1e3, "gb_s": nbytes / seconds / 1e9,
                      "fraction_of_ceiling": nbytes / seconds / ceiling})
     print(f"{'tokens':>8} {'MiB':>9} {'latency ms':>11} {'GB/s':>7} {'of ceiling':>10}")

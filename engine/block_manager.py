@@ -12,7 +12,7 @@ import hashlib
 from array import array
 from collections import OrderedDict
 
-from engine.sequence import Sequence
+from kairos.engine.sequence import Sequence
 
 
 def chain_hash(prev_hash: bytes, token_ids) -> bytes:

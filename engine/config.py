@@ -1,13 +1,22 @@
-"""Model and engine configuration, read from a Hugging Face model folder and the command line."""
+"""Model and engine configuration, read from a Hugging Face model folder and the command line.
+
+Torch is imported only where a value needs it, so that the command line can build its flags
+from EngineConfig without loading it."""
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+from kairos.kernels import BACKENDS
+from kairos.scheduler import DECODE_POLICIES, PREFILL_POLICIES
+from kairos.scheduler.defaults import BLOCK_SIZE, MAX_BATCH, TOKEN_BUDGET
+
+if TYPE_CHECKING:
+    import torch
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM",
@@ -16,7 +25,8 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen3ForCausalLM",
 }
 SUPPORTED_ROPE_TYPES = {"default", "llama3", "linear"}
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = ("float32", "float16", "bfloat16")  # torch dtypes by name
+ROLES = ("offline", "prefill", "decode")
 
 
 class ConfigError(ValueError):
@@ -50,7 +60,7 @@ class ModelConfig:
     o_bias: bool
     mlp_bias: bool
     qk_norm: bool
-    checkpoint_dtype: torch.dtype
+    checkpoint_dtype: str  # one of DTYPES
     sliding_window: int | None
     eos_token_ids: tuple[int, ...]
 
@@ -123,11 +133,11 @@ def _rope_settings(cfg: dict) -> tuple[float, dict | None]:
     return float(theta), scaling
 
 
-def _checkpoint_dtype(cfg: dict) -> torch.dtype:
+def _checkpoint_dtype(cfg: dict) -> str:
     name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
     if name not in DTYPES:
         raise ConfigError(f"checkpoint dtype {name!r} is not supported; supported: {list(DTYPES)}")
-    return DTYPES[name]
+    return name
 
 
 def _eos_token_ids(path: Path, cfg: dict) -> tuple[int, ...]:
@@ -142,30 +152,50 @@ def _eos_token_ids(path: Path, cfg: dict) -> tuple[int, ...]:
     return tuple(eos) if isinstance(eos, list) else (int(eos),)
 
 
+def setting(default, help: str, flag: str | None = None, choices=None, command_line: bool = True):
+    """An EngineConfig field, with what its command-line flag needs (`kairos.cli.engine_flags`
+    makes `--name-with-dashes` of it, or `flag`)."""
+    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices,
+                                            "command_line": command_line})
+
+
 @dataclass
 class EngineConfig:
-    """Everything the engine needs besides the weights. Defaults suit the current device."""
+    """Everything the engine needs besides the weights. Defaults suit the current device. Each
+    field is also a flag of the commands that run an engine: a new setting is a new field."""
 
-    model: str = "tiny"
-    tokenizer: str | None = None
-    dtype: str = "auto"
-    device: str = "auto"
-    load_format: str = "auto"
-    backend: str = "auto"
-    block_size: int = 16
-    num_kv_blocks: int | None = None
-    gpu_memory_utilization: float = 0.9
-    cpu_kv_cache_gb: float = 1.0
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
-    max_model_len: int | None = None
-    enable_prefix_caching: bool = True
-    seed: int = 0
-    prefill_policy: str = "fcfs"
-    decode_policy: str = "cb"
-    profile: str | None = None  # a `kairos profile` JSON for the cost model
+    model: str = setting("tiny", "Hugging Face model folder, or 'tiny' (built in)")
+    tokenizer: str | None = setting(None, "folder with tokenizer.json, if not the model's own")
+    dtype: str = setting("auto", "weights and activations (auto: the checkpoint's on GPU, float32 on CPU)",
+                         choices=("auto", *DTYPES))
+    device: str = setting("auto", "cpu, cuda or auto")
+    load_format: str = setting("auto", "dummy: random weights from config.json alone, for benchmarking shapes",
+                               choices=("auto", "dummy"))
+    backend: str = setting("auto", "kernels: auto is triton on CUDA, torch (the PyTorch reference) elsewhere",
+                           choices=BACKENDS)
+    block_size: int = setting(BLOCK_SIZE, "tokens per KV block")
+    num_kv_blocks: int | None = setting(None, "KV cache size in blocks (default: from memory)")
+    gpu_memory_utilization: float = setting(0.9, "share of GPU memory for weights, activations and KV cache")
+    cpu_kv_cache_gb: float = setting(1.0, "KV cache size on CPU, GiB (without --num-kv-blocks)")
+    max_num_seqs: int = setting(MAX_BATCH, "sequences per step")
+    max_num_batched_tokens: int = setting(TOKEN_BUDGET, "tokens per step (longer prompts are prefilled in chunks)")
+    max_model_len: int | None = setting(None, "longest sequence, prompt and output (default: the model's)")
+    enable_prefix_caching: bool = setting(True, "reuse the KV of shared prompt prefixes",
+                                          flag="--no-prefix-caching")
+    seed: int = setting(0, "seeds dummy weights and unseeded sampling", command_line=False)
+    prefill_policy: str = setting("fcfs", f"order of waiting prompts: {PREFILL_POLICIES.describe()}",
+                                  choices=tuple(PREFILL_POLICIES))
+    decode_policy: str = setting("cb", f"who joins the decode batch: {DECODE_POLICIES.describe()}",
+                                 choices=tuple(DECODE_POLICIES))
+    profile: str | None = setting(None, "step-time profile (kairos profile) for the cost model; without one, "
+                                        "predicting policies measure a short one at start-up")
+    # offline: whole requests here; prefill: each request's prompt, then its KV goes to a decode
+    # worker; decode: requests whose prompt KV arrives from a prefill worker.
+    role: str = setting("offline", "what this engine serves", choices=ROLES, command_line=False)
 
     def __post_init__(self):
+        import torch
+
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -183,12 +213,20 @@ class EngineConfig:
                 raise ConfigError(f"{name} must be at least 1")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ConfigError("--num-kv-blocks must be at least 1")
+        if self.role not in ROLES:
+            raise ConfigError(f"role must be one of {ROLES}, not {self.role!r}")
+        if self.role == "decode":
+            # Blocks arrive reserved before their KV does; a prefix match on them would read
+            # bytes not yet written. Decode workers only reuse KV they computed themselves.
+            self.enable_prefix_caching = False
 
     def torch_dtype(self, model_config: ModelConfig) -> torch.dtype:
+        import torch
+
         if self.dtype != "auto":
-            return DTYPES[self.dtype]
+            return getattr(torch, self.dtype)
         # CPU matmuls in half precision are slow and less exact: CPU defaults to float32.
-        return torch.float32 if self.device == "cpu" else model_config.checkpoint_dtype
+        return torch.float32 if self.device == "cpu" else getattr(torch, model_config.checkpoint_dtype)
 
     def resolve_max_model_len(self, model_config: ModelConfig) -> int:
         limit = model_config.max_position_embeddings

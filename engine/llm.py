@@ -10,18 +10,17 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from engine.block_manager import BlockManager
-from engine.config import ConfigError, EngineConfig, ModelConfig
-from engine.model_runner import ModelRunner
-from engine.profiler import load_cost_model
-from engine.sampling import SamplingParams
-from engine.scheduler import Batch, StepScheduler
-from engine.sequence import RequestSLO, Sequence
-from engine.tiny import tiny_model_path
-from engine.tokenizer import IncrementalDetokenizer, Tokenizer
-from scheduler import get_decode_policy, get_prefill_policy
-from scheduler.cost_model import CalibratedCostModel
-from scheduler.prefill import PREDICTING_PREFILL_POLICIES
+from kairos.engine.block_manager import BlockManager
+from kairos.engine.config import ConfigError, EngineConfig, ModelConfig
+from kairos.engine.model_runner import ModelRunner
+from kairos.engine.profiler import load_cost_model
+from kairos.engine.sequence import Sequence
+from kairos.engine.step_scheduler import Batch, StepScheduler
+from kairos.engine.tiny import tiny_model_path
+from kairos.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from kairos.scheduler import DECODE_POLICIES, PREFILL_POLICIES, PolicySettings
+from kairos.scheduler.cost_model import CalibratedCostModel
+from kairos.scheduler.request import RequestSLO, SamplingParams
 
 Prompt = str | list[int]
 
@@ -56,7 +55,7 @@ class LLM:
         prefill_policy, decode_policy = self._build_policies()
         self.scheduler = StepScheduler(self.block_manager, self.config.max_num_seqs,
                                        self.config.max_num_batched_tokens, self.max_model_len,
-                                       prefill_policy, decode_policy)
+                                       prefill_policy, decode_policy, prefill_only=self.config.role == "prefill")
         self.num_prefill_tokens_computed = 0
         self._decoding_since: float | None = None  # end of the last decode step, while decoding goes on
 
@@ -65,12 +64,12 @@ class LLM:
         --profile or else to a short profile measured now. With a cost model, every step's time
         recalibrates it (and `cost_model` reports how far serving has drifted from the profile)."""
         cfg = self.config
-        needs_cost = cfg.prefill_policy in PREDICTING_PREFILL_POLICIES or cfg.decode_policy == "kairos"
+        needs_cost = (PREFILL_POLICIES.needs_cost_model(cfg.prefill_policy)
+                      or DECODE_POLICIES.needs_cost_model(cfg.decode_policy))
         cost = load_cost_model(self, cfg.profile) if needs_cost or cfg.profile else None
         self.cost_model = CalibratedCostModel(cost) if cost is not None else None
-        cost = self.cost_model
-        return (get_prefill_policy(cfg.prefill_policy, cost, cfg.max_num_batched_tokens),
-                get_decode_policy(cfg.decode_policy, cfg.max_num_seqs, cost))
+        settings = PolicySettings(self.cost_model, cfg.max_num_batched_tokens, cfg.max_num_seqs)
+        return PREFILL_POLICIES.build(cfg.prefill_policy, settings), DECODE_POLICIES.build(cfg.decode_policy, settings)
 
     def _load_tokenizer(self, path: Path) -> Tokenizer | None:
         source = self.config.tokenizer
@@ -107,13 +106,62 @@ class LLM:
         detok = IncrementalDetokenizer(self.tokenizer, ids) if self.tokenizer else None
         return Sequence(ids, params, self.eos_token_ids, detok, request_id, text, slo)
 
-    def add_request(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None) -> Sequence:
-        seq = self.make_sequence(prompt, params, request_id)
-        self.scheduler.add(seq)
+    def add_request(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None,
+                    slo: RequestSLO | None = None) -> Sequence:
+        seq = self.make_sequence(prompt, params, request_id, slo)
+        self.add_sequence(seq)
         return seq
+
+    def add_sequence(self, seq: Sequence) -> None:
+        """Queues a sequence from make_sequence for prefill."""
+        self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> bool:
         return self.scheduler.abort(request_id) is not None
+
+    def abort_all(self) -> None:
+        """Drops every request: their blocks return to the pool."""
+        sched = self.scheduler
+        for seq in [*sched.waiting, *sched.running, *sched.ready]:
+            self.abort(seq.request_id)
+
+    # ---- disaggregated serving: a prefill worker's hand-off, a decode worker's intake --------
+
+    def release_handed_off(self, seq: Sequence) -> None:
+        """Frees a prefilled sequence's blocks once a decode worker has its KV (or gave up)."""
+        self.scheduler.release(seq)
+
+    def order_incoming(self, seqs: list[Sequence], now: float) -> list[Sequence]:
+        """Prefilled sequences waiting to move their KV here, in the order the decode policy
+        gives them room (under kairos, those that can still meet their TPOT SLO first)."""
+        return self.scheduler.decode_policy.order(seqs, self.scheduler.running, now)
+
+    def reserve_prompt_kv(self, seq: Sequence) -> bool:
+        """Reserves blocks for a prefilled prompt's KV, keeping a block per running sequence
+        spare, so that taking new KV in does not at once force the running batch into
+        preemption. False (nothing reserved) if they do not fit."""
+        spare = len(self.scheduler.running) + len(self.scheduler.ready)
+        if self.block_manager.blocks_needed(seq, seq.num_prompt_tokens) + spare > self.block_manager.num_free_blocks:
+            return False
+        self.block_manager.allocate(seq, seq.num_prompt_tokens)
+        return True
+
+    def free_reserved(self, seq: Sequence) -> None:
+        """Gives back the blocks reserved for a sequence that will not join the batch."""
+        self.block_manager.free_sequence(seq)
+
+    def add_prefilled(self, seq: Sequence) -> None:
+        """A sequence whose prompt KV is now in its reserved blocks, and whose first token was
+        sampled elsewhere: it joins the decode batch as the decode policy admits it."""
+        seq.num_computed_tokens = seq.num_prompt_tokens
+        self.scheduler.add_prefilled(seq)
+
+    def load(self) -> dict:
+        """Queue lengths, KV blocks and preemptions so far, as a worker reports them."""
+        sched = self.scheduler
+        return {"waiting": len(sched.waiting), "running": len(sched.running), "ready": len(sched.ready),
+                "free_blocks": self.num_free_blocks, "total_blocks": self.num_total_blocks,
+                "preemptions": sched.num_preemptions}
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -167,18 +215,23 @@ class LLM:
         prompts = [[rng.randrange(vocab) for _ in range(n)] for n in lengths]
         calibrated, self.cost_model = self.cost_model, None
         computed = self.num_prefill_tokens_computed
+        # A prefill worker's engine hands sequences off after their first token: here they
+        # decode too, so that the decode kernels are warm as well.
+        hands_off, self.scheduler.prefill_only = self.scheduler.prefill_only, False
         try:
             self.generate(prompts, SamplingParams(max_tokens=2, ignore_eos=True, temperature=0))
             self.runner.run_attention_variants()
         finally:
             self.cost_model, self.num_prefill_tokens_computed = calibrated, computed
+            self.scheduler.prefill_only = hands_off
             self._decoding_since = None
             self.block_manager.forget_prefixes()
         return time.perf_counter() - started
 
     # ---- offline API ----------------------------------------------------------------------
 
-    def generate(self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | list[SamplingParams] | None = None,
+    def generate(self, prompts: Prompt | list[Prompt],
+                 sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:
         prompts = _as_prompt_list(prompts)
         params = sampling_params or SamplingParams()

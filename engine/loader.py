@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from engine.config import ConfigError
-from engine.model import CausalLM
+from kairos.engine.config import ConfigError
+from kairos.engine.model import CausalLM
 
 # Buffers some checkpoints carry that the engine recomputes itself.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)

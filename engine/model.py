@@ -14,8 +14,8 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from engine.config import ModelConfig
-from engine.context import AttentionContext
+from kairos.engine.config import ModelConfig
+from kairos.engine.context import AttentionContext
 
 
 class RMSNorm(nn.Module):

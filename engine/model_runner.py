@@ -7,14 +7,14 @@ import logging
 
 import torch
 
-from engine.config import EngineConfig, ModelConfig
-from engine.context import AttentionContext
-from engine.loader import init_dummy_weights, load_weights
-from engine.model import CausalLM, rope_cos_sin_cache
-from engine.sampler import Sampler
-from engine.scheduler import Batch
-from engine.sequence import Sequence
-from kernels import get_backend
+from kairos.engine.config import EngineConfig, ModelConfig
+from kairos.engine.context import AttentionContext
+from kairos.engine.loader import init_dummy_weights, load_weights
+from kairos.engine.model import CausalLM, rope_cos_sin_cache
+from kairos.engine.sampler import Sampler
+from kairos.engine.sequence import Sequence
+from kairos.engine.step_scheduler import Batch
+from kairos.kernels import get_backend
 
 log = logging.getLogger("kairos")
 

@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from engine.block_manager import BlockManager
-from engine.sampling import SamplingParams
-from engine.scheduler import Batch
-from engine.sequence import Sequence
-from kernels import resolve_backend_name
-from scheduler.cost_model import CostModel
+from kairos.engine.block_manager import BlockManager
+from kairos.engine.sequence import Sequence
+from kairos.engine.step_scheduler import Batch
+from kairos.kernels import resolve_backend_name
+from kairos.scheduler.cost_model import CostModel
+from kairos.scheduler.request import SamplingParams
 
 log = logging.getLogger("kairos")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.sampling import SamplingParams
+from kairos.scheduler.request import SamplingParams
 
 
 class Sampler:

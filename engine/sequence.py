@@ -5,10 +5,9 @@ from __future__ import annotations
 import enum
 import itertools
 import time
-from dataclasses import dataclass
 
-from engine.sampling import SamplingParams
-from engine.tokenizer import IncrementalDetokenizer
+from kairos.engine.tokenizer import IncrementalDetokenizer
+from kairos.scheduler.request import RequestSLO, SamplingParams
 
 
 class Status(enum.Enum):
@@ -25,28 +24,6 @@ class FinishReason(str, enum.Enum):
 
 
 _ids = itertools.count()
-
-DEFAULT_TTFT_SLO_MS = 1000.0
-DEFAULT_TPOT_SLO_MS = 100.0
-
-
-@dataclass(frozen=True)
-class RequestSLO:
-    """A request's latency targets and what the scheduler may know about it."""
-
-    ttft_ms: float = DEFAULT_TTFT_SLO_MS
-    tpot_ms: float = DEFAULT_TPOT_SLO_MS
-    request_class: str | None = None
-    output_len_hint: int | None = None  # the client's guess of its output length
-
-    def __post_init__(self):
-        for name in ("ttft_ms", "tpot_ms"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and value > 0):
-                raise ValueError(f"{name} must be a positive number, got {value!r}")
-        if self.output_len_hint is not None and not (isinstance(self.output_len_hint, int) and self.output_len_hint > 0):
-            raise ValueError(f"output_len_hint must be a positive integer, got {self.output_len_hint!r}")
-
 
 class Sequence:
     def __init__(self, prompt_token_ids: list[int], params: SamplingParams,
@@ -68,12 +45,7 @@ class Sequence:
         self.num_computed_tokens = 0  # tokens whose K/V is in the cache
         self.num_cached_tokens = 0  # of the prompt, served by prefix-cache hits (last admission)
         self.num_text_streamed = 0  # characters of text already handed to a stream
-        slo = slo or RequestSLO()
-        # What the scheduling policies read (scheduler/ documents the names).
-        self.ttft_slo = slo.ttft_ms / 1e3
-        self.tpot_slo = slo.tpot_ms / 1e3
-        self.request_class = slo.request_class
-        self.output_len_hint = slo.output_len_hint
+        self.slo = slo or RequestSLO()  # what the scheduling policies go by
         self.arrival_time = time.monotonic()
         self.token_times: list[float] = []  # when each output token was sampled (monotonic)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
 
-from engine.config import ConfigError
+from kairos.engine.config import ConfigError
 
 
 class Tokenizer:

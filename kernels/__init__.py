@@ -1,6 +1,6 @@
 """The kernel backend seam: every attention and small op the model runs goes through a Backend.
 
-A backend is a namespace of functions with the signatures of `kernels.reference`:
+A backend is a namespace of functions with the signatures of `kairos.kernels.reference`:
 - `torch`: that reference; runs on any device.
 - `triton`: the Triton kernels (`small_ops`, `attention`); on CPU only under TRITON_INTERPRET=1.
 - `auto`: triton on CUDA when Triton is installed, torch otherwise.
@@ -11,8 +11,6 @@ from __future__ import annotations
 import importlib.util
 import os
 from types import SimpleNamespace
-
-from kernels import reference
 
 OPS = (
     "rms_norm",
@@ -39,13 +37,15 @@ def resolve_backend_name(name: str, device_type: str) -> str:
 def get_backend(name: str = "torch", device_type: str = "cpu") -> SimpleNamespace:
     name = resolve_backend_name(name, device_type)
     if name == "torch":
+        from kairos.kernels import reference
+
         impls = [reference]
     elif device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("the triton backend runs on CUDA; on CPU only in Triton's interpreter, "
                          "with TRITON_INTERPRET=1 set (slow: for testing)")
     else:
         try:
-            from kernels import attention, small_ops
+            from kairos.kernels import attention, small_ops
         except ImportError as e:
             raise ValueError(f"the triton backend needs Triton installed: {e}") from e
         impls = [small_ops, attention]

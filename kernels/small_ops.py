@@ -138,5 +138,6 @@ def store_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
     assert k_cache.is_contiguous() and v_cache.is_contiguous()
     assert k.stride(-1) == 1 and v.stride(-1) == 1
     _store_kv_kernel[(k.shape[0],)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0),
-                                    v.stride(1), k.shape[1], HEAD_DIM=k.shape[2], BLOCK_D=triton.next_power_of_2(k.shape[2]),
+                                    v.stride(1), k.shape[1], HEAD_DIM=k.shape[2],
+                                    BLOCK_D=triton.next_power_of_2(k.shape[2]),
                                     BLOCK_H=triton.next_power_of_2(k.shape[1]))

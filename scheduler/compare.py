@@ -9,20 +9,13 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
-from scheduler.cost_model import CostModel
-from scheduler.simulator import SimConfig, Simulator, metrics
-from scheduler.traces import TraceRequest, shape
+from kairos.scheduler.cost_model import CostModel
+from kairos.scheduler.metrics import latency_samples, metrics
+from kairos.scheduler.simulator import SimConfig, Simulator
+from kairos.scheduler.traces import TraceRequest, shape
 
 BASELINE = "fcfs+cb"
 GOODPUT_ATTAINMENT = 0.9
-
-
-def latency_samples(requests: list) -> dict:
-    """Sorted TTFT and TPOT (ms) of served requests, simulated or replayed, for the CDF plots."""
-    served = [r for r in requests if not math.isnan(r.finish_time)]
-    return {"ttft_ms": sorted((r.first_token_time - r.arrival_time) * 1e3 for r in served),
-            "tpot_ms": sorted((r.finish_time - r.first_token_time) / (r.output_len - 1) * 1e3
-                              for r in served if r.output_len > 1)}
 
 
 def simulated_point(config: SimConfig, cost: CostModel):
@@ -120,7 +113,8 @@ def table(result: dict) -> str:
     for r in result["rows"]:
         g = gain(r, baseline_row(result["rows"], r))
         lines.append(f"{r['rate_req_s']:>10.1f} {r['policy']:>15} {r['ttft_attainment']:>7.1%} "
-                     f"{r['tpot_attainment']:>7.1%} {r['e2e_attainment']:>7.1%} {r['decode_throughput_tok_s']:>10.0f}   "
+                     f"{r['tpot_attainment']:>7.1%} {r['e2e_attainment']:>7.1%} "
+                     f"{r['decode_throughput_tok_s']:>10.0f}   "
                      f"{g['ttft_points']:>+6.1f}p {g['tpot_points']:>+6.1f}p {g['e2e_points']:>+6.1f}p "
                      f"{g['throughput_pct']:>+6.1f}%")
     lines.append("")

@@ -85,8 +85,10 @@ class CostModel:
     def fit(cls, profile: dict) -> CostModel:
         prefill = profile["prefill"]
         decode = profile["decode"]
-        p = nonnegative_least_squares([prefill_features(m["prompts"]) for m in prefill], [m["seconds"] for m in prefill])
-        d = nonnegative_least_squares([decode_features(m["context_lens"]) for m in decode], [m["seconds"] for m in decode])
+        p = nonnegative_least_squares([prefill_features(m["prompts"]) for m in prefill],
+                                      [m["seconds"] for m in prefill])
+        d = nonnegative_least_squares([decode_features(m["context_lens"]) for m in decode],
+                                      [m["seconds"] for m in decode])
         return cls(tuple(p), tuple(d))
 
     @classmethod

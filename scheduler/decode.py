@@ -1,22 +1,30 @@
 """Decode policies: which requests whose KV is complete join the running decode batch.
 
-A request here has `arrival_time`, `tpot_slo` (seconds), `num_tokens` (its context),
-`num_output_tokens`, `max_tokens`, `request_class` and `output_len_hint` (or None).
+A request here has `arrival_time`, `slo` (a RequestSLO), `num_tokens` (its context),
+`num_output_tokens`, `max_tokens` and `first_token_time`. Every policy is listed in
+DECODE_POLICIES.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Protocol, Sequence, TypeVar
+from typing import ClassVar, Protocol, Sequence, TypeVar
 
-from scheduler.cost_model import CostModel
-from scheduler.output_length import OutputLengthEstimator
+from kairos.scheduler.cost_model import CostModel
+from kairos.scheduler.output_length import OutputLengthEstimator
+from kairos.scheduler.registry import PolicyRegistry, PolicySettings
 
 R = TypeVar("R")
 
 
 class DecodePolicy(Protocol):
-    name: str
+    name: ClassVar[str]
+    summary: ClassVar[str]  # one line for the command line's help
+    needs_cost_model: ClassVar[bool]
+
+    @classmethod
+    def build(cls, settings: PolicySettings) -> DecodePolicy:
+        """The policy, from what the registry knows of the worker."""
 
     def admit(self, running: Sequence[R], ready: Sequence[R], now: float, free_blocks: int) -> list[R]:
         """The ready requests to add to the running batch now."""
@@ -38,9 +46,15 @@ class ContinuousBatching:
     """The baseline: first come, first admitted, up to a fixed batch size."""
 
     name = "cb"
+    summary = "continuous batching, first come first admitted up to --max-num-seqs (the baseline)"
+    needs_cost_model = False
 
     def __init__(self, max_batch: int):
         self.max_batch = max_batch
+
+    @classmethod
+    def build(cls, settings):
+        return cls(settings.max_batch)
 
     def admit(self, running, ready, now, free_blocks):
         return list(ready[: max(0, self.max_batch - len(running))])
@@ -72,6 +86,8 @@ class SlackBatching:
     slow no feasible request."""
 
     name = "kairos"
+    summary = "slack-guided batching: admit while the step fits the tightest TPOT, short outputs first"
+    needs_cost_model = True
 
     def __init__(self, cost: CostModel, max_batch: int, estimator: OutputLengthEstimator | None = None,
                  aging_tokens_per_s: float = 100.0, headroom: float = 0.9):
@@ -81,13 +97,18 @@ class SlackBatching:
         self.aging_tokens_per_s = aging_tokens_per_s
         self.headroom = headroom
 
+    @classmethod
+    def build(cls, settings):
+        return cls(settings.cost, settings.max_batch)
+
     def remaining(self, r) -> int:
-        return self.estimator.remaining(r.request_class, r.num_output_tokens, r.max_tokens, r.output_len_hint)
+        slo = r.slo
+        return self.estimator.remaining(slo.request_class, r.num_output_tokens, r.max_tokens, slo.output_len_hint)
 
     def lost(self, r, now: float, step: float, remaining: int | None = None) -> bool:
         """Whether r misses its TPOT SLO even if every step from now on takes `step` seconds."""
         remaining = self.remaining(r) if remaining is None else remaining
-        budget = r.tpot_slo * (r.num_output_tokens - 1 + remaining)
+        budget = r.slo.tpot_s * (r.num_output_tokens - 1 + remaining)
         return (now - r.first_token_time) + remaining * step > budget
 
     def step_time(self, running) -> float:
@@ -116,7 +137,8 @@ class SlackBatching:
     def step_limit(self, r) -> float:
         """The longest step r tolerates: its TPOT SLO less the headroom kept for time spent
         waiting, or no limit if even a batch of one with its context would miss the SLO."""
-        return r.tpot_slo * self.headroom if self.cost.decode_time(1, r.num_tokens) <= r.tpot_slo else math.inf
+        tpot = r.slo.tpot_s
+        return tpot * self.headroom if self.cost.decode_time(1, r.num_tokens) <= tpot else math.inf
 
     def admit(self, running, ready, now, free_blocks):
         alpha, beta, gamma = self.cost.decode
@@ -139,17 +161,7 @@ class SlackBatching:
         return admitted
 
     def finished(self, request) -> None:
-        self.estimator.observe(request.request_class, request.num_output_tokens)
+        self.estimator.observe(request.slo.request_class, request.num_output_tokens)
 
 
-DECODE_POLICIES = ("cb", "kairos")
-
-
-def get_decode_policy(name: str, max_batch: int, cost: CostModel | None = None) -> DecodePolicy:
-    if name == "cb":
-        return ContinuousBatching(max_batch)
-    if name == "kairos":
-        if cost is None:
-            raise ValueError("the kairos decode policy needs a cost model (a step-time profile)")
-        return SlackBatching(cost, max_batch)
-    raise ValueError(f"unknown decode policy {name!r}; available: {', '.join(DECODE_POLICIES)}")
+DECODE_POLICIES = PolicyRegistry("decode", ContinuousBatching, SlackBatching)

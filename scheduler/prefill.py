@@ -1,26 +1,41 @@
 """Prefill policies: the order in which waiting prompts are admitted to prefill steps.
 
-A request here is anything with `arrival_time`, `ttft_slo` (seconds), `num_uncomputed_tokens`
+A request here is anything with `arrival_time`, `slo` (a RequestSLO), `num_uncomputed_tokens`
 (prompt tokens still to prefill) and `num_tokens` (its context once they are). The step
-scheduler admits in the returned order under its token budget.
+scheduler admits in the returned order under its token budget. Every policy is listed in
+PREFILL_POLICIES.
 """
 
 from __future__ import annotations
 
 import heapq
 import math
-from typing import Protocol, Sequence, TypeVar
+from typing import ClassVar, Protocol, Sequence, TypeVar
 
-from scheduler.cost_model import CostModel
+from kairos.scheduler.cost_model import CostModel
+from kairos.scheduler.registry import PolicyRegistry, PolicySettings
 
 R = TypeVar("R")
 
 
 class PrefillPolicy(Protocol):
-    name: str
+    name: ClassVar[str]
+    summary: ClassVar[str]  # one line for the command line's help
+    needs_cost_model: ClassVar[bool]
+    # Whether a prompt whose TTFT deadline has passed goes behind every prompt still in time,
+    # by arrival, whatever else waits: a caller may then keep such prompts aside (see split).
+    demotes_expired: ClassVar[bool]
+
+    @classmethod
+    def build(cls, settings: PolicySettings) -> PrefillPolicy:
+        """The policy, from what the registry knows of the worker."""
 
     def order(self, waiting: Sequence[R], now: float) -> list[R]:
-        """The waiting requests, the one to prefill first at the front."""
+        """The waiting requests, the one to prefill first at the front: split's two lists end
+        to end."""
+
+    def split(self, waiting: Sequence[R], now: float) -> tuple[list[R], list[R]]:
+        """(the requests to prefill first, in order; those it has demoted, oldest first)."""
 
     def chunk(self, step: Sequence[tuple[R, int]], candidate: R, room: int, now: float) -> int:
         """How many of candidate's prompt tokens (0 to room) close the step as a chunk, the rest
@@ -29,16 +44,26 @@ class PrefillPolicy(Protocol):
 
 
 def deadline(r) -> float:
-    return r.arrival_time + r.ttft_slo
+    return r.arrival_time + r.slo.ttft_s
 
 
 class FCFSPolicy:
     """First come, first served: the baseline."""
 
     name = "fcfs"
+    summary = "first come, first served (the baseline)"
+    needs_cost_model = False
+    demotes_expired = False
+
+    @classmethod
+    def build(cls, settings):
+        return cls()
 
     def order(self, waiting, now):
         return sorted(waiting, key=lambda r: r.arrival_time)
+
+    def split(self, waiting, now):
+        return self.order(waiting, now), []
 
     def chunk(self, step, candidate, room, now):
         return room  # every step full, as vLLM and SGLang run chunked prefill
@@ -48,9 +73,19 @@ class EDFPolicy:
     """Earliest TTFT deadline first."""
 
     name = "edf"
+    summary = "earliest TTFT deadline first"
+    needs_cost_model = False
+    demotes_expired = False
+
+    @classmethod
+    def build(cls, settings):
+        return cls()
 
     def order(self, waiting, now):
         return sorted(waiting, key=deadline)
+
+    def split(self, waiting, now):
+        return self.order(waiting, now), []
 
     def chunk(self, step, candidate, room, now):
         return 0  # with no step times to go by, a chunk could make the step's prompts late
@@ -61,14 +96,22 @@ class _Predicting:
     whole into steps of at most `token_budget` tokens (a longer one alone into as many steps
     as it needs), each step paying the fixed cost once."""
 
+    needs_cost_model = True
+    demotes_expired = True
+
     def __init__(self, cost: CostModel, token_budget: int):
         self.cost = cost
         self.token_budget = token_budget
 
+    @classmethod
+    def build(cls, settings):
+        return cls(settings.cost, settings.token_budget)
+
     def jobs(self, waiting) -> list[tuple[float, float, int, object]]:
         """(deadline, own prefill time, tokens, request) per request; computed once per call."""
         _, b, c = self.cost.prefill
-        return [(r.arrival_time + r.ttft_slo, b * r.num_uncomputed_tokens + c * r.num_uncomputed_tokens * r.num_tokens,
+        return [(r.arrival_time + r.slo.ttft_s,
+                 b * r.num_uncomputed_tokens + c * r.num_uncomputed_tokens * r.num_tokens,
                  r.num_uncomputed_tokens, r) for r in waiting]
 
     def order(self, waiting, now):
@@ -139,6 +182,7 @@ class KairosPolicy(_Predicting):
     can make it."""
 
     name = "kairos"
+    summary = "least TTFT slack first, prompts predicted late demoted behind the rest"
 
     def split(self, waiting, now):
         return self.split_on_time(sorted(self.jobs(waiting), key=lambda j: j[0] - j[1]), now, drop_longest=False)
@@ -150,21 +194,10 @@ class MooreHodgsonPolicy(_Predicting):
     (Moore-Hodgson). Demoted prompts follow in arrival order."""
 
     name = "mh"
+    summary = "Moore-Hodgson: the most TTFT deadlines met"
 
     def split(self, waiting, now):
         return self.split_on_time(sorted(self.jobs(waiting), key=lambda j: j[0]), now, drop_longest=True)
 
 
-PREFILL_POLICIES = {p.name: p for p in (FCFSPolicy, EDFPolicy, KairosPolicy, MooreHodgsonPolicy)}
-PREDICTING_PREFILL_POLICIES = {name for name, cls in PREFILL_POLICIES.items() if issubclass(cls, _Predicting)}
-
-
-def get_prefill_policy(name: str, cost: CostModel | None = None, token_budget: int = 8192) -> PrefillPolicy:
-    if name not in PREFILL_POLICIES:
-        raise ValueError(f"unknown prefill policy {name!r}; available: {', '.join(PREFILL_POLICIES)}")
-    cls = PREFILL_POLICIES[name]
-    if issubclass(cls, _Predicting):
-        if cost is None:
-            raise ValueError(f"the {name} prefill policy needs a cost model (a step-time profile)")
-        return cls(cost, token_budget)
-    return cls()
+PREFILL_POLICIES = PolicyRegistry("prefill", FCFSPolicy, EDFPolicy, KairosPolicy, MooreHodgsonPolicy)

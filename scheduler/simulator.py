@@ -37,10 +37,14 @@ from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from scheduler.cost_model import CalibratedCostModel, CostModel
-from scheduler.decode import get_decode_policy
-from scheduler.prefill import get_prefill_policy
-from scheduler.traces import MOONCAKE_BLOCK_TOKENS, TraceRequest
+from kairos.scheduler import defaults
+from kairos.scheduler.cost_model import CalibratedCostModel, CostModel
+from kairos.scheduler.decode import DECODE_POLICIES
+from kairos.scheduler.metrics import metrics
+from kairos.scheduler.placement import pick_decode_worker, pick_prefill_worker
+from kairos.scheduler.prefill import PREFILL_POLICIES
+from kairos.scheduler.registry import PolicySettings
+from kairos.scheduler.traces import MOONCAKE_BLOCK_TOKENS, TraceRequest
 
 
 @dataclass
@@ -49,13 +53,14 @@ class SimConfig:
     decode_workers: int = 1
     prefill_policy: str = "fcfs"
     decode_policy: str = "cb"
-    token_budget: int = 8192  # prefill tokens per step
-    max_batch: int = 256  # decode sequences per step
+    token_budget: int = defaults.TOKEN_BUDGET  # prefill tokens per step
+    max_batch: int = defaults.MAX_BATCH  # decode sequences per step
     kv_capacity_tokens: int = 400_000  # per worker
     kv_bytes_per_token: int = 131_072
     kv_bandwidth_gb_s: float = 25.0  # prefill -> decode
-    max_inflight_transfer_bytes: int = 4 * 2**30  # per decode worker, from its "ready" to the KV landing
-    block_size: int = 16
+    # per decode worker, from its "ready" to the KV landing
+    max_inflight_transfer_bytes: int = defaults.MAX_INFLIGHT_TRANSFER_BYTES
+    block_size: int = defaults.BLOCK_SIZE
     prefill_jitter: float = 0.0  # mean relative deviation of a step's length from the cost model
     decode_jitter: float = 0.0
     seed: int = 0
@@ -80,21 +85,18 @@ def check_config(config: SimConfig) -> None:
 class SimRequest:
     """A request as the policies see it (the attribute names of engine.Sequence)."""
 
-    __slots__ = ("trace", "arrival_time", "ttft_slo", "tpot_slo", "prompt_len", "output_len", "cached",
-                 "computed", "max_tokens", "request_class", "output_len_hint", "first_token_time",
+    __slots__ = ("trace", "arrival_time", "slo", "prompt_len", "output_len", "cached",
+                 "computed", "max_tokens", "first_token_time",
                  "finish_time", "worker", "join_step", "source", "outputs_at_join", "decoding", "crossing",
                  "epoch", "recomputed")
 
     def __init__(self, trace: TraceRequest):
         self.trace = trace
         self.arrival_time = trace.arrival
-        self.ttft_slo = trace.ttft_slo
-        self.tpot_slo = trace.tpot_slo
+        self.slo = trace.slo
         self.prompt_len = trace.prompt_len
         self.output_len = trace.output_len
         self.max_tokens = trace.output_len  # replayed traces cap generation at their length
-        self.request_class = None
-        self.output_len_hint = None
         self.cached = 0  # prompt tokens found in the prefix cache
         self.computed = 0  # prompt tokens prefilled (or cached) so far
         self.first_token_time = math.nan
@@ -137,7 +139,8 @@ class PrefillSim:
     prefilling: list = field(default_factory=list)  # admitted, prompt part-way through (chunked)
     held: int = 0  # tokens of KV its prompts hold until their transfers land
     busy: bool = False
-    queued_tokens: int = 0  # prompt tokens of the requests sent here whose first token is not out
+    queued_prompt_tokens: int = 0  # prompt tokens of the requests sent here whose first token is not out
+    requests_in_hand: int = 0  # sent here, and neither finished nor handed to a decode worker
     cache: OrderedDict = field(default_factory=OrderedDict)  # hash id -> None, LRU order
     cleared: list = field(default_factory=list)  # (decode worker, request) to send once this step ends
 
@@ -160,12 +163,16 @@ class DecodeSim:
     steps: int = 0  # decode steps run
     context: int = 0  # sum of running contexts
     used_blocks: int = 0  # held by running, ready, recomputing and incoming sequences
-    assigned: int = 0  # requests placed here and not finished
+    requests_in_hand: int = 0  # placed here and not finished
     preemptions: int = 0
     link_free_at: float = 0.0  # when the inbound KV link has carried what it was given
     inflight_bytes: int = 0  # of the transfers between "ready" and landing
     busy: bool = False
     tokens_out: int = 0
+
+    @property
+    def free_blocks(self) -> int:
+        return self.capacity_blocks - self.used_blocks
 
 
 class Simulator:
@@ -180,12 +187,13 @@ class Simulator:
                       "decode": config.decode_jitter * math.sqrt(math.pi / 2)}
         # Each worker's policy predicts through its own model, as each real worker calibrates its own.
         models = [self._policy_cost() for _ in range(config.prefill_workers + config.decode_workers)]
-        self.prefills = [PrefillSim(get_prefill_policy(config.prefill_policy, m, config.token_budget), m,
-                                    config.kv_capacity_tokens) for m in models[:config.prefill_workers]]
-        self.decodes = [DecodeSim(get_decode_policy(config.decode_policy, config.max_batch, m), m,
+        settings = [PolicySettings(m, config.token_budget, config.max_batch) for m in models]
+        self.prefills = [PrefillSim(PREFILL_POLICIES.build(config.prefill_policy, ps), ps.cost,
+                                    config.kv_capacity_tokens) for ps in settings[:config.prefill_workers]]
+        self.decodes = [DecodeSim(DECODE_POLICIES.build(config.decode_policy, ds), ds.cost,
                                   config.kv_capacity_tokens // config.block_size, config.block_size,
                                   crossings=[0] * config.block_size)
-                        for m in models[config.prefill_workers:]]
+                        for ds in settings[config.prefill_workers:]]
         self.events: list = []
         self._seq = itertools.count()
         self.now = 0.0
@@ -212,11 +220,10 @@ class Simulator:
     # ---- prefill --------------------------------------------------------------------------------
 
     def arrive(self, r: SimRequest) -> None:
-        # Placed as the router places it: the prefill worker with the least prompt work queued,
-        # the decode worker with the fewest requests in hand (then the most free blocks).
-        worker = min(self.prefills, key=lambda w: w.queued_tokens)
-        r.worker = min(self.decodes, key=lambda d: (d.assigned, d.used_blocks))
-        r.worker.assigned += 1
+        worker = pick_prefill_worker(self.prefills)  # as the router places it
+        worker.requests_in_hand += 1
+        r.worker = pick_decode_worker(self.decodes)
+        r.worker.requests_in_hand += 1
         if r.trace.hash_ids:
             hits = 0
             for h in r.trace.hash_ids:
@@ -226,7 +233,7 @@ class Simulator:
             # The last token is always computed (its logits are needed).
             r.cached = r.computed = min(hits * MOONCAKE_BLOCK_TOKENS, r.prompt_len - 1)
         worker.waiting.append(r)
-        worker.queued_tokens += r.prompt_len
+        worker.queued_prompt_tokens += r.prompt_len
         if not worker.busy:
             self.start_prefill(worker)
 
@@ -286,13 +293,14 @@ class Simulator:
         self.at(self.now + seconds, then, w, batch)
 
     def prefill_order(self, w: PrefillSim) -> Iterable[SimRequest]:
-        """The prompts in the worker's policy's order. A policy with `split` ranks only those
-        whose deadline has not passed; the expired ones follow its late ones, by arrival."""
-        if not hasattr(w.policy, "split"):
+        """The prompts in the worker's policy's order. A policy that demotes expired prompts
+        ranks only those whose deadline has not passed; the expired ones follow its late ones,
+        by arrival."""
+        if not w.policy.demotes_expired:
             return w.policy.order(w.prefilling + w.waiting, self.now)
         in_time = []
         for r in w.waiting:
-            if r.arrival_time + r.ttft_slo < self.now:
+            if r.arrival_time + r.slo.ttft_s < self.now:
                 bisect.insort(w.expired, r, key=lambda q: -q.arrival_time)
             else:
                 in_time.append(r)
@@ -312,7 +320,7 @@ class Simulator:
         for r in done:
             r.first_token_time = self.now
             r.source = w
-            w.queued_tokens -= r.prompt_len
+            w.queued_prompt_tokens -= r.prompt_len
             for h in r.trace.hash_ids:
                 w.cache[h] = None
                 w.cache.move_to_end(h)
@@ -320,7 +328,8 @@ class Simulator:
                 w.cache.popitem(last=False)
             if r.output_len <= 1:
                 r.finish_time = self.now
-                r.worker.assigned -= 1
+                r.worker.requests_in_hand -= 1
+                w.requests_in_hand -= 1
                 w.held -= r.prompt_len - r.cached
             else:
                 self.offer(r.worker, r)
@@ -363,6 +372,7 @@ class Simulator:
             self.decode_step(d)
         w = r.source
         w.held -= r.prompt_len - r.cached  # the KV has landed: the prefill worker frees it
+        w.requests_in_hand -= 1
         if not w.busy:
             self.start_prefill(w)  # in case it waited for room
 
@@ -494,7 +504,7 @@ class Simulator:
                 self.join(d, r)  # with the blocks it holds (num_tokens - 1 tokens of KV)
             else:
                 r.finish_time = self.now
-                d.assigned -= 1
+                d.requests_in_hand -= 1
                 d.used_blocks -= self.blocks(d, r.recomputed)
                 d.policy.finished(r)
                 if d.pending or d.given_up:
@@ -515,41 +525,12 @@ class Simulator:
             d.running = [r for r in d.running if id(r) not in finished]
             for r in done:
                 r.finish_time = self.now
-                d.assigned -= 1
+                d.requests_in_hand -= 1
                 self.leave(d, r)
                 d.policy.finished(r)
             if d.pending or d.given_up:
                 self.transfer_waiting(d)
         self.decode_step(d)
-
-
-def percentiles(values: list[float]) -> dict:
-    if not values:
-        return {"p50": None, "p90": None, "p99": None}
-    s = sorted(values)
-    return {f"p{q}": s[min(len(s) - 1, int(q / 100 * len(s)))] for q in (50, 90, 99)}
-
-
-def metrics(requests: list, decode_tokens: int | None = None) -> dict:
-    """The SLO report of finished requests (simulated or live): attainment, latency
-    percentiles and decode throughput. A request has arrival_time, first_token_time,
-    finish_time, output_len, ttft_slo and tpot_slo."""
-    ttft_ms, tpot_ms, ttft_ok, tpot_ok, both = [], [], 0, 0, 0
-    for r in requests:
-        ttft = r.first_token_time - r.arrival_time
-        tpot = (r.finish_time - r.first_token_time) / (r.output_len - 1) if r.output_len > 1 else 0.0
-        ttft_ms.append(ttft * 1e3)
-        tpot_ms.append(tpot * 1e3)
-        a, b = ttft <= r.ttft_slo, tpot <= r.tpot_slo
-        ttft_ok += a
-        tpot_ok += b
-        both += a and b
-    n = len(requests)
-    span = max(r.finish_time for r in requests) - min(r.arrival_time for r in requests)
-    tokens = decode_tokens if decode_tokens is not None else sum(r.output_len - 1 for r in requests)
-    return {"requests": n, "ttft_attainment": ttft_ok / n, "tpot_attainment": tpot_ok / n, "e2e_attainment": both / n,
-            "decode_throughput_tok_s": tokens / span if span > 0 else 0.0,
-            "ttft_ms": percentiles(ttft_ms), "tpot_ms": percentiles(tpot_ms)}
 
 
 def simulate(trace: list[TraceRequest], config: SimConfig, cost: CostModel) -> dict:

@@ -14,6 +14,8 @@ import random
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from kairos.scheduler.request import RequestSLO
+
 MOONCAKE_BLOCK_TOKENS = 512
 FORMATS = ("azure", "mooncake", "synthetic")
 
@@ -24,8 +26,7 @@ class TraceRequest:
     prompt_len: int
     output_len: int
     hash_ids: tuple[int, ...] = ()  # Mooncake: one id per 512-token prompt block; equal ids, shared prefix
-    ttft_slo: float = 1.0  # seconds
-    tpot_slo: float = 0.1
+    slo: RequestSLO = RequestSLO()
 
 
 def load_azure(path: str | Path) -> list[TraceRequest]:
@@ -127,9 +128,10 @@ def with_slos(trace: list[TraceRequest], ttft_slo_ms: float, tpot_slo_ms: float,
     """Fixed SLOs; with ttft_ms_per_1k_prompt > 0, the TTFT SLO grows with the prompt: a long
     prompt's prefill cannot be as fast as a short one's, so its target is
     ttft_slo_ms + ttft_ms_per_1k_prompt * prompt_len / 1000."""
-    if not (ttft_slo_ms > 0 and tpot_slo_ms > 0):
-        raise ValueError(f"SLOs must be positive, got --ttft-slo-ms {ttft_slo_ms} and --tpot-slo-ms {tpot_slo_ms}")
+    base = RequestSLO(ttft_slo_ms, tpot_slo_ms)
     if not ttft_ms_per_1k_prompt >= 0:
         raise ValueError(f"--ttft-ms-per-1k-prompt must be >= 0, got {ttft_ms_per_1k_prompt}")
-    return [replace(r, ttft_slo=(ttft_slo_ms + ttft_ms_per_1k_prompt * r.prompt_len / 1000) / 1e3,
-                    tpot_slo=tpot_slo_ms / 1e3) for r in trace]
+    if not ttft_ms_per_1k_prompt:
+        return [replace(r, slo=base) for r in trace]
+    return [replace(r, slo=replace(base, ttft_ms=ttft_slo_ms + ttft_ms_per_1k_prompt * r.prompt_len / 1000))
+            for r in trace]

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from transport.client import Client
-from transport.serve import free_port  # noqa: F401 - the tests take it from here
+from kairos.transport.client import Client
+from kairos.transport.serve import free_port  # noqa: F401 - the tests take it from here
 
 ROOT = Path(__file__).resolve().parent.parent
 # Small enough that 100 concurrent requests run into backpressure and full caches.
@@ -19,13 +18,8 @@ WORKER_ARGS = ["--model", "tiny", "--num-kv-blocks", "256", "--max-model-len", "
                "--max-num-batched-tokens", "1024"]
 
 
-def child_env() -> dict:
-    """This environment with the project importable; packages already on PYTHONPATH stay."""
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-
-
 def kairos_process(*argv: str, prefix: tuple[str, ...] = (), **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([*prefix, sys.executable, "-m", "engine.cli", *argv], cwd=ROOT, env=child_env(),
+    return subprocess.Popen([*prefix, sys.executable, "-m", "kairos.cli", *argv],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
 
 
@@ -46,7 +40,8 @@ class Cluster:
         self.procs.append(proc)
         return proc
 
-    def add_worker(self, role: str, *extra: str, prefix: tuple[str, ...] = (), router_addr: str | None = None) -> subprocess.Popen:
+    def add_worker(self, role: str, *extra: str, prefix: tuple[str, ...] = (),
+                   router_addr: str | None = None) -> subprocess.Popen:
         proc = self.spawn(role, "--router", router_addr or self.addr, *WORKER_ARGS, *extra, prefix=prefix)
         self.workers[role].append(proc)
         return proc

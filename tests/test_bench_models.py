@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import ModelConfig
-from engine.model import CausalLM
-from kernels import get_backend
+from kairos.engine.config import ModelConfig
+from kairos.engine.model import CausalLM
+from kairos.kernels import get_backend
 
 MODELS = Path(__file__).resolve().parent.parent / "bench" / "models"
 
@@ -30,7 +30,7 @@ def test_shapes_give_the_published_parameter_counts(name, params):
 
 def test_dummy_weights_run_a_real_shape_on_cpu():
     run = subprocess.run(
-        [sys.executable, "-m", "engine.cli", "generate", "--model", str(MODELS / "Qwen3-0.6B"),
+        [sys.executable, "-m", "kairos.cli", "generate", "--model", str(MODELS / "Qwen3-0.6B"),
          "--load-format", "dummy", "--tokenizer", "tiny", "--max-model-len", "256",
          "--prompt", "Hello there", "--max-tokens", "3", "--temperature", "0", "--json"],
         capture_output=True, text=True, timeout=600)

@@ -3,9 +3,9 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.block_manager import BlockManager
-from engine.sampling import SamplingParams
-from engine.sequence import Sequence
+from kairos.engine.block_manager import BlockManager
+from kairos.engine.sequence import Sequence
+from kairos.scheduler.request import SamplingParams
 
 BS = 4
 

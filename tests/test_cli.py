@@ -6,7 +6,7 @@ import sys
 
 
 def kairos(*args):
-    return subprocess.run([sys.executable, "-m", "engine.cli", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "kairos.cli", *args], capture_output=True, text=True, timeout=300)
 
 
 def test_generate_json_lines_one_per_prompt():

@@ -5,7 +5,7 @@ import contextlib
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
+from kairos.engine import LLM, SamplingParams
 
 GREEDY = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
 
@@ -147,7 +147,7 @@ def kernel_variants():
     from triton.backends.compiler import BaseBackend
     from triton.runtime.jit import native_specialize_impl
 
-    from kernels import attention, small_ops
+    from kairos.kernels import attention, small_ops
 
     seen: set = set()
     hooked = []
@@ -189,7 +189,7 @@ def test_after_the_warm_up_serving_compiles_no_kernel(monkeypatch):
     batches of 1 to 3 whose widest block table is 1, 2, 16 or 18 blocks, and contexts the
     decode kernel splits in 1 to 3. Blocks of 4 tokens, and splits from 32 keys rather than
     256, keep the interpreted prompts short."""
-    from kernels import attention
+    from kairos.kernels import attention
 
     monkeypatch.setattr(attention, "MIN_TOKENS_PER_SPLIT", 32)
     llm = LLM("tiny", backend="triton", block_size=4, num_kv_blocks=96, max_model_len=160, max_num_batched_tokens=64)

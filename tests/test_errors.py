@@ -6,11 +6,11 @@ import subprocess
 import sys
 
 import pytest
+from hf_models import make_checkpoint
 from safetensors.torch import load_file, save_file
 
-from engine import LLM, SamplingParams
-from engine.config import ConfigError
-from hf_models import make_checkpoint
+from kairos.engine import LLM, SamplingParams
+from kairos.engine.config import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,8 @@ def test_unexpected_tensor(checkpoint):
 
 def test_shape_mismatch(checkpoint):
     edit_config(checkpoint, intermediate_size=128)
-    with pytest.raises(ConfigError, match="mlp.(gate|up|down)_proj.weight in model.safetensors has shape .*96.* config.json implies .*128"):
+    with pytest.raises(ConfigError, match="mlp.(gate|up|down)_proj.weight in model.safetensors has shape .*96.* "
+                                          "config.json implies .*128"):
         LLM(str(checkpoint))
 
 
@@ -129,17 +130,17 @@ def test_text_prompt_without_tokenizer(good_checkpoint):
 
 def test_cli_reports_errors_with_exit_status_2(checkpoint):
     edit_config(checkpoint, architectures=["FooForCausalLM"])
-    run = subprocess.run([sys.executable, "-m", "engine.cli", "generate", "--model", str(checkpoint),
+    run = subprocess.run([sys.executable, "-m", "kairos.cli", "generate", "--model", str(checkpoint),
                           "--prompt", "hi"], capture_output=True, text=True)
     assert run.returncode == 2
     assert "unknown architecture" in run.stderr and "Traceback" not in run.stderr
-    run = subprocess.run([sys.executable, "-m", "engine.cli", "generate", "--prompt", "hi", "--top-p", "2"],
+    run = subprocess.run([sys.executable, "-m", "kairos.cli", "generate", "--prompt", "hi", "--top-p", "2"],
                          capture_output=True, text=True)
     assert run.returncode == 2 and "top_p must be in (0, 1]" in run.stderr
 
 
 def test_backend_choice(monkeypatch):
-    from kernels import get_backend
+    from kairos.kernels import get_backend
 
     assert get_backend("auto", "cpu").name == "torch"
     with pytest.raises(ValueError, match="unknown kernel backend 'cuDNN'"):

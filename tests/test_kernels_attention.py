@@ -7,8 +7,10 @@ import torch
 triton = pytest.importorskip("triton")
 
 from kernel_testing import DEVICE, DTYPES, close, poison_outputs  # noqa: E402
-from kernels import attention  # noqa: E402
-from kernels import reference as ref  # noqa: E402
+
+from kairos.kernels import attention  # noqa: E402
+from kairos.kernels import reference as ref  # noqa: E402
+
 
 @pytest.fixture(autouse=True)
 def nan_outputs(monkeypatch):

@@ -6,9 +6,11 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from kernels import reference as ref  # noqa: E402
 from kernel_testing import DEVICE, DTYPES, close, poison_outputs  # noqa: E402
-from kernels import small_ops  # noqa: E402
+
+from kairos.kernels import reference as ref  # noqa: E402
+from kairos.kernels import small_ops  # noqa: E402
+
 
 @pytest.fixture(autouse=True)
 def nan_outputs(monkeypatch):

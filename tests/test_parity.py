@@ -5,9 +5,9 @@ import importlib.util
 
 import pytest
 import torch
-
-from engine import LLM, SamplingParams
 from hf_models import VOCAB, make_checkpoint
+
+from kairos.engine import LLM, SamplingParams
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
 # The Triton kernels (in the interpreter on CPU) must give the same answers as the reference.

@@ -8,12 +8,20 @@ import pytest
 import torch
 import zmq
 
-from transport import protocol as p
-from transport.kv import KVGeometry, KVWriter, OutgoingKV, PinnedPool, blocks_per_frame, export_cache, open_peer_cache
-from transport.sockets import make_socket, recv, send
+from kairos.transport import protocol as p
+from kairos.transport.kv import (
+    KVWriter,
+    OutgoingKV,
+    PinnedPool,
+    blocks_per_frame,
+    export_cache,
+    kv_geometry,
+    open_peer_cache,
+)
+from kairos.transport.sockets import make_socket, recv, send
 
 EXAMPLES = [
-    p.Submit("r1", prompt="hello", params={"max_tokens": 4}, ttft_slo_ms=200.0, request_class="chat"),
+    p.Submit("r1", prompt="hello", params={"max_tokens": 4}, slo={"ttft_ms": 200.0, "request_class": "chat"}),
     p.Submit("r2", prompt_token_ids=[1, 2, 3]),
     p.Abort("r1"),
     p.Tokens("r1", 3, [7, 8], "ab", "stop"),
@@ -51,7 +59,8 @@ def raw(**body) -> bytes:
     (raw(v=p.PROTOCOL_VERSION, type="abort", request_id=5), "abort.request_id: expected str, got int"),
     (raw(v=p.PROTOCOL_VERSION, type="abort", request_id="x", extra=1), "unknown fields ['extra']"),
     (raw(v=p.PROTOCOL_VERSION, type="submit", request_id="x", prompt_token_ids=[1, "2"]), "prompt_token_ids"),
-    (raw(v=p.PROTOCOL_VERSION, type="tokens", request_id="x", index=True, token_ids=[], text=""), "expected int, got bool"),
+    (raw(v=p.PROTOCOL_VERSION, type="tokens", request_id="x", index=True, token_ids=[], text=""),
+     "expected int, got bool"),
 ])
 def test_invalid_messages_are_rejected_with_the_reason(data, error):
     with pytest.raises(p.ProtocolError, match=error.replace("[", r"\[").replace("]", r"\]")):
@@ -92,8 +101,8 @@ def test_a_bad_message_gets_an_error_reply_and_the_socket_keeps_serving():
 
 
 def test_geometry_mismatch_names_every_difference(tiny_llm):
-    g = KVGeometry.of(tiny_llm.runner)
-    other = KVGeometry(g.model, "float16", 32, g.num_layers, g.num_kv_heads, g.head_dim)
+    g = kv_geometry(tiny_llm.runner)
+    other = p.KVGeometry(g.model, "float16", 32, g.num_layers, g.num_kv_heads, g.head_dim)
     assert g.mismatch(g) is None
     assert g.mismatch(other) == "KV geometry differs: dtype 'float32' vs 'float16'; block_size 16 vs 32"
 
@@ -111,7 +120,7 @@ def test_kv_blocks_survive_export_and_import(tiny_llm, num_blocks, frame_blocks)
     src_ids = torch.randperm(32)[:num_blocks].tolist()
     dst_ids = (torch.randperm(32) + 64)[:num_blocks].tolist()
     cache[:, :, src_ids] = torch.randn_like(cache[:, :, src_ids])
-    geometry = KVGeometry.of(runner)
+    geometry = kv_geometry(runner)
     frame_bytes = frame_blocks * geometry.bytes_per_block_layer
     per_frame = blocks_per_frame(geometry, frame_bytes)
     assert per_frame == frame_blocks
@@ -124,7 +133,7 @@ def test_kv_blocks_survive_export_and_import(tiny_llm, num_blocks, frame_blocks)
 
 def test_kv_frames_of_the_wrong_shape_are_refused(tiny_llm):
     runner = tiny_llm.runner
-    geometry = KVGeometry.of(runner)
+    geometry = kv_geometry(runner)
     writer = KVWriter(runner, 4 * geometry.bytes_per_block_layer)
     frames = [FakeFrame(f) for f in OutgoingKV(runner, [0, 1, 2], None).frames(2)]
     assert writer.check(frames, 3, 2) is None
@@ -174,11 +183,11 @@ def test_the_decode_worker_keeps_kv_under_way_within_its_byte_budget():
     the next goes once the first is no longer under way."""
     import time
 
-    from engine import LLM
-    from transport.decode import DecodeWorker
+    from kairos.engine import LLM
+    from kairos.transport.decode import DecodeWorker
 
     llm = LLM("tiny", num_kv_blocks=64, max_model_len=256)
-    three_blocks = 3 * KVGeometry.of(llm.runner).bytes_per_block
+    three_blocks = 3 * kv_geometry(llm.runner).bytes_per_block
     worker = DecodeWorker(llm, "tcp://127.0.0.1:9", max_inflight_bytes=three_blocks + 1)
     peer = b"prefill-test"
     worker.greeted.add(peer)
@@ -203,8 +212,8 @@ def test_the_decode_worker_writes_kv_in_the_background_and_frees_blocks_only_aft
     import threading
     import time
 
-    from engine import LLM
-    from transport.decode import DecodeWorker
+    from kairos.engine import LLM
+    from kairos.transport.decode import DecodeWorker
 
     llm = LLM("tiny", num_kv_blocks=64, max_model_len=256)
     worker = DecodeWorker(llm, "tcp://127.0.0.1:9")  # no router there: its messages are dropped
@@ -268,7 +277,7 @@ def test_the_router_sends_each_prompt_to_the_prefill_worker_with_the_least_promp
     (a request count would send a short prompt behind a long one); finished and aborted
     requests leave the count."""
 
-    from transport.router import Router, WorkerInfo
+    from kairos.transport.router import Router, WorkerInfo
 
     router = Router(port=0)
     try:
@@ -278,7 +287,8 @@ def test_the_router_sends_each_prompt_to_the_prefill_worker_with_the_least_promp
         p1, p2, d1 = (router.workers[w] for w in ("p1", "p2", "d1"))
 
         def submit(request_id: str, tokens: int | None = None, text: str | None = None) -> str:
-            router.on_submit(b"client", p.Submit(request_id, prompt=text, prompt_token_ids=None if text else [1] * tokens))
+            router.on_submit(b"client", p.Submit(request_id, prompt=text,
+                                                 prompt_token_ids=None if text else [1] * tokens))
             return router.by_client[(b"client", request_id)]
 
         long = submit("long", 4000)
@@ -301,7 +311,7 @@ def test_the_router_sends_each_prompt_to_the_prefill_worker_with_the_least_promp
 def test_the_router_reports_how_old_each_workers_figures_are():
     """A worker's figures come in its heartbeats; other messages show it alive without
     refreshing them, so the status says how old the figures are, apart from the last contact."""
-    from transport.router import Router, WorkerInfo
+    from kairos.transport.router import Router, WorkerInfo
 
     router = Router(port=0)
     try:
@@ -321,7 +331,7 @@ def test_a_kv_cache_is_mapped_only_from_a_well_formed_export_on_this_gpu(tiny_ll
     """CUDA IPC exports are checked field by field before anything is mapped, and a worker whose
     cache is not on a GPU exports nothing and maps nothing."""
     runner = tiny_llm.runner
-    geometry = KVGeometry.of(runner)
+    geometry = kv_geometry(runner)
     export = {"host": "h", "device_uuid": "GPU-0", "handle": b"h", "storage_bytes": 1 << 20, "storage_offset": 0,
               "ref_counter_handle": b"r", "ref_counter_offset": 0, "event_handle": b"e",
               "event_sync_required": False, "tensor_offset": 0, "shape": list(runner.kv_cache.shape)}

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from kernels import reference as ref
+from kairos.kernels import reference as ref
 
 D = 32
 BS = 16

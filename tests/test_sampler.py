@@ -2,8 +2,8 @@
 
 import torch
 
-from engine.sampler import Sampler
-from engine.sampling import SamplingParams
+from kairos.engine.sampler import Sampler
+from kairos.scheduler.request import SamplingParams
 
 N = 6000
 LOGITS = torch.log(torch.tensor([0.4, 0.3, 0.2, 0.1]))

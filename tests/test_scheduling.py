@@ -9,9 +9,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scheduler import (ContinuousBatching, CostModel, FCFSPolicy, KairosPolicy, MooreHodgsonPolicy,
-                       OutputLengthEstimator, SlackBatching, get_decode_policy, get_prefill_policy)
-from scheduler.cost_model import CalibratedCostModel, decode_features, prefill_features
+from kairos.scheduler import (
+    DECODE_POLICIES,
+    PREFILL_POLICIES,
+    ContinuousBatching,
+    CostModel,
+    FCFSPolicy,
+    KairosPolicy,
+    MooreHodgsonPolicy,
+    OutputLengthEstimator,
+    PolicySettings,
+    RequestSLO,
+    SlackBatching,
+)
+from kairos.scheduler.cost_model import CalibratedCostModel, decode_features, prefill_features
 
 COST = CostModel(prefill=(0.004, 2e-5, 1e-9), decode=(0.006, 1e-4, 2e-8))
 
@@ -32,6 +43,10 @@ class Req:
     @property
     def num_tokens(self) -> int:
         return self.prompt + self.num_uncomputed_tokens + self.num_output_tokens
+
+    @property
+    def slo(self) -> RequestSLO:
+        return RequestSLO(self.ttft_slo * 1e3, self.tpot_slo * 1e3, self.request_class, self.output_len_hint)
 
 
 def on_time_count(order, cost: CostModel, now: float, budget: int) -> int:
@@ -70,7 +85,8 @@ def synthetic_profile(cost: CostModel, noise: float, seed: int = 0) -> dict:
     for m in prefill:
         m["seconds"] = cost.prefill_time(m["prompts"]) * (1 + rng.uniform(-noise, noise))
     for m in decode:
-        m["seconds"] = cost.decode_time(len(m["context_lens"]), sum(m["context_lens"])) * (1 + rng.uniform(-noise, noise))
+        m["seconds"] = (cost.decode_time(len(m["context_lens"]), sum(m["context_lens"]))
+                        * (1 + rng.uniform(-noise, noise)))
     return {"prefill": prefill, "decode": decode}
 
 
@@ -169,7 +185,8 @@ def test_moore_hodgson_meets_the_most_deadlines_one_prompt_per_step(queue):
     of fixed length on one machine, where Moore-Hodgson is optimal."""
     now, budget = 1.0, 1
     linear = CostModel(prefill=(0.0005, 2e-5, 0.0), decode=COST.decode)
-    counts = {name: on_time_count(get_prefill_policy(name, linear, budget).order(queue, now), linear, now, budget)
+    counts = {name: on_time_count(PREFILL_POLICIES.build(name, PolicySettings(linear, budget)).order(queue, now),
+                                  linear, now, budget)
               for name in ("fcfs", "edf", "kairos", "mh")}
     assert counts["mh"] == max(counts.values())
 
@@ -178,7 +195,7 @@ def test_moore_hodgson_meets_the_most_deadlines_one_prompt_per_step(queue):
 @given(queue=requests, budget=st.integers(1, 8192), name=st.sampled_from(["fcfs", "edf", "kairos", "mh"]))
 def test_every_policy_orders_every_request_exactly_once(queue, budget, name):
     """Hopeless requests are demoted, never dropped."""
-    order = get_prefill_policy(name, COST, budget).order(queue, 0.5)
+    order = PREFILL_POLICIES.build(name, PolicySettings(COST, budget)).order(queue, 0.5)
     assert sorted(map(id, order)) == sorted(map(id, queue))
 
 
@@ -190,7 +207,7 @@ def test_expired_prompts_may_wait_aside_and_merge_in_by_arrival(queue, budget, n
     for i, r in enumerate(queue):
         r.arrival_time += i * 1e-9  # distinct arrivals: equal ones may merge in either order
     now = 1.0
-    policy = get_prefill_policy(name, COST, budget)
+    policy = PREFILL_POLICIES.build(name, PolicySettings(COST, budget))
     expired = sorted((r for r in queue if r.arrival_time + r.ttft_slo < now), key=lambda r: r.arrival_time)
     on_time, late = policy.split([r for r in queue if r.arrival_time + r.ttft_slo >= now], now)
     merged = on_time + sorted(late + expired, key=lambda r: r.arrival_time)
@@ -206,11 +223,11 @@ def test_kairos_demotes_hopeless_requests_behind_feasible_ones():
 
 def test_policies_without_a_cost_model_are_refused():
     with pytest.raises(ValueError, match="needs a cost model"):
-        get_prefill_policy("kairos")
+        PREFILL_POLICIES.build("kairos", PolicySettings())
     with pytest.raises(ValueError, match="unknown prefill policy 'sjf'"):
-        get_prefill_policy("sjf", COST)
+        PREFILL_POLICIES.build("sjf", PolicySettings(COST))
     with pytest.raises(ValueError, match="needs a cost model"):
-        get_decode_policy("kairos", 8)
+        DECODE_POLICIES.build("kairos", PolicySettings(max_batch=8))
 
 
 @pytest.mark.parametrize("policy", [KairosPolicy(COST, 100), MooreHodgsonPolicy(COST, 100)], ids=lambda p: p.name)
@@ -231,7 +248,8 @@ def test_deadline_aware_policies_chunk_only_within_the_slack_of_the_prompts_a_st
     # The candidate's own deadline does not matter, even one already past: a late prompt is
     # prefilled all the same, so its chunk takes the slack rather than leaving it idle.
     assert chunk(10.0, b_slo=1e-6) == 40 and chunk(a_slo, b_slo=1e-6) == most
-    assert FCFSPolicy().chunk([], Req(), 40, 0.0) == 40 and get_prefill_policy("edf").chunk([], Req(), 40, 0.0) == 0
+    assert (FCFSPolicy().chunk([], Req(), 40, 0.0) == 40
+            and PREFILL_POLICIES.build("edf", PolicySettings()).chunk([], Req(), 40, 0.0) == 0)
 
 
 def test_step_scheduler_fills_steps_with_a_chunk_as_the_policy_allows():
@@ -241,17 +259,17 @@ def test_step_scheduler_fills_steps_with_a_chunk_as_the_policy_allows():
     blocks, the part-way prompts holding them go on."""
     import time
 
-    from engine.block_manager import BlockManager
-    from engine.sampling import SamplingParams
-    from engine.scheduler import StepScheduler
-    from engine.sequence import Sequence
+    from kairos.engine.block_manager import BlockManager
+    from kairos.engine.sequence import Sequence
+    from kairos.engine.step_scheduler import StepScheduler
+    from kairos.scheduler.request import SamplingParams
 
     first_id = iter(range(1, 10**6, 1000))
 
     def seq(tokens: int, ttft_s: float) -> Sequence:  # distinct prompts: no prefix-cache hits
         start = next(first_id)
         s = Sequence(list(range(start, start + tokens)), SamplingParams(max_tokens=4, temperature=0))
-        s.arrival_time, s.ttft_slo = time.monotonic(), ttft_s
+        s.arrival_time, s.slo = time.monotonic(), RequestSLO(ttft_ms=ttft_s * 1e3)
         return s
 
     def scheduler(policy, blocks=256):
@@ -379,7 +397,7 @@ def test_requests_that_can_no_longer_meet_tpot_wait_behind_those_that_can():
 @settings(max_examples=100, deadline=None)
 @given(running=decode_reqs, waiting=decode_reqs, now=st.floats(0, 5), name=st.sampled_from(["cb", "kairos"]))
 def test_decode_policies_order_every_waiting_request_exactly_once(running, waiting, now, name):
-    order = get_decode_policy(name, 64, COST).order(waiting, running, now)
+    order = DECODE_POLICIES.build(name, PolicySettings(COST, max_batch=64)).order(waiting, running, now)
     assert sorted(map(id, order)) == sorted(map(id, waiting))
 
 
@@ -417,8 +435,8 @@ def test_output_length_window_forgets_old_lengths():
 
 @pytest.fixture(scope="module")
 def tiny_profile(tmp_path_factory, tiny_path):
-    from engine import LLM
-    from engine.profiler import measure_profile
+    from kairos.engine import LLM
+    from kairos.engine.profiler import measure_profile
 
     llm = LLM("tiny", num_kv_blocks=256, max_model_len=256, max_num_batched_tokens=256, max_num_seqs=16)
     profile = measure_profile(llm, quick=True)
@@ -448,7 +466,7 @@ def test_a_profile_times_prefill_with_prefixes_and_decode_batches(tiny_profile):
 
 
 def test_scheduling_policies_do_not_change_greedy_outputs(tiny_profile, tiny_llm):
-    from engine import LLM, SamplingParams
+    from kairos.engine import LLM, SamplingParams
 
     path, _ = tiny_profile
     prompts = [[(5 * i) % 500 + 1] * (7 + 13 * i) for i in range(6)]
@@ -468,7 +486,7 @@ def test_decode_calibration_counts_the_serving_loop_between_steps(tiny_profile):
     token cost that much more: the decode calibration sees the whole period, prefill does not."""
     import time
 
-    from engine import LLM, SamplingParams
+    from kairos.engine import LLM, SamplingParams
 
     path, _ = tiny_profile
 
@@ -491,7 +509,7 @@ def test_decode_calibration_counts_the_serving_loop_between_steps(tiny_profile):
 
 
 def test_a_missing_profile_is_a_clear_error(tiny_path, tmp_path):
-    from engine import LLM
+    from kairos.engine import LLM
 
     with pytest.raises(ValueError, match="cannot use the profile"):
         LLM("tiny", num_kv_blocks=64, max_model_len=256, prefill_policy="kairos", profile=str(tmp_path / "nope.json"))

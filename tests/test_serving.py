@@ -2,21 +2,21 @@
 
 import asyncio
 import json
-from dataclasses import replace
 import math
 import random
 import time
+from dataclasses import replace
 
 import msgpack
 import pytest
 import torch
 import zmq
+from serving import Cluster, kairos_process
 
-from engine import LLM, SamplingParams
-from tests.serving import Cluster, kairos_process
-from transport import protocol as p
-from transport.client import AsyncClient, RequestFailed
-from transport.kv import KVGeometry
+from kairos.engine import LLM, SamplingParams
+from kairos.transport import protocol as p
+from kairos.transport.client import AsyncClient, RequestFailed
+from kairos.transport.kv import kv_geometry
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +104,8 @@ def test_step_logs_account_for_every_prefill_and_where_the_loop_spent_its_time(c
     while True:
         status = cluster.wait_idle()
         (prefill,) = [w for w in status["workers"] if w["role"] == "prefill"]
-        logged = {role: [json.loads(line) for line in path.read_text().splitlines()] for role, path in step_logs.items()}
+        logged = {role: [json.loads(line) for line in path.read_text().splitlines()]
+                  for role, path in step_logs.items()}
         if sum(r["stepped"] for r in logged["prefill"]) == prefill["first_tokens"] or time.monotonic() > deadline:
             break
         time.sleep(0.3)
@@ -203,11 +204,15 @@ def test_bad_messages_on_every_socket_are_refused_and_serving_goes_on(cluster):
     ctx = zmq.Context()
     try:
         router = raw_dealer(ctx, cluster.addr)
-        for data, error in [(b"\x93\x01", "malformed"), (msgpack.packb({"v": 7, "type": "abort", "request_id": "x"}), "version 7"),
+        for data, error in [(b"\x93\x01", "malformed"),
+                            (msgpack.packb({"v": 7, "type": "abort", "request_id": "x"}), "version 7"),
                             (msgpack.packb({"v": p.PROTOCOL_VERSION, "type": "nuke"}), "unknown message type"),
                             (p.encode(p.KVAck("t")), "unexpected kv_ack"),
-                            (p.encode(p.Submit("s", "hi", ttft_slo_ms=-1.0)), "ttft_slo_ms must be a positive number"),
-                            (p.encode(p.Submit("s", "hi", tpot_slo_ms=math.nan)), "tpot_slo_ms must be a positive")]:
+                            (p.encode(p.Submit("s", "hi", slo={"ttft_ms": -1.0})),
+                             "TTFT SLO (ttft_ms) must be a positive number"),
+                            (p.encode(p.Submit("s", "hi", slo={"tpot_ms": math.nan})),
+                             "TPOT SLO (tpot_ms) must be a positive"),
+                            (p.encode(p.Submit("s", "hi", slo={"ttft": 5.0})), "unknown SLO fields ['ttft']")]:
             router.send(data)
             answer = reply(router)
             assert isinstance(answer, p.Error) and error in answer.message
@@ -248,7 +253,7 @@ def test_a_transfer_that_never_completes_times_out_and_frees_the_blocks(cluster,
     ctx = zmq.Context()
     try:
         kv = raw_dealer(ctx, decode["kv_addr"])
-        kv.send(p.encode(p.KVHello("stalled", KVGeometry.of(tiny_llm.runner).to_dict())))
+        kv.send(p.encode(p.KVHello("stalled", kv_geometry(tiny_llm.runner).to_dict())))
         assert isinstance(reply(kv), p.KVHelloOk)
         kv.send(p.encode(p.KVOffer("t1", "stalled-1", list(range(1, 101)), [7], {"max_tokens": 5}, {}, 7)))
         assert reply(kv) == p.KVReady("t1")
@@ -272,7 +277,7 @@ def test_a_cache_the_decode_worker_cannot_map_leaves_kv_on_the_socket(cluster, t
     ctx = zmq.Context()
     try:
         kv = raw_dealer(ctx, decode_stats(cluster)["kv_addr"])
-        kv.send(p.encode(p.KVHello("elsewhere", KVGeometry.of(tiny_llm.runner).to_dict(), export)))
+        kv.send(p.encode(p.KVHello("elsewhere", kv_geometry(tiny_llm.runner).to_dict(), export)))
         assert reply(kv) == p.KVHelloOk(decode_stats(cluster)["worker_id"], cuda_ipc=False)
         kv.send(p.encode(p.KVOffer("t2", "elsewhere-1", list(range(1, 21)), [7], {"max_tokens": 5}, {}, 2)))
         assert reply(kv) == p.KVReady("t2")
@@ -318,7 +323,7 @@ def test_cli_client_json_and_exit_status(cluster):
 
 
 def test_slo_clocks_start_at_the_router_whatever_the_hosts_clock_skew():
-    from transport.prefill import MAX_DISPATCH_AGE_S, dispatch_age
+    from kairos.transport.prefill import MAX_DISPATCH_AGE_S, dispatch_age
 
     assert dispatch_age(100.0, 100.25) == pytest.approx(0.25)  # waited a step in the worker's socket
     assert dispatch_age(100.0, 99.0) == 0.0  # this host's clock is behind the router's
@@ -326,7 +331,7 @@ def test_slo_clocks_start_at_the_router_whatever_the_hosts_clock_skew():
 
 
 def test_cpu_threads_are_checked_and_local_workers_split_the_cores():
-    from transport.serve import cpu_share
+    from kairos.transport.serve import cpu_share
 
     cores = cpu_share(1)
     assert cores >= 1 and cpu_share(2) == max(1, cores // 2) and cpu_share(10 * cores) == 1
@@ -336,8 +341,8 @@ def test_cpu_threads_are_checked_and_local_workers_split_the_cores():
 
 
 def test_live_replay_reports_what_the_simulator_reports(cluster):
-    from scheduler.traces import synthetic, with_slos
-    from transport.replay import replay
+    from kairos.scheduler.traces import synthetic, with_slos
+    from kairos.transport.replay import replay
 
     trace = with_slos(synthetic(12, rate=20.0, prompt_mean=40, output_mean=6, max_len=200, seed=2), 5000, 1000)
     report = replay(cluster.addr, trace, timeout_s=60)
@@ -352,8 +357,8 @@ def test_replay_shares_prompt_prefixes_where_the_trace_marks_them_and_nowhere_el
     """Mooncake hash ids mark shared prompt blocks: replayed live, those blocks hit the prefill
     worker's prefix cache, as the simulator models them. Nothing else may share a prefix by
     chance, not even the warm-up's prompts with the measured replay's."""
-    from scheduler.traces import synthetic, with_slos
-    from transport.replay import replay, warm_up
+    from kairos.scheduler.traces import synthetic, with_slos
+    from kairos.transport.replay import replay, warm_up
 
     def prefill_totals() -> tuple[int, int]:
         """First tokens and cached prompt tokens, over the prefill workers."""

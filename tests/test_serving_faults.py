@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import zmq
+from serving import WORKER_ARGS, Cluster, free_port, kairos_process
 
-from engine import LLM, SamplingParams
-from tests.serving import ROOT, WORKER_ARGS, Cluster, child_env, free_port, kairos_process
-from transport import protocol as p
-from transport.kv import KVGeometry
-from transport.sockets import make_socket, recv, send
+from kairos.engine import LLM, SamplingParams
+from kairos.transport import protocol as p
+from kairos.transport.kv import kv_geometry
+from kairos.transport.sockets import make_socket, recv, send
 
 LONG = {"max_tokens": 400, "ignore_eos": True, "temperature": 0}
 
@@ -132,7 +132,7 @@ class SilentDecodeWorker:
 
 def test_a_transfer_never_acknowledged_fails_the_request_and_frees_prefill_blocks(cluster, tiny_llm):
     cluster.add_worker("prefill")
-    silent = SilentDecodeWorker(cluster.addr, KVGeometry.of(tiny_llm.runner).to_dict())
+    silent = SilentDecodeWorker(cluster.addr, kv_geometry(tiny_llm.runner).to_dict())
     try:
         cluster.wait_for_workers(1, 1)
         with cluster.client() as client:
@@ -164,7 +164,7 @@ def processes_using_port(port: int, exclude: int) -> list[int]:
             if not proc.name.isdigit() or int(proc.name) == exclude:
                 continue
             argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
-            if "engine.cli" in argv and (str(port) in argv or any(a.endswith(f":{port}") for a in argv)):
+            if "kairos.cli" in argv and (str(port) in argv or any(a.endswith(f":{port}") for a in argv)):
                 pids.append(int(proc.name))
         except OSError:
             continue
@@ -186,7 +186,7 @@ def test_serve_runs_and_shuts_down_without_orphans(tiny_path):
     try:
         children = processes_using_port(port, exclude=serve.pid)
         assert len(children) == 3  # the router and both workers
-        from transport.client import Client
+        from kairos.transport.client import Client
 
         with Client(f"tcp://127.0.0.1:{port}", timeout_s=30) as client:
             assert client.generate("served", max_tokens=4, temperature=0).finish_reason == "length"
@@ -265,13 +265,13 @@ def test_router_prefill_and_decode_on_separate_hosts(tiny_path):
         cluster.add_worker("decode", "--kv-host", addrs[("decode", "prefill")], prefix=in_ns["decode"],
                            router_addr=f"tcp://{addrs[('router', 'decode')]}:{port}")
         prompts = ["across hosts", "the KV goes over a veth pair"]
-        script = ("import json, sys; from transport.client import Client; "
+        script = ("import json, sys; from kairos.transport.client import Client; "
                   f"c = Client('tcp://127.0.0.1:{port}', timeout_s=60); "
                   "import time; t = time.monotonic()\n"
                   "while len(c.status()['workers']) < 2 and time.monotonic() - t < 90: time.sleep(0.3)\n"
                   f"print(json.dumps([r.to_dict() for r in c.generate({prompts!r}, max_tokens=12, temperature=0)]))")
         out = subprocess.run([*in_ns["router"], os.sys.executable, "-c", script], capture_output=True,
-                             text=True, env=child_env(), timeout=180, cwd=ROOT)
+                             text=True, timeout=180)
         assert out.returncode == 0, out.stderr
         import json
 

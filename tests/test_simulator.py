@@ -1,20 +1,22 @@
 """Trace loading and the discrete-event simulator (pure Python)."""
 
 import json
-from dataclasses import replace
 import math
 import random
+from dataclasses import replace
 
 import pytest
 
-from scheduler.compare import compare, goodput, simulated_point, table
-from scheduler.cost_model import CostModel
-from scheduler.simulator import SimConfig, Simulator, metrics, simulate
-from scheduler.traces import TraceRequest, load_azure, load_mooncake, shape, synthetic, with_slos
-from tests.serving import ROOT
+from kairos.bench import DEFAULT_TRACE
+from kairos.scheduler.compare import compare, goodput, simulated_point, table
+from kairos.scheduler.cost_model import CostModel
+from kairos.scheduler.metrics import metrics
+from kairos.scheduler.request import RequestSLO
+from kairos.scheduler.simulator import SimConfig, Simulator, simulate
+from kairos.scheduler.traces import TraceRequest, load_azure, load_mooncake, shape, synthetic, with_slos
 
 COST = CostModel(prefill=(0.005, 2e-5, 3e-10), decode=(0.006, 2e-5, 4e-8))
-CONV = ROOT / "bench" / "traces" / "AzureLLMInferenceTrace_conv.csv"
+CONV = DEFAULT_TRACE
 
 
 def test_the_azure_traces_load_with_their_published_shape():
@@ -54,7 +56,7 @@ def test_rate_scaling_windows_and_slo_rules():
     window = shape(trace, rate_scale=2.0, start_s=2.0, duration_s=4.0)
     assert [r.arrival for r in window] == [0.0, 0.5, 1.0, 1.5]
     slo = with_slos(window, ttft_slo_ms=200, tpot_slo_ms=50, ttft_ms_per_1k_prompt=100)
-    assert slo[0].ttft_slo == pytest.approx(0.2 + 0.1 * 0.3) and slo[0].tpot_slo == 0.05
+    assert slo[0].slo.ttft_s == pytest.approx(0.2 + 0.1 * 0.3) and slo[0].slo.tpot_s == 0.05
     with pytest.raises(ValueError, match="no requests"):
         shape(trace, start_s=100)
 
@@ -118,7 +120,7 @@ def test_requests_are_placed_as_the_router_places_them():
                                    TraceRequest(0.0002, 100, 3)])
     assert long.source is sim.prefills[0] and first.source is second.source is sim.prefills[1]
     assert long.worker is second.worker is sim.decodes[0] and first.worker is sim.decodes[1]
-    assert all(w.queued_tokens == 0 for w in sim.prefills) and all(d.assigned == 0 for d in sim.decodes)
+    assert all(w.queued_prompt_tokens == 0 for w in sim.prefills) and all(d.requests_in_hand == 0 for d in sim.decodes)
 
 
 def test_decode_kv_grows_by_blocks_and_a_short_step_preempts_the_newest_which_recomputes():
@@ -164,8 +166,8 @@ def test_prefill_steps_chunk_as_the_engine_does_and_prompts_hold_kv_until_it_lan
     chunks = [[(1000, 1000)], [(1000, 2000)], [(500, 2500)]]
     assert long.first_token_time == pytest.approx(sum(COST.prefill_time(c) for c in chunks))
     # A and B arrive while C's step runs, so both wait for the next.
-    queued = [TraceRequest(0.0, 100, 2), TraceRequest(0.001, 600, 2, ttft_slo=5.0),
-              TraceRequest(0.001, 600, 2, ttft_slo=6.0)]
+    queued = [TraceRequest(0.0, 100, 2), TraceRequest(0.001, 600, 2, slo=RequestSLO(ttft_ms=5000)),
+              TraceRequest(0.001, 600, 2, slo=RequestSLO(ttft_ms=6000))]
     c, a, b = Simulator(config, COST).run(queued)
     first = c.first_token_time + COST.prefill_time([(600, 600), (400, 400)])
     assert a.first_token_time == pytest.approx(first)
@@ -177,7 +179,7 @@ def test_prefill_steps_chunk_as_the_engine_does_and_prompts_hold_kv_until_it_lan
     start, alone = c.first_token_time, COST.prefill_time([(600, 600)])
     deadline = start + alone + 0.5 * (COST.prefill_time([(600, 600), (400, 400)]) - alone)
     most = max(n for n in range(401) if start + COST.prefill_time([(600, 600), (n, n)]) <= deadline)
-    tight = [queued[0], replace(queued[1], ttft_slo=deadline - 0.001), queued[2]]
+    tight = [queued[0], replace(queued[1], slo=RequestSLO(ttft_ms=(deadline - 0.001) * 1e3)), queued[2]]
     c, a, b = Simulator(kairos, COST).run(tight)
     assert 0 < most < 400 and a.first_token_time == pytest.approx(start + COST.prefill_time([(600, 600), (most, most)]))
     assert b.first_token_time == pytest.approx(a.first_token_time + COST.prefill_time([(600 - most, 600)]))
@@ -203,7 +205,7 @@ def test_expired_prompts_kept_aside_change_no_result(policy):
 
 
 def test_one_request_alone_takes_exactly_the_modelled_time():
-    r = TraceRequest(0.0, 1000, 5, ttft_slo=1.0, tpot_slo=0.1)
+    r = TraceRequest(0.0, 1000, 5, slo=RequestSLO(1000, 100))
     config = SimConfig(kv_bytes_per_token=1000, kv_bandwidth_gb_s=1.0)
     requests = Simulator(config, COST).run([r])
     ttft = COST.prefill_time([(1000, 1000)])
@@ -214,7 +216,7 @@ def test_one_request_alone_takes_exactly_the_modelled_time():
 
 
 def test_step_jitter_spreads_step_times_around_the_model_and_the_policies_learn_it():
-    trace = [TraceRequest(10.0 * i, 1000, 1, ttft_slo=1.0, tpot_slo=0.1) for i in range(2000)]
+    trace = [TraceRequest(10.0 * i, 1000, 1, slo=RequestSLO(1000, 100)) for i in range(2000)]
     sim = Simulator(SimConfig(prefill_jitter=0.2, decode_jitter=0.2, prefill_policy="kairos"), COST)
     ratios = [(r.first_token_time - r.arrival_time) / COST.prefill_time([(1000, 1000)]) for r in sim.run(trace)]
     mean = sum(ratios) / len(ratios)
@@ -248,9 +250,9 @@ def test_light_load_meets_every_slo_and_overload_does_not():
 
 
 def test_prefix_cache_hits_shorten_prefill():
-    shared = [TraceRequest(i * 0.5, 4096, 2, hash_ids=(1, 2, 3, 4, 5, 6, 7, 100 + i), ttft_slo=1, tpot_slo=1)
+    shared = [TraceRequest(i * 0.5, 4096, 2, hash_ids=(1, 2, 3, 4, 5, 6, 7, 100 + i), slo=RequestSLO(1000, 1000))
               for i in range(4)]
-    cold = [TraceRequest(r.arrival, r.prompt_len, 2, ttft_slo=1, tpot_slo=1) for r in shared]
+    cold = [TraceRequest(r.arrival, r.prompt_len, 2, slo=RequestSLO(1000, 1000)) for r in shared]
     warm_ttft = metrics(Simulator(SimConfig(), COST).run(shared))["ttft_ms"]["p50"]
     cold_ttft = metrics(Simulator(SimConfig(), COST).run(cold))["ttft_ms"]["p50"]
     assert warm_ttft < 0.5 * cold_ttft
@@ -258,7 +260,8 @@ def test_prefix_cache_hits_shorten_prefill():
 
 def test_kairos_beats_fcfs_on_a_bursty_trace():
     trace = with_slos(synthetic(1500, rate=40.0, arrival="gamma", burstiness=6.0, seed=5), 300, 100)
-    results = {p: simulate(trace, SimConfig(prefill_policy=p), COST)["ttft_attainment"] for p in ("fcfs", "kairos", "mh")}
+    results = {p: simulate(trace, SimConfig(prefill_policy=p), COST)["ttft_attainment"]
+               for p in ("fcfs", "kairos", "mh")}
     assert results["kairos"] > results["fcfs"] + 0.05
     assert results["mh"] > results["kairos"]
 
@@ -273,7 +276,7 @@ def test_slack_batching_holds_tpot_through_a_decode_overload():
 
 
 def test_replayed_prompts_share_the_blocks_the_trace_marks_and_nothing_else():
-    from transport.replay import synthetic_prompt
+    from kairos.transport.replay import synthetic_prompt
 
     def synthetic_prompts(trace, vocab_ids, seed):
         return [synthetic_prompt(r, i, vocab_ids, seed) for i, r in enumerate(trace)]
@@ -377,14 +380,14 @@ def test_a_goodput_above_the_sweep_is_a_lower_bound_and_so_is_its_ratio():
 
 
 def test_compare_refuses_repeats_without_live_runs(capsys):
-    from engine.cli import main
+    from kairos.cli.main import main
 
     assert main(["bench", "compare", "--trace", str(CONV), "--limit", "50", "--repeats", "3"]) == 2
     assert "--repeats is for --live runs" in capsys.readouterr().err
 
 
 def test_kairos_simulate_prints_the_slo_report_and_refuses_a_negative_jitter(capsys):
-    from engine.cli import main
+    from kairos.cli.main import main
 
     args = ["simulate", "--trace", str(CONV), "--limit", "300", "--rate-scale", "5", "--prefill-policy", "kairos",
             "--decode-policy", "kairos", "--json"]
@@ -405,13 +408,13 @@ def test_kairos_simulate_prints_the_slo_report_and_refuses_a_negative_jitter(cap
     ("--kv-bandwidth-gb-s", "0", "--kv-bandwidth-gb-s must be positive"),
     ("--max-inflight-transfer-mb", "-1", "--max-inflight-transfer-mb must be at least 0"),
     ("--max-prompt-len", "0", "--max-prompt-len must be at least 1, got 0"),  # not "no cap"
-    ("--ttft-slo-ms", "0", "SLOs must be positive"),
-    ("--tpot-slo-ms", "nan", "SLOs must be positive"),
+    ("--ttft-slo-ms", "0", "the TTFT SLO (ttft_ms) must be a positive number of milliseconds, got 0.0"),
+    ("--tpot-slo-ms", "nan", "the TPOT SLO (tpot_ms) must be a positive number of milliseconds, got nan"),
     ("--ttft-ms-per-1k-prompt", "-50", "--ttft-ms-per-1k-prompt must be >= 0"),
     ("--rate-scale", "nan", "--rate-scale must be positive"),
 ])
 def test_settings_no_system_or_trace_could_have_are_clear_errors(capsys, flag, value, message):
-    from engine.cli import main
+    from kairos.cli.main import main
 
     assert main(["simulate", "--trace", str(CONV), "--limit", "20", flag, value]) == 2
     assert message in capsys.readouterr().err
@@ -421,10 +424,9 @@ def test_recorded_live_runs_are_judged_again_against_the_current_simulator(tmp_p
     """`sim_fidelity.py --resimulate` keeps the recorded live runs, simulates each point anew
     with the recorded settings and calibration (and at each run's own recorded step speed),
     and gaps are simulated minus live. The result file carries the profile it was judged with."""
-    import bench.common
-    from bench import sim_fidelity
+    from kairos.bench import common, sim_fidelity
 
-    monkeypatch.setattr(bench.common, "RESULTS", tmp_path)
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
     profile = tmp_path / "profile.json"
     profile.write_text(json.dumps({"device": "test", "prefill_mape": 0.1, "decode_mape": 0.1,
                                    "fit": {"prefill": list(COST.prefill), "decode": list(COST.decode)}}))
@@ -462,7 +464,7 @@ def test_recorded_live_runs_are_judged_again_against_the_current_simulator(tmp_p
 def test_serving_decode_steps_are_fitted_from_the_measured_runs_step_logs(tmp_path):
     """The decode steps logged within each measured run's span are fitted (fixed, per sequence,
     per context token); warm-up steps outside the span and steps without a decode shape are not."""
-    from bench import sim_fidelity
+    from kairos.bench import sim_fidelity
 
     fit = (0.003, 0.0002, 2e-6)
     rng = random.Random(4)
@@ -487,7 +489,7 @@ def test_serving_decode_steps_are_fitted_from_the_measured_runs_step_logs(tmp_pa
 def test_serving_prefill_steps_scale_the_profile_by_least_squares(tmp_path):
     """Prefill steps logged within the measured span give the least-squares scale on the
     profile's prediction (long steps weigh most); warm-up steps and idle turns do not count."""
-    from bench import sim_fidelity
+    from kairos.bench import sim_fidelity
 
     records = [{"t": 1.0, "step_s": 0.5, "prefill_tokens": 10, "predicted_s": 0.01, "observed_s": 0.5}]  # warm-up
     for i, (predicted, observed) in enumerate([(0.01, 0.01), (0.01, 0.01), (0.1, 0.2)]):
@@ -496,7 +498,8 @@ def test_serving_prefill_steps_scale_the_profile_by_least_squares(tmp_path):
     records.append({"t": 20.0, "step_s": 0.0, "prefill_tokens": 0, "predicted_s": 0.0, "observed_s": 0.0})
     log = tmp_path / "prefill.jsonl"
     log.write_text("\n".join(json.dumps(r) for r in records) + "\n")
-    span = sim_fidelity.replay_span(log, warm_up=1)  # the span a run recorded before spans were begins after the warm-up
+    # the span a run recorded before spans were begins after the warm-up
+    span = sim_fidelity.replay_span(log, warm_up=1)
     assert span[0] == pytest.approx(10.0 - 0.01)
     served = sim_fidelity.served_prefill_fit([log], [span])
     scale = (2 * 0.01 * 0.01 + 0.1 * 0.2) / (2 * 0.01**2 + 0.1**2)
@@ -509,10 +512,9 @@ def test_serving_prefill_steps_scale_the_profile_by_least_squares(tmp_path):
 def test_resimulate_fits_recorded_runs_prefill_steps_from_their_step_logs(tmp_path, monkeypatch):
     """`--resimulate RESULT --step-logs DIR` fits each recorded run's prefill steps from the
     logs the run wrote and simulates with that scale rather than the recorded ratio."""
-    import bench.common
-    from bench import sim_fidelity
+    from kairos.bench import common, sim_fidelity
 
-    monkeypatch.setattr(bench.common, "RESULTS", tmp_path)
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
     profile = {"device": "test", "prefill_mape": 0.1, "decode_mape": 0.1,
                "fit": {"prefill": list(COST.prefill), "decode": list(COST.decode)}}
     args = sim_fidelity.parse_args(["--requests", "40", "--rate-scales", "4", "--warm-up", "1", "--name", "refit"])

@@ -4,8 +4,8 @@ import filecmp
 
 import pytest
 
-from engine.tiny import write_tiny_model
-from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from kairos.engine.tiny import write_tiny_model
+from kairos.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
 def test_tiny_model_is_written_identically_every_time(tmp_path, tiny_path):

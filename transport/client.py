@@ -2,12 +2,12 @@
 keep many requests in flight on one connection.
 
     client = Client("tcp://127.0.0.1:7100")
-    rid = client.submit("Hello", max_tokens=32, temperature=0)
+    rid = client.submit("Hello", max_tokens=32, temperature=0, slo={"ttft_ms": 500})
     for chunk in client.stream(rid):
         print(chunk.text, end="", flush=True)
 
 Timings (`ttft_ms`, `token_times_ms`) are taken on the client's clock, from the moment the
-request was sent.
+request was sent. Nothing here needs torch: a client machine needs only pyzmq and msgpack.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from typing import AsyncIterator, Iterator
 import zmq
 import zmq.asyncio
 
-from engine.sampling import SamplingParams
-from transport import protocol as p
-from transport.sockets import make_socket
+from kairos.scheduler.request import RequestSLO, SamplingParams
+from kairos.transport import protocol as p
+from kairos.transport.sockets import DEFAULT_ROUTER, make_socket
 
 
 class RequestFailed(RuntimeError):
@@ -86,23 +86,24 @@ class _Tracked:
 
 def make_submit(prompt: str | list[int], request_id: str, *, max_tokens: int = 16, temperature: float = 1.0,
                 top_p: float = 1.0, top_k: int = -1, seed: int | None = None, stop: list[str] | str | None = None,
-                stop_token_ids: list[int] | None = None, ignore_eos: bool = False, ttft_ms: float | None = None,
-                tpot_ms: float | None = None, request_class: str | None = None, group_id: str | None = None,
-                output_len_hint: int | None = None) -> p.Submit:
-    """Checks a request's values here, so a bad one fails before it is sent."""
+                stop_token_ids: list[int] | None = None, ignore_eos: bool = False,
+                slo: RequestSLO | dict | None = None, group_id: str | None = None) -> p.Submit:
+    """Checks a request's values here, so a bad one fails before it is sent. `slo` is a
+    RequestSLO, or a dict of some of its fields (ttft_ms, tpot_ms, request_class,
+    output_len_hint), the router's defaults standing for the rest."""
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                             stop=stop or [], stop_token_ids=stop_token_ids or [], ignore_eos=ignore_eos)
-    for name, value in (("ttft_ms", ttft_ms), ("tpot_ms", tpot_ms), ("output_len_hint", output_len_hint)):
-        if value is not None and not value > 0:
-            raise ValueError(f"{name} must be positive, got {value!r}")
+    if isinstance(slo, RequestSLO):
+        slo = slo.to_dict()
+    elif slo is not None:
+        RequestSLO.from_dict(slo)  # the fields given are checked; the router fills in the rest
     if isinstance(prompt, str):
         text, ids = prompt, None
     elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         text, ids = None, prompt
     else:
         raise ValueError("a prompt is a string or a non-empty list of token ids")
-    return p.Submit(request_id, text, ids, asdict(params), ttft_ms, tpot_ms, request_class, group_id,
-                    output_len_hint)
+    return p.Submit(request_id, text, ids, asdict(params), slo, group_id)
 
 
 def status_dict(report: p.StatusReport) -> dict:
@@ -137,7 +138,7 @@ class _Base:
 
 
 class Client(_Base):
-    def __init__(self, addr: str = "tcp://127.0.0.1:7100", timeout_s: float = 60.0):
+    def __init__(self, addr: str = DEFAULT_ROUTER, timeout_s: float = 60.0):
         super().__init__(addr, timeout_s)
         self.ctx = zmq.Context()
         self.socket = make_socket(self.ctx, zmq.DEALER)
@@ -225,7 +226,7 @@ class AsyncClient(_Base):
     """The asyncio client: `async for chunk in client.stream(prompt, ...)`. One reader task
     files incoming messages under their requests."""
 
-    def __init__(self, addr: str = "tcp://127.0.0.1:7100", timeout_s: float = 60.0):
+    def __init__(self, addr: str = DEFAULT_ROUTER, timeout_s: float = 60.0):
         super().__init__(addr, timeout_s)
         self.ctx = zmq.asyncio.Context()
         self.socket = make_socket(self.ctx, zmq.DEALER)

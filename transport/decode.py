@@ -18,17 +18,15 @@ from dataclasses import dataclass
 import torch
 import zmq
 
-from engine.sequence import Sequence
-from transport import protocol as p
-from transport.kv import KVGeometry, KVWriter, open_peer_cache
-from transport.sockets import make_socket, recv, send
-from transport.worker import Worker
+from kairos.engine.sequence import Sequence
+from kairos.scheduler.defaults import MAX_INFLIGHT_TRANSFER_BYTES
+from kairos.scheduler.metrics import time_per_output_token
+from kairos.transport import protocol as p
+from kairos.transport.kv import KVWriter, open_peer_cache
+from kairos.transport.sockets import make_socket, recv, send
+from kairos.transport.worker import Worker
 
 log = logging.getLogger("kairos.decode")
-# KV under way into one decode worker, at most (one transfer can always go): enough for the
-# transfers that several prefill workers clear in one step each (a 1000-token Llama-3-8B prompt
-# is 128 MiB), and a bound on the host memory received KV takes before it is written.
-DEFAULT_MAX_INFLIGHT_BYTES = 4 * 2**30
 
 
 @dataclass
@@ -45,13 +43,14 @@ class DecodeWorker(Worker):
     role = "decode"
 
     def __init__(self, *args, kv_host: str = "127.0.0.1", kv_port: int = 0,
-                 max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES, **kwargs):
+                 max_inflight_bytes: int = MAX_INFLIGHT_TRANSFER_BYTES, **kwargs):
         super().__init__(*args, **kwargs)
         self.counters["tpot_met"] = 0
         self.max_inflight_bytes = max_inflight_bytes
         self.writer = KVWriter(self.llm.runner, self.max_frame_bytes)
         # Header plus frames; ZeroMQ's size limit applies to each frame.
-        self.kv_socket = make_socket(self.ctx, zmq.ROUTER, max_bytes=max(self.max_frame_bytes, p.MAX_CONTROL_MESSAGE_BYTES))
+        self.kv_socket = make_socket(self.ctx, zmq.ROUTER,
+                                     max_bytes=max(self.max_frame_bytes, p.MAX_CONTROL_MESSAGE_BYTES))
         if kv_port:
             self.kv_socket.bind(f"tcp://{kv_host}:{kv_port}")
         else:
@@ -127,7 +126,7 @@ class DecodeWorker(Worker):
         if item in self.offers:
             self.offers.remove(item)
         if self.incoming.pop(item.transfer_id, None) is not None:
-            self.llm.block_manager.free_sequence(item.seq)
+            self.llm.free_reserved(item.seq)
         if item.transfer_id in self.writing:
             item.cancelled = True  # the writer thread may still be filling its blocks
 
@@ -138,7 +137,8 @@ class DecodeWorker(Worker):
             if seq.is_finished:
                 # TPOT from the first token's arrival here (its KV offer) to the last.
                 times = seq.token_times
-                self.counters["tpot_met"] += len(times) < 2 or (times[-1] - times[0]) / (len(times) - 1) <= seq.tpot_slo
+                tpot = time_per_output_token(times[0], times[-1], len(times)) if times else 0.0
+                self.counters["tpot_met"] += tpot <= seq.slo.tpot_s
             self.send_tokens(seq)
 
     # ---- the KV channel -----------------------------------------------------------------------
@@ -166,7 +166,7 @@ class DecodeWorker(Worker):
 
     def on_hello(self, peer: bytes, msg: p.KVHello) -> None:
         try:
-            problem = KVGeometry.from_dict(msg.geometry).mismatch(self.geometry)
+            problem = p.KVGeometry.from_dict(msg.geometry).mismatch(self.geometry)
         except ValueError as e:
             problem = str(e)
         if problem:
@@ -229,16 +229,15 @@ class DecodeWorker(Worker):
         for transfer_id, error in self.writer.finished():
             item = self.writing.pop(transfer_id)
             if item.cancelled:
-                self.llm.block_manager.free_sequence(item.seq)
+                self.llm.free_reserved(item.seq)
             elif error:
                 send(self.kv_socket, p.KVCancel(transfer_id, error), item.peer)
                 self.fail(item.seq.request_id, error)
-                self.llm.block_manager.free_sequence(item.seq)
+                self.llm.free_reserved(item.seq)
             else:
                 send(self.kv_socket, p.KVAck(transfer_id), item.peer)
                 send(self.router, p.HandedOff(item.seq.request_id))
-                item.seq.num_computed_tokens = item.seq.num_prompt_tokens
-                self.llm.scheduler.add_prefilled(item.seq)
+                self.llm.add_prefilled(item.seq)
 
     def idle_poll_ms(self) -> int:
         # A finished write is picked up (and its request starts decoding) within a millisecond.
@@ -260,22 +259,12 @@ class DecodeWorker(Worker):
     def accept_offers(self, now: float) -> None:
         if not self.offers or self.inflight_bytes >= self.max_inflight_bytes:
             return  # runs every loop: skip ordering the offers when none could go in
-        blocks = self.llm.block_manager
-        scheduler = self.llm.scheduler
-        # Keep a block per running sequence spare, so admitting new KV does not at once force
-        # the running batch into preemption.
-        spare = len(scheduler.running) + len(scheduler.ready)
         by_seq = {id(item.seq): item for item in self.offers}
-        # The decode policy says who gets room first (under kairos, requests that can still
-        # meet their TPOT SLO before those that cannot).
-        for seq in scheduler.decode_policy.order([i.seq for i in self.offers], scheduler.running, now):
+        for seq in self.llm.order_incoming([i.seq for i in self.offers], now):
             item = by_seq[id(seq)]
-            if not self.has_room_in_flight(item):
-                break
-            if item.num_blocks + spare > blocks.num_free_blocks:
+            if not self.has_room_in_flight(item) or not self.llm.reserve_prompt_kv(item.seq):
                 break  # backpressure: the prefill worker holds the blocks until there is room
             self.offers.remove(item)
-            blocks.allocate(item.seq, item.seq.num_prompt_tokens)
             item.deadline = now + self.transfer_timeout_s
             self.incoming[item.transfer_id] = item
             send(self.kv_socket, p.KVReady(item.transfer_id), item.peer)

@@ -29,61 +29,23 @@ import queue
 import socket
 import threading
 import warnings
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from engine.model_runner import ModelRunner
+from kairos.engine.model_runner import ModelRunner
+from kairos.transport.protocol import KVGeometry
 
-DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 DEFAULT_FRAME_BYTES = 8 * 2**20
 
 
-@dataclass(frozen=True)
-class KVGeometry:
-    """What must agree between a prefill and a decode worker for KV bytes to mean the same."""
-
-    model: str  # architecture and shape: the same weights are the operator's promise
-    dtype: str
-    block_size: int
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-
-    @classmethod
-    def of(cls, runner: ModelRunner) -> KVGeometry:
-        cfg = runner.model_config
-        model = (f"{cfg.path.name}:{cfg.architecture}:h{cfg.hidden_size}:v{cfg.vocab_size}"
-                 f":i{cfg.intermediate_size}:q{cfg.num_heads}")
-        return cls(model, DTYPE_NAMES[runner.dtype], runner.block_size, cfg.num_layers,
-                   cfg.num_kv_heads, cfg.head_dim)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> KVGeometry:
-        try:
-            return cls(**d)
-        except TypeError as e:
-            raise ValueError(f"bad KV geometry {d!r}: {e}") from None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def mismatch(self, other: KVGeometry) -> str | None:
-        """None if the two agree, else a sentence naming every difference."""
-        diffs = [f"{k} {v!r} vs {getattr(other, k)!r}" for k, v in asdict(self).items() if getattr(other, k) != v]
-        return f"KV geometry differs: {'; '.join(diffs)}" if diffs else None
-
-    @property
-    def bytes_per_block_layer(self) -> int:
-        """Bytes of K (or of V) of one block in one layer."""
-        elem = torch.empty(0, dtype=getattr(torch, self.dtype)).element_size()
-        return self.block_size * self.num_kv_heads * self.head_dim * elem
-
-    @property
-    def bytes_per_block(self) -> int:
-        """Bytes of K and V of one block across all layers: what a transfer moves per block."""
-        return 2 * self.num_layers * self.bytes_per_block_layer
+def kv_geometry(runner: ModelRunner) -> KVGeometry:
+    """The geometry of this engine's KV cache, as the handshake and registration state it."""
+    cfg = runner.model_config
+    model = (f"{cfg.path.name}:{cfg.architecture}:h{cfg.hidden_size}:v{cfg.vocab_size}"
+             f":i{cfg.intermediate_size}:q{cfg.num_heads}")
+    return KVGeometry(model, str(runner.dtype).removeprefix("torch."), runner.block_size, cfg.num_layers,
+                      cfg.num_kv_heads, cfg.head_dim)
 
 
 def host_id() -> str:
@@ -270,7 +232,7 @@ class KVWriter:
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._finished: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
-        self.geometry = KVGeometry.of(runner)
+        self.geometry = kv_geometry(runner)
         self.max_frame_bytes = max_frame_bytes
         self.on_gpu = runner.device.type == "cuda"
         if self.on_gpu:
@@ -289,7 +251,8 @@ class KVWriter:
     def check(self, frames: list, num_blocks: int, per_frame: int) -> str | None:
         """None if the frames are exactly what this transfer should carry, else what is wrong."""
         if per_frame < 1 or per_frame * self.geometry.bytes_per_block_layer > self.max_frame_bytes:
-            return f"blocks_per_frame {per_frame} is outside 1..{self.max_frame_bytes // self.geometry.bytes_per_block_layer}"
+            return (f"blocks_per_frame {per_frame} is outside "
+                    f"1..{self.max_frame_bytes // self.geometry.bytes_per_block_layer}")
         layout = self.expected_frames(num_blocks, per_frame)
         if len(frames) != len(layout):
             return f"expected {len(layout)} KV frames, got {len(frames)}"

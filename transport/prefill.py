@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 import torch
 import zmq
 
-from engine.sequence import Sequence, Status
-from transport import protocol as p
-from transport.kv import OutgoingKV, PinnedPool, blocks_per_frame, export_cache
-from transport.sockets import make_socket, recv, send, send_tracked
-from transport.worker import Worker
+from kairos.engine.sequence import Sequence, Status
+from kairos.transport import protocol as p
+from kairos.transport.kv import OutgoingKV, PinnedPool, blocks_per_frame, export_cache
+from kairos.transport.sockets import make_socket, recv, send, send_tracked
+from kairos.transport.worker import Worker
 
 log = logging.getLogger("kairos.prefill")
 MAX_DISPATCH_AGE_S = 60.0
@@ -90,7 +90,7 @@ class PrefillWorker(Worker):
                 return
             seq.arrival_time -= dispatch_age(msg.arrival_unix, time.time())
             self.targets[msg.request_id] = (msg.decode_worker_id, msg.decode_kv_addr)
-            self.llm.scheduler.add(seq)
+            self.llm.add_sequence(seq)
         elif isinstance(msg, p.Abort):
             self.abort(msg.request_id)
         elif isinstance(msg, p.WorkerGone):
@@ -132,7 +132,7 @@ class PrefillWorker(Worker):
     def on_step(self, stepped: list[Sequence]) -> None:
         for seq in stepped:
             self.counters["first_tokens"] += 1
-            self.counters["ttft_met"] += seq.token_times[0] - seq.arrival_time <= seq.ttft_slo
+            self.counters["ttft_met"] += seq.token_times[0] - seq.arrival_time <= seq.slo.ttft_s
             self.counters["cached_prompt_tokens"] += seq.num_cached_tokens
             self.send_tokens(seq)
             if seq.status is Status.HANDED_OFF:
@@ -159,10 +159,8 @@ class PrefillWorker(Worker):
 
     def offer(self, t: Transfer) -> None:
         seq = t.seq
-        slo = {"ttft_ms": seq.ttft_slo * 1e3, "tpot_ms": seq.tpot_slo * 1e3, "request_class": seq.request_class,
-               "output_len_hint": seq.output_len_hint}
         send(t.peer.socket, p.KVOffer(t.transfer_id, seq.request_id, seq.prompt_token_ids, seq.output_token_ids,
-                                      dataclasses.asdict(seq.params), slo, len(seq.block_table)))
+                                      dataclasses.asdict(seq.params), seq.slo.to_dict(), len(seq.block_table)))
         t.deadline = float("inf")  # waiting for room on the decode side is backpressure, not a fault
 
     def finish_transfer(self, t: Transfer) -> None:
@@ -172,7 +170,7 @@ class PrefillWorker(Worker):
         self.by_request.pop(t.seq.request_id, None)
         if t in t.peer.unsent_offers:
             t.peer.unsent_offers.remove(t)
-        self.llm.scheduler.release(t.seq)
+        self.llm.release_handed_off(t.seq)
 
     def fail_transfer(self, t: Transfer, message: str) -> None:
         self.fail(t.seq.request_id, message)

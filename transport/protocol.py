@@ -16,13 +16,57 @@ from typing import Any, ClassVar
 
 import msgpack
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 # Control messages (requests, tokens, status) are small; the largest is a long prompt's ids.
 MAX_CONTROL_MESSAGE_BYTES = 16 * 2**20
 
 
 class ProtocolError(ValueError):
     """A message that is not valid Kairos protocol."""
+
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+@dataclass(frozen=True)
+class KVGeometry:
+    """What must agree between a prefill and a decode worker for KV bytes to mean the same; on
+    the wire as a map of these fields (registration, the KV handshake)."""
+
+    model: str  # architecture and shape: the same weights are the operator's promise
+    dtype: str  # one of DTYPE_BYTES
+    block_size: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def from_dict(cls, d: dict) -> KVGeometry:
+        try:
+            geometry = cls(**d)
+        except TypeError as e:
+            raise ValueError(f"bad KV geometry {d!r}: {e}") from None
+        if geometry.dtype not in DTYPE_BYTES:
+            raise ValueError(f"bad KV geometry: dtype {geometry.dtype!r} is not one of {list(DTYPE_BYTES)}")
+        return geometry
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def mismatch(self, other: KVGeometry) -> str | None:
+        """None if the two agree, else a sentence naming every difference."""
+        diffs = [f"{k} {v!r} vs {getattr(other, k)!r}" for k, v in self.to_dict().items() if getattr(other, k) != v]
+        return f"KV geometry differs: {'; '.join(diffs)}" if diffs else None
+
+    @property
+    def bytes_per_block_layer(self) -> int:
+        """Bytes of K (or of V) of one block in one layer."""
+        return self.block_size * self.num_kv_heads * self.head_dim * DTYPE_BYTES[self.dtype]
+
+    @property
+    def bytes_per_block(self) -> int:
+        """Bytes of K and V of one block across all layers: what a transfer moves per block."""
+        return 2 * self.num_layers * self.bytes_per_block_layer
 
 
 MESSAGE_TYPES: dict[str, type[Message]] = {}
@@ -48,11 +92,8 @@ class Submit(Message):
     prompt: str | None = None  # text, or
     prompt_token_ids: list[int] | None = None
     params: dict = field(default_factory=dict)  # SamplingParams fields
-    ttft_slo_ms: float | None = None  # the router's defaults where absent
-    tpot_slo_ms: float | None = None
-    request_class: str | None = None
+    slo: dict | None = None  # RequestSLO fields; the router's defaults for those absent
     group_id: str | None = None
-    output_len_hint: int | None = None
 
 
 @dataclass
@@ -102,7 +143,7 @@ class Register(Message):
     TYPE = "register"
     worker_id: str
     role: str  # "prefill" | "decode"
-    geometry: dict  # see transport.kv.KVGeometry
+    geometry: dict  # KVGeometry fields
     total_blocks: int
     kv_addr: str | None = None  # decode workers: where prefill workers send KV
 
@@ -133,7 +174,7 @@ class PrefillRequest(Message):
     prompt: str | None
     prompt_token_ids: list[int] | None
     params: dict
-    slo: dict  # engine.sequence.RequestSLO fields
+    slo: dict  # RequestSLO fields
     decode_worker_id: str
     decode_kv_addr: str
     # When the router received it (Unix seconds): SLO clocks start there, not when the worker

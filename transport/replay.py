@@ -13,18 +13,18 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from scheduler.simulator import metrics
-from scheduler.traces import MOONCAKE_BLOCK_TOKENS, TraceRequest
-from transport.client import AsyncClient, Client
+from kairos.scheduler.metrics import latency_samples, metrics
+from kairos.scheduler.request import RequestSLO
+from kairos.scheduler.traces import MOONCAKE_BLOCK_TOKENS, TraceRequest
+from kairos.transport.client import AsyncClient, Client
 
 
 @dataclass
 class ReplayedRequest:
-    """One replayed request, with what `scheduler.simulator.metrics` reads."""
+    """One replayed request, with what `kairos.scheduler.metrics` reads."""
 
     arrival_time: float
-    ttft_slo: float
-    tpot_slo: float
+    slo: RequestSLO
     output_len: int
     first_token_time: float = float("nan")
     finish_time: float = float("nan")
@@ -69,9 +69,8 @@ async def _replay(addr: str, trace: list[TraceRequest], vocab_ids: int, timeout_
             await asyncio.sleep(max(0.0, start + r.arrival - time.perf_counter()))
             prompt = synthetic_prompt(r, index, vocab_ids, seed)
             sent = time.perf_counter() - start
-            out = await client.generate(prompt, max_tokens=r.output_len, ignore_eos=True, temperature=0,
-                                        ttft_ms=r.ttft_slo * 1e3, tpot_ms=r.tpot_slo * 1e3)
-            item = ReplayedRequest(sent, r.ttft_slo, r.tpot_slo, len(out.token_ids), error=out.error)
+            out = await client.generate(prompt, max_tokens=r.output_len, ignore_eos=True, temperature=0, slo=r.slo)
+            item = ReplayedRequest(sent, r.slo, len(out.token_ids), error=out.error)
             if out.error is None and out.token_times_ms:
                 item.first_token_time = sent + out.token_times_ms[0] / 1e3
                 item.finish_time = sent + out.token_times_ms[-1] / 1e3
@@ -90,7 +89,8 @@ def replay_requests(addr: str, trace: list[TraceRequest], vocab_ids: int = 256, 
     return asyncio.run(_replay(addr, trace, vocab_ids, timeout_s, progress, fresh_seed() if seed is None else seed))
 
 
-def warm_up(addr: str, trace: list[TraceRequest], requests: int = 16, timeout_s: float = 300.0) -> list[ReplayedRequest]:
+def warm_up(addr: str, trace: list[TraceRequest], requests: int = 16,
+            timeout_s: float = 300.0) -> list[ReplayedRequest]:
     """Sends the trace's first requests, one after another, unmeasured: a fresh worker's first
     steps pay one-off costs (allocations, lazy initialisation) that would otherwise land on
     the first measured requests, and its cost-model calibration starts from real steps. Their
@@ -131,8 +131,7 @@ def live_point(worker_argv: list[str], timeout_s: float = 300.0, prefill_workers
     """run_point for `scheduler.compare`: each policy pair on a fresh local router with this many
     prefill and decode workers (started with these arguments; decode ones with decode_argv
     too), warmed up, then the trace replayed live. The report adds what each worker served."""
-    from scheduler.compare import latency_samples
-    from transport.serve import local_cluster
+    from kairos.transport.serve import local_cluster
 
     def run(trace: list[TraceRequest], policy: str) -> tuple[dict, dict]:
         prefill, decode = policy.split("+")

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import signal
 import time
 from dataclasses import dataclass, field
 
 import zmq
 
-from transport import protocol as p
-from transport.sockets import make_socket, recv, send
+from kairos.scheduler.metrics import time_per_output_token
+from kairos.scheduler.placement import pick_decode_worker, pick_prefill_worker, prompt_tokens
+from kairos.scheduler.request import RequestSLO
+from kairos.transport import protocol as p
+from kairos.transport.sockets import DEFAULT_HOST, DEFAULT_PORT, make_socket, recv, send
 
 log = logging.getLogger("kairos.router")
 
@@ -41,12 +43,26 @@ class WorkerInfo:
     # On a prefill worker: the prompt tokens of its requests whose first token has not come back.
     prefill_tokens: dict[str, int] = field(default_factory=dict)
 
+    # What placement goes by (kairos.scheduler.placement).
+    @property
+    def queued_prompt_tokens(self) -> int:
+        return sum(self.prefill_tokens.values())
+
+    @property
+    def requests_in_hand(self) -> int:
+        return len(self.requests)
+
+    @property
+    def free_blocks(self) -> int:
+        return self.stats.get("free_blocks", self.total_blocks)
+
 
 @dataclass
 class RoutedRequest:
     rid: str
     client: bytes
     submit: p.Submit
+    slo: RequestSLO
     arrival: float
     prefill: str | None = None
     decode: str | None = None
@@ -57,8 +73,8 @@ class RoutedRequest:
 
 
 class Router:
-    def __init__(self, host: str = "127.0.0.1", port: int = 7100, worker_timeout_s: float = 2.0,
-                 queue_timeout_s: float = 30.0, default_slo: tuple[float, float] = (1000.0, 100.0)):
+    def __init__(self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, worker_timeout_s: float = 2.0,
+                 queue_timeout_s: float = 30.0, default_slo: RequestSLO = RequestSLO()):
         self.ctx = zmq.Context()
         self.socket = make_socket(self.ctx, zmq.ROUTER)
         if port:
@@ -171,21 +187,22 @@ class Router:
         send(self.socket, p.Registered(msg.worker_id), identity)
 
     def on_submit(self, client: bytes, msg: p.Submit) -> None:
-        problem = None
+        problem, slo = None, None
         if (msg.prompt is None) == (msg.prompt_token_ids is None):
             problem = "give exactly one of prompt and prompt_token_ids"
         elif (client, msg.request_id) in self.by_client:
             problem = f"request id {msg.request_id!r} is already in flight"
         else:
-            for name, slo in (("ttft_slo_ms", msg.ttft_slo_ms), ("tpot_slo_ms", msg.tpot_slo_ms)):
-                if slo is not None and not 0 < slo < math.inf:
-                    problem = f"{name} must be a positive number of milliseconds, got {slo!r}"
+            try:
+                slo = RequestSLO.from_dict(msg.slo or {}, self.default_slo)
+            except ValueError as e:
+                problem = str(e)
         if problem:
             send(self.socket, p.Error(msg.request_id, problem), client)
             self.counters["failed"] += 1
             return
         rid = str(next(self._ids))
-        self.requests[rid] = RoutedRequest(rid, client, msg, time.monotonic())
+        self.requests[rid] = RoutedRequest(rid, client, msg, slo, time.monotonic())
         self.by_client[(client, msg.request_id)] = rid
         self.counters["submitted"] += 1
         self.pending.append(rid)
@@ -230,18 +247,13 @@ class Router:
             self.fail(r, msg.message)
 
     def count_completion(self, r: RoutedRequest) -> None:
-        ttft_ms, tpot_ms = self.slo_of(r.submit)
-        ttft_ok = r.first_token_at is not None and (r.first_token_at - r.arrival) * 1e3 <= ttft_ms
-        decoded = r.next_index - 1
-        tpot_ok = decoded <= 0 or (r.last_token_at - r.first_token_at) * 1e3 / decoded <= tpot_ms
+        ttft_ok = r.first_token_at is not None and r.first_token_at - r.arrival <= r.slo.ttft_s
+        tpot_ok = r.first_token_at is None or (
+            time_per_output_token(r.first_token_at, r.last_token_at, r.next_index) <= r.slo.tpot_s)
         self.counters["completed"] += 1
         self.counters["ttft_met"] += ttft_ok
         self.counters["tpot_met"] += tpot_ok
         self.counters["slo_met"] += ttft_ok and tpot_ok
-
-    def slo_of(self, s: p.Submit) -> tuple[float, float]:
-        return (s.ttft_slo_ms if s.ttft_slo_ms is not None else self.default_slo[0],
-                s.tpot_slo_ms if s.tpot_slo_ms is not None else self.default_slo[1])
 
     # ---- placement ----------------------------------------------------------------------------
 
@@ -251,7 +263,8 @@ class Router:
             r = self.requests.get(rid)
             if r is None:
                 continue
-            prefill, decode = self.pick("prefill"), self.pick("decode")
+            prefill = pick_prefill_worker(w for w in self.workers.values() if w.role == "prefill")
+            decode = pick_decode_worker(w for w in self.workers.values() if w.role == "decode")
             if prefill is None or decode is None:
                 if now - r.arrival > self.queue_timeout_s:
                     missing = " and ".join(role for role, w in (("prefill", prefill), ("decode", decode)) if w is None)
@@ -263,26 +276,11 @@ class Router:
             prefill.requests.add(rid)
             decode.requests.add(rid)
             s = r.submit
-            # A text prompt is tokenized by the worker; about four characters make a token.
-            prefill.prefill_tokens[rid] = len(s.prompt_token_ids) if s.prompt is None else len(s.prompt) // 4 + 1
-            ttft_ms, tpot_ms = self.slo_of(s)
-            slo = {"ttft_ms": ttft_ms, "tpot_ms": tpot_ms, "request_class": s.request_class,
-                   "output_len_hint": s.output_len_hint}
+            prefill.prefill_tokens[rid] = prompt_tokens(s.prompt, s.prompt_token_ids)
             arrival_unix = time.time() - (now - r.arrival)
-            send(self.socket, p.PrefillRequest(rid, s.prompt, s.prompt_token_ids, s.params, slo, decode.worker_id,
-                                               decode.kv_addr, arrival_unix), prefill.identity)
+            send(self.socket, p.PrefillRequest(rid, s.prompt, s.prompt_token_ids, s.params, r.slo.to_dict(),
+                                               decode.worker_id, decode.kv_addr, arrival_unix), prefill.identity)
         self.pending = still
-
-    def pick(self, role: str) -> WorkerInfo | None:
-        candidates = [w for w in self.workers.values() if w.role == role]
-        if not candidates:
-            return None
-        if role == "prefill":
-            # The least prompt work queued: a request's wait for its first token grows with the
-            # tokens ahead of it, not with how many requests they are.
-            return min(candidates, key=lambda w: (sum(w.prefill_tokens.values()), len(w.requests)))
-        # Fewest requests in hand; then the most free KV blocks.
-        return min(candidates, key=lambda w: (len(w.requests), -w.stats.get("free_blocks", w.total_blocks)))
 
     def worker_died(self, w: WorkerInfo) -> None:
         log.warning("%s worker %s sent nothing for %.1f s: dropping it", w.role, w.worker_id, self.worker_timeout_s)

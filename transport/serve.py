@@ -13,7 +13,7 @@ import sys
 import time
 from collections import Counter
 
-from transport.client import Client
+from kairos.transport.client import Client
 
 SHUTDOWN_GRACE_S = 5.0
 
@@ -31,11 +31,14 @@ class StartupError(RuntimeError):
 
 
 class ProcessGroup:
-    def __init__(self):
+    """`kairos` commands as child processes (with -v: logging set-up details)."""
+
+    def __init__(self, verbose: bool = False):
         self.procs: list[tuple[str, subprocess.Popen]] = []
+        self.verbose = verbose
 
     def start(self, name: str, argv: list[str]) -> None:
-        cmd = [sys.executable, "-m", "engine.cli", *argv]
+        cmd = [sys.executable, "-m", "kairos.cli", *(["-v"] if self.verbose else []), *argv]
         preexec = _die_with_parent if sys.platform.startswith("linux") else None
         self.procs.append((name, subprocess.Popen(cmd, preexec_fn=preexec)))
 
@@ -117,7 +120,7 @@ def local_cluster(prefill_argv: list[str], decode_argv: list[str], prefill_worke
 
 
 def serve(host: str, port: int, router_argv: list[str], worker_argv: list[str], prefill_argv: list[str],
-          decode_argv: list[str], startup_timeout_s: float, one_at_a_time: bool) -> int:
+          decode_argv: list[str], startup_timeout_s: float, one_at_a_time: bool, verbose: bool = False) -> int:
     """one_at_a_time: start decode only once prefill has registered, so that on a shared GPU
     each sizes its KV cache from what the other really left free."""
     addr = f"tcp://{host}:{port}"
@@ -131,7 +134,7 @@ def serve(host: str, port: int, router_argv: list[str], worker_argv: list[str], 
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
-    group = ProcessGroup()
+    group = ProcessGroup(verbose)
     try:
         group.start("router", ["router", "--host", host, "--port", str(port), *router_argv])
         group.start("prefill", ["prefill", "--router", addr, *worker_argv, *prefill_argv])

@@ -7,12 +7,13 @@ import logging
 
 import zmq
 
-from transport.protocol import MAX_CONTROL_MESSAGE_BYTES, Error, Message, ProtocolError, decode, encode
+from kairos.transport.protocol import MAX_CONTROL_MESSAGE_BYTES, Error, Message, ProtocolError, decode, encode
 
 log = logging.getLogger("kairos.transport")
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 7100
+DEFAULT_HOST = "127.0.0.1"  # loopback: nothing is reachable from elsewhere unless asked
+DEFAULT_PORT = 7100  # the router's
+DEFAULT_ROUTER = f"tcp://{DEFAULT_HOST}:{DEFAULT_PORT}"
 
 
 def make_socket(ctx: zmq.Context, kind: int, max_bytes: int = MAX_CONTROL_MESSAGE_BYTES,

@@ -17,12 +17,12 @@ import uuid
 
 import zmq
 
-from engine.llm import LLM
-from engine.sampling import SamplingParams
-from engine.sequence import RequestSLO, Sequence
-from transport import protocol as p
-from transport.kv import DEFAULT_FRAME_BYTES, KVGeometry
-from transport.sockets import Received, make_socket, recv, send
+from kairos.engine.llm import LLM
+from kairos.engine.sequence import Sequence
+from kairos.scheduler.request import RequestSLO, SamplingParams
+from kairos.transport import protocol as p
+from kairos.transport.kv import DEFAULT_FRAME_BYTES, kv_geometry
+from kairos.transport.sockets import Received, make_socket, recv, send
 
 log = logging.getLogger("kairos.worker")
 
@@ -39,7 +39,7 @@ class Worker:
         self.router_addr = router_addr
         self.transfer_timeout_s = transfer_timeout_s
         self.max_frame_bytes = max_frame_bytes
-        self.geometry = KVGeometry.of(llm.runner)
+        self.geometry = kv_geometry(llm.runner)
         self.worker_id = f"{self.role}-{uuid.uuid4().hex[:8]}"
         self.ctx = zmq.Context()
         self.router = make_socket(self.ctx, zmq.DEALER, identity=self.worker_id.encode())
@@ -67,14 +67,12 @@ class Worker:
         """Timeouts and queued work, once per loop."""
 
     def stats(self) -> dict:
-        sched = self.llm.scheduler
-        stats = {"waiting": len(sched.waiting), "running": len(sched.running), "ready": len(sched.ready),
-                 "free_blocks": self.llm.num_free_blocks, "total_blocks": self.llm.num_total_blocks,
-                 "preemptions": sched.num_preemptions, **self.counters}
+        stats = {**self.llm.load(), **self.counters}
         cost = self.llm.cost_model
         if cost is not None:  # observed over predicted step time: how far serving is from the profile
             stats["cost_scale"] = {phase: {"mean": m, "spread": d, "observed_s": cost.totals[phase][0],
-                                           "predicted_s": cost.totals[phase][1]} for phase, (m, d) in cost.drift.items()}
+                                           "predicted_s": cost.totals[phase][1]}
+                                   for phase, (m, d) in cost.drift.items()}
         return stats
 
     def registration(self) -> p.Register:
@@ -82,15 +80,16 @@ class Worker:
 
     def reset(self) -> None:
         """Drops every request (the router has failed them all): blocks return to the pool."""
-        sched = self.llm.scheduler
-        for seq in [*sched.waiting, *sched.running, *sched.ready]:
-            self.llm.abort(seq.request_id)
+        self.llm.abort_all()
 
     # ---- the loop -----------------------------------------------------------------------------
 
     def run(self) -> None:
+        """Warms the engine up (so that no request waits for a kernel to compile), then serves
+        until SIGINT or SIGTERM; it registers with the router on its first turn."""
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._request_stop)
+        log.info("%s worker warmed up in %.1f s", self.role, self.llm.warm_up())
         log.info("%s worker %s: connecting to the router at %s", self.role, self.worker_id, self.router_addr)
         self._heartbeats.start()
         try:
@@ -202,7 +201,7 @@ class Worker:
         """A validated engine sequence; ValueError (with the reason) for anything it rejects."""
         try:
             sampling = SamplingParams(**params)
-            request_slo = RequestSLO(**slo)
+            request_slo = RequestSLO.from_dict(slo)
         except TypeError as e:
             raise ValueError(f"bad request fields: {e}") from None
         source = prompt if prompt is not None else prompt_token_ids
@@ -222,15 +221,4 @@ class Worker:
         self.counters["failed"] += 1
         log.warning("request %s failed: %s", request_id, message)
         send(self.router, p.Error(request_id, message))
-
-
-def build_llm(model: str, role: str, engine_args: dict) -> LLM:
-    if role == "decode":
-        # Blocks arrive reserved before their KV does; a prefix match on them would read
-        # bytes not yet written. Decode workers only reuse KV they computed themselves.
-        engine_args = {**engine_args, "enable_prefix_caching": False}
-    llm = LLM(model, **engine_args)
-    log.info("%s worker warmed up in %.1f s", role, llm.warm_up())
-    llm.scheduler.prefill_only = role == "prefill"
-    return llm
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from engine.block_manager import BlockManager
-from engine.sequence import FinishReason, Sequence, Status
-from scheduler import ContinuousBatching, DecodePolicy, FCFSPolicy, PrefillPolicy
+from kairos.engine.block_manager import BlockManager
+from kairos.engine.sequence import FinishReason, Sequence, Status
+from kairos.scheduler import ContinuousBatching, DecodePolicy, FCFSPolicy, PrefillPolicy
 
 
 @dataclass

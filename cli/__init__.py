@@ -1,0 +1,1 @@
+"""The `kairos` command line: above every layer, one module per command group."""

@@ -1,0 +1,5 @@
+import sys
+
+from kairos.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,249 @@
+"""Trace-driven evaluation: `kairos simulate` runs a trace through the simulator; `kairos bench
+compare` sweeps rates x policy pairs, simulated or live; `kairos bench replay` sends a trace to
+a running router."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from kairos.bench import DEFAULT_PROFILE, DEFAULT_TRACE, RESULTS
+from kairos.cli.engine_flags import engine_argv
+from kairos.cli.report import print_slo_report
+from kairos.scheduler import DECODE_POLICIES, PREFILL_POLICIES
+from kairos.scheduler.defaults import (
+    BLOCK_SIZE,
+    DEFAULT_TPOT_SLO_MS,
+    DEFAULT_TTFT_SLO_MS,
+    MAX_BATCH,
+    MAX_INFLIGHT_TRANSFER_BYTES,
+    TOKEN_BUDGET,
+)
+from kairos.transport.sockets import DEFAULT_ROUTER
+
+MIB = 2**20
+# Options of the simulated system alone, with their defaults: a live run has the real thing.
+SIMULATED_ONLY = {"--profile": str(DEFAULT_PROFILE), "--kv-bandwidth-gb-s": 25.0, "--step-jitter": 0.0}
+LIVE_ONLY = {"--model": "tiny", "--load-format": "auto", "--max-model-len": None, "--worker-profile": None,
+             "--timeout": 300.0}
+
+
+def add_trace_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trace", default=str(DEFAULT_TRACE),
+                   help="a trace file (or, with --trace-format synthetic, ignored)")
+    p.add_argument("--trace-format", default="azure", choices=["azure", "mooncake", "synthetic"])
+    p.add_argument("--rate-scale", type=float, default=1.0, help="compress time by this factor")
+    p.add_argument("--start-s", type=float, default=0.0)
+    p.add_argument("--duration-s", type=float)
+    p.add_argument("--limit", type=int, help="at most this many requests")
+    p.add_argument("--ttft-slo-ms", type=float, default=DEFAULT_TTFT_SLO_MS)
+    p.add_argument("--tpot-slo-ms", type=float, default=DEFAULT_TPOT_SLO_MS)
+    p.add_argument("--ttft-ms-per-1k-prompt", type=float, default=0.0,
+                   help="grow the TTFT SLO by this much per 1000 prompt tokens")
+    p.add_argument("--synthetic-requests", type=int, default=1000)
+    p.add_argument("--synthetic-rate", type=float, default=5.0, help="requests/s")
+    p.add_argument("--synthetic-arrival", default="poisson", choices=["poisson", "gamma"])
+    p.add_argument("--synthetic-lengths", default="lognormal", choices=["lognormal", "zipf"])
+    p.add_argument("--max-prompt-len", type=int, help="cap prompt lengths (to fit a small model)")
+    p.add_argument("--max-output-len", type=int, help="cap output lengths")
+
+
+def read_trace(args: argparse.Namespace):
+    from kairos.scheduler.traces import load_trace, shape, with_slos
+
+    trace = load_trace(args.trace, args.trace_format, num_requests=args.synthetic_requests,
+                       rate=args.synthetic_rate, arrival=args.synthetic_arrival, lengths=args.synthetic_lengths)
+    trace = shape(trace, args.rate_scale, args.start_s, args.duration_s, args.limit)
+    max_prompt, max_output = args.max_prompt_len, args.max_output_len
+    for flag, cap in (("--max-prompt-len", max_prompt), ("--max-output-len", max_output)):
+        if cap is not None and cap < 1:
+            raise ValueError(f"{flag} must be at least 1, got {cap}")
+    if max_prompt or max_output:
+        trace = [replace(r, prompt_len=min(r.prompt_len, max_prompt or r.prompt_len),
+                         output_len=min(r.output_len, max_output or r.output_len)) for r in trace]
+    return with_slos(trace, args.ttft_slo_ms, args.tpot_slo_ms, args.ttft_ms_per_1k_prompt)
+
+
+def add_sim_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", default=SIMULATED_ONLY["--profile"], help="step-time profile (kairos profile)")
+    p.add_argument("--prefill-workers", type=int, default=1)
+    p.add_argument("--decode-workers", type=int, default=1)
+    p.add_argument("--token-budget", type=int, default=TOKEN_BUDGET, help="prefill tokens per step")
+    p.add_argument("--max-batch", type=int, default=MAX_BATCH, help="decode sequences per step")
+    p.add_argument("--kv-capacity-tokens", type=int, help="per worker (default: from the profile)")
+    p.add_argument("--kv-bandwidth-gb-s", type=float, default=SIMULATED_ONLY["--kv-bandwidth-gb-s"],
+                   help="prefill -> decode KV bandwidth")
+    p.add_argument("--max-inflight-transfer-mb", type=float, default=MAX_INFLIGHT_TRANSFER_BYTES / MIB,
+                   help="KV under way into a decode worker, MiB (as kairos decode --max-inflight-transfer-mb)")
+    p.add_argument("--step-jitter", type=float, default=SIMULATED_ONLY["--step-jitter"],
+                   help="spread step times around the profile by this mean relative deviation "
+                        "(kairos status reports it while serving); 0 runs every step as predicted")
+
+
+def sim_setup(args: argparse.Namespace, prefill_policy: str = "fcfs", decode_policy: str = "cb"):
+    from kairos.scheduler.cost_model import CostModel
+    from kairos.scheduler.simulator import SimConfig
+
+    try:
+        profile = json.loads(open(args.profile).read())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read the profile {args.profile}: {e}") from None
+    config = SimConfig(args.prefill_workers, args.decode_workers, prefill_policy, decode_policy,
+                       args.token_budget, args.max_batch,
+                       profile.get("kv_capacity_tokens", SimConfig.kv_capacity_tokens)
+                       if args.kv_capacity_tokens is None else args.kv_capacity_tokens,
+                       profile.get("kv_bytes_per_token", SimConfig.kv_bytes_per_token), args.kv_bandwidth_gb_s,
+                       max_inflight_transfer_bytes=int(args.max_inflight_transfer_mb * MIB),
+                       prefill_jitter=args.step_jitter, decode_jitter=args.step_jitter)
+    return config, CostModel.from_profile(profile)
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from kairos.scheduler.simulator import simulate
+
+    config, cost = sim_setup(args, args.prefill_policy, args.decode_policy)
+    trace = read_trace(args)
+    started = time.perf_counter()
+    report = simulate(trace, config, cost)
+    report["simulated_in_s"] = round(time.perf_counter() - started, 3)
+    print_slo_report(report, args.json, f"{report['requests']} requests, {args.prefill_policy}+{args.decode_policy}, "
+                                        f"simulated in {report['simulated_in_s']:.1f} s")
+    return 0
+
+
+def check_compare_flags(args: argparse.Namespace) -> None:
+    """Flags that set up only the simulator, or only the live workers, are refused in the other mode."""
+    if args.repeats != 1 and not args.live:
+        raise ValueError("--repeats is for --live runs: the simulator gives the same result every time")
+    for flag, default in LIVE_ONLY.items() if not args.live else ():
+        if getattr(args, flag[2:].replace("-", "_")) != default:
+            raise ValueError(f"{flag} sets up the live workers: it needs --live")
+    for flag, default in SIMULATED_ONLY.items() if args.live else ():
+        if getattr(args, flag[2:].replace("-", "_")) != default:
+            hint = " (the workers' profile is --worker-profile)" if flag == "--profile" else ""
+            raise ValueError(f"{flag} sets up the simulator; a --live run measures it instead{hint}")
+
+
+def policy_pairs(spec: str, baseline: str) -> list[str]:
+    """PREFILL+DECODE pairs, the baseline first if it is not among them."""
+    pairs = spec.split(",")
+    if baseline not in pairs:
+        pairs.insert(0, baseline)
+    for pair in pairs:
+        if pair.count("+") != 1:
+            raise ValueError(f"a policy pair is PREFILL+DECODE (such as kairos+kairos), not {pair!r}")
+        prefill, decode = pair.split("+")
+        PREFILL_POLICIES.needs_cost_model(prefill)  # a clear error for an unknown name
+        DECODE_POLICIES.needs_cost_model(decode)
+    return pairs
+
+
+def live_setup(args: argparse.Namespace):
+    """run_point and its record for a --live sweep: local workers with the sweep's limits."""
+    from kairos.scheduler.simulator import SimConfig, check_config
+    from kairos.transport.replay import live_point
+
+    # The live cluster's settings, checked as the simulator checks its own.
+    check_config(SimConfig(args.prefill_workers, args.decode_workers, token_budget=args.token_budget,
+                           max_batch=args.max_batch,
+                           max_inflight_transfer_bytes=int(args.max_inflight_transfer_mb * MIB),
+                           kv_capacity_tokens=SimConfig.kv_capacity_tokens if args.kv_capacity_tokens is None
+                           else args.kv_capacity_tokens))
+    num_kv_blocks = None if args.kv_capacity_tokens is None else -(-args.kv_capacity_tokens // BLOCK_SIZE)
+    worker = engine_argv(model=args.model, load_format=args.load_format, max_num_batched_tokens=args.token_budget,
+                         max_num_seqs=args.max_batch, max_model_len=args.max_model_len, num_kv_blocks=num_kv_blocks,
+                         profile=args.worker_profile)
+    decode = ["--max-inflight-transfer-mb", str(args.max_inflight_transfer_mb)]
+    run_point = live_point(worker, args.timeout, args.prefill_workers, args.decode_workers, decode)
+    return run_point, {"workers": worker, "decode_worker_extra": decode, "prefill_workers": args.prefill_workers,
+                       "decode_workers": args.decode_workers}
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from kairos.scheduler import compare as cmp
+
+    check_compare_flags(args)
+    policies = policy_pairs(args.policies, cmp.BASELINE)
+    trace = read_trace(args)
+    scales = [float(x) for x in args.rate_scales.split(",")]
+    if args.live:
+        run_point, setup = live_setup(args)
+    else:
+        config, cost = sim_setup(args)
+        run_point, setup = cmp.simulated_point(config, cost), {"profile": args.profile, "config": vars(config)}
+    mode = "live" if args.live else "simulated"
+    with tqdm(total=len(scales) * len(policies) * args.repeats, desc=mode, disable=not sys.stderr.isatty()) as bar:
+        result = cmp.compare(trace, scales, policies, run_point, args.repeats, progress=bar.update)
+    print(cmp.table(result))
+    stem = Path(args.trace).stem if args.trace_format != "synthetic" else "synthetic"
+    name = args.name or f"compare_{stem}{'_live' if args.live else ''}"
+    meta = {"title": name, "trace": args.trace, "trace_format": args.trace_format, "ttft_slo_ms": args.ttft_slo_ms,
+            "tpot_slo_ms": args.tpot_slo_ms, "ttft_ms_per_1k_prompt": args.ttft_ms_per_1k_prompt, "mode": mode,
+            **setup, "command": " ".join(["kairos", *sys.argv[1:]])}
+    for path in cmp.write(result, Path(args.out_dir), name, meta):
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from kairos.transport.replay import replay
+
+    trace = read_trace(args)
+    with tqdm(total=len(trace), desc="replay", disable=args.json or not sys.stderr.isatty()) as bar:
+        report = replay(args.addr, trace, timeout_s=args.timeout, progress=bar.update, seed=args.prompt_seed)
+    print_slo_report(report, args.json,
+                     f"{report['requests']} requests ({report['failed']} failed), live at {args.addr}")
+    return 0
+
+
+def add_commands(sub) -> None:
+    sim = sub.add_parser("simulate", help="replay a trace through the policies in a discrete-event model")
+    add_trace_args(sim)
+    add_sim_args(sim)
+    sim.add_argument("--prefill-policy", default="fcfs", choices=list(PREFILL_POLICIES),
+                     help=PREFILL_POLICIES.describe())
+    sim.add_argument("--decode-policy", default="cb", choices=list(DECODE_POLICIES), help=DECODE_POLICIES.describe())
+    sim.add_argument("--json", action="store_true")
+    sim.set_defaults(func=cmd_simulate)
+
+    bench = sub.add_parser("bench", help="trace-driven comparisons").add_subparsers(dest="bench", required=True)
+    cmp = bench.add_parser("compare", help="sweep rates x policies, simulated or live, against fcfs+cb")
+    add_trace_args(cmp)
+    add_sim_args(cmp)
+    cmp.add_argument("--live", action="store_true",
+                     help="replay against a local router with --prefill-workers and --decode-workers workers per "
+                          "point, started with --token-budget, --max-batch, --kv-capacity-tokens and "
+                          "--max-inflight-transfer-mb, instead of simulating")
+    cmp.add_argument("--model", default=LIVE_ONLY["--model"], help="--live: the workers' model")
+    cmp.add_argument("--load-format", default=LIVE_ONLY["--load-format"], choices=["auto", "dummy"],
+                     help="--live: the workers' weights (dummy: random, for a model folder with no weights)")
+    cmp.add_argument("--max-model-len", type=int, help="--live: the workers' longest sequence")
+    cmp.add_argument("--worker-profile", help="--live: the workers' step-time profile (default: each measures "
+                                               "a short one at start-up; --profile is the simulator's)")
+    cmp.add_argument("--timeout", type=float, default=LIVE_ONLY["--timeout"],
+                     help="--live: seconds to wait for any reply")
+    cmp.add_argument("--rate-scales", default="2,3,4,5,6,7,8")
+    cmp.add_argument("--repeats", type=int, default=1,
+                     help="--live: runs per point, the policies taking turns; rows report their mean")
+    cmp.add_argument("--policies", default="fcfs+cb,kairos+cb,kairos+kairos,mh+kairos",
+                     help="PREFILL+DECODE pairs; fcfs+cb (the baseline) is always included")
+    cmp.add_argument("--out-dir", default=str(RESULTS))
+    cmp.add_argument("--name", help="file name stem (default: compare_<trace>)")
+    cmp.set_defaults(func=cmd_compare)
+
+    rep = bench.add_parser("replay", help="send a trace to a router, open loop, and report SLO attainment")
+    add_trace_args(rep)
+    rep.add_argument("--addr", default=DEFAULT_ROUTER)
+    rep.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for any reply")
+    rep.add_argument("--prompt-seed", type=int, help="draw the synthetic prompts from this seed (default: a fresh "
+                     "one, so that no prompt of an earlier replay is still in the server's prefix cache)")
+    rep.add_argument("--json", action="store_true")
+    rep.set_defaults(func=cmd_replay)

@@ -1,0 +1,205 @@
+"""Serving: `kairos router`, `prefill`, `decode` and `serve` start the processes; `client` and
+`status` talk to a router."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from kairos.cli.engine_flags import add_engine_args, engine_argv, engine_kwargs
+from kairos.cli.report import print_status
+from kairos.scheduler.defaults import DEFAULT_TPOT_SLO_MS, DEFAULT_TTFT_SLO_MS, MAX_INFLIGHT_TRANSFER_BYTES
+from kairos.transport.sockets import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_ROUTER
+
+MIB = 2**20
+
+
+def add_network_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default=DEFAULT_HOST, help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+
+
+def add_default_slo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ttft-slo-ms", type=float, default=DEFAULT_TTFT_SLO_MS,
+                   help="time-to-first-token SLO of requests that set none")
+    p.add_argument("--tpot-slo-ms", type=float, default=DEFAULT_TPOT_SLO_MS,
+                   help="time-per-output-token SLO of requests that set none")
+
+
+def add_worker_args(p: argparse.ArgumentParser) -> None:
+    add_engine_args(p)
+    p.add_argument("--transfer-timeout", type=float, default=10.0,
+                   help="seconds a KV transfer may take once the decode side is ready for it")
+    p.add_argument("--kv-frame-mb", type=float, default=8.0, help="largest KV frame on the wire, MiB")
+    p.add_argument("--step-log", metavar="FILE",
+                   help="append one JSON line per engine step: loop time split, batch, queue and free KV blocks")
+
+
+def worker_kwargs(args: argparse.Namespace) -> dict:
+    return {"transfer_timeout_s": args.transfer_timeout, "max_frame_bytes": int(args.kv_frame_mb * MIB),
+            "step_log": args.step_log}
+
+
+def worker_argv(args: argparse.Namespace) -> list[str]:
+    """A worker's own flags (besides the engine's), for a child process."""
+    argv = ["--transfer-timeout", str(args.transfer_timeout), "--kv-frame-mb", str(args.kv_frame_mb)]
+    return argv + (["--step-log", args.step_log] if args.step_log else [])
+
+
+def cmd_router(args: argparse.Namespace) -> int:
+    from kairos.scheduler.request import RequestSLO
+    from kairos.transport.router import Router
+
+    router = Router(args.host, args.port, args.worker_timeout, args.queue_timeout,
+                    default_slo=RequestSLO(args.ttft_slo_ms, args.tpot_slo_ms))
+    print(f"kairos router: listening at {router.addr}", flush=True)
+    router.run()
+    return 0
+
+
+def cmd_prefill(args: argparse.Namespace) -> int:
+    from kairos.engine import LLM
+    from kairos.transport.prefill import PrefillWorker
+
+    PrefillWorker(LLM(role="prefill", **engine_kwargs(args)), args.router, **worker_kwargs(args)).run()
+    return 0
+
+
+def cmd_decode(args: argparse.Namespace) -> int:
+    from kairos.engine import LLM
+    from kairos.transport.decode import DecodeWorker
+
+    DecodeWorker(LLM(role="decode", **engine_kwargs(args)), args.router, kv_host=args.kv_host,
+                 kv_port=args.kv_port, max_inflight_bytes=int(args.max_inflight_transfer_mb * MIB),
+                 **worker_kwargs(args)).run()
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import torch
+
+    from kairos.transport.serve import cpu_share, serve
+
+    settings = engine_kwargs(args)
+    util = settings.pop("gpu_memory_utilization")
+    workers = [*engine_argv(**settings), *worker_argv(args), "--cpu-threads", str(args.cpu_threads or cpu_share(2))]
+    on_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    # One GPU, two workers: prefill takes a share, then decode fills up to the total.
+    prefill = ["--gpu-memory-utilization", f"{util * args.prefill_memory_share:.3f}"]
+    decode = ["--gpu-memory-utilization", f"{util:.3f}"]
+    router = ["--ttft-slo-ms", str(args.ttft_slo_ms), "--tpot-slo-ms", str(args.tpot_slo_ms)]
+    return serve(args.host, args.port, router, workers, prefill, decode, args.startup_timeout, on_gpu, args.verbose)
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    from kairos.transport.client import Client, RequestFailed
+
+    slo = {"ttft_ms": args.ttft_slo_ms, "tpot_ms": args.tpot_slo_ms, "request_class": args.request_class,
+           "output_len_hint": args.output_len_hint}
+    options = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
+               "top_k": args.top_k, "seed": args.seed, "stop": args.stop, "ignore_eos": args.ignore_eos,
+               "slo": {k: v for k, v in slo.items() if v is not None}}
+    failed = False
+    with Client(args.addr, timeout_s=args.timeout) as client:
+        if args.json or len(args.prompt) > 1:
+            for completion in client.generate(args.prompt, **options):
+                failed |= completion.error is not None
+                if args.json:
+                    out = completion.to_dict()
+                    if out["error"] is None:
+                        del out["error"]
+                    print(json.dumps(out, ensure_ascii=False), flush=True)
+                else:
+                    print(f"--- {completion.request_id}\n{completion.text}\n"
+                          f"[{completion.error or completion.finish_reason}]", flush=True)
+            return 1 if failed else 0
+        request_id = client.submit(args.prompt[0], **options)
+        try:
+            for chunk in client.stream(request_id):
+                print(chunk.text, end="", flush=True)
+            print()
+        except KeyboardInterrupt:
+            client.abort(request_id)
+            raise
+        except RequestFailed as e:
+            print(f"\nkairos: error: {e.message}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from kairos.transport.client import Client
+
+    if args.wait is not None:
+        from kairos.transport.serve import wait_for_workers
+
+        if not args.wait > 0:
+            raise ValueError(f"--wait must be a positive number of seconds, got {args.wait}")
+        wait_for_workers(args.addr, {"prefill": 1, "decode": 1}, None, args.wait)
+    with Client(args.addr, timeout_s=args.timeout) as client:
+        report = client.status()
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print_status(report)
+    return 0
+
+
+def add_commands(sub) -> None:
+    router = sub.add_parser("router", help="the front door that clients and workers connect to")
+    add_network_args(router)
+    add_default_slo_args(router)
+    router.add_argument("--worker-timeout", type=float, default=2.0,
+                        help="seconds without a heartbeat before a worker is given up for dead")
+    router.add_argument("--queue-timeout", type=float, default=30.0,
+                        help="seconds a request may wait for a worker to register")
+    router.set_defaults(func=cmd_router)
+
+    for role, func in (("prefill", cmd_prefill), ("decode", cmd_decode)):
+        worker = sub.add_parser(role, help=f"a {role} worker")
+        add_worker_args(worker)
+        worker.add_argument("--router", default=DEFAULT_ROUTER, help="the router's address")
+        worker.set_defaults(func=func)
+    decode = sub.choices["decode"]
+    decode.add_argument("--kv-host", default=DEFAULT_HOST,
+                        help="address prefill workers send KV to (default: loopback only)")
+    decode.add_argument("--kv-port", type=int, default=0, help="default: any free port")
+    decode.add_argument("--max-inflight-transfer-mb", type=float, default=MAX_INFLIGHT_TRANSFER_BYTES / MIB,
+                        help="KV under way into this worker, MiB (one transfer can always go)")
+
+    srv = sub.add_parser("serve", help="router + prefill + decode workers on this machine")
+    add_worker_args(srv)
+    add_network_args(srv)
+    add_default_slo_args(srv)
+    srv.add_argument("--prefill-memory-share", type=float, default=0.4,
+                     help="on one GPU: the prefill worker's share of --gpu-memory-utilization")
+    srv.add_argument("--startup-timeout", type=float, default=600.0)
+    srv.set_defaults(func=cmd_serve)
+
+    cli = sub.add_parser("client", help="send prompts to a router and stream the replies")
+    cli.add_argument("prompt", nargs="+")
+    cli.add_argument("--addr", default=DEFAULT_ROUTER)
+    cli.add_argument("--max-tokens", type=int, default=64)
+    cli.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
+    cli.add_argument("--top-p", type=float, default=1.0)
+    cli.add_argument("--top-k", type=int, default=-1)
+    cli.add_argument("--seed", type=int)
+    cli.add_argument("--stop", action="append", help="stop string; repeatable")
+    cli.add_argument("--ignore-eos", action="store_true")
+    cli.add_argument("--ttft-slo-ms", type=float, help="time-to-first-token SLO (default: the router's)")
+    cli.add_argument("--tpot-slo-ms", type=float, help="time-per-output-token SLO (default: the router's)")
+    cli.add_argument("--request-class", help="a class of requests whose output lengths are alike, for the scheduler")
+    cli.add_argument("--output-len-hint", type=int, help="expected output length, for the scheduler")
+    cli.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for any reply")
+    cli.add_argument("--json", action="store_true", help="one JSON object per request")
+    cli.set_defaults(func=cmd_client)
+
+    status = sub.add_parser("status", help="workers, queues, KV blocks and request counts of a router")
+    status.add_argument("--addr", default=DEFAULT_ROUTER)
+    status.add_argument("--timeout", type=float, default=5.0)
+    status.add_argument("--wait", type=float, metavar="S",
+                        help="first wait up to S seconds for a prefill and a decode worker to register "
+                             "(exit status 1 if they do not): for scripts that start a cluster")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)

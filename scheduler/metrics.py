@@ -1,0 +1,52 @@
+"""How a served request is judged, simulated or live: its time per output token, whether it met
+its SLO, and the SLO report of a run. The router, the decode workers, the simulator and the
+benchmarks all count by these.
+
+A request here has `arrival_time`, `first_token_time`, `finish_time` (seconds, one clock),
+`output_len` and `slo` (a RequestSLO)."""
+
+from __future__ import annotations
+
+import math
+
+
+def time_per_output_token(first_token_time: float, last_token_time: float, output_tokens: int) -> float:
+    """Seconds per token after the first (0 for a single token): the first token's time is the
+    TTFT's, and each later one's the TPOT's."""
+    return (last_token_time - first_token_time) / (output_tokens - 1) if output_tokens > 1 else 0.0
+
+
+def percentiles(values: list[float]) -> dict:
+    if not values:
+        return {"p50": None, "p90": None, "p99": None}
+    s = sorted(values)
+    return {f"p{q}": s[min(len(s) - 1, int(q / 100 * len(s)))] for q in (50, 90, 99)}
+
+
+def metrics(requests: list, decode_tokens: int | None = None) -> dict:
+    """The SLO report of finished requests: attainment, latency percentiles and decode
+    throughput (by default, every token after each request's first)."""
+    ttft_ms, tpot_ms, ttft_ok, tpot_ok, both = [], [], 0, 0, 0
+    for r in requests:
+        ttft = r.first_token_time - r.arrival_time
+        tpot = time_per_output_token(r.first_token_time, r.finish_time, r.output_len)
+        ttft_ms.append(ttft * 1e3)
+        tpot_ms.append(tpot * 1e3)
+        a, b = ttft <= r.slo.ttft_s, tpot <= r.slo.tpot_s
+        ttft_ok += a
+        tpot_ok += b
+        both += a and b
+    n = len(requests)
+    span = max(r.finish_time for r in requests) - min(r.arrival_time for r in requests)
+    tokens = decode_tokens if decode_tokens is not None else sum(r.output_len - 1 for r in requests)
+    return {"requests": n, "ttft_attainment": ttft_ok / n, "tpot_attainment": tpot_ok / n, "e2e_attainment": both / n,
+            "decode_throughput_tok_s": tokens / span if span > 0 else 0.0,
+            "ttft_ms": percentiles(ttft_ms), "tpot_ms": percentiles(tpot_ms)}
+
+
+def latency_samples(requests: list) -> dict:
+    """Sorted TTFT and TPOT (ms) of the served requests, for CDF plots."""
+    served = [r for r in requests if not math.isnan(r.finish_time)]
+    return {"ttft_ms": sorted((r.first_token_time - r.arrival_time) * 1e3 for r in served),
+            "tpot_ms": sorted(time_per_output_token(r.first_token_time, r.finish_time, r.output_len) * 1e3
+                              for r in served if r.output_len > 1)}
