@@ -30,7 +30,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from kairos.bench import DEFAULT_TRACE
 from kairos.bench.common import write_result
+from kairos.cli.engine_flags import engine_argv
 from kairos.scheduler.cost_model import CostModel, nonnegative_least_squares
 from kairos.scheduler.simulator import SimConfig, simulate
 from kairos.scheduler.traces import load_azure, shape, with_slos
@@ -38,7 +40,6 @@ from kairos.transport.client import Client
 from kairos.transport.replay import replay, warm_up
 from kairos.transport.serve import cpu_share, local_cluster
 
-TRACES = Path(__file__).resolve().parent / "traces"
 KEYS = ("ttft_attainment", "tpot_attainment", "e2e_attainment")
 # What a point's step logs give over all its runs together, not as a mean of its runs'.
 FITTED = ("decode_fit", "decode_fit_jitter", "decode_online_error", "prefill_fit", "prefill_fit_jitter")
@@ -145,7 +146,7 @@ def measure_here(model: str, engine_args: dict) -> dict:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--trace", default=str(TRACES / "AzureLLMInferenceTrace_conv.csv"))
+    parser.add_argument("--trace", default=str(DEFAULT_TRACE))
     parser.add_argument("--requests", type=int, default=150)
     parser.add_argument("--rate-scales", default="3,4,6", help="loads to compare at (time compression)")
     parser.add_argument("--max-prompt-len", type=int, default=512)
@@ -298,9 +299,7 @@ def main() -> None:
           f"{profile['device']}, held-out MAPE prefill {profile['prefill_mape']:.0%} "
           f"decode {profile['decode_mape']:.0%}")
 
-    worker = ["--model", args.model, "--load-format", args.load_format, "--profile", str(profile_path),
-              "--max-num-batched-tokens", str(args.token_budget), "--max-num-seqs", str(args.max_batch),
-              "--num-kv-blocks", str(args.kv_blocks), "--max-model-len", str(args.max_model_len)]
+    worker = engine_argv(model=args.model, profile=str(profile_path), **engine_args)
     rows, calibration = [], None
     policies = args.policies.split(",")
     # Step logs are always kept (in a temporary folder unless asked for): serving's own decode

@@ -21,13 +21,14 @@ import time
 from pathlib import Path
 
 from kairos.bench.common import write_result
+from kairos.cli.engine_flags import engine_argv
 from kairos.transport.client import Client
 from kairos.transport.serve import local_cluster
 
 
 def run_burst(args, policy: str, profile: str) -> dict:
-    worker = ["--model", args.model, "--profile", profile, "--max-num-batched-tokens", str(args.token_budget),
-              "--num-kv-blocks", "2048", "--max-model-len", "2048"]
+    worker = engine_argv(model=args.model, profile=profile, max_num_batched_tokens=args.token_budget,
+                         num_kv_blocks=2048, max_model_len=2048)
     with local_cluster(["--prefill-policy", policy, *worker], worker) as addr:
         with Client(addr, timeout_s=120) as client:
             client.generate("warm up", max_tokens=2)

@@ -18,13 +18,13 @@ import argparse
 import sys
 import threading
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 import zmq
 from tqdm import tqdm
 
+from kairos.bench import shipped
 from kairos.bench.common import device_name, synchronize, write_result
 from kairos.engine.config import DTYPES, ModelConfig
 from kairos.scheduler.defaults import BLOCK_SIZE
@@ -32,7 +32,7 @@ from kairos.transport import protocol as p
 from kairos.transport.kv import DEFAULT_FRAME_BYTES, KVWriter, OutgoingKV, blocks_per_frame, kv_geometry
 from kairos.transport.sockets import make_socket
 
-MODELS = Path(__file__).resolve().parent / "models"
+MODELS = shipped("models")
 
 
 def kv_runner(model: str, dtype: torch.dtype, device: torch.device, num_blocks: int, block_size: int = BLOCK_SIZE):

@@ -6,12 +6,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from kairos.transport.client import Client
 from kairos.transport.serve import free_port  # noqa: F401 - the tests take it from here
 
-ROOT = Path(__file__).resolve().parent.parent
 # Small enough that 100 concurrent requests run into backpressure and full caches.
 # Short steps keep the workers responsive on a busy 2-core machine.
 WORKER_ARGS = ["--model", "tiny", "--num-kv-blocks", "256", "--max-model-len", "512", "--transfer-timeout", "4",

@@ -3,16 +3,16 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from kairos.bench import shipped
 from kairos.engine.config import ModelConfig
 from kairos.engine.model import CausalLM
 from kairos.kernels import get_backend
 
-MODELS = Path(__file__).resolve().parent.parent / "bench" / "models"
+MODELS = shipped("models")
 
 
 @pytest.mark.parametrize("name, params", [
