@@ -39,3 +39,35 @@ def test_generate_plain_output_shows_the_text():
     run = kairos("generate", "--prompt", "Hello", "--max-tokens", "5", "--temperature", "0")
     assert run.returncode == 0, run.stderr
     assert "Hello" in run.stdout and "finish:" in run.stdout
+
+
+def test_engine_flags_are_engine_config_fields_and_round_trip_through_a_childs_argv():
+    import dataclasses
+
+    from kairos.cli.engine_flags import FIELDS, engine_argv, engine_kwargs
+    from kairos.cli.main import build_parser
+    from kairos.engine.config import EngineConfig
+
+    assert {f.name for f in FIELDS} == {f.name for f in dataclasses.fields(EngineConfig)} - {"seed", "role"}
+    settings = {"model": "some/folder", "dtype": "float16", "num_kv_blocks": 7, "enable_prefix_caching": False,
+                "prefill_policy": "kairos", "gpu_memory_utilization": 0.5, "max_model_len": None}
+    argv = engine_argv(**settings)
+    assert "--no-prefix-caching" in argv and "--max-model-len" not in argv
+    for command in ("generate", "prefill", "decode", "serve"):
+        extra = ["--prompt", "x"] if command == "generate" else []
+        parsed = engine_kwargs(build_parser().parse_args([command, *extra, *argv]))
+        assert {k: parsed[k] for k in settings} == settings
+        defaults = {f.name: f.default for f in FIELDS if f.name not in settings}
+        assert {k: parsed[k] for k in defaults} == defaults
+
+
+def test_serve_hands_verbose_to_its_children_ahead_of_their_command(monkeypatch):
+    from kairos.cli.main import build_parser
+    from kairos.transport import serve
+
+    started = []
+    monkeypatch.setattr(serve.subprocess, "Popen", lambda cmd, **kwargs: started.append(cmd))
+    serve.ProcessGroup(verbose=True).start("prefill", ["prefill", "--router", "tcp://127.0.0.1:1"])
+    (cmd,) = started
+    args = build_parser().parse_args(cmd[cmd.index("kairos.cli") + 1:])
+    assert args.verbose and args.command == "prefill"
