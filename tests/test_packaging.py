@@ -3,6 +3,7 @@ checkout's top-level folders; the files the defaults need; and the parts that ne
 
 import importlib.metadata
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,10 +16,16 @@ LAYERS = ["bench", "cli", "engine", "kernels", "scheduler", "transport"]
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> Path:
-    """A plain (non-editable) install of this checkout into a folder of its own."""
+    """A plain (non-editable) install of this checkout into a folder of its own. The wheel is
+    built from a copy, so that no build folder lands in the checkout (nor a stale one in it)."""
     out = tmp_path_factory.mktemp("install")
+    source = out / "source"
+    for name in LAYERS:
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "results"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", out / "wheel", ROOT],
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", out / "wheel", source],
                    check=True, capture_output=True)
     (wheel,) = (out / "wheel").glob("kairos-*.whl")
     subprocess.run([*pip, "install", "--no-deps", "--no-index", "--target", out / "site", wheel],
