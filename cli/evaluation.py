@@ -137,8 +137,8 @@ def policy_pairs(spec: str, baseline: str) -> list[str]:
         if pair.count("+") != 1:
             raise ValueError(f"a policy pair is PREFILL+DECODE (such as kairos+kairos), not {pair!r}")
         prefill, decode = pair.split("+")
-        PREFILL_POLICIES.needs_cost_model(prefill)  # a clear error for an unknown name
-        DECODE_POLICIES.needs_cost_model(decode)
+        PREFILL_POLICIES.policy_class(prefill)  # a clear error for an unknown name
+        DECODE_POLICIES.policy_class(decode)
     return pairs
 
 

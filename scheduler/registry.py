@@ -28,10 +28,10 @@ class PolicyRegistry(dict):
         self.phase = phase
 
     def needs_cost_model(self, name: str) -> bool:
-        return self._class(name).needs_cost_model
+        return self.policy_class(name).needs_cost_model
 
     def build(self, name: str, settings: PolicySettings):
-        cls = self._class(name)
+        cls = self.policy_class(name)
         if cls.needs_cost_model and settings.cost is None:
             raise ValueError(f"the {name} {self.phase} policy needs a cost model (a step-time profile)")
         return cls.build(settings)
@@ -40,7 +40,8 @@ class PolicyRegistry(dict):
         """One line per policy, for the command line's help."""
         return "; ".join(f"{name}: {cls.summary}" for name, cls in self.items())
 
-    def _class(self, name: str) -> type:
+    def policy_class(self, name: str) -> type:
+        """The class registered under name; a clear error naming the choices if none is."""
         if name not in self:
             raise ValueError(f"unknown {self.phase} policy {name!r}; available: {', '.join(self)}")
         return self[name]

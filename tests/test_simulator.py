@@ -541,3 +541,15 @@ def test_resimulate_fits_recorded_runs_prefill_steps_from_their_step_logs(tmp_pa
     trace = sim_fidelity.point_trace(args, 4.0)
     assert row["without_jitter"] == simulate(trace, config, COST.scaled(result["calibration"]["prefill_fit"], 1.2))
     assert row["without_jitter"] != simulate(trace, config, COST.scaled(1.5, 1.2))
+
+
+@pytest.mark.parametrize("policies, message", [
+    ("kairos", "a policy pair is PREFILL+DECODE (such as kairos+kairos), not 'kairos'"),
+    ("sjf+kairos", "unknown prefill policy 'sjf'; available: fcfs, edf, kairos, mh"),
+    ("kairos+lifo", "unknown decode policy 'lifo'; available: cb, kairos"),
+])
+def test_compare_names_a_bad_policy_pair_before_any_run(capsys, policies, message):
+    from kairos.cli.main import main
+
+    assert main(["bench", "compare", "--trace", str(CONV), "--limit", "20", "--policies", policies]) == 2
+    assert message in capsys.readouterr().err
