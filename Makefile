@@ -45,7 +45,7 @@ demo: $(STAMP)
 	$(BIN)/kairos bench replay --addr $(DEMO_ADDR) --limit 60 --rate-scale 2 --max-prompt-len 256 --max-output-len 16; \
 	code=$$?; echo; $(BIN)/kairos status --addr $(DEMO_ADDR); kill $$serve; wait $$serve; exit $$code
 	@echo; echo "=== the policies against FCFS prefill and continuous batching, simulated on the whole Azure"
-	@echo "    conversation trace: Llama-3.1-8B on one H100 per worker (measured profile), TTFT 1 s, TPOT 100 ms"
+	@echo "    conversation trace: Llama-3.1-8B on one H200 per worker (measured profile), TTFT 1 s, TPOT 100 ms"
 	$(BIN)/kairos bench compare --rate-scales 3,4.5,5.5,7 --policies fcfs+cb,kairos+kairos,mh+kairos \
 		--out-dir build/demo --name compare_conv
 

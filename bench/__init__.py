@@ -20,5 +20,5 @@ def shipped(relative: str) -> Path:
     return path
 
 
-DEFAULT_PROFILE = shipped("profiles/Llama-3.1-8B_H100.json")
+DEFAULT_PROFILE = shipped("profiles/Llama-3.1-8B_H200.json")
 DEFAULT_TRACE = shipped("traces/AzureLLMInferenceTrace_conv.csv")

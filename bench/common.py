@@ -34,10 +34,31 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 1
     return 2 * nbytes / best
 
 
+def matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 8192, repeats: int = 10) -> float:
+    """Measured FLOP/s of one large square matmul in this dtype: the device's compute ceiling."""
+    n = n if device.type == "cuda" else 1024
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn_like(a)
+    a @ b
+    synchronize(device)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"{platform.processor() or platform.machine()} CPU ({torch.get_num_threads()} threads)"
+
+
+def device_tag(device: torch.device) -> str:
+    """The device in a result file's name: the GPU's model (NVIDIA_H200), or cpu."""
+    return torch.cuda.get_device_name(device).replace(" ", "_") if device.type == "cuda" else "cpu"
 
 
 def write_result(name: str, payload: dict) -> Path:

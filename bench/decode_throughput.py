@@ -7,6 +7,12 @@ input building, forward, sampling) at several batch sizes and prints the ratio t
   python -m kairos.bench.decode_throughput --model bench/models/Llama-3.1-8B --load-format dummy
   python -m kairos.bench.decode_throughput --model tiny --batch-sizes 1,8,32     # CPU smoke run
   python -m kairos.bench.decode_throughput --model tiny --batch-sizes 8,32,64 --context 300 --mixed
+  python -m kairos.bench.decode_throughput --hf-peers static,eager --hf-batch-sizes 1   # with peers
+
+--hf-peers times transformers generate() on the same shape in the same run (after Kairos has
+freed the GPU): `static` is its static cache, which it compiles on first use (about a minute
+for an 8B model), `eager` its default dynamic cache. Their step time is the time between the
+first and the last generated token over the tokens between.
 
 --mixed also times, at each batch size, prompts of mixed lengths (between 16 and twice the
 mean less 16) with the same total: a step should cost what its total context costs, so the
@@ -23,8 +29,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from kairos.bench.common import copy_bandwidth, device_name, synchronize, write_result
+from kairos.bench.common import copy_bandwidth, device_name, device_tag, matmul_flops, synchronize, write_result
 from kairos.engine import LLM, SamplingParams
+from kairos.scheduler.defaults import TOKEN_BUDGET
 
 
 def main() -> None:
@@ -38,12 +45,21 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=32, help="timed decode steps per batch size")
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--mixed", action="store_true", help="also time mixed prompt lengths of the same mean")
+    ap.add_argument("--enforce-eager", action="store_true", help="decode without CUDA graphs")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument("--prefill-tokens", type=int, default=0,
+                    help="also time one prefill step of a prompt this long against the bf16 matmul ceiling")
+    ap.add_argument("--hf-peers", default="", help="comma-separated: static, eager (transformers generate)")
+    ap.add_argument("--hf-batch-sizes", default="1", help="batch sizes at which the peers are timed")
     args = ap.parse_args()
 
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     max_len = (2 * args.context if args.mixed else args.context) + args.warmup + args.steps + 8
+    max_len = max(max_len, args.prefill_tokens + 1)
     llm = LLM(args.model, load_format=args.load_format, dtype=args.dtype, device=args.device,
-              max_model_len=max_len, max_num_seqs=max(batch_sizes), enable_prefix_caching=False)
+              max_model_len=max_len, max_num_seqs=max(batch_sizes), enable_prefix_caching=False,
+              max_num_batched_tokens=max(TOKEN_BUDGET, args.prefill_tokens),
+              enforce_eager=args.enforce_eager, gpu_memory_utilization=args.gpu_memory_utilization)
     runner = llm.runner
     device = runner.device
     weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
@@ -94,14 +110,69 @@ def main() -> None:
         print(f"B={batch:4d}  step {row['step_ms']:8.2f} ms  {row['tokens_per_s']:9.1f} tok/s  "
               f"floor {row['memory_floor_ms']:7.2f} ms  ({row['fraction_of_floor']:.0%} of the memory floor){mixed}")
 
+    prefill = time_prefill(llm, args.prefill_tokens, gen) if args.prefill_tokens else None
     name = Path(args.model).name if args.model != "tiny" else "tiny"
-    path = write_result(f"decode_throughput_{name}_{device.type}", {
-        "device": device_name(device), "model": name, "load_format": args.load_format,
-        "dtype": str(runner.dtype), "backend": runner.backend.name,
-        "copy_bandwidth_GBps": bandwidth / 1e9, "weight_bytes": weight_bytes,
-        "kv_bytes_per_token": kv_bytes_per_token, "results": rows,
-    })
+    result = {"prefill": prefill,"device": device_name(device), "model": name, "load_format": args.load_format,
+              "dtype": str(runner.dtype), "backend": runner.backend.name, "cuda_graphs": runner.graphs is not None,
+              "copy_bandwidth_GBps": bandwidth / 1e9, "weight_bytes": weight_bytes,
+              "kv_bytes_per_token": kv_bytes_per_token, "results": rows}
+    peers = [p for p in args.hf_peers.split(",") if p]
+    if peers:
+        dtype, model = runner.dtype, args.model
+        del llm, runner
+        torch.cuda.empty_cache() if device.type == "cuda" else None
+        result["transformers"] = time_peers(model, dtype, device, peers, args, rows)
+    path = write_result(f"decode_throughput_{name}_{device_tag(device)}", result)
     print(f"wrote {path}")
+
+
+def time_prefill(llm, tokens: int, gen: torch.Generator) -> dict:
+    """One prefill step of a `tokens`-long prompt (the best of three), as a share of the device's
+    bf16 matmul rate: the step's FLOPs are its layers' matmuls over every token, causal
+    attention, and the LM head for the one sampled row."""
+    cfg, device = llm.model_config, llm.runner.device
+    layer_params = sum(p.numel() for n, p in llm.runner.model.named_parameters()
+                       if ".layers." in n and p.dim() == 2)
+    flops = 2 * layer_params * tokens + 2 * tokens**2 * cfg.num_heads * cfg.head_dim * cfg.num_layers \
+        + 2 * cfg.hidden_size * cfg.vocab_size
+    best = float("inf")
+    for _ in range(4):  # the first warms up
+        llm.add_request(torch.randint(0, cfg.vocab_size, (tokens,), generator=gen).tolist(),
+                        SamplingParams(max_tokens=1))
+        synchronize(device)
+        start = time.perf_counter()
+        llm.step()
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    ceiling = matmul_flops(device, llm.runner.dtype)
+    row = {"tokens": tokens, "step_ms": best * 1e3, "TFLOPs": flops / best / 1e12,
+           "matmul_ceiling_TFLOPs": ceiling / 1e12, "fraction_of_matmul": flops / best / ceiling}
+    print(f"prefill of {tokens} tokens: {row['step_ms']:.1f} ms, {row['TFLOPs']:.0f} TFLOP/s "
+          f"({row['fraction_of_matmul']:.0%} of the {row['matmul_ceiling_TFLOPs']:.0f} TFLOP/s matmul ceiling)")
+    return row
+
+
+def time_peers(model: str, dtype: torch.dtype, device: torch.device, peers: list[str], args, rows) -> list[dict]:
+    import transformers
+
+    from kairos.bench.hf_peer import decode_step_seconds, load_hf_model
+
+    hf = load_hf_model(model, dtype, device)
+    ours = {row["batch"]: row["step_ms"] for row in rows}
+    out = []
+    for peer in peers:
+        cache = {"static": "static", "eager": None}[peer]
+        for batch in (int(b) for b in args.hf_batch_sizes.split(",")):
+            step_s = decode_step_seconds(hf, batch, args.context, new_tokens=min(args.steps, 32),
+                                         cache_implementation=cache)
+            row = {"transformers": transformers.__version__, "mode": peer, "batch": batch,
+                   "context": args.context, "step_ms": step_s * 1e3}
+            if batch in ours:
+                row["kairos_speedup"] = row["step_ms"] / ours[batch]
+            out.append(row)
+            print(f"transformers generate ({peer}) B={batch:4d}  step {row['step_ms']:8.2f} ms"
+                  + (f"  Kairos is {row['kairos_speedup']:.2f}x faster" if batch in ours else ""))
+    return out
 
 
 if __name__ == "__main__":

@@ -72,6 +72,14 @@ def bench_decode(ceil: dict) -> list[dict]:
         gbps = 2 * batch * length * HKV * D * 2 / (t * 1e-3) / 1e9
         row = {"batch": batch, "context": length, "ms": t, "GBps": gbps,
                "fraction_of_copy_bw": gbps / ceil["copy_GBps"]}
+        if batch <= 2:
+            # How the split count (chosen from shapes) compares with more and fewer splits.
+            chosen = attention.decode_num_splits(batch, HKV, tables.shape[1] * PAGE, torch.cuda.get_device_properties(
+                0).multi_processor_count)
+            row["splits"] = chosen
+            row["ms_by_splits"] = {n: ms(lambda n=n: attention.decode_attention(q, k_cache, v_cache, tables, lens,
+                                                                                  D**-0.5, num_splits=n))
+                                   for n in sorted({max(1, chosen // 2), 2 * chosen, 4 * chosen, 8 * chosen})}
         peer = None
         try:
             peer = flashinfer_decode(q, k_cache, v_cache, tables, length)

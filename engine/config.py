@@ -173,6 +173,7 @@ class EngineConfig:
                                choices=("auto", "dummy"))
     backend: str = setting("auto", "kernels: auto is triton on CUDA, torch (the PyTorch reference) elsewhere",
                            choices=BACKENDS)
+    enforce_eager: bool = setting(False, "decode without CUDA graphs (by default captured at start-up on CUDA)")
     block_size: int = setting(BLOCK_SIZE, "tokens per KV block")
     num_kv_blocks: int | None = setting(None, "KV cache size in blocks (default: from memory)")
     gpu_memory_utilization: float = setting(0.9, "share of GPU memory for weights, activations and KV cache")

@@ -9,10 +9,12 @@ import torch
 
 from kairos.engine.config import EngineConfig, ModelConfig
 from kairos.engine.context import AttentionContext
+from kairos.engine.cuda_graphs import DecodeGraphs
 from kairos.engine.loader import init_dummy_weights, load_weights
 from kairos.engine.model import CausalLM, rope_cos_sin_cache
 from kairos.engine.sampler import Sampler
 from kairos.engine.sequence import Sequence
+from kairos.engine.step_inputs import DecodeInputs, PrefillInputs
 from kairos.engine.step_scheduler import Batch
 from kairos.kernels import get_backend
 
@@ -30,6 +32,21 @@ class ModelRunner:
         self.model = self._build_model()
         self.num_blocks = self._allocate_kv_cache()
         self.sampler = Sampler(self.device, config.seed)
+        self.prefill_inputs = PrefillInputs(self.device)
+        self.decode_inputs = DecodeInputs(config.max_num_seqs, -(-max_model_len // self.block_size),
+                                          self.block_size, self.device)
+        self.graphs = self._capture_decode_graphs()
+
+    def _capture_decode_graphs(self) -> DecodeGraphs | None:
+        """Decode replays CUDA graphs unless told not to (--enforce-eager), off CUDA, on a
+        prefill worker (which decodes nothing), or with the torch backend (whose reference
+        kernels size tensors by their data, which a graph cannot)."""
+        cfg = self.config
+        if self.device.type != "cuda" or cfg.enforce_eager or cfg.role == "prefill" or self.backend.name == "torch":
+            return None
+        graphs = DecodeGraphs(self.model, self.decode_inputs)
+        graphs.capture()
+        return graphs
 
     def _build_model(self) -> CausalLM:
         self.backend = get_backend(self.config.backend, self.device.type)
@@ -130,62 +147,33 @@ class ModelRunner:
         return torch.tensor(data, dtype=dtype, pin_memory=self.device.type == "cuda").to(
             self.device, non_blocking=True)
 
-    def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
-        width = max(len(s.block_table) for s in seqs)
-        rows = [s.block_table + [-1] * (width - len(s.block_table)) for s in seqs]
-        return self._tensor(rows, torch.int32)
-
-    def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
-        bs, table = self.block_size, seq.block_table
-        return [table[p // bs] * bs + p % bs for p in range(start, end)]
-
-    def prepare_prefill(self, batch: Batch, all_logits: bool = False):
-        ids, positions, slots, logit_rows = [], [], [], []
-        cu_q, cu_k = [0], [0]
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
-            ids += seq.token_ids[start:end]
-            positions += range(start, end)
-            slots += self._slots(seq, start, end)
-            if all_logits:
-                logit_rows += range(cu_q[-1], cu_q[-1] + n)
-            elif batch.samples(seq, n):
-                logit_rows.append(cu_q[-1] + n - 1)
-            cu_q.append(cu_q[-1] + n)
-            cu_k.append(cu_k[-1] + end)
-        has_prefix = any(s.num_computed_tokens for s in batch.seqs)
-        ctx = AttentionContext(
-            is_prefill=True,
-            slot_mapping=self._tensor(slots),
-            cu_seqlens_q=self._tensor(cu_q, torch.int32),
-            cu_seqlens_k=self._tensor(cu_k, torch.int32),
-            max_seqlen_q=max(batch.num_new_tokens),
-            block_tables=self._block_tables(batch.seqs) if has_prefix else None,
-        )
-        return self._tensor(ids), self._tensor(positions), ctx, logit_rows
-
-    def prepare_decode(self, batch: Batch):
-        seqs = batch.seqs
-        positions = [len(s) - 1 for s in seqs]
-        ctx = AttentionContext(
-            is_prefill=False,
-            slot_mapping=self._tensor([self._slots(s, p, p + 1)[0] for s, p in zip(seqs, positions)]),
-            block_tables=self._block_tables(seqs),
-            context_lens=self._tensor([len(s) for s in seqs], torch.int32),
-        )
-        return self._tensor([s.token_ids[-1] for s in seqs]), self._tensor(positions), ctx, list(range(len(seqs)))
+    def _decode_logits(self, seqs: list[Sequence]) -> torch.Tensor:
+        n = len(seqs)
+        if self.graphs is not None and n <= self.graphs.max_batch:
+            rows = self.graphs.bucket(n)
+            self.decode_inputs.fill(seqs, rows)
+            return self.graphs.replay(rows)[:n]
+        self.decode_inputs.fill(seqs, n)
+        return self.model.compute_logits(self.model(*self.decode_inputs.forward_args(n)))
 
     @torch.inference_mode()
     def forward_logits(self, batch: Batch, all_logits: bool = False) -> torch.Tensor:
         """Float32 logits of the rows that sample (every prompt row with all_logits)."""
-        if batch.is_prefill:
-            ids, positions, ctx, rows = self.prepare_prefill(batch, all_logits)
-        else:
-            ids, positions, ctx, rows = self.prepare_decode(batch)
+        if not batch.is_prefill:
+            return self._decode_logits(batch.seqs)
+        rows, offset = [], 0
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            if all_logits:
+                rows += range(offset, offset + n)
+            elif batch.samples(seq, n):
+                rows.append(offset + n - 1)
+            offset += n
+        ids, positions, ctx, logit_rows = self.prefill_inputs.build(batch.seqs, batch.num_new_tokens,
+                                                                    self.block_size, rows)
         hidden = self.model(ids, positions, ctx)
         if not rows:
             return hidden.new_empty((0, self.model_config.vocab_size), dtype=torch.float32)
-        return self.model.compute_logits(hidden[self._tensor(rows)])
+        return self.model.compute_logits(hidden[logit_rows])
 
     def run(self, batch: Batch) -> list[int | None]:
         """One step. Returns a sampled token per sequence, None where the prompt is not done."""

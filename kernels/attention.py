@@ -41,15 +41,19 @@ def _num_sms(device_index: int) -> int:
 @triton.jit(do_not_specialize=["stride_bt", "num_splits"])
 def _decode_kernel(q_ptr, k_cache, v_cache, block_tables, context_lens, out_ptr, part_out, part_lse,
                    stride_qb, stride_qh, stride_cb, stride_ct, stride_ch, stride_bt, stride_ob, stride_oh,
-                   tokens_per_split, num_splits, qk_scale,
+                   num_splits, qk_scale,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_N: tl.constexpr, PAGE: tl.constexpr, DIRECT: tl.constexpr, PRECISION: tl.constexpr):
-    """One (sequence, KV head, split): the GQA group's query heads share every K/V tile."""
+    """One (sequence, KV head, split): the GQA group's query heads share every K/V tile. Each
+    sequence is split by its own length, so that the launch depends on shapes alone (a CUDA
+    graph replays it for any context) and a short sequence in a long batch is split as finely."""
     b = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     ctx_len = tl.load(context_lens + b)
-    start = split * tokens_per_split
+    # Whole tiles per split, and the compiler told so: it then keeps the loads vectorized.
+    tokens_per_split = tl.multiple_of(tl.cdiv(tl.cdiv(ctx_len, num_splits), BLOCK_N) * BLOCK_N, BLOCK_N)
+    start = tl.multiple_of(split * tokens_per_split, BLOCK_N)
     end = tl.minimum(start + tokens_per_split, ctx_len)
 
     rows = tl.arange(0, BLOCK_H)
@@ -110,9 +114,13 @@ def _merge_kernel(part_out, part_lse, out_ptr, stride_ob, stride_oh, num_splits,
 
 
 def decode_num_splits(batch: int, num_kv_heads: int, max_tokens: int, num_sms: int) -> int:
-    """Enough splits to give every SM about two programs, from shapes alone (no host sync, so
-    it is fixed under a CUDA graph), never splitting below MIN_TOKENS_PER_SPLIT tokens."""
-    wanted = triton.cdiv(2 * num_sms, batch * num_kv_heads)
+    """Splits enough for about four programs per SM when the batch alone (a program per
+    sequence and KV head) leaves SMs idle, from shapes alone (no host sync, so it is fixed
+    under a CUDA graph), never splitting below MIN_TOKENS_PER_SPLIT tokens."""
+    programs = batch * num_kv_heads
+    if programs >= 2 * num_sms:
+        return 1
+    wanted = triton.cdiv(4 * num_sms, programs)
     return max(1, min(wanted, triton.cdiv(max_tokens, MIN_TOKENS_PER_SPLIT)))
 
 
@@ -129,7 +137,6 @@ def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, num
     # The merge's tile holds the most splits any batch on this cache can have, not this batch's,
     # so that one compiled merge serves every batch.
     most_splits = max(num_splits, decode_num_splits(1, num_kv_heads, k_cache.shape[0] * page, sms))
-    tokens_per_split = triton.cdiv(triton.cdiv(max_tokens, num_splits), block_n) * block_n
     out = alloc(q.shape, q.dtype, q.device)
     direct = num_splits == 1
     if direct:
@@ -141,7 +148,7 @@ def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, num
     _decode_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        out.stride(0), out.stride(1), tokens_per_split, num_splits, scale * LOG2E,
+        out.stride(0), out.stride(1), num_splits, scale * LOG2E,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d,
         BLOCK_N=block_n, PAGE=page, DIRECT=direct, PRECISION=_dot_precision(q.dtype),
         num_warps=4, num_stages=2)

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Every GPU target of the decode-speed work, measured in one run on one H100/H200 (about 8
+# minutes), on the Llama-3.1-8B shape with dummy weights:
+#   tests       CUDA graphs against eager decode; the decode kernel in bf16
+#   decode      decode step at batch 1, 32, 128 against the memory floor; an 8k-token prefill
+#               step against the matmul ceiling; transformers generate (static cache) at batch 1
+#   kernels     decode and prefill attention against copy bandwidth, SDPA flash and FlashInfer
+#   profile     the step-time profile on the fast loop (bench/profiles/Llama-3.1-8B_<gpu>.json)
+#   throughput  trace-shaped offline throughput against transformers in the same run
+#
+#   bench/gpu_all.sh [LOGDIR]        # from the checkout's root, kairos installed
+#
+# Each part runs under its own time limit, and a part that fails leaves the rest to run. The
+# logs go to LOGDIR (default bench/results/gpu_logs), the JSON to bench/results/. `python -P`
+# keeps the checkout off sys.path (its `kernels` folder would hide the package transformers
+# imports under that name).
+set -u
+LOGDIR=${1:-bench/results/gpu_logs}
+mkdir -p "$LOGDIR"
+export PYTHONUNBUFFERED=1
+PY="python3 -P"
+GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | awk '{print $2}')  # H100, H200
+MODEL=bench/models/Llama-3.1-8B
+
+part() {  # part NAME SECONDS COMMAND...: runs it, logs it, keeps going whatever it returns
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name (limit ${limit}s): $*"
+    local start=$SECONDS
+    timeout "$limit" "$@" >"$LOGDIR/$name.log" 2>&1
+    local rc=$?
+    grep -v 'it/s\]\|s/it\]' "$LOGDIR/$name.log" | tail -25
+    echo "=== $name: exit $rc after $((SECONDS - start)) s"
+}
+
+part tests 120 $PY -m pytest -q -x -p no:cacheprovider tests/test_step_inputs.py tests/test_kernels_attention.py \
+    -k "cuda or (decode and bfloat16)"
+part decode 220 $PY -m kairos.bench.decode_throughput --model $MODEL --batch-sizes 1,32,128 --context 1024 \
+    --prefill-tokens 8192 --gpu-memory-utilization 0.5 --hf-peers static --hf-batch-sizes 1
+part kernels 90 $PY -m kairos.bench.kernels
+part profile 120 $PY -m kairos.cli profile --model $MODEL --load-format dummy --max-model-len 4096 \
+    --out "bench/profiles/Llama-3.1-8B_${GPU}.json"
+part throughput 170 $PY -m kairos.bench.throughput --model $MODEL --requests 256 --batch-sizes 32,128,256 \
+    --peers static --peer-batch-sizes 32 --peer-seconds 30
