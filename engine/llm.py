@@ -18,7 +18,7 @@ from kairos.engine.sequence import Sequence
 from kairos.engine.step_scheduler import Batch, StepScheduler
 from kairos.engine.tiny import tiny_model_path
 from kairos.engine.tokenizer import IncrementalDetokenizer, Tokenizer
-from kairos.scheduler import DECODE_POLICIES, PREFILL_POLICIES, PolicySettings
+from kairos.scheduler import DECODE_POLICIES, PREFILL_POLICIES, PolicySettings, native
 from kairos.scheduler.cost_model import CalibratedCostModel
 from kairos.scheduler.request import RequestSLO, SamplingParams
 
@@ -201,7 +201,8 @@ class LLM:
         and a decode step of it, then every other attention shape with kernels of its own
         (`ModelRunner.run_attention_variants`), before any request: a GPU kernel compiles on
         first use, and a serving loop that met that on a request stalled for over a second (an
-        8192-token step on an H100 and on an H200, once per machine). Distinct random prompts,
+        8192-token step on an H100 and on an H200, once per machine); and the scheduling
+        policies' compiled loops (`kairos.scheduler.native`). Distinct random prompts,
         so the step is all new tokens; neither the calibration, the prefill counter nor the
         prefix cache keeps anything of it. Returns the seconds it took."""
         started = time.perf_counter()
@@ -221,6 +222,7 @@ class LLM:
         try:
             self.generate(prompts, SamplingParams(max_tokens=2, ignore_eos=True, temperature=0))
             self.runner.run_attention_variants()
+            native.warm_up()  # the policies' compiled loops, which long queues use
         finally:
             self.cost_model, self.num_prefill_tokens_computed = calibrated, computed
             self.scheduler.prefill_only = hands_off

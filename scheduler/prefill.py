@@ -12,6 +12,9 @@ import heapq
 import math
 from typing import ClassVar, Protocol, Sequence, TypeVar
 
+import numpy as np
+
+from kairos.scheduler import native
 from kairos.scheduler.cost_model import CostModel
 from kairos.scheduler.registry import PolicyRegistry, PolicySettings
 
@@ -171,8 +174,27 @@ class _Predicting:
             else:
                 late.add(i)
         on_time = [job[3] for i, job in enumerate(jobs) if i not in late]
-        demoted = sorted((jobs[i][3] for i in late), key=lambda r: r.arrival_time)
+        demoted = sorted((jobs[i][3] for i in sorted(late)), key=lambda r: r.arrival_time)
         return on_time, demoted
+
+    def split_by(self, waiting, now: float, least_slack: bool) -> tuple[list, list]:
+        """split, ordered by least slack (deadline less own prefill time) or else by deadline,
+        then walked by split_on_time (Moore-Hodgson unless least_slack): by `native` for a
+        long queue, its numbers gathered into arrays once."""
+        if not (native.ENABLED and len(waiting) >= native.MIN_REQUESTS):
+            jobs = sorted(self.jobs(waiting), key=(lambda j: j[0] - j[1]) if least_slack else (lambda j: j[0]))
+            return self.split_on_time(jobs, now, drop_longest=not least_slack)
+        _, b, c = self.cost.prefill
+        arrival = np.array([r.arrival_time for r in waiting], dtype=np.float64)
+        new = np.array([r.num_uncomputed_tokens for r in waiting], dtype=np.int64)
+        due = arrival + np.array([r.slo.ttft_s for r in waiting], dtype=np.float64)
+        own = b * new + c * new * np.array([r.num_tokens for r in waiting], dtype=np.int64)
+        order = np.argsort(due - own if least_slack else due, kind="stable")
+        late = native.late_prompts(due[order], own[order], new[order], self.cost.prefill[0], self.token_budget,
+                                   now, not least_slack)
+        demoted = order[late]  # in prefill order, then by arrival, as split_on_time leaves them
+        demoted = demoted[np.argsort(arrival[demoted], kind="stable")]
+        return [waiting[i] for i in order[~late].tolist()], [waiting[i] for i in demoted.tolist()]
 
 
 class KairosPolicy(_Predicting):
@@ -185,7 +207,7 @@ class KairosPolicy(_Predicting):
     summary = "least TTFT slack first, prompts predicted late demoted behind the rest"
 
     def split(self, waiting, now):
-        return self.split_on_time(sorted(self.jobs(waiting), key=lambda j: j[0] - j[1]), now, drop_longest=False)
+        return self.split_by(waiting, now, least_slack=True)
 
 
 class MooreHodgsonPolicy(_Predicting):
@@ -197,7 +219,7 @@ class MooreHodgsonPolicy(_Predicting):
     summary = "Moore-Hodgson: the most TTFT deadlines met"
 
     def split(self, waiting, now):
-        return self.split_on_time(sorted(self.jobs(waiting), key=lambda j: j[0]), now, drop_longest=True)
+        return self.split_by(waiting, now, least_slack=False)
 
 
 PREFILL_POLICIES = PolicyRegistry("prefill", FCFSPolicy, EDFPolicy, KairosPolicy, MooreHodgsonPolicy)

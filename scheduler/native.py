@@ -1,0 +1,155 @@
+"""Compiled loops for the scheduling work that grows with the number of requests: predicted
+remaining outputs, TPOT feasibility and ranking for decode admission, and the walk that finds
+which prompts prefill on time.
+
+The policies gather each request's numbers into arrays once per decision and hand them here;
+numba compiles these functions (cached on disk), importing only when one is first called, so
+that processes which never rank a long queue do not pay for it. `warm_up` compiles them ahead
+of serving. Without numba, or with KAIROS_NUMBA=0, the policies keep to their plain-Python
+paths, which decide exactly the same: the tests hold the two to that.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import numpy as np
+
+ENABLED = os.environ.get("KAIROS_NUMBA", "1") != "0" and importlib.util.find_spec("numba") is not None
+# Below this many requests, gathering arrays costs more than the plain-Python paths do.
+MIN_REQUESTS = 32
+
+_FUNCTIONS = []
+
+
+def compiled(fn):
+    """Marks fn for numba. Until the first call of any marked function, each is a stand-in that
+    compiles them all (numba resolves the calls between them when it compiles the caller)."""
+    if not ENABLED:
+        return fn
+    _FUNCTIONS.append(fn)
+
+    @functools.wraps(fn)
+    def first_call(*args):
+        _compile_all()
+        return globals()[fn.__name__](*args)
+
+    return first_call
+
+
+def _compile_all() -> None:
+    from numba import njit
+
+    for fn in _FUNCTIONS:
+        globals()[fn.__name__] = njit(cache=True, nogil=True)(fn)
+
+
+def warm_up() -> None:
+    """Compiles (or loads from the disk cache) every function for the types the policies pass."""
+    ints, floats = np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.float64)
+    remaining_outputs(ints, ints + 1, ints - 1, ints, ints, np.zeros(2, dtype=np.int64), 0.9)
+    slack_split(0.0, 0.0, 0.0, floats, floats, floats, ints, ints + 1)
+    late_prompts(floats, floats, ints + 1, 0.0, 8192, 0.0, True)
+
+
+@compiled
+def remaining_outputs(produced, max_tokens, hint, class_index, lengths, class_starts, quantile):
+    """Predicted tokens still to come per request (OutputLengthEstimator.remaining): its hint
+    (-1 for none), else the quantile of its class's lengths (sorted, lengths[class_starts[c]:
+    class_starts[c + 1]]) above what it has produced, at most its max_tokens."""
+    out = np.empty(produced.shape[0], dtype=np.int64)
+    for i in range(produced.shape[0]):
+        cap = max(1, max_tokens[i] - produced[i])
+        if hint[i] >= 0:
+            out[i] = max(1, min(cap, hint[i] - produced[i]))
+            continue
+        c = class_index[i]
+        ordered = lengths[class_starts[c]:class_starts[c + 1]]
+        longer = ordered.shape[0] - np.searchsorted(ordered, produced[i], side="right")
+        if longer == 0:
+            out[i] = cap
+            continue
+        length = ordered[ordered.shape[0] - longer + min(longer - 1, int(quantile * longer))]
+        out[i] = max(1, min(cap, length - produced[i]))
+    return out
+
+
+@compiled
+def slack_split(now, step, aging, arrival, first_token, tpot_s, produced, remaining):
+    """SlackBatching.split over arrays: (feasible indices, shortest aged remaining output first;
+    lost indices, oldest first), both stable."""
+    n = arrival.shape[0]
+    lost = np.empty(n, dtype=np.bool_)
+    key = np.empty(n, dtype=np.float64)
+    for i in range(n):
+        budget = tpot_s[i] * (produced[i] - 1 + remaining[i])
+        lost[i] = (now - first_token[i]) + remaining[i] * step > budget
+        key[i] = remaining[i] - aging * (now - arrival[i])
+    feasible = np.nonzero(~lost)[0]
+    late = np.nonzero(lost)[0]
+    feasible = feasible[np.argsort(key[feasible], kind="mergesort")]
+    late = late[np.argsort(arrival[late], kind="mergesort")]
+    return feasible, late
+
+
+@compiled
+def _heap_above(keys, ids, a, b):
+    return keys[a] > keys[b] or (keys[a] == keys[b] and ids[a] < ids[b])
+
+
+@compiled
+def _sift_down(keys, ids, size, pos):
+    while True:
+        top, left, right = pos, 2 * pos + 1, 2 * pos + 2
+        if left < size and _heap_above(keys, ids, left, top):
+            top = left
+        if right < size and _heap_above(keys, ids, right, top):
+            top = right
+        if top == pos:
+            return
+        keys[pos], keys[top] = keys[top], keys[pos]
+        ids[pos], ids[top] = ids[top], ids[pos]
+        pos = top
+
+
+@compiled
+def _sift_up(keys, ids, pos):
+    while pos > 0:
+        parent = (pos - 1) // 2
+        if not _heap_above(keys, ids, pos, parent):
+            return
+        keys[pos], keys[parent] = keys[parent], keys[pos]
+        ids[pos], ids[parent] = ids[parent], ids[pos]
+        pos = parent
+
+
+@compiled
+def late_prompts(due, own, tokens, fixed, budget, now, drop_longest):
+    """_Predicting.split_on_time over arrays in prefill order: which prompts finish late. Kept
+    prompts sit in a max-heap by the time each added (ties: the earlier first), from which
+    drop_longest (Moore-Hodgson) gives up the costliest when that saves more time."""
+    n = due.shape[0]
+    late = np.zeros(n, dtype=np.bool_)
+    heap_keys = np.empty(n, dtype=np.float64)
+    heap_ids = np.empty(n, dtype=np.int64)
+    size = 0
+    t, step_tokens = now, budget  # the first prompt opens a step
+    for i in range(n):
+        opens_step = step_tokens + tokens[i] > budget
+        added = own[i] + (fixed * -(-tokens[i] // budget) if opens_step else 0.0)
+        if t + added <= due[i]:
+            heap_keys[size], heap_ids[size] = added, i
+            _sift_up(heap_keys, heap_ids, size)
+            size += 1
+            t = t + added
+            step_tokens = (tokens[i] - 1) % budget + 1 if opens_step else step_tokens + tokens[i]
+        elif drop_longest and size > 0 and heap_keys[0] > added:
+            late[heap_ids[0]] = True
+            t += added - heap_keys[0]
+            heap_keys[0], heap_ids[0] = added, i
+            _sift_down(heap_keys, heap_ids, size, 0)
+        else:
+            late[i] = True
+    return late
