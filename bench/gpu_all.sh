@@ -34,7 +34,7 @@ part() {  # part NAME SECONDS COMMAND...: runs it, logs it, keeps going whatever
 }
 
 part tests 120 $PY -m pytest -q -x -p no:cacheprovider tests/test_step_inputs.py tests/test_kernels_attention.py \
-    -k "cuda or (decode and bfloat16)"
+    -k "cuda_graph or larger_than or (decode and dtype2)"
 part decode 220 $PY -m kairos.bench.decode_throughput --model $MODEL --batch-sizes 1,32,128 --context 1024 \
     --prefill-tokens 8192 --gpu-memory-utilization 0.5 --hf-peers static --hf-batch-sizes 1
 part kernels 90 $PY -m kairos.bench.kernels

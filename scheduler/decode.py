@@ -10,8 +10,6 @@ from __future__ import annotations
 import math
 from typing import ClassVar, Protocol, Sequence, TypeVar
 
-import numpy as np
-
 from kairos.scheduler import native
 from kairos.scheduler.cost_model import CostModel
 from kairos.scheduler.output_length import OutputLengthEstimator
@@ -58,16 +56,6 @@ class ContinuousBatching:
     @classmethod
     def build(cls, settings):
         return cls(settings.max_batch)
-
-    def _tightest(self, running) -> float:
-        """The smallest step_limit of the running batch (inf for none)."""
-        if not (native.ENABLED and len(running) >= native.MIN_REQUESTS):
-            return min(map(self.step_limit, running), default=math.inf)
-        alpha, beta, gamma = self.cost.decode
-        tpot = np.array([r.slo.tpot_s for r in running], dtype=np.float64)
-        context = np.array([r.num_tokens for r in running], dtype=np.float64)
-        alone = np.maximum(0.0, alpha + beta * 1 + gamma * context)  # decode_time(1, context)
-        return float(np.where(alone <= tpot, tpot * self.headroom, math.inf).min())
 
     def admit(self, running, ready, now, free_blocks):
         return list(ready[: max(0, self.max_batch - len(running))])
@@ -132,7 +120,7 @@ class SlackBatching:
         first."""
         step = self.step_time(running)
         if native.ENABLED and len(waiting) >= native.MIN_REQUESTS:
-            return self._split_compiled(waiting, now, step)
+            return native.slack_split(waiting, now, step, self.aging_tokens_per_s, self.estimator)
         aging = self.aging_tokens_per_s
         feasible, lost = [], []
         for r in waiting:
@@ -144,23 +132,6 @@ class SlackBatching:
         feasible.sort(key=lambda item: item[0])
         lost.sort(key=lambda r: r.arrival_time)
         return [r for _, r in feasible], lost
-
-    def _split_compiled(self, waiting, now: float, step: float):
-        """split, by `native`: the requests' numbers gathered into arrays once."""
-        slos = [r.slo for r in waiting]
-        class_ids, lengths, starts = self.estimator.arrays()
-        unseen = len(class_ids)
-        produced = np.array([r.num_output_tokens for r in waiting], dtype=np.int64)
-        remaining = native.remaining_outputs(
-            produced, np.array([r.max_tokens for r in waiting], dtype=np.int64),
-            np.array([-1 if s.output_len_hint is None else s.output_len_hint for s in slos], dtype=np.int64),
-            np.array([class_ids.get(s.request_class, unseen) for s in slos], dtype=np.int64),
-            lengths, starts, self.estimator.quantile)
-        feasible, lost = native.slack_split(
-            now, step, self.aging_tokens_per_s, np.array([r.arrival_time for r in waiting], dtype=np.float64),
-            np.array([r.first_token_time for r in waiting], dtype=np.float64),
-            np.array([s.tpot_s for s in slos], dtype=np.float64), produced, remaining)
-        return [waiting[i] for i in feasible.tolist()], [waiting[i] for i in lost.tolist()]
 
     def order(self, waiting, running, now):
         feasible, lost = self.split(waiting, running, now)
@@ -174,13 +145,9 @@ class SlackBatching:
 
     def _tightest(self, running) -> float:
         """The smallest step_limit of the running batch (inf for none)."""
-        if not (native.ENABLED and len(running) >= native.MIN_REQUESTS):
-            return min(map(self.step_limit, running), default=math.inf)
-        alpha, beta, gamma = self.cost.decode
-        tpot = np.array([r.slo.tpot_s for r in running], dtype=np.float64)
-        context = np.array([r.num_tokens for r in running], dtype=np.float64)
-        alone = np.maximum(0.0, alpha + beta * 1 + gamma * context)  # decode_time(1, context)
-        return float(np.where(alone <= tpot, tpot * self.headroom, math.inf).min())
+        if native.ENABLED and len(running) >= native.MIN_REQUESTS:
+            return native.tightest_step_limit(running, self.cost.decode, self.headroom)
+        return min(map(self.step_limit, running), default=math.inf)
 
     def admit(self, running, ready, now, free_blocks):
         alpha, beta, gamma = self.cost.decode
@@ -191,8 +158,14 @@ class SlackBatching:
         tightest = self._tightest(running)
         if batch and alpha + beta * (batch + 1) + gamma * (context + min(r.num_tokens for r in ready)) > tightest:
             return []  # no request could join, whichever heads the order: skip ranking them
+        ordered = self.order(ready, running, now)
+        if native.ENABLED and len(ordered) >= native.MIN_REQUESTS:
+            # The walk stops by the time the batch is full: only its head can join.
+            head = ordered[: self.max_batch - batch + 1]
+            return head[: native.admission_count(head, batch, context, tightest, self.max_batch, free_blocks,
+                                                    self.cost.decode, self.headroom)]
         admitted = []
-        for r in self.order(ready, running, now):
+        for r in ordered:
             if batch >= self.max_batch or free_blocks < batch + 1:
                 break
             slo = min(tightest, self.step_limit(r))

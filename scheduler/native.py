@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
 import os
 
-import numpy as np
+try:
+    import numpy as np
+except ImportError:  # the scheduler runs without numpy, on its plain-Python paths
+    np = None
 
 ENABLED = os.environ.get("KAIROS_NUMBA", "1") != "0" and importlib.util.find_spec("numba") is not None
 # Below this many requests, gathering arrays costs more than the plain-Python paths do.
@@ -48,10 +52,13 @@ def _compile_all() -> None:
 
 def warm_up() -> None:
     """Compiles (or loads from the disk cache) every function for the types the policies pass."""
+    if not ENABLED:
+        return
     ints, floats = np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.float64)
     remaining_outputs(ints, ints + 1, ints - 1, ints, ints, np.zeros(2, dtype=np.int64), 0.9)
-    slack_split(0.0, 0.0, 0.0, floats, floats, floats, ints, ints + 1)
+    slack_order(0.0, 0.0, 0.0, floats, floats, floats, ints, ints + 1)
     late_prompts(floats, floats, ints + 1, 0.0, 8192, 0.0, True)
+    admission_prefix(0, 0, math.inf, ints, floats, 256, 1000, 0.0, 0.0, 0.0)
 
 
 @compiled
@@ -77,7 +84,7 @@ def remaining_outputs(produced, max_tokens, hint, class_index, lengths, class_st
 
 
 @compiled
-def slack_split(now, step, aging, arrival, first_token, tpot_s, produced, remaining):
+def slack_order(now, step, aging, arrival, first_token, tpot_s, produced, remaining):
     """SlackBatching.split over arrays: (feasible indices, shortest aged remaining output first;
     lost indices, oldest first), both stable."""
     n = arrival.shape[0]
@@ -153,3 +160,90 @@ def late_prompts(due, own, tokens, fixed, budget, now, drop_longest):
         else:
             late[i] = True
     return late
+
+
+@compiled
+def admission_prefix(batch, context, tightest, tokens, limits, max_batch, free_blocks, alpha, beta, gamma):
+    """SlackBatching.admit's walk down its order: how many requests join before one would
+    push the predicted step past the tightest step limit, or the batch or the blocks run out."""
+    for i in range(tokens.shape[0]):
+        if batch >= max_batch or free_blocks < batch + 1:
+            return i
+        limit = min(tightest, limits[i])
+        if batch and alpha + beta * (batch + 1) + gamma * (context + tokens[i]) > limit:
+            return i
+        batch, context, tightest = batch + 1, context + tokens[i], limit
+    return tokens.shape[0]
+
+
+# ---- the policies' array paths: gather each request's numbers once, decide, map back ----------
+
+
+def _estimator_arrays(estimator):
+    """(class -> index, every class's sorted lengths end to end, where each class starts and
+    the last ends), cached on the estimator until it observes a new length. A class never
+    seen maps to len(index), an empty range."""
+    if estimator.arrays is None:
+        by_class = estimator.lengths_by_class()
+        starts = np.cumsum([0] + [len(v) for v in by_class.values()] + [0]).astype(np.int64)
+        lengths = np.fromiter((n for v in by_class.values() for n in v), dtype=np.int64, count=int(starts[-1]))
+        estimator.arrays = ({c: i for i, c in enumerate(by_class)}, lengths, starts)
+    return estimator.arrays
+
+
+def slack_split(waiting, now: float, step: float, aging: float, estimator) -> tuple[list, list]:
+    """SlackBatching.split: (feasible requests, shortest aged remaining output first; lost ones,
+    oldest first)."""
+    slos = [r.slo for r in waiting]
+    class_ids, lengths, starts = _estimator_arrays(estimator)
+    unseen = len(class_ids)
+    produced = np.array([r.num_output_tokens for r in waiting], dtype=np.int64)
+    remaining = remaining_outputs(
+        produced, np.array([r.max_tokens for r in waiting], dtype=np.int64),
+        np.array([-1 if s.output_len_hint is None else s.output_len_hint for s in slos], dtype=np.int64),
+        np.array([class_ids.get(s.request_class, unseen) for s in slos], dtype=np.int64),
+        lengths, starts, estimator.quantile)
+    feasible, lost = slack_order(
+        now, step, aging, np.array([r.arrival_time for r in waiting], dtype=np.float64),
+        np.array([r.first_token_time for r in waiting], dtype=np.float64),
+        np.array([s.tpot_s for s in slos], dtype=np.float64), produced, remaining)
+    return [waiting[i] for i in feasible.tolist()], [waiting[i] for i in lost.tolist()]
+
+
+def _step_limits(requests, decode_coefficients, headroom: float, context):
+    """SlackBatching.step_limit of each request, given their contexts as an array."""
+    alpha, beta, gamma = decode_coefficients
+    tpot = np.array([r.slo.tpot_s for r in requests], dtype=np.float64)
+    alone = np.maximum(0.0, alpha + beta * 1 + gamma * context)  # decode_time(1, context)
+    return np.where(alone <= tpot, tpot * headroom, math.inf)
+
+
+def tightest_step_limit(running, decode_coefficients, headroom: float) -> float:
+    """SlackBatching's smallest step_limit over the running batch."""
+    context = np.array([r.num_tokens for r in running], dtype=np.float64)
+    return float(_step_limits(running, decode_coefficients, headroom, context).min())
+
+
+def admission_count(ordered, batch: int, context: int, tightest: float, max_batch: int, free_blocks: int,
+                    decode_coefficients, headroom: float) -> int:
+    """How many of the ordered waiting requests SlackBatching.admit lets join."""
+    tokens = np.array([r.num_tokens for r in ordered], dtype=np.int64)
+    limits = _step_limits(ordered, decode_coefficients, headroom, tokens.astype(np.float64))
+    alpha, beta, gamma = decode_coefficients
+    return int(admission_prefix(batch, context, tightest, tokens, limits, max_batch, free_blocks,
+                                alpha, beta, gamma))
+
+
+def on_time_split(waiting, now: float, prefill_coefficients, token_budget: int, least_slack: bool):
+    """_Predicting.split_by: ordered by least slack or else by deadline, then (on time, late
+    ones oldest first), late by the walk of late_prompts."""
+    fixed, b, c = prefill_coefficients
+    arrival = np.array([r.arrival_time for r in waiting], dtype=np.float64)
+    new = np.array([r.num_uncomputed_tokens for r in waiting], dtype=np.int64)
+    due = arrival + np.array([r.slo.ttft_s for r in waiting], dtype=np.float64)
+    own = b * new + c * new * np.array([r.num_tokens for r in waiting], dtype=np.int64)
+    order = np.argsort(due - own if least_slack else due, kind="stable")
+    late = late_prompts(due[order], own[order], new[order], fixed, token_budget, now, not least_slack)
+    demoted = order[late]  # in prefill order, then by arrival, as split_on_time leaves them
+    demoted = demoted[np.argsort(arrival[demoted], kind="stable")]
+    return [waiting[i] for i in order[~late].tolist()], [waiting[i] for i in demoted.tolist()]

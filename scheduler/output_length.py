@@ -6,8 +6,6 @@ from __future__ import annotations
 import bisect
 from collections import deque
 
-import numpy as np
-
 
 class OutputLengthEstimator:
     def __init__(self, quantile: float = 0.9, window: int = 2048):
@@ -17,7 +15,7 @@ class OutputLengthEstimator:
         self.window = window
         self._recent: dict[str | None, deque[int]] = {}
         self._sorted: dict[str | None, list[int]] = {}
-        self._arrays: tuple[dict, np.ndarray, np.ndarray] | None = None
+        self.arrays = None  # the lengths as arrays, built by `native` when it needs them
 
     def observe(self, request_class: str | None, length: int) -> None:
         recent = self._recent.setdefault(request_class, deque())
@@ -26,18 +24,11 @@ class OutputLengthEstimator:
         bisect.insort(ordered, length)
         if len(recent) > self.window:
             ordered.pop(bisect.bisect_left(ordered, recent.popleft()))
-        self._arrays = None
+        self.arrays = None
 
-    def arrays(self) -> tuple[dict, np.ndarray, np.ndarray]:
-        """The lengths seen, for `native.remaining_outputs`: (class -> index, every class's
-        sorted lengths end to end, where each class starts and the last ends). A class never
-        seen maps to len(index), an empty range."""
-        if self._arrays is None:
-            classes = list(self._sorted)
-            starts = np.cumsum([0] + [len(self._sorted[c]) for c in classes] + [0])
-            lengths = np.fromiter((n for c in classes for n in self._sorted[c]), dtype=np.int64, count=int(starts[-1]))
-            self._arrays = ({c: i for i, c in enumerate(classes)}, lengths, starts.astype(np.int64))
-        return self._arrays
+    def lengths_by_class(self) -> dict[str | None, list[int]]:
+        """The recent lengths of each class, sorted (read only)."""
+        return self._sorted
 
     def remaining(self, request_class: str | None, produced: int, max_tokens: int, hint: int | None = None) -> int:
         """Predicted tokens still to come (at least 1): from the client's hint if it gave one,

@@ -12,8 +12,6 @@ import heapq
 import math
 from typing import ClassVar, Protocol, Sequence, TypeVar
 
-import numpy as np
-
 from kairos.scheduler import native
 from kairos.scheduler.cost_model import CostModel
 from kairos.scheduler.registry import PolicyRegistry, PolicySettings
@@ -184,17 +182,7 @@ class _Predicting:
         if not (native.ENABLED and len(waiting) >= native.MIN_REQUESTS):
             jobs = sorted(self.jobs(waiting), key=(lambda j: j[0] - j[1]) if least_slack else (lambda j: j[0]))
             return self.split_on_time(jobs, now, drop_longest=not least_slack)
-        _, b, c = self.cost.prefill
-        arrival = np.array([r.arrival_time for r in waiting], dtype=np.float64)
-        new = np.array([r.num_uncomputed_tokens for r in waiting], dtype=np.int64)
-        due = arrival + np.array([r.slo.ttft_s for r in waiting], dtype=np.float64)
-        own = b * new + c * new * np.array([r.num_tokens for r in waiting], dtype=np.int64)
-        order = np.argsort(due - own if least_slack else due, kind="stable")
-        late = native.late_prompts(due[order], own[order], new[order], self.cost.prefill[0], self.token_budget,
-                                   now, not least_slack)
-        demoted = order[late]  # in prefill order, then by arrival, as split_on_time leaves them
-        demoted = demoted[np.argsort(arrival[demoted], kind="stable")]
-        return [waiting[i] for i in order[~late].tolist()], [waiting[i] for i in demoted.tolist()]
+        return native.on_time_split(waiting, now, self.cost.prefill, self.token_budget, least_slack)
 
 
 class KairosPolicy(_Predicting):

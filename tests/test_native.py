@@ -79,7 +79,7 @@ def test_remaining_outputs_match_the_estimator(seed):
     rng = random.Random(seed)
     est = estimator(rng)
     reqs = queue(rng, 300)
-    class_ids, lengths, starts = est.arrays()
+    class_ids, lengths, starts = native._estimator_arrays(est)
     got = native.remaining_outputs(
         np.array([r.num_output_tokens for r in reqs]), np.array([r.max_tokens for r in reqs]),
         np.array([-1 if r.slo.output_len_hint is None else r.slo.output_len_hint for r in reqs]),
@@ -104,9 +104,9 @@ def test_prefill_split_matches(monkeypatch, policy_class, seed, n):
 def test_the_estimator_arrays_follow_new_lengths():
     est = OutputLengthEstimator()
     est.observe("chat", 10)
-    assert est.arrays()[1].tolist() == [10]
+    assert native._estimator_arrays(est)[1].tolist() == [10]
     est.observe("chat", 5)
     est.observe("code", 7)
-    class_ids, lengths, starts = est.arrays()
+    class_ids, lengths, starts = native._estimator_arrays(est)
     assert lengths[starts[class_ids["chat"]]:starts[class_ids["chat"] + 1]].tolist() == [5, 10]
     assert starts[-1] == starts[-2] == 3  # the class never seen: an empty range
