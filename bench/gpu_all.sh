@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU target of the decode-speed work, measured in one run on one H100/H200 (about 8
+# Every GPU target of the decode-speed work, measured in one run on one H100/H200 (about 9
 # minutes), on the Llama-3.1-8B shape with dummy weights:
 #   tests       CUDA graphs against eager decode; the decode kernel in bf16
 #   decode      decode step at batch 1, 32, 128 against the memory floor; an 8k-token prefill
@@ -7,6 +7,7 @@
 #   kernels     decode and prefill attention against copy bandwidth, SDPA flash and FlashInfer
 #   profile     the step-time profile on the fast loop (bench/profiles/Llama-3.1-8B_<gpu>.json)
 #   throughput  trace-shaped offline throughput against transformers in the same run
+#   serve_loop  the serving loop's share of a decode step under kairos serve (1P1D on the GPU)
 #
 #   bench/gpu_all.sh [LOGDIR]        # from the checkout's root, kairos installed
 #
@@ -40,5 +41,7 @@ part decode 220 $PY -m kairos.bench.decode_throughput --model $MODEL --batch-siz
 part kernels 90 $PY -m kairos.bench.kernels
 part profile 120 $PY -m kairos.cli profile --model $MODEL --load-format dummy --max-model-len 4096 \
     --out "bench/profiles/Llama-3.1-8B_${GPU}.json"
-part throughput 170 $PY -m kairos.bench.throughput --model $MODEL --requests 256 --batch-sizes 32,128,256 \
+part throughput 240 $PY -m kairos.bench.throughput --model $MODEL --requests 256 --batch-sizes 64,256 \
     --peers static --peer-batch-sizes 32 --peer-seconds 30
+part serve_loop 120 $PY -m kairos.bench.serve_loop --model $MODEL --load-format dummy --gpu-memory-utilization 0.42 \
+    --requests 200
