@@ -37,6 +37,9 @@ def loop_share(step_log: Path) -> dict:
     step = [s["step_s"] for s in decode]
     return {"decode_steps": len(decode), "loop_share": sum(loop) / (sum(loop) + sum(step)),
             "loop_ms_p50": statistics.median(loop) * 1e3, "step_ms_p50": statistics.median(step) * 1e3,
+            # Before the step (receiving), and after it (sending the step's tokens out).
+            "messages_ms_p50": statistics.median(s["messages_s"] for s in decode) * 1e3,
+            "after_ms_p50": statistics.median(s["after_s"] for s in decode) * 1e3,
             "batch_p50": statistics.median(s["stepped"] for s in decode)}
 
 
@@ -65,7 +68,8 @@ def main() -> None:
         share = loop_share(log)
     print(f"{share['decode_steps']} decode steps (median batch {share['batch_p50']:.0f}): the loop takes "
           f"{share['loop_share']:.1%} of each step's period; median {share['loop_ms_p50']:.2f} ms outside the "
-          f"engine step against {share['step_ms_p50']:.2f} ms in it")
+          f"engine step ({share['messages_ms_p50']:.2f} receiving, {share['after_ms_p50']:.2f} sending) against "
+          f"{share['step_ms_p50']:.2f} ms in it")
     name = Path(args.model).name if args.model != "tiny" else "tiny"
     path = write_result(f"serve_loop_{name}", {"model": name, "requests": args.requests, **share,
                                                 "replayed": report["requests"], "failed": report["failed"]})

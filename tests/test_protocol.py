@@ -25,6 +25,7 @@ EXAMPLES = [
     p.Submit("r2", prompt_token_ids=[1, 2, 3]),
     p.Abort("r1"),
     p.Tokens("r1", 3, [7, 8], "ab", "stop"),
+    p.StepTokens(["r1", "r2"], [3, 0], [[7], [9]], ["a", ""], [None, "length"]),
     p.Error(None, "nope"),
     p.StatusQuery(),
     p.StatusReport([{"role": "decode"}], {"completed": 1}, 0),
@@ -345,3 +346,34 @@ def test_a_kv_cache_is_mapped_only_from_a_well_formed_export_on_this_gpu(tiny_ll
     else:
         with pytest.raises(ValueError, match="another host or GPU"):
             open_peer_cache(export, runner, geometry)
+
+
+def test_one_message_carries_a_steps_tokens_and_the_router_relays_each_in_order():
+    """A worker sends one step's tokens in one message; the router hands each request its
+    chunk (holding any that arrive ahead of their turn), and rejects columns of unequal length."""
+    from kairos.transport.router import Router, WorkerInfo
+
+    router = Router(port=0)
+    sent = []
+    try:
+        router.workers["d1"] = WorkerInfo("d1", "decode", b"d1", {}, 64, "tcp://127.0.0.1:1", time.monotonic())
+        router.workers["p1"] = WorkerInfo("p1", "prefill", b"p1", {}, 64, None, time.monotonic())
+        rids = []
+        for name in ("a", "b"):
+            router.on_submit(b"client", p.Submit(name, prompt_token_ids=[1, 2, 3]))
+            rid = router.by_client[(b"client", name)]
+            router.requests[rid].prefill, router.requests[rid].decode = "p1", "d1"
+            rids.append(rid)
+        router.socket.send_multipart = lambda frames, *args, **kwargs: sent.append(p.decode(frames[-1]))
+        chunks = [p.Tokens(rids[0], 1, [8], "y"), p.Tokens(rids[1], 0, [5], "x", "stop"),
+                  p.Tokens(rids[0], 0, [7], "x")]
+        router.handle(b"d1", p.StepTokens.of(chunks))
+        assert [(m.request_id, m.index, m.token_ids, m.finish_reason) for m in sent] == [
+            ("b", 0, [5], "stop"), ("a", 0, [7], None), ("a", 1, [8], None)]
+        assert rids[1] not in router.requests and rids[0] in router.requests
+        sent.clear()
+        router.handle(b"d1", p.StepTokens([rids[0]], [2, 3], [[1]], ["z"], [None]))
+        assert len(sent) == 1 and isinstance(sent[0], p.Error) and "unequal length" in sent[0].message
+        assert router.requests[rids[0]].next_index == 2  # nothing of the bad message was relayed
+    finally:
+        router.ctx.destroy(linger=0)

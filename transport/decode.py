@@ -139,7 +139,7 @@ class DecodeWorker(Worker):
                 times = seq.token_times
                 tpot = time_per_output_token(times[0], times[-1], len(times)) if times else 0.0
                 self.counters["tpot_met"] += tpot <= seq.slo.tpot_s
-            self.send_tokens(seq)
+        self.send_tokens(stepped)
 
     # ---- the KV channel -----------------------------------------------------------------------
 

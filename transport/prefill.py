@@ -130,11 +130,11 @@ class PrefillWorker(Worker):
     # ---- engine -------------------------------------------------------------------------------
 
     def on_step(self, stepped: list[Sequence]) -> None:
+        self.send_tokens(stepped)
         for seq in stepped:
             self.counters["first_tokens"] += 1
             self.counters["ttft_met"] += seq.token_times[0] - seq.arrival_time <= seq.slo.ttft_s
             self.counters["cached_prompt_tokens"] += seq.num_cached_tokens
-            self.send_tokens(seq)
             if seq.status is Status.HANDED_OFF:
                 self.start_transfer(seq)
             else:

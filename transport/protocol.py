@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 import msgpack
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 # Control messages (requests, tokens, status) are small; the largest is a long prompt's ids.
 MAX_CONTROL_MESSAGE_BYTES = 16 * 2**20
 
@@ -112,6 +112,30 @@ class Tokens(Message):
     token_ids: list[int]
     text: str
     finish_reason: str | None = None
+
+
+@dataclass
+class StepTokens(Message):
+    """What one engine step gave its requests, in one message from a worker to the router
+    (one message per request cost the worker's loop a send each): per request, the fields of
+    a Tokens, in columns of equal length."""
+    TYPE = "step_tokens"
+    request_ids: list[str]
+    indexes: list[int]
+    token_ids: list[list[int]]
+    texts: list[str]
+    finish_reasons: list[str | None]
+
+    @classmethod
+    def of(cls, chunks: list[Tokens]) -> StepTokens:
+        return cls([c.request_id for c in chunks], [c.index for c in chunks], [c.token_ids for c in chunks],
+                   [c.text for c in chunks], [c.finish_reason for c in chunks])
+
+    def chunks(self) -> list[Tokens]:
+        columns = (self.request_ids, self.indexes, self.token_ids, self.texts, self.finish_reasons)
+        if len({len(c) for c in columns}) != 1:
+            raise ProtocolError(f"{self.TYPE}: columns of unequal length {[len(c) for c in columns]}")
+        return [Tokens(*row) for row in zip(*columns)]
 
 
 @dataclass

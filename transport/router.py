@@ -133,7 +133,7 @@ class Router:
             if worker is None:
                 # A worker the router does not know (the router restarted, or gave it up for
                 # dead): it must register again before it serves.
-                if isinstance(msg, (p.Heartbeat, p.Tokens, p.Error, p.HandedOff)):
+                if isinstance(msg, (p.Heartbeat, p.Tokens, p.StepTokens, p.Error, p.HandedOff)):
                     main_identity = identity.removesuffix(b"/heartbeat") if isinstance(msg, p.Heartbeat) else identity
                     send(self.socket, p.RegisterAgain(), main_identity)
                 else:
@@ -144,6 +144,14 @@ class Router:
                 worker.stats, worker.stats_at = msg.stats, worker.last_seen
             elif isinstance(msg, p.Tokens):
                 self.on_tokens(worker, msg)
+            elif isinstance(msg, p.StepTokens):
+                try:
+                    chunks = msg.chunks()
+                except p.ProtocolError as e:
+                    send(self.socket, p.Error(None, str(e)), identity)
+                    return
+                for chunk in chunks:
+                    self.on_tokens(worker, chunk)
             elif isinstance(msg, p.Error):
                 self.on_worker_error(worker, msg)
             elif isinstance(msg, p.HandedOff):

@@ -133,9 +133,10 @@ class Worker:
         """One JSON line per engine step tried: where the loop's time went (messages before the
         step, the step, sending its output after) and the queue and KV around it. Live latency
         that the simulator does not predict shows up here as time outside steps or blocked steps."""
+        after_s = time.perf_counter() - step_ended  # before the log's own work below
         stats = self.stats()
         record = {"worker": self.worker_id, "t": time.time(), "messages_s": step_started - turn_started,
-                  "step_s": step_ended - step_started, "after_s": time.perf_counter() - step_ended,
+                  "step_s": step_ended - step_started, "after_s": after_s,
                   "blocked": stepped is None, "stepped": len(stepped or []), "prefill_tokens": prefill_tokens,
                   **{k: stats[k] for k in ("waiting", "running", "ready", "free_blocks")},
                   **{k: stats[k] for k in ("transfers", "offers_waiting") if k in stats}, **self.turn_notes}
@@ -209,13 +210,17 @@ class Worker:
             raise ValueError("the request has neither a prompt nor prompt_token_ids")
         return self.llm.make_sequence(source, sampling, request_id, request_slo)
 
-    def send_tokens(self, seq: Sequence) -> None:
-        """The token a step just gave the sequence, with its text (and finish reason, if done)."""
-        done = seq.is_finished
-        send(self.router, p.Tokens(seq.request_id, seq.num_output_tokens - 1, seq.output_token_ids[-1:],
+    def send_tokens(self, seqs: list[Sequence]) -> None:
+        """The token a step just gave each sequence, with its text (and finish reason, if done),
+        in one message."""
+        chunks = []
+        for seq in seqs:
+            done = seq.is_finished
+            chunks.append(p.Tokens(seq.request_id, seq.num_output_tokens - 1, seq.output_token_ids[-1:],
                                    seq.take_text_delta(), seq.finish_reason.value if done else None))
-        if done:
-            self.counters["completed"] += 1
+            self.counters["completed"] += done
+        if chunks:
+            send(self.router, p.StepTokens.of(chunks))
 
     def fail(self, request_id: str, message: str) -> None:
         self.counters["failed"] += 1
