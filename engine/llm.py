@@ -36,6 +36,15 @@ class RequestOutput:
     num_cached_tokens: int
 
 
+class StepFailed(RuntimeError):
+    """An engine step raised: the requests in it are stuck where the step left them (a caller
+    serving others aborts them, which frees their blocks, and goes on)."""
+
+    def __init__(self, request_ids: list[str], cause: Exception):
+        super().__init__(f"the engine step failed ({type(cause).__name__}: {cause})")
+        self.request_ids = request_ids
+
+
 def resolve_model_path(model: str) -> Path:
     return tiny_model_path() if model == "tiny" else Path(model)
 
@@ -177,7 +186,10 @@ class LLM:
         if batch.is_prefill:
             self.num_prefill_tokens_computed += sum(batch.num_new_tokens)
         started = time.perf_counter()
-        sampled = self.runner.run(batch)  # returns host-side token ids: the step is over
+        try:
+            sampled = self.runner.run(batch)  # returns host-side token ids: the step is over
+        except Exception as e:
+            raise StepFailed([seq.request_id for seq in batch.seqs], e) from e
         ended = time.perf_counter()
         if self.cost_model is not None:
             # What a token costs a running sequence is the whole period from one decode step to

@@ -9,6 +9,25 @@ from dataclasses import dataclass, field, fields
 
 from kairos.scheduler.defaults import DEFAULT_TPOT_SLO_MS, DEFAULT_TTFT_SLO_MS
 
+MAX_COUNT = 2**31 - 1  # token counts and ids, top-k: what an int32 holds
+MAX_TEMPERATURE = 1e4
+MIN_SLO_MS, MAX_SLO_MS = 1e-3, 1e9  # a microsecond to about eleven days
+MAX_CLASS_NAME = 256
+
+
+def _integer(value, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _brief(value) -> str:
+    """A value for an error message, cut short: it may come from anyone on the wire."""
+    text = repr(value) if isinstance(value, (int, float, str, bool, type(None))) else type(value).__name__
+    return text if len(text) <= 60 else text[:57] + "..."
+
 
 @dataclass
 class SamplingParams:
@@ -29,21 +48,24 @@ class SamplingParams:
         self.validate()
 
     def validate(self) -> None:
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
-                and self.temperature >= 0):
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or self.top_k < -1:
-            raise ValueError(f"top_k must be -1 (disabled) or a positive integer, got {self.top_k!r}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        """Raises ValueError naming the first field out of bounds. The bounds keep every value
+        within what the engine's arrays hold (32-bit counts, 64-bit seeds), so that no request
+        can fail a step that other requests share."""
+        if not _integer(self.max_tokens, 1, MAX_COUNT):
+            raise ValueError(f"max_tokens must be an integer in [1, {MAX_COUNT}], got {_brief(self.max_tokens)}")
+        if not (_number(self.temperature) and 0 <= self.temperature <= MAX_TEMPERATURE):
+            raise ValueError(f"temperature must be a number in [0, {MAX_TEMPERATURE:g}], "
+                             f"got {_brief(self.temperature)}")
+        if not (_number(self.top_p) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {_brief(self.top_p)}")
+        if not _integer(self.top_k, -1, MAX_COUNT):
+            raise ValueError(f"top_k must be -1 (disabled) or an integer up to {MAX_COUNT}, got {_brief(self.top_k)}")
+        if self.seed is not None and not _integer(self.seed, -(2**63), 2**63 - 1):
+            raise ValueError(f"seed must be a 64-bit integer, got {_brief(self.seed)}")
         if any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
-            raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+            raise ValueError(f"stop strings must be non-empty strings, got {_brief(self.stop)}")
+        if any(not _integer(t, 0, MAX_COUNT) for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be integers in [0, {MAX_COUNT}], got {_brief(self.stop_token_ids)}")
 
     @property
     def greedy(self) -> bool:
@@ -68,13 +90,16 @@ class RequestSLO:
     def __post_init__(self):
         for name, target in (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT")):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf):
-                raise ValueError(f"the {target} SLO ({name}) must be a positive number of milliseconds, got {value!r}")
-        if self.request_class is not None and not isinstance(self.request_class, str):
-            raise ValueError(f"request_class must be a string, got {self.request_class!r}")
+            if not (_number(value) and MIN_SLO_MS <= value <= MAX_SLO_MS):
+                raise ValueError(f"the {target} SLO ({name}) must be between {MIN_SLO_MS:g} and {MAX_SLO_MS:g} "
+                                 f"milliseconds, got {_brief(value)}")
+        if self.request_class is not None and not (isinstance(self.request_class, str)
+                                                   and len(self.request_class) <= MAX_CLASS_NAME):
+            raise ValueError(f"request_class must be a string of at most {MAX_CLASS_NAME} characters, "
+                             f"got {_brief(self.request_class)}")
         hint = self.output_len_hint
-        if hint is not None and not (isinstance(hint, int) and not isinstance(hint, bool) and hint > 0):
-            raise ValueError(f"output_len_hint must be a positive integer, got {hint!r}")
+        if hint is not None and not _integer(hint, 1, MAX_COUNT):
+            raise ValueError(f"output_len_hint must be an integer in [1, {MAX_COUNT}], got {_brief(hint)}")
         object.__setattr__(self, "ttft_s", self.ttft_ms / 1e3)
         object.__setattr__(self, "tpot_s", self.tpot_ms / 1e3)
 

@@ -96,7 +96,14 @@ def test_shape_mismatch(checkpoint):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(max_tokens=0), "max_tokens must be an integer >= 1"),
+    (dict(max_tokens=0), r"max_tokens must be an integer in \[1, "),
+    (dict(max_tokens=True), "max_tokens"),
+    (dict(max_tokens=2**31), "max_tokens"),
+    (dict(top_k=2**63), "top_k"),  # once overflowed the sampler's tensors and killed the worker
+    (dict(temperature=2**63), "temperature"),
+    (dict(temperature=float("inf")), "temperature"),
+    (dict(seed=2**64), "seed"),
+    (dict(stop_token_ids=[2**40]), "stop_token_ids"),
     (dict(temperature=-0.5), "temperature"),
     (dict(temperature=float("nan")), "temperature"),
     (dict(top_p=0.0), "top_p"),

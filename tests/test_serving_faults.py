@@ -116,7 +116,9 @@ class SilentDecodeWorker:
             send(heartbeat, p.Heartbeat("decode-silent", {"free_blocks": 64}))
             while (got := recv(self.router, routed=False)) is not None:
                 self.received.append(got.msg)
-            while self.kv.poll(100) and (got := recv(self.kv, routed=True)) is not None:
+            # KV data comes as a header and many frames: take them (and never acknowledge).
+            while self.kv.poll(100) and (got := recv(self.kv, routed=True, max_frames=1 << 20,
+                                                     max_total_bytes=1 << 34)) is not None:
                 self.received.append(got.msg)
                 if isinstance(got.msg, p.KVHello):
                     send(self.kv, p.KVHelloOk("decode-silent"), got.identity)

@@ -408,8 +408,8 @@ def test_kairos_simulate_prints_the_slo_report_and_refuses_a_negative_jitter(cap
     ("--kv-bandwidth-gb-s", "0", "--kv-bandwidth-gb-s must be positive"),
     ("--max-inflight-transfer-mb", "-1", "--max-inflight-transfer-mb must be at least 0"),
     ("--max-prompt-len", "0", "--max-prompt-len must be at least 1, got 0"),  # not "no cap"
-    ("--ttft-slo-ms", "0", "the TTFT SLO (ttft_ms) must be a positive number of milliseconds, got 0.0"),
-    ("--tpot-slo-ms", "nan", "the TPOT SLO (tpot_ms) must be a positive number of milliseconds, got nan"),
+    ("--ttft-slo-ms", "0", "the TTFT SLO (ttft_ms) must be between 0.001 and 1e+09 milliseconds, got 0.0"),
+    ("--tpot-slo-ms", "nan", "the TPOT SLO (tpot_ms) must be between 0.001 and 1e+09 milliseconds, got nan"),
     ("--ttft-ms-per-1k-prompt", "-50", "--ttft-ms-per-1k-prompt must be >= 0"),
     ("--rate-scale", "nan", "--rate-scale must be positive"),
 ])

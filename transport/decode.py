@@ -48,7 +48,11 @@ class DecodeWorker(Worker):
         self.counters["tpot_met"] = 0
         self.max_inflight_bytes = max_inflight_bytes
         self.writer = KVWriter(self.llm.runner, self.max_frame_bytes)
-        # Header plus frames; ZeroMQ's size limit applies to each frame.
+        # A message is a header and at most the KV of one longest sequence, in frames of at
+        # least one block each; ZeroMQ's size limit applies to each frame.
+        geometry, max_blocks = self.writer.geometry, -(-self.llm.max_model_len // self.writer.geometry.block_size)
+        self.max_kv_frames = 1 + 2 * geometry.num_layers * max_blocks
+        self.max_kv_bytes = p.MAX_CONTROL_MESSAGE_BYTES + max_blocks * geometry.bytes_per_block
         self.kv_socket = make_socket(self.ctx, zmq.ROUTER,
                                      max_bytes=max(self.max_frame_bytes, p.MAX_CONTROL_MESSAGE_BYTES))
         if kv_port:
@@ -144,7 +148,8 @@ class DecodeWorker(Worker):
     # ---- the KV channel -----------------------------------------------------------------------
 
     def handle_socket(self, sock: zmq.Socket) -> bool:
-        received = recv(sock, routed=True)
+        received = recv(sock, routed=True, max_header_bytes=p.MAX_CONTROL_MESSAGE_BYTES,
+                        max_frames=self.max_kv_frames, max_total_bytes=self.max_kv_bytes)
         if received is None:
             return False
         peer, msg = received.identity, received.msg

@@ -9,6 +9,7 @@ between workers on one GPU, not at all: see transport.kv).
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ import msgpack
 PROTOCOL_VERSION = 5
 # Control messages (requests, tokens, status) are small; the largest is a long prompt's ids.
 MAX_CONTROL_MESSAGE_BYTES = 16 * 2**20
+# No message nests lists and maps deeper than a worker's stats (map of phase, map of figures).
+MAX_NESTING = 8
 
 
 class ProtocolError(ValueError):
@@ -184,6 +187,25 @@ class RegisterAgain(Message):
     TYPE = "register_again"
 
 
+def stats_problem(stats: dict) -> str | None:
+    """What is wrong with a worker's heartbeat figures, or None: each is a finite number >= 0
+    (`free_blocks` an integer), or a map of such figures two levels deep at most (the cost
+    model's drift by phase), under a name of at most 64 characters."""
+    stack = [(stats, 0)]
+    while stack:
+        figures, depth = stack.pop()
+        for name, value in figures.items():
+            if not isinstance(name, str) or len(name) > 64:
+                return f"a figure named {_brief(name)}"
+            if isinstance(value, dict) and depth < 2:
+                stack.append((value, depth + 1))
+            elif not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < math.inf):
+                return f"{name} is {_brief(value)}, not a finite number >= 0"
+    if not isinstance(stats.get("free_blocks", 0), int):
+        return "free_blocks is not an integer"
+    return None
+
+
 @dataclass
 class Heartbeat(Message):
     TYPE = "heartbeat"
@@ -302,16 +324,19 @@ def decode(data: bytes | memoryview, max_bytes: int = MAX_CONTROL_MESSAGE_BYTES)
     try:
         body = msgpack.unpackb(data, raw=False, strict_map_key=True)
     except Exception as e:  # msgpack raises several unrelated exception types
-        raise ProtocolError(f"malformed message: not msgpack ({type(e).__name__}: {e})") from None
+        raise ProtocolError(f"malformed message: not msgpack ({type(e).__name__}: {_brief(str(e))})") from None
     if not isinstance(body, dict):
         raise ProtocolError(f"malformed message: expected a map, got {type(body).__name__}")
+    too_deep = _nesting_beyond(body, MAX_NESTING)
+    if too_deep:
+        raise ProtocolError(f"malformed message: {too_deep}")
     version = body.pop("v", None)
     if version != PROTOCOL_VERSION:
-        raise ProtocolError(f"protocol version {version!r} is not supported (this end speaks {PROTOCOL_VERSION})")
+        raise ProtocolError(f"protocol version {_brief(version)} is not supported (this end speaks {PROTOCOL_VERSION})")
     type_name = body.pop("type", None)
     cls = MESSAGE_TYPES.get(type_name) if isinstance(type_name, str) else None
     if cls is None:
-        raise ProtocolError(f"unknown message type {type_name!r}")
+        raise ProtocolError(f"unknown message type {_brief(type_name)}")
     hints = _field_types(cls)
     unknown = set(body) - set(hints)
     if unknown:
@@ -327,6 +352,28 @@ def decode(data: bytes | memoryview, max_bytes: int = MAX_CONTROL_MESSAGE_BYTES)
 
 
 _HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _brief(value: Any) -> str:
+    """A value for an error message: a short repr of a scalar, the type name of anything else
+    (a reply must neither grow with nor recurse into what a peer sent)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        text = repr(value)
+        return text if len(text) <= 60 else text[:57] + "..."
+    return f"a {type(value).__name__}"
+
+
+def _nesting_beyond(body: dict, limit: int) -> str | None:
+    """Why the message nests containers deeper than `limit`, or None. Iterative, so that no
+    depth a peer sends can exhaust the stack."""
+    stack = [(body, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > limit:
+            return f"containers nested deeper than {limit}"
+        children = value.values() if isinstance(value, dict) else value
+        stack.extend((v, depth + 1) for v in children if isinstance(v, (list, dict)))
+    return None
 
 
 def _field_types(cls: type) -> dict[str, Any]:

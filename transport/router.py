@@ -13,16 +13,17 @@ import itertools
 import logging
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import zmq
 
 from kairos.scheduler.metrics import time_per_output_token
 from kairos.scheduler.placement import pick_decode_worker, pick_prefill_worker, prompt_tokens
-from kairos.scheduler.request import RequestSLO
+from kairos.scheduler.request import RequestSLO, SamplingParams
 from kairos.transport import protocol as p
 from kairos.transport.sockets import DEFAULT_HOST, DEFAULT_PORT, make_socket, recv, send
 
+SAMPLING_FIELDS = [f.name for f in fields(SamplingParams)]
 log = logging.getLogger("kairos.router")
 
 ROLES = ("prefill", "decode")
@@ -141,6 +142,10 @@ class Router:
                 return
             worker.last_seen = time.monotonic()
             if isinstance(msg, p.Heartbeat):
+                problem = p.stats_problem(msg.stats)
+                if problem:
+                    send(self.socket, p.Error(None, f"heartbeat rejected: {problem}"), identity)
+                    return
                 worker.stats, worker.stats_at = msg.stats, worker.last_seen
             elif isinstance(msg, p.Tokens):
                 self.on_tokens(worker, msg)
@@ -203,6 +208,9 @@ class Router:
         else:
             try:
                 slo = RequestSLO.from_dict(msg.slo or {}, self.default_slo)
+                SamplingParams(**msg.params)  # checked here, before any worker spends time on it
+            except TypeError:
+                problem = f"unknown sampling parameters; they are {', '.join(SAMPLING_FIELDS)}"
             except ValueError as e:
                 problem = str(e)
         if problem:

@@ -63,10 +63,12 @@ class Received:
         self.identity, self.msg, self.frames = identity, msg, frames
 
 
-def recv(sock: zmq.Socket, routed: bool, max_header_bytes: int = MAX_CONTROL_MESSAGE_BYTES) -> Received | None:
-    """Receives one multipart message without blocking. A message that fails validation gets
-    an Error reply naming the problem (where there is a sender to reply to) and is dropped;
-    None then, as when nothing is waiting."""
+def recv(sock: zmq.Socket, routed: bool, max_header_bytes: int = MAX_CONTROL_MESSAGE_BYTES, max_frames: int = 1,
+         max_total_bytes: int = MAX_CONTROL_MESSAGE_BYTES) -> Received | None:
+    """Receives one multipart message without blocking: a header, and at most max_frames - 1
+    raw frames after it, max_total_bytes in all (a control socket takes the header alone). A
+    message that fails validation gets an Error reply naming the problem (where there is a
+    sender to reply to) and is dropped; None then, as when nothing is waiting."""
     try:
         parts = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
     except zmq.Again:
@@ -75,8 +77,13 @@ def recv(sock: zmq.Socket, routed: bool, max_header_bytes: int = MAX_CONTROL_MES
     try:
         if not parts:
             raise ProtocolError("malformed message: no frames")
+        if len(parts) > max_frames:
+            raise ProtocolError(f"a message of {len(parts)} frames; this socket takes at most {max_frames}")
+        total = sum(len(part.buffer) for part in parts)
+        if total > max_total_bytes:
+            raise ProtocolError(f"a message of {total} bytes; this socket takes at most {max_total_bytes}")
         return Received(identity, decode(parts[0].buffer, max_header_bytes), parts[1:])
-    except ProtocolError as e:
+    except (ProtocolError, RecursionError, MemoryError) as e:
         log.warning("rejected a message%s: %s", f" from {identity!r}" if identity else "", e)
         if routed:
             send(sock, Error(None, f"rejected: {e}"), identity)

@@ -17,7 +17,7 @@ import uuid
 
 import zmq
 
-from kairos.engine.llm import LLM
+from kairos.engine.llm import LLM, StepFailed
 from kairos.engine.sequence import Sequence
 from kairos.scheduler.request import RequestSLO, SamplingParams
 from kairos.transport import protocol as p
@@ -120,7 +120,15 @@ class Worker:
         self.blocked = False
         if self.llm.has_unfinished():
             step_started, tokens_before = time.perf_counter(), self.llm.num_prefill_tokens_computed
-            stepped = self.llm.step()
+            try:
+                stepped = self.llm.step()
+            except StepFailed as e:
+                # One batch's failure must not end the worker, nor the requests outside it.
+                log.exception("%s worker %s: %s", self.role, self.worker_id, e)
+                for request_id in e.request_ids:
+                    self.llm.abort(request_id)
+                    self.fail(request_id, str(e))
+                stepped = []
             step_ended = time.perf_counter()
             self.blocked = stepped is None
             self.on_step(stepped or [])

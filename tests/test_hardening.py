@@ -1,0 +1,135 @@
+"""One small message must not kill a process: deep nesting, too many frames, huge numbers,
+bad heartbeat figures and SLOs out of bounds get an error reply, and a failing engine step
+fails its own requests only."""
+
+import time
+
+import msgpack
+import pytest
+import zmq
+
+from kairos.transport import protocol as p
+from kairos.transport.sockets import make_socket, recv
+
+
+def nested(depth: int):
+    value = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("where", ["v", "params"])
+def test_deep_nesting_is_a_protocol_error_with_a_short_reply(where):
+    body = {"v": p.PROTOCOL_VERSION, "type": "submit", "request_id": "x", "prompt": "hi", "params": {}}
+    body[where] = nested(1000)  # once a RecursionError that killed the router
+    with pytest.raises(p.ProtocolError, match="nested deeper") as e:
+        p.decode(msgpack.packb(body))
+    assert len(str(e.value)) < 200
+
+
+def test_a_bad_version_is_named_briefly():
+    with pytest.raises(p.ProtocolError, match="protocol version a list"):
+        p.decode(msgpack.packb({"v": [[1]], "type": "abort", "request_id": "x"}))
+    with pytest.raises(p.ProtocolError) as e:
+        p.decode(msgpack.packb({"v": p.PROTOCOL_VERSION, "type": "x" * 10_000}))
+    assert len(str(e.value)) < 200
+
+
+@pytest.fixture()
+def socket_pair():
+    ctx = zmq.Context()
+    server = make_socket(ctx, zmq.ROUTER)
+    port = server.bind_to_random_port("tcp://127.0.0.1")
+    client = make_socket(ctx, zmq.DEALER, identity=b"peer")
+    client.connect(f"tcp://127.0.0.1:{port}")
+    yield server, client
+    ctx.destroy(linger=0)
+
+
+def received(server, **limits):
+    deadline = time.monotonic() + 5
+    while not server.poll(100):
+        assert time.monotonic() < deadline
+    return recv(server, routed=True, **limits)
+
+
+@pytest.mark.parametrize("frames, limits, problem", [
+    ([p.encode(p.Abort("x"))] * 4, {}, "4 frames"),  # once served whole: 60 MB in 4 frames
+    ([p.encode(p.Abort("x")), b"\0" * 1000], {"max_frames": 2, "max_total_bytes": 500}, "bytes"),
+    ([msgpack.packb({"v": nested(1000), "type": "abort", "request_id": "x"})], {}, "nested deeper"),
+])
+def test_a_socket_rejects_oversized_or_malformed_messages_and_keeps_serving(socket_pair, frames, limits, problem):
+    server, client = socket_pair
+    client.send_multipart(frames)
+    assert received(server, **limits) is None
+    reply = p.decode(client.recv())
+    assert isinstance(reply, p.Error) and problem in reply.message
+    client.send_multipart([p.encode(p.Abort("y"))])
+    assert received(server, **limits).msg == p.Abort("y")  # the socket goes on
+
+
+@pytest.fixture()
+def router():
+    from kairos.transport.router import Router, WorkerInfo
+
+    router = Router(port=0)
+    for worker_id, role in (("p1", "prefill"), ("d1", "decode")):
+        router.workers[worker_id] = WorkerInfo(worker_id, role, worker_id.encode(), {}, 64,
+                                               "tcp://127.0.0.1:1" if role == "decode" else None, time.monotonic())
+    sent = []
+    router.socket.send_multipart = lambda frames, *args, **kwargs: sent.append((frames[0], p.decode(frames[-1])))
+    router.sent = sent
+    yield router
+    router.ctx.destroy(linger=0)
+
+
+@pytest.mark.parametrize("stats", [{"free_blocks": "x"}, {"free_blocks": 1.5}, {"running": -1},
+                                   {"cost_scale": {"decode": {"mean": float("nan")}}}, {"a": {"b": {"c": {"d": 1}}}},
+                                   {"x" * 100: 1}])
+def test_a_heartbeat_with_bad_figures_is_refused_and_placement_goes_on(router, stats):
+    router.handle(b"d1/heartbeat", p.Heartbeat("d1", {"free_blocks": 40}))
+    router.handle(b"d1/heartbeat", p.Heartbeat("d1", stats))  # once a TypeError in placement
+    assert router.workers["d1"].stats == {"free_blocks": 40}
+    assert isinstance(router.sent[-1][1], p.Error) and "heartbeat rejected" in router.sent[-1][1].message
+    router.on_submit(b"client", p.Submit("r", prompt_token_ids=[1, 2, 3]))
+    assert router.requests[router.by_client[(b"client", "r")]].decode == "d1"
+
+
+@pytest.mark.parametrize("submit, problem", [
+    (p.Submit("r", prompt="hi", slo={"tpot_ms": 5e-324}), "TPOT SLO"),  # once failed only after prefill
+    (p.Submit("r", prompt="hi", slo={"ttft_ms": 1e300}), "TTFT SLO"),
+    (p.Submit("r", prompt="hi", params={"top_k": 2**63}), "top_k"),  # once killed the prefill worker
+    (p.Submit("r", prompt="hi", params={"temperature": 2**63}), "temperature"),
+    (p.Submit("r", prompt="hi", params={"nonsense": 1}), "unknown sampling parameters"),
+])
+def test_the_router_refuses_bad_values_before_any_worker_sees_them(router, submit, problem):
+    router.on_submit(b"client", submit)
+    (client, reply), = router.sent
+    assert client == b"client" and isinstance(reply, p.Error) and problem in reply.message
+    assert not router.requests and router.counters["failed"] == 1
+
+
+def test_a_failing_step_fails_its_requests_and_the_worker_serves_on():
+    from kairos.engine import LLM, SamplingParams
+    from kairos.transport.decode import DecodeWorker
+
+    llm = LLM("tiny", num_kv_blocks=64, max_model_len=256)
+    worker = DecodeWorker(llm, "tcp://127.0.0.1:9")  # no router there: its messages are dropped
+    failed = []
+    worker.fail = lambda request_id, message: failed.append((request_id, message))
+    try:
+        for i in range(2):
+            llm.add_request([1 + i] * 20, SamplingParams(max_tokens=4), request_id=f"r{i}")
+        run = llm.runner.run
+        llm.runner.run = lambda batch: (_ for _ in ()).throw(OverflowError("Overflow when unpacking long long"))
+        worker.run_once()
+        assert sorted(r for r, _ in failed) == ["r0", "r1"] and "OverflowError" in failed[0][1]
+        assert not llm.has_unfinished() and llm.num_free_blocks == llm.num_total_blocks
+        llm.runner.run = run
+        seq = llm.add_request([5] * 20, SamplingParams(max_tokens=4), request_id="r2")
+        while llm.has_unfinished():
+            worker.run_once()
+        assert seq.is_finished and len(seq.output_token_ids) == 4
+    finally:
+        worker.close()
