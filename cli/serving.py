@@ -9,7 +9,13 @@ import sys
 
 from kairos.cli.engine_flags import add_engine_args, engine_argv, engine_kwargs
 from kairos.cli.report import print_status
-from kairos.scheduler.defaults import DEFAULT_TPOT_SLO_MS, DEFAULT_TTFT_SLO_MS, MAX_INFLIGHT_TRANSFER_BYTES
+from kairos.scheduler.defaults import (
+    DEFAULT_TPOT_SLO_MS,
+    DEFAULT_TTFT_SLO_MS,
+    MAX_INFLIGHT_TRANSFER_BYTES,
+    MAX_PROMPT_CHARS,
+    MAX_PROMPT_TOKENS,
+)
 from kairos.transport.sockets import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_ROUTER
 
 MIB = 2**20
@@ -25,6 +31,18 @@ def add_default_slo_args(p: argparse.ArgumentParser) -> None:
                    help="time-to-first-token SLO of requests that set none")
     p.add_argument("--tpot-slo-ms", type=float, default=DEFAULT_TPOT_SLO_MS,
                    help="time-per-output-token SLO of requests that set none")
+
+
+def add_prompt_limit_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-prompt-chars", type=int, default=MAX_PROMPT_CHARS,
+                   help="longest text prompt the router takes, in characters")
+    p.add_argument("--max-prompt-tokens", type=int, default=MAX_PROMPT_TOKENS,
+                   help="longest token-id prompt the router takes")
+
+
+def router_limit_argv(args: argparse.Namespace) -> list[str]:
+    return ["--ttft-slo-ms", str(args.ttft_slo_ms), "--tpot-slo-ms", str(args.tpot_slo_ms),
+            "--max-prompt-chars", str(args.max_prompt_chars), "--max-prompt-tokens", str(args.max_prompt_tokens)]
 
 
 def add_worker_args(p: argparse.ArgumentParser) -> None:
@@ -51,8 +69,11 @@ def cmd_router(args: argparse.Namespace) -> int:
     from kairos.scheduler.request import RequestSLO
     from kairos.transport.router import Router
 
+    if min(args.max_prompt_chars, args.max_prompt_tokens) < 1:
+        raise ValueError("--max-prompt-chars and --max-prompt-tokens must be at least 1")
     router = Router(args.host, args.port, args.worker_timeout, args.queue_timeout,
-                    default_slo=RequestSLO(args.ttft_slo_ms, args.tpot_slo_ms))
+                    default_slo=RequestSLO(args.ttft_slo_ms, args.tpot_slo_ms),
+                    max_prompt_chars=args.max_prompt_chars, max_prompt_tokens=args.max_prompt_tokens)
     print(f"kairos router: listening at {router.addr}", flush=True)
     router.run()
     return 0
@@ -88,8 +109,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # One GPU, two workers: prefill takes a share, then decode fills up to the total.
     prefill = ["--gpu-memory-utilization", f"{util * args.prefill_memory_share:.3f}"]
     decode = ["--gpu-memory-utilization", f"{util:.3f}"]
-    router = ["--ttft-slo-ms", str(args.ttft_slo_ms), "--tpot-slo-ms", str(args.tpot_slo_ms)]
-    return serve(args.host, args.port, router, workers, prefill, decode, args.startup_timeout, on_gpu, args.verbose)
+    return serve(args.host, args.port, router_limit_argv(args), workers, prefill, decode, args.startup_timeout,
+                 on_gpu, args.verbose)
 
 
 def cmd_client(args: argparse.Namespace) -> int:
@@ -150,6 +171,7 @@ def add_commands(sub) -> None:
     router = sub.add_parser("router", help="the front door that clients and workers connect to")
     add_network_args(router)
     add_default_slo_args(router)
+    add_prompt_limit_args(router)
     router.add_argument("--worker-timeout", type=float, default=2.0,
                         help="seconds without a heartbeat before a worker is given up for dead")
     router.add_argument("--queue-timeout", type=float, default=30.0,
@@ -172,6 +194,7 @@ def add_commands(sub) -> None:
     add_worker_args(srv)
     add_network_args(srv)
     add_default_slo_args(srv)
+    add_prompt_limit_args(srv)
     srv.add_argument("--prefill-memory-share", type=float, default=0.4,
                      help="on one GPU: the prefill worker's share of --gpu-memory-utilization")
     srv.add_argument("--startup-timeout", type=float, default=600.0)

@@ -10,3 +10,7 @@ MAX_BATCH = 256  # sequences per decode step
 # transfers that several prefill workers clear in one step each (a 1000-token Llama-3-8B prompt
 # is 128 MiB), and a bound on the host memory received KV takes before it is written.
 MAX_INFLIGHT_TRANSFER_BYTES = 4 * 2**30
+# The longest prompt the router takes: tokenizing a million characters holds a worker about a
+# second; four million held one past the router's liveness timeout.
+MAX_PROMPT_CHARS = 1_000_000
+MAX_PROMPT_TOKENS = 1_000_000

@@ -133,3 +133,20 @@ def test_a_failing_step_fails_its_requests_and_the_worker_serves_on():
         assert seq.is_finished and len(seq.output_token_ids) == 4
     finally:
         worker.close()
+
+
+def test_the_router_refuses_prompts_over_its_limits():
+    from kairos.transport.router import Router
+
+    router = Router(port=0, max_prompt_chars=100, max_prompt_tokens=10)
+    sent = []
+    router.socket.send_multipart = lambda frames, *args, **kwargs: sent.append(p.decode(frames[-1]))
+    try:
+        router.on_submit(b"c", p.Submit("a", prompt="x" * 101))  # 4M characters once got a worker dropped
+        router.on_submit(b"c", p.Submit("b", prompt_token_ids=[1] * 11))
+        router.on_submit(b"c", p.Submit("c", prompt="x" * 100))
+        assert [m.request_id for m in sent] == ["a", "b"]
+        assert "101 characters" in sent[0].message and "11 tokens" in sent[1].message
+        assert len(router.requests) == 1
+    finally:
+        router.ctx.destroy(linger=0)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields
 
 import zmq
 
+from kairos.scheduler.defaults import MAX_PROMPT_CHARS, MAX_PROMPT_TOKENS
 from kairos.scheduler.metrics import time_per_output_token
 from kairos.scheduler.placement import pick_decode_worker, pick_prefill_worker, prompt_tokens
 from kairos.scheduler.request import RequestSLO, SamplingParams
@@ -75,7 +76,8 @@ class RoutedRequest:
 
 class Router:
     def __init__(self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, worker_timeout_s: float = 2.0,
-                 queue_timeout_s: float = 30.0, default_slo: RequestSLO = RequestSLO()):
+                 queue_timeout_s: float = 30.0, default_slo: RequestSLO = RequestSLO(),
+                 max_prompt_chars: int = MAX_PROMPT_CHARS, max_prompt_tokens: int = MAX_PROMPT_TOKENS):
         self.ctx = zmq.Context()
         self.socket = make_socket(self.ctx, zmq.ROUTER)
         if port:
@@ -86,6 +88,7 @@ class Router:
         self.worker_timeout_s = worker_timeout_s
         self.queue_timeout_s = queue_timeout_s
         self.default_slo = default_slo
+        self.max_prompt_chars, self.max_prompt_tokens = max_prompt_chars, max_prompt_tokens
         self.workers: dict[str, WorkerInfo] = {}
         self.requests: dict[str, RoutedRequest] = {}
         self.by_client: dict[tuple[bytes, str], str] = {}
@@ -203,6 +206,11 @@ class Router:
         problem, slo = None, None
         if (msg.prompt is None) == (msg.prompt_token_ids is None):
             problem = "give exactly one of prompt and prompt_token_ids"
+        elif msg.prompt is not None and len(msg.prompt) > self.max_prompt_chars:
+            problem = f"the prompt has {len(msg.prompt)} characters; this router takes at most {self.max_prompt_chars}"
+        elif msg.prompt_token_ids is not None and len(msg.prompt_token_ids) > self.max_prompt_tokens:
+            problem = (f"the prompt has {len(msg.prompt_token_ids)} tokens; this router takes at most "
+                       f"{self.max_prompt_tokens}")
         elif (client, msg.request_id) in self.by_client:
             problem = f"request id {msg.request_id!r} is already in flight"
         else:
