@@ -150,3 +150,14 @@ def test_the_router_refuses_prompts_over_its_limits():
         assert len(router.requests) == 1
     finally:
         router.ctx.destroy(linger=0)
+
+
+def test_a_request_a_worker_reports_failed_is_aborted_on_every_worker_it_lives_on(router):
+    router.on_submit(b"client", p.Submit("r", prompt_token_ids=[1, 2, 3]))
+    rid = router.by_client[(b"client", "r")]
+    router.requests[rid].prefill, router.requests[rid].decode = "p1", "d1"
+    router.sent.clear()
+    router.handle(b"d1", p.Error(rid, "bad KV transfer"))
+    aborts = sorted(to for to, msg in router.sent if isinstance(msg, p.Abort) and msg.request_id == rid)
+    assert aborts == [b"d1", b"p1"]  # the reporter too: the real sequence may be decoding there
+    assert any(to == b"client" and isinstance(msg, p.Error) for to, msg in router.sent) and rid not in router.requests

@@ -267,7 +267,9 @@ class Router:
             return
         r = self.requests.get(msg.request_id)
         if r is not None and worker.worker_id in (r.prefill, r.decode):
-            self.tell_workers(r, p.Abort(r.rid), skip=worker.worker_id)
+            # The reporting worker too: a forged KV transfer fails a request that may also be
+            # decoding there, which would go on holding its blocks (an abort of nothing is a no-op).
+            self.tell_workers(r, p.Abort(r.rid))
             self.fail(r, msg.message)
 
     def count_completion(self, r: RoutedRequest) -> None:
