@@ -14,6 +14,14 @@ import torch
 from kairos.bench import RESULTS
 
 
+def add_model_args(ap, model: str = "bench/models/Llama-3.1-8B") -> None:
+    """The flags every engine benchmark takes: which model shape, and on what."""
+    ap.add_argument("--model", default=model)
+    ap.add_argument("--load-format", default="dummy", choices=["auto", "dummy"])
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--device", default="auto")
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

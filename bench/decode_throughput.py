@@ -29,17 +29,22 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from kairos.bench.common import copy_bandwidth, device_name, device_tag, matmul_flops, synchronize, write_result
+from kairos.bench.common import (
+    add_model_args,
+    copy_bandwidth,
+    device_name,
+    device_tag,
+    matmul_flops,
+    synchronize,
+    write_result,
+)
 from kairos.engine import LLM, SamplingParams
 from kairos.scheduler.defaults import TOKEN_BUDGET
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="bench/models/Llama-3.1-8B")
-    ap.add_argument("--load-format", default="dummy", choices=["auto", "dummy"])
-    ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--device", default="auto")
+    add_model_args(ap)
     ap.add_argument("--batch-sizes", default="1,32,128")
     ap.add_argument("--context", type=int, default=1024, help="prompt tokens per sequence")
     ap.add_argument("--steps", type=int, default=32, help="timed decode steps per batch size")
@@ -120,7 +125,8 @@ def main() -> None:
     if peers:
         dtype, model = runner.dtype, args.model
         del llm, runner
-        torch.cuda.empty_cache() if device.type == "cuda" else None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         result["transformers"] = time_peers(model, dtype, device, peers, args, rows)
     path = write_result(f"decode_throughput_{name}_{device_tag(device)}", result)
     print(f"wrote {path}")

@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from kairos.bench import DEFAULT_TRACE
-from kairos.bench.common import device_name, device_tag, synchronize, write_result
+from kairos.bench.common import add_model_args, device_name, device_tag, synchronize, write_result
 from kairos.scheduler.metrics import percentiles, time_per_output_token
 from kairos.scheduler.traces import load_azure
 
@@ -126,7 +126,7 @@ def run_hf_continuous(hf, requests, batch: int) -> dict:
     from transformers import GenerationConfig
 
     config = GenerationConfig(max_new_tokens=max(n for _, n in requests), do_sample=False, eos_token_id=-1,
-                              pad_token_id=0, max_batch_tokens=None)
+                              pad_token_id=0)
     synchronize(hf.device)
     start = time.perf_counter()
     outputs = hf.generate_batch([p for p, _ in requests], generation_config=config, progress_bar=True)
@@ -159,10 +159,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="bench/models/Llama-3.1-8B")
-    ap.add_argument("--load-format", default="dummy", choices=["auto", "dummy"])
-    ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--device", default="auto")
+    add_model_args(ap)
     ap.add_argument("--trace", default=str(DEFAULT_TRACE))
     ap.add_argument("--requests", type=int, default=256)
     ap.add_argument("--max-prompt", type=int, default=2048)

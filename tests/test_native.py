@@ -2,11 +2,11 @@
 their plain-Python paths, on random queues with ties, hints and classes never seen."""
 
 import random
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
 
+from kairos.bench.decision_time import Req
 from kairos.scheduler import native
 from kairos.scheduler.cost_model import CostModel
 from kairos.scheduler.decode import SlackBatching
@@ -16,17 +16,6 @@ from kairos.scheduler.request import RequestSLO
 
 COST = CostModel(prefill=(0.004, 6e-5, 2e-10), decode=(0.008, 3e-5, 1.5e-8))
 CLASSES = ["chat", "code", None, "agent"]  # "agent" is never observed
-
-
-@dataclass(eq=False)
-class Req:
-    arrival_time: float
-    first_token_time: float
-    slo: RequestSLO
-    num_uncomputed_tokens: int
-    num_tokens: int
-    num_output_tokens: int
-    max_tokens: int
 
 
 def queue(rng: random.Random, n: int) -> list[Req]:
