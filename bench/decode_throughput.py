@@ -51,6 +51,10 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--mixed", action="store_true", help="also time mixed prompt lengths of the same mean")
     ap.add_argument("--enforce-eager", action="store_true", help="decode without CUDA graphs")
+    ap.add_argument("--overlap", default="auto", choices=("auto", "on", "off"),
+                    help="overlapped decode steps (the engine's --overlap)")
+    ap.add_argument("--serial-too", action="store_true",
+                    help="also time each batch size with steps one at a time (overlap off), in the same engine")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--prefill-tokens", type=int, default=0,
                     help="also time one prefill step of a prompt this long against the bf16 matmul ceiling")
@@ -64,7 +68,8 @@ def main() -> None:
     llm = LLM(args.model, load_format=args.load_format, dtype=args.dtype, device=args.device,
               max_model_len=max_len, max_num_seqs=max(batch_sizes), enable_prefix_caching=False,
               max_num_batched_tokens=max(TOKEN_BUDGET, args.prefill_tokens),
-              enforce_eager=args.enforce_eager, gpu_memory_utilization=args.gpu_memory_utilization)
+              enforce_eager=args.enforce_eager, gpu_memory_utilization=args.gpu_memory_utilization,
+              overlap=args.overlap)
     runner = llm.runner
     device = runner.device
     weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
@@ -103,6 +108,11 @@ def main() -> None:
         row = {"batch": batch, "context": args.context, "step_ms": step_s * 1e3,
                "tokens_per_s": batch / step_s, "memory_floor_ms": floor_s * 1e3,
                "fraction_of_floor": floor_s / step_s}
+        if args.serial_too:
+            overlap, llm.overlap = llm.overlap, False
+            serial_s, _ = time_steps([args.context] * batch)
+            llm.overlap = overlap
+            row.update(serial_step_ms=serial_s * 1e3, serial_over_step=serial_s / step_s)
         mixed = ""
         if args.mixed:
             # In pairs (n, 2 x mean - n), so that the total context is the uniform batch's.
@@ -112,13 +122,16 @@ def main() -> None:
             row.update(mixed_step_ms=mixed_s * 1e3, mixed_longest=max(lens), mixed_over_uniform=mixed_s / step_s)
             mixed = f"  mixed lengths (longest {max(lens)}): {row['mixed_over_uniform']:.2f}x the uniform step"
         rows.append(row)
+        serial = f"  steps one at a time: {row['serial_step_ms']:.2f} ms" if args.serial_too else ""
         print(f"B={batch:4d}  step {row['step_ms']:8.2f} ms  {row['tokens_per_s']:9.1f} tok/s  "
-              f"floor {row['memory_floor_ms']:7.2f} ms  ({row['fraction_of_floor']:.0%} of the memory floor){mixed}")
+              f"floor {row['memory_floor_ms']:7.2f} ms  ({row['fraction_of_floor']:.0%} of the memory floor)"
+              f"{serial}{mixed}")
 
     prefill = time_prefill(llm, args.prefill_tokens, gen) if args.prefill_tokens else None
     name = Path(args.model).name if args.model != "tiny" else "tiny"
     result = {"prefill": prefill,"device": device_name(device), "model": name, "load_format": args.load_format,
               "dtype": str(runner.dtype), "backend": runner.backend.name, "cuda_graphs": runner.graphs is not None,
+              "overlap": llm.overlap,
               "copy_bandwidth_GBps": bandwidth / 1e9, "weight_bytes": weight_bytes,
               "kv_bytes_per_token": kv_bytes_per_token, "results": rows}
     peers = [p for p in args.hf_peers.split(",") if p]

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Every GPU target of the decode-speed work, measured in one run on one H100/H200 (about 9
 # minutes), on the Llama-3.1-8B shape with dummy weights:
-#   tests       CUDA graphs against eager decode; the decode kernel in bf16
-#   decode      decode step at batch 1, 32, 128 against the memory floor; an 8k-token prefill
-#               step against the matmul ceiling; transformers generate (static cache) at batch 1
+#   tests       CUDA graphs against eager decode, overlapped steps against serial ones; the
+#               decode kernel in bf16
+#   decode      decode step at batch 1, 32, 128 against the memory floor, overlapped and one at a
+#               time; an 8k-token prefill step against the matmul ceiling; transformers generate
+#               (static cache) at batch 1
 #   kernels     decode and prefill attention against copy bandwidth, SDPA flash and FlashInfer
 #   profile     the step-time profile on the fast loop (bench/profiles/Llama-3.1-8B_<gpu>.json)
 #   throughput  trace-shaped offline throughput against transformers in the same run
@@ -34,10 +36,10 @@ part() {  # part NAME SECONDS COMMAND...: runs it, logs it, keeps going whatever
     echo "=== $name: exit $rc after $((SECONDS - start)) s"
 }
 
-part tests 120 $PY -m pytest -q -x -p no:cacheprovider tests/test_step_inputs.py tests/test_kernels_attention.py \
-    -k "cuda_graph or larger_than or (decode and dtype2)"
+part tests 150 $PY -m pytest -q -x -p no:cacheprovider tests/test_step_inputs.py tests/test_kernels_attention.py \
+    tests/test_overlap.py -k "cuda_graph or larger_than or (decode and dtype2) or on_cuda"
 part decode 220 $PY -m kairos.bench.decode_throughput --model $MODEL --batch-sizes 1,32,128 --context 1024 \
-    --prefill-tokens 8192 --gpu-memory-utilization 0.5 --hf-peers static --hf-batch-sizes 1
+    --prefill-tokens 8192 --gpu-memory-utilization 0.5 --serial-too --hf-peers static --hf-batch-sizes 1
 part kernels 90 $PY -m kairos.bench.kernels
 part profile 120 $PY -m kairos.cli profile --model $MODEL --load-format dummy --max-model-len 4096 \
     --out "bench/profiles/Llama-3.1-8B_${GPU}.json"

@@ -12,7 +12,7 @@ import hashlib
 from array import array
 from collections import OrderedDict
 
-from kairos.engine.sequence import Sequence
+from kairos.engine.sequence import PENDING, Sequence
 
 
 def chain_hash(prev_hash: bytes, token_ids) -> bytes:
@@ -87,7 +87,7 @@ class BlockManager:
             first_full = seq.num_computed_tokens // bs
             last_full = (seq.num_computed_tokens + num_new_tokens) // bs
             for i in range(first_full, last_full):
-                self._register(seq, i)
+                self.register_block(seq, i)
 
     def free_sequence(self, seq: Sequence) -> None:
         # Tail blocks go back first, so they are reused before the (more shareable) head blocks.
@@ -106,14 +106,22 @@ class BlockManager:
             del self.free[block_id]
         block.ref_count += 1
 
-    def _register(self, seq: Sequence, index: int) -> None:
+    def register_block(self, seq: Sequence, index: int) -> None:
+        """Makes a sequence's full block findable by its prefix hash, once every token in it is
+        known (a token sampled by a step still on the device is not) and so is the hash of the
+        block before it."""
+        if not self.enable_prefix_caching:
+            return
         block = self.blocks[seq.block_table[index]]
         if block.hash is not None:
             return  # a prefix hit, already registered
         bs = self.block_size
         prev = self.blocks[seq.block_table[index - 1]].hash if index else b""
-        block.token_ids = tuple(seq.token_ids[index * bs : (index + 1) * bs])
-        block.hash = chain_hash(prev, block.token_ids)
+        tokens = tuple(seq.token_ids[index * bs : (index + 1) * bs])
+        if prev is None or PENDING in tokens:
+            return
+        block.token_ids = tokens
+        block.hash = chain_hash(prev, tokens)
         self.cached[block.hash] = block.block_id
 
     def forget_prefixes(self) -> None:

@@ -174,6 +174,8 @@ class EngineConfig:
     backend: str = setting("auto", "kernels: auto is triton on CUDA, torch (the PyTorch reference) elsewhere",
                            choices=BACKENDS)
     enforce_eager: bool = setting(False, "decode without CUDA graphs (by default captured at start-up on CUDA)")
+    overlap: str = setting("auto", "schedule and prepare each decode step while the device runs the last one "
+                                   "(auto: on CUDA, where steps run asynchronously)", choices=("auto", "on", "off"))
     block_size: int = setting(BLOCK_SIZE, "tokens per KV block")
     num_kv_blocks: int | None = setting(None, "KV cache size in blocks (default: from memory)")
     gpu_memory_utilization: float = setting(0.9, "share of GPU memory for weights, activations and KV cache")
@@ -203,6 +205,10 @@ class EngineConfig:
             raise ConfigError("--device cuda was asked for but torch sees no CUDA device")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ConfigError(f"--dtype must be auto or one of {list(DTYPES)}, not {self.dtype!r}")
+        if self.overlap not in ("auto", "on", "off"):
+            raise ConfigError(f"--overlap must be auto, on or off, not {self.overlap!r}")
+        if self.overlap == "auto":
+            self.overlap = "on" if self.device.startswith("cuda") else "off"
         if self.load_format not in ("auto", "dummy"):
             raise ConfigError(f"--load-format must be auto or dummy, not {self.load_format!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

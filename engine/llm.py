@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from kairos.engine.block_manager import BlockManager
 from kairos.engine.config import ConfigError, EngineConfig, ModelConfig
-from kairos.engine.model_runner import ModelRunner
+from kairos.engine.model_runner import ModelRunner, SampledTokens
 from kairos.engine.profiler import load_cost_model
 from kairos.engine.sequence import Sequence
 from kairos.engine.step_scheduler import Batch, StepScheduler
@@ -34,6 +34,14 @@ class RequestOutput:
     token_ids: list[int]
     finish_reason: str
     num_cached_tokens: int
+
+
+@dataclass
+class LaunchedStep:
+    batch: Batch
+    tokens: SampledTokens
+    started: float  # perf_counter at launch
+    work: tuple[int, int] | list[tuple[int, int]]  # what the cost model is told the step did
 
 
 class StepFailed(RuntimeError):
@@ -67,6 +75,9 @@ class LLM:
                                        prefill_policy, decode_policy, prefill_only=self.config.role == "prefill")
         self.num_prefill_tokens_computed = 0
         self._decoding_since: float | None = None  # end of the last decode step, while decoding goes on
+        self.overlap = self.config.overlap == "on"
+        self._in_flight: LaunchedStep | None = None  # an overlapped decode step, tokens not yet read
+        self._last_completed = 0.0  # when the last step's tokens were read (perf_counter)
 
     def _build_policies(self):
         """The scheduling policies; those that predict step times get a cost model, fitted to
@@ -173,40 +184,74 @@ class LLM:
                 "preemptions": sched.num_preemptions}
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._in_flight is not None
 
     def step(self) -> list[Sequence] | None:
-        """Runs one scheduled batch; returns the sequences that got a token in it. None if
-        nothing could run: on a prefill worker, while handed-off requests hold the blocks."""
+        """Runs one scheduled batch; returns the sequences that got a token. None if nothing
+        could run: on a prefill worker, while handed-off requests hold the blocks.
+
+        With overlap, a decode step is launched before the last one's tokens are back: this
+        call returns the last step's sequences while the device runs the new one. Their
+        tokens were pending meanwhile, and a sequence that turns out to have stopped has its
+        extra token dropped. A prefill step is waited for (its prompts hand off or decode
+        next), after the step in flight."""
         batch = self.scheduler.schedule()
         if batch is None:
+            if self._in_flight is not None:
+                in_flight, self._in_flight = self._in_flight, None
+                return self._complete(in_flight)
             if self.scheduler.has_unfinished() and not self.scheduler.num_handed_off:
                 raise RuntimeError("the scheduler made no progress with requests pending")
             return None
+        # The new step is queued before the last one's tokens are read, so the device never
+        # waits for the host; it is in flight until read (a failure reading the last one
+        # leaves it there for the next call).
+        launched = self._launch(batch)
+        in_flight, self._in_flight = self._in_flight, launched
+        stepped = self._complete(in_flight) if in_flight is not None else []
+        if batch.is_prefill or not self.overlap:
+            self._in_flight = None
+            stepped += self._complete(launched)
+        return stepped
+
+    def _launch(self, batch: Batch) -> LaunchedStep:
         if batch.is_prefill:
             self.num_prefill_tokens_computed += sum(batch.num_new_tokens)
+            work = [(n, seq.num_computed_tokens + n) for seq, n in zip(batch.seqs, batch.num_new_tokens)]
+        else:
+            work = (len(batch.seqs), sum(seq.num_tokens for seq in batch.seqs))
         started = time.perf_counter()
         try:
-            sampled = self.runner.run(batch)  # returns host-side token ids: the step is over
+            tokens = self.runner.launch(batch)
         except Exception as e:
             raise StepFailed([seq.request_id for seq in batch.seqs], e) from e
+        self.scheduler.advance(batch)
+        return LaunchedStep(batch, tokens, started, work)
+
+    def _complete(self, step: LaunchedStep) -> list[Sequence]:
+        """Waits for a launched step's tokens and hands them to the scheduler."""
+        try:
+            sampled = step.tokens.wait()
+        except Exception as e:
+            raise StepFailed([seq.request_id for seq in step.batch.seqs], e) from e
         ended = time.perf_counter()
+        decode = not step.batch.is_prefill
         if self.cost_model is not None:
             # What a token costs a running sequence is the whole period from one decode step to
             # the next: a serving loop works between steps (sockets, streaming tokens out,
             # taking KV in), and that time counts toward TPOT as much as the forward pass does.
-            between = started - self._decoding_since if self._decoding_since is not None else 0.0
-            self._calibrate(batch, ended - started + (0.0 if batch.is_prefill else between))
-        stepped = self.scheduler.postprocess(batch, sampled)
-        self._decoding_since = ended if not batch.is_prefill and self.scheduler.running else None
+            # Overlapped steps are launched before the last one ends: the period is the time
+            # between their ends.
+            since = (self._decoding_since if decode and self._decoding_since is not None
+                     else max(step.started, self._last_completed))
+            if decode:
+                self.cost_model.observe_decode(*step.work, ended - since)
+            else:
+                self.cost_model.observe_prefill(step.work, ended - since)
+        stepped = self.scheduler.resolve(step.batch, sampled)
+        self._last_completed = ended
+        self._decoding_since = ended if decode and self.scheduler.running else None
         return stepped
-
-    def _calibrate(self, batch: Batch, seconds: float) -> None:
-        if batch.is_prefill:
-            self.cost_model.observe_prefill([(n, seq.num_computed_tokens + n) for seq, n in
-                                             zip(batch.seqs, batch.num_new_tokens)], seconds)
-        else:
-            self.cost_model.observe_decode(len(batch.seqs), sum(seq.num_tokens for seq in batch.seqs), seconds)
 
     def warm_up(self) -> float:
         """Runs one prefill step of the full token budget (as far as half the KV cache holds)

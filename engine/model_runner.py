@@ -175,12 +175,45 @@ class ModelRunner:
             return hidden.new_empty((0, self.model_config.vocab_size), dtype=torch.float32)
         return self.model.compute_logits(hidden[logit_rows])
 
-    def run(self, batch: Batch) -> list[int | None]:
-        """One step. Returns a sampled token per sequence, None where the prompt is not done."""
+    def launch(self, batch: Batch) -> SampledTokens:
+        """Queues one step on the device, sampling included, and returns at once (on a GPU):
+        its tokens reach the host through `SampledTokens.wait()`."""
         logits = self.forward_logits(batch)
-        sampling = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if batch.samples(s, n)]
-        if not sampling:
-            return [None] * len(batch.seqs)
-        sampled = dict(zip((s.seq_id for s in sampling),
-                           self.sampler(logits, [s.params for s in sampling], [s.num_output_tokens for s in sampling])))
-        return [sampled.get(s.seq_id) for s in batch.seqs]
+        rows = [i for i, (s, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)) if batch.samples(s, n)]
+        if not rows:
+            return SampledTokens(None, rows, len(batch.seqs))
+        sampling = [batch.seqs[i] for i in rows]
+        token_ids = self.sampler(logits, [s.params for s in sampling], [s.num_output_tokens for s in sampling])
+        if not batch.is_prefill:
+            self.decode_inputs.keep_sampled(token_ids)
+        return SampledTokens(token_ids, rows, len(batch.seqs))
+
+    def run(self, batch: Batch) -> list[int | None]:
+        """One step, waited for: a sampled token per sequence, None where the prompt is not done."""
+        return self.launch(batch).wait()
+
+
+class SampledTokens:
+    """A step's sampled ids on their way to the host: one non-blocking copy into pinned memory,
+    and an event that says when it has landed."""
+
+    def __init__(self, token_ids: torch.Tensor | None, rows: list[int], batch_size: int):
+        self.rows, self.batch_size = rows, batch_size
+        self.host = self.landed = None
+        if token_ids is not None:
+            on_cuda = token_ids.device.type == "cuda"
+            self.host = torch.empty(token_ids.shape, dtype=token_ids.dtype, pin_memory=on_cuda)
+            self.host.copy_(token_ids, non_blocking=on_cuda)
+            if on_cuda:
+                self.landed = torch.cuda.Event()
+                self.landed.record()
+
+    def wait(self) -> list[int | None]:
+        """A token per sequence of the batch (None for those that sampled nothing)."""
+        tokens: list[int | None] = [None] * self.batch_size
+        if self.host is not None:
+            if self.landed is not None:
+                self.landed.synchronize()
+            for row, token in zip(self.rows, self.host.tolist()):
+                tokens[row] = token
+        return tokens

@@ -18,12 +18,13 @@ class Sampler:
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self._seeded = torch.Generator(device=device)
 
-    def __call__(self, logits: torch.Tensor, params: list[SamplingParams], steps: list[int]) -> list[int]:
+    def __call__(self, logits: torch.Tensor, params: list[SamplingParams], steps: list[int]) -> torch.Tensor:
         """logits: [B, V] float32; steps: per row, how many tokens the request has output so far.
-        Returns one token id per row."""
+        Returns one token id per row, on the logits' device (int64, [B]): nothing here waits
+        for the device."""
         greedy = logits.argmax(dim=-1)
         if all(p.greedy for p in params):
-            return greedy.tolist()
+            return greedy
         temps = torch.tensor([p.temperature or 1.0 for p in params], device=logits.device)
         logits = logits / temps.unsqueeze(1)
         if any(p.top_k > 0 or p.top_p < 1 for p in params):
@@ -36,7 +37,7 @@ class Sampler:
             noise[row].exponential_(generator=self._generator_for(p, step))
         sampled = (probs / noise).argmax(dim=-1)
         is_greedy = torch.tensor([p.greedy for p in params], device=logits.device)
-        return torch.where(is_greedy, greedy, sampled).tolist()
+        return torch.where(is_greedy, greedy, sampled)
 
     def _generator_for(self, params: SamplingParams, step: int) -> torch.Generator:
         if params.seed is None:

@@ -24,6 +24,8 @@ class FinishReason(str, enum.Enum):
 
 
 _ids = itertools.count()
+PENDING = -1  # a token sampled on the device whose value the host does not have yet
+
 
 class Sequence:
     def __init__(self, prompt_token_ids: list[int], params: SamplingParams,
@@ -34,6 +36,11 @@ class Sequence:
         self.prompt = prompt
         self.prompt_token_ids = list(prompt_token_ids)
         self.token_ids = list(prompt_token_ids)  # prompt then output
+        # Trailing output tokens still on the device (PENDING here): an overlapped step
+        # launches before the last one's tokens reach the host. `pending_row` is the newest
+        # one's row in its step's sampled ids, where the next step's input is read from.
+        self.num_pending = 0
+        self.pending_row = 0
         self.params = params
         self.stop_token_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
@@ -87,6 +94,11 @@ class Sequence:
         """More than the newest token is missing from the cache: a prefill (or recompute) step."""
         return self.num_uncomputed_tokens > 1 or self.num_output_tokens == 0
 
+    def latest_output(self) -> tuple[int, int]:
+        """The newest output token whose value is known, and its index among the outputs."""
+        end = len(self.token_ids) - self.num_pending
+        return end - 1 - self.num_prompt_tokens, self.token_ids[end - 1]
+
     @property
     def text(self) -> str:
         return self.detokenizer.text if self.detokenizer else ""
@@ -112,15 +124,39 @@ class Sequence:
 
     def append_token(self, token_id: int, max_model_len: int) -> FinishReason | None:
         """Adds a sampled token and returns why the sequence must stop, if it must."""
-        self.token_ids.append(token_id)
+        self.append_pending()
+        return self.resolve_pending(token_id, max_model_len)
+
+    def append_pending(self) -> None:
+        """Adds a token sampled by a step whose result is still on the device."""
+        self.token_ids.append(PENDING)
+        self.num_pending += 1
+
+    def resolve_pending(self, token_id: int, max_model_len: int) -> FinishReason | None:
+        """Fills in the oldest pending token and returns why the sequence must stop there, if it
+        must; tokens pending after a stop are dropped (their step computed them in vain)."""
+        index = len(self.token_ids) - self.num_pending
+        self.token_ids[index] = token_id
+        self.num_pending -= 1
         self.token_times.append(time.monotonic())
+        reason = self._stop_reason(token_id, index + 1, max_model_len)
+        if reason is not None:
+            self.drop_pending()
+        return reason
+
+    def drop_pending(self) -> None:
+        if self.num_pending:
+            del self.token_ids[-self.num_pending :]
+            self.num_pending = 0
+
+    def _stop_reason(self, token_id: int, length: int, max_model_len: int) -> FinishReason | None:
         if self.detokenizer is not None:
             delta = self.detokenizer.push(token_id)
             if delta and self.params.stop and self._truncate_at_stop(len(delta)):
                 return FinishReason.STOP
         if token_id in self.stop_token_ids:
             return FinishReason.STOP
-        if self.num_output_tokens >= self.params.max_tokens or len(self) >= max_model_len:
+        if length - self.num_prompt_tokens >= self.params.max_tokens or length >= max_model_len:
             return FinishReason.LENGTH
         return None
 

@@ -43,8 +43,8 @@ def slots_of(table: np.ndarray, rows: np.ndarray, positions: np.ndarray, block_s
 class PackedBuffer:
     """A pinned host buffer and its device twin, of int32. `upload(n)` copies the first n.
 
-    The host side is rewritten only for the next step, after the last one's sampled tokens came
-    back to the host, which waits for every earlier copy on the stream."""
+    The host side may be rewritten for the next step only once the last upload has left it:
+    with overlapped steps, that upload can still be queued behind the step before."""
 
     def __init__(self, size: int, device: torch.device):
         self.device = device
@@ -52,35 +52,53 @@ class PackedBuffer:
         self.host = torch.zeros(size, dtype=torch.int32, pin_memory=on_cuda)
         self.array = self.host.numpy()
         self.device_buffer = torch.zeros(size, dtype=torch.int32, device=device) if on_cuda else self.host
+        self.uploaded = torch.cuda.Event() if on_cuda else None
+
+    def wait_writable(self) -> None:
+        if self.uploaded is not None:
+            self.uploaded.synchronize()
 
     def upload(self, n: int) -> None:
         if self.device_buffer is not self.host:
             self.device_buffer[:n].copy_(self.host[:n], non_blocking=True)
+            self.uploaded.record()
 
 
 class DecodeInputs:
     """Persistent decode inputs for up to max_batch sequences of up to max_blocks blocks each.
 
-    Layout: ids | positions | slots | context lengths (max_batch each) | block tables
-    (max_batch x max_blocks), so that a batch of b rows is one copy of the head of the buffer."""
+    Layout: ids | positions | slots | context lengths | sources (max_batch each) | block tables
+    (max_batch x max_blocks), so that a batch of b rows is one copy of the head of the buffer.
+    A row whose input token is still pending on the device (its step overlapped the last one)
+    names a source: the row of the last step's sampled ids (`sampled`) to read it from."""
+
+    PARTS = 5
 
     def __init__(self, max_batch: int, max_blocks: int, block_size: int, device: torch.device):
         self.max_batch, self.max_blocks, self.block_size = max_batch, max_blocks, block_size
         self.stride = _aligned(max_batch)
-        self.buffer = PackedBuffer(4 * self.stride + max_batch * max_blocks, device)
-        self.ids, self.positions, self.slots, self.context_lens = (
-            self.buffer.array[i * self.stride : i * self.stride + max_batch] for i in range(4))
-        self.tables = self.buffer.array[4 * self.stride :].reshape(max_batch, max_blocks)
+        head = self.PARTS * self.stride
+        self.buffer = PackedBuffer(head + max_batch * max_blocks, device)
+        self.ids, self.positions, self.slots, self.context_lens, self.sources = (
+            self.buffer.array[i * self.stride : i * self.stride + max_batch] for i in range(self.PARTS))
+        self.tables = self.buffer.array[head:].reshape(max_batch, max_blocks)
         dev = self.buffer.device_buffer
-        self.device_ids, self.device_positions, self.device_slots, self.device_context_lens = (
-            dev[i * self.stride : i * self.stride + max_batch] for i in range(4))
-        self.device_tables = dev[4 * self.stride :].view(max_batch, max_blocks)
+        self.device_ids, self.device_positions, self.device_slots, self.device_context_lens, self.device_sources = (
+            dev[i * self.stride : i * self.stride + max_batch] for i in range(self.PARTS))
+        self.device_tables = dev[head:].view(max_batch, max_blocks)
+        self.sampled = torch.zeros(max_batch, dtype=torch.int32, device=device)
+
+    def keep_sampled(self, token_ids: torch.Tensor) -> None:
+        """Holds a decode step's sampled ids on the device, for the next step's pending inputs."""
+        self.sampled[: len(token_ids)].copy_(token_ids)
 
     def fill(self, seqs: list[Sequence], rows: int) -> None:
         """Writes the step of these sequences, padded to `rows` rows, and copies it to the device."""
         n = len(seqs)
+        self.buffer.wait_writable()
         lengths = np.fromiter((len(s.token_ids) for s in seqs), dtype=np.int64, count=n)
         self.ids[:n] = np.fromiter((s.token_ids[-1] for s in seqs), dtype=np.int32, count=n)
+        self.sources[:n] = np.fromiter((s.pending_row if s.num_pending else -1 for s in seqs), dtype=np.int32, count=n)
         self.positions[:n] = lengths - 1
         self.context_lens[:n] = lengths
         # Only the columns some sequence uses: the kernels never read a row past its length.
@@ -89,10 +107,17 @@ class DecodeInputs:
         self.slots[:n] = slots_of(self.tables, np.arange(n), lengths - 1, self.block_size)
         # Padding: token 0 at position 0, stored nowhere, attending to one token of block 0.
         self.ids[n:rows] = self.positions[n:rows] = 0
+        self.sources[n:rows] = -1
         self.slots[n:rows] = -1
         self.context_lens[n:rows] = 1
         self.tables[n:rows, 0] = 0
-        self.buffer.upload(4 * self.stride + rows * self.max_blocks)
+        self.buffer.upload(self.PARTS * self.stride + rows * self.max_blocks)
+        if self.sources[:n].max(initial=-1) >= 0:
+            # Pending inputs come from the last step's sampled ids, on the device, in stream
+            # order after that step: the host never waits for them.
+            sources = self.device_sources[:rows]
+            pending = self.sampled[sources.clamp(min=0)]
+            self.device_ids[:rows] = torch.where(sources >= 0, pending, self.device_ids[:rows])
 
     def forward_args(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, AttentionContext]:
         """Device views of the first `rows` rows: ids, positions and the attention context."""
@@ -112,6 +137,7 @@ class PrefillInputs:
               logit_rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, AttentionContext, torch.Tensor]:
         """ids, positions, context and the rows whose logits are wanted, on the device."""
         n_seqs = len(seqs)
+        self.buffer.wait_writable()
         computed = np.fromiter((s.num_computed_tokens for s in seqs), dtype=np.int64, count=n_seqs)
         counts = np.asarray(num_new_tokens, dtype=np.int64)
         total = int(counts.sum())

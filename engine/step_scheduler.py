@@ -97,7 +97,9 @@ class StepScheduler:
         # arrival need not wait for a long prompt's every chunk.
         prefilling = [seq for seq in self.running if seq.is_prefilling]
         now = time.monotonic()
-        for seq in self.prefill_policy.order(prefilling + self.waiting, now):
+        # A sequence preempted with a token still on the device recomputes once it is known.
+        candidates = prefilling + [seq for seq in self.waiting if not seq.num_pending]
+        for seq in self.prefill_policy.order(candidates, now):
             new = seq.status is Status.WAITING
             if budget == 0 or (new and len(self.running) >= self.max_num_seqs):
                 break
@@ -134,7 +136,7 @@ class StepScheduler:
                 self.running.append(seq)
         batch = Batch(False, [], [])
         for seq in list(self.running):
-            if seq.status is not Status.RUNNING or seq.is_prefilling:
+            if seq.status is not Status.RUNNING or seq.is_prefilling or self._at_limit(seq):
                 continue
             while not self.blocks.can_allocate(seq, 1):
                 # Preempt the newest sequence not yet in this batch; seq itself if none is left.
@@ -149,6 +151,10 @@ class StepScheduler:
             batch.num_new_tokens.append(1)
         return batch if batch.seqs else None
 
+    def _at_limit(self, seq: Sequence) -> bool:
+        """Whether a sequence's pending token will end it by length: no step may follow."""
+        return seq.num_pending > 0 and (seq.num_output_tokens >= seq.max_tokens or len(seq) >= self.max_model_len)
+
     def _preempt(self, seq: Sequence) -> None:
         """Frees the sequence's blocks and sends it back to wait; it will recompute its K/V."""
         self.running.remove(seq)
@@ -157,28 +163,48 @@ class StepScheduler:
         self.num_preemptions += 1
         self.waiting.insert(0, seq)
 
-    def postprocess(self, batch: Batch, sampled: list[int | None]) -> list[Sequence]:
-        """Records the step's progress and sampled tokens; returns the sequences that got a token
-        (finished ones have status FINISHED; with prefill_only the rest are HANDED_OFF)."""
-        stepped = []
-        for seq, n, token in zip(batch.seqs, batch.num_new_tokens, sampled):
+    def advance(self, batch: Batch) -> list[bool]:
+        """Records a launched step's progress before its tokens are known: each sequence that
+        samples gets a pending token, so that the next step can be scheduled at once. Returns
+        which sequences sample."""
+        samples = [batch.samples(seq, n) for seq, n in zip(batch.seqs, batch.num_new_tokens)]
+        for row, (seq, n, sampling) in enumerate(zip(batch.seqs, batch.num_new_tokens, samples)):
             seq.num_computed_tokens += n
-            if token is None:
+            if sampling:
+                seq.append_pending()
+                seq.pending_row = row
+        return samples
+
+    def resolve(self, batch: Batch, sampled: list[int | None]) -> list[Sequence]:
+        """Fills in a step's tokens once they reach the host; returns the sequences that got one
+        (finished ones have status FINISHED; with prefill_only the rest are HANDED_OFF).
+        Sequences aborted since the launch are skipped: their token was computed in vain."""
+        stepped = []
+        for seq, token in zip(batch.seqs, sampled):
+            if token is None or seq.status is Status.FINISHED:
                 continue
             stepped.append(seq)
-            reason = seq.append_token(token, self.max_model_len)
+            reason = seq.resolve_pending(token, self.max_model_len)
             if reason is not None:
-                self.running.remove(seq)
+                # Preempted since the launch, a sequence waits (to recompute) with its token pending.
+                (self.running if seq.status is Status.RUNNING else self.waiting).remove(seq)
                 self._finish(seq, reason)
             elif self.prefill_only:
                 self.running.remove(seq)
                 seq.status = Status.HANDED_OFF
                 self.num_handed_off += 1
+            elif seq.status is Status.RUNNING:
+                # A token that completes a block already stepped on (an overlapped step took it
+                # as input while pending) lets that block's hash be registered now.
+                last = len(seq) - seq.num_pending - 1
+                if seq.num_computed_tokens > last and (last + 1) % self.blocks.block_size == 0:
+                    self.blocks.register_block(seq, last // self.blocks.block_size)
         return stepped
 
     def _finish(self, seq: Sequence, reason: FinishReason | None) -> None:
         if reason is not None and reason is not FinishReason.ABORT:
             self.decode_policy.finished(seq)
+        seq.drop_pending()
         self.blocks.free_sequence(seq)
         seq.status = Status.FINISHED
         seq.finish_reason = reason

@@ -126,8 +126,8 @@ def test_warm_up_runs_a_full_budget_prefill_and_a_decode_step_and_keeps_nothing(
     llm = LLM("tiny", num_kv_blocks=64, max_model_len=200, max_num_batched_tokens=500, prefill_policy="kairos",
               decode_policy="kairos", profile=str(profile))
     steps = []
-    run = llm.runner.run
-    monkeypatch.setattr(llm.runner, "run", lambda batch: steps.append(batch) or run(batch))
+    launch = llm.runner.launch
+    monkeypatch.setattr(llm.runner, "launch", lambda batch: steps.append(batch) or launch(batch))
     totals = {phase: list(t) for phase, t in llm.cost_model.totals.items()}
     assert llm.warm_up() > 0
     assert steps[0].is_prefill and sum(steps[0].num_new_tokens) == 500  # prompts of 198, 198 and 104

@@ -121,12 +121,12 @@ def test_a_failing_step_fails_its_requests_and_the_worker_serves_on():
     try:
         for i in range(2):
             llm.add_request([1 + i] * 20, SamplingParams(max_tokens=4), request_id=f"r{i}")
-        run = llm.runner.run
-        llm.runner.run = lambda batch: (_ for _ in ()).throw(OverflowError("Overflow when unpacking long long"))
+        launch = llm.runner.launch
+        llm.runner.launch = lambda batch: (_ for _ in ()).throw(OverflowError("Overflow when unpacking long long"))
         worker.run_once()
         assert sorted(r for r, _ in failed) == ["r0", "r1"] and "OverflowError" in failed[0][1]
         assert not llm.has_unfinished() and llm.num_free_blocks == llm.num_total_blocks
-        llm.runner.run = run
+        llm.runner.launch = launch
         seq = llm.add_request([5] * 20, SamplingParams(max_tokens=4), request_id="r2")
         while llm.has_unfinished():
             worker.run_once()

@@ -30,7 +30,8 @@ def cluster(tiny_path, step_logs):
     c = Cluster()
     try:
         c.add_worker("prefill", "--step-log", str(step_logs["prefill"]))
-        c.add_worker("decode", "--step-log", str(step_logs["decode"]))
+        # Overlapped decode steps, as CUDA runs them by default: every test here checks them.
+        c.add_worker("decode", "--overlap", "on", "--step-log", str(step_logs["decode"]))
         c.wait_for_workers(1, 1)
         yield c
     finally:

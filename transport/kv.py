@@ -318,6 +318,8 @@ class KVWriter:
         """Copies checked frames into the blocks; on GPU the copies are complete on return."""
         g, cache = self.geometry, self.runner.kv_cache
         shape = (g.block_size, g.num_kv_heads, g.head_dim)
+        if self.on_gpu:
+            self._after_compute()
         with torch.cuda.stream(self.stream) if self.on_gpu else contextlib.nullcontext():
             all_ids = torch.tensor(block_ids, device=cache.device)  # used on the side stream
         with warnings.catch_warnings():
@@ -343,10 +345,17 @@ class KVWriter:
             # Decode steps run on the default stream: the blocks must be whole before then.
             self.stream.synchronize()
 
+    def _after_compute(self) -> None:
+        """Orders this transfer after the compute work queued so far. Reserved blocks may have
+        been freed by a sequence aborted while an overlapped step was still writing its token
+        into them."""
+        self.stream.wait_stream(torch.cuda.default_stream(self.runner.device))
+
     def copy_from(self, source: torch.Tensor, source_ids: list[int], block_ids: list[int]) -> None:
         """Copies blocks of a peer's cache on this GPU into ours; complete on return. The peer
         holds its blocks until our ack, and wrote them before it sent the header."""
         cache = self.runner.kv_cache
+        self._after_compute()
         with torch.cuda.stream(self.stream):
             src = torch.tensor(source_ids, device=cache.device)
             dst = torch.tensor(block_ids, device=cache.device)

@@ -224,8 +224,9 @@ class Worker:
         chunks = []
         for seq in seqs:
             done = seq.is_finished
-            chunks.append(p.Tokens(seq.request_id, seq.num_output_tokens - 1, seq.output_token_ids[-1:],
-                                   seq.take_text_delta(), seq.finish_reason.value if done else None))
+            index, token = seq.latest_output()  # an overlapped step's token may be pending after it
+            chunks.append(p.Tokens(seq.request_id, index, [token], seq.take_text_delta(),
+                                   seq.finish_reason.value if done else None))
             self.counters["completed"] += done
         if chunks:
             send(self.router, p.StepTokens.of(chunks))
