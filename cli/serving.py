@@ -49,19 +49,22 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     add_engine_args(p)
     p.add_argument("--transfer-timeout", type=float, default=10.0,
                    help="seconds a KV transfer may take once the decode side is ready for it")
+    p.add_argument("--offer-timeout", type=float, default=60.0,
+                   help="seconds a prefilled request may wait for room on its decode worker before it fails")
     p.add_argument("--kv-frame-mb", type=float, default=8.0, help="largest KV frame on the wire, MiB")
     p.add_argument("--step-log", metavar="FILE",
                    help="append one JSON line per engine step: loop time split, batch, queue and free KV blocks")
 
 
 def worker_kwargs(args: argparse.Namespace) -> dict:
-    return {"transfer_timeout_s": args.transfer_timeout, "max_frame_bytes": int(args.kv_frame_mb * MIB),
-            "step_log": args.step_log}
+    return {"transfer_timeout_s": args.transfer_timeout, "offer_timeout_s": args.offer_timeout,
+            "max_frame_bytes": int(args.kv_frame_mb * MIB), "step_log": args.step_log}
 
 
 def worker_argv(args: argparse.Namespace) -> list[str]:
     """A worker's own flags (besides the engine's), for a child process."""
-    argv = ["--transfer-timeout", str(args.transfer_timeout), "--kv-frame-mb", str(args.kv_frame_mb)]
+    argv = ["--transfer-timeout", str(args.transfer_timeout), "--offer-timeout", str(args.offer_timeout),
+            "--kv-frame-mb", str(args.kv_frame_mb)]
     return argv + (["--step-log", args.step_log] if args.step_log else [])
 
 

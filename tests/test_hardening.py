@@ -161,3 +161,46 @@ def test_a_request_a_worker_reports_failed_is_aborted_on_every_worker_it_lives_o
     aborts = sorted(to for to, msg in router.sent if isinstance(msg, p.Abort) and msg.request_id == rid)
     assert aborts == [b"d1", b"p1"]  # the reporter too: the real sequence may be decoding there
     assert any(to == b"client" and isinstance(msg, p.Error) for to, msg in router.sent) and rid not in router.requests
+
+
+def test_request_ids_inside_the_cluster_cannot_be_guessed(router):
+    """Workers and the KV channel know a request by the router's id: a sequential one let a
+    local process forge a transfer for another client's request."""
+    for i in range(3):
+        router.on_submit(b"client", p.Submit(f"r{i}", prompt_token_ids=[1, 2, 3]))
+    ids = [router.by_client[(b"client", f"r{i}")] for i in range(3)]
+    assert len(set(ids)) == 3 and all(len(rid) == 32 and int(rid, 16) >= 0 for rid in ids)
+
+
+def test_a_refused_worker_learns_nothing_of_the_clusters_kv_geometry(router, caplog):
+    from kairos.transport.router import WorkerInfo
+
+    for worker_id, role in (("p1", "prefill"), ("d1", "decode")):
+        router.workers[worker_id] = WorkerInfo(worker_id, role, worker_id.encode(), {"num_layers": 32, "head_dim": 128},
+                                               64, "tcp://127.0.0.1:1", time.monotonic())
+    with caplog.at_level("WARNING", logger="kairos"):
+        router.on_register(b"intruder", p.Register("intruder", "decode", {"num_layers": 2, "head_dim": 8},
+                                                   64, "tcp://127.0.0.1:2"))
+    (_, reply), = router.sent
+    assert isinstance(reply, p.Error) and "geometry differs" in reply.message
+    assert "32" not in reply.message and "128" not in reply.message and "intruder" not in router.workers
+    assert "num_layers 2 vs 32" in caplog.text  # the operator still sees why
+
+
+def test_the_decode_kv_socket_refuses_a_foreign_geometry_without_naming_its_own():
+    from kairos.engine import LLM
+    from kairos.transport.decode import DecodeWorker
+    from kairos.transport.kv import kv_geometry
+
+    llm = LLM("tiny", num_kv_blocks=64, max_model_len=256)
+    worker = DecodeWorker(llm, "tcp://127.0.0.1:9")
+    replies = []
+    worker.kv_socket.send_multipart = lambda frames, *a, **k: replies.append(p.decode(frames[-1]))
+    try:
+        ours = kv_geometry(llm.runner).to_dict()
+        worker.on_hello(b"peer", p.KVHello("intruder", {**ours, "num_layers": ours["num_layers"] + 7}))
+        (reply,) = replies
+        assert isinstance(reply, p.Error) and "geometry differs" in reply.message
+        assert str(ours["num_layers"]) not in reply.message and b"peer" not in worker.greeted
+    finally:
+        worker.close()

@@ -95,9 +95,11 @@ def test_killed_prefill_worker_hands_its_queue_to_another_or_fails_it(cluster):
 
 
 class SilentDecodeWorker:
-    """Registers as a decode worker and accepts KV offers, but never acknowledges the data."""
+    """Registers as a decode worker and accepts KV offers, but never acknowledges the data (or,
+    with make_room=False, never makes room for it)."""
 
-    def __init__(self, router_addr: str, geometry: dict):
+    def __init__(self, router_addr: str, geometry: dict, make_room: bool = True):
+        self.make_room = make_room
         self.ctx = zmq.Context()
         self.kv = make_socket(self.ctx, zmq.ROUTER, max_bytes=64 * 2**20)
         kv_port = self.kv.bind_to_random_port("tcp://127.0.0.1")
@@ -122,7 +124,7 @@ class SilentDecodeWorker:
                 self.received.append(got.msg)
                 if isinstance(got.msg, p.KVHello):
                     send(self.kv, p.KVHelloOk("decode-silent"), got.identity)
-                elif isinstance(got.msg, p.KVOffer):
+                elif isinstance(got.msg, p.KVOffer) and self.make_room:
                     send(self.kv, p.KVReady(got.msg.transfer_id), got.identity)
         heartbeat.close()
 
@@ -146,6 +148,33 @@ def test_a_transfer_never_acknowledged_fails_the_request_and_frees_prefill_block
         assert any(isinstance(m, p.KVData) for m in silent.received)
         assert p.KVCancel(next(m.transfer_id for m in silent.received if isinstance(m, p.KVData)),
                           "timed out") in silent.received
+        deadline = time.monotonic() + 5
+        with cluster.client() as client:
+            while True:
+                prefill = next(w for w in client.status()["workers"] if w["role"] == "prefill")
+                if prefill["free_blocks"] == prefill["total_blocks"] and prefill["transfers"] == 0:
+                    break
+                assert time.monotonic() < deadline, prefill
+                time.sleep(0.1)
+    finally:
+        silent.close()
+
+
+def test_an_offer_the_decode_side_never_makes_room_for_times_out(cluster, tiny_llm):
+    """Waiting for room on the decode side is backpressure, but bounded (--offer-timeout): the
+    request fails with the reason and the prefill worker's blocks come back."""
+    cluster.add_worker("prefill", "--offer-timeout", "2")
+    silent = SilentDecodeWorker(cluster.addr, kv_geometry(tiny_llm.runner).to_dict(), make_room=False)
+    try:
+        cluster.wait_for_workers(1, 1)
+        with cluster.client() as client:
+            started = time.monotonic()
+            result = client.generate([9] * 40, max_tokens=8, temperature=0)
+            assert "had no room for the request within 2 s" in result.error
+            assert 1.5 < time.monotonic() - started < 8
+        offered = next(m for m in silent.received if isinstance(m, p.KVOffer))
+        assert p.KVCancel(offered.transfer_id, "timed out") in silent.received
+        assert not any(isinstance(m, p.KVData) for m in silent.received)
         deadline = time.monotonic() + 5
         with cluster.client() as client:
             while True:

@@ -176,7 +176,10 @@ class DecodeWorker(Worker):
             problem = str(e)
         if problem:
             log.warning("refused KV handshake from %s: %s", msg.worker_id, problem)
-            send(self.kv_socket, p.Error(None, problem), peer)
+            # Which values this worker has stays in its log, not in the reply to an unknown peer.
+            brief = problem if problem.startswith("bad KV geometry") else \
+                "KV geometry differs from this decode worker's (its log says how)"
+            send(self.kv_socket, p.Error(None, brief), peer)
             return
         self.greeted.add(peer)
         if msg.cuda_ipc is not None and peer not in self.peer_caches:

@@ -43,7 +43,8 @@ class Transfer:
     transfer_id: str
     seq: Sequence
     peer: DecodePeer
-    deadline: float = 0.0  # while the data awaits its ack
+    deadline: float = 0.0  # for the handshake, for room on the decode side, then for the ack
+    awaiting_room: bool = False  # offered; the decode side has not reserved its blocks yet
     kv: OutgoingKV | None = None  # sent once the decode side is ready; kept until the ack
     sent: zmq.MessageTracker | None = None  # whether ZeroMQ still holds the frames' memory
 
@@ -161,7 +162,10 @@ class PrefillWorker(Worker):
         seq = t.seq
         send(t.peer.socket, p.KVOffer(t.transfer_id, seq.request_id, seq.prompt_token_ids, seq.output_token_ids,
                                       dataclasses.asdict(seq.params), seq.slo.to_dict(), len(seq.block_table)))
-        t.deadline = float("inf")  # waiting for room on the decode side is backpressure, not a fault
+        # Waiting for room on the decode side is backpressure, not a fault, but it is bounded:
+        # a decode worker that never makes room must not hold this worker's blocks forever.
+        t.deadline = time.monotonic() + self.offer_timeout_s
+        t.awaiting_room = True
 
     def finish_transfer(self, t: Transfer) -> None:
         if t.kv is not None:
@@ -231,6 +235,8 @@ class PrefillWorker(Worker):
                 log.info("%s for a transfer that is over; ignored", msg.TYPE)
             return True
         if isinstance(msg, p.KVReady):
+            t.awaiting_room = False
+            t.deadline = time.monotonic() + self.transfer_timeout_s
             self.ready.append(t)  # staged with the others made ready this turn, before the next step
         elif isinstance(msg, p.KVAck):
             self.finish_transfer(t)
@@ -245,5 +251,7 @@ class PrefillWorker(Worker):
         for t in list(self.transfers.values()):
             if now > t.deadline:
                 send(t.peer.socket, p.KVCancel(t.transfer_id, "timed out"))
-                self.fail_transfer(t, f"KV transfer to decode worker {t.peer.worker_id} timed out "
+                self.fail_transfer(t, f"decode worker {t.peer.worker_id} had no room for the request within "
+                                      f"{self.offer_timeout_s:g} s" if t.awaiting_room else
+                                      f"KV transfer to decode worker {t.peer.worker_id} timed out "
                                       f"after {self.transfer_timeout_s:g} s")

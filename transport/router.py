@@ -9,8 +9,8 @@ at the router while no worker of a kind is registered, for at most `queue_timeou
 
 from __future__ import annotations
 
-import itertools
 import logging
+import secrets
 import signal
 import time
 from dataclasses import dataclass, field, fields
@@ -96,7 +96,6 @@ class Router:
         # Attainment is judged here, on one clock, from arrival to each token's relay.
         self.counters = {"submitted": 0, "completed": 0, "aborted": 0, "failed": 0,
                          "ttft_met": 0, "tpot_met": 0, "slo_met": 0}
-        self._ids = itertools.count()
         self.stopping = False
 
     def run(self) -> None:
@@ -190,9 +189,15 @@ class Router:
         else:
             other = next((w for w in self.workers.values() if w.worker_id != msg.worker_id), None)
             if other is not None and other.geometry != msg.geometry:
-                diffs = [f"{k} {msg.geometry.get(k)!r} vs {v!r}" for k, v in other.geometry.items()
-                         if msg.geometry.get(k) != v]
-                problem = f"this worker's KV geometry differs from the registered workers': {'; '.join(diffs)}"
+                theirs, ours = msg.geometry, other.geometry
+                diffs = [f"{k} {theirs.get(k)!r} vs {ours.get(k)!r}"
+                         for k in sorted({*ours, *theirs}) if theirs.get(k) != ours.get(k)]
+                # The details go to this log only: a peer that is not yet a worker learns nothing
+                # of the cluster's model from the refusal.
+                log.warning("refused registration of %s: KV geometry differs: %s", msg.worker_id, "; ".join(diffs))
+                send(self.socket, p.Error(None, "this worker's KV geometry differs from the registered workers' "
+                                                "(the router's log says how)"), identity)
+                return
         if problem:
             log.warning("refused registration of %s: %s", msg.worker_id, problem)
             send(self.socket, p.Error(None, problem), identity)
@@ -225,7 +230,7 @@ class Router:
             send(self.socket, p.Error(msg.request_id, problem), client)
             self.counters["failed"] += 1
             return
-        rid = str(next(self._ids))
+        rid = secrets.token_hex(16)  # unguessable: an id is all a forged transfer or abort would need
         self.requests[rid] = RoutedRequest(rid, client, msg, slo, time.monotonic())
         self.by_client[(client, msg.request_id)] = rid
         self.counters["submitted"] += 1

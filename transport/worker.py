@@ -34,10 +34,12 @@ class Worker:
     role = ""
 
     def __init__(self, llm: LLM, router_addr: str, transfer_timeout_s: float = 10.0,
-                 max_frame_bytes: int = DEFAULT_FRAME_BYTES, step_log: str | None = None):
+                 max_frame_bytes: int = DEFAULT_FRAME_BYTES, step_log: str | None = None,
+                 offer_timeout_s: float = 60.0):
         self.llm = llm
         self.router_addr = router_addr
         self.transfer_timeout_s = transfer_timeout_s
+        self.offer_timeout_s = offer_timeout_s
         self.max_frame_bytes = max_frame_bytes
         self.geometry = kv_geometry(llm.runner)
         self.worker_id = f"{self.role}-{uuid.uuid4().hex[:8]}"
