@@ -105,13 +105,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from kairos.transport.serve import cpu_share, serve
 
+    n_prefill, n_decode = args.prefill_workers, args.decode_workers
+    if min(n_prefill, n_decode) < 1:
+        raise ValueError("--prefill-workers and --decode-workers must be at least 1")
     settings = engine_kwargs(args)
     util = settings.pop("gpu_memory_utilization")
-    workers = [*engine_argv(**settings), *worker_argv(args), "--cpu-threads", str(args.cpu_threads or cpu_share(2))]
+    threads = args.cpu_threads or cpu_share(n_prefill + n_decode)
+    workers = [*engine_argv(**settings), *worker_argv(args), "--cpu-threads", str(threads)]
     on_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    # One GPU, two workers: prefill takes a share, then decode fills up to the total.
-    prefill = ["--gpu-memory-utilization", f"{util * args.prefill_memory_share:.3f}"]
-    decode = ["--gpu-memory-utilization", f"{util:.3f}"]
+    # One GPU, workers started one at a time, each sizing its memory against a running total:
+    # the prefill workers share --prefill-memory-share of it, the decode workers the rest.
+    share = args.prefill_memory_share
+    prefill = [["--gpu-memory-utilization", f"{util * share * (i + 1) / n_prefill:.3f}"] for i in range(n_prefill)]
+    decode = [["--gpu-memory-utilization", f"{util * (share + (1 - share) * (i + 1) / n_decode):.3f}"]
+              for i in range(n_decode)]
     return serve(args.host, args.port, router_limit_argv(args), workers, prefill, decode, args.startup_timeout,
                  on_gpu, args.verbose)
 
@@ -193,13 +200,16 @@ def add_commands(sub) -> None:
     decode.add_argument("--max-inflight-transfer-mb", type=float, default=MAX_INFLIGHT_TRANSFER_BYTES / MIB,
                         help="KV under way into this worker, MiB (one transfer can always go)")
 
-    srv = sub.add_parser("serve", help="router + prefill + decode workers on this machine")
+    srv = sub.add_parser("serve", help="router + prefill + decode workers on this machine, "
+                                                 "restarted if they die")
     add_worker_args(srv)
     add_network_args(srv)
     add_default_slo_args(srv)
     add_prompt_limit_args(srv)
+    srv.add_argument("--prefill-workers", type=int, default=1, help="prefill worker processes")
+    srv.add_argument("--decode-workers", type=int, default=1, help="decode worker processes")
     srv.add_argument("--prefill-memory-share", type=float, default=0.4,
-                     help="on one GPU: the prefill worker's share of --gpu-memory-utilization")
+                     help="on one GPU: the prefill workers' share of --gpu-memory-utilization")
     srv.add_argument("--startup-timeout", type=float, default=600.0)
     srv.set_defaults(func=cmd_serve)
 

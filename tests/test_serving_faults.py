@@ -202,12 +202,70 @@ def processes_using_port(port: int, exclude: int) -> list[int]:
     return pids
 
 
-def start_serve(port: int) -> subprocess.Popen:
-    serve = kairos_process("serve", "--port", str(port), *WORKER_ARGS[2:])
+def start_serve(port: int, *extra: str) -> subprocess.Popen:
+    serve = kairos_process("serve", "--port", str(port), *WORKER_ARGS[2:], *extra)
     for line in serve.stdout:
         if "serving at" in line:
             return serve
     raise AssertionError(f"kairos serve exited {serve.wait()} without serving")
+
+
+def collect_output(proc: subprocess.Popen) -> list[str]:
+    """The process's output lines from now on, read in the background (a full pipe would
+    block the children writing to it)."""
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    return lines
+
+
+def worker_pids(port: int, serve_pid: int, role: str) -> list[int]:
+    return [pid for pid in processes_using_port(port, exclude=serve_pid)
+            if role in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")]
+
+
+@pytest.mark.skipif(not Path("/proc").exists(), reason="needs /proc to find the children")
+def test_serve_outlives_a_worker_it_restarts_and_runs_several_of_a_kind(tiny_path):
+    """Under serve, a killed decode worker's in-flight requests fail within 5 s, the router
+    stays up, and the worker comes back with the KV cache it had; --prefill-workers 2 starts
+    two prefill workers."""
+    from kairos.transport.client import Client
+
+    port = free_port()
+    serve = start_serve(port, "--prefill-workers", "2")
+    output = collect_output(serve)
+    addr = f"tcp://127.0.0.1:{port}"
+    try:
+        with Client(addr, timeout_s=30) as client:
+            workers = client.status()["workers"]
+            assert sorted(w["role"] for w in workers) == ["decode", "prefill", "prefill"]
+            blocks = next(w["total_blocks"] for w in workers if w["role"] == "decode")
+            time.sleep(1.5)  # serve learns the workers' KV sizes from their heartbeats
+            streams = start_streams(client, 4)
+            (decode,) = worker_pids(port, serve.pid, "decode")
+            os.kill(decode, signal.SIGKILL)
+            killed = time.monotonic()
+            errors = [drain(stream) for stream in streams]
+            assert time.monotonic() - killed < 5
+            assert all(e and "decode worker" in e and "died" in e for e in errors), errors
+            deadline = time.monotonic() + 90
+            while True:
+                workers = client.status()["workers"]
+                if sum(w["role"] == "decode" for w in workers) == 1:
+                    break
+                assert time.monotonic() < deadline and serve.poll() is None, output
+                time.sleep(0.3)
+            restarted = next(w for w in workers if w["role"] == "decode")
+            assert restarted["total_blocks"] == blocks
+            assert any("the decode process exited with status -9; restarting it" in line for line in output)
+            assert client.generate("after the restart", max_tokens=4, temperature=0).finish_reason == "length"
+        serve.send_signal(signal.SIGTERM)
+        assert serve.wait(20) == 0
+        assert processes_using_port(port, exclude=serve.pid) == []
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+        for pid in processes_using_port(port, exclude=serve.pid):
+            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.skipif(not Path("/proc").exists(), reason="needs /proc to look for leftover processes")

@@ -317,10 +317,9 @@ class Router:
         log.warning("%s worker %s sent nothing for %.1f s: dropping it", w.role, w.worker_id, self.worker_timeout_s)
         del self.workers[w.worker_id]
         can_retry = w.role == "prefill" and any(o.role == "prefill" for o in self.workers.values())
-        for rid in sorted(w.requests, key=int):
-            r = self.requests.get(rid)
-            if r is None:
-                continue
+        # In arrival order, so that retried requests queue again as they came.
+        for r in sorted(filter(None, map(self.requests.get, w.requests)), key=lambda r: r.arrival):
+            rid = r.rid
             if can_retry and r.next_index == 0 and not r.held:
                 # Nothing streamed yet: it can start over on another prefill worker.
                 self.tell_workers(r, p.Abort(r.rid), skip=w.worker_id)

@@ -1,5 +1,6 @@
-"""`kairos serve`: a router, one prefill worker and one decode worker on this machine, as child
-processes that go down together on Ctrl-C or SIGTERM (and with this process if it is killed)."""
+"""`kairos serve`: a router and prefill and decode workers on this machine, as child processes
+that go down together on Ctrl-C or SIGTERM (and with this process if it is killed). A child
+that dies is started again, after a backoff, while the rest serve on."""
 
 from __future__ import annotations
 
@@ -12,10 +13,13 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
 
 from kairos.transport.client import Client
 
 SHUTDOWN_GRACE_S = 5.0
+MAX_BACKOFF_S = 30.0
+RESTART_RESET_S = 60.0  # a child that ran this long starts its backoff over
 
 
 def _die_with_parent() -> None:
@@ -30,32 +34,70 @@ class StartupError(RuntimeError):
     """A local cluster's process exited, or its workers did not register, during start-up."""
 
 
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    proc: subprocess.Popen
+    started: float
+    backoff_s: float = 0.0  # the delay before its last restart
+    restart_at: float | None = None  # set while it is dead and waiting to start again
+    kv_blocks: int | None = None  # its KV cache once registered: a restart asks for as many
+
+
 class ProcessGroup:
     """`kairos` commands as child processes (with -v: logging set-up details)."""
 
     def __init__(self, verbose: bool = False):
-        self.procs: list[tuple[str, subprocess.Popen]] = []
+        self.children: list[Child] = []
         self.verbose = verbose
 
-    def start(self, name: str, argv: list[str]) -> None:
+    def _spawn(self, argv: list[str]) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "kairos.cli", *(["-v"] if self.verbose else []), *argv]
         preexec = _die_with_parent if sys.platform.startswith("linux") else None
-        self.procs.append((name, subprocess.Popen(cmd, preexec_fn=preexec)))
+        return subprocess.Popen(cmd, preexec_fn=preexec)
+
+    def start(self, name: str, argv: list[str]) -> None:
+        self.children.append(Child(name, argv, self._spawn(argv), time.monotonic()))
 
     def dead(self) -> list[tuple[str, int]]:
-        return [(name, proc.returncode) for name, proc in self.procs if proc.poll() is not None]
+        return [(c.name, c.proc.returncode) for c in self.children if c.proc.poll() is not None]
+
+    def supervise(self, now: float) -> None:
+        """Schedules a dead child's restart, after a backoff that doubles (1 s to 30 s) while it
+        keeps dying within a minute of starting, and restarts those whose time has come. A
+        worker comes back with the KV cache it had: on a shared GPU, sizing it again from free
+        memory would count the other workers' share as its own."""
+        for c in self.children:
+            code = c.proc.poll()
+            if code is not None and c.restart_at is None:
+                c.backoff_s = 1.0 if now - c.started > RESTART_RESET_S else min(MAX_BACKOFF_S, 2 * c.backoff_s or 1.0)
+                c.restart_at = now + c.backoff_s
+                print(f"kairos: the {c.name} process exited with status {code}; restarting it in {c.backoff_s:g} s",
+                      file=sys.stderr, flush=True)
+            elif c.restart_at is not None and now >= c.restart_at:
+                blocks = ["--num-kv-blocks", str(c.kv_blocks)] if c.kv_blocks is not None else []
+                c.proc, c.started, c.restart_at = self._spawn([*c.argv, *blocks]), now, None
+
+    def learn_kv_blocks(self, workers: list[dict]) -> None:
+        """Notes each worker child's KV cache size from the router's status (workers report
+        their process id)."""
+        by_pid = {w.get("pid"): w.get("total_blocks") for w in workers}
+        for c in self.children:
+            if c.kv_blocks is None and isinstance(by_pid.get(c.proc.pid), int):
+                c.kv_blocks = by_pid[c.proc.pid]
 
     def stop(self) -> None:
-        for _, proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.terminate()
+        for c in reversed(self.children):
+            if c.proc.poll() is None:
+                c.proc.terminate()
         deadline = time.monotonic() + SHUTDOWN_GRACE_S
-        for _, proc in self.procs:
+        for c in self.children:
             try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
+                c.proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+                c.proc.kill()
+                c.proc.wait()
 
 
 def wait_for_workers(addr: str, wanted: dict[str, int], group: ProcessGroup | None, timeout_s: float,
@@ -119,10 +161,12 @@ def local_cluster(prefill_argv: list[str], decode_argv: list[str], prefill_worke
         group.stop()
 
 
-def serve(host: str, port: int, router_argv: list[str], worker_argv: list[str], prefill_argv: list[str],
-          decode_argv: list[str], startup_timeout_s: float, one_at_a_time: bool, verbose: bool = False) -> int:
-    """one_at_a_time: start decode only once prefill has registered, so that on a shared GPU
-    each sizes its KV cache from what the other really left free."""
+def serve(host: str, port: int, router_argv: list[str], worker_argv: list[str], prefill_argv: list[list[str]],
+          decode_argv: list[list[str]], startup_timeout_s: float, one_at_a_time: bool, verbose: bool = False) -> int:
+    """Starts a worker per entry of prefill_argv and decode_argv (each its own arguments) and
+    serves until SIGINT or SIGTERM, restarting any child that dies. one_at_a_time: start each
+    worker once the one before has registered, so that on a shared GPU each sizes its KV cache
+    from what the others really left free."""
     addr = f"tcp://{host}:{port}"
     stop = {"signal": None}
 
@@ -135,22 +179,31 @@ def serve(host: str, port: int, router_argv: list[str], worker_argv: list[str], 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
     group = ProcessGroup(verbose)
+    wanted = Counter()
     try:
         group.start("router", ["router", "--host", host, "--port", str(port), *router_argv])
-        group.start("prefill", ["prefill", "--router", addr, *worker_argv, *prefill_argv])
-        if one_at_a_time:
-            wait_for_workers(addr, {"prefill": 1}, group, startup_timeout_s, interrupted)
+        workers = [("prefill", ["prefill", "--router", addr, *worker_argv, *argv]) for argv in prefill_argv]
+        workers += [("decode", ["decode", "--router", addr, "--kv-host", host, *worker_argv, *argv])
+                    for argv in decode_argv]
+        for role, argv in workers:
+            if interrupted():
+                break
+            wanted[role] += 1
+            count = len(prefill_argv if role == "prefill" else decode_argv)
+            group.start(f"{role} {wanted[role]}" if count > 1 else role, argv)
+            if one_at_a_time:
+                wait_for_workers(addr, wanted, group, startup_timeout_s, interrupted)
         if not interrupted():
-            group.start("decode", ["decode", "--router", addr, "--kv-host", host, *worker_argv, *decode_argv])
-            wait_for_workers(addr, {"prefill": 1, "decode": 1}, group, startup_timeout_s, interrupted)
+            wait_for_workers(addr, wanted, group, startup_timeout_s, interrupted)
         if not interrupted():
             print(f"kairos: serving at {addr}  (Ctrl-C stops)", flush=True)
-        while not interrupted():
-            if group.dead():
-                name, code = group.dead()[0]
-                print(f"kairos: the {name} process exited with status {code}; shutting down", file=sys.stderr)
-                return 1
-            time.sleep(0.2)
+        with Client(addr, timeout_s=1.0) as client:
+            while not interrupted():
+                group.supervise(time.monotonic())
+                if any(c.kv_blocks is None for c in group.children[1:]):
+                    with contextlib.suppress(TimeoutError):
+                        group.learn_kv_blocks(client.status()["workers"])
+                time.sleep(0.2)
         return 0
     except StartupError as e:
         print(f"kairos: error: {e}", file=sys.stderr)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -69,7 +70,8 @@ class Worker:
         """Timeouts and queued work, once per loop."""
 
     def stats(self) -> dict:
-        stats = {**self.llm.load(), **self.counters}
+        # The process id lets `kairos serve` tell which of its children a worker is.
+        stats = {**self.llm.load(), **self.counters, "pid": os.getpid()}
         cost = self.llm.cost_model
         if cost is not None:  # observed over predicted step time: how far serving is from the profile
             stats["cost_scale"] = {phase: {"mean": m, "spread": d, "observed_s": cost.totals[phase][0],
