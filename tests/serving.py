@@ -21,6 +21,28 @@ def kairos_process(*argv: str, prefix: tuple[str, ...] = (), **kwargs) -> subpro
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
 
 
+def add_fake_workers(router, geometry: dict | None = None) -> None:
+    """Registers a prefill worker p1 and a decode worker d1 with an in-process Router."""
+    from kairos.transport.router import WorkerInfo
+
+    for worker_id, role in (("p1", "prefill"), ("d1", "decode")):
+        router.workers[worker_id] = WorkerInfo(worker_id, role, worker_id.encode(), geometry or {}, 64,
+                                               "tcp://127.0.0.1:1" if role == "decode" else None, time.monotonic())
+
+
+def recording_router():
+    """An in-process Router on a free port with fake workers p1 and d1; what it sends is kept
+    in `router.sent` as (identity, message) instead of going out."""
+    from kairos.transport import protocol as p
+    from kairos.transport.router import Router
+
+    router = Router(port=0)
+    add_fake_workers(router)
+    router.sent = []
+    router.socket.send_multipart = lambda frames, *a, **k: router.sent.append((frames[0], p.decode(frames[-1])))
+    return router
+
+
 class Cluster:
     """A router and workers; stop() ends them all, killing what does not exit."""
 

@@ -15,6 +15,7 @@ import msgpack
 import pytest
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
+from serving import add_fake_workers, recording_router
 
 from kairos.transport import protocol as p
 
@@ -103,16 +104,7 @@ def test_decoding_anything_gives_a_message_or_a_protocol_error(data):
 
 @pytest.fixture(scope="module")
 def router():
-    from kairos.transport.router import Router, WorkerInfo
-
-    router = Router(port=0)
-    geometry = {"num_layers": 2}
-    for worker_id, role in (("p1", "prefill"), ("d1", "decode")):
-        router.workers[worker_id] = WorkerInfo(worker_id, role, worker_id.encode(), geometry, 64,
-                                               "tcp://127.0.0.1:1" if role == "decode" else None, time.monotonic())
-    sent = []
-    router.socket.send_multipart = lambda frames, *args, **kwargs: sent.append((frames[0], p.decode(frames[-1])))
-    router.sent = sent
+    router = recording_router()
     yield router
     router.ctx.destroy(linger=0)
 
@@ -124,16 +116,12 @@ IDENTITIES = [b"client", b"p1", b"d1", b"d1/heartbeat", b"stranger"]
 @seed(2)
 @given(st.lists(st.tuples(st.sampled_from(IDENTITIES), wire), min_size=1, max_size=8))
 def test_the_router_survives_anything_and_still_dispatches(router, batch):
-    from kairos.transport.router import WorkerInfo
-
     for identity, data in batch:
         msg = decoded_or_none(data)
         if msg is not None:
             router.handle(identity, msg)
     # The fuzz may have re-registered or dropped the workers: put them back, then serve.
-    for worker_id, role in (("p1", "prefill"), ("d1", "decode")):
-        router.workers[worker_id] = WorkerInfo(worker_id, role, worker_id.encode(), {"num_layers": 2}, 64,
-                                               "tcp://127.0.0.1:1" if role == "decode" else None, time.monotonic())
+    add_fake_workers(router)
     router.sent.clear()
     router.handle(b"real", p.Submit("real", prompt_token_ids=[1, 2, 3], params={"max_tokens": 2}))
     dispatched = [m for who, m in router.sent if who == b"p1" and isinstance(m, p.PrefillRequest)]

@@ -7,6 +7,7 @@ import time
 import msgpack
 import pytest
 import zmq
+from serving import add_fake_workers, recording_router
 
 from kairos.transport import protocol as p
 from kairos.transport.sockets import make_socket, recv
@@ -71,15 +72,7 @@ def test_a_socket_rejects_oversized_or_malformed_messages_and_keeps_serving(sock
 
 @pytest.fixture()
 def router():
-    from kairos.transport.router import Router, WorkerInfo
-
-    router = Router(port=0)
-    for worker_id, role in (("p1", "prefill"), ("d1", "decode")):
-        router.workers[worker_id] = WorkerInfo(worker_id, role, worker_id.encode(), {}, 64,
-                                               "tcp://127.0.0.1:1" if role == "decode" else None, time.monotonic())
-    sent = []
-    router.socket.send_multipart = lambda frames, *args, **kwargs: sent.append((frames[0], p.decode(frames[-1])))
-    router.sent = sent
+    router = recording_router()
     yield router
     router.ctx.destroy(linger=0)
 
@@ -173,11 +166,7 @@ def test_request_ids_inside_the_cluster_cannot_be_guessed(router):
 
 
 def test_a_refused_worker_learns_nothing_of_the_clusters_kv_geometry(router, caplog):
-    from kairos.transport.router import WorkerInfo
-
-    for worker_id, role in (("p1", "prefill"), ("d1", "decode")):
-        router.workers[worker_id] = WorkerInfo(worker_id, role, worker_id.encode(), {"num_layers": 32, "head_dim": 128},
-                                               64, "tcp://127.0.0.1:1", time.monotonic())
+    add_fake_workers(router, {"num_layers": 32, "head_dim": 128})
     with caplog.at_level("WARNING", logger="kairos"):
         router.on_register(b"intruder", p.Register("intruder", "decode", {"num_layers": 2, "head_dim": 8},
                                                    64, "tcp://127.0.0.1:2"))

@@ -94,6 +94,18 @@ def test_killed_prefill_worker_hands_its_queue_to_another_or_fails_it(cluster):
     cluster.wait_idle()
 
 
+def wait_for_free_prefill_blocks(cluster, timeout_s: float = 5.0) -> None:
+    """Until the prefill worker reports every KV block free and no transfer."""
+    deadline = time.monotonic() + timeout_s
+    with cluster.client() as client:
+        while True:
+            prefill = next(w for w in client.status()["workers"] if w["role"] == "prefill")
+            if prefill["free_blocks"] == prefill["total_blocks"] and prefill["transfers"] == 0:
+                return
+            assert time.monotonic() < deadline, prefill
+            time.sleep(0.1)
+
+
 class SilentDecodeWorker:
     """Registers as a decode worker and accepts KV offers, but never acknowledges the data (or,
     with make_room=False, never makes room for it)."""
@@ -148,14 +160,7 @@ def test_a_transfer_never_acknowledged_fails_the_request_and_frees_prefill_block
         assert any(isinstance(m, p.KVData) for m in silent.received)
         assert p.KVCancel(next(m.transfer_id for m in silent.received if isinstance(m, p.KVData)),
                           "timed out") in silent.received
-        deadline = time.monotonic() + 5
-        with cluster.client() as client:
-            while True:
-                prefill = next(w for w in client.status()["workers"] if w["role"] == "prefill")
-                if prefill["free_blocks"] == prefill["total_blocks"] and prefill["transfers"] == 0:
-                    break
-                assert time.monotonic() < deadline, prefill
-                time.sleep(0.1)
+        wait_for_free_prefill_blocks(cluster)
     finally:
         silent.close()
 
@@ -175,14 +180,7 @@ def test_an_offer_the_decode_side_never_makes_room_for_times_out(cluster, tiny_l
         offered = next(m for m in silent.received if isinstance(m, p.KVOffer))
         assert p.KVCancel(offered.transfer_id, "timed out") in silent.received
         assert not any(isinstance(m, p.KVData) for m in silent.received)
-        deadline = time.monotonic() + 5
-        with cluster.client() as client:
-            while True:
-                prefill = next(w for w in client.status()["workers"] if w["role"] == "prefill")
-                if prefill["free_blocks"] == prefill["total_blocks"] and prefill["transfers"] == 0:
-                    break
-                assert time.monotonic() < deadline, prefill
-                time.sleep(0.1)
+        wait_for_free_prefill_blocks(cluster)
     finally:
         silent.close()
 
