@@ -200,8 +200,7 @@ def add_commands(sub) -> None:
     decode.add_argument("--max-inflight-transfer-mb", type=float, default=MAX_INFLIGHT_TRANSFER_BYTES / MIB,
                         help="KV under way into this worker, MiB (one transfer can always go)")
 
-    srv = sub.add_parser("serve", help="router + prefill + decode workers on this machine, "
-                                                 "restarted if they die")
+    srv = sub.add_parser("serve", help="router + prefill + decode workers on this machine, restarted if they die")
     add_worker_args(srv)
     add_network_args(srv)
     add_default_slo_args(srv)

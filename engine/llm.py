@@ -225,7 +225,7 @@ class LLM:
             tokens = self.runner.launch(batch)
         except Exception as e:
             raise StepFailed([seq.request_id for seq in batch.seqs], e) from e
-        self.scheduler.advance(batch)
+        self.scheduler.advance(batch, tokens.rows)
         return LaunchedStep(batch, tokens, started, work)
 
     def _complete(self, step: LaunchedStep) -> list[Sequence]:

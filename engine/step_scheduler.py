@@ -163,17 +163,16 @@ class StepScheduler:
         self.num_preemptions += 1
         self.waiting.insert(0, seq)
 
-    def advance(self, batch: Batch) -> list[bool]:
+    def advance(self, batch: Batch, sampling_rows: list[int]) -> None:
         """Records a launched step's progress before its tokens are known: each sequence that
-        samples gets a pending token, so that the next step can be scheduled at once. Returns
-        which sequences sample."""
-        samples = [batch.samples(seq, n) for seq, n in zip(batch.seqs, batch.num_new_tokens)]
-        for row, (seq, n, sampling) in enumerate(zip(batch.seqs, batch.num_new_tokens, samples)):
+        samples (at these rows of the batch) gets a pending token, so that the next step can
+        be scheduled at once."""
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
-            if sampling:
-                seq.append_pending()
-                seq.pending_row = row
-        return samples
+        for row in sampling_rows:
+            seq = batch.seqs[row]
+            seq.append_pending()
+            seq.pending_row = row
 
     def resolve(self, batch: Batch, sampled: list[int | None]) -> list[Sequence]:
         """Fills in a step's tokens once they reach the host; returns the sequences that got one

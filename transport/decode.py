@@ -172,14 +172,13 @@ class DecodeWorker(Worker):
     def on_hello(self, peer: bytes, msg: p.KVHello) -> None:
         try:
             problem = p.KVGeometry.from_dict(msg.geometry).mismatch(self.geometry)
-        except ValueError as e:
-            problem = str(e)
+            # Which values this worker has stays in its log, not in the reply to an unknown peer.
+            reply = problem and "KV geometry differs from this decode worker's (its log says how)"
+        except ValueError as e:  # malformed: the reply names only what the peer sent
+            problem = reply = str(e)
         if problem:
             log.warning("refused KV handshake from %s: %s", msg.worker_id, problem)
-            # Which values this worker has stays in its log, not in the reply to an unknown peer.
-            brief = problem if problem.startswith("bad KV geometry") else \
-                "KV geometry differs from this decode worker's (its log says how)"
-            send(self.kv_socket, p.Error(None, brief), peer)
+            send(self.kv_socket, p.Error(None, reply), peer)
             return
         self.greeted.add(peer)
         if msg.cuda_ipc is not None and peer not in self.peer_caches:
