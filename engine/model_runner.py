@@ -85,7 +85,12 @@ class ModelRunner:
                 "raise the KV memory or lower --max-model-len"
             )
         shape = (2, cfg.num_layers, num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.kv_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+        # On a CPU, untouched pages of an empty tensor are not committed: the cache would grow
+        # the process by a block's pages each time serving first writes one (450 MB to 1.6 GB
+        # over 4,000 requests with the default 1 GiB), and each first touch faults mid-step.
+        # Zeroing commits it all at start-up. GPU memory is committed when allocated.
+        alloc = torch.zeros if self.device.type == "cpu" else torch.empty
+        self.kv_cache = alloc(shape, dtype=self.dtype, device=self.device)
         for i, layer in enumerate(self.model.model.layers):
             layer.self_attn.k_cache = self.kv_cache[0, i]
             layer.self_attn.v_cache = self.kv_cache[1, i]

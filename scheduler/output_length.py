@@ -8,16 +8,21 @@ from collections import deque
 
 
 class OutputLengthEstimator:
-    def __init__(self, quantile: float = 0.9, window: int = 2048):
+    def __init__(self, quantile: float = 0.9, window: int = 2048, max_classes: int = 256):
         if not 0 < quantile <= 1:
             raise ValueError(f"quantile must be in (0, 1], got {quantile}")
         self.quantile = quantile
         self.window = window
+        # Clients name the classes: a bound keeps the history from growing with every new name.
+        self.max_classes = max_classes
         self._recent: dict[str | None, deque[int]] = {}
         self._sorted: dict[str | None, list[int]] = {}
         self.arrays = None  # the lengths as arrays, built by `native` when it needs them
 
     def observe(self, request_class: str | None, length: int) -> None:
+        if request_class not in self._recent and len(self._recent) >= self.max_classes:
+            oldest = next(iter(self._recent))  # the class first seen longest ago goes
+            del self._recent[oldest], self._sorted[oldest]
         recent = self._recent.setdefault(request_class, deque())
         ordered = self._sorted.setdefault(request_class, [])
         recent.append(length)

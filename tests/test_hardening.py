@@ -3,6 +3,7 @@ bad heartbeat figures and SLOs out of bounds get an error reply, and a failing e
 fails its own requests only."""
 
 import time
+from pathlib import Path
 
 import msgpack
 import pytest
@@ -193,3 +194,21 @@ def test_the_decode_kv_socket_refuses_a_foreign_geometry_without_naming_its_own(
         assert str(ours["num_layers"]) not in reply.message and b"peer" not in worker.greeted
     finally:
         worker.close()
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmRSS from /proc")
+def test_the_cpu_kv_cache_is_committed_at_start_so_serving_does_not_grow_the_process():
+    """Untouched pages of an empty CPU tensor are committed only when first written: a worker
+    grew by its whole KV cache over its first thousands of requests, which read as a leak of
+    45 KB per request (bench/soak.py measures the process flat after its first round)."""
+    from kairos.engine import LLM
+
+    def rss_bytes() -> int:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmRSS:"))
+        return int(line.split()[1]) * 1024
+
+    before = rss_bytes()
+    llm = LLM("tiny", cpu_kv_cache_gb=0.25, max_model_len=512)
+    cache_bytes = llm.runner.kv_cache.numel() * llm.runner.kv_cache.element_size()
+    assert cache_bytes > 200 * 2**20
+    assert rss_bytes() - before > 0.9 * cache_bytes

@@ -430,6 +430,16 @@ def test_output_length_window_forgets_old_lengths():
     assert math.isfinite(est.remaining(None, 0, 2000))
 
 
+def test_output_length_history_keeps_a_bounded_number_of_classes():
+    """Clients name request classes: one naming a new class per request must not grow the
+    history without end. The class first seen longest ago is forgotten."""
+    est = OutputLengthEstimator(quantile=1.0, max_classes=3)
+    for i in range(1000):
+        est.observe(f"class-{i}", 7)
+    assert set(est.lengths_by_class()) == {"class-997", "class-998", "class-999"}
+    assert est.remaining("class-999", 0, 100) == 7 and est.remaining("class-0", 0, 100) == 100
+
+
 # ---- in the engine -------------------------------------------------------------------------------
 
 

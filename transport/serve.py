@@ -138,16 +138,17 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 @contextlib.contextmanager
 def local_cluster(prefill_argv: list[str], decode_argv: list[str], prefill_workers: int = 1, decode_workers: int = 1,
-                  startup_timeout_s: float = 300.0):
+                  startup_timeout_s: float = 300.0, group: ProcessGroup | None = None):
     """A router on a free loopback port and this many prefill and decode workers, started with
     these arguments (each besides --router) and sharing the cores; yields the router's address
-    once all have registered, and stops them all."""
+    once all have registered, and stops them all. Pass `group` to see the processes (router
+    first, then the workers in order)."""
     if min(prefill_workers, decode_workers) < 1:
         raise ValueError(f"a cluster needs at least one prefill and one decode worker, "
                          f"not {prefill_workers} and {decode_workers}")
     port = free_port()
     addr = f"tcp://127.0.0.1:{port}"
-    group = ProcessGroup()
+    group = group if group is not None else ProcessGroup()
     try:
         group.start("router", ["router", "--port", str(port)])
         # The caller's own --cpu-threads, coming later, wins.
