@@ -212,3 +212,34 @@ def test_the_cpu_kv_cache_is_committed_at_start_so_serving_does_not_grow_the_pro
     cache_bytes = llm.runner.kv_cache.numel() * llm.runner.kv_cache.element_size()
     assert cache_bytes > 200 * 2**20
     assert rss_bytes() - before > 0.9 * cache_bytes
+
+
+def test_tokenizing_a_long_prompt_leaves_other_threads_running(tiny_path):
+    """A worker's heartbeats come from a thread of their own: tokenizing a long prompt on the
+    main thread must not hold them up (the router dropped a worker that went silent for it)."""
+    import threading
+
+    from kairos.engine.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(tiny_path)
+    text = "the quick brown fox jumps over the lazy dog, " * 40_000  # 1.8 million characters
+    gaps, done = [], threading.Event()
+
+    def beat():
+        last = time.perf_counter()
+        while not done.is_set():
+            time.sleep(0.01)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    thread = threading.Thread(target=beat)
+    thread.start()
+    time.sleep(0.05)
+    started = time.perf_counter()
+    ids = tokenizer.encode(text)
+    took = time.perf_counter() - started
+    done.set()
+    thread.join()
+    assert len(ids) > 400_000 and took > 0.2
+    assert max(gaps) < took / 2, (max(gaps), took)
