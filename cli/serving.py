@@ -26,6 +26,11 @@ def add_network_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=DEFAULT_PORT)
 
 
+def add_curve_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--curve-keys", metavar="DIR",
+                   help="the cluster's CURVE keys (kairos keys DIR): encrypted links, listed workers only")
+
+
 def add_default_slo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ttft-slo-ms", type=float, default=DEFAULT_TTFT_SLO_MS,
                    help="time-to-first-token SLO of requests that set none")
@@ -52,31 +57,38 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offer-timeout", type=float, default=60.0,
                    help="seconds a prefilled request may wait for room on its decode worker before it fails")
     p.add_argument("--kv-frame-mb", type=float, default=8.0, help="largest KV frame on the wire, MiB")
+    add_curve_arg(p)
     p.add_argument("--step-log", metavar="FILE",
                    help="append one JSON line per engine step: loop time split, batch, queue and free KV blocks")
 
 
 def worker_kwargs(args: argparse.Namespace) -> dict:
+    from kairos.transport.security import CurveKeys
+
+    keys = CurveKeys.load(args.curve_keys, "worker") if args.curve_keys else None
     return {"transfer_timeout_s": args.transfer_timeout, "offer_timeout_s": args.offer_timeout,
-            "max_frame_bytes": int(args.kv_frame_mb * MIB), "step_log": args.step_log}
+            "max_frame_bytes": int(args.kv_frame_mb * MIB), "step_log": args.step_log, "keys": keys}
 
 
 def worker_argv(args: argparse.Namespace) -> list[str]:
     """A worker's own flags (besides the engine's), for a child process."""
     argv = ["--transfer-timeout", str(args.transfer_timeout), "--offer-timeout", str(args.offer_timeout),
             "--kv-frame-mb", str(args.kv_frame_mb)]
+    argv += ["--curve-keys", args.curve_keys] if args.curve_keys else []
     return argv + (["--step-log", args.step_log] if args.step_log else [])
 
 
 def cmd_router(args: argparse.Namespace) -> int:
     from kairos.scheduler.request import RequestSLO
     from kairos.transport.router import Router
+    from kairos.transport.security import CurveKeys
 
     if min(args.max_prompt_chars, args.max_prompt_tokens) < 1:
         raise ValueError("--max-prompt-chars and --max-prompt-tokens must be at least 1")
     router = Router(args.host, args.port, args.worker_timeout, args.queue_timeout,
                     default_slo=RequestSLO(args.ttft_slo_ms, args.tpot_slo_ms),
-                    max_prompt_chars=args.max_prompt_chars, max_prompt_tokens=args.max_prompt_tokens)
+                    max_prompt_chars=args.max_prompt_chars, max_prompt_tokens=args.max_prompt_tokens,
+                    keys=CurveKeys.load(args.curve_keys, "router") if args.curve_keys else None)
     print(f"kairos router: listening at {router.addr}", flush=True)
     router.run()
     return 0
@@ -119,8 +131,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     prefill = [["--gpu-memory-utilization", f"{util * share * (i + 1) / n_prefill:.3f}"] for i in range(n_prefill)]
     decode = [["--gpu-memory-utilization", f"{util * (share + (1 - share) * (i + 1) / n_decode):.3f}"]
               for i in range(n_decode)]
-    return serve(args.host, args.port, router_limit_argv(args), workers, prefill, decode, args.startup_timeout,
-                 on_gpu, args.verbose)
+    router = [*router_limit_argv(args), *(["--curve-keys", args.curve_keys] if args.curve_keys else [])]
+    return serve(args.host, args.port, router, workers, prefill, decode, args.startup_timeout, on_gpu,
+                 args.verbose, args.curve_keys)
 
 
 def cmd_client(args: argparse.Namespace) -> int:
@@ -132,7 +145,7 @@ def cmd_client(args: argparse.Namespace) -> int:
                "top_k": args.top_k, "seed": args.seed, "stop": args.stop, "ignore_eos": args.ignore_eos,
                "slo": {k: v for k, v in slo.items() if v is not None}}
     failed = False
-    with Client(args.addr, timeout_s=args.timeout) as client:
+    with Client(args.addr, timeout_s=args.timeout, curve_keys=args.curve_keys) as client:
         if args.json or len(args.prompt) > 1:
             for completion in client.generate(args.prompt, **options):
                 failed |= completion.error is not None
@@ -167,8 +180,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
         if not args.wait > 0:
             raise ValueError(f"--wait must be a positive number of seconds, got {args.wait}")
-        wait_for_workers(args.addr, {"prefill": 1, "decode": 1}, None, args.wait)
-    with Client(args.addr, timeout_s=args.timeout) as client:
+        wait_for_workers(args.addr, {"prefill": 1, "decode": 1}, None, args.wait, curve_keys=args.curve_keys)
+    with Client(args.addr, timeout_s=args.timeout, curve_keys=args.curve_keys) as client:
         report = client.status()
     if args.json:
         print(json.dumps(report))
@@ -177,11 +190,21 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    from kairos.transport.security import generate_keys
+
+    folder = generate_keys(args.folder)
+    print(f"wrote CURVE keys to {folder}: give every router, worker and client --curve-keys {folder}; "
+          f"clients need only server.key. Keep the *.key_secret files private.")
+    return 0
+
+
 def add_commands(sub) -> None:
     router = sub.add_parser("router", help="the front door that clients and workers connect to")
     add_network_args(router)
     add_default_slo_args(router)
     add_prompt_limit_args(router)
+    add_curve_arg(router)
     router.add_argument("--worker-timeout", type=float, default=2.0,
                         help="seconds without a heartbeat before a worker is given up for dead")
     router.add_argument("--queue-timeout", type=float, default=30.0,
@@ -228,6 +251,7 @@ def add_commands(sub) -> None:
     cli.add_argument("--output-len-hint", type=int, help="expected output length, for the scheduler")
     cli.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for any reply")
     cli.add_argument("--json", action="store_true", help="one JSON object per request")
+    add_curve_arg(cli)
     cli.set_defaults(func=cmd_client)
 
     status = sub.add_parser("status", help="workers, queues, KV blocks and request counts of a router")
@@ -237,4 +261,9 @@ def add_commands(sub) -> None:
                         help="first wait up to S seconds for a prefill and a decode worker to register "
                              "(exit status 1 if they do not): for scripts that start a cluster")
     status.add_argument("--json", action="store_true")
+    add_curve_arg(status)
     status.set_defaults(func=cmd_status)
+
+    keys = sub.add_parser("keys", help="write a cluster's CURVE keys into a new folder (for --curve-keys)")
+    keys.add_argument("folder")
+    keys.set_defaults(func=cmd_keys)

@@ -46,14 +46,17 @@ def recording_router():
 class Cluster:
     """A router and workers; stop() ends them all, killing what does not exit."""
 
-    def __init__(self, host: str = "127.0.0.1", worker_timeout_s: float = 2.0, prefix: tuple[str, ...] = ()):
+    def __init__(self, host: str = "127.0.0.1", worker_timeout_s: float = 2.0, prefix: tuple[str, ...] = (),
+                 curve_keys: str | None = None):
+        self.curve_keys = curve_keys
+        keys = ["--curve-keys", curve_keys] if curve_keys else []
         self.host = host
         self.port = free_port()
         self.addr = f"tcp://{host}:{self.port}"
         self.procs: list[subprocess.Popen] = []
         self.workers: dict[str, list[subprocess.Popen]] = {"prefill": [], "decode": []}
         self.router = self.spawn("router", "--host", host, "--port", str(self.port),
-                                 "--worker-timeout", str(worker_timeout_s), prefix=prefix)
+                                 "--worker-timeout", str(worker_timeout_s), *keys, prefix=prefix)
 
     def spawn(self, *argv: str, prefix: tuple[str, ...] = ()) -> subprocess.Popen:
         proc = kairos_process(*argv, prefix=prefix)
@@ -62,12 +65,13 @@ class Cluster:
 
     def add_worker(self, role: str, *extra: str, prefix: tuple[str, ...] = (),
                    router_addr: str | None = None) -> subprocess.Popen:
-        proc = self.spawn(role, "--router", router_addr or self.addr, *WORKER_ARGS, *extra, prefix=prefix)
+        keys = ["--curve-keys", self.curve_keys] if self.curve_keys else []
+        proc = self.spawn(role, "--router", router_addr or self.addr, *WORKER_ARGS, *keys, *extra, prefix=prefix)
         self.workers[role].append(proc)
         return proc
 
     def client(self, timeout_s: float = 30.0) -> Client:
-        return Client(self.addr, timeout_s=timeout_s)
+        return Client(self.addr, timeout_s=timeout_s, curve_keys=self.curve_keys)
 
     def wait_for_workers(self, prefill: int, decode: int, timeout_s: float = 90.0) -> dict:
         deadline = time.monotonic() + timeout_s

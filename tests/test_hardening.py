@@ -243,3 +243,38 @@ def test_tokenizing_a_long_prompt_leaves_other_threads_running(tiny_path):
     thread.join()
     assert len(ids) > 400_000 and took > 0.2
     assert max(gaps) < took / 2, (max(gaps), took)
+
+
+def test_binding_beyond_loopback_without_keys_warns_loudly(caplog, tmp_path):
+    from kairos.transport.router import Router
+    from kairos.transport.security import CurveKeys, generate_keys
+
+    for host, keys, warned in (("127.0.0.1", None, False), ("0.0.0.0", None, True),
+                               ("0.0.0.0", CurveKeys.load(generate_keys(tmp_path / "keys"), "router"), False)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="kairos"):
+            router = Router(host, port=0, keys=keys)
+        router.close()
+        assert ("WITHOUT authentication" in caplog.text) == warned, (host, keys)
+
+
+def test_keys_are_written_once_and_read_with_a_clear_error(tmp_path):
+    from kairos.transport.security import CurveKeys, generate_keys
+
+    with pytest.raises(ValueError, match="kairos keys"):
+        CurveKeys.load(tmp_path / "none", "worker")
+    folder = generate_keys(tmp_path / "keys")
+    with pytest.raises(ValueError, match="already holds keys"):
+        generate_keys(folder)
+    worker, client = CurveKeys.load(folder, "worker"), CurveKeys.load(folder, "client")
+    assert worker.server_public == client.server_public and client.server_secret is None
+    assert worker.public in worker.allowed_workers and client.public not in worker.allowed_workers
+    assert CurveKeys.load(folder, "client").public != client.public  # a client's key is its own
+
+
+def test_a_worker_socket_identity_taken_by_another_key_is_not_that_worker(router):
+    router.workers["d1"].key = "the-key-d1-registered-with"
+    router.handle(b"d1/heartbeat", p.Heartbeat("d1", {"free_blocks": 1}), user_id="someone-else")
+    assert router.workers["d1"].stats == {} and isinstance(router.sent[-1][1], p.Error)
+    router.handle(b"d1/heartbeat", p.Heartbeat("d1", {"free_blocks": 1}), user_id="the-key-d1-registered-with")
+    assert router.workers["d1"].stats == {"free_blocks": 1}

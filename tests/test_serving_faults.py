@@ -295,6 +295,52 @@ def test_serve_runs_and_shuts_down_without_orphans(tiny_path):
             os.kill(pid, signal.SIGKILL)
 
 
+def test_curve_keys_admit_listed_workers_and_key_holding_clients_only(tmp_path):
+    """With --curve-keys: a client with the server's public key is served and one without it
+    gets no answer; a peer presenting an unlisted key may not register as a worker, and a
+    decode worker's KV socket completes no handshake with it."""
+    from kairos.transport.client import Client
+    from kairos.transport.security import CurveKeys
+
+    keys_dir = str(tmp_path / "keys")
+    assert kairos_process("keys", keys_dir).wait(30) == 0
+    cluster = Cluster(curve_keys=keys_dir)
+    ctx = zmq.Context()
+    try:
+        cluster.add_worker("prefill")
+        cluster.add_worker("decode")
+        cluster.wait_for_workers(1, 1)
+        with cluster.client() as client:
+            assert client.generate("with keys", max_tokens=4, temperature=0).finish_reason == "length"
+            kv_addr = next(w["kv_addr"] for w in client.status()["workers"] if w["role"] == "decode")
+        with Client(cluster.addr, timeout_s=2) as keyless, pytest.raises(TimeoutError):
+            keyless.status()
+
+        stranger, worker = CurveKeys.load(keys_dir, "client"), CurveKeys.load(keys_dir, "worker")
+
+        def dealer(keys, addr, identity):
+            sock = make_socket(ctx, zmq.DEALER, identity=identity)
+            keys.connect(sock)
+            sock.connect(addr)
+            return sock
+
+        fake = dealer(stranger, cluster.addr, b"decode-fake")
+        fake.send(p.encode(p.Register("decode-fake", "decode", {}, 64, "tcp://127.0.0.1:1")))
+        assert fake.poll(5000)
+        refusal = p.decode(fake.recv())
+        assert isinstance(refusal, p.Error) and "not among the router's worker keys" in refusal.message
+        hello = p.encode(p.KVHello("intruder", {"model": "other"}))
+        outsider = dealer(stranger, kv_addr, b"intruder")
+        outsider.send(hello)
+        assert not outsider.poll(2000)  # the handshake failed: nothing gets through either way
+        listed = dealer(worker, kv_addr, b"listed")
+        listed.send(hello)
+        assert listed.poll(5000) and "bad KV geometry" in p.decode(listed.recv()).message
+    finally:
+        ctx.destroy(linger=0)
+        cluster.stop()
+
+
 # ---- across hosts ------------------------------------------------------------------------------
 
 NAMESPACES = {"router": "kx-router", "prefill": "kx-prefill", "decode": "kx-decode"}
@@ -341,10 +387,14 @@ def namespaces_available() -> str | None:
 
 
 @pytest.mark.skipif(bool(reason := namespaces_available()), reason=reason or "")
-def test_router_prefill_and_decode_on_separate_hosts(tiny_path):
+def test_router_prefill_and_decode_on_separate_hosts(tiny_path, tmp_path):
+    """Three hosts, every link under CURVE: the outputs are the offline engine's, and a client
+    without the keys gets no answer."""
     addrs = setup_namespaces()
     in_ns = {role: ("ip", "netns", "exec", ns) for role, ns in NAMESPACES.items()}
-    cluster = Cluster(host="0.0.0.0", prefix=in_ns["router"])
+    keys_dir = str(tmp_path / "keys")
+    assert kairos_process("keys", keys_dir).wait(30) == 0
+    cluster = Cluster(host="0.0.0.0", prefix=in_ns["router"], curve_keys=keys_dir)
     try:
         port = cluster.port
         cluster.add_worker("prefill", prefix=in_ns["prefill"],
@@ -353,9 +403,12 @@ def test_router_prefill_and_decode_on_separate_hosts(tiny_path):
                            router_addr=f"tcp://{addrs[('router', 'decode')]}:{port}")
         prompts = ["across hosts", "the KV goes over a veth pair"]
         script = ("import json, sys; from kairos.transport.client import Client; "
-                  f"c = Client('tcp://127.0.0.1:{port}', timeout_s=60); "
+                  f"c = Client('tcp://127.0.0.1:{port}', timeout_s=60, curve_keys={keys_dir!r}); "
                   "import time; t = time.monotonic()\n"
                   "while len(c.status()['workers']) < 2 and time.monotonic() - t < 90: time.sleep(0.3)\n"
+                  f"keyless = Client('tcp://127.0.0.1:{port}', timeout_s=2)\n"
+                  "try:\n    keyless.status(); sys.exit('a client without the keys was answered')\n"
+                  "except TimeoutError: pass\n"
                   f"print(json.dumps([r.to_dict() for r in c.generate({prompts!r}, max_tokens=12, temperature=0)]))")
         out = subprocess.run([*in_ns["router"], os.sys.executable, "-c", script], capture_output=True,
                              text=True, timeout=180)

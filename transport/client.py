@@ -25,6 +25,7 @@ import zmq.asyncio
 
 from kairos.scheduler.request import RequestSLO, SamplingParams
 from kairos.transport import protocol as p
+from kairos.transport.security import CurveKeys
 from kairos.transport.sockets import DEFAULT_ROUTER, make_socket
 
 
@@ -133,16 +134,24 @@ class _Base:
             raise RuntimeError(f"the router at {self.addr} rejected a message: {msg.message}")
         return msg
 
+    def _connect(self, sock: zmq.Socket, curve_keys: str | None) -> zmq.Socket:
+        if curve_keys is not None:
+            CurveKeys.load(curve_keys, "client").connect(sock)
+        sock.connect(self.addr)
+        return sock
+
     def _timeout_error(self) -> TimeoutError:
         return TimeoutError(f"no reply from the router at {self.addr} within {self.timeout_s:g} s")
 
 
 class Client(_Base):
-    def __init__(self, addr: str = DEFAULT_ROUTER, timeout_s: float = 60.0):
+    """curve_keys: the cluster's keys folder (`kairos keys`), where the router requires CURVE;
+    only its server.key is read."""
+
+    def __init__(self, addr: str = DEFAULT_ROUTER, timeout_s: float = 60.0, curve_keys: str | None = None):
         super().__init__(addr, timeout_s)
         self.ctx = zmq.Context()
-        self.socket = make_socket(self.ctx, zmq.DEALER)
-        self.socket.connect(addr)
+        self.socket = self._connect(make_socket(self.ctx, zmq.DEALER), curve_keys)
 
     def submit(self, prompt: str | list[int], request_id: str | None = None, **options) -> str:
         """Sends a request (options: see `make_submit`) and returns its id at once."""
@@ -226,11 +235,10 @@ class AsyncClient(_Base):
     """The asyncio client: `async for chunk in client.stream(prompt, ...)`. One reader task
     files incoming messages under their requests."""
 
-    def __init__(self, addr: str = DEFAULT_ROUTER, timeout_s: float = 60.0):
+    def __init__(self, addr: str = DEFAULT_ROUTER, timeout_s: float = 60.0, curve_keys: str | None = None):
         super().__init__(addr, timeout_s)
         self.ctx = zmq.asyncio.Context()
-        self.socket = make_socket(self.ctx, zmq.DEALER)
-        self.socket.connect(addr)
+        self.socket = self._connect(make_socket(self.ctx, zmq.DEALER), curve_keys)
         self._wakeups: dict[str, asyncio.Event] = {}
         self._status: asyncio.Future | None = None
         self._reader: asyncio.Task | None = None

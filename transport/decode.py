@@ -23,6 +23,7 @@ from kairos.scheduler.defaults import MAX_INFLIGHT_TRANSFER_BYTES
 from kairos.scheduler.metrics import time_per_output_token
 from kairos.transport import protocol as p
 from kairos.transport.kv import KVWriter, open_peer_cache
+from kairos.transport.security import WORKER_KEYS, warn_if_exposed
 from kairos.transport.sockets import make_socket, recv, send
 from kairos.transport.worker import Worker
 
@@ -55,6 +56,9 @@ class DecodeWorker(Worker):
         self.max_kv_bytes = p.MAX_CONTROL_MESSAGE_BYTES + max_blocks * geometry.bytes_per_block
         self.kv_socket = make_socket(self.ctx, zmq.ROUTER,
                                      max_bytes=max(self.max_frame_bytes, p.MAX_CONTROL_MESSAGE_BYTES))
+        if self.keys is not None:
+            self.keys.listen(self.kv_socket, WORKER_KEYS)  # only workers' keys get through
+        warn_if_exposed(kv_host, self.keys, "the decode worker's KV socket")
         if kv_port:
             self.kv_socket.bind(f"tcp://{kv_host}:{kv_port}")
         else:

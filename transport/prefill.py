@@ -22,7 +22,7 @@ import zmq
 from kairos.engine.sequence import Sequence, Status
 from kairos.transport import protocol as p
 from kairos.transport.kv import OutgoingKV, PinnedPool, blocks_per_frame, export_cache
-from kairos.transport.sockets import make_socket, recv, send, send_tracked
+from kairos.transport.sockets import recv, send, send_tracked
 from kairos.transport.worker import Worker
 
 log = logging.getLogger("kairos.prefill")
@@ -145,8 +145,7 @@ class PrefillWorker(Worker):
         worker_id, kv_addr = self.targets.pop(seq.request_id)
         peer = self.peers.get(worker_id)
         if peer is None:
-            sock = make_socket(self.ctx, zmq.DEALER, identity=self.worker_id.encode())
-            sock.connect(kv_addr)
+            sock = self.dealer(self.worker_id, kv_addr)
             self.poller.register(sock, zmq.POLLIN)
             peer = self.peers[worker_id] = DecodePeer(worker_id, sock)
             send(sock, p.KVHello(self.worker_id, self.geometry.to_dict(), self.cache_export))

@@ -22,6 +22,7 @@ from kairos.scheduler.metrics import time_per_output_token
 from kairos.scheduler.placement import pick_decode_worker, pick_prefill_worker, prompt_tokens
 from kairos.scheduler.request import RequestSLO, SamplingParams
 from kairos.transport import protocol as p
+from kairos.transport.security import ANY_KEY, CurveKeys, warn_if_exposed
 from kairos.transport.sockets import DEFAULT_HOST, DEFAULT_PORT, make_socket, recv, send
 
 SAMPLING_FIELDS = [f.name for f in fields(SamplingParams)]
@@ -44,6 +45,7 @@ class WorkerInfo:
     requests: set[str] = field(default_factory=set)  # router request ids assigned here
     # On a prefill worker: the prompt tokens of its requests whose first token has not come back.
     prefill_tokens: dict[str, int] = field(default_factory=dict)
+    key: str | None = None  # the CURVE public key it registered with: its every message must carry it
 
     # What placement goes by (kairos.scheduler.placement).
     @property
@@ -77,9 +79,15 @@ class RoutedRequest:
 class Router:
     def __init__(self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, worker_timeout_s: float = 2.0,
                  queue_timeout_s: float = 30.0, default_slo: RequestSLO = RequestSLO(),
-                 max_prompt_chars: int = MAX_PROMPT_CHARS, max_prompt_tokens: int = MAX_PROMPT_TOKENS):
+                 max_prompt_chars: int = MAX_PROMPT_CHARS, max_prompt_tokens: int = MAX_PROMPT_TOKENS,
+                 keys: CurveKeys | None = None):
         self.ctx = zmq.Context()
         self.socket = make_socket(self.ctx, zmq.ROUTER)
+        self.keys = keys
+        if keys is not None:
+            self.authenticator = keys.start_authenticator(self.ctx)
+            keys.listen(self.socket, ANY_KEY)
+        warn_if_exposed(host, keys, "the router")
         if port:
             self.socket.bind(f"tcp://{host}:{port}")
         else:
@@ -106,7 +114,12 @@ class Router:
             while not self.stopping:
                 self.run_once()
         finally:
-            self.ctx.destroy(linger=0)
+            self.close()
+
+    def close(self) -> None:
+        if self.keys is not None:
+            self.authenticator.stop()
+        self.ctx.destroy(linger=0)
 
     def run_once(self, poll_ms: int = 50) -> None:
         if self.socket.poll(poll_ms):
@@ -114,7 +127,7 @@ class Router:
                 received = recv(self.socket, routed=True)
                 if received is None:
                     break
-                self.handle(received.identity, received.msg)
+                self.handle(received.identity, received.msg, received.user_id)
         now = time.monotonic()
         for w in [w for w in self.workers.values() if now - w.last_seen > self.worker_timeout_s]:
             self.worker_died(w)
@@ -122,7 +135,8 @@ class Router:
 
     # ---- messages -----------------------------------------------------------------------------
 
-    def handle(self, identity: bytes, msg: p.Message) -> None:
+    def handle(self, identity: bytes, msg: p.Message, user_id: str | None = None) -> None:
+        """user_id: the sender's CURVE public key, where the router has keys."""
         if isinstance(msg, p.Submit):
             self.on_submit(identity, msg)
         elif isinstance(msg, p.Abort):
@@ -130,9 +144,13 @@ class Router:
         elif isinstance(msg, p.StatusQuery):
             send(self.socket, self.status(), identity)
         elif isinstance(msg, p.Register):
-            self.on_register(identity, msg)
+            self.on_register(identity, msg, user_id)
         else:
             worker = self.worker_by_identity(identity, heartbeat=isinstance(msg, p.Heartbeat))
+            if worker is not None and worker.key != user_id:
+                # Another peer took a registered worker's socket identity: it is not that worker.
+                send(self.socket, p.Error(None, f"unexpected {msg.TYPE} message"), identity)
+                return
             if worker is None:
                 # A worker the router does not know (the router restarted, or gave it up for
                 # dead): it must register again before it serves.
@@ -178,9 +196,11 @@ class Router:
         w = self.workers.get(name)
         return w if w is not None and w.identity == name.encode() else None
 
-    def on_register(self, identity: bytes, msg: p.Register) -> None:
+    def on_register(self, identity: bytes, msg: p.Register, user_id: str | None = None) -> None:
         problem = None
-        if msg.role not in ROLES:
+        if self.keys is not None and not self.keys.is_worker(user_id):
+            problem = "this key is not among the router's worker keys"
+        elif msg.role not in ROLES:
             problem = f"unknown worker role {msg.role!r}"
         elif msg.role == "decode" and not msg.kv_addr:
             problem = "a decode worker must give its kv_addr"
@@ -203,7 +223,7 @@ class Router:
             send(self.socket, p.Error(None, problem), identity)
             return
         self.workers[msg.worker_id] = WorkerInfo(msg.worker_id, msg.role, identity, msg.geometry,
-                                                 msg.total_blocks, msg.kv_addr, time.monotonic())
+                                                 msg.total_blocks, msg.kv_addr, time.monotonic(), key=user_id)
         log.info("registered %s worker %s", msg.role, msg.worker_id)
         send(self.socket, p.Registered(msg.worker_id), identity)
 

@@ -101,11 +101,11 @@ class ProcessGroup:
 
 
 def wait_for_workers(addr: str, wanted: dict[str, int], group: ProcessGroup | None, timeout_s: float,
-                     interrupted=lambda: False) -> None:
+                     interrupted=lambda: False, curve_keys: str | None = None) -> None:
     """Until the router reports at least `wanted[role]` workers of each role (the router may not
     be up yet); raises if one of `group`'s children exits first."""
     deadline = time.monotonic() + timeout_s
-    with Client(addr, timeout_s=1.0) as client:
+    with Client(addr, timeout_s=1.0, curve_keys=curve_keys) as client:
         while time.monotonic() < deadline and not interrupted():
             if group is not None and group.dead():
                 name, code = group.dead()[0]
@@ -163,7 +163,8 @@ def local_cluster(prefill_argv: list[str], decode_argv: list[str], prefill_worke
 
 
 def serve(host: str, port: int, router_argv: list[str], worker_argv: list[str], prefill_argv: list[list[str]],
-          decode_argv: list[list[str]], startup_timeout_s: float, one_at_a_time: bool, verbose: bool = False) -> int:
+          decode_argv: list[list[str]], startup_timeout_s: float, one_at_a_time: bool, verbose: bool = False,
+          curve_keys: str | None = None) -> int:
     """Starts a worker per entry of prefill_argv and decode_argv (each its own arguments) and
     serves until SIGINT or SIGTERM, restarting any child that dies. one_at_a_time: start each
     worker once the one before has registered, so that on a shared GPU each sizes its KV cache
@@ -193,12 +194,12 @@ def serve(host: str, port: int, router_argv: list[str], worker_argv: list[str], 
             count = len(prefill_argv if role == "prefill" else decode_argv)
             group.start(f"{role} {wanted[role]}" if count > 1 else role, argv)
             if one_at_a_time:
-                wait_for_workers(addr, wanted, group, startup_timeout_s, interrupted)
+                wait_for_workers(addr, wanted, group, startup_timeout_s, interrupted, curve_keys)
         if not interrupted():
-            wait_for_workers(addr, wanted, group, startup_timeout_s, interrupted)
+            wait_for_workers(addr, wanted, group, startup_timeout_s, interrupted, curve_keys)
         if not interrupted():
             print(f"kairos: serving at {addr}  (Ctrl-C stops)", flush=True)
-        with Client(addr, timeout_s=1.0) as client:
+        with Client(addr, timeout_s=1.0, curve_keys=curve_keys) as client:
             while not interrupted():
                 group.supervise(time.monotonic())
                 if any(c.kv_blocks is None for c in group.children[1:]):

@@ -55,12 +55,20 @@ def send_tracked(sock: zmq.Socket, msg: Message, frames: list) -> zmq.MessageTra
 
 
 class Received:
-    """One validated message, its sender (on ROUTER sockets) and any raw frames after it."""
+    """One validated message, its sender (on ROUTER sockets) and any raw frames after it, and
+    the sender's public key as CURVE authenticated it (z85 text; None without CURVE)."""
 
-    __slots__ = ("identity", "msg", "frames")
+    __slots__ = ("identity", "msg", "frames", "user_id")
 
-    def __init__(self, identity: bytes | None, msg: Message, frames: list[zmq.Frame]):
-        self.identity, self.msg, self.frames = identity, msg, frames
+    def __init__(self, identity: bytes | None, msg: Message, frames: list[zmq.Frame], user_id: str | None = None):
+        self.identity, self.msg, self.frames, self.user_id = identity, msg, frames, user_id
+
+
+def _user_id(frame: zmq.Frame) -> str | None:
+    try:
+        return frame.get("User-Id") or None
+    except zmq.ZMQError:  # no authentication on this connection
+        return None
 
 
 def recv(sock: zmq.Socket, routed: bool, max_header_bytes: int = MAX_CONTROL_MESSAGE_BYTES, max_frames: int = 1,
@@ -82,7 +90,7 @@ def recv(sock: zmq.Socket, routed: bool, max_header_bytes: int = MAX_CONTROL_MES
         total = sum(len(part.buffer) for part in parts)
         if total > max_total_bytes:
             raise ProtocolError(f"a message of {total} bytes; this socket takes at most {max_total_bytes}")
-        return Received(identity, decode(parts[0].buffer, max_header_bytes), parts[1:])
+        return Received(identity, decode(parts[0].buffer, max_header_bytes), parts[1:], _user_id(parts[0]))
     except (ProtocolError, RecursionError, MemoryError) as e:
         log.warning("rejected a message%s: %s", f" from {identity!r}" if identity else "", e)
         if routed:

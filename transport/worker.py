@@ -23,6 +23,7 @@ from kairos.engine.sequence import Sequence
 from kairos.scheduler.request import RequestSLO, SamplingParams
 from kairos.transport import protocol as p
 from kairos.transport.kv import DEFAULT_FRAME_BYTES, kv_geometry
+from kairos.transport.security import CurveKeys
 from kairos.transport.sockets import Received, make_socket, recv, send
 
 log = logging.getLogger("kairos.worker")
@@ -36,8 +37,9 @@ class Worker:
 
     def __init__(self, llm: LLM, router_addr: str, transfer_timeout_s: float = 10.0,
                  max_frame_bytes: int = DEFAULT_FRAME_BYTES, step_log: str | None = None,
-                 offer_timeout_s: float = 60.0):
+                 offer_timeout_s: float = 60.0, keys: CurveKeys | None = None):
         self.llm = llm
+        self.keys = keys
         self.router_addr = router_addr
         self.transfer_timeout_s = transfer_timeout_s
         self.offer_timeout_s = offer_timeout_s
@@ -45,8 +47,8 @@ class Worker:
         self.geometry = kv_geometry(llm.runner)
         self.worker_id = f"{self.role}-{uuid.uuid4().hex[:8]}"
         self.ctx = zmq.Context()
-        self.router = make_socket(self.ctx, zmq.DEALER, identity=self.worker_id.encode())
-        self.router.connect(router_addr)
+        self.authenticator = keys.start_authenticator(self.ctx) if keys is not None else None
+        self.router = self.dealer(self.worker_id, router_addr)
         self.poller = zmq.Poller()
         self.poller.register(self.router, zmq.POLLIN)
         self.registered = False
@@ -164,8 +166,7 @@ class Worker:
         return IDLE_POLL_MS
 
     def _send_heartbeats(self) -> None:
-        sock = make_socket(self.ctx, zmq.DEALER, identity=f"{self.worker_id}/heartbeat".encode())
-        sock.connect(self.router_addr)
+        sock = self.dealer(f"{self.worker_id}/heartbeat", self.router_addr)
         try:
             while not self.stopping:
                 if self.registered:
@@ -204,11 +205,21 @@ class Worker:
         self.stopping = True
         if self._heartbeats.is_alive():
             self._heartbeats.join(timeout=2 * HEARTBEAT_INTERVAL_S)
+        if self.authenticator is not None:
+            self.authenticator.stop()
         self.ctx.destroy(linger=0)
         if self.step_log is not None:
             self.step_log.close()
 
     # ---- shared helpers -----------------------------------------------------------------------
+
+    def dealer(self, identity: str, addr: str) -> zmq.Socket:
+        """A socket to the router or a decode worker, presenting the worker key under CURVE."""
+        sock = make_socket(self.ctx, zmq.DEALER, identity=identity.encode())
+        if self.keys is not None:
+            self.keys.connect(sock)
+        sock.connect(addr)
+        return sock
 
     def make_sequence(self, prompt, prompt_token_ids, params: dict, slo: dict, request_id: str) -> Sequence:
         """A validated engine sequence; ValueError (with the reason) for anything it rejects."""
