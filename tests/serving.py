@@ -5,8 +5,12 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import threading
 import time
 
+import zmq
+
+from kairos.transport import protocol as p
 from kairos.transport.client import Client
 from kairos.transport.serve import free_port  # noqa: F401 - the tests take it from here
 
@@ -41,6 +45,29 @@ def recording_router():
     router.sent = []
     router.socket.send_multipart = lambda frames, *a, **k: router.sent.append((frames[0], p.decode(frames[-1])))
     return router
+
+
+def raw_dealer(ctx, addr):
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(addr)
+    return sock
+
+
+def reply(sock):
+    assert sock.poll(5000), "no reply"
+    return p.decode(sock.recv())
+
+
+def decode_stats(cluster, until=lambda w: True, timeout_s: float = 5.0) -> dict:
+    """The decode worker's figures, polled until they satisfy `until` (they lag by a heartbeat)."""
+    deadline = time.monotonic() + timeout_s
+    with cluster.client() as client:
+        while True:
+            w = next(w for w in client.status()["workers"] if w["role"] == "decode")
+            if until(w) or time.monotonic() > deadline:
+                return w
+            time.sleep(0.05)
 
 
 class Cluster:
@@ -108,3 +135,47 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+class FakePrefillWorker:
+    """Registers with a router as its prefill worker and beats, but serves nothing: the test
+    takes the requests it is given (`next_request`) and plays their KV channel by hand, from
+    `kv_socket` (which carries this worker's identity, as a real one's does)."""
+
+    def __init__(self, router_addr: str, geometry: dict, worker_id: str = "prefill-fake"):
+        self.worker_id = worker_id
+        self.ctx = zmq.Context()
+        self.router = self.ctx.socket(zmq.DEALER)
+        self.router.identity = worker_id.encode()
+        self.router.connect(router_addr)
+        self.router.send(p.encode(p.Register(worker_id, "prefill", geometry, 64)))
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._beat, args=(router_addr,), daemon=True)
+        self.thread.start()
+
+    def _beat(self, router_addr: str) -> None:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.identity = f"{self.worker_id}/heartbeat".encode()
+        sock.connect(router_addr)
+        while not self.stop.wait(0.2):
+            sock.send(p.encode(p.Heartbeat(self.worker_id, {"free_blocks": 64})))
+        sock.close(linger=0)
+
+    def next_request(self, timeout_s: float = 30.0) -> p.PrefillRequest:
+        deadline = time.monotonic() + timeout_s
+        while self.router.poll(max(1, int((deadline - time.monotonic()) * 1000))):
+            msg = p.decode(self.router.recv())
+            if isinstance(msg, p.PrefillRequest):
+                return msg
+        raise TimeoutError("no request came")
+
+    def kv_socket(self, kv_addr: str, identity: str | None = None) -> zmq.Socket:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.identity = (identity or self.worker_id).encode()
+        sock.connect(kv_addr)
+        return sock
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.ctx.destroy(linger=0)

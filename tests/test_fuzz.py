@@ -146,17 +146,19 @@ def decode_worker():
 @SETTINGS
 @seed(3)
 @given(st.lists(st.tuples(st.sampled_from([b"peer-a", b"peer-b"]), wire,
-                          st.lists(st.binary(max_size=64), max_size=3)), min_size=1, max_size=8))
+                          st.lists(st.binary(max_size=64), max_size=3), st.booleans()), min_size=1, max_size=8))
 def test_the_decode_kv_socket_survives_anything_and_frees_what_it_reserved(decode_worker, batch):
     from kairos.transport.kv import kv_geometry
 
     worker = decode_worker
     geometry = kv_geometry(worker.llm.runner).to_dict()
     worker.on_hello(b"peer-a", p.KVHello("peer-a", geometry))  # one greeted peer, so offers get further
-    for peer, data, frames in batch:
+    for peer, data, frames, assigned in batch:
         msg = decoded_or_none(data)
         if msg is None:
             continue
+        if isinstance(msg, p.KVOffer) and assigned:  # the router named this peer (or not)
+            worker.handle_router(p.KVExpect(msg.request_id, peer.decode()))
         if isinstance(msg, p.KVHello):
             worker.on_hello(peer, msg)
         elif peer in worker.greeted and isinstance(msg, p.KVOffer):
@@ -164,7 +166,10 @@ def test_the_decode_kv_socket_survives_anything_and_frees_what_it_reserved(decod
         elif peer in worker.greeted and isinstance(msg, p.KVData):
             worker.on_data(peer, msg, frames)
         worker.tick(time.monotonic())
-    # Whatever was reserved for the fuzz goes back when its peer is gone.
+    # Whatever was reserved for the fuzz goes back when its peer is gone, and offers still
+    # waiting for the router's word are refused when their wait is over.
+    worker.tick(time.monotonic() + 60)
+    assert not worker.unassigned
     for name in (b"peer-a", b"peer-b"):
         worker.handle_router(p.WorkerGone(name.decode()))
     deadline = time.monotonic() + 10

@@ -194,6 +194,7 @@ def test_the_decode_worker_keeps_kv_under_way_within_its_byte_budget():
     worker.greeted.add(peer)
     for i, num_tokens in enumerate((40, 40, 100)):  # 3, 3 and 7 blocks of 16 tokens
         prompt = list(range(1, num_tokens + 1))
+        worker.handle_router(p.KVExpect(f"r{i}", peer.decode()))  # the router assigned it to this peer
         worker.on_offer(peer, p.KVOffer(f"t{i}", f"r{i}", prompt, [7], {"max_tokens": 5}, {}, -(-num_tokens // 16)))
     worker.accept_offers(time.monotonic())
     assert list(worker.incoming) == ["t0"] and worker.inflight_bytes == three_blocks
@@ -233,6 +234,7 @@ def test_the_decode_worker_writes_kv_in_the_background_and_frees_blocks_only_aft
     expected = source[:, :, :3].clone()
 
     def receive(transfer_id: str, request_id: str):
+        worker.handle_router(p.KVExpect(request_id, peer.decode()))
         worker.on_offer(peer, p.KVOffer(transfer_id, request_id, list(range(1, 41)), [7], {"max_tokens": 5}, {}, 3))
         worker.accept_offers(time.monotonic())
         worker.on_data(peer, p.KVData(transfer_id, per_frame), frames)

@@ -11,12 +11,11 @@ import msgpack
 import pytest
 import torch
 import zmq
-from serving import Cluster, kairos_process
+from serving import Cluster, decode_stats, kairos_process, raw_dealer, reply
 
 from kairos.engine import LLM, SamplingParams
 from kairos.transport import protocol as p
 from kairos.transport.client import AsyncClient, RequestFailed
-from kairos.transport.kv import kv_geometry
 
 
 @pytest.fixture(scope="module")
@@ -189,18 +188,6 @@ def test_bad_requests_fail_with_a_clear_error(cluster):
             list(client.stream(client.submit([3] * 600)))
 
 
-def raw_dealer(ctx, addr):
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(addr)
-    return sock
-
-
-def reply(sock):
-    assert sock.poll(5000), "no reply"
-    return p.decode(sock.recv())
-
-
 def test_bad_messages_on_every_socket_are_refused_and_serving_goes_on(cluster):
     ctx = zmq.Context()
     try:
@@ -233,61 +220,6 @@ def test_bad_messages_on_every_socket_are_refused_and_serving_goes_on(cluster):
         ctx.destroy(linger=0)
     with cluster.client() as client:
         assert client.generate("still serving", max_tokens=3, temperature=0).finish_reason == "length"
-
-
-def decode_stats(cluster, until=lambda w: True, timeout_s: float = 5.0) -> dict:
-    """The decode worker's figures, polled until they satisfy `until` (they lag by a heartbeat)."""
-    deadline = time.monotonic() + timeout_s
-    with cluster.client() as client:
-        while True:
-            w = next(w for w in client.status()["workers"] if w["role"] == "decode")
-            if until(w) or time.monotonic() > deadline:
-                return w
-            time.sleep(0.05)
-
-
-def test_a_transfer_that_never_completes_times_out_and_frees_the_blocks(cluster, tiny_llm):
-    """A prefill worker that sends an offer and then nothing: the decode worker's reservation
-    times out, it says so on the channel, and its blocks come back."""
-    cluster.wait_idle()
-    decode = decode_stats(cluster)
-    ctx = zmq.Context()
-    try:
-        kv = raw_dealer(ctx, decode["kv_addr"])
-        kv.send(p.encode(p.KVHello("stalled", kv_geometry(tiny_llm.runner).to_dict())))
-        assert isinstance(reply(kv), p.KVHelloOk)
-        kv.send(p.encode(p.KVOffer("t1", "stalled-1", list(range(1, 101)), [7], {"max_tokens": 5}, {}, 7)))
-        assert reply(kv) == p.KVReady("t1")
-        started = time.monotonic()
-        held = decode_stats(cluster, lambda w: w["transfers"] == 1)
-        assert held["free_blocks"] == held["total_blocks"] - 7 and held["transfers"] == 1
-        assert reply(kv) == p.KVCancel("t1", "timed out")
-        assert 3 < time.monotonic() - started < 8  # the workers' --transfer-timeout is 4 s
-    finally:
-        ctx.destroy(linger=0)
-    cluster.wait_idle()
-
-
-def test_a_cache_the_decode_worker_cannot_map_leaves_kv_on_the_socket(cluster, tiny_llm):
-    """A prefill worker's CUDA IPC export from another host is declined in the handshake; block
-    ids in place of KV bytes from such a worker fail the transfer, and its blocks come back."""
-    cluster.wait_idle()
-    export = {"host": "elsewhere:0", "device_uuid": "GPU-0", "handle": b"h", "storage_bytes": 1 << 20,
-              "storage_offset": 0, "ref_counter_handle": b"r", "ref_counter_offset": 0, "event_handle": b"e",
-              "event_sync_required": False, "tensor_offset": 0, "shape": list(tiny_llm.runner.kv_cache.shape)}
-    ctx = zmq.Context()
-    try:
-        kv = raw_dealer(ctx, decode_stats(cluster)["kv_addr"])
-        kv.send(p.encode(p.KVHello("elsewhere", kv_geometry(tiny_llm.runner).to_dict(), export)))
-        assert reply(kv) == p.KVHelloOk(decode_stats(cluster)["worker_id"], cuda_ipc=False)
-        kv.send(p.encode(p.KVOffer("t2", "elsewhere-1", list(range(1, 21)), [7], {"max_tokens": 5}, {}, 2)))
-        assert reply(kv) == p.KVReady("t2")
-        kv.send(p.encode(p.KVData("t2", 1, block_ids=[0, 1])))
-        answer = reply(kv)
-        assert isinstance(answer, p.KVCancel) and "not mapped here" in answer.reason
-    finally:
-        ctx.destroy(linger=0)
-    cluster.wait_idle()
 
 
 def test_cli_client_json_and_exit_status(cluster):

@@ -12,6 +12,7 @@ loop picks finished ones up between steps.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -28,6 +29,10 @@ from kairos.transport.sockets import make_socket, recv, send
 from kairos.transport.worker import Worker
 
 log = logging.getLogger("kairos.decode")
+# An offer for a request the router has not yet assigned here waits this long for its word,
+# and at most this many such offers wait at once.
+UNASSIGNED_WAIT_S = 2.0
+MAX_UNASSIGNED = 256
 
 
 @dataclass
@@ -38,6 +43,13 @@ class Incoming:
     num_blocks: int
     deadline: float = float("inf")  # set once the offer is accepted
     cancelled: bool = False  # dropped while its write was under way: free the blocks after it
+
+
+@dataclass
+class Unassigned:
+    peer: bytes
+    offer: p.KVOffer
+    deadline: float
 
 
 class DecodeWorker(Worker):
@@ -70,6 +82,8 @@ class DecodeWorker(Worker):
         self.writing: dict[str, Incoming] = {}  # data received, being written into the blocks
         self.greeted: set[bytes] = set()
         self.peer_caches: dict[bytes, torch.Tensor] = {}  # prefill workers on this GPU, their caches mapped
+        self.expected: dict[str, bytes] = {}  # request id -> the prefill worker the router assigned it
+        self.unassigned: dict[str, Unassigned] = {}  # offers that came before the router's word
         self.counters["kv_cuda_ipc"] = 0  # transfers copied GPU to GPU
         log.info("decode worker %s receives KV at %s", self.worker_id, self.kv_addr)
 
@@ -105,10 +119,16 @@ class DecodeWorker(Worker):
     def handle_router(self, msg: p.Message) -> None:
         if isinstance(msg, p.Abort):
             self.abort(msg.request_id)
+        elif isinstance(msg, p.KVExpect):
+            self.expected[msg.request_id] = msg.prefill_worker_id.encode()
+            early = self.unassigned.pop(msg.request_id, None)
+            if early is not None:
+                self.on_offer(early.peer, early.offer)
         elif isinstance(msg, p.WorkerGone):
             gone = msg.worker_id.encode()
             for item in [i for i in self.pending() if i.peer == gone]:
                 self.drop(item)
+            self.expected = {rid: peer for rid, peer in self.expected.items() if peer != gone}
             self.greeted.discard(gone)
             self.peer_caches.pop(gone, None)
         else:
@@ -120,9 +140,17 @@ class DecodeWorker(Worker):
             self.drop(item)
         self.greeted.clear()
         self.peer_caches.clear()
+        self.expected.clear()
+        for early in self.unassigned.values():
+            send(self.kv_socket, p.KVCancel(early.offer.transfer_id, "the decode worker was reset"), early.peer)
+        self.unassigned.clear()
         super().reset()
 
     def abort(self, request_id: str) -> None:
+        self.expected.pop(request_id, None)
+        early = self.unassigned.pop(request_id, None)
+        if early is not None:
+            send(self.kv_socket, p.KVCancel(early.offer.transfer_id, "aborted"), early.peer)
         if self.llm.abort(request_id):
             self.counters["aborted"] += 1
         for item in [i for i in self.pending() if i.seq.request_id == request_id]:
@@ -194,6 +222,18 @@ class DecodeWorker(Worker):
         send(self.kv_socket, p.KVHelloOk(self.worker_id, cuda_ipc=peer in self.peer_caches), peer)
 
     def on_offer(self, peer: bytes, msg: p.KVOffer) -> None:
+        assigned = self.expected.get(msg.request_id)
+        if assigned is None and msg.request_id not in self.unassigned and len(self.unassigned) < MAX_UNASSIGNED:
+            # The router's word may still be on its way: the offer waits for it, briefly.
+            self.unassigned[msg.request_id] = Unassigned(peer, msg, time.monotonic() + UNASSIGNED_WAIT_S)
+            return
+        if assigned != peer:
+            # Only the prefill worker the router assigned may fill a request's blocks: anyone
+            # else, knowing or guessing its id, could otherwise fail it or feed it KV.
+            send(self.kv_socket, p.KVReject(msg.transfer_id, f"decode worker {self.worker_id}: request "
+                                                             f"{msg.request_id} is not assigned to this peer"), peer)
+            return
+        del self.expected[msg.request_id]
         try:
             seq = self.make_sequence(None, msg.prompt_token_ids, msg.params, msg.slo, msg.request_id)
             needed = -(-len(msg.prompt_token_ids) // self.geometry.block_size)
@@ -260,6 +300,10 @@ class DecodeWorker(Worker):
 
     def tick(self, now: float) -> None:
         self.finish_writes()
+        for request_id, early in [(r, e) for r, e in self.unassigned.items() if now > e.deadline]:
+            del self.unassigned[request_id]
+            send(self.kv_socket, p.KVReject(early.offer.transfer_id, f"decode worker {self.worker_id}: request "
+                                                                     f"{request_id} is not assigned here"), early.peer)
         for item in [i for i in self.incoming.values() if now > i.deadline]:
             send(self.kv_socket, p.KVCancel(item.transfer_id, "timed out"), item.peer)
             self.fail(item.seq.request_id, f"KV transfer from {item.peer.decode(errors='replace')} timed out "

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import msgpack
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 # Control messages (requests, tokens, status) are small; the largest is a long prompt's ids.
 MAX_CONTROL_MESSAGE_BYTES = 16 * 2**20
 # No message nests lists and maps deeper than a worker's stats (map of phase, map of figures).
@@ -226,6 +226,15 @@ class PrefillRequest(Message):
     # When the router received it (Unix seconds): SLO clocks start there, not when the worker
     # gets round to reading its socket (after the step it is running). Hosts need NTP.
     arrival_unix: float
+
+
+@dataclass
+class KVExpect(Message):
+    """Router -> decode worker: the KV of this request will come from this prefill worker, and
+    from no other (a transfer is bound to the prefill worker the router assigned)."""
+    TYPE = "kv_expect"
+    request_id: str
+    prefill_worker_id: str
 
 
 @dataclass

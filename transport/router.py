@@ -282,6 +282,9 @@ class Router:
                 r.last_token_at = time.monotonic()
                 r.first_token_at = r.first_token_at or r.last_token_at
             if chunk.finish_reason is not None:
+                if worker.worker_id == r.prefill:
+                    # Over at its first token: no KV will come to the decode worker expecting it.
+                    self.tell_workers(r, p.Abort(r.rid), skip=r.prefill)
                 self.count_completion(r)
                 self.forget(r)
                 return
@@ -329,6 +332,9 @@ class Router:
             s = r.submit
             prefill.prefill_tokens[rid] = prompt_tokens(s.prompt, s.prompt_token_ids)
             arrival_unix = time.time() - (now - r.arrival)
+            # The decode worker hears first whom to take the KV from (the prefill worker needs
+            # a whole step before it can offer it).
+            send(self.socket, p.KVExpect(rid, prefill.worker_id), decode.identity)
             send(self.socket, p.PrefillRequest(rid, s.prompt, s.prompt_token_ids, s.params, r.slo.to_dict(),
                                                decode.worker_id, decode.kv_addr, arrival_unix), prefill.identity)
         self.pending = still
