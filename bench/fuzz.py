@@ -104,7 +104,7 @@ def main() -> None:
     offline = LLM("tiny", num_kv_blocks=512, max_model_len=512)
     fuzzer = Fuzzer(args.seed, kv_geometry(offline.runner).to_dict())
     group = ProcessGroup()
-    checks = wrong = 0
+    checks = wrong = refused = 0
     with local_cluster(worker, worker, group=group) as addr:
         names, pids = [c.name for c in group.children], [c.proc.pid for c in group.children]
         rss_before = {name: rss_mb(pid) for name, pid in zip(names, pids)}
@@ -130,7 +130,8 @@ def main() -> None:
             slot = fuzzer.rng.randrange(len(targets))
             try:
                 sockets[slot].send_multipart(fuzzer.message(), flags=zmq.NOBLOCK)
-            except zmq.Again:
+            except zmq.Again:  # the far end is not taking more (or dropped us): that one is lost
+                refused += 1
                 sockets[slot].close(linger=0)
                 sockets[slot] = connect(targets[slot])
             for sock in sockets:  # replies are read and dropped, so no queue fills
@@ -148,10 +149,12 @@ def main() -> None:
         ctx.destroy(linger=0)
         exited = [c.name for c in group.children if c.proc.poll() is not None]
         rss_after = {name: rss_mb(pid) for name, pid, c in zip(names, pids, group.children) if c.proc.poll() is None}
-    print(f"{i + 1} messages; processes exited: {exited or 'none'}; real requests: {checks}, wrong or failed: {wrong}")
+    print(f"{i + 1} messages ({refused} not taken by a full queue); processes exited: {exited or 'none'}; "
+          f"real requests: {checks}, wrong or failed: {wrong}")
     print("resident memory, MB: " + ", ".join(f"{n} {rss_before[n]:.0f} -> {rss_after.get(n, float('nan')):.0f}"
                                               for n in names))
-    result = {"messages": i + 1, "seed": args.seed, "exited": exited, "checks": checks, "wrong_or_failed": wrong,
+    result = {"messages": i + 1, "not_taken": refused, "seed": args.seed, "exited": exited, "checks": checks,
+              "wrong_or_failed": wrong,
               "rss_mb_before": rss_before, "rss_mb_after": rss_after}
     print(f"wrote {write_result('fuzz_tiny_cpu', result)}")
     if exited or wrong:
