@@ -278,3 +278,21 @@ def test_a_worker_socket_identity_taken_by_another_key_is_not_that_worker(router
     assert router.workers["d1"].stats == {} and isinstance(router.sent[-1][1], p.Error)
     router.handle(b"d1/heartbeat", p.Heartbeat("d1", {"free_blocks": 1}), user_id="the-key-d1-registered-with")
     assert router.workers["d1"].stats == {"free_blocks": 1}
+
+
+def test_a_busy_worker_keeps_its_requests_but_gets_no_new_ones(router):
+    """A worker whose loop is stuck in one long turn still beats (heartbeats have a thread of
+    their own): it is busy, not dead. New requests go to a free worker, or wait for one."""
+    from kairos.transport.router import WorkerInfo
+
+    router.handle(b"p1/heartbeat", p.Heartbeat("p1", {"free_blocks": 64, "loop_age_s": 4.5}))
+    router.on_submit(b"client", p.Submit("waits", prompt_token_ids=[1, 2, 3]))
+    assert router.pending and not any(isinstance(m, p.PrefillRequest) for _, m in router.sent)
+    router.workers["p2"] = WorkerInfo("p2", "prefill", b"p2", {}, 64, None, time.monotonic())
+    router.dispatch_pending(time.monotonic())
+    assert [who for who, m in router.sent if isinstance(m, p.PrefillRequest)] == [b"p2"]
+    router.run_once(poll_ms=0)
+    assert "p1" in router.workers  # beating, so not given up for dead
+    router.handle(b"p1/heartbeat", p.Heartbeat("p1", {"free_blocks": 64, "loop_age_s": 0.01}))
+    router.on_submit(b"client", p.Submit("next", prompt_token_ids=[1, 2, 3]))
+    assert router.requests[router.by_client[(b"client", "next")]].prefill == "p1"  # free again, and idler

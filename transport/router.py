@@ -317,12 +317,12 @@ class Router:
             r = self.requests.get(rid)
             if r is None:
                 continue
-            prefill = pick_prefill_worker(w for w in self.workers.values() if w.role == "prefill")
-            decode = pick_decode_worker(w for w in self.workers.values() if w.role == "decode")
+            prefill = pick_prefill_worker(w for w in self.workers.values() if w.role == "prefill" and self.free(w))
+            decode = pick_decode_worker(w for w in self.workers.values() if w.role == "decode" and self.free(w))
             if prefill is None or decode is None:
                 if now - r.arrival > self.queue_timeout_s:
                     missing = " and ".join(role for role, w in (("prefill", prefill), ("decode", decode)) if w is None)
-                    self.fail(r, f"no {missing} worker registered within {self.queue_timeout_s:g} s")
+                    self.fail(r, f"no {missing} worker registered and free within {self.queue_timeout_s:g} s")
                 else:
                     still.append(rid)
                 continue
@@ -338,6 +338,11 @@ class Router:
             send(self.socket, p.PrefillRequest(rid, s.prompt, s.prompt_token_ids, s.params, r.slo.to_dict(),
                                                decode.worker_id, decode.kv_addr, arrival_unix), prefill.identity)
         self.pending = still
+
+    def free(self, w: WorkerInfo) -> bool:
+        """Whether a worker may take new requests: alive (it beats) and its serving loop not stuck
+        in one turn for longer than a worker may stay silent (a long step, a huge prompt)."""
+        return w.stats.get("loop_age_s", 0.0) <= self.worker_timeout_s
 
     def worker_died(self, w: WorkerInfo) -> None:
         log.warning("%s worker %s sent nothing for %.1f s: dropping it", w.role, w.worker_id, self.worker_timeout_s)

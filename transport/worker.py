@@ -56,6 +56,7 @@ class Worker:
         self.blocked = False  # the last step found nothing it could run
         self.counters = {"completed": 0, "aborted": 0, "failed": 0}
         self._last_register = 0.0
+        self._turned_at = time.monotonic()  # when the serving loop last began a turn
         self.step_log = open(step_log, "a", buffering=1) if step_log else None
         self.turn_notes: dict[str, float] = {}  # a role's own timings for this turn's step-log line
         self._heartbeats = threading.Thread(target=self._send_heartbeats, name="heartbeat", daemon=True)
@@ -72,8 +73,11 @@ class Worker:
         """Timeouts and queued work, once per loop."""
 
     def stats(self) -> dict:
-        # The process id lets `kairos serve` tell which of its children a worker is.
-        stats = {**self.llm.load(), **self.counters, "pid": os.getpid()}
+        # The process id lets `kairos serve` tell which of its children a worker is. The loop's
+        # age tells a busy worker (heartbeats go on, from their own thread, while one turn runs
+        # long) from a dead one (no heartbeats): the router sends a busy one no new requests.
+        stats = {**self.llm.load(), **self.counters, "pid": os.getpid(),
+                 "loop_age_s": round(time.monotonic() - self._turned_at, 3)}
         cost = self.llm.cost_model
         if cost is not None:  # observed over predicted step time: how far serving is from the profile
             stats["cost_scale"] = {phase: {"mean": m, "spread": d, "observed_s": cost.totals[phase][0],
@@ -106,6 +110,7 @@ class Worker:
 
     def run_once(self) -> None:
         now = time.monotonic()
+        self._turned_at = now
         if not self.registered and now - self._last_register > 1.0:
             send(self.router, self.registration())
             self._last_register = now
