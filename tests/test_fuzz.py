@@ -179,3 +179,27 @@ def test_the_decode_kv_socket_survives_anything_and_frees_what_it_reserved(decod
         worker.llm.abort_all()
         worker.llm.step()
     assert worker.llm.num_free_blocks == worker.llm.num_total_blocks
+
+
+@SETTINGS
+@seed(4)
+@given(st.lists(wire, min_size=1, max_size=8))
+def test_a_client_reading_anything_files_it_or_says_what_is_wrong(batch):
+    """The client side of streams: whatever arrives is filed under its request, or refused
+    with a ProtocolError, or (an error addressed to no request) raised as the router's word."""
+    from kairos.transport.client import Client
+
+    client = Client("tcp://127.0.0.1:9", timeout_s=0.1)
+    try:
+        rid = client.submit("hello", request_id="r")
+        for data in batch:
+            try:
+                client._route(data)
+            except p.ProtocolError:
+                pass
+            except RuntimeError as e:
+                assert "rejected a message" in str(e)
+        client._route(p.encode(p.Tokens(rid, 0, [5], "x", "stop")))
+        assert client.tracked[rid].done
+    finally:
+        client.close()
