@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import replace
@@ -197,10 +198,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from kairos.transport.replay import replay
 
     trace = read_trace(args)
+    target = args.http or args.addr
+    api_key = args.api_key or os.environ.get("KAIROS_API_KEY")
     with tqdm(total=len(trace), desc="replay", disable=args.json or not sys.stderr.isatty()) as bar:
-        report = replay(args.addr, trace, timeout_s=args.timeout, progress=bar.update, seed=args.prompt_seed)
-    print_slo_report(report, args.json,
-                     f"{report['requests']} requests ({report['failed']} failed), live at {args.addr}")
+        report = replay(target, trace, timeout_s=args.timeout, progress=bar.update, seed=args.prompt_seed,
+                        http_model=args.model, api_key=api_key)
+    print_slo_report(report, args.json, f"{report['requests']} requests ({report['failed']} failed), live at {target}")
     return 0
 
 
@@ -242,6 +245,10 @@ def add_commands(sub) -> None:
     rep = bench.add_parser("replay", help="send a trace to a router, open loop, and report SLO attainment")
     add_trace_args(rep)
     rep.add_argument("--addr", default=DEFAULT_ROUTER)
+    rep.add_argument("--http", metavar="URL", help="send through the OpenAI-compatible HTTP API at URL (kairos api), "
+                     "streamed /v1/completions, instead of to the router at --addr")
+    rep.add_argument("--model", help="--http: the model name (default: the one /v1/models lists)")
+    rep.add_argument("--api-key", help="--http: the API key (default: $KAIROS_API_KEY)")
     rep.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for any reply")
     rep.add_argument("--prompt-seed", type=int, help="draw the synthetic prompts from this seed (default: a fresh "
                      "one, so that no prompt of an earlier replay is still in the server's prefix cache)")

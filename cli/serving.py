@@ -1,10 +1,11 @@
-"""Serving: `kairos router`, `prefill`, `decode` and `serve` start the processes; `client` and
-`status` talk to a router."""
+"""Serving: `kairos router`, `prefill`, `decode`, `api` and `serve` start the processes; `client`
+and `status` talk to a router."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from kairos.cli.engine_flags import add_engine_args, engine_argv, engine_kwargs
@@ -43,6 +44,18 @@ def add_prompt_limit_args(p: argparse.ArgumentParser) -> None:
                    help="longest text prompt the router takes, in characters")
     p.add_argument("--max-prompt-tokens", type=int, default=MAX_PROMPT_TOKENS,
                    help="longest token-id prompt the router takes")
+
+
+def add_metrics_port_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--metrics-port", type=int,
+                   help="serve the router's Prometheus metrics over HTTP on this port (at --host)")
+
+
+def add_http_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--served-model-name", help="the model name requests give (default: --model)")
+    p.add_argument("--api-key", help="what HTTP requests must present as 'Authorization: Bearer KEY' "
+                                     "(default: $KAIROS_API_KEY; none: no check)")
+    p.add_argument("--max-body-mb", type=float, default=32.0, help="largest HTTP request body, MiB")
 
 
 def router_limit_argv(args: argparse.Namespace) -> list[str]:
@@ -88,8 +101,10 @@ def cmd_router(args: argparse.Namespace) -> int:
     router = Router(args.host, args.port, args.worker_timeout, args.queue_timeout,
                     default_slo=RequestSLO(args.ttft_slo_ms, args.tpot_slo_ms),
                     max_prompt_chars=args.max_prompt_chars, max_prompt_tokens=args.max_prompt_tokens,
-                    keys=CurveKeys.load(args.curve_keys, "router") if args.curve_keys else None)
-    print(f"kairos router: listening at {router.addr}", flush=True)
+                    keys=CurveKeys.load(args.curve_keys, "router") if args.curve_keys else None,
+                    metrics_port=args.metrics_port)
+    metrics = f", metrics at http://{args.host}:{args.metrics_port}/metrics" if args.metrics_port is not None else ""
+    print(f"kairos router: listening at {router.addr}{metrics}", flush=True)
     router.run()
     return 0
 
@@ -112,6 +127,25 @@ def cmd_decode(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_api(args: argparse.Namespace) -> int:
+    from kairos.transport.http_api import run_api
+
+    if not args.max_body_mb > 0 or not args.timeout > 0:
+        raise ValueError("--max-body-mb and --timeout must be positive")
+    run_api(args.router, args.host, args.port, args.model, args.served_model_name, args.timeout, args.curve_keys,
+            int(args.max_body_mb * MIB), args.api_key or os.environ.get("KAIROS_API_KEY"), args.verbose)
+    return 0
+
+
+def api_argv(args: argparse.Namespace, router: str) -> list[str]:
+    """`kairos api` as `kairos serve --http-port` starts it."""
+    argv = ["api", "--router", router, "--host", args.host, "--port", str(args.http_port), "--model", args.model,
+            "--timeout", str(args.api_timeout), "--max-body-mb", str(args.max_body_mb)]
+    argv += ["--served-model-name", args.served_model_name] if args.served_model_name else []
+    # The key goes by environment, not argv: a command line is visible to every local user.
+    return argv + (["--curve-keys", args.curve_keys] if args.curve_keys else [])
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import torch
 
@@ -132,8 +166,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     decode = [["--gpu-memory-utilization", f"{util * (share + (1 - share) * (i + 1) / n_decode):.3f}"]
               for i in range(n_decode)]
     router = [*router_limit_argv(args), *(["--curve-keys", args.curve_keys] if args.curve_keys else [])]
+    router += ["--metrics-port", str(args.metrics_port)] if args.metrics_port is not None else []
+    api = api_argv(args, f"tcp://{args.host}:{args.port}") if args.http_port is not None else None
+    if api is not None and args.api_key:
+        os.environ["KAIROS_API_KEY"] = args.api_key
     return serve(args.host, args.port, router, workers, prefill, decode, args.startup_timeout, on_gpu,
-                 args.verbose, args.curve_keys)
+                 args.verbose, args.curve_keys, api)
 
 
 def cmd_client(args: argparse.Namespace) -> int:
@@ -209,7 +247,19 @@ def add_commands(sub) -> None:
                         help="seconds without a heartbeat before a worker is given up for dead")
     router.add_argument("--queue-timeout", type=float, default=30.0,
                         help="seconds a request may wait for a worker to register")
+    add_metrics_port_arg(router)
     router.set_defaults(func=cmd_router)
+
+    api = sub.add_parser("api", help="the OpenAI-compatible HTTP server, in front of a router")
+    api.add_argument("--router", default=DEFAULT_ROUTER, help="the router's address")
+    api.add_argument("--host", default=DEFAULT_HOST, help="address to bind (default: loopback only)")
+    api.add_argument("--port", type=int, default=8000)
+    api.add_argument("--model", default="tiny", help="the workers' --model: its chat template serves chat requests")
+    api.add_argument("--timeout", type=float, default=300.0,
+                     help="seconds a request may wait for its next token before it fails (504)")
+    add_http_args(api)
+    add_curve_arg(api)
+    api.set_defaults(func=cmd_api)
 
     for role, func in (("prefill", cmd_prefill), ("decode", cmd_decode)):
         worker = sub.add_parser(role, help=f"a {role} worker")
@@ -233,6 +283,11 @@ def add_commands(sub) -> None:
     srv.add_argument("--prefill-memory-share", type=float, default=0.4,
                      help="on one GPU: the prefill workers' share of --gpu-memory-utilization")
     srv.add_argument("--startup-timeout", type=float, default=600.0)
+    add_metrics_port_arg(srv)
+    srv.add_argument("--http-port", type=int, help="also serve the OpenAI-compatible HTTP API (kairos api) here")
+    srv.add_argument("--api-timeout", type=float, default=300.0,
+                     help="with --http-port: seconds a request may wait for its next token (504)")
+    add_http_args(srv)
     srv.set_defaults(func=cmd_serve)
 
     cli = sub.add_parser("client", help="send prompts to a router and stream the replies")

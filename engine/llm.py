@@ -16,11 +16,12 @@ from kairos.engine.model_runner import ModelRunner, SampledTokens
 from kairos.engine.profiler import load_cost_model
 from kairos.engine.sequence import Sequence
 from kairos.engine.step_scheduler import Batch, StepScheduler
+from kairos.engine.step_times import StepTimes
 from kairos.engine.tiny import tiny_model_path
 from kairos.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from kairos.scheduler import DECODE_POLICIES, PREFILL_POLICIES, PolicySettings, native
 from kairos.scheduler.cost_model import CalibratedCostModel
-from kairos.scheduler.request import RequestSLO, SamplingParams
+from kairos.scheduler.request import PromptTooLong, RequestSLO, SamplingParams
 
 Prompt = str | list[int]
 
@@ -78,6 +79,7 @@ class LLM:
         self.overlap = self.config.overlap == "on"
         self._in_flight: LaunchedStep | None = None  # an overlapped decode step, tokens not yet read
         self._last_completed = 0.0  # when the last step's tokens were read (perf_counter)
+        self.step_times = StepTimes()
 
     def _build_policies(self):
         """The scheduling policies; those that predict step times get a cost model, fitted to
@@ -100,14 +102,16 @@ class LLM:
     # ---- requests -------------------------------------------------------------------------
 
     def make_sequence(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None,
-                      slo: RequestSLO | None = None) -> Sequence:
-        """Validates a prompt and turns it into a Sequence; raises ValueError naming the problem."""
+                      slo: RequestSLO | None = None, add_special_tokens: bool = True) -> Sequence:
+        """Validates a prompt and turns it into a Sequence; raises ValueError naming the problem
+        (PromptTooLong for a prompt beyond the model's length). add_special_tokens: whether a
+        text prompt gets the tokenizer's (a BOS), as a text that already holds them must not."""
         params.validate()
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ConfigError(f"{self.model_config.path} has no tokenizer.json: pass token ids "
                                   "or a tokenizer (--tokenizer)")
-            text, ids = prompt, self.tokenizer.encode(prompt)
+            text, ids = prompt, self.tokenizer.encode(prompt, add_special_tokens)
         else:
             text, ids = None, list(prompt)
             vocab = self.model_config.vocab_size
@@ -116,7 +120,7 @@ class LLM:
         if not ids:
             raise ValueError("the prompt is empty")
         if len(ids) >= self.max_model_len:
-            raise ValueError(f"the prompt has {len(ids)} tokens, but the model's maximum length is "
+            raise PromptTooLong(f"the prompt has {len(ids)} tokens, but the model's maximum length is "
                              f"{self.max_model_len} (prompt and output together)")
         bad_stop = [t for t in params.stop_token_ids if t >= self.model_config.vocab_size]
         if bad_stop:
@@ -181,7 +185,7 @@ class LLM:
         sched = self.scheduler
         return {"waiting": len(sched.waiting), "running": len(sched.running), "ready": len(sched.ready),
                 "free_blocks": self.num_free_blocks, "total_blocks": self.num_total_blocks,
-                "preemptions": sched.num_preemptions}
+                "preemptions": sched.num_preemptions, "step_seconds": self.step_times.figures()}
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or self._in_flight is not None
@@ -236,14 +240,14 @@ class LLM:
             raise StepFailed([seq.request_id for seq in step.batch.seqs], e) from e
         ended = time.perf_counter()
         decode = not step.batch.is_prefill
+        # What a token costs a running sequence is the whole period from one decode step to the
+        # next: a serving loop works between steps (sockets, streaming tokens out, taking KV
+        # in), and that time counts toward TPOT as much as the forward pass does. Overlapped
+        # steps are launched before the last one ends: the period is the time between their ends.
+        since = (self._decoding_since if decode and self._decoding_since is not None
+                 else max(step.started, self._last_completed))
+        self.step_times.record("decode" if decode else "prefill", ended - since)
         if self.cost_model is not None:
-            # What a token costs a running sequence is the whole period from one decode step to
-            # the next: a serving loop works between steps (sockets, streaming tokens out,
-            # taking KV in), and that time counts toward TPOT as much as the forward pass does.
-            # Overlapped steps are launched before the last one ends: the period is the time
-            # between their ends.
-            since = (self._decoding_since if decode and self._decoding_since is not None
-                     else max(step.started, self._last_completed))
             if decode:
                 self.cost_model.observe_decode(*step.work, ended - since)
             else:
@@ -260,8 +264,8 @@ class LLM:
         first use, and a serving loop that met that on a request stalled for over a second (an
         8192-token step on an H100 and on an H200, once per machine); and the scheduling
         policies' compiled loops (`kairos.scheduler.native`). Distinct random prompts,
-        so the step is all new tokens; neither the calibration, the prefill counter nor the
-        prefix cache keeps anything of it. Returns the seconds it took."""
+        so the step is all new tokens; neither the calibration, the step times, the prefill counter
+        nor the prefix cache keeps anything of it. Returns the seconds it took."""
         started = time.perf_counter()
         total = min(self.config.max_num_batched_tokens, self.num_total_blocks // 2 * self.config.block_size)
         per_prompt = max(1, min(total, self.max_model_len - 2))
@@ -284,6 +288,7 @@ class LLM:
             self.cost_model, self.num_prefill_tokens_computed = calibrated, computed
             self.scheduler.prefill_only = hands_off
             self._decoding_since = None
+            self.step_times = StepTimes()
             self.block_manager.forget_prefixes()
         return time.perf_counter() - started
 

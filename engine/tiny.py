@@ -11,15 +11,20 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+if TYPE_CHECKING:
+    import torch
+
 # Bump when the tiny model's weights, shapes or tokenizer change, so stale caches are not reused.
-TINY_VERSION = 1
+TINY_VERSION = 2
 SEED = 1234
 BOS, EOS = "<|begin|>", "<|end|>"
+# A plain "role: content" chat, so that the chat endpoint of the HTTP API serves the tiny model.
+CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n"
+                 "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
 
 CONFIG = {
     "architectures": ["LlamaForCausalLM"],
@@ -102,6 +107,9 @@ def train_tokenizer(vocab_size: int) -> Tokenizer:
 
 
 def tiny_weights(cfg: dict) -> dict[str, torch.Tensor]:
+    # Imported here: the HTTP API reads the tiny model's tokenizer settings without torch.
+    import torch
+
     gen = torch.Generator().manual_seed(SEED)
 
     def normal(*shape, std=0.02):
@@ -139,8 +147,10 @@ def write_tiny_model(path: Path) -> None:
     tok.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS,
-        "model_max_length": CONFIG["max_position_embeddings"],
+        "model_max_length": CONFIG["max_position_embeddings"], "chat_template": CHAT_TEMPLATE,
     }, indent=2))
     (path / "config.json").write_text(json.dumps(CONFIG, indent=2))
     (path / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": 1}, indent=2))
+    from safetensors.torch import save_file
+
     save_file(tiny_weights(CONFIG), str(path / "model.safetensors"), metadata={"format": "pt"})

@@ -30,11 +30,11 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         # The batch call releases the GIL (a single encode holds it throughout): a worker's
         # heartbeat thread keeps beating while a long prompt is tokenized. A 4-million-character
         # prompt once silenced a worker long enough for the router to drop it.
-        return self._tok.encode_batch([text], add_special_tokens=True)[0].ids
+        return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)

@@ -15,6 +15,10 @@ MIN_SLO_MS, MAX_SLO_MS = 1e-3, 1e9  # a microsecond to about eleven days
 MAX_CLASS_NAME = 256
 
 
+class PromptTooLong(ValueError):
+    """A prompt beyond what the serving side takes (its limits, or the model's length)."""
+
+
 def _integer(value, low: int, high: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 

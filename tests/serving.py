@@ -138,17 +138,19 @@ class Cluster:
 
 
 class FakePrefillWorker:
-    """Registers with a router as its prefill worker and beats, but serves nothing: the test
-    takes the requests it is given (`next_request`) and plays their KV channel by hand, from
-    `kv_socket` (which carries this worker's identity, as a real one's does)."""
+    """Registers with a router as its prefill worker (or, with role="decode", as a decode
+    worker) and beats, but serves nothing: the test takes the requests it is given
+    (`next_request`) and plays their KV channel by hand, from `kv_socket` (which carries this
+    worker's identity, as a real one's does)."""
 
-    def __init__(self, router_addr: str, geometry: dict, worker_id: str = "prefill-fake"):
+    def __init__(self, router_addr: str, geometry: dict, worker_id: str = "prefill-fake", role: str = "prefill"):
         self.worker_id = worker_id
         self.ctx = zmq.Context()
         self.router = self.ctx.socket(zmq.DEALER)
         self.router.identity = worker_id.encode()
         self.router.connect(router_addr)
-        self.router.send(p.encode(p.Register(worker_id, "prefill", geometry, 64)))
+        kv_addr = "tcp://127.0.0.1:9" if role == "decode" else None
+        self.router.send(p.encode(p.Register(worker_id, role, geometry, 64, kv_addr)))
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._beat, args=(router_addr,), daemon=True)
         self.thread.start()
@@ -161,13 +163,14 @@ class FakePrefillWorker:
             sock.send(p.encode(p.Heartbeat(self.worker_id, {"free_blocks": 64})))
         sock.close(linger=0)
 
-    def next_request(self, timeout_s: float = 30.0) -> p.PrefillRequest:
+    def next_request(self, timeout_s: float = 30.0, kind: type = p.PrefillRequest) -> p.Message:
+        """The next message of this kind from the router."""
         deadline = time.monotonic() + timeout_s
         while self.router.poll(max(1, int((deadline - time.monotonic()) * 1000))):
             msg = p.decode(self.router.recv())
-            if isinstance(msg, p.PrefillRequest):
+            if isinstance(msg, kind):
                 return msg
-        raise TimeoutError("no request came")
+        raise TimeoutError(f"no {kind.TYPE} message came")
 
     def kv_socket(self, kv_addr: str, identity: str | None = None) -> zmq.Socket:
         sock = self.ctx.socket(zmq.DEALER)

@@ -30,9 +30,11 @@ from kairos.transport.sockets import DEFAULT_ROUTER, make_socket
 
 
 class RequestFailed(RuntimeError):
-    def __init__(self, request_id: str, message: str):
+    """code: what kind of failure (protocol.ERROR_CODES), or None."""
+
+    def __init__(self, request_id: str, message: str, code: str | None = None):
         super().__init__(f"request {request_id} failed: {message}")
-        self.request_id, self.message = request_id, message
+        self.request_id, self.message, self.code = request_id, message, code
 
 
 @dataclass
@@ -43,7 +45,9 @@ class Completion:
     ttft_ms: float | None = None
     token_times_ms: list[float] = field(default_factory=list)  # per token, since the request was sent
     finish_reason: str | None = None
+    prompt_tokens: int | None = None  # the prompt's length, as the serving side tokenized it
     error: str | None = None
+    error_code: str | None = None  # see RequestFailed
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,7 +66,7 @@ class _Tracked:
     def record(self, msg: p.Tokens | p.Error) -> None:
         c = self.completion
         if isinstance(msg, p.Error):
-            c.error = msg.message
+            c.error, c.error_code = msg.message, msg.code
             self.done = True
         else:
             ms = (time.perf_counter() - self.sent_at) * 1e3
@@ -72,7 +76,7 @@ class _Tracked:
             c.token_times_ms += [ms] * len(msg.token_ids)
             c.text += msg.text
             if msg.finish_reason is not None:
-                c.finish_reason = msg.finish_reason
+                c.finish_reason, c.prompt_tokens = msg.finish_reason, msg.prompt_tokens
                 self.done = True
         self.chunks.append(msg)
 
@@ -81,17 +85,19 @@ class _Tracked:
         while self.chunks:
             chunk = self.chunks.popleft()
             if isinstance(chunk, p.Error):
-                raise RequestFailed(self.request_id, chunk.message)
+                raise RequestFailed(self.request_id, chunk.message, chunk.code)
             yield chunk
 
 
 def make_submit(prompt: str | list[int], request_id: str, *, max_tokens: int = 16, temperature: float = 1.0,
                 top_p: float = 1.0, top_k: int = -1, seed: int | None = None, stop: list[str] | str | None = None,
                 stop_token_ids: list[int] | None = None, ignore_eos: bool = False,
-                slo: RequestSLO | dict | None = None, group_id: str | None = None) -> p.Submit:
-    """Checks a request's values here, so a bad one fails before it is sent. `slo` is a
-    RequestSLO, or a dict of some of its fields (ttft_ms, tpot_ms, request_class,
-    output_len_hint), the router's defaults standing for the rest."""
+                slo: RequestSLO | dict | None = None, group_id: str | None = None,
+                add_special_tokens: bool = True) -> p.Submit:
+    """Checks a request's values here, so a bad one fails before it is sent (ValueError, saying
+    what is wrong). `slo` is a RequestSLO, or a dict of some of its fields (ttft_ms, tpot_ms,
+    request_class, output_len_hint), the router's defaults standing for the rest.
+    add_special_tokens: False for a text prompt that holds them already (a rendered chat)."""
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                             stop=stop or [], stop_token_ids=stop_token_ids or [], ignore_eos=ignore_eos)
     if isinstance(slo, RequestSLO):
@@ -104,7 +110,7 @@ def make_submit(prompt: str | list[int], request_id: str, *, max_tokens: int = 1
         text, ids = None, prompt
     else:
         raise ValueError("a prompt is a string or a non-empty list of token ids")
-    return p.Submit(request_id, text, ids, asdict(params), slo, group_id)
+    return p.Submit(request_id, text, ids, asdict(params), slo, group_id, add_special_tokens)
 
 
 def status_dict(report: p.StatusReport) -> dict:
@@ -240,7 +246,9 @@ class AsyncClient(_Base):
         self.ctx = zmq.asyncio.Context()
         self.socket = self._connect(make_socket(self.ctx, zmq.DEALER), curve_keys)
         self._wakeups: dict[str, asyncio.Event] = {}
-        self._status: asyncio.Future | None = None
+        # Callers awaiting a status or metrics report, first asked first answered (the router
+        # answers in the order it is asked).
+        self._replies: dict[type, deque[asyncio.Future]] = {p.StatusReport: deque(), p.MetricsReport: deque()}
         self._reader: asyncio.Task | None = None
         self._failure: BaseException | None = None
 
@@ -250,6 +258,14 @@ class AsyncClient(_Base):
         tracked = await self._start(prompt, request_id, options)
         async for chunk in self._chunks(tracked):
             yield chunk
+
+    async def submit(self, prompt: str | list[int], request_id: str | None = None, **options) -> str:
+        """Sends a request (options: see `make_submit`) and returns its id; `chunks` streams it."""
+        return (await self._start(prompt, request_id, options)).request_id
+
+    def chunks(self, request_id: str) -> AsyncIterator[p.Tokens]:
+        """A submitted request's token chunks as they arrive; raises RequestFailed on an error."""
+        return self._chunks(self.tracked[request_id])
 
     async def generate(self, prompt: str | list[int], request_id: str | None = None, **options) -> Completion:
         """Waits for the request to end; failures are in the completion's `error`."""
@@ -294,21 +310,40 @@ class AsyncClient(_Base):
         await self.socket.send(p.encode(p.Abort(request_id)))
 
     async def status(self) -> dict:
+        return status_dict(await self._ask(p.StatusQuery(), p.StatusReport))
+
+    async def metrics(self) -> str:
+        """The router's Prometheus metrics, in the text format."""
+        return (await self._ask(p.MetricsQuery(), p.MetricsReport)).text
+
+    async def _ask(self, query: p.Message, reply: type) -> p.Message:
         self._ensure_reader()
-        self._status = asyncio.get_running_loop().create_future()
-        await self.socket.send(p.encode(p.StatusQuery()))
-        return await asyncio.wait_for(self._status, self.timeout_s)
+        future = asyncio.get_running_loop().create_future()
+        self._replies[reply].append(future)
+        await self.socket.send(p.encode(query))
+        try:
+            return await asyncio.wait_for(future, self.timeout_s)
+        except asyncio.TimeoutError:
+            raise self._timeout_error() from None
+        finally:
+            if future in self._replies[reply]:  # a reply coming late goes to the next caller
+                self._replies[reply].remove(future)
 
     def _ensure_reader(self) -> None:
         if self._reader is None or self._reader.done():
+            self._failure = None  # what broke the last reader failed the streams waiting then
             self._reader = asyncio.get_running_loop().create_task(self._read())
 
     async def _read(self) -> None:
         try:
             while True:
                 msg = self._route(await self.socket.recv())
-                if isinstance(msg, p.StatusReport) and self._status is not None and not self._status.done():
-                    self._status.set_result(status_dict(msg))
+                waiting = self._replies.get(type(msg))
+                while waiting:
+                    future = waiting.popleft()
+                    if not future.done():
+                        future.set_result(msg)
+                        break
                 wake = self._wakeups.get(getattr(msg, "request_id", None))
                 if wake is not None:
                     wake.set()

@@ -85,6 +85,8 @@ class DecodeWorker(Worker):
         self.expected: dict[str, bytes] = {}  # request id -> the prefill worker the router assigned it
         self.unassigned: dict[str, Unassigned] = {}  # offers that came before the router's word
         self.counters["kv_cuda_ipc"] = 0  # transfers copied GPU to GPU
+        self.counters["kv_transfers"] = 0  # transfers complete, and their bytes
+        self.counters["kv_bytes"] = 0
         log.info("decode worker %s receives KV at %s", self.worker_id, self.kv_addr)
 
     def registration(self) -> p.Register:
@@ -288,6 +290,8 @@ class DecodeWorker(Worker):
             else:
                 send(self.kv_socket, p.KVAck(transfer_id), item.peer)
                 send(self.router, p.HandedOff(item.seq.request_id))
+                self.counters["kv_transfers"] += 1
+                self.counters["kv_bytes"] += item.num_blocks * self.geometry.bytes_per_block
                 self.llm.add_prefilled(item.seq)
 
     def idle_poll_ms(self) -> int:

@@ -20,6 +20,7 @@ import torch
 import zmq
 
 from kairos.engine.sequence import Sequence, Status
+from kairos.scheduler.request import PromptTooLong
 from kairos.transport import protocol as p
 from kairos.transport.kv import OutgoingKV, PinnedPool, blocks_per_frame, export_cache
 from kairos.transport.sockets import recv, send, send_tracked
@@ -85,9 +86,11 @@ class PrefillWorker(Worker):
     def handle_router(self, msg: p.Message) -> None:
         if isinstance(msg, p.PrefillRequest):
             try:
-                seq = self.make_sequence(msg.prompt, msg.prompt_token_ids, msg.params, msg.slo, msg.request_id)
+                seq = self.make_sequence(msg.prompt, msg.prompt_token_ids, msg.params, msg.slo, msg.request_id,
+                                         msg.add_special_tokens)
             except ValueError as e:
-                self.fail(msg.request_id, str(e))
+                code = p.PROMPT_TOO_LONG if isinstance(e, PromptTooLong) else p.INVALID_REQUEST
+                self.fail(msg.request_id, str(e), code)
                 return
             seq.arrival_time -= dispatch_age(msg.arrival_unix, time.time())
             self.targets[msg.request_id] = (msg.decode_worker_id, msg.decode_kv_addr)

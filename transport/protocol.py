@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import msgpack
 
-PROTOCOL_VERSION = 6
+PROTOCOL_VERSION = 7
 # Control messages (requests, tokens, status) are small; the largest is a long prompt's ids.
 MAX_CONTROL_MESSAGE_BYTES = 16 * 2**20
 # No message nests lists and maps deeper than a worker's stats (map of phase, map of figures).
@@ -97,6 +97,8 @@ class Submit(Message):
     params: dict = field(default_factory=dict)  # SamplingParams fields
     slo: dict | None = None  # RequestSLO fields; the router's defaults for those absent
     group_id: str | None = None
+    # False for a text that already holds them (a rendered chat template begins with its BOS).
+    add_special_tokens: bool = True
 
 
 @dataclass
@@ -108,13 +110,15 @@ class Abort(Message):
 @dataclass
 class Tokens(Message):
     """New output tokens of a request, from position `index` of its output, with their text.
-    The last message of a request carries its finish reason."""
+    The last message of a request carries its finish reason, and, from the worker that
+    finished it, the prompt's length in tokens (for usage figures)."""
     TYPE = "tokens"
     request_id: str
     index: int
     token_ids: list[int]
     text: str
     finish_reason: str | None = None
+    prompt_tokens: int | None = None
 
 
 @dataclass
@@ -128,17 +132,29 @@ class StepTokens(Message):
     token_ids: list[list[int]]
     texts: list[str]
     finish_reasons: list[str | None]
+    prompt_tokens: list[int | None] | None = None  # None: none of them finished
 
     @classmethod
     def of(cls, chunks: list[Tokens]) -> StepTokens:
+        prompt_tokens = [c.prompt_tokens for c in chunks]
         return cls([c.request_id for c in chunks], [c.index for c in chunks], [c.token_ids for c in chunks],
-                   [c.text for c in chunks], [c.finish_reason for c in chunks])
+                   [c.text for c in chunks], [c.finish_reason for c in chunks],
+                   prompt_tokens if any(n is not None for n in prompt_tokens) else None)
 
     def chunks(self) -> list[Tokens]:
-        columns = (self.request_ids, self.indexes, self.token_ids, self.texts, self.finish_reasons)
+        prompt_tokens = self.prompt_tokens if self.prompt_tokens is not None else [None] * len(self.request_ids)
+        columns = (self.request_ids, self.indexes, self.token_ids, self.texts, self.finish_reasons, prompt_tokens)
         if len({len(c) for c in columns}) != 1:
             raise ProtocolError(f"{self.TYPE}: columns of unequal length {[len(c) for c in columns]}")
         return [Tokens(*row) for row in zip(*columns)]
+
+
+# What kind of failure an Error reports, for a front end to answer in its own terms (an HTTP
+# status); None is any other failure of the serving side.
+INVALID_REQUEST = "invalid_request"  # bad parameters: the sender's mistake
+PROMPT_TOO_LONG = "prompt_too_long"  # beyond the router's limits or the model's length
+UNAVAILABLE = "unavailable"  # no worker registered and free in time
+ERROR_CODES = (INVALID_REQUEST, PROMPT_TOO_LONG, UNAVAILABLE)
 
 
 @dataclass
@@ -147,6 +163,7 @@ class Error(Message):
     TYPE = "error"
     request_id: str | None
     message: str
+    code: str | None = None  # one of ERROR_CODES, or None
 
 
 @dataclass
@@ -160,6 +177,18 @@ class StatusReport(Message):
     workers: list[dict]
     counters: dict
     pending: int
+
+
+@dataclass
+class MetricsQuery(Message):
+    TYPE = "metrics_query"
+
+
+@dataclass
+class MetricsReport(Message):
+    """The router's metrics in the Prometheus text format."""
+    TYPE = "metrics"
+    text: str
 
 
 # ---- workers <-> router -------------------------------------------------------------------------
@@ -226,6 +255,7 @@ class PrefillRequest(Message):
     # When the router received it (Unix seconds): SLO clocks start there, not when the worker
     # gets round to reading its socket (after the step it is running). Hosts need NTP.
     arrival_unix: float
+    add_special_tokens: bool = True
 
 
 @dataclass

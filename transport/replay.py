@@ -1,12 +1,14 @@
 """`kairos bench replay`: a trace sent live to a router, open loop (each request leaves at its
 arrival time whatever happened to the others), with synthetic prompts of the trace's lengths.
 TTFT, TPOT and end-to-end SLO attainment come from the client's clock, in the simulator's
-report format."""
+report format. With an HTTP URL instead of a router's address, the requests go through the
+OpenAI-compatible API (`kairos api`): streamed /v1/completions, the SLOs in the body."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import secrets
 import time
 from dataclasses import dataclass, replace
@@ -59,34 +61,97 @@ def fresh_seed() -> int:
     return secrets.randbits(63)
 
 
-async def _replay(addr: str, trace: list[TraceRequest], vocab_ids: int, timeout_s: float, progress,
-                  seed: int) -> list:
+class _Native:
+    """Requests to a router, on one AsyncClient connection."""
+
+    def __init__(self, addr: str, timeout_s: float):
+        self.client = AsyncClient(addr, timeout_s=timeout_s)
+
+    async def send(self, prompt: list[int], r: TraceRequest) -> tuple[int, list[float], str | None]:
+        """(output tokens, each token's arrival in seconds since sent, error)."""
+        out = await self.client.generate(prompt, max_tokens=r.output_len, ignore_eos=True, temperature=0, slo=r.slo)
+        return len(out.token_ids), [ms / 1e3 for ms in out.token_times_ms], out.error
+
+    async def close(self) -> None:
+        self.client.close()
+
+
+class _HTTP:
+    """Streamed /v1/completions requests to the HTTP API at `url` (its base, with or without
+    /v1); each SSE chunk is one token, as the workers stream them."""
+
+    def __init__(self, url: str, timeout_s: float, model: str | None, api_key: str | None):
+        import httpx
+
+        base = url.rstrip("/")
+        self.url = base if base.endswith("/v1") else base + "/v1"
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        # As many connections as requests in flight: the replay is open loop.
+        self.http = httpx.AsyncClient(timeout=timeout_s, headers=headers, limits=httpx.Limits(max_connections=None))
+        self.model = model
+
+    async def send(self, prompt: list[int], r: TraceRequest) -> tuple[int, list[float], str | None]:
+        if self.model is None:
+            self.model = (await self.http.get(f"{self.url}/models")).json()["data"][0]["id"]
+        body = {"model": self.model, "prompt": prompt, "max_tokens": r.output_len, "temperature": 0,
+                "ignore_eos": True, "stream": True, "ttft_slo_ms": r.slo.ttft_ms, "tpot_slo_ms": r.slo.tpot_ms,
+                **({"request_class": r.slo.request_class} if r.slo.request_class else {}),
+                **({"output_len_hint": r.slo.output_len_hint} if r.slo.output_len_hint else {})}
+        sent, times = time.perf_counter(), []
+        async with self.http.stream("POST", f"{self.url}/completions", json=body) as response:
+            if response.status_code != 200:
+                return 0, [], f"HTTP {response.status_code}: {(await response.aread()).decode(errors='replace')}"
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                if "error" in event:
+                    return len(times), times, event["error"]["message"]
+                times.append(time.perf_counter() - sent)
+        return len(times), times, None
+
+    async def close(self) -> None:
+        await self.http.aclose()
+
+
+async def _replay(target, trace: list[TraceRequest], vocab_ids: int, progress, seed: int) -> list:
     done: list[ReplayedRequest] = []
-    async with AsyncClient(addr, timeout_s=timeout_s) as client:
+    try:
         start = time.perf_counter()
 
         async def one(index: int, r: TraceRequest) -> None:
             await asyncio.sleep(max(0.0, start + r.arrival - time.perf_counter()))
             prompt = synthetic_prompt(r, index, vocab_ids, seed)
             sent = time.perf_counter() - start
-            out = await client.generate(prompt, max_tokens=r.output_len, ignore_eos=True, temperature=0, slo=r.slo)
-            item = ReplayedRequest(sent, r.slo, len(out.token_ids), error=out.error)
-            if out.error is None and out.token_times_ms:
-                item.first_token_time = sent + out.token_times_ms[0] / 1e3
-                item.finish_time = sent + out.token_times_ms[-1] / 1e3
+            tokens, times, error = await target.send(prompt, r)
+            item = ReplayedRequest(sent, r.slo, tokens, error=error)
+            if error is None and times:
+                item.first_token_time = sent + times[0]
+                item.finish_time = sent + times[-1]
             done.append(item)
             if progress:
                 progress()
 
         await asyncio.gather(*(one(i, r) for i, r in enumerate(trace)))
+    finally:
+        await target.close()
     return done
 
 
 def replay_requests(addr: str, trace: list[TraceRequest], vocab_ids: int = 256, timeout_s: float = 300.0,
-                    progress=None, seed: int | None = None) -> list[ReplayedRequest]:
+                    progress=None, seed: int | None = None, http_model: str | None = None,
+                    api_key: str | None = None) -> list[ReplayedRequest]:
     """Every request of the trace, sent open loop; each with its client-side timings or error.
-    The prompts come from `seed`, by default a fresh one."""
-    return asyncio.run(_replay(addr, trace, vocab_ids, timeout_s, progress, fresh_seed() if seed is None else seed))
+    The prompts come from `seed`, by default a fresh one. `addr` is a router's (tcp://...), or
+    the HTTP API's URL (http://...), whose model is `http_model` (default: the one it lists)."""
+    seed = fresh_seed() if seed is None else seed
+
+    async def run():
+        http = addr.startswith(("http://", "https://"))
+        target = _HTTP(addr, timeout_s, http_model, api_key) if http else _Native(addr, timeout_s)
+        return await _replay(target, trace, vocab_ids, progress, seed)
+
+    return asyncio.run(run())
 
 
 def warm_up(addr: str, trace: list[TraceRequest], requests: int = 16,
@@ -150,5 +215,5 @@ def live_point(worker_argv: list[str], timeout_s: float = 300.0, prefill_workers
 
 
 def replay(addr: str, trace: list[TraceRequest], vocab_ids: int = 256, timeout_s: float = 300.0,
-           progress=None, seed: int | None = None) -> dict:
-    return report(replay_requests(addr, trace, vocab_ids, timeout_s, progress, seed))
+           progress=None, seed: int | None = None, http_model: str | None = None, api_key: str | None = None) -> dict:
+    return report(replay_requests(addr, trace, vocab_ids, timeout_s, progress, seed, http_model, api_key))

@@ -22,6 +22,7 @@ from kairos.scheduler.metrics import time_per_output_token
 from kairos.scheduler.placement import pick_decode_worker, pick_prefill_worker, prompt_tokens
 from kairos.scheduler.request import RequestSLO, SamplingParams
 from kairos.transport import protocol as p
+from kairos.transport.metrics import RouterMetrics
 from kairos.transport.security import ANY_KEY, CurveKeys, warn_if_exposed
 from kairos.transport.sockets import DEFAULT_HOST, DEFAULT_PORT, make_socket, recv, send
 
@@ -74,13 +75,15 @@ class RoutedRequest:
     first_token_at: float | None = None
     last_token_at: float | None = None
     held: dict[int, p.Tokens] = field(default_factory=dict)  # arrived ahead of their turn
+    prompt_tokens: int | None = None  # as the worker that finished it counted them
 
 
 class Router:
     def __init__(self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, worker_timeout_s: float = 2.0,
                  queue_timeout_s: float = 30.0, default_slo: RequestSLO = RequestSLO(),
                  max_prompt_chars: int = MAX_PROMPT_CHARS, max_prompt_tokens: int = MAX_PROMPT_TOKENS,
-                 keys: CurveKeys | None = None):
+                 keys: CurveKeys | None = None, metrics_port: int | None = None):
+        """metrics_port: also serve Prometheus metrics over HTTP on this port (same host)."""
         self.ctx = zmq.Context()
         self.socket = make_socket(self.ctx, zmq.ROUTER)
         self.keys = keys
@@ -104,6 +107,9 @@ class Router:
         # Attainment is judged here, on one clock, from arrival to each token's relay.
         self.counters = {"submitted": 0, "completed": 0, "aborted": 0, "failed": 0,
                          "ttft_met": 0, "tpot_met": 0, "slo_met": 0}
+        self.metrics = RouterMetrics(lambda: self.workers.values(),
+                                     lambda: {"pending": len(self.pending), "in_flight": len(self.requests)})
+        self.metrics_server = self.metrics.serve(host, metrics_port) if metrics_port is not None else None
         self.stopping = False
 
     def run(self) -> None:
@@ -117,6 +123,8 @@ class Router:
             self.close()
 
     def close(self) -> None:
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
         if self.keys is not None:
             self.authenticator.stop()
         self.ctx.destroy(linger=0)
@@ -143,6 +151,8 @@ class Router:
             self.on_client_abort(identity, msg.request_id)
         elif isinstance(msg, p.StatusQuery):
             send(self.socket, self.status(), identity)
+        elif isinstance(msg, p.MetricsQuery):
+            send(self.socket, p.MetricsReport(self.metrics.text()), identity)
         elif isinstance(msg, p.Register):
             self.on_register(identity, msg, user_id)
         else:
@@ -228,14 +238,16 @@ class Router:
         send(self.socket, p.Registered(msg.worker_id), identity)
 
     def on_submit(self, client: bytes, msg: p.Submit) -> None:
-        problem, slo = None, None
+        problem, slo, code = None, None, p.INVALID_REQUEST
         if (msg.prompt is None) == (msg.prompt_token_ids is None):
             problem = "give exactly one of prompt and prompt_token_ids"
         elif msg.prompt is not None and len(msg.prompt) > self.max_prompt_chars:
             problem = f"the prompt has {len(msg.prompt)} characters; this router takes at most {self.max_prompt_chars}"
+            code = p.PROMPT_TOO_LONG
         elif msg.prompt_token_ids is not None and len(msg.prompt_token_ids) > self.max_prompt_tokens:
             problem = (f"the prompt has {len(msg.prompt_token_ids)} tokens; this router takes at most "
                        f"{self.max_prompt_tokens}")
+            code = p.PROMPT_TOO_LONG
         elif (client, msg.request_id) in self.by_client:
             problem = f"request id {msg.request_id!r} is already in flight"
         else:
@@ -247,13 +259,15 @@ class Router:
             except ValueError as e:
                 problem = str(e)
         if problem:
-            send(self.socket, p.Error(msg.request_id, problem), client)
+            send(self.socket, p.Error(msg.request_id, problem, code), client)
             self.counters["failed"] += 1
+            self.metrics.failed(code)
             return
         rid = secrets.token_hex(16)  # unguessable: an id is all a forged transfer or abort would need
         self.requests[rid] = RoutedRequest(rid, client, msg, slo, time.monotonic())
         self.by_client[(client, msg.request_id)] = rid
         self.counters["submitted"] += 1
+        self.metrics.received.inc()
         self.pending.append(rid)
         self.dispatch_pending(time.monotonic())
 
@@ -265,6 +279,7 @@ class Router:
         self.tell_workers(r, p.Abort(r.rid))
         send(self.socket, p.Tokens(request_id, r.next_index, [], "", "abort"), client)
         self.counters["aborted"] += 1
+        self.count_completion(r, "abort")
         self.forget(r)
 
     def on_tokens(self, worker: WorkerInfo, msg: p.Tokens) -> None:
@@ -276,7 +291,7 @@ class Router:
         while r.next_index in r.held:
             chunk = r.held.pop(r.next_index)
             send(self.socket, p.Tokens(r.submit.request_id, chunk.index, chunk.token_ids, chunk.text,
-                                       chunk.finish_reason), r.client)
+                                       chunk.finish_reason, chunk.prompt_tokens), r.client)
             r.next_index += len(chunk.token_ids)
             if chunk.token_ids:
                 r.last_token_at = time.monotonic()
@@ -285,7 +300,9 @@ class Router:
                 if worker.worker_id == r.prefill:
                     # Over at its first token: no KV will come to the decode worker expecting it.
                     self.tell_workers(r, p.Abort(r.rid), skip=r.prefill)
-                self.count_completion(r)
+                r.prompt_tokens = chunk.prompt_tokens
+                self.counters["completed"] += 1
+                self.count_completion(r, chunk.finish_reason)
                 self.forget(r)
                 return
 
@@ -298,16 +315,23 @@ class Router:
             # The reporting worker too: a forged KV transfer fails a request that may also be
             # decoding there, which would go on holding its blocks (an abort of nothing is a no-op).
             self.tell_workers(r, p.Abort(r.rid))
-            self.fail(r, msg.message)
+            self.fail(r, msg.message, msg.code if msg.code in p.ERROR_CODES else None)
 
-    def count_completion(self, r: RoutedRequest) -> None:
-        ttft_ok = r.first_token_at is not None and r.first_token_at - r.arrival <= r.slo.ttft_s
-        tpot_ok = r.first_token_at is None or (
-            time_per_output_token(r.first_token_at, r.last_token_at, r.next_index) <= r.slo.tpot_s)
-        self.counters["completed"] += 1
-        self.counters["ttft_met"] += ttft_ok
-        self.counters["tpot_met"] += tpot_ok
-        self.counters["slo_met"] += ttft_ok and tpot_ok
+    def count_completion(self, r: RoutedRequest, finish_reason: str) -> None:
+        """Judges a request that ended with its output (to the end, or aborted by its client)
+        against its SLOs; the counters count the completed ones only."""
+        ttft_s = tpot_s = None
+        if r.first_token_at is not None:
+            ttft_s = r.first_token_at - r.arrival
+            tpot_s = time_per_output_token(r.first_token_at, r.last_token_at, r.next_index)
+        ttft_ok = ttft_s is not None and ttft_s <= r.slo.ttft_s
+        tpot_ok = tpot_s is None or tpot_s <= r.slo.tpot_s
+        if finish_reason != "abort":
+            self.counters["ttft_met"] += ttft_ok
+            self.counters["tpot_met"] += tpot_ok
+            self.counters["slo_met"] += ttft_ok and tpot_ok
+        self.metrics.completed(finish_reason, ttft_s, tpot_s, (r.last_token_at or time.monotonic()) - r.arrival,
+                               r.prompt_tokens, r.next_index, ttft_ok, tpot_ok)
 
     # ---- placement ----------------------------------------------------------------------------
 
@@ -322,7 +346,8 @@ class Router:
             if prefill is None or decode is None:
                 if now - r.arrival > self.queue_timeout_s:
                     missing = " and ".join(role for role, w in (("prefill", prefill), ("decode", decode)) if w is None)
-                    self.fail(r, f"no {missing} worker registered and free within {self.queue_timeout_s:g} s")
+                    self.fail(r, f"no {missing} worker registered and free within {self.queue_timeout_s:g} s",
+                              p.UNAVAILABLE)
                 else:
                     still.append(rid)
                 continue
@@ -336,7 +361,8 @@ class Router:
             # a whole step before it can offer it).
             send(self.socket, p.KVExpect(rid, prefill.worker_id), decode.identity)
             send(self.socket, p.PrefillRequest(rid, s.prompt, s.prompt_token_ids, s.params, r.slo.to_dict(),
-                                               decode.worker_id, decode.kv_addr, arrival_unix), prefill.identity)
+                                               decode.worker_id, decode.kv_addr, arrival_unix, s.add_special_tokens),
+                 prefill.identity)
         self.pending = still
 
     def free(self, w: WorkerInfo) -> bool:
@@ -371,9 +397,10 @@ class Router:
             if w is not None:
                 send(self.socket, msg, w.identity)
 
-    def fail(self, r: RoutedRequest, message: str) -> None:
-        send(self.socket, p.Error(r.submit.request_id, message), r.client)
+    def fail(self, r: RoutedRequest, message: str, code: str | None = None) -> None:
+        send(self.socket, p.Error(r.submit.request_id, message, code), r.client)
         self.counters["failed"] += 1
+        self.metrics.failed(code)
         self.forget(r)
 
     def release(self, r: RoutedRequest) -> None:

@@ -44,6 +44,10 @@ class Child:
     restart_at: float | None = None  # set while it is dead and waiting to start again
     kv_blocks: int | None = None  # its KV cache once registered: a restart asks for as many
 
+    @property
+    def is_worker(self) -> bool:
+        return self.argv[0] in ("prefill", "decode")
+
 
 class ProcessGroup:
     """`kairos` commands as child processes (with -v: logging set-up details)."""
@@ -164,11 +168,12 @@ def local_cluster(prefill_argv: list[str], decode_argv: list[str], prefill_worke
 
 def serve(host: str, port: int, router_argv: list[str], worker_argv: list[str], prefill_argv: list[list[str]],
           decode_argv: list[list[str]], startup_timeout_s: float, one_at_a_time: bool, verbose: bool = False,
-          curve_keys: str | None = None) -> int:
+          curve_keys: str | None = None, api_argv: list[str] | None = None) -> int:
     """Starts a worker per entry of prefill_argv and decode_argv (each its own arguments) and
     serves until SIGINT or SIGTERM, restarting any child that dies. one_at_a_time: start each
     worker once the one before has registered, so that on a shared GPU each sizes its KV cache
-    from what the others really left free."""
+    from what the others really left free. api_argv: also run `kairos api` with these arguments
+    (from the start: its /health says when the workers are up)."""
     addr = f"tcp://{host}:{port}"
     stop = {"signal": None}
 
@@ -184,6 +189,8 @@ def serve(host: str, port: int, router_argv: list[str], worker_argv: list[str], 
     wanted = Counter()
     try:
         group.start("router", ["router", "--host", host, "--port", str(port), *router_argv])
+        if api_argv is not None:
+            group.start("api", api_argv)
         workers = [("prefill", ["prefill", "--router", addr, *worker_argv, *argv]) for argv in prefill_argv]
         workers += [("decode", ["decode", "--router", addr, "--kv-host", host, *worker_argv, *argv])
                     for argv in decode_argv]
@@ -202,7 +209,7 @@ def serve(host: str, port: int, router_argv: list[str], worker_argv: list[str], 
         with Client(addr, timeout_s=1.0, curve_keys=curve_keys) as client:
             while not interrupted():
                 group.supervise(time.monotonic())
-                if any(c.kv_blocks is None for c in group.children[1:]):
+                if any(c.kv_blocks is None for c in group.children if c.is_worker):
                     with contextlib.suppress(TimeoutError):
                         group.learn_kv_blocks(client.status()["workers"])
                 time.sleep(0.2)

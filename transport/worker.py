@@ -226,7 +226,8 @@ class Worker:
         sock.connect(addr)
         return sock
 
-    def make_sequence(self, prompt, prompt_token_ids, params: dict, slo: dict, request_id: str) -> Sequence:
+    def make_sequence(self, prompt, prompt_token_ids, params: dict, slo: dict, request_id: str,
+                      add_special_tokens: bool = True) -> Sequence:
         """A validated engine sequence; ValueError (with the reason) for anything it rejects."""
         try:
             sampling = SamplingParams(**params)
@@ -236,7 +237,7 @@ class Worker:
         source = prompt if prompt is not None else prompt_token_ids
         if source is None:
             raise ValueError("the request has neither a prompt nor prompt_token_ids")
-        return self.llm.make_sequence(source, sampling, request_id, request_slo)
+        return self.llm.make_sequence(source, sampling, request_id, request_slo, add_special_tokens)
 
     def send_tokens(self, seqs: list[Sequence]) -> None:
         """The token a step just gave each sequence, with its text (and finish reason, if done),
@@ -246,13 +247,15 @@ class Worker:
             done = seq.is_finished
             index, token = seq.latest_output()  # an overlapped step's token may be pending after it
             chunks.append(p.Tokens(seq.request_id, index, [token], seq.take_text_delta(),
-                                   seq.finish_reason.value if done else None))
+                                   seq.finish_reason.value if done else None,
+                                   seq.num_prompt_tokens if done else None))
             self.counters["completed"] += done
         if chunks:
             send(self.router, p.StepTokens.of(chunks))
 
-    def fail(self, request_id: str, message: str) -> None:
+    def fail(self, request_id: str, message: str, code: str | None = None) -> None:
+        """code: what kind of failure (protocol.ERROR_CODES), for the client to answer by."""
         self.counters["failed"] += 1
         log.warning("request %s failed: %s", request_id, message)
-        send(self.router, p.Error(request_id, message))
+        send(self.router, p.Error(request_id, message, code))
 

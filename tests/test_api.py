@@ -1,0 +1,415 @@
+"""The OpenAI-compatible HTTP API: a real `kairos serve --http-port` (tiny model, CPU) driven by
+the official openai package, sync and async, and by raw HTTP for what that package would not
+send."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from serving import WORKER_ARGS, FakePrefillWorker, free_port, kairos_process
+
+from kairos.engine import LLM, SamplingParams
+from kairos.transport import protocol as p
+from kairos.transport.chat import ChatTemplate, ChatTemplateError
+from kairos.transport.client import Client
+
+MAX_PROMPT_CHARS = 4000
+
+
+class Server:
+    def __init__(self):
+        self.port, self.http_port, self.metrics_port = free_port(), free_port(), free_port()
+        self.addr = f"tcp://127.0.0.1:{self.port}"
+        self.url = f"http://127.0.0.1:{self.http_port}"
+        self.proc = kairos_process("serve", "--port", str(self.port), "--http-port", str(self.http_port),
+                                   "--metrics-port", str(self.metrics_port), "--max-prompt-chars",
+                                   str(MAX_PROMPT_CHARS), *WORKER_ARGS[2:])
+        self.output: list[str] = []
+        threading.Thread(target=lambda: self.output.extend(self.proc.stdout), daemon=True).start()
+
+    def openai(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+    def counters(self) -> dict:
+        with Client(self.addr, timeout_s=10) as client:
+            return client.fresh_status()["counters"]
+
+    def idle(self) -> dict:
+        """The router's status once every worker holds no request and all its blocks are free."""
+        with Client(self.addr, timeout_s=10) as client:
+            return client.fresh_status(lambda status: all(
+                w["free_blocks"] == w["total_blocks"] and not w["running"] and not w["waiting"]
+                and not w.get("transfers") for w in status["workers"]), timeout_s=20)
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, output: list[str], timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "".join(output)
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} did not become healthy:\n{''.join(output)}")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_path):
+    s = Server()
+    try:
+        wait_healthy(s.url, s.proc, s.output)
+        yield s
+    finally:
+        s.proc.terminate()
+        try:
+            s.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            s.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def offline():
+    return LLM("tiny", num_kv_blocks=256, max_model_len=512)
+
+
+def kairos_generate(prompt: str, max_tokens: int) -> dict:
+    out = subprocess.run([sys.executable, "-m", "kairos.cli", "generate", "--json", "--temperature", "0",
+                          "--max-tokens", str(max_tokens), "--prompt", prompt], capture_output=True, text=True,
+                         check=True)
+    return json.loads(out.stdout)
+
+
+def test_completions_equal_kairos_generate_streamed_or_not(server):
+    prompt = "The quick brown fox"
+    want = kairos_generate(prompt, 24)
+    client = server.openai()
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    got = client.completions.create(model="tiny", prompt=prompt, max_tokens=24, temperature=0)
+    assert got.choices[0].text == want["text"]
+    assert got.choices[0].finish_reason == want["finish_reason"]
+    assert got.usage.completion_tokens == len(want["token_ids"])
+    assert got.usage.prompt_tokens == len(want["prompt_token_ids"])
+    assert got.usage.total_tokens == got.usage.prompt_tokens + got.usage.completion_tokens
+
+    chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=24, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == want["text"]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == want["finish_reason"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(want["token_ids"])
+
+    # Token ids and several prompts in one request: one choice each, in order.
+    several = client.completions.create(model="tiny", prompt=[want["prompt_token_ids"], [5, 6, 7]], max_tokens=24,
+                                        temperature=0)
+    assert [c.index for c in several.choices] == [0, 1]
+    assert several.choices[0].text == want["text"]
+
+
+def test_chat_renders_the_model_template_and_streams(server, offline):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a fox."}]
+    rendered = ChatTemplate.for_model("tiny").render(messages)
+    ids = offline.tokenizer.encode(rendered, add_special_tokens=False)
+    assert ids.count(0) == 1  # the template's BOS, not a second one from the tokenizer
+    want = offline.generate([ids], SamplingParams(max_tokens=20, temperature=0))[0]
+    client = server.openai()
+    got = client.chat.completions.create(model="tiny", messages=messages, max_tokens=20, temperature=0)
+    assert got.choices[0].message.role == "assistant"
+    assert got.choices[0].message.content == want.text
+    assert got.usage.prompt_tokens == len(ids) and got.usage.completion_tokens == len(want.token_ids)
+
+    stream = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=20, temperature=0,
+                                                 stream=True))
+    assert stream[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == want.text
+    assert stream[-1].choices[0].finish_reason == want.finish_reason
+
+    # Content given as text parts reads as the same conversation.
+    parts = [{**m, "content": [{"type": "text", "text": m["content"]}]} for m in messages]
+    assert client.chat.completions.create(model="tiny", messages=parts, max_tokens=20,
+                                          temperature=0).choices[0].message.content == want.text
+
+
+def test_stop_strings_cut_the_text(server):
+    client = server.openai()
+    full = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=40, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    stop = next(full[i:i + 3] for i in range(8, len(full) - 3) if full[i:i + 3].strip())
+    got = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=40, temperature=0,
+                                    stop=[stop], extra_body={"ignore_eos": True}).choices[0]
+    assert got.text == full[:full.index(stop)]
+    assert got.finish_reason == "stop"
+
+
+def test_the_async_client_streams_many_requests_at_once(server, offline):
+    prompts = [f"Request number {i} says" for i in range(8)]
+    want = [o.text for o in offline.generate(prompts, SamplingParams(max_tokens=12, temperature=0))]
+
+    async def main():
+        client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+        async def one(prompt: str) -> str:
+            stream = await client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0,
+                                                     stream=True)
+            return "".join([c.choices[0].text async for c in stream])
+
+        streamed = await asyncio.gather(*(one(prompt) for prompt in prompts))
+        whole = await client.completions.create(model="tiny", prompt=prompts[0], max_tokens=12, temperature=0)
+        await client.close()
+        return streamed, whole.choices[0].text
+
+    streamed, whole = asyncio.run(main())
+    assert streamed == want and whole == want[0]
+
+
+def test_slos_in_the_body_reach_the_router_and_its_status(server):
+    client = server.openai()
+    before = server.counters()
+    client.completions.create(model="tiny", prompt="hurry", max_tokens=3, temperature=0,
+                              extra_body={"ttft_slo_ms": 0.001, "tpot_slo_ms": 1e6, "output_len_hint": 3})
+    after_impossible = server.counters()
+    client.completions.create(model="tiny", prompt="no hurry", max_tokens=3, temperature=0,
+                              extra_body={"ttft_slo_ms": 1e6, "tpot_slo_ms": 1e6})
+    status = json.loads(subprocess.run([sys.executable, "-m", "kairos.cli", "status", "--json", "--addr",
+                                        server.addr], capture_output=True, text=True, check=True).stdout)
+    after_easy = status["counters"]
+    assert after_impossible["completed"] == before["completed"] + 1
+    assert after_impossible["ttft_met"] == before["ttft_met"]  # a microsecond TTFT is missed
+    assert after_impossible["tpot_met"] == before["tpot_met"] + 1
+    assert after_easy["ttft_met"] == after_impossible["ttft_met"] + 1
+
+
+def post(server, path: str, body, **kwargs) -> httpx.Response:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(f"{server.url}{path}", content=content, headers={"Content-Type": "application/json"},
+                      timeout=60, **kwargs)
+
+
+BAD_REQUESTS = [
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
+    ("/v1/completions", {"model": "gpt-4", "prompt": "x"}, 404, "model"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x" * (MAX_PROMPT_CHARS + 1)}, 413, None),
+    ("/v1/completions", {"model": "tiny", "prompt": [3] * 600}, 413, None),  # beyond --max-model-len 512
+    ("/v1/completions", b'{"model": "tiny", "prompt": ', 400, None),
+    ("/v1/completions", b"\xff\xfe", 400, None),
+    ("/v1/completions", [1, 2], 400, None),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": "5"}, 400, "max_tokens"),
+    ("/v1/completions", {"model": "tiny", "prompt": 5}, 400, "prompt"),
+    ("/v1/completions", {"model": "tiny", "prompt": []}, 400, "prompt"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "n": 2}, 400, "n"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "logprobs": 2}, 400, "logprobs"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "frobnicate": True}, 400, "frobnicate"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "ttft_slo_ms": -5}, 400, None),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "temperature": -1}, 400, "temperature"),
+    ("/v1/completions", {"prompt": "x"}, 400, "model"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x"}}]}]}, 400, "messages[0].content"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"content": "no role"}]}, 400, "messages[0].role"),
+]
+
+
+def test_bad_input_gets_the_right_status_in_the_openai_shape_and_serving_goes_on(server):
+    metrics_before = scrape(f"{server.url}/metrics")
+    for path, body, status, param in BAD_REQUESTS:
+        for stream in (False, True):
+            if stream and isinstance(body, dict):
+                body = {**body, "stream": True}
+            response = post(server, path, body)
+            assert response.status_code == status, (body, response.text)
+            error = response.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"} and error["message"], error
+            assert error["param"] == param, (body, error)
+    too_big = post(server, "/v1/completions", b" " * (33 * 2**20))
+    assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "body_too_large"
+    # The official client raises its own error types on them.
+    client = server.openai()
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.completions.create(model="tiny", prompt="x", max_tokens=-1)
+    assert bad.value.body["param"] == "max_tokens"
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hi"}])
+    assert missing.value.body["code"] == "model_not_found"
+    # Over-long prompts (router and worker limits, each streamed and not) were counted as such.
+    after = scrape(f"{server.url}/metrics")
+    assert value(after, "kairos:request_failure_total", code="prompt_too_long") - value(
+        metrics_before, "kairos:request_failure_total", code="prompt_too_long") == 4
+    assert client.completions.create(model="tiny", prompt="still serving", max_tokens=4).usage.completion_tokens == 4
+    server.idle()
+
+
+def test_a_client_that_disconnects_aborts_its_request_and_blocks_return(server):
+    before = server.counters()
+    body = {"model": "tiny", "prompt": "a long story", "max_tokens": 480, "temperature": 0, "ignore_eos": True}
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", f"{server.url}/v1/completions", json={**body, "stream": True}) as response:
+            assert response.status_code == 200
+            lines = response.iter_lines()
+            assert [next(lines) for _ in range(4)][0].startswith("data: ")
+        # Mid-stream, the connection closed; now one that is not streamed, given up on.
+        with pytest.raises(httpx.ReadTimeout):
+            http.post(f"{server.url}/v1/completions", json=body, timeout=0.3)
+    status = server.idle()
+    assert status["counters"]["aborted"] == before["aborted"] + 2
+    assert status["counters"]["completed"] == before["completed"]
+
+
+def scrape(url: str) -> dict:
+    """{(name, labels): value} of every sample at url."""
+    text = httpx.get(url, timeout=10).text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def value(samples: dict, name: str, **labels) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_metrics_count_what_was_sent(server):
+    api_url, router_url = f"{server.url}/metrics", f"http://127.0.0.1:{server.metrics_port}/metrics"
+    server.idle()
+    before = scrape(api_url)
+    client = server.openai()
+    for i in range(3):
+        client.completions.create(model="tiny", prompt=f"count me {i}", max_tokens=5, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    with Client(server.addr) as native:
+        workers = native.fresh_status()["workers"]
+    after, router = scrape(api_url), scrape(router_url)
+    for samples in (after, router):
+        def delta(name, **labels):
+            return value(samples, name, **labels) - value(before, name, **labels)
+
+        assert delta("kairos:request_received_total") == 3
+        assert delta("kairos:request_success_total", finished_reason="length") == 3
+        assert delta("kairos:request_generation_tokens_sum") == 15
+        assert delta("kairos:time_to_first_token_seconds_count") == 3
+        assert delta("kairos:time_per_output_token_seconds_count") == 3
+        assert delta("kairos:e2e_request_latency_seconds_count") == 3
+        for w in workers:
+            labels = {"worker": w["worker_id"], "role": w["role"]}
+            assert value(samples, "kairos:kv_blocks_total", **labels) == w["total_blocks"]
+            assert value(samples, "kairos:kv_blocks_free", **labels) == w["free_blocks"]
+        decode = next(w for w in workers if w["role"] == "decode")
+        steps = value(samples, "kairos:step_duration_seconds_count", worker=decode["worker_id"], role="decode",
+                      phase="decode")
+        assert steps >= 12  # 4 decode steps of each request at least
+        assert value(samples, "kairos:kv_transfers_total", worker=decode["worker_id"], role="decode") >= 3
+    assert value(after, "kairos:http_requests_total", endpoint="/v1/completions", status="200") >= 3
+
+
+def test_http_replay_reports_attainment_through_the_front_door(server):
+    out = subprocess.run([sys.executable, "-m", "kairos.cli", "bench", "replay", "--http", server.url, "--limit", "8",
+                          "--max-prompt-len", "64", "--max-output-len", "8", "--json"],
+                         capture_output=True, text=True, check=True)
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["requests"] == 8 and report["failed"] == 0
+    assert report["ttft_ms"]["p50"] > 0
+
+
+def test_no_worker_is_503_a_silent_one_504_and_the_key_is_checked(tiny_path):
+    """Against a router with no workers, then with fake ones that never answer; the API is
+    started with --timeout 1 and an API key."""
+    port, http_port = free_port(), free_port()
+    addr, url = f"tcp://127.0.0.1:{port}", f"http://127.0.0.1:{http_port}"
+    router = kairos_process("router", "--port", str(port))
+    api = kairos_process("api", "--router", addr, "--port", str(http_port), "--timeout", "1", "--api-key", "s3cret")
+    fakes = []
+    try:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret", max_retries=0, timeout=30)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                health = httpx.get(f"{url}/health", timeout=2)
+                break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline and api.poll() is None
+                time.sleep(0.2)
+        assert health.status_code == 503 and health.json()["error"]["code"] == "unavailable"
+        started = time.monotonic()
+        with pytest.raises(openai.APIStatusError) as unavailable:
+            client.completions.create(model="tiny", prompt="anyone?", max_tokens=2)
+        assert unavailable.value.status_code == 503 and time.monotonic() - started < 3
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
+
+        fakes = [FakePrefillWorker(addr, {}, "fake-p"), FakePrefillWorker(addr, {}, "fake-d", role="decode")]
+        wait_healthy(url, api, [])
+        started = time.monotonic()
+        with pytest.raises(openai.APIStatusError) as timed_out:
+            client.completions.create(model="tiny", prompt="never answered", max_tokens=2)
+        assert timed_out.value.status_code == 504 and time.monotonic() - started < 10
+        # The request was aborted where it waited.
+        request = fakes[0].next_request()
+        assert fakes[0].next_request(kind=p.Abort).request_id == request.request_id
+    finally:
+        for fake in fakes:
+            fake.close()
+        for proc in (api, router):
+            proc.terminate()
+            proc.wait(10)
+
+
+def test_the_api_runs_without_torch():
+    code = ("import sys; from kairos.cli.main import build_parser; build_parser(); "
+            "from kairos.transport import http_api; from kairos.transport.chat import ChatTemplate; "
+            "ChatTemplate.for_model('tiny'); assert 'torch' not in sys.modules, 'torch was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---- chat templates, against transformers -----------------------------------------------------
+
+# A template with a system turn, loop controls and a refusal, in the style of released models'.
+TEMPLATE = """{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}\
+{% set messages = messages[1:] %}{% else %}{% set system = 'You help.' %}{% endif %}
+<<{{ system | trim }}>>
+{% for message in messages %}
+{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}\
+{{ raise_exception('roles must alternate') }}{% endif %}
+[{{ message['role'] | upper }}] {{ message['content'] }}\
+{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}
+{% endfor %}
+{% if add_generation_prompt %}[ASSISTANT]{% endif %}"""
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hi"}],
+    [{"role": "system", "content": "  Terse.  "}, {"role": "user", "content": "Hi"},
+     {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "ünïcode ✓"}],
+]
+
+
+@pytest.mark.parametrize("template", [None, TEMPLATE], ids=["tiny", "custom"])
+def test_chat_templates_render_as_transformers_does(tiny_path, tmp_path, template):
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).write_text((tiny_path / name).read_text())
+    if template is not None:
+        (folder / "chat_template.jinja").write_text(template)
+    reference = AutoTokenizer.from_pretrained(folder)
+    ours = ChatTemplate.for_model(str(folder))
+    for messages in CONVERSATIONS:
+        for generation in (True, False):
+            assert ours.render(messages, generation) == reference.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=generation)
+    if template is not None:
+        with pytest.raises(ChatTemplateError, match="roles must alternate"):
+            ours.render([{"role": "assistant", "content": "first"}])
+    assert ChatTemplate.for_model("tiny").render(CONVERSATIONS[0]) == ChatTemplate.for_model(str(tiny_path)).render(
+        CONVERSATIONS[0])
+
+
+def test_a_model_without_a_template_has_none(tmp_path):
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>"}))
+    assert ChatTemplate.for_model(str(tmp_path)) is None
