@@ -190,7 +190,7 @@ def cmd_client(args: argparse.Namespace) -> int:
                 if args.json:
                     out = completion.to_dict()
                     if out["error"] is None:
-                        del out["error"]
+                        del out["error"], out["error_code"]
                     print(json.dumps(out, ensure_ascii=False), flush=True)
                 else:
                     print(f"--- {completion.request_id}\n{completion.text}\n"

@@ -24,11 +24,16 @@ EXAMPLES = [
     p.Submit("r1", prompt="hello", params={"max_tokens": 4}, slo={"ttft_ms": 200.0, "request_class": "chat"}),
     p.Submit("r2", prompt_token_ids=[1, 2, 3]),
     p.Abort("r1"),
-    p.Tokens("r1", 3, [7, 8], "ab", "stop"),
+    p.Submit("r3", prompt="<s>user: hi", add_special_tokens=False),
+    p.Tokens("r1", 3, [7, 8], "ab", "stop", prompt_tokens=12),
     p.StepTokens(["r1", "r2"], [3, 0], [[7], [9]], ["a", ""], [None, "length"]),
+    p.StepTokens(["r1", "r2"], [3, 0], [[7], [9]], ["a", ""], [None, "length"], [None, 40]),
     p.Error(None, "nope"),
+    p.Error("r1", "too long", p.PROMPT_TOO_LONG),
     p.StatusQuery(),
     p.StatusReport([{"role": "decode"}], {"completed": 1}, 0),
+    p.MetricsQuery(),
+    p.MetricsReport("# HELP kairos:x y\n"),
     p.Register("w", "decode", {"dtype": "float32"}, 64, "tcp://127.0.0.1:1"),
     p.Heartbeat("w", {"free_blocks": 3}),
     p.PrefillRequest("7", None, [1, 2], {}, {"ttft_ms": 200.0}, "d", "tcp://127.0.0.1:2", 1.7e9),
@@ -367,11 +372,11 @@ def test_one_message_carries_a_steps_tokens_and_the_router_relays_each_in_order(
             router.requests[rid].prefill, router.requests[rid].decode = "p1", "d1"
             rids.append(rid)
         router.socket.send_multipart = lambda frames, *args, **kwargs: sent.append(p.decode(frames[-1]))
-        chunks = [p.Tokens(rids[0], 1, [8], "y"), p.Tokens(rids[1], 0, [5], "x", "stop"),
+        chunks = [p.Tokens(rids[0], 1, [8], "y"), p.Tokens(rids[1], 0, [5], "x", "stop", prompt_tokens=3),
                   p.Tokens(rids[0], 0, [7], "x")]
         router.handle(b"d1", p.StepTokens.of(chunks))
-        assert [(m.request_id, m.index, m.token_ids, m.finish_reason) for m in sent] == [
-            ("b", 0, [5], "stop"), ("a", 0, [7], None), ("a", 1, [8], None)]
+        assert [(m.request_id, m.index, m.token_ids, m.finish_reason, m.prompt_tokens) for m in sent] == [
+            ("b", 0, [5], "stop", 3), ("a", 0, [7], None, None), ("a", 1, [8], None, None)]
         assert rids[1] not in router.requests and rids[0] in router.requests
         sent.clear()
         router.handle(b"d1", p.StepTokens([rids[0]], [2, 3], [[1]], ["z"], [None]))
@@ -379,3 +384,26 @@ def test_one_message_carries_a_steps_tokens_and_the_router_relays_each_in_order(
         assert router.requests[rids[0]].next_index == 2  # nothing of the bad message was relayed
     finally:
         router.ctx.destroy(linger=0)
+
+
+def test_the_router_says_what_kind_of_failure_each_refusal_is():
+    """Error codes let a front end answer in its own terms: a prompt over the router's limits
+    is prompt_too_long, a bad parameter invalid_request, no worker in time unavailable; each is
+    counted under its code in the metrics."""
+    from serving import recording_router
+
+    router = recording_router()
+    router.max_prompt_chars, router.queue_timeout_s = 10, 0.0
+    try:
+        router.on_submit(b"c", p.Submit("long", prompt="x" * 11))
+        router.on_submit(b"c", p.Submit("bad", prompt="x", params={"max_tokens": 0}))
+        router.workers.clear()
+        router.on_submit(b"c", p.Submit("alone", prompt="x"))
+        router.dispatch_pending(time.monotonic() + 1)
+        errors = {m.request_id: m.code for _, m in router.sent if isinstance(m, p.Error)}
+        assert errors == {"long": p.PROMPT_TOO_LONG, "bad": p.INVALID_REQUEST, "alone": p.UNAVAILABLE}
+        text = router.metrics.text()
+        for code in errors.values():
+            assert f'kairos:request_failure_total{{code="{code}"}} 1.0' in text
+    finally:
+        router.close()

@@ -193,7 +193,8 @@ def test_bad_messages_on_every_socket_are_refused_and_serving_goes_on(cluster):
     try:
         router = raw_dealer(ctx, cluster.addr)
         for data, error in [(b"\x93\x01", "malformed"),
-                            (msgpack.packb({"v": 7, "type": "abort", "request_id": "x"}), "version 7"),
+                            (msgpack.packb({"v": p.PROTOCOL_VERSION - 1, "type": "abort", "request_id": "x"}),
+                             f"version {p.PROTOCOL_VERSION - 1}"),
                             (msgpack.packb({"v": p.PROTOCOL_VERSION, "type": "nuke"}), "unknown message type"),
                             (p.encode(p.KVAck("t")), "unexpected kv_ack"),
                             (p.encode(p.Submit("s", "hi", slo={"ttft_ms": -1.0})),
@@ -230,8 +231,9 @@ def test_cli_client_json_and_exit_status(cluster):
     lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert len(lines) == 2
     for obj in lines:
-        assert set(obj) == {"request_id", "text", "token_ids", "ttft_ms", "token_times_ms", "finish_reason"}
-        assert len(obj["token_ids"]) == len(obj["token_times_ms"]) == 5
+        assert set(obj) == {"request_id", "text", "token_ids", "ttft_ms", "token_times_ms", "finish_reason",
+                            "prompt_tokens"}
+        assert len(obj["token_ids"]) == len(obj["token_times_ms"]) == 5 and obj["prompt_tokens"] > 1  # BOS and the word
     bad = kairos_process("client", "--addr", cluster.addr, "--json", "--max-tokens", "5", "x " * 600)
     out, _ = bad.communicate(timeout=60)
     assert bad.returncode == 1 and "maximum length" in json.loads(out.splitlines()[-1])["error"]
