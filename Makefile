@@ -34,6 +34,9 @@ $(STAMP): pyproject.toml $(LOCK) Makefile
 
 DEMO_ADDR ?= tcp://127.0.0.1:7199
 DEMO_HTTP ?= http://127.0.0.1:8199
+# A chat request with its own SLOs (the body's extension fields).
+DEMO_CHAT := {"model": "tiny", "max_tokens": 24, "temperature": 0, "ttft_slo_ms": 500, "tpot_slo_ms": 50, \
+	"messages": [{"role": "user", "content": "The quick brown fox"}]}
 
 demo: $(STAMP)
 	$(BIN)/kairos generate --model tiny --temperature 0.8 --seed 7 --max-tokens 48 \
@@ -45,8 +48,7 @@ demo: $(STAMP)
 	$(BIN)/kairos client --addr $(DEMO_ADDR) --timeout 120 --temperature 0 --max-tokens 32 "The quick brown fox" && \
 	echo && echo "--- the OpenAI-compatible HTTP API: a chat completion with curl, with this request's SLOs" && \
 	curl -sS --fail-with-body --retry 20 --retry-connrefused --retry-delay 1 $(DEMO_HTTP)/v1/chat/completions \
-		-H 'Content-Type: application/json' -d '{"model": "tiny", "max_tokens": 24, "temperature": 0, \
-		"messages": [{"role": "user", "content": "The quick brown fox"}], "ttft_slo_ms": 500, "tpot_slo_ms": 50}' && \
+		-H 'Content-Type: application/json' -d '$(DEMO_CHAT)' && \
 	echo && echo "--- 60 requests of the Azure conversation trace, open loop, against TTFT 1 s and TPOT 100 ms" && \
 	$(BIN)/kairos bench replay --addr $(DEMO_ADDR) --limit 60 --rate-scale 2 --max-prompt-len 256 --max-output-len 16; \
 	code=$$?; echo; $(BIN)/kairos status --addr $(DEMO_ADDR); kill $$serve; wait $$serve; exit $$code
