@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from kairos.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from kairos.scheduler import DECODE_POLICIES, PREFILL_POLICIES, PolicySettings, native
 from kairos.scheduler.cost_model import CalibratedCostModel
 from kairos.scheduler.request import PromptTooLong, RequestSLO, SamplingParams
+
+log = logging.getLogger("kairos")
 
 Prompt = str | list[int]
 
@@ -70,6 +73,13 @@ class LLM:
         self.runner = ModelRunner(self.model_config, self.config, self.max_model_len)
         self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size,
                                           self.config.enable_prefix_caching)
+        kv_tokens = self.runner.num_blocks * self.config.block_size
+        if kv_tokens < self.max_model_len:
+            # A sequence longer than the cache could never run, not even alone: prompts beyond it
+            # are refused, and outputs end there ("length").
+            log.warning("the KV cache holds %d tokens, fewer than the maximum length %d: sequences are "
+                        "limited to %d tokens", kv_tokens, self.max_model_len, kv_tokens)
+            self.max_model_len = kv_tokens
         prefill_policy, decode_policy = self._build_policies()
         self.scheduler = StepScheduler(self.block_manager, self.config.max_num_seqs,
                                        self.config.max_num_batched_tokens, self.max_model_len,
@@ -160,11 +170,12 @@ class LLM:
         gives them room (under kairos, those that can still meet their TPOT SLO first)."""
         return self.scheduler.decode_policy.order(seqs, self.scheduler.running, now)
 
-    def reserve_prompt_kv(self, seq: Sequence) -> bool:
-        """Reserves blocks for a prefilled prompt's KV, keeping a block per running sequence
-        spare, so that taking new KV in does not at once force the running batch into
-        preemption. False (nothing reserved) if they do not fit."""
-        spare = len(self.scheduler.running) + len(self.scheduler.ready)
+    def reserve_prompt_kv(self, seq: Sequence, incoming: int = 0) -> bool:
+        """Reserves blocks for a prefilled prompt's KV, keeping a block spare per sequence that
+        is running, ready, or has `incoming` KV reserved already, so that taking new KV in does
+        not at once force the running batch into preemption. False (nothing reserved) if they
+        do not fit."""
+        spare = len(self.scheduler.running) + len(self.scheduler.ready) + incoming
         if self.block_manager.blocks_needed(seq, seq.num_prompt_tokens) + spare > self.block_manager.num_free_blocks:
             return False
         self.block_manager.allocate(seq, seq.num_prompt_tokens)

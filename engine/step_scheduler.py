@@ -94,39 +94,41 @@ class StepScheduler:
             return True
 
         # Prompts part-way through (chunked) are ranked with the waiting ones, so that an urgent
-        # arrival need not wait for a long prompt's every chunk.
+        # arrival need not wait for a long prompt's every chunk. A prompt starts only if the
+        # blocks it will need in all fit beside what every started prompt still needs: a started
+        # prompt can always finish, so no mix of part-done prompts can hold the blocks each
+        # other needs (they would strand each other, or be preempted and computed again).
         prefilling = [seq for seq in self.running if seq.is_prefilling]
         now = time.monotonic()
+        admitting = True
         # A sequence preempted with a token still on the device recomputes once it is known.
         candidates = prefilling + [seq for seq in self.waiting if not seq.num_pending]
         for seq in self.prefill_policy.order(candidates, now):
-            new = seq.status is Status.WAITING
-            if budget == 0 or (new and len(self.running) >= self.max_num_seqs):
+            if budget == 0:
                 break
-            if new:
-                self.blocks.match_prefix(seq)
-            if not add(seq):
-                if new:
-                    self.blocks.free_sequence(seq)
-                break
-            if new:
-                self.waiting.remove(seq)
-                seq.status = Status.RUNNING
-                self.running.append(seq)
-        if not batch.seqs:
-            # Nothing new fits: the prompts that hold blocks go on (and will free them).
-            for seq in prefilling:
-                if not add(seq):
-                    break
-        if batch.seqs:
-            return batch
-        stalled = [s for s in self.running if s.is_prefilling]
-        if stalled and len(stalled) == len(self.running) and len(stalled) > 1:
-            # Every running sequence is a part-done prompt waiting for blocks that only those
-            # prompts hold: give the newest one's blocks back so the oldest can finish.
-            self._preempt(stalled[-1])
-            return self._schedule_prefill()
-        return None
+            if seq.status is not Status.WAITING:
+                add(seq)  # its blocks are owed to it
+                continue
+            # New prompts start in the policy's order: once one cannot, none after it may
+            # (a small prompt overtaking a long one that waits for blocks would starve it).
+            admitting = admitting and len(self.running) < self.max_num_seqs
+            if not admitting:
+                continue
+            self.blocks.match_prefix(seq)
+            if self._blocks_owed() + self.blocks.blocks_needed(seq, seq.num_uncomputed_tokens) > \
+                    self.blocks.num_free_blocks or not add(seq):
+                self.blocks.free_sequence(seq)
+                admitting = False
+                continue
+            self.waiting.remove(seq)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+        return batch if batch.seqs else None
+
+    def _blocks_owed(self) -> int:
+        """Blocks the started prompts still need to finish (beyond those they hold)."""
+        return sum(self.blocks.blocks_needed(seq, seq.num_uncomputed_tokens)
+                   for seq in self.running if seq.is_prefilling)
 
     def _schedule_decode(self) -> Batch | None:
         if self.ready:
@@ -139,8 +141,9 @@ class StepScheduler:
             if seq.status is not Status.RUNNING or seq.is_prefilling or self._at_limit(seq):
                 continue
             while not self.blocks.can_allocate(seq, 1):
-                # Preempt the newest sequence not yet in this batch; seq itself if none is left.
-                victim = self.running[-1]
+                # Preempt the newest sequence not yet in this batch, then the newest ready one
+                # (its KV holds blocks too); seq itself if none is left.
+                victim = self.running[-1] if self.running[-1] is not seq or not self.ready else self.ready[-1]
                 self._preempt(victim)
                 if victim is seq:
                     break
@@ -157,7 +160,7 @@ class StepScheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         """Frees the sequence's blocks and sends it back to wait; it will recompute its K/V."""
-        self.running.remove(seq)
+        (self.running if seq in self.running else self.ready).remove(seq)
         self.blocks.free_sequence(seq)
         seq.status = Status.WAITING
         self.num_preemptions += 1

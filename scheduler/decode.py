@@ -152,7 +152,9 @@ class SlackBatching:
     def admit(self, running, ready, now, free_blocks):
         alpha, beta, gamma = self.cost.decode
         batch = len(running)
-        if not ready or batch >= self.max_batch or free_blocks < batch + 1:
+        # An empty batch always takes its head: with nothing running, no block can come free
+        # but by its growing (which preempts ready sequences for blocks, if it must).
+        if not ready or batch >= self.max_batch or (batch and free_blocks < batch + 1):
             return []
         context = sum(r.num_tokens for r in running)
         tightest = self._tightest(running)
@@ -166,7 +168,7 @@ class SlackBatching:
                                                     self.cost.decode, self.headroom)]
         admitted = []
         for r in ordered:
-            if batch >= self.max_batch or free_blocks < batch + 1:
+            if batch >= self.max_batch or (batch and free_blocks < batch + 1):
                 break
             slo = min(tightest, self.step_limit(r))
             if batch and alpha + beta * (batch + 1) + gamma * (context + r.num_tokens) > slo:

@@ -167,7 +167,7 @@ def admission_prefix(batch, context, tightest, tokens, limits, max_batch, free_b
     """SlackBatching.admit's walk down its order: how many requests join before one would
     push the predicted step past the tightest step limit, or the batch or the blocks run out."""
     for i in range(tokens.shape[0]):
-        if batch >= max_batch or free_blocks < batch + 1:
+        if batch >= max_batch or (batch and free_blocks < batch + 1):
             return i
         limit = min(tightest, limits[i])
         if batch and alpha + beta * (batch + 1) + gamma * (context + tokens[i]) > limit:

@@ -5,7 +5,9 @@ as the engine does: a prompt longer than what is left of the budget is cut to fi
 prefill) if it opens the step, and otherwise to what the policy's `chunk` allows, a chunk
 closing the step; a prompt part-way through is ranked by the policy with the waiting ones. A
 prompt holds its worker's KV from admission until its transfer lands, and a worker whose KV
-is full admits nothing new. A step lasts what the cost model predicts. Each prompt's KV then
+is full admits nothing new: a prompt starts only if all the KV it will need fits beside what
+the started prompts still need, as in the engine, so a started prompt always finishes. A step
+lasts what the cost model predicts. Each prompt's KV then
 moves to a decode worker at the KV bandwidth, once that worker has room for it (backpressure,
 as in the real workers). As in
 the real workers, a prefill worker sends KV only between its steps (a transfer cleared while
@@ -17,8 +19,11 @@ Decode KV is kept in blocks as the engine keeps it: a transfer reserves its prom
 (while a block per running or ready sequence stays spare), a sequence takes a new block each
 time its context crosses a block boundary, and a step short of blocks preempts the newest
 sequences, which then recompute their prompt and output on the decode worker in prefill steps
-that go before decode steps. Requests are placed as the router places them. Prefix-cache hits
-come from Mooncake `hash_ids` (an LRU of blocks per prefill worker). Pure Python.
+that go before decode steps (each starting once the blocks for all of it are free). A request
+that could not run even alone, its prompt at least the KV cache, is refused at once, as the
+engine refuses it; its output is cut where the cache ends, as the engine's is. Requests are
+placed as the router places them. Prefix-cache hits come from Mooncake `hash_ids` (an LRU of
+blocks per prefill worker). Pure Python.
 
 Served steps are not all alike: `prefill_jitter` and `decode_jitter` spread each step's length
 around the cost model (lognormal, with that mean relative deviation, as `kairos status` reports
@@ -88,7 +93,7 @@ class SimRequest:
     __slots__ = ("trace", "arrival_time", "slo", "prompt_len", "output_len", "cached",
                  "computed", "max_tokens", "first_token_time",
                  "finish_time", "worker", "join_step", "source", "outputs_at_join", "decoding", "crossing",
-                 "epoch", "recomputed")
+                 "epoch", "recomputed", "refused")
 
     def __init__(self, trace: TraceRequest):
         self.trace = trace
@@ -109,6 +114,7 @@ class SimRequest:
         self.epoch = 0  # how often it was preempted (its earlier finish predictions are void)
         self.recomputed = 0  # after a preemption: tokens whose KV is computed again
         self.source: PrefillSim | None = None  # the prefill worker holding its KV
+        self.refused = False  # too long to run at all: failed with an error at arrival
 
     @property
     def num_uncomputed_tokens(self) -> int:
@@ -143,6 +149,7 @@ class PrefillSim:
     requests_in_hand: int = 0  # sent here, and neither finished nor handed to a decode worker
     cache: OrderedDict = field(default_factory=OrderedDict)  # hash id -> None, LRU order
     cleared: list = field(default_factory=list)  # (decode worker, request) to send once this step ends
+    prefilled_tokens: int = 0  # prompt tokens computed (recomputation would show as more than the prompts')
 
 
 @dataclass
@@ -167,8 +174,10 @@ class DecodeSim:
     preemptions: int = 0
     link_free_at: float = 0.0  # when the inbound KV link has carried what it was given
     inflight_bytes: int = 0  # of the transfers between "ready" and landing
+    incoming: int = 0  # those transfers: their blocks are reserved
     busy: bool = False
     tokens_out: int = 0
+    recomputed_tokens: int = 0  # prompt and output tokens computed again after preemptions
 
     @property
     def free_blocks(self) -> int:
@@ -220,6 +229,11 @@ class Simulator:
     # ---- prefill --------------------------------------------------------------------------------
 
     def arrive(self, r: SimRequest) -> None:
+        max_len = self.config.kv_capacity_tokens // self.config.block_size * self.config.block_size
+        if r.prompt_len >= max_len:
+            r.refused = True
+            return
+        r.output_len = r.max_tokens = min(r.output_len, max_len - r.prompt_len)
         worker = pick_prefill_worker(self.prefills)  # as the router places it
         worker.requests_in_hand += 1
         r.worker = pick_decode_worker(self.decodes)
@@ -239,8 +253,9 @@ class Simulator:
 
     def start_prefill(self, w: PrefillSim) -> None:
         """Starts a step: prompts waiting or part-way through, in the policy's order, each taking
-        what is left of the token budget, while the worker has KV room (an empty one takes a
-        prompt whatever its length, so that none waits forever)."""
+        what is left of the token budget. A new prompt takes the KV for all its tokens as it
+        starts, if that fits (once one does not, no later one starts: it would overtake it);
+        one part-way through has its KV already."""
         budget = self.config.token_budget
         batch: list[tuple[SimRequest, int]] = []
         started = len(w.prefilling)
@@ -250,9 +265,9 @@ class Simulator:
             n = min(r.num_uncomputed_tokens, budget)
             if n < r.num_uncomputed_tokens and batch:
                 n = w.policy.chunk(batch, r, n, self.now)
-            if n == 0 or (w.held + n > w.capacity_tokens and w.held):
+            if n == 0:
                 return False
-            w.held += n
+            w.prefilled_tokens += n
             # A chunk closes the step.
             budget = 0 if n < r.num_uncomputed_tokens else budget - n
             batch.append((r, n))
@@ -260,23 +275,26 @@ class Simulator:
 
         if w.waiting or w.prefilling or w.expired:
             admitted = []
+            admitting = True
             for r in self.prefill_order(w):
-                new = r.computed == r.cached
-                if budget == 0 or (new and started >= self.config.max_batch) or not add(r):
+                if budget == 0:
                     break
-                if new:
+                if r.computed != r.cached:  # part-way through
+                    add(r)
+                    continue
+                need = r.prompt_len - r.cached
+                admitting = admitting and started < self.config.max_batch and w.held + need <= w.capacity_tokens
+                if admitting and add(r):
+                    w.held += need
                     admitted.append(r)
                     started += 1
+                else:
+                    admitting = False
             chosen = set(map(id, admitted))
             w.waiting = [r for r in w.waiting if id(r) not in chosen]
             while w.expired and id(w.expired[-1]) in chosen:  # taken oldest first
                 w.expired.pop()
             w.prefilling.extend(admitted)
-            if not batch:
-                # Nothing new fits: the prompts that hold KV go on (and will free it).
-                for r in w.prefilling:
-                    if not add(r):
-                        break
         if not batch:
             w.busy = False
             self.send_cleared(w)  # an idle worker answers at once
@@ -348,6 +366,7 @@ class Simulator:
         between steps."""
         d.used_blocks += self.blocks(d, r.prompt_len)
         d.inflight_bytes += self.kv_bytes(r)
+        d.incoming += 1
         if r.source is not None and r.source.busy:
             r.source.cleared.append((d, r))
         else:
@@ -367,6 +386,7 @@ class Simulator:
     def transfer_done(self, d: DecodeSim, r: SimRequest) -> None:
         d.ready.append(r)
         d.inflight_bytes -= self.kv_bytes(r)
+        d.incoming -= 1
         self.move_in(d)  # room in flight has freed: the next in the last ranking may go
         if not d.busy:
             self.decode_step(d)
@@ -392,10 +412,10 @@ class Simulator:
         return -(-tokens // d.block_size)
 
     def fits(self, d: DecodeSim, r: SimRequest) -> bool:
-        """Whether r's KV may go under way: blocks for its prompt with one spare per running or
-        ready sequence (an empty worker takes anything), and room in flight (one transfer can
-        always go)."""
-        spare = len(d.running) + len(d.ready)
+        """Whether r's KV may go under way: blocks for its prompt with one spare per running,
+        ready or incoming sequence (an empty worker takes anything), and room in flight (one
+        transfer can always go)."""
+        spare = len(d.running) + len(d.ready) + d.incoming
         room = d.used_blocks + self.blocks(d, r.prompt_len) + spare <= d.capacity_blocks or not d.used_blocks
         return room and (not d.inflight_bytes
                          or d.inflight_bytes + self.kv_bytes(r) <= self.config.max_inflight_transfer_bytes)
@@ -452,12 +472,17 @@ class Simulator:
 
     def grow(self, d: DecodeSim) -> None:
         """Gives a block to every running sequence that crosses a block boundary this step,
-        preempting the newest sequences while the blocks fall short."""
+        preempting the newest sequences while the blocks fall short, then the newest ready
+        ones (as the engine does)."""
         phase = d.steps % d.block_size
-        while d.crossings[phase] > d.capacity_blocks - d.used_blocks and len(d.running) > 1:
-            victim = d.running.pop()
-            self.leave(d, victim)
-            victim.epoch += 1
+        while d.crossings[phase] > d.capacity_blocks - d.used_blocks and (len(d.running) > 1 or d.ready):
+            if len(d.running) > 1:
+                victim = d.running.pop()
+                self.leave(d, victim)
+                victim.epoch += 1
+            else:
+                victim = d.ready.pop()
+                d.used_blocks -= self.blocks(d, victim.prompt_len)
             victim.recomputed = 0
             d.preemptions += 1
             bisect.insort(d.preempted, victim, key=lambda q: q.arrival_time)
@@ -465,29 +490,26 @@ class Simulator:
 
     def recompute_step(self, d: DecodeSim) -> bool:
         """Starts a prefill step that computes preempted sequences' KV again (their prompt and
-        the output so far), oldest first and chunked to the token budget, if the first has
-        blocks for its part and the batch has a seat."""
+        the output so far), oldest first and chunked to the token budget. As the engine starts a
+        prompt, a sequence starts recomputing only if the blocks for all of it are free (it
+        takes them at once) and the batch has a seat; one part-way through goes on."""
         budget = self.config.token_budget
         batch = []
+        seats = self.config.max_batch - len(d.running)
         for r in d.preempted:
-            if budget == 0 or len(d.running) + len(batch) >= self.config.max_batch:
+            if budget == 0:
                 break
             total = r.num_tokens
+            if not r.recomputed:
+                need = self.blocks(d, total)
+                if len(batch) >= seats or need > d.capacity_blocks - d.used_blocks:
+                    break
+                d.used_blocks += need
             n = min(total - r.recomputed, budget)
-            more = self.blocks(d, r.recomputed + n) - self.blocks(d, r.recomputed)
-            if more > d.capacity_blocks - d.used_blocks:
-                break
-            d.used_blocks += more
             budget -= n
+            d.recomputed_tokens += n
             batch.append((r, n))
         if not batch:
-            partial = [r for r in d.preempted if r.recomputed]
-            if not d.running and not d.ready and len(partial) > 1:
-                # Only part-recomputed sequences hold the blocks the first needs: the newest
-                # gives its back (as the engine does).
-                d.used_blocks -= self.blocks(d, partial[-1].recomputed)
-                partial[-1].recomputed = 0
-                return self.recompute_step(d)
             return False
         self.prefill_step(d, [(n, r.recomputed + n) for r, n in batch], self.recompute_done, batch)
         return True
@@ -534,10 +556,18 @@ class Simulator:
 
 
 def simulate(trace: list[TraceRequest], config: SimConfig, cost: CostModel) -> dict:
+    """The SLO report of the trace's run. A refused request (longer than a worker's KV cache)
+    counts as a miss of every SLO."""
     sim = Simulator(config, cost)
     requests = sim.run(trace)
-    unfinished = [r for r in requests if math.isnan(r.finish_time)]
-    if unfinished:
+    served = [r for r in requests if not r.refused]
+    unfinished = [r for r in served if math.isnan(r.finish_time)]
+    if unfinished:  # a stall: a bug of the simulator or a policy, never a result
         raise RuntimeError(f"{len(unfinished)} requests never finished in the simulation")
-    return {**metrics(requests, sum(d.tokens_out for d in sim.decodes)),
-            "preemptions": sum(d.preemptions for d in sim.decodes)}
+    if not served:
+        raise ValueError(f"every request's prompt is longer than the KV cache ({config.kv_capacity_tokens} tokens)")
+    result = metrics(served, sum(d.tokens_out for d in sim.decodes))
+    for key in ("ttft_attainment", "tpot_attainment", "e2e_attainment"):
+        result[key] = result[key] * len(served) / len(requests)
+    return {**result, "refused": len(requests) - len(served), "preemptions": sum(d.preemptions for d in sim.decodes),
+            "recomputed_tokens": sum(d.recomputed_tokens for d in sim.decodes)}

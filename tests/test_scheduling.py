@@ -346,7 +346,9 @@ def test_slack_batching_keeps_the_predicted_step_within_the_tightest_tpot(runnin
     slo = min(policy.step_limit(r) for r in batch)
     # Only a lone request in an empty batch may go over (something must run).
     assert step <= slo or (len(admitted) == 1 and not running)
-    assert len(batch) <= 128 and free >= len(batch)
+    # A block per sequence, but for an empty batch's head, which goes in whatever the blocks (it
+    # preempts ready sequences for them if it must).
+    assert len(batch) <= 128 and (free >= len(batch) or (len(admitted) == 1 and not running))
 
 
 def test_slack_batching_prefers_short_predicted_outputs_and_floats_with_context():

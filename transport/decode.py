@@ -321,7 +321,8 @@ class DecodeWorker(Worker):
         by_seq = {id(item.seq): item for item in self.offers}
         for seq in self.llm.order_incoming([i.seq for i in self.offers], now):
             item = by_seq[id(seq)]
-            if not self.has_room_in_flight(item) or not self.llm.reserve_prompt_kv(item.seq):
+            reserved = len(self.incoming) + len(self.writing)  # their KV has blocks, not yet a place in a queue
+            if not self.has_room_in_flight(item) or not self.llm.reserve_prompt_kv(item.seq, reserved):
                 break  # backpressure: the prefill worker holds the blocks until there is room
             self.offers.remove(item)
             item.deadline = now + self.transfer_timeout_s

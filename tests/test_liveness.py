@@ -1,0 +1,127 @@
+"""Liveness, for every prefill and decode policy, in the simulator and in the engine's step
+scheduler on a fake clock: under any arrivals, prompt mix (up to the longest the KV cache can
+hold) and cache size, every request finishes or is refused with an error; a started prompt is
+never computed twice on a prefill worker; every block comes back; and no worker idles while it
+holds a request it could serve."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+from unittest import mock
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kairos.engine import step_scheduler
+from kairos.engine.block_manager import BlockManager
+from kairos.engine.sequence import Sequence, Status
+from kairos.engine.step_scheduler import StepScheduler
+from kairos.scheduler import DECODE_POLICIES, PREFILL_POLICIES, PolicySettings
+from kairos.scheduler.cost_model import CostModel
+from kairos.scheduler.request import RequestSLO, SamplingParams
+from kairos.scheduler.simulator import SimConfig, Simulator
+from kairos.scheduler.traces import TraceRequest
+
+COST = CostModel(prefill=(0.005, 2e-5, 3e-10), decode=(0.006, 2e-5, 4e-8))
+BLOCK = 16
+
+policies = st.tuples(st.sampled_from(sorted(PREFILL_POLICIES)), st.sampled_from(sorted(DECODE_POLICIES)))
+loads = st.lists(st.tuples(st.floats(0, 2), st.floats(0, 1), st.integers(1, 300), st.floats(0.005, 2.0)),
+                 min_size=1, max_size=40)  # (arrival s, prompt as a share of the cache, output, TTFT SLO s)
+
+
+class CheckedSimulator(Simulator):
+    """Checks, whenever a worker goes idle, that it holds nothing it could serve."""
+
+    def start_prefill(self, w):
+        super().start_prefill(w)
+        assert w.held <= w.capacity_tokens, "more KV promised than the worker has"
+        if not w.busy:
+            assert not w.prefilling, "a started prompt was left part-way"
+            # A waiting prompt may wait only for KV that prompts on their way out still hold.
+            assert not (w.waiting or w.expired) or w.held > 0, "idle with a prompt that fits"
+
+    def decode_step(self, d):
+        super().decode_step(d)
+        assert d.used_blocks <= d.capacity_blocks, "more blocks in use than the worker has"
+        if not d.busy:
+            assert not d.running and not d.ready, "idle with sequences to decode"
+            assert not d.preempted or d.incoming, "idle with a preempted sequence and free blocks"
+
+
+@settings(max_examples=150, deadline=None)
+@given(load=loads, pair=policies, kv_blocks=st.integers(4, 400), budget=st.integers(16, 4096),
+       max_batch=st.integers(1, 32), workers=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+       jitter=st.sampled_from([0.0, 0.2]))
+def test_every_simulated_request_finishes_or_is_refused(load, pair, kv_blocks, budget, max_batch, workers, jitter):
+    capacity = kv_blocks * BLOCK
+    trace = sorted((TraceRequest(t, max(1, int(share * capacity * 1.1)), out, slo=RequestSLO(ttft_ms=ttft * 1e3))
+                    for t, share, out, ttft in load), key=lambda r: r.arrival)
+    config = SimConfig(workers[0], workers[1], *pair, token_budget=budget, max_batch=max_batch,
+                       kv_capacity_tokens=capacity, block_size=BLOCK, prefill_jitter=jitter, decode_jitter=jitter)
+    sim = CheckedSimulator(config, COST)
+    requests = sim.run(trace)
+    for r in requests:
+        assert r.refused == (r.prompt_len >= capacity)
+        assert r.refused or not math.isnan(r.finish_time), "a request never finished"
+    served = [r for r in requests if not r.refused]
+    # No prompt token is computed twice on a prefill worker (a cached one not at all).
+    assert sum(w.prefilled_tokens for w in sim.prefills) == sum(r.prompt_len - r.cached for r in served)
+    assert all(w.held == 0 for w in sim.prefills)
+    assert all(d.used_blocks == 0 and d.incoming == 0 for d in sim.decodes)
+
+
+def run_step_scheduler(load, pair, num_blocks, budget, max_seqs, prefill_only) -> tuple[StepScheduler, list, int]:
+    """Drives a StepScheduler as an engine would, tokens faked, on a clock that moves 1 ms a
+    step; on a prefill worker, each handed-off sequence's KV lands after a step. Returns the
+    scheduler, the sequences and the prompt tokens its prefill steps computed."""
+    clock = [0.0]
+    settings_ = PolicySettings(COST, budget, max_seqs)
+    max_len = num_blocks * BLOCK
+    with mock.patch.object(step_scheduler, "time", SimpleNamespace(monotonic=lambda: clock[0])):
+        sched = StepScheduler(BlockManager(num_blocks, BLOCK), max_seqs, budget, max_len,
+                              PREFILL_POLICIES.build(pair[0], settings_), DECODE_POLICIES.build(pair[1], settings_),
+                              prefill_only=prefill_only)
+        arrivals, seqs, next_id = sorted(load), [], 1
+        handed_off, computed = [], 0
+        for _ in range(200_000):
+            while arrivals and arrivals[0][0] <= clock[0]:
+                t, share, out, ttft = arrivals.pop(0)
+                n = min(max_len - 1, max(1, int(share * max_len)))  # distinct ids: no prefix hits
+                seq = Sequence(list(range(next_id, next_id + n)), SamplingParams(max_tokens=out, temperature=0),
+                               slo=RequestSLO(ttft_ms=ttft * 1e3))
+                next_id += n
+                seq.arrival_time = t
+                sched.add(seq)
+                seqs.append(seq)
+            batch = sched.schedule()
+            if batch is None:
+                if handed_off:
+                    sched.release(handed_off.pop(0))  # its KV reached the decode worker
+                elif arrivals:
+                    clock[0] = arrivals[0][0]
+                else:
+                    assert not sched.has_unfinished(), "idle with requests it could serve"
+                    return sched, seqs, computed
+                continue
+            rows = [i for i, (s, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)) if batch.samples(s, n)]
+            if batch.is_prefill:
+                computed += sum(batch.num_new_tokens)
+            sched.advance(batch, rows)
+            sched.resolve(batch, [3 if i in rows else None for i in range(len(batch.seqs))])
+            handed_off += [s for s in batch.seqs if s.status is Status.HANDED_OFF and s not in handed_off]
+            clock[0] += 1e-3
+    raise AssertionError("no end after 200,000 steps: a livelock")
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(load=loads, pair=policies, num_blocks=st.integers(4, 64), budget=st.integers(8, 512),
+       max_seqs=st.integers(1, 16), prefill_only=st.booleans())
+def test_the_step_scheduler_finishes_every_request(load, pair, num_blocks, budget, max_seqs, prefill_only):
+    sched, seqs, computed = run_step_scheduler(load, pair, num_blocks, budget, max_seqs, prefill_only)
+    assert all(s.status is Status.FINISHED for s in seqs)
+    assert sched.blocks.num_free_blocks == num_blocks
+    if prefill_only:  # no decode growth there: a prompt is computed exactly once
+        assert computed == sum(s.num_prompt_tokens for s in seqs)
+        assert sched.num_preemptions == 0
