@@ -49,6 +49,16 @@ def add_trace_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--synthetic-rate", type=float, default=5.0, help="requests/s")
     p.add_argument("--synthetic-arrival", default="poisson", choices=["poisson", "gamma"])
     p.add_argument("--synthetic-lengths", default="lognormal", choices=["lognormal", "zipf"])
+    p.add_argument("--synthetic-prompt-mean", type=int, default=1000, help="mean prompt length, tokens")
+    p.add_argument("--synthetic-output-mean", type=int, default=150, help="mean output length, tokens")
+    p.add_argument("--synthetic-max-len", type=int, default=8192, help="longest prompt and output together")
+    p.add_argument("--synthetic-long-share", type=float, default=0.0,
+                   help="share of long prompts (a bimodal mix), of mean --synthetic-long-mean")
+    p.add_argument("--synthetic-long-mean", type=int, default=16000)
+    p.add_argument("--synthetic-prefix-groups", type=int, default=0,
+                   help="requests share their first --synthetic-prefix-len tokens within this many groups "
+                        "(Mooncake-style hash_ids, for the prefix cache)")
+    p.add_argument("--synthetic-prefix-len", type=int, default=2048)
     p.add_argument("--max-prompt-len", type=int, help="cap prompt lengths (to fit a small model)")
     p.add_argument("--max-output-len", type=int, help="cap output lengths")
 
@@ -57,7 +67,11 @@ def read_trace(args: argparse.Namespace):
     from kairos.scheduler.traces import load_trace, shape, with_slos
 
     trace = load_trace(args.trace, args.trace_format, num_requests=args.synthetic_requests,
-                       rate=args.synthetic_rate, arrival=args.synthetic_arrival, lengths=args.synthetic_lengths)
+                       rate=args.synthetic_rate, arrival=args.synthetic_arrival, lengths=args.synthetic_lengths,
+                       prompt_mean=args.synthetic_prompt_mean, output_mean=args.synthetic_output_mean,
+                       max_len=args.synthetic_max_len, long_share=args.synthetic_long_share,
+                       long_mean=args.synthetic_long_mean, prefix_groups=args.synthetic_prefix_groups,
+                       prefix_len=args.synthetic_prefix_len)
     trace = shape(trace, args.rate_scale, args.start_s, args.duration_s, args.limit)
     max_prompt, max_output = args.max_prompt_len, args.max_output_len
     for flag, cap in (("--max-prompt-len", max_prompt), ("--max-output-len", max_output)):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import itertools
 import json
 import math
 import random
@@ -70,14 +71,27 @@ def load_mooncake(path: str | Path) -> list[TraceRequest]:
 
 def synthetic(num_requests: int = 1000, rate: float = 5.0, arrival: str = "poisson", burstiness: float = 1.0,
               lengths: str = "lognormal", prompt_mean: int = 1000, output_mean: int = 150, max_len: int = 8192,
+              long_share: float = 0.0, long_mean: int = 16000, prefix_groups: int = 0, prefix_len: int = 2048,
               seed: int = 0) -> list[TraceRequest]:
     """Poisson or Gamma arrivals (Gamma with `burstiness` = squared coefficient of variation of
-    the gaps; 1 is Poisson), lognormal or Zipf lengths with the given means."""
+    the gaps; 1 is Poisson), lognormal or Zipf lengths with the given means, each at most
+    max_len tokens (prompt and output together).
+
+    Long-context mixes: a `long_share` of the prompts have mean `long_mean` (bimodal). Shared
+    prefixes: with `prefix_groups` > 0, each request belongs to one of that many groups (a
+    system prompt, a document), whose first `prefix_len` tokens its prompt shares; the trace
+    then carries Mooncake-style `hash_ids`, one per 512-token block, equal across a group's
+    shared blocks and unique elsewhere."""
     rng = random.Random(seed)
     if arrival not in ("poisson", "gamma") or lengths not in ("lognormal", "zipf"):
         raise ValueError("arrival is poisson or gamma; lengths lognormal or zipf")
     if not (rate > 0 and burstiness > 0):
         raise ValueError(f"a synthetic trace needs a positive rate and burstiness, got {rate} and {burstiness}")
+    if not 0 <= long_share <= 1 or min(prompt_mean, output_mean, long_mean, prefix_len) < 1 or prefix_groups < 0:
+        raise ValueError("synthetic lengths: means and the prefix length at least 1, the long share in [0, 1], "
+                         "prefix groups at least 0")
+    if max_len < 2:
+        raise ValueError(f"the synthetic maximum length must be at least 2 tokens, got {max_len}")
 
     def gap() -> float:
         if arrival == "poisson":
@@ -93,9 +107,19 @@ def synthetic(num_requests: int = 1000, rate: float = 5.0, arrival: str = "poiss
             value = mean / 3 * rng.paretovariate(1.5)
         return max(1, min(max_len, int(value)))
 
+    unique_ids = itertools.count(prefix_groups * (prefix_len // MOONCAKE_BLOCK_TOKENS + 1))
     t, out = 0.0, []
     for _ in range(num_requests):
-        out.append(TraceRequest(t, length(prompt_mean), length(output_mean)))
+        prompt = min(max_len - 1, length(long_mean if long_share and rng.random() < long_share else prompt_mean))
+        output = min(max_len - prompt, length(output_mean))
+        hash_ids: tuple[int, ...] = ()
+        if prefix_groups:
+            group = rng.randrange(prefix_groups)
+            blocks = -(-prompt // MOONCAKE_BLOCK_TOKENS)
+            shared = min(blocks, prefix_len // MOONCAKE_BLOCK_TOKENS)
+            first = group * (prefix_len // MOONCAKE_BLOCK_TOKENS + 1)
+            hash_ids = tuple(range(first, first + shared)) + tuple(next(unique_ids) for _ in range(blocks - shared))
+        out.append(TraceRequest(t, prompt, output, hash_ids))
         t += gap()
     return out
 
