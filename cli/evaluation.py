@@ -125,7 +125,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     report = simulate(trace, config, cost)
     report["simulated_in_s"] = round(time.perf_counter() - started, 3)
-    print_slo_report(report, args.json, f"{report['requests']} requests, {args.prefill_policy}+{args.decode_policy}, "
+    refused = f" ({report['refused']} refused: longer than the KV cache)" if report["refused"] else ""
+    print_slo_report(report, args.json, f"{report['requests']} requests{refused}, "
+                                        f"{args.prefill_policy}+{args.decode_policy}, "
                                         f"simulated in {report['simulated_in_s']:.1f} s")
     return 0
 
