@@ -178,7 +178,8 @@ def cmd_client(args: argparse.Namespace) -> int:
     from kairos.transport.client import Client, RequestFailed
 
     slo = {"ttft_ms": args.ttft_slo_ms, "tpot_ms": args.tpot_slo_ms, "request_class": args.request_class,
-           "output_len_hint": args.output_len_hint}
+           "output_len_hint": args.output_len_hint, "kind": args.kind, "deadline_ms": args.deadline_ms,
+           "dag_id": args.dag_id, "dag_stage": args.dag_stage}
     options = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
                "top_k": args.top_k, "seed": args.seed, "stop": args.stop, "ignore_eos": args.ignore_eos,
                "slo": {k: v for k, v in slo.items() if v is not None}}
@@ -304,6 +305,12 @@ def add_commands(sub) -> None:
     cli.add_argument("--tpot-slo-ms", type=float, help="time-per-output-token SLO (default: the router's)")
     cli.add_argument("--request-class", help="a class of requests whose output lengths are alike, for the scheduler")
     cli.add_argument("--output-len-hint", type=int, help="expected output length, for the scheduler")
+    cli.add_argument("--kind", choices=["latency", "throughput", "collective"],
+                     help="latency-sensitive (TTFT and TPOT, the default), throughput-intensive (a deadline for "
+                          "the whole response) or collective (a call of an agent's DAG, one deadline for the DAG)")
+    cli.add_argument("--deadline-ms", type=float, help="throughput and collective requests: when the response is due")
+    cli.add_argument("--dag-id", help="collective requests: the DAG the call belongs to")
+    cli.add_argument("--dag-stage", type=int, help="collective requests: which call of its DAG this is, from 0")
     cli.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for any reply")
     cli.add_argument("--json", action="store_true", help="one JSON object per request")
     add_curve_arg(cli)

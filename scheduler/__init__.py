@@ -16,7 +16,9 @@ from kairos.scheduler.prefill import (
 )
 from kairos.scheduler.registry import PolicySettings
 from kairos.scheduler.request import RequestSLO, SamplingParams
+from kairos.scheduler.tempo import TempoDecode, TempoPrefill
 
 __all__ = ["CostModel", "DECODE_POLICIES", "ContinuousBatching", "DecodePolicy", "SlackBatching",
            "OutputLengthEstimator", "PREFILL_POLICIES", "EDFPolicy", "FCFSPolicy", "KairosPolicy",
-           "MooreHodgsonPolicy", "PrefillPolicy", "PolicySettings", "RequestSLO", "SamplingParams"]
+           "MooreHodgsonPolicy", "PrefillPolicy", "PolicySettings", "RequestSLO", "SamplingParams", "TempoDecode",
+           "TempoPrefill"]

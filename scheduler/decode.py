@@ -89,6 +89,7 @@ class SlackBatching:
     name = "kairos"
     summary = "slack-guided batching: admit while the step fits the tightest TPOT, short outputs first"
     needs_cost_model = True
+    native_admission = True  # long queues take the compiled walk, whose step limits are TPOT's
 
     def __init__(self, cost: CostModel, max_batch: int, estimator: OutputLengthEstimator | None = None,
                  aging_tokens_per_s: float = 100.0, headroom: float = 0.9):
@@ -161,7 +162,7 @@ class SlackBatching:
         if batch and alpha + beta * (batch + 1) + gamma * (context + min(r.num_tokens for r in ready)) > tightest:
             return []  # no request could join, whichever heads the order: skip ranking them
         ordered = self.order(ready, running, now)
-        if native.ENABLED and len(ordered) >= native.MIN_REQUESTS:
+        if self.native_admission and native.ENABLED and len(ordered) >= native.MIN_REQUESTS:
             # The walk stops by the time the batch is full: only its head can join.
             head = ordered[: self.max_batch - batch + 1]
             return head[: native.admission_count(head, batch, context, tightest, self.max_batch, free_blocks,

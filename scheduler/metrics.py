@@ -44,6 +44,58 @@ def metrics(requests: list, decode_tokens: int | None = None) -> dict:
             "ttft_ms": percentiles(ttft_ms), "tpot_ms": percentiles(tpot_ms)}
 
 
+def met_slo(r) -> bool:
+    """Whether a finished request met its own SLO: TTFT and TPOT for a latency-sensitive one, its
+    deadline for a throughput-intensive one. (A collective call is judged with its DAG.)"""
+    if r.slo.kind == "latency":
+        return (r.first_token_time - r.arrival_time <= r.slo.ttft_s and
+                time_per_output_token(r.first_token_time, r.finish_time, r.output_len) <= r.slo.tpot_s)
+    return r.finish_time - r.arrival_time <= r.slo.deadline_ms / 1e3
+
+
+def service_metrics(requests: list) -> dict:
+    """Service gain, as Tempo counts it: a request's output tokens if it meets its SLO, none if
+    not (no extra for finishing early); a DAG's calls' tokens if its last call finishes by the
+    DAG's deadline (from its first call's arrival). Service goodput is that gain per second of
+    the run, SLO goodput the requests (a DAG's calls each) that met their SLO per second, and
+    attainment is per kind. Requests refused (`refused` true) or unfinished count as misses.
+    A collective request carries `dag_start`, when its DAG's first call arrived."""
+    kinds: dict[str, list[int]] = {}  # kind -> [met, all]
+    gain, met_requests, dags = 0, 0, {}
+    for r in requests:
+        served = not getattr(r, "refused", False) and not math.isnan(r.finish_time)
+        if r.slo.kind == "collective":
+            dag = dags.setdefault(r.slo.dag_id, {"start": r.dag_start, "due_ms": None, "end": 0.0, "tokens": 0,
+                                                  "calls": 0, "served": True})
+            if r.slo.dag_stage == 0:
+                dag["due_ms"] = r.slo.deadline_ms
+            dag["end"] = max(dag["end"], r.finish_time if served else math.inf)
+            dag["tokens"] += r.output_len
+            dag["calls"] += 1
+            dag["served"] &= served
+            continue
+        ok = served and met_slo(r)
+        counts = kinds.setdefault(r.slo.kind, [0, 0])
+        counts[0] += ok
+        counts[1] += 1
+        gain += r.output_len if ok else 0
+        met_requests += ok
+    for dag in dags.values():
+        ok = dag["served"] and dag["due_ms"] is not None and dag["end"] - dag["start"] <= dag["due_ms"] / 1e3
+        counts = kinds.setdefault("collective", [0, 0])
+        counts[0] += ok
+        counts[1] += 1
+        gain += dag["tokens"] if ok else 0
+        met_requests += dag["calls"] if ok else 0
+    finished = [r.finish_time for r in requests if not math.isnan(r.finish_time)]
+    span = max(finished, default=0.0) - min(r.arrival_time for r in requests)
+    per_s = 1 / span if span > 0 else 0.0
+    return {"requests": len(requests), "service_gain_tokens": gain, "service_goodput_tok_s": gain * per_s,
+            "slo_goodput_req_s": met_requests * per_s,
+            "attainment_by_kind": {kind: met / n for kind, (met, n) in sorted(kinds.items())},
+            "requests_by_kind": {kind: n for kind, (_, n) in sorted(kinds.items())}}
+
+
 def latency_samples(requests: list) -> dict:
     """Sorted TTFT and TPOT (ms) of the served requests, for CDF plots."""
     served = [r for r in requests if not math.isnan(r.finish_time)]

@@ -27,6 +27,10 @@ class PolicyRegistry(dict):
         super().__init__((cls.name, cls) for cls in classes)
         self.phase = phase
 
+    def register(self, cls: type) -> None:
+        """Adds a policy defined beside the phase's own module (it imports that module)."""
+        self[cls.name] = cls
+
     def needs_cost_model(self, name: str) -> bool:
         return self.policy_class(name).needs_cost_model
 

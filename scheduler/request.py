@@ -13,6 +13,9 @@ MAX_COUNT = 2**31 - 1  # token counts and ids, top-k: what an int32 holds
 MAX_TEMPERATURE = 1e4
 MIN_SLO_MS, MAX_SLO_MS = 1e-3, 1e9  # a microsecond to about eleven days
 MAX_CLASS_NAME = 256
+# Latency-sensitive requests are judged by TTFT and TPOT; throughput-intensive ones by a deadline
+# for the whole response; collective ones (the calls of an agent's DAG) by their DAG's deadline.
+KINDS = ("latency", "throughput", "collective")
 
 
 class PromptTooLong(ValueError):
@@ -88,6 +91,12 @@ class RequestSLO:
     tpot_ms: float = DEFAULT_TPOT_SLO_MS
     request_class: str | None = None
     output_len_hint: int | None = None  # the client's guess of its output length
+    kind: str = "latency"  # one of KINDS
+    # Throughput and collective requests: when the whole response is due, from the request's
+    # arrival (a DAG's call: the time its DAG has left when the call is sent).
+    deadline_ms: float | None = None
+    dag_id: str | None = None  # collective: the DAG it belongs to, and which call of it this is
+    dag_stage: int = 0
     ttft_s: float = field(init=False, repr=False, compare=False)
     tpot_s: float = field(init=False, repr=False, compare=False)
 
@@ -101,6 +110,19 @@ class RequestSLO:
                                                    and len(self.request_class) <= MAX_CLASS_NAME):
             raise ValueError(f"request_class must be a string of at most {MAX_CLASS_NAME} characters, "
                              f"got {_brief(self.request_class)}")
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {_brief(self.kind)}")
+        deadline = self.deadline_ms
+        if deadline is None and self.kind != "latency":
+            raise ValueError(f"a {self.kind} request needs deadline_ms")
+        if deadline is not None and not (_number(deadline) and MIN_SLO_MS <= deadline <= MAX_SLO_MS):
+            raise ValueError(f"deadline_ms must be between {MIN_SLO_MS:g} and {MAX_SLO_MS:g} milliseconds, "
+                             f"got {_brief(deadline)}")
+        if self.kind == "collective" and not (isinstance(self.dag_id, str) and 0 < len(self.dag_id) <= MAX_CLASS_NAME):
+            raise ValueError(f"a collective request needs a dag_id of 1 to {MAX_CLASS_NAME} characters, "
+                             f"got {_brief(self.dag_id)}")
+        if not _integer(self.dag_stage, 0, MAX_COUNT):
+            raise ValueError(f"dag_stage must be an integer in [0, {MAX_COUNT}], got {_brief(self.dag_stage)}")
         hint = self.output_len_hint
         if hint is not None and not _integer(hint, 1, MAX_COUNT):
             raise ValueError(f"output_len_hint must be an integer in [1, {MAX_COUNT}], got {_brief(hint)}")

@@ -40,7 +40,7 @@ import math
 import random
 from collections import OrderedDict, deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from kairos.scheduler import defaults
 from kairos.scheduler.cost_model import CalibratedCostModel, CostModel
@@ -49,6 +49,7 @@ from kairos.scheduler.metrics import metrics
 from kairos.scheduler.placement import pick_decode_worker, pick_prefill_worker
 from kairos.scheduler.prefill import PREFILL_POLICIES
 from kairos.scheduler.registry import PolicySettings
+from kairos.scheduler.request import MIN_SLO_MS
 from kairos.scheduler.traces import MOONCAKE_BLOCK_TOKENS, TraceRequest
 
 
@@ -93,7 +94,7 @@ class SimRequest:
     __slots__ = ("trace", "arrival_time", "slo", "prompt_len", "output_len", "cached",
                  "computed", "max_tokens", "first_token_time",
                  "finish_time", "worker", "join_step", "source", "outputs_at_join", "decoding", "crossing",
-                 "epoch", "recomputed", "refused")
+                 "epoch", "recomputed", "refused", "dag_start", "dependents")
 
     def __init__(self, trace: TraceRequest):
         self.trace = trace
@@ -115,6 +116,8 @@ class SimRequest:
         self.recomputed = 0  # after a preemption: tokens whose KV is computed again
         self.source: PrefillSim | None = None  # the prefill worker holding its KV
         self.refused = False  # too long to run at all: failed with an error at arrival
+        self.dag_start = trace.arrival  # a DAG's call: when the DAG's first call arrived
+        self.dependents: list[SimRequest] = []  # the DAG's calls sent once this one ends
 
     @property
     def num_uncomputed_tokens(self) -> int:
@@ -220,7 +223,10 @@ class Simulator:
     def run(self, trace: list[TraceRequest]) -> list[SimRequest]:
         requests = [SimRequest(r) for r in trace]
         for r in requests:
-            self.at(r.arrival_time, self.arrive, r)
+            if r.trace.after is None:
+                self.at(r.arrival_time, self.arrive, r)
+            else:
+                requests[r.trace.after].dependents.append(r)
         while self.events:
             self.now, _, handler, args = heapq.heappop(self.events)
             handler(*args)
@@ -231,7 +237,7 @@ class Simulator:
     def arrive(self, r: SimRequest) -> None:
         max_len = self.config.kv_capacity_tokens // self.config.block_size * self.config.block_size
         if r.prompt_len >= max_len:
-            r.refused = True
+            self.refuse(r)
             return
         r.output_len = r.max_tokens = min(r.output_len, max_len - r.prompt_len)
         worker = pick_prefill_worker(self.prefills)  # as the router places it
@@ -250,6 +256,22 @@ class Simulator:
         worker.queued_prompt_tokens += r.prompt_len
         if not worker.busy:
             self.start_prefill(worker)
+
+    def refuse(self, r: SimRequest) -> None:
+        """r fails at once, and the DAG calls that wait for it are never sent."""
+        r.refused = True
+        for d in r.dependents:
+            self.refuse(d)
+
+    def finish(self, r: SimRequest) -> None:
+        """r has its last token; a DAG's next call is sent a tool's time later, with the time its
+        DAG has left as its deadline."""
+        r.finish_time = self.now
+        for d in r.dependents:
+            d.arrival_time, d.dag_start = self.now + d.trace.arrival, r.dag_start
+            left_ms = d.trace.slo.deadline_ms - (d.arrival_time - d.dag_start) * 1e3
+            d.slo = replace(d.trace.slo, deadline_ms=max(MIN_SLO_MS, left_ms))
+            self.at(d.arrival_time, self.arrive, d)
 
     def start_prefill(self, w: PrefillSim) -> None:
         """Starts a step: prompts waiting or part-way through, in the policy's order, each taking
@@ -345,7 +367,7 @@ class Simulator:
             while len(w.cache) > capacity_blocks:
                 w.cache.popitem(last=False)
             if r.output_len <= 1:
-                r.finish_time = self.now
+                self.finish(r)
                 r.worker.requests_in_hand -= 1
                 w.requests_in_hand -= 1
                 w.held -= r.prompt_len - r.cached
@@ -525,7 +547,7 @@ class Simulator:
             if r.num_output_tokens < r.output_len:
                 self.join(d, r)  # with the blocks it holds (num_tokens - 1 tokens of KV)
             else:
-                r.finish_time = self.now
+                self.finish(r)
                 d.requests_in_hand -= 1
                 d.used_blocks -= self.blocks(d, r.recomputed)
                 d.policy.finished(r)
@@ -546,7 +568,7 @@ class Simulator:
             finished = set(map(id, done))
             d.running = [r for r in d.running if id(r) not in finished]
             for r in done:
-                r.finish_time = self.now
+                self.finish(r)
                 d.requests_in_hand -= 1
                 self.leave(d, r)
                 d.policy.finished(r)

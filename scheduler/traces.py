@@ -28,6 +28,10 @@ class TraceRequest:
     output_len: int
     hash_ids: tuple[int, ...] = ()  # Mooncake: one id per 512-token prompt block; equal ids, shared prefix
     slo: RequestSLO = RequestSLO()
+    # A DAG's later call: the index in the trace of the call it waits for. Its `arrival` is then
+    # the seconds after that call ends (an agent's tool time) and its SLO's deadline_ms the
+    # DAG's, from the DAG's first call.
+    after: int | None = None
 
 
 def load_azure(path: str | Path) -> list[TraceRequest]:
@@ -121,6 +125,50 @@ def synthetic(num_requests: int = 1000, rate: float = 5.0, arrival: str = "poiss
             hash_ids = tuple(range(first, first + shared)) + tuple(next(unique_ids) for _ in range(blocks - shared))
         out.append(TraceRequest(t, prompt, output, hash_ids))
         t += gap()
+    return out
+
+
+def mixed(trace: list[TraceRequest], throughput_share: float = 0.2, collective_share: float = 0.1,
+          dag_calls: tuple[int, int] = (3, 8), deadline_ms_per_token: float = 40.0,
+          tool_s: tuple[float, float] = (0.1, 0.5), seed: int = 0) -> list[TraceRequest]:
+    """A mixed workload from a trace (with SLOs): its arrivals and lengths, a `throughput_share`
+    of the requests turned throughput-intensive and a `collective_share` into the first call of
+    an agent's DAG; the rest stay latency-sensitive.
+
+    A throughput request's whole response is due `ttft_ms + deadline_ms_per_token` x its output
+    length after it arrives: sooner than its TPOT SLO would pace it, as a tool waiting for a
+    whole answer needs. A DAG has dag_calls (inclusive range) calls, one after another, the later
+    ones with lengths drawn from the trace and sent a tool's time (`tool_s`) after the call before
+    ends; its deadline is the sum of its calls' throughput deadlines plus the tool times. The DAG's
+    later calls come at the end of the list, each naming the call it follows (`after`)."""
+    if not (0 <= throughput_share and 0 <= collective_share and throughput_share + collective_share <= 1):
+        raise ValueError("the throughput and collective shares must be >= 0 and sum to at most 1")
+    rng = random.Random(seed)
+    out, later, roots = [], [], {}
+
+    def due_ms(r: TraceRequest) -> float:
+        return r.slo.ttft_ms + deadline_ms_per_token * r.output_len
+
+    for i, r in enumerate(trace):
+        u = rng.random()
+        if u < throughput_share:
+            out.append(replace(r, slo=replace(r.slo, kind="throughput", deadline_ms=due_ms(r))))
+        elif u < throughput_share + collective_share:
+            calls = [r] + [trace[rng.randrange(len(trace))] for _ in range(rng.randint(*dag_calls) - 1)]
+            gaps = [rng.uniform(*tool_s) for _ in calls[1:]]
+            deadline = sum(map(due_ms, calls)) + 1e3 * sum(gaps)
+            dag = f"dag-{i}"
+            roots[dag] = len(out)
+            out.append(replace(r, slo=replace(r.slo, kind="collective", deadline_ms=deadline, dag_id=dag)))
+            for stage, (call, gap) in enumerate(zip(calls[1:], gaps), start=1):
+                later.append((stage, call, gap, dag, deadline))
+        else:
+            out.append(r)
+    # A later call follows the call before it in its DAG, which is the root or the previous entry.
+    for stage, call, gap, dag, deadline in later:
+        before = roots[dag] if stage == 1 else len(out) - 1
+        out.append(replace(call, arrival=gap, hash_ids=(), after=before,
+                           slo=replace(call.slo, kind="collective", deadline_ms=deadline, dag_id=dag, dag_stage=stage)))
     return out
 
 

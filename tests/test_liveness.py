@@ -32,8 +32,15 @@ COST = CostModel(prefill=(0.005, 2e-5, 3e-10), decode=(0.006, 2e-5, 4e-8))
 BLOCK = 16
 
 policies = st.tuples(st.sampled_from(sorted(PREFILL_POLICIES)), st.sampled_from(sorted(DECODE_POLICIES)))
-loads = st.lists(st.tuples(st.floats(0, 2), st.floats(0, 1), st.integers(1, 300), st.floats(0.005, 2.0)),
-                 min_size=1, max_size=40)  # (arrival s, prompt as a share of the cache, output, TTFT SLO s)
+# (arrival s, prompt as a share of the cache, output, TTFT SLO s, kind)
+loads = st.lists(st.tuples(st.floats(0, 2), st.floats(0, 1), st.integers(1, 300), st.floats(0.005, 2.0),
+                           st.sampled_from(["latency", "throughput", "collective"])), min_size=1, max_size=40)
+
+
+def request_slo(ttft_s: float, kind: str) -> RequestSLO:
+    """An SLO of this kind (throughput and collective ones with a deadline of 10 x the TTFT)."""
+    extra = {} if kind == "latency" else {"deadline_ms": ttft_s * 1e4, "dag_id": "d" if kind == "collective" else None}
+    return RequestSLO(ttft_ms=ttft_s * 1e3, kind=kind, **extra)
 
 
 class CheckedSimulator(Simulator):
@@ -61,8 +68,8 @@ class CheckedSimulator(Simulator):
        jitter=st.sampled_from([0.0, 0.2]))
 def test_every_simulated_request_finishes_or_is_refused(load, pair, kv_blocks, budget, max_batch, workers, jitter):
     capacity = kv_blocks * BLOCK
-    trace = sorted((TraceRequest(t, max(1, int(share * capacity * 1.1)), out, slo=RequestSLO(ttft_ms=ttft * 1e3))
-                    for t, share, out, ttft in load), key=lambda r: r.arrival)
+    trace = sorted((TraceRequest(t, max(1, int(share * capacity * 1.1)), out, slo=request_slo(ttft, kind))
+                    for t, share, out, ttft, kind in load), key=lambda r: r.arrival)
     config = SimConfig(workers[0], workers[1], *pair, token_budget=budget, max_batch=max_batch,
                        kv_capacity_tokens=capacity, block_size=BLOCK, prefill_jitter=jitter, decode_jitter=jitter)
     sim = CheckedSimulator(config, COST)
@@ -92,10 +99,10 @@ def run_step_scheduler(load, pair, num_blocks, budget, max_seqs, prefill_only) -
         handed_off, computed = [], 0
         for _ in range(200_000):
             while arrivals and arrivals[0][0] <= clock[0]:
-                t, share, out, ttft = arrivals.pop(0)
+                t, share, out, ttft, kind = arrivals.pop(0)
                 n = min(max_len - 1, max(1, int(share * max_len)))  # distinct ids: no prefix hits
                 seq = Sequence(list(range(next_id, next_id + n)), SamplingParams(max_tokens=out, temperature=0),
-                               slo=RequestSLO(ttft_ms=ttft * 1e3))
+                               slo=request_slo(ttft, kind))
                 next_id += n
                 seq.arrival_time = t
                 sched.add(seq)

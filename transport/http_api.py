@@ -6,11 +6,12 @@ ZeroMQ connection (`AsyncClient`) with every HTTP request in flight on it, and n
     GET  /v1/models, /health (503 until a prefill and a decode worker are registered), /metrics
 
 SLOs travel per request in extension fields of the body (`extra_body` in the openai client):
-`ttft_slo_ms`, `tpot_slo_ms`, `output_len_hint`, `request_class`; the router's defaults stand
-for those left out. Errors have the OpenAI shape, `{"error": {"message", "type", "param",
-"code"}}`, with 400 for bad parameters (the native client's checks, `make_submit`), 404 for
-another model, 413 for a body or prompt too long, 503 when no worker is up, 504 when a request
-gets no token in `timeout_s`. A client that goes away aborts its requests."""
+`ttft_slo_ms`, `tpot_slo_ms`, `output_len_hint`, `request_class`, and for the Tempo policies
+`kind`, `deadline_ms`, `dag_id`, `dag_stage`; the router's defaults stand for those left out.
+Errors have the OpenAI shape, `{"error": {"message", "type", "param", "code"}}`, with 400 for
+bad parameters (the native client's checks, `make_submit`), 404 for another model, 413 for a
+body or prompt too long, 503 when no worker is up, 504 when a request gets no token in
+`timeout_s`. A client that goes away aborts its requests."""
 
 from __future__ import annotations
 
@@ -102,6 +103,10 @@ class _Request(_Body):
     tpot_slo_ms: float | None = None
     output_len_hint: int | None = None
     request_class: str | None = None
+    kind: str | None = None  # latency (the default), throughput or collective
+    deadline_ms: float | None = None
+    dag_id: str | None = None
+    dag_stage: int | None = None
 
 
 class CompletionRequest(_Request):
@@ -146,7 +151,8 @@ def _unsupported(body: _Request) -> None:
 
 def _options(body: _Request, max_tokens: int | None, default_max_tokens: int) -> dict:
     slo = {"ttft_ms": body.ttft_slo_ms, "tpot_ms": body.tpot_slo_ms, "output_len_hint": body.output_len_hint,
-           "request_class": body.request_class}
+           "request_class": body.request_class, "kind": body.kind, "deadline_ms": body.deadline_ms,
+           "dag_id": body.dag_id, "dag_stage": body.dag_stage}
     return {"max_tokens": default_max_tokens if max_tokens is None else max_tokens,
             "temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k, "seed": body.seed,
             "stop": body.stop, "stop_token_ids": body.stop_token_ids, "ignore_eos": body.ignore_eos,

@@ -1,0 +1,134 @@
+"""Mixed workloads (latency-sensitive, throughput-intensive and collective requests) in the
+simulator: service goodput, SLO goodput and per-type attainment of fcfs+cb, kairos+kairos and
+tempo+tempo, and the output-length upper bounds Tempo schedules by against the per-class p90.
+
+  python -P -m kairos.bench.tempo_mixed                  # Azure conversation trace, H200 profile
+  python -P -m kairos.bench.tempo_mixed --rate-scales 2,4,6,8 --throughput-share 0.3
+
+The mixed trace keeps the Azure trace's arrivals and lengths: a share of its requests become
+throughput-intensive (a deadline for the whole response), and a share become the first call of
+an agent's DAG of 3 to 8 calls, each sent when the one before has finished (plus a tool's
+time), with one deadline for the DAG. JSON and a PNG of service goodput against load under
+bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+
+from kairos.bench import DEFAULT_PROFILE, DEFAULT_TRACE
+from kairos.bench.common import write_result
+from kairos.scheduler.cost_model import CostModel
+from kairos.scheduler.metrics import service_metrics
+from kairos.scheduler.output_length import OutputLengthEstimator
+from kairos.scheduler.simulator import SimConfig, Simulator
+from kairos.scheduler.tempo import QuantileLengthPredictor
+from kairos.scheduler.traces import load_azure, mixed, shape, with_slos
+
+POLICIES = ("fcfs+cb", "kairos+kairos", "tempo+tempo")
+CODE_TRACE = DEFAULT_TRACE.parent / "AzureLLMInferenceTrace_code.csv"
+
+
+def length_bounds() -> dict:
+    """Both predictors learn online over the two Azure traces (conversation and code, the
+    classes), each request predicted before it is observed: how often the bound covers the
+    length, how far above it lies, and how long a prediction takes."""
+    requests = [("conv", r) for r in load_azure(DEFAULT_TRACE)] + [("code", r) for r in load_azure(CODE_TRACE)]
+    random.Random(0).shuffle(requests)
+    result = {}
+    for name, predictor in (("per-class p90", OutputLengthEstimator(0.9)),
+                            ("quantile p95 (class x prompt length)", QuantileLengthPredictor(0.95))):
+        covered, over, seconds = 0, [], 0.0
+        for i, (cls, r) in enumerate(requests):
+            started = time.perf_counter()
+            if isinstance(predictor, OutputLengthEstimator):
+                bound = predictor.remaining(cls, 0, 1 << 20)
+            else:
+                bound = predictor.upper_bound(cls, r.prompt_len, 0, 1 << 20)
+            seconds += time.perf_counter() - started
+            if i >= 1000:  # scored once each has seen a thousand requests
+                covered += bound >= r.output_len
+                over.append(bound / r.output_len)
+            if isinstance(predictor, OutputLengthEstimator):
+                predictor.observe(cls, r.output_len)
+            else:
+                predictor.observe(cls, r.prompt_len, r.output_len)
+        over.sort()
+        result[name] = {"coverage": covered / len(over), "median_bound_over_length": over[len(over) // 2],
+                        "predict_us": seconds / len(requests) * 1e6}
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--trace", default=str(DEFAULT_TRACE))
+    ap.add_argument("--profile", default=str(DEFAULT_PROFILE))
+    ap.add_argument("--rate-scales", default="2,3,4,5,6,7,8")
+    ap.add_argument("--duration-s", type=float, default=1200.0, help="of the trace, before rate scaling")
+    ap.add_argument("--throughput-share", type=float, default=0.2)
+    ap.add_argument("--collective-share", type=float, default=0.1)
+    ap.add_argument("--name", default="tempo_mixed")
+    args = ap.parse_args()
+
+    profile = json.loads(open(args.profile).read())
+    cost = CostModel.from_profile(profile)
+    base = load_azure(args.trace)
+    rows = []
+    for scale in map(float, args.rate_scales.split(",")):
+        trace = mixed(with_slos(shape(base, scale, duration_s=args.duration_s), 1000.0, 100.0),
+                      args.throughput_share, args.collective_share)
+        for pair in POLICIES:
+            prefill, decode = pair.split("+")
+            config = SimConfig(prefill_policy=prefill, decode_policy=decode,
+                               kv_capacity_tokens=profile.get("kv_capacity_tokens", SimConfig.kv_capacity_tokens))
+            requests = Simulator(config, cost).run(trace)
+            row = {"rate_scale": scale, "policy": pair, **service_metrics(requests)}
+            rows.append(row)
+            kinds = "  ".join(f"{k} {v:.1%}" for k, v in row["attainment_by_kind"].items())
+            print(f"{scale:5.1f} {pair:>14}  service goodput {row['service_goodput_tok_s']:8.0f} tok/s  "
+                  f"SLO goodput {row['slo_goodput_req_s']:6.2f} req/s  {kinds}", flush=True)
+    for scale in sorted({r["rate_scale"] for r in rows}):
+        at = {r["policy"]: r for r in rows if r["rate_scale"] == scale}
+        tempo, fcfs, kairos = (at[p]["service_goodput_tok_s"] or math.nan for p in POLICIES[::-1])
+        print(f"{scale:5.1f}  tempo / fcfs+cb {tempo / fcfs:5.2f}x  tempo / kairos+kairos {tempo / kairos:5.2f}x")
+    bounds = length_bounds()
+    for name, b in bounds.items():
+        print(f"{name}: covers {b['coverage']:.1%} of lengths, median bound {b['median_bound_over_length']:.2f}x "
+              f"the length, {b['predict_us']:.1f} us a prediction")
+    setup = {"trace": args.trace, "profile": args.profile, "duration_s": args.duration_s,
+             "throughput_share": args.throughput_share, "collective_share": args.collective_share}
+    print(f"wrote {write_result(args.name, {'setup': setup, 'rows': rows, 'length_bounds': bounds})}")
+    plot(rows, args.name)
+
+
+def plot(rows: list[dict], name: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return
+    from kairos.bench import RESULTS
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for pair in POLICIES:
+        points = [(r["rate_scale"], r["service_goodput_tok_s"]) for r in rows if r["policy"] == pair]
+        ax.plot(*zip(*points), marker="o", label=pair)
+    ax.set_xlabel("rate scale (x the trace's arrival rate)")
+    ax.set_ylabel("service goodput (tokens/s in time)")
+    ax.set_title("Mixed workload, simulated")
+    ax.legend()
+    fig.tight_layout()
+    path = RESULTS / f"{name}.png"
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
