@@ -93,7 +93,7 @@ def main() -> None:
                   f"SLO goodput {row['slo_goodput_req_s']:6.2f} req/s  {kinds}", flush=True)
     for scale in sorted({r["rate_scale"] for r in rows}):
         at = {r["policy"]: r for r in rows if r["rate_scale"] == scale}
-        tempo, fcfs, kairos = (at[p]["service_goodput_tok_s"] or math.nan for p in POLICIES[::-1])
+        fcfs, kairos, tempo = (at[p]["service_goodput_tok_s"] or math.nan for p in POLICIES)
         print(f"{scale:5.1f}  tempo / fcfs+cb {tempo / fcfs:5.2f}x  tempo / kairos+kairos {tempo / kairos:5.2f}x")
     bounds = length_bounds()
     for name, b in bounds.items():

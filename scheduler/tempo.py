@@ -99,8 +99,10 @@ class Service:
         self.cost = cost
         self.predictor = predictor or QuantileLengthPredictor()
         self.call_s = DEFAULT_CALL_S  # mean time of a DAG's call, from those finished
-        self.dag_calls: OrderedDict[str, int] = OrderedDict()  # calls seen per DAG, recent DAGs
-        self.dag_lengths = _ConditionalQuantile(0.9, self.MAX_DAGS, 1)
+        # Calls seen per DAG (the highest stage + 1), recent DAGs only, and those counts sorted:
+        # the lengths of DAGs alike, which a DAG's calls still to come are predicted from.
+        self.dag_calls: OrderedDict[str, int] = OrderedDict()
+        self.dag_lengths: list[int] = []
 
     def remaining(self, r) -> int:
         """Predicted output tokens still to come (at least 1)."""
@@ -111,12 +113,27 @@ class Service:
         total = self.predictor.upper_bound(slo.request_class, r.num_tokens - produced, produced, r.max_tokens)
         return max(1, total - produced)
 
+    def saw(self, r) -> None:
+        """Notes a collective call's stage: how many calls its DAG has had so far."""
+        slo = r.slo
+        calls, seen = slo.dag_stage + 1, self.dag_calls.pop(slo.dag_id, 0)
+        self.dag_calls[slo.dag_id] = max(seen, calls)
+        if calls > seen:
+            if seen:
+                self.dag_lengths.pop(bisect.bisect_left(self.dag_lengths, seen))
+            bisect.insort(self.dag_lengths, calls)
+        if len(self.dag_calls) > self.MAX_DAGS:
+            _, oldest = self.dag_calls.popitem(last=False)
+            self.dag_lengths.pop(bisect.bisect_left(self.dag_lengths, oldest))
+
     def calls_after(self, r) -> int:
-        """A collective call's predicted calls still to come in its DAG: from the lengths of the
-        DAGs seen with more calls than this one's stage."""
+        """A collective call's predicted calls still to come in its DAG: the 90th percentile of
+        the lengths of the DAGs seen with more calls than this one's stage, less its own."""
         stage = r.slo.dag_stage
-        length = self.dag_lengths.above((), stage + 1)
-        return max(0, (length if length is not None else stage + 1) - stage - 1)
+        lengths = self.dag_lengths
+        start = bisect.bisect_right(lengths, stage + 1)
+        longer = len(lengths) - start
+        return lengths[start + min(longer - 1, int(0.9 * longer))] - stage - 1 if longer else 0
 
     def due(self, r) -> float:
         """When the whole response must be out: a throughput request's deadline, a collective
@@ -145,11 +162,6 @@ class Service:
         if slo.kind != "collective":
             return
         self.call_s += 0.05 * ((now - r.arrival_time) - self.call_s)
-        calls = self.dag_calls.pop(slo.dag_id, 0)
-        self.dag_calls[slo.dag_id] = max(calls, slo.dag_stage + 1)
-        if len(self.dag_calls) > self.MAX_DAGS:
-            self.dag_calls.popitem(last=False)
-        self.dag_lengths.observe((), self.dag_calls[slo.dag_id])
 
 
 class TempoPrefill(_Predicting):
@@ -180,6 +192,9 @@ class TempoPrefill(_Predicting):
         return self.service.gain(r) / (own_s + self.service.remaining(r) * self.service.token_time())
 
     def split(self, waiting, now):
+        for r in waiting:
+            if r.slo.kind == "collective":
+                self.service.saw(r)
         fixed, budget = self.cost.prefill[0], self.token_budget
         jobs = sorted(((self.first_token_due(r), own, tokens, r) for _, own, tokens, r in self.jobs(waiting)),
                       key=lambda j: j[0])
@@ -243,6 +258,9 @@ class TempoDecode(SlackBatching):
 
     def split(self, waiting, running, now):
         self.now = now
+        for r in waiting:
+            if r.slo.kind == "collective":
+                self.service.saw(r)
         step = self.step_time(running)
         feasible, lost = [], []
         for r in waiting:
