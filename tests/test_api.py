@@ -178,7 +178,8 @@ def test_slos_in_the_body_reach_the_router_and_its_status(server):
                               extra_body={"ttft_slo_ms": 0.001, "tpot_slo_ms": 1e6, "output_len_hint": 3})
     after_impossible = server.counters()
     client.completions.create(model="tiny", prompt="no hurry", max_tokens=3, temperature=0,
-                              extra_body={"ttft_slo_ms": 1e6, "tpot_slo_ms": 1e6})
+                              extra_body={"ttft_slo_ms": 1e6, "tpot_slo_ms": 1e6, "kind": "throughput",
+                                          "deadline_ms": 60_000})
     status = json.loads(subprocess.run([sys.executable, "-m", "kairos.cli", "status", "--json", "--addr",
                                         server.addr], capture_output=True, text=True, check=True).stdout)
     after_easy = status["counters"]
@@ -210,6 +211,7 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": "tiny", "prompt": "x", "frobnicate": True}, 400, "frobnicate"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "ttft_slo_ms": -5}, 400, None),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "temperature": -1}, 400, "temperature"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "kind": "collective", "deadline_ms": 5000}, 400, None),
     ("/v1/completions", {"prompt": "x"}, 400, "model"),
     ("/v1/chat/completions", {"model": "tiny", "messages": []}, 400, "messages"),
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": [
