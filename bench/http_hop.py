@@ -14,10 +14,8 @@ prefixes cached. Reports TTFT and TPOT percentiles per path and their p50 and p9
 from __future__ import annotations
 
 import argparse
-import time
 from dataclasses import replace
 
-import httpx
 from tqdm import tqdm
 
 from kairos.bench import DEFAULT_TRACE
@@ -25,21 +23,7 @@ from kairos.bench.common import write_result
 from kairos.scheduler.metrics import latency_samples, percentiles
 from kairos.scheduler.traces import load_trace, shape, with_slos
 from kairos.transport.replay import replay_requests, report, warm_up
-from kairos.transport.serve import ProcessGroup, free_port
-
-
-def wait_healthy(url: str, group: ProcessGroup, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if group.dead():
-            raise RuntimeError(f"kairos serve exited with status {group.dead()[0][1]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} was not healthy within {timeout_s:g} s")
+from kairos.transport.serve import ProcessGroup, free_port, wait_until_healthy
 
 
 def summary(requests: list) -> dict:
@@ -70,7 +54,7 @@ def main() -> None:
     group.start("serve", ["serve", "--port", str(port), "--http-port", str(http_port), "--model", args.model])
     runs = {"native": [], "http": []}
     try:
-        wait_healthy(url, group, 600)
+        wait_until_healthy(url, 600, lambda: group.dead() and f"kairos serve exited: {group.dead()}")
         warm_up(addr, trace)
         warm_up(url, trace, requests=4)  # the API process's first requests, too
         order = ["native", "http"]

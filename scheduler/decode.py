@@ -123,13 +123,18 @@ class SlackBatching:
         if native.ENABLED and len(waiting) >= native.MIN_REQUESTS:
             return native.slack_split(waiting, now, step, self.aging_tokens_per_s, self.estimator)
         aging = self.aging_tokens_per_s
+        return self.split_by(waiting, now, step, lambda r, remaining: remaining - aging * (now - r.arrival_time))
+
+    def split_by(self, waiting, now: float, step: float, key) -> tuple[list, list]:
+        """(the feasible requests by key(request, predicted remaining tokens), smallest first;
+        the lost ones, oldest first) at steps of `step` seconds."""
         feasible, lost = [], []
         for r in waiting:
             remaining = self.remaining(r)
             if self.lost(r, now, step, remaining):
                 lost.append(r)
             else:
-                feasible.append((remaining - aging * (now - r.arrival_time), r))
+                feasible.append((key(r, remaining), r))
         feasible.sort(key=lambda item: item[0])
         lost.sort(key=lambda r: r.arrival_time)
         return [r for _, r in feasible], lost

@@ -261,17 +261,8 @@ class TempoDecode(SlackBatching):
         for r in waiting:
             if r.slo.kind == "collective":
                 self.service.saw(r)
-        step = self.step_time(running)
-        feasible, lost = [], []
-        for r in waiting:
-            remaining = self.remaining(r)
-            if self.lost(r, now, step, remaining):
-                lost.append(r)
-            else:
-                feasible.append((-self.service.gain(r) / remaining, r))
-        feasible.sort(key=lambda item: item[0])
-        lost.sort(key=lambda r: r.arrival_time)
-        return [r for _, r in feasible], lost
+        return self.split_by(waiting, now, self.step_time(running),
+                             lambda r, remaining: -self.service.gain(r) / remaining)
 
     def admit(self, running, ready, now, free_blocks):
         self.now = now

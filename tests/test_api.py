@@ -21,6 +21,7 @@ from kairos.engine import LLM, SamplingParams
 from kairos.transport import protocol as p
 from kairos.transport.chat import ChatTemplate, ChatTemplateError
 from kairos.transport.client import Client
+from kairos.transport.serve import wait_until_healthy
 
 MAX_PROMPT_CHARS = 4000
 
@@ -52,16 +53,8 @@ class Server:
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, output: list[str], timeout_s: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "".join(output)
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise TimeoutError(f"{url} did not become healthy:\n{''.join(output)}")
+    wait_until_healthy(url, timeout_s,
+                       lambda: f"exited {proc.returncode}:\n{''.join(output)}" if proc.poll() is not None else None)
 
 
 @pytest.fixture(scope="module")

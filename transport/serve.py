@@ -126,6 +126,25 @@ def wait_for_workers(addr: str, wanted: dict[str, int], group: ProcessGroup | No
         raise StartupError(f"the {missing} workers did not register within {timeout_s:g} s")
 
 
+def wait_until_healthy(url: str, timeout_s: float, exited=lambda: None) -> None:
+    """Until the HTTP API at url answers /health with 200 (workers registered); raises
+    StartupError if `exited()` returns a reason first (its process is gone) or the time runs out."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        reason = exited()
+        if reason:
+            raise StartupError(reason)
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise StartupError(f"{url} was not healthy within {timeout_s:g} s")
+
+
 def cpu_share(processes: int) -> int:
     """Cores per process when this many busy processes share the machine. Each torch process
     otherwise starts one thread per core, and oversubscribed threads spin against each other:
