@@ -180,6 +180,9 @@ def test_slos_in_the_body_reach_the_router_and_its_status(server):
     assert after_impossible["ttft_met"] == before["ttft_met"]  # a microsecond TTFT is missed
     assert after_impossible["tpot_met"] == before["tpot_met"] + 1
     assert after_easy["ttft_met"] == after_impossible["ttft_met"] + 1
+    # The throughput request is judged by its deadline too.
+    assert after_easy["deadline_met"] == after_impossible["deadline_met"] + 1
+    assert after_easy["slo_met"] == after_impossible["slo_met"] + 1
 
 
 def post(server, path: str, body, **kwargs) -> httpx.Response:

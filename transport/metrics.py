@@ -49,7 +49,7 @@ class RouterMetrics:
         self.failure = Counter("kairos:request_failure", "Requests that failed, by error code.", ["code"],
                                registry=r)
         self.slo_met = Counter("kairos:request_slo_met", "Completed requests that met their TTFT, their TPOT, "
-                                                         "or both SLOs.", ["slo"], registry=r)
+                               "both, or (throughput and collective requests) their deadline.", ["slo"], registry=r)
         self.ttft = Histogram("kairos:time_to_first_token_seconds", "From arrival at the router to the first "
                               "token's relay.", buckets=LATENCY_BUCKETS_S, registry=r)
         self.tpot = Histogram("kairos:time_per_output_token_seconds", "A completed request's mean time per "
@@ -63,10 +63,14 @@ class RouterMetrics:
         r.register(_WorkerCollector(self))
 
     def completed(self, finish_reason: str, ttft_s: float | None, tpot_s: float | None, e2e_s: float,
-                  prompt_tokens: int | None, output_tokens: int, ttft_met: bool, tpot_met: bool) -> None:
+                  prompt_tokens: int | None, output_tokens: int, ttft_met: bool, tpot_met: bool,
+                  deadline_met: bool | None = None) -> None:
+        """deadline_met: None for a request without a deadline (a latency-sensitive one)."""
         self.success.labels(finish_reason).inc()
         for slo, met in (("ttft", ttft_met), ("tpot", tpot_met), ("both", ttft_met and tpot_met)):
             self.slo_met.labels(slo).inc(met)
+        if deadline_met is not None:
+            self.slo_met.labels("deadline").inc(deadline_met)
         if ttft_s is not None:
             self.ttft.observe(ttft_s)
         if tpot_s is not None and output_tokens > 1:

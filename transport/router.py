@@ -106,7 +106,7 @@ class Router:
         self.pending: list[str] = []  # waiting for workers
         # Attainment is judged here, on one clock, from arrival to each token's relay.
         self.counters = {"submitted": 0, "completed": 0, "aborted": 0, "failed": 0,
-                         "ttft_met": 0, "tpot_met": 0, "slo_met": 0}
+                         "ttft_met": 0, "tpot_met": 0, "deadline_met": 0, "slo_met": 0}
         self.metrics = RouterMetrics(lambda: self.workers.values(),
                                      lambda: {"pending": len(self.pending), "in_flight": len(self.requests)})
         self.metrics_server = self.metrics.serve(host, metrics_port) if metrics_port is not None else None
@@ -319,19 +319,24 @@ class Router:
 
     def count_completion(self, r: RoutedRequest, finish_reason: str) -> None:
         """Judges a request that ended with its output (to the end, or aborted by its client)
-        against its SLOs; the counters count the completed ones only."""
+        against its SLOs; the counters count the completed ones only. A request's own SLO is
+        TTFT and TPOT for a latency-sensitive one, its deadline for the other kinds (a DAG's
+        call by the time its DAG had left when it was sent)."""
         ttft_s = tpot_s = None
         if r.first_token_at is not None:
             ttft_s = r.first_token_at - r.arrival
             tpot_s = time_per_output_token(r.first_token_at, r.last_token_at, r.next_index)
+        e2e_s = (r.last_token_at or time.monotonic()) - r.arrival
         ttft_ok = ttft_s is not None and ttft_s <= r.slo.ttft_s
         tpot_ok = tpot_s is None or tpot_s <= r.slo.tpot_s
+        deadline_ok = None if r.slo.deadline_ms is None else e2e_s <= r.slo.deadline_ms / 1e3
         if finish_reason != "abort":
             self.counters["ttft_met"] += ttft_ok
             self.counters["tpot_met"] += tpot_ok
-            self.counters["slo_met"] += ttft_ok and tpot_ok
-        self.metrics.completed(finish_reason, ttft_s, tpot_s, (r.last_token_at or time.monotonic()) - r.arrival,
-                               r.prompt_tokens, r.next_index, ttft_ok, tpot_ok)
+            self.counters["deadline_met"] += bool(deadline_ok)
+            self.counters["slo_met"] += (ttft_ok and tpot_ok) if r.slo.kind == "latency" else bool(deadline_ok)
+        self.metrics.completed(finish_reason, ttft_s, tpot_s, e2e_s, r.prompt_tokens, r.next_index, ttft_ok,
+                               tpot_ok, deadline_ok)
 
     # ---- placement ----------------------------------------------------------------------------
 
