@@ -94,7 +94,7 @@ class SimRequest:
     __slots__ = ("trace", "arrival_time", "slo", "prompt_len", "output_len", "cached",
                  "computed", "max_tokens", "first_token_time",
                  "finish_time", "worker", "join_step", "source", "outputs_at_join", "decoding", "crossing",
-                 "epoch", "recomputed", "refused", "dag_start", "dependents")
+                 "epoch", "recomputed", "refused", "dag_start", "dependents", "cached_blocks", "cache_segment")
 
     def __init__(self, trace: TraceRequest):
         self.trace = trace
@@ -118,6 +118,10 @@ class SimRequest:
         self.refused = False  # too long to run at all: failed with an error at arrival
         self.dag_start = trace.arrival  # a DAG's call: when the DAG's first call arrived
         self.dependents: list[SimRequest] = []  # the DAG's calls sent once this one ends
+        # Preempted on a decode worker: its KV blocks still cached there (free, not yet reused),
+        # which its recomputation finds, and the free-list segment that holds them.
+        self.cached_blocks = 0
+        self.cache_segment: list | None = None
 
     @property
     def num_uncomputed_tokens(self) -> int:
@@ -173,6 +177,9 @@ class DecodeSim:
     steps: int = 0  # decode steps run
     context: int = 0  # sum of running contexts
     used_blocks: int = 0  # held by running, ready, recomputing and incoming sequences
+    # The free blocks in the order the engine hands them out (freed longest ago first), as
+    # [preempted sequence whose cached KV they hold, or None; how many] segments.
+    free_fifo: deque = field(default_factory=deque)
     requests_in_hand: int = 0  # placed here and not finished
     preemptions: int = 0
     link_free_at: float = 0.0  # when the inbound KV link has carried what it was given
@@ -206,6 +213,8 @@ class Simulator:
                                   config.kv_capacity_tokens // config.block_size, config.block_size,
                                   crossings=[0] * config.block_size)
                         for ds in settings[config.prefill_workers:]]
+        for d in self.decodes:
+            d.free_fifo.append([None, d.capacity_blocks])
         self.events: list = []
         self._seq = itertools.count()
         self.now = 0.0
@@ -383,10 +392,38 @@ class Simulator:
             return
         self.transfer(d, r)
 
+    def take(self, d: DecodeSim, n: int) -> None:
+        """n free blocks go into use, those freed longest ago first (as the engine's free list
+        gives them out): a preempted sequence loses cached blocks as they are taken, its last
+        ones first (the engine frees a sequence's blocks tail first)."""
+        d.used_blocks += n
+        while n > 0 and d.free_fifo:
+            segment = d.free_fifo[0]
+            taken = min(n, segment[1])
+            segment[1] -= taken
+            n -= taken
+            if segment[0] is not None:
+                segment[0].cached_blocks -= taken
+            if not segment[1]:
+                d.free_fifo.popleft()
+
+    def give(self, d: DecodeSim, kv_tokens: int, preempted: SimRequest | None = None) -> None:
+        """Frees the blocks of kv_tokens tokens of KV. A preempted sequence's full blocks stay
+        cached (the engine keeps their hashes) until taken; a partial one holds nothing a prefix
+        match could find."""
+        full = kv_tokens // d.block_size if preempted is not None else 0
+        for owner, n in ((None, self.blocks(d, kv_tokens) - full), (preempted, full)):
+            if n:
+                d.used_blocks -= n
+                segment = [owner, n]
+                d.free_fifo.append(segment)
+                if owner is not None:
+                    owner.cached_blocks, owner.cache_segment = n, segment
+
     def transfer(self, d: DecodeSim, r: SimRequest) -> None:
         """The decode worker has reserved room: the KV leaves as soon as its prefill worker is
         between steps."""
-        d.used_blocks += self.blocks(d, r.prompt_len)
+        self.take(d, self.blocks(d, r.prompt_len))
         d.inflight_bytes += self.kv_bytes(r)
         d.incoming += 1
         if r.source is not None and r.source.busy:
@@ -484,10 +521,10 @@ class Simulator:
         d.crossings[r.crossing] += 1
         heapq.heappush(d.finishing, (d.steps + r.output_len - r.outputs_at_join, next(self._seq), r, r.epoch))
 
-    def leave(self, d: DecodeSim, r: SimRequest) -> None:
-        """r leaves the running batch and gives back its blocks."""
+    def leave(self, d: DecodeSim, r: SimRequest, preempted: bool = False) -> None:
+        """r leaves the running batch and gives back its blocks (a preempted one's stay cached)."""
         d.context -= r.num_tokens
-        d.used_blocks -= self.blocks(d, r.num_tokens - 1)  # its KV: all but the last token's
+        self.give(d, r.num_tokens - 1, r if preempted else None)  # its KV: all but the last token's
         d.crossings[r.crossing] -= 1
         r.outputs_at_join = r.num_output_tokens
         r.decoding = False
@@ -500,21 +537,22 @@ class Simulator:
         while d.crossings[phase] > d.capacity_blocks - d.used_blocks and (len(d.running) > 1 or d.ready):
             if len(d.running) > 1:
                 victim = d.running.pop()
-                self.leave(d, victim)
+                self.leave(d, victim, preempted=True)
                 victim.epoch += 1
             else:
                 victim = d.ready.pop()
-                d.used_blocks -= self.blocks(d, victim.prompt_len)
+                self.give(d, victim.prompt_len, victim)
             victim.recomputed = 0
             d.preemptions += 1
             bisect.insort(d.preempted, victim, key=lambda q: q.arrival_time)
-        d.used_blocks += d.crossings[phase]
+        self.take(d, d.crossings[phase])
 
     def recompute_step(self, d: DecodeSim) -> bool:
         """Starts a prefill step that computes preempted sequences' KV again (their prompt and
         the output so far), oldest first and chunked to the token budget. As the engine starts a
         prompt, a sequence starts recomputing only if the blocks for all of it are free (it
-        takes them at once) and the batch has a seat; one part-way through goes on."""
+        takes them at once) and the batch has a seat; one part-way through goes on. What is left
+        of its KV in the cache is taken back, not computed again (the last token always is)."""
         budget = self.config.token_budget
         batch = []
         seats = self.config.max_batch - len(d.running)
@@ -523,10 +561,16 @@ class Simulator:
                 break
             total = r.num_tokens
             if not r.recomputed:
-                need = self.blocks(d, total)
-                if len(batch) >= seats or need > d.capacity_blocks - d.used_blocks:
+                if len(batch) >= seats or self.blocks(d, total) > d.capacity_blocks - d.used_blocks:
                     break
-                d.used_blocks += need
+                cached = min(r.cached_blocks, (total - 1) // d.block_size)
+                if r.cache_segment is not None:
+                    r.cache_segment[0] = None  # the engine's prefix match takes them out of the free list
+                    r.cache_segment[1] -= cached
+                    d.used_blocks += cached
+                r.cached_blocks, r.cache_segment = 0, None
+                r.recomputed = cached * d.block_size
+                self.take(d, self.blocks(d, total) - cached)
             n = min(total - r.recomputed, budget)
             budget -= n
             d.recomputed_tokens += n
@@ -549,7 +593,7 @@ class Simulator:
             else:
                 self.finish(r)
                 d.requests_in_hand -= 1
-                d.used_blocks -= self.blocks(d, r.recomputed)
+                self.give(d, r.recomputed)
                 d.policy.finished(r)
                 if d.pending or d.given_up:
                     self.transfer_waiting(d)

@@ -163,3 +163,18 @@ def test_long_prompt_workloads_finish_under_every_policy(trace, pair):
     report = simulate(requests, config, CostModel.from_profile(profile))
     assert report["requests"] + report["refused"] == len(requests)
     assert report["refused"] == sum(r.prompt_len >= profile["kv_capacity_tokens"] for r in requests)
+
+
+def test_a_preempted_sequence_recomputes_only_what_left_the_prefix_cache_in_engine_and_simulator():
+    """Six blocks of 16, two 16-token prompts growing by 40 tokens each: the newer is preempted
+    when the older needs its fourth block, the older takes one of the blocks it freed (its last),
+    and two full blocks stay cached. Both recompute only the tokens past those 32: in one engine
+    the two prompts prefill in one step and the newer has 49 tokens when preempted (17 to
+    recompute); in the simulator its KV lands a decode step after the older's, so it has 48."""
+    load = [(0.0, 16 / 96, 41, 1.0, "latency"), (0.0, 16 / 96, 41, 1.0, "latency")]
+    sched, _, computed = run_step_scheduler(load, ("fcfs", "cb"), num_blocks=6, budget=512, max_seqs=4,
+                                            prefill_only=False)
+    assert sched.num_preemptions == 1 and computed == 16 + 16 + (49 - 32)
+    sim = Simulator(SimConfig(kv_capacity_tokens=96, kv_bytes_per_token=1, kv_bandwidth_gb_s=1000.0), COST)
+    sim.run([TraceRequest(0.0, 16, 41), TraceRequest(0.0, 16, 41)])
+    assert sim.decodes[0].preemptions == 1 and sim.decodes[0].recomputed_tokens == 16

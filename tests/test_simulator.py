@@ -127,9 +127,11 @@ def test_decode_kv_grows_by_blocks_and_a_short_step_preempts_the_newest_which_re
     """As the engine keeps decode KV: a transfer reserves the prompt's block, each sequence takes
     a block when its context crosses a boundary, and with six blocks two sequences growing to
     four each cannot both finish. A (first in) needs its fourth block at step 32, when all six
-    are held: B, the newest, gives back its three and waits. It recomputes its 48 tokens (prompt
-    and output so far) once A's finish frees the blocks, in a prefill step of its own, then
-    decodes its last 8 tokens alone."""
+    are held: B, the newest, gives back its three and waits; A's new block is B's last, partial
+    one (the engine frees a sequence's blocks tail first and hands out the longest-free first),
+    so B's two full blocks stay in the prefix cache. Once A's finish frees the blocks, B
+    recomputes only the 16 tokens past them (of 48: prompt and output so far), in a prefill
+    step of its own, then decodes its last 8 tokens alone."""
     config = SimConfig(kv_capacity_tokens=6 * 16, kv_bytes_per_token=1, kv_bandwidth_gb_s=1000.0)
     sim = Simulator(config, COST)
     a, b = sim.run([TraceRequest(0.0, 16, 41), TraceRequest(0.0, 16, 41)])
@@ -138,7 +140,8 @@ def test_decode_kv_grows_by_blocks_and_a_short_step_preempts_the_newest_which_re
     assert decode.used_blocks == 0 and not decode.preempted and not decode.running  # every block back
     assert decode.tokens_out == 2 * 40  # a recomputed sequence's tokens are not counted twice
     alone = sum(COST.decode_time(1, 49 + k) for k in range(8))
-    assert b.finish_time - a.finish_time == pytest.approx(COST.prefill_time([(48, 48)]) + alone)
+    assert b.finish_time - a.finish_time == pytest.approx(COST.prefill_time([(16, 48)]) + alone)
+    assert decode.recomputed_tokens == 16
     roomy = Simulator(replace(config, kv_capacity_tokens=8 * 16), COST)
     a2, b2 = roomy.run([TraceRequest(0.0, 16, 41), TraceRequest(0.0, 16, 41)])
     assert roomy.decodes[0].preemptions == 0 and b2.finish_time < b.finish_time
