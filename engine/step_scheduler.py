@@ -99,6 +99,7 @@ class StepScheduler:
         # prompt can always finish, so no mix of part-done prompts can hold the blocks each
         # other needs (they would strand each other, or be preempted and computed again).
         prefilling = [seq for seq in self.running if seq.is_prefilling]
+        owed = sum(self.blocks.blocks_needed(seq, seq.num_uncomputed_tokens) for seq in prefilling)
         now = time.monotonic()
         admitting = True
         # A sequence preempted with a token still on the device recomputes once it is known.
@@ -107,7 +108,9 @@ class StepScheduler:
             if budget == 0:
                 break
             if seq.status is not Status.WAITING:
+                before = self.blocks.blocks_needed(seq, seq.num_uncomputed_tokens)
                 add(seq)  # its blocks are owed to it
+                owed -= before - self.blocks.blocks_needed(seq, seq.num_uncomputed_tokens)
                 continue
             # New prompts start in the policy's order: once one cannot, none after it may
             # (a small prompt overtaking a long one that waits for blocks would starve it).
@@ -115,20 +118,16 @@ class StepScheduler:
             if not admitting:
                 continue
             self.blocks.match_prefix(seq)
-            if self._blocks_owed() + self.blocks.blocks_needed(seq, seq.num_uncomputed_tokens) > \
-                    self.blocks.num_free_blocks or not add(seq):
+            if owed + self.blocks.blocks_needed(seq, seq.num_uncomputed_tokens) > self.blocks.num_free_blocks \
+                    or not add(seq):
                 self.blocks.free_sequence(seq)
                 admitting = False
                 continue
+            owed += self.blocks.blocks_needed(seq, seq.num_uncomputed_tokens)  # what its later chunks take
             self.waiting.remove(seq)
             seq.status = Status.RUNNING
             self.running.append(seq)
         return batch if batch.seqs else None
-
-    def _blocks_owed(self) -> int:
-        """Blocks the started prompts still need to finish (beyond those they hold)."""
-        return sum(self.blocks.blocks_needed(seq, seq.num_uncomputed_tokens)
-                   for seq in self.running if seq.is_prefilling)
 
     def _schedule_decode(self) -> Batch | None:
         if self.ready:
