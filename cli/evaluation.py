@@ -59,12 +59,16 @@ def add_trace_args(p: argparse.ArgumentParser) -> None:
                    help="requests share their first --synthetic-prefix-len tokens within this many groups "
                         "(Mooncake-style hash_ids, for the prefix cache)")
     p.add_argument("--synthetic-prefix-len", type=int, default=2048)
+    p.add_argument("--mixed-throughput-share", type=float, default=0.0,
+                   help="make this share of requests throughput-intensive (a deadline for the whole response)")
+    p.add_argument("--mixed-collective-share", type=float, default=0.0,
+                   help="make this share of requests the first call of an agent's DAG of 3-8 calls")
     p.add_argument("--max-prompt-len", type=int, help="cap prompt lengths (to fit a small model)")
     p.add_argument("--max-output-len", type=int, help="cap output lengths")
 
 
 def read_trace(args: argparse.Namespace):
-    from kairos.scheduler.traces import load_trace, shape, with_slos
+    from kairos.scheduler.traces import load_trace, mixed, shape, with_slos
 
     trace = load_trace(args.trace, args.trace_format, num_requests=args.synthetic_requests,
                        rate=args.synthetic_rate, arrival=args.synthetic_arrival, lengths=args.synthetic_lengths,
@@ -80,7 +84,10 @@ def read_trace(args: argparse.Namespace):
     if max_prompt or max_output:
         trace = [replace(r, prompt_len=min(r.prompt_len, max_prompt or r.prompt_len),
                          output_len=min(r.output_len, max_output or r.output_len)) for r in trace]
-    return with_slos(trace, args.ttft_slo_ms, args.tpot_slo_ms, args.ttft_ms_per_1k_prompt)
+    trace = with_slos(trace, args.ttft_slo_ms, args.tpot_slo_ms, args.ttft_ms_per_1k_prompt)
+    if args.mixed_throughput_share or args.mixed_collective_share:
+        trace = mixed(trace, args.mixed_throughput_share, args.mixed_collective_share)
+    return trace
 
 
 def add_sim_args(p: argparse.ArgumentParser) -> None:

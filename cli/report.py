@@ -20,6 +20,11 @@ def print_slo_report(report: dict, as_json: bool, headline: str) -> None:
     for name in ("ttft_ms", "tpot_ms"):
         q = report[name]
         print(f"{name}: p50 {q['p50']:.1f}  p90 {q['p90']:.1f}  p99 {q['p99']:.1f}")
+    service = report.get("service")
+    if service:  # a mixed workload: what each kind attained and the service it got in time
+        kinds = "  ".join(f"{kind} {v:.1%}" for kind, v in service["attainment_by_kind"].items())
+        print(f"service goodput {service['service_goodput_tok_s']:.0f} tok/s  SLO goodput "
+              f"{service['slo_goodput_req_s']:.2f} req/s  attainment by kind: {kinds}")
 
 
 def print_status(report: dict) -> None:

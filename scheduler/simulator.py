@@ -45,7 +45,7 @@ from dataclasses import dataclass, field, replace
 from kairos.scheduler import defaults
 from kairos.scheduler.cost_model import CalibratedCostModel, CostModel
 from kairos.scheduler.decode import DECODE_POLICIES
-from kairos.scheduler.metrics import metrics
+from kairos.scheduler.metrics import metrics, service_metrics
 from kairos.scheduler.placement import pick_decode_worker, pick_prefill_worker
 from kairos.scheduler.prefill import PREFILL_POLICIES
 from kairos.scheduler.registry import PolicySettings
@@ -635,5 +635,7 @@ def simulate(trace: list[TraceRequest], config: SimConfig, cost: CostModel) -> d
     result = metrics(served, sum(d.tokens_out for d in sim.decodes))
     for key in ("ttft_attainment", "tpot_attainment", "e2e_attainment"):
         result[key] = result[key] * len(served) / len(requests)
+    if any(r.slo.kind != "latency" for r in requests):
+        result["service"] = service_metrics(requests)
     return {**result, "refused": len(requests) - len(served), "preemptions": sum(d.preemptions for d in sim.decodes),
             "recomputed_tokens": sum(d.recomputed_tokens for d in sim.decodes)}

@@ -288,6 +288,30 @@ def test_live_replay_reports_what_the_simulator_reports(cluster):
     cluster.wait_idle()
 
 
+def test_a_mixed_trace_replays_live_with_each_dag_call_sent_after_the_one_before_ends(cluster):
+    """Throughput and collective requests travel with their kind and deadline; a DAG's later
+    call leaves its tool time after the call before it has its last token, with the time the
+    DAG has left as its deadline; the report adds the service metrics."""
+    from kairos.scheduler.traces import mixed, synthetic, with_slos
+    from kairos.transport.replay import replay_requests, report
+
+    base = with_slos(synthetic(12, rate=20.0, prompt_mean=40, output_mean=6, max_len=200, seed=4), 5000, 1000)
+    trace = mixed(base, throughput_share=0.3, collective_share=0.3, dag_calls=(3, 3), seed=2)
+    done = replay_requests(cluster.addr, trace, timeout_s=60)
+    assert all(r.error is None for r in done)
+    later = [(r, done[r.after], d) for r, d in zip(trace, done) if r.after is not None]
+    assert later
+    for r, before, d in later:
+        assert d.arrival_time >= before.finish_time + r.arrival - 0.01  # its tool time after the call before
+        assert d.dag_start == before.dag_start
+        assert d.slo.deadline_ms < before.slo.deadline_ms  # what its DAG has left
+    result = report(done)
+    kinds = result["service"]["requests_by_kind"]
+    assert kinds["collective"] == sum(r.slo.kind == "collective" and r.after is None for r in trace)
+    assert kinds["throughput"] == sum(r.slo.kind == "throughput" for r in trace)
+    cluster.wait_idle()
+
+
 def test_replay_shares_prompt_prefixes_where_the_trace_marks_them_and_nowhere_else(cluster):
     """Mooncake hash ids mark shared prompt blocks: replayed live, those blocks hit the prefill
     worker's prefix cache, as the simulator models them. Nothing else may share a prefix by

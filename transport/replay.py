@@ -15,8 +15,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from kairos.scheduler.metrics import latency_samples, metrics
-from kairos.scheduler.request import RequestSLO
+from kairos.scheduler.metrics import latency_samples, metrics, service_metrics
+from kairos.scheduler.request import MIN_SLO_MS, RequestSLO
 from kairos.scheduler.traces import MOONCAKE_BLOCK_TOKENS, TraceRequest
 from kairos.transport.client import AsyncClient, Client
 
@@ -31,6 +31,7 @@ class ReplayedRequest:
     first_token_time: float = float("nan")
     finish_time: float = float("nan")
     error: str | None = None
+    dag_start: float = float("nan")  # a DAG's call: when its DAG's first call was sent
 
 
 def _seeded(seed: int, *key) -> torch.Generator:
@@ -93,8 +94,10 @@ class _HTTP:
     async def send(self, prompt: list[int], r: TraceRequest) -> tuple[int, list[float], str | None]:
         if self.model is None:
             self.model = (await self.http.get(f"{self.url}/models")).json()["data"][0]["id"]
+        slo = r.slo
         body = {"model": self.model, "prompt": prompt, "max_tokens": r.output_len, "temperature": 0,
-                "ignore_eos": True, "stream": True, "ttft_slo_ms": r.slo.ttft_ms, "tpot_slo_ms": r.slo.tpot_ms,
+                "ignore_eos": True, "stream": True, "ttft_slo_ms": slo.ttft_ms, "tpot_slo_ms": slo.tpot_ms,
+                "kind": slo.kind, "deadline_ms": slo.deadline_ms, "dag_id": slo.dag_id, "dag_stage": slo.dag_stage,
                 **({"request_class": r.slo.request_class} if r.slo.request_class else {}),
                 **({"output_len_hint": r.slo.output_len_hint} if r.slo.output_len_hint else {})}
         sent, times = time.perf_counter(), []
@@ -115,20 +118,38 @@ class _HTTP:
 
 
 async def _replay(target, trace: list[TraceRequest], vocab_ids: int, progress, seed: int) -> list:
-    done: list[ReplayedRequest] = []
+    """A DAG's later call (`after` set) is sent its tool time after the call before it ends,
+    with the time its DAG has left as its deadline; if that call failed, it fails unsent."""
+    done: list[ReplayedRequest | None] = [None] * len(trace)
+    ended = [asyncio.Event() for _ in trace]
     try:
         start = time.perf_counter()
 
         async def one(index: int, r: TraceRequest) -> None:
-            await asyncio.sleep(max(0.0, start + r.arrival - time.perf_counter()))
-            prompt = synthetic_prompt(r, index, vocab_ids, seed)
+            before = None
+            if r.after is None:
+                await asyncio.sleep(max(0.0, start + r.arrival - time.perf_counter()))
+            else:
+                await ended[r.after].wait()
+                before = done[r.after]
+                await asyncio.sleep(r.arrival)
             sent = time.perf_counter() - start
-            tokens, times, error = await target.send(prompt, r)
-            item = ReplayedRequest(sent, r.slo, tokens, error=error)
-            if error is None and times:
-                item.first_token_time = sent + times[0]
-                item.finish_time = sent + times[-1]
-            done.append(item)
+            slo, dag_start = r.slo, float("nan")
+            if slo.kind == "collective":
+                dag_start = sent if before is None else before.dag_start
+                slo = replace(slo, deadline_ms=max(MIN_SLO_MS, slo.deadline_ms - (sent - dag_start) * 1e3))
+            if before is not None and before.error is not None:
+                item = ReplayedRequest(sent, slo, 0, error="an earlier call of its DAG failed")
+            else:
+                prompt = synthetic_prompt(r, index, vocab_ids, seed)
+                tokens, times, error = await target.send(prompt, replace(r, slo=slo))
+                item = ReplayedRequest(sent, slo, tokens, error=error)
+                if error is None and times:
+                    item.first_token_time = sent + times[0]
+                    item.finish_time = sent + times[-1]
+            item.dag_start = dag_start
+            done[index] = item
+            ended[index].set()
             if progress:
                 progress()
 
@@ -162,7 +183,7 @@ def warm_up(addr: str, trace: list[TraceRequest], requests: int = 16,
     prompts share no prefix with each other or with the replay's (each has a fresh seed, and
     none of the trace's shared blocks), so the measured run finds no prefix cached."""
     return [done for r in trace[:requests]
-            for done in replay_requests(addr, [replace(r, arrival=0.0, hash_ids=())], timeout_s=timeout_s)]
+            for done in replay_requests(addr, [replace(r, arrival=0.0, hash_ids=(), after=None)], timeout_s=timeout_s)]
 
 
 def report(requests: list[ReplayedRequest]) -> dict:
@@ -175,6 +196,8 @@ def report(requests: list[ReplayedRequest]) -> dict:
     for key in ("ttft_attainment", "tpot_attainment", "e2e_attainment"):
         result[key] = result[key] * len(served) / len(requests)
     result.update(requests=len(requests), failed=failed)
+    if any(r.slo.kind != "latency" for r in requests):
+        result["service"] = service_metrics(requests)
     return result
 
 
