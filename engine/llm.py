@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,6 +91,10 @@ class LLM:
         self._in_flight: LaunchedStep | None = None  # an overlapped decode step, tokens not yet read
         self._last_completed = 0.0  # when the last step's tokens were read (perf_counter)
         self.step_times = StepTimes()
+        # Called as a prefill step is launched, with the sequences whose prompts it completes
+        # (on a prefill worker: it offers their KV then, so the decode side makes room while
+        # the step runs and the KV can leave as soon as it ends).
+        self.on_prompts_completing: Callable[[list[Sequence]], None] | None = None
 
     def _build_policies(self):
         """The scheduling policies; those that predict step times get a cost model, fitted to
@@ -241,6 +246,8 @@ class LLM:
         except Exception as e:
             raise StepFailed([seq.request_id for seq in batch.seqs], e) from e
         self.scheduler.advance(batch, tokens.rows)
+        if batch.is_prefill and self.on_prompts_completing is not None and tokens.rows:
+            self.on_prompts_completing([batch.seqs[row] for row in tokens.rows])
         return LaunchedStep(batch, tokens, started, work)
 
     def _complete(self, step: LaunchedStep) -> list[Sequence]:

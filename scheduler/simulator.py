@@ -11,7 +11,8 @@ lasts what the cost model predicts. Each prompt's KV then
 moves to a decode worker at the KV bandwidth, once that worker has room for it (backpressure,
 as in the real workers). As in
 the real workers, a prefill worker sends KV only between its steps (a transfer cleared while
-it is busy leaves when the current step ends), a decode worker's inbound link carries one
+it is busy leaves when the current step ends; a prompt's offer goes out as the step that
+completes it starts, so its KV may leave as that step ends), a decode worker's inbound link carries one
 transfer at a time, and it has at most `max_inflight_transfer_bytes` of KV under way (one
 transfer at least). A decode worker admits ready requests through its decode policy and runs
 steps whose length the cost model predicts; every running request gains a token per step.
@@ -366,6 +367,9 @@ class Simulator:
         if done:
             finished = set(map(id, done))
             w.prefilling = [r for r in w.prefilling if id(r) not in finished]
+        # Between steps: the decode side has weighed these prompts' offers during this one,
+        # so the KV of those it has room for leaves now, not after the next step.
+        w.busy = False
         for r in done:
             r.first_token_time = self.now
             r.source = w

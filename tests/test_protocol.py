@@ -37,11 +37,11 @@ EXAMPLES = [
     p.Register("w", "decode", {"dtype": "float32"}, 64, "tcp://127.0.0.1:1"),
     p.Heartbeat("w", {"free_blocks": 3}),
     p.PrefillRequest("7", None, [1, 2], {}, {"ttft_ms": 200.0}, "d", "tcp://127.0.0.1:2", 1.7e9),
-    p.KVOffer("t", "7", [1, 2], [3], {"max_tokens": 2}, {"tpot_ms": 20.0}, 1),
-    p.KVData("t", 4),
+    p.KVOffer("t", "7", [1, 2], {"max_tokens": 2}, {"tpot_ms": 20.0}, 1),
+    p.KVData("t", 4, 3),
     p.KVHello("p", {"dtype": "bfloat16"}, {"host": "h", "handle": b"\x00\xff"}),  # bytes stay bytes
     p.KVHelloOk("d", cuda_ipc=True),
-    p.KVData("t", 4, block_ids=[3, 9]),
+    p.KVData("t", 4, 3, block_ids=[3, 9]),
     p.KVCancel("t", "timed out"),
 ]
 
@@ -200,7 +200,7 @@ def test_the_decode_worker_keeps_kv_under_way_within_its_byte_budget():
     for i, num_tokens in enumerate((40, 40, 100)):  # 3, 3 and 7 blocks of 16 tokens
         prompt = list(range(1, num_tokens + 1))
         worker.handle_router(p.KVExpect(f"r{i}", peer.decode()))  # the router assigned it to this peer
-        worker.on_offer(peer, p.KVOffer(f"t{i}", f"r{i}", prompt, [7], {"max_tokens": 5}, {}, -(-num_tokens // 16)))
+        worker.on_offer(peer, p.KVOffer(f"t{i}", f"r{i}", prompt, {"max_tokens": 5}, {}, -(-num_tokens // 16)))
     worker.accept_offers(time.monotonic())
     assert list(worker.incoming) == ["t0"] and worker.inflight_bytes == three_blocks
     worker.drop(worker.incoming["t0"])
@@ -240,9 +240,9 @@ def test_the_decode_worker_writes_kv_in_the_background_and_frees_blocks_only_aft
 
     def receive(transfer_id: str, request_id: str):
         worker.handle_router(p.KVExpect(request_id, peer.decode()))
-        worker.on_offer(peer, p.KVOffer(transfer_id, request_id, list(range(1, 41)), [7], {"max_tokens": 5}, {}, 3))
+        worker.on_offer(peer, p.KVOffer(transfer_id, request_id, list(range(1, 41)), {"max_tokens": 5}, {}, 3))
         worker.accept_offers(time.monotonic())
-        worker.on_data(peer, p.KVData(transfer_id, per_frame), frames)
+        worker.on_data(peer, p.KVData(transfer_id, per_frame, 7), frames)
         assert transfer_id in worker.writing and llm.num_free_blocks == total - 3
 
     def settle():

@@ -213,7 +213,7 @@ def test_bad_messages_on_every_socket_are_refused_and_serving_goes_on(cluster):
         kv = raw_dealer(ctx, kv_addr)
         kv.send(b"junk")
         assert "malformed" in reply(kv).message
-        kv.send(p.encode(p.KVOffer("t", "r", [1], [2], {}, {}, 1)))
+        kv.send(p.encode(p.KVOffer("t", "r", [1], {}, {}, 1)))
         assert "handshake" in reply(kv).message
         kv.send(p.encode(p.KVHello("intruder", {"model": "other"})))
         assert "bad KV geometry" in reply(kv).message

@@ -193,7 +193,7 @@ def offered(fake: FakePrefillWorker, geometry: dict, export: dict | None = None)
     kv.send(p.encode(p.KVHello(fake.worker_id, geometry, export)))
     assert isinstance(reply(kv), p.KVHelloOk)
     blocks = -(-len(req.prompt_token_ids) // geometry["block_size"])
-    offer = p.KVOffer("t1", req.request_id, req.prompt_token_ids, [7], req.params, req.slo, blocks)
+    offer = p.KVOffer("t1", req.request_id, req.prompt_token_ids, req.params, req.slo, blocks)
     kv.send(p.encode(offer))
     return req, kv, offer
 
@@ -236,7 +236,7 @@ def test_a_cache_the_decode_worker_cannot_map_leaves_kv_on_the_socket(cluster, t
             rid = client.submit(list(range(1, 21)), max_tokens=5)
             _, kv, _ = offered(fake, geometry, export)
             assert reply(kv) == p.KVReady("t1")
-            kv.send(p.encode(p.KVData("t1", 1, block_ids=[0, 1])))
+            kv.send(p.encode(p.KVData("t1", 1, 7, block_ids=[0, 1])))
             answer = reply(kv)
             assert isinstance(answer, p.KVCancel) and "not mapped here" in answer.reason
             assert "bad KV transfer" in client.result(rid).error
@@ -261,11 +261,11 @@ def test_only_the_assigned_prefill_worker_may_offer_a_requests_kv(cluster, tiny_
             intruder.send(p.encode(p.KVHello("intruder", geometry)))
             assert isinstance(reply(intruder), p.KVHelloOk)
             blocks = -(-len(req.prompt_token_ids) // geometry["block_size"])
-            intruder.send(p.encode(p.KVOffer("x1", req.request_id, req.prompt_token_ids, [7], req.params, req.slo,
+            intruder.send(p.encode(p.KVOffer("x1", req.request_id, req.prompt_token_ids, req.params, req.slo,
                                              blocks)))
             refusal = reply(intruder)
             assert isinstance(refusal, p.KVReject) and "not assigned to this peer" in refusal.message
-            intruder.send(p.encode(p.KVOffer("x2", "made-up", [1, 2, 3], [7], {}, {}, 1)))
+            intruder.send(p.encode(p.KVOffer("x2", "made-up", [1, 2, 3], {}, {}, 1)))
             started = time.monotonic()
             refusal = reply(intruder)
             assert isinstance(refusal, p.KVReject) and "not assigned here" in refusal.message
@@ -273,7 +273,7 @@ def test_only_the_assigned_prefill_worker_may_offer_a_requests_kv(cluster, tiny_
             kv = fake.kv_socket(req.decode_kv_addr)
             kv.send(p.encode(p.KVHello(fake.worker_id, geometry)))
             assert isinstance(reply(kv), p.KVHelloOk)
-            kv.send(p.encode(p.KVOffer("t1", req.request_id, req.prompt_token_ids, [7], req.params, req.slo, blocks)))
+            kv.send(p.encode(p.KVOffer("t1", req.request_id, req.prompt_token_ids, req.params, req.slo, blocks)))
             assert reply(kv) == p.KVReady("t1")  # the assigned worker's transfer is untouched
             client.abort(rid)
             assert reply(kv) == p.KVCancel("t1", "aborted")

@@ -76,16 +76,23 @@ def test_synthetic_arrivals_have_the_asked_rate_and_burstiness():
 
 
 def test_kv_leaves_between_prefill_steps_and_one_link_carries_one_transfer_at_a_time():
-    """As in the workers: a prefill worker answers a decode worker's "ready" only between steps,
-    so KV cleared while it is busy leaves when the step ends; and transfers into one decode
-    worker queue on its link."""
+    """As in the workers: a prompt's KV is offered as the step that completes it starts, so it
+    leaves as that step ends; KV the decode side makes room for later, while the prefill worker
+    is busy, leaves when that step ends; and transfers into one decode worker queue on its link."""
     config = SimConfig(kv_bytes_per_token=1000, kv_bandwidth_gb_s=1.0, token_budget=1000)
     transfer = 1000 * 1000 / 1e9
     step = COST.prefill_time([(1000, 1000)])
-    # A in the first step, B (arriving during it) in the second: A's KV waits for that step.
+    # A in the first step, B (arriving during it) in the second: A's KV does not wait for it.
     a, b = Simulator(config, COST).run([TraceRequest(0.0, 1000, 2), TraceRequest(0.001, 1000, 2)])
     assert b.first_token_time == pytest.approx(2 * step)
-    assert a.finish_time == pytest.approx(2 * step + transfer + COST.decode_time(1, 1001))
+    assert a.finish_time == pytest.approx(step + transfer + COST.decode_time(1, 1001))
+    # Room for one transfer at a time, each longer than a step: B's room frees while C's step
+    # runs, and its KV leaves as that step ends.
+    slow = replace(config, kv_bandwidth_gb_s=0.02, max_inflight_transfer_bytes=1000 * 1000)
+    a, b, c = Simulator(slow, COST).run([TraceRequest(0.0, 1000, 2), TraceRequest(0.001, 1000, 2),
+                                         TraceRequest(0.002, 1000, 2)])
+    assert step + 50 * transfer == pytest.approx(a.finish_time - COST.decode_time(1, 1001))
+    assert b.finish_time == pytest.approx(3 * step + 50 * transfer + COST.decode_time(1, 1001))
     # A and B in one step (after C's, a one-token request with no KV to send), the worker idle
     # after it: both leave at once, one after the other.
     both = SimConfig(kv_bytes_per_token=1000, kv_bandwidth_gb_s=1.0, token_budget=2000)

@@ -173,7 +173,7 @@ class DecodeWorker(Worker):
     def on_step(self, stepped: list[Sequence]) -> None:
         for seq in stepped:
             if seq.is_finished:
-                # TPOT from the first token's arrival here (its KV offer) to the last.
+                # TPOT from the first token's arrival here (with its KV) to the last.
                 times = seq.token_times
                 tpot = time_per_output_token(times[0], times[-1], len(times)) if times else 0.0
                 self.counters["tpot_met"] += tpot <= seq.slo.tpot_s
@@ -239,19 +239,14 @@ class DecodeWorker(Worker):
         try:
             seq = self.make_sequence(None, msg.prompt_token_ids, msg.params, msg.slo, msg.request_id)
             needed = -(-len(msg.prompt_token_ids) // self.geometry.block_size)
-            if msg.num_blocks != needed or len(msg.output_token_ids) != 1:
-                raise ValueError(f"an offer of {msg.num_blocks} blocks and {len(msg.output_token_ids)} "
-                                 f"output tokens for a {len(msg.prompt_token_ids)}-token prompt")
+            if msg.num_blocks != needed:
+                raise ValueError(f"an offer of {msg.num_blocks} blocks for a {len(msg.prompt_token_ids)}-token prompt")
             if needed > self.llm.num_total_blocks:
                 raise ValueError(f"the prompt needs {needed} KV blocks; this decode worker has "
                                  f"{self.llm.num_total_blocks} in all")
         except ValueError as e:
             send(self.kv_socket, p.KVReject(msg.transfer_id, f"decode worker {self.worker_id}: {e}"), peer)
             return
-        # The first token was sampled on the prefill side; replay it so the detokenizer and
-        # the stop-string state continue where the prefill worker's left off.
-        seq.append_token(msg.output_token_ids[0], self.llm.max_model_len)
-        seq.take_text_delta()
         self.offers.append(Incoming(msg.transfer_id, peer, seq, msg.num_blocks))
 
     def on_data(self, peer: bytes, msg: p.KVData, frames: list) -> None:
@@ -265,11 +260,18 @@ class DecodeWorker(Worker):
             problem = "KV block ids from a prefill worker whose cache is not mapped here"
         else:
             problem = self.writer.check(frames, item.num_blocks, msg.blocks_per_frame)
+        vocab_size = self.llm.model_config.vocab_size
+        if not problem and not 0 <= msg.first_token < vocab_size:
+            problem = f"first token {msg.first_token} is outside the vocabulary of {vocab_size}"
         if problem:
             send(self.kv_socket, p.KVCancel(item.transfer_id, problem), peer)
             self.fail(item.seq.request_id, f"bad KV transfer from {peer.decode(errors='replace')}: {problem}")
             self.drop(item)
             return
+        # The first token was sampled on the prefill side; replay it so the detokenizer and
+        # the stop-string state continue where the prefill worker's left off.
+        item.seq.append_token(msg.first_token, self.llm.max_model_len)
+        item.seq.take_text_delta()
         del self.incoming[item.transfer_id]
         self.writing[item.transfer_id] = item
         if source is not None:

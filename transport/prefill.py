@@ -1,10 +1,14 @@
 """The prefill worker: batched prefill, the first token to the router, then the request's KV
 blocks to its decode worker.
 
-A transfer goes: handshake with the decode worker (once per pair) -> offer -> the decode side
-answers ready when it has reserved room (until then the blocks stay here: backpressure) -> the
-KV frames (or, to a decode worker on this GPU, only the block ids: it copies them from our
-cache) -> ack, and only then are the blocks freed. No ack within the transfer timeout fails
+A transfer goes: handshake with the decode worker (once per pair) -> offer, as the step that
+completes the prompt starts -> the decode side answers ready when it has reserved room (until
+then the blocks stay here: backpressure) -> once the step is over, the KV frames (or, to a
+decode worker on this GPU, only the block ids: it copies them from our cache) with the first
+token -> ack, and only then are the blocks freed. Offering as the step starts lets the decode
+side make room while it runs: offered after it, the answer would come during the next step,
+and the KV would wait for that step to end too. A prompt that finishes at its first token
+cancels its offer. No ack within the transfer timeout fails
 the request and frees the blocks; so does an abort or the decode worker's death.
 """
 
@@ -46,6 +50,7 @@ class Transfer:
     peer: DecodePeer
     deadline: float = 0.0  # for the handshake, for room on the decode side, then for the ack
     awaiting_room: bool = False  # offered; the decode side has not reserved its blocks yet
+    first_token: int | None = None  # sampled by the step that completes the prompt
     kv: OutgoingKV | None = None  # sent once the decode side is ready; kept until the ack
     sent: zmq.MessageTracker | None = None  # whether ZeroMQ still holds the frames' memory
 
@@ -77,6 +82,7 @@ class PrefillWorker(Worker):
         self.ready: list[Transfer] = []  # the decode side has room; the data goes out this turn
         self.per_frame = blocks_per_frame(self.geometry, self.max_frame_bytes)
         self.cache_export = export_cache(self.llm.runner)
+        self.llm.on_prompts_completing = self.start_transfers
 
     def stats(self) -> dict:
         return {**super().stats(), "transfers": len(self.transfers)}
@@ -139,10 +145,28 @@ class PrefillWorker(Worker):
             self.counters["first_tokens"] += 1
             self.counters["ttft_met"] += seq.token_times[0] - seq.arrival_time <= seq.slo.ttft_s
             self.counters["cached_prompt_tokens"] += seq.num_cached_tokens
+            transfer = self.by_request.get(seq.request_id)
+            if transfer is None:
+                continue
             if seq.status is Status.HANDED_OFF:
+                transfer.first_token = seq.output_token_ids[0]
+            else:  # it ended at its first token: nothing to decode
+                send(transfer.peer.socket, p.KVCancel(transfer.transfer_id, "finished at prefill"))
+                self.finish_transfer(transfer)
+
+    def on_step_failed(self, request_ids: list[str], message: str) -> None:
+        for request_id in request_ids:
+            transfer = self.by_request.get(request_id)
+            if transfer is not None:
+                send(transfer.peer.socket, p.KVCancel(transfer.transfer_id, "the prefill step failed"))
+                self.finish_transfer(transfer)
+        super().on_step_failed(request_ids, message)
+
+    def start_transfers(self, seqs: list[Sequence]) -> None:
+        """Offers the KV of prompts a step just launched will complete."""
+        for seq in seqs:
+            if seq.request_id in self.targets:  # not a warm-up prompt
                 self.start_transfer(seq)
-            else:
-                self.targets.pop(seq.request_id, None)
 
     def start_transfer(self, seq: Sequence) -> None:
         worker_id, kv_addr = self.targets.pop(seq.request_id)
@@ -162,7 +186,7 @@ class PrefillWorker(Worker):
 
     def offer(self, t: Transfer) -> None:
         seq = t.seq
-        send(t.peer.socket, p.KVOffer(t.transfer_id, seq.request_id, seq.prompt_token_ids, seq.output_token_ids,
+        send(t.peer.socket, p.KVOffer(t.transfer_id, seq.request_id, seq.prompt_token_ids,
                                       dataclasses.asdict(seq.params), seq.slo.to_dict(), len(seq.block_table)))
         # Waiting for room on the decode side is backpressure, not a fault, but it is bounded:
         # a decode worker that never makes room must not hold this worker's blocks forever.
@@ -176,7 +200,8 @@ class PrefillWorker(Worker):
         self.by_request.pop(t.seq.request_id, None)
         if t in t.peer.unsent_offers:
             t.peer.unsent_offers.remove(t)
-        self.llm.release_handed_off(t.seq)
+        if t.seq.status is Status.HANDED_OFF:  # else it never got there (failed, or ended at prefill)
+            self.llm.release_handed_off(t.seq)
 
     def fail_transfer(self, t: Transfer, message: str) -> None:
         self.fail(t.seq.request_id, message)
@@ -199,14 +224,16 @@ class PrefillWorker(Worker):
         if by_name:
             torch.cuda.current_stream().synchronize()  # the steps that wrote their KV are done
         for t in by_name:
-            send(t.peer.socket, p.KVData(t.transfer_id, self.per_frame, block_ids=list(t.seq.block_table)))
+            send(t.peer.socket, p.KVData(t.transfer_id, self.per_frame, t.first_token,
+                                         block_ids=list(t.seq.block_table)))
             t.deadline = time.monotonic() + self.transfer_timeout_s
         staged = [t for t in ready if not t.peer.cuda_ipc]
         for t in staged:
             t.kv = OutgoingKV(self.llm.runner, t.seq.block_table, self.copy_stream, self.staging)
         for t in staged:
             t.kv.wait()
-            t.sent = send_tracked(t.peer.socket, p.KVData(t.transfer_id, self.per_frame), t.kv.frames(self.per_frame))
+            t.sent = send_tracked(t.peer.socket, p.KVData(t.transfer_id, self.per_frame, t.first_token),
+                                  t.kv.frames(self.per_frame))
             t.deadline = time.monotonic() + self.transfer_timeout_s
         self.turn_notes["kv_staging_s"] = time.perf_counter() - started
 

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import msgpack
 
-PROTOCOL_VERSION = 7
+PROTOCOL_VERSION = 8
 # Control messages (requests, tokens, status) are small; the largest is a long prompt's ids.
 MAX_CONTROL_MESSAGE_BYTES = 16 * 2**20
 # No message nests lists and maps deeper than a worker's stats (map of phase, map of figures).
@@ -304,7 +304,6 @@ class KVOffer(Message):
     transfer_id: str
     request_id: str
     prompt_token_ids: list[int]
-    output_token_ids: list[int]
     params: dict
     slo: dict
     num_blocks: int
@@ -326,10 +325,13 @@ class KVReject(Message):
 @dataclass
 class KVData(Message):
     """Header of a KV transfer; the raw frames follow in the same multipart message, or, over
-    CUDA IPC, `block_ids` names the prefill worker's blocks for the decode worker to copy."""
+    CUDA IPC, `block_ids` names the prefill worker's blocks for the decode worker to copy. It
+    carries the request's first token: the offer goes out as the step that computes the KV
+    starts, before that token is sampled."""
     TYPE = "kv_data"
     transfer_id: str
     blocks_per_frame: int
+    first_token: int
     block_ids: list[int] | None = None
 
 

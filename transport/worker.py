@@ -136,9 +136,7 @@ class Worker:
             except StepFailed as e:
                 # One batch's failure must not end the worker, nor the requests outside it.
                 log.exception("%s worker %s: %s", self.role, self.worker_id, e)
-                for request_id in e.request_ids:
-                    self.llm.abort(request_id)
-                    self.fail(request_id, str(e))
+                self.on_step_failed(e.request_ids, str(e))
                 stepped = []
             step_ended = time.perf_counter()
             self.blocked = stepped is None
@@ -185,6 +183,12 @@ class Worker:
     def on_step(self, stepped: list[Sequence]) -> None:
         """Sends on what an engine step produced."""
         raise NotImplementedError
+
+    def on_step_failed(self, request_ids: list[str], message: str) -> None:
+        """The requests of a step that failed: they fail, and their blocks return."""
+        for request_id in request_ids:
+            self.llm.abort(request_id)
+            self.fail(request_id, message)
 
     def _on_router_message(self, received: Received) -> None:
         msg = received.msg

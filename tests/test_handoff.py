@@ -1,0 +1,157 @@
+"""The prefill worker's side of a handoff, driven turn by turn: a prompt's KV is offered as the
+step that completes it starts (so the decode side makes room while it runs), its data carries
+the first token, and every way the prompt can end before its KV leaves cancels the offer and
+returns its blocks."""
+
+import time
+
+import pytest
+import zmq
+
+from kairos.transport import protocol as p
+from kairos.transport.sockets import make_socket, recv, send
+
+
+class FakeDecode:
+    """A decode worker's KV socket: greets, records what arrives, makes room when told to."""
+
+    def __init__(self, ctx: zmq.Context):
+        self.socket = make_socket(ctx, zmq.ROUTER, max_bytes=64 * 2**20)
+        self.addr = f"tcp://127.0.0.1:{self.socket.bind_to_random_port('tcp://127.0.0.1')}"
+        self.received: list[p.Message] = []
+        self.peer: bytes | None = None
+
+    def drain(self, wait_ms: int = 0) -> list[p.Message]:
+        got = []
+        while self.socket.poll(wait_ms) and (msg := recv(self.socket, routed=True, max_frames=1 << 16,
+                                                          max_total_bytes=1 << 30)) is not None:
+            self.peer = msg.identity
+            got.append(msg.msg)
+            if isinstance(msg.msg, p.KVHello):
+                send(self.socket, p.KVHelloOk("decode-fake"), msg.identity)
+            wait_ms = 0
+        self.received += got
+        return got
+
+    def make_room(self, transfer_id: str) -> None:
+        send(self.socket, p.KVReady(transfer_id), self.peer)
+
+
+@pytest.fixture
+def prefill():
+    from kairos.engine import LLM
+    from kairos.transport.prefill import PrefillWorker
+
+    worker = PrefillWorker(LLM("tiny", role="prefill", num_kv_blocks=64, max_model_len=256), "tcp://127.0.0.1:9")
+    worker.to_router = []
+    worker.router.send_multipart = lambda frames, *a, **k: worker.to_router.append(p.decode(frames[-1]))
+    decode = FakeDecode(worker.ctx)
+    yield worker, decode
+    worker.close()
+
+
+def submit(worker, decode: FakeDecode, request_id: str, prompt_len: int, max_tokens: int) -> None:
+    worker.handle_router(p.PrefillRequest(request_id, None, [5 + i % 50 for i in range(prompt_len)],
+                                          {"max_tokens": max_tokens, "temperature": 0}, {}, "decode-fake",
+                                          decode.addr, time.time()))
+
+
+def turn_until(worker, decode: FakeDecode, done, turns: int = 50) -> None:
+    for _ in range(turns):
+        worker.run_once()
+        decode.drain(wait_ms=20)
+        if done():
+            return
+    raise AssertionError("not reached")
+
+
+def greet(worker, decode: FakeDecode) -> None:
+    """One handoff end to end: the handshake (once per pair) is done after it."""
+    submit(worker, decode, "warm", 16, 4)
+    turn_until(worker, decode, lambda: any(isinstance(m, p.KVOffer) for m in decode.received))
+    transfer_id = next(m for m in decode.received if isinstance(m, p.KVOffer)).transfer_id
+    decode.make_room(transfer_id)
+    turn_until(worker, decode, lambda: any(isinstance(m, p.KVData) for m in decode.received))
+    send(decode.socket, p.KVAck(transfer_id), decode.peer)
+    turn_until(worker, decode, lambda: not worker.transfers)
+    decode.received.clear()
+
+
+def first_tokens(worker) -> dict[str, int]:
+    return {t.request_id: t.token_ids[0] for m in worker.to_router if isinstance(m, p.StepTokens)
+            for t in m.chunks() if t.index == 0}
+
+
+def test_the_offer_goes_out_before_the_first_token_and_the_data_carries_it(prefill):
+    worker, decode = prefill
+    greet(worker, decode)
+    offered_at = {}
+    completing = worker.llm.on_prompts_completing
+
+    def record(seqs):
+        # The step is launched, its token not yet known: the offer goes out now.
+        offered_at.update({s.request_id: s.num_pending for s in seqs})
+        completing(seqs)
+    worker.llm.on_prompts_completing = record
+
+    submit(worker, decode, "a", 40, 8)
+    turn_until(worker, decode, lambda: any(isinstance(m, p.KVOffer) for m in decode.received))
+    offer = next(m for m in decode.received if isinstance(m, p.KVOffer))
+    assert offered_at == {"a": 1}  # one token pending: the offer preceded it
+    assert offer.num_blocks == -(-40 // worker.geometry.block_size)
+    decode.make_room(offer.transfer_id)
+    turn_until(worker, decode, lambda: any(isinstance(m, p.KVData) for m in decode.received))
+    data = next(m for m in decode.received if isinstance(m, p.KVData))
+    assert data.transfer_id == offer.transfer_id and data.first_token == first_tokens(worker)["a"]
+    send(decode.socket, p.KVAck(offer.transfer_id), decode.peer)
+    turn_until(worker, decode, lambda: worker.llm.num_free_blocks == worker.llm.num_total_blocks)
+
+
+def test_room_made_during_the_step_sends_the_kv_in_the_next_turn(prefill):
+    """The decode side answers while the completing step runs: the KV goes out in the next
+    turn, before any further step (not a step later, as it would if offered after the step)."""
+    worker, decode = prefill
+    greet(worker, decode)
+
+    completing = worker.llm.on_prompts_completing
+
+    def answer_during_the_step(seqs):
+        completing(seqs)
+        for msg in decode.drain(wait_ms=1000):
+            if isinstance(msg, p.KVOffer):
+                decode.make_room(msg.transfer_id)
+    worker.llm.on_prompts_completing = answer_during_the_step
+    submit(worker, decode, "b", 40, 8)
+    worker.run_once()
+    assert "b" in first_tokens(worker)
+    worker.run_once()
+    decode.drain(wait_ms=1000)
+    offer = next(m for m in decode.received if isinstance(m, p.KVOffer) and m.request_id == "b")
+    assert any(isinstance(m, p.KVData) and m.transfer_id == offer.transfer_id for m in decode.received)
+
+
+@pytest.mark.parametrize("how", ["ends at its first token", "the step fails", "aborted"])
+def test_an_offer_whose_prompt_ends_early_is_cancelled_and_blocks_return(prefill, how):
+    worker, decode = prefill
+    greet(worker, decode)
+    submit(worker, decode, "d", 40, 1 if how == "ends at its first token" else 8)
+    if how == "the step fails":
+        launch = worker.llm.runner.launch
+
+        def failing(batch):
+            tokens = launch(batch)
+            tokens.wait = lambda: (_ for _ in ()).throw(RuntimeError("device lost"))
+            return tokens
+        worker.llm.runner.launch = failing
+    if how == "aborted":  # offered, the decode side has not made room yet
+        turn_until(worker, decode, lambda: any(isinstance(m, p.KVOffer) for m in decode.received))
+        worker.abort("d")
+    turn_until(worker, decode, lambda: any(isinstance(m, p.KVCancel) for m in decode.received))
+    offer = next(m for m in decode.received if isinstance(m, p.KVOffer))
+    cancel = next(m for m in decode.received if isinstance(m, p.KVCancel))
+    assert cancel.transfer_id == offer.transfer_id
+    assert not any(isinstance(m, p.KVData) for m in decode.received)
+    assert worker.llm.num_free_blocks == worker.llm.num_total_blocks and not worker.transfers
+    if how == "the step fails":
+        assert any(isinstance(m, p.Error) and m.request_id == "d" and "device lost" in m.message
+                   for m in worker.to_router)
