@@ -1,6 +1,7 @@
 """Mixed workloads (latency-sensitive, throughput-intensive and collective requests) in the
 simulator: service goodput, SLO goodput and per-type attainment of fcfs+cb, kairos+kairos and
-tempo+tempo, and the output-length upper bounds Tempo schedules by against the per-class p90.
+tempo+tempo, and the output-length upper bounds Tempo schedules by against the per-class p90
+and, where scikit-learn is installed, a learned peer (gradient boosting with the quantile loss).
 
   python -P -m kairos.bench.tempo_mixed                  # Azure conversation trace, H200 profile
   python -P -m kairos.bench.tempo_mixed --rate-scales 2,4,6,8 --throughput-share 0.3
@@ -33,33 +34,73 @@ POLICIES = ("fcfs+cb", "kairos+kairos", "tempo+tempo")
 CODE_TRACE = DEFAULT_TRACE.parent / "AzureLLMInferenceTrace_code.csv"
 
 
+class BoostedQuantile:
+    """The learned peer: scikit-learn's gradient boosting with the quantile loss on (class,
+    log2 prompt length), refitted every `refit` requests on the latest `window` of them."""
+
+    def __init__(self, quantile: float, window: int = 4096, refit: int = 2000):
+        from sklearn.ensemble import GradientBoostingRegressor
+
+        self.make = lambda: GradientBoostingRegressor(loss="quantile", alpha=quantile, n_estimators=100, max_depth=3)
+        self.window, self.refit = window, refit
+        self.seen: list[tuple[list[float], int]] = []
+        self.model = None
+        self.fit_s = 0.0
+
+    @staticmethod
+    def features(cls: str, prompt_len: int) -> list[float]:
+        return [float(cls == "code"), math.log2(max(1, prompt_len))]
+
+    def upper_bound(self, cls: str, prompt_len: int, max_tokens: int) -> int:
+        if self.model is None:
+            return max_tokens
+        return max(1, min(max_tokens, math.ceil(self.model.predict([self.features(cls, prompt_len)])[0])))
+
+    def observe(self, cls: str, prompt_len: int, length: int) -> None:
+        self.seen.append((self.features(cls, prompt_len), length))
+        if len(self.seen) % self.refit == 0:
+            started = time.perf_counter()
+            recent = self.seen[-self.window:]
+            self.model = self.make().fit([x for x, _ in recent], [y for _, y in recent])
+            self.fit_s += time.perf_counter() - started
+
+
 def length_bounds() -> dict:
-    """Both predictors learn online over the two Azure traces (conversation and code, the
+    """The predictors learn online over the two Azure traces (conversation and code, the
     classes), each request predicted before it is observed: how often the bound covers the
-    length, how far above it lies, and how long a prediction takes."""
+    length, how far above it lies, and how long a prediction takes. The learned peer runs where
+    scikit-learn is installed (it is not a dependency)."""
     requests = [("conv", r) for r in load_azure(DEFAULT_TRACE)] + [("code", r) for r in load_azure(CODE_TRACE)]
     random.Random(0).shuffle(requests)
+    per_class, grid = OutputLengthEstimator(0.9), QuantileLengthPredictor(0.95)
+    predictors = {
+        "per-class p90": (lambda c, r: per_class.remaining(c, 0, 1 << 20),
+                          lambda c, r: per_class.observe(c, r.output_len), None),
+        "quantile p95 (class x prompt length)": (lambda c, r: grid.upper_bound(c, r.prompt_len, 0, 1 << 20),
+                                                 lambda c, r: grid.observe(c, r.prompt_len, r.output_len), None)}
+    try:
+        boosted = BoostedQuantile(0.95)
+        predictors["gradient boosting p95 (scikit-learn)"] = (
+            lambda c, r: boosted.upper_bound(c, r.prompt_len, 1 << 20),
+            lambda c, r: boosted.observe(c, r.prompt_len, r.output_len), boosted)
+    except ImportError:
+        print("scikit-learn is not installed: the gradient-boosting peer is skipped")
     result = {}
-    for name, predictor in (("per-class p90", OutputLengthEstimator(0.9)),
-                            ("quantile p95 (class x prompt length)", QuantileLengthPredictor(0.95))):
+    for name, (predict, observe, learned) in predictors.items():
         covered, over, seconds = 0, [], 0.0
         for i, (cls, r) in enumerate(requests):
             started = time.perf_counter()
-            if isinstance(predictor, OutputLengthEstimator):
-                bound = predictor.remaining(cls, 0, 1 << 20)
-            else:
-                bound = predictor.upper_bound(cls, r.prompt_len, 0, 1 << 20)
+            bound = predict(cls, r)
             seconds += time.perf_counter() - started
-            if i >= 1000:  # scored once each has seen a thousand requests
+            if i >= 2000:  # scored once each has seen two thousand requests (the peer's first fit)
                 covered += bound >= r.output_len
                 over.append(bound / r.output_len)
-            if isinstance(predictor, OutputLengthEstimator):
-                predictor.observe(cls, r.output_len)
-            else:
-                predictor.observe(cls, r.prompt_len, r.output_len)
+            observe(cls, r)
         over.sort()
         result[name] = {"coverage": covered / len(over), "median_bound_over_length": over[len(over) // 2],
                         "predict_us": seconds / len(requests) * 1e6}
+        if learned is not None:
+            result[name]["fit_s"] = learned.fit_s
     return result
 
 
@@ -97,8 +138,9 @@ def main() -> None:
         print(f"{scale:5.1f}  tempo / fcfs+cb {tempo / fcfs:5.2f}x  tempo / kairos+kairos {tempo / kairos:5.2f}x")
     bounds = length_bounds()
     for name, b in bounds.items():
+        fitting = f", {b['fit_s']:.1f} s fitting" if "fit_s" in b else ""
         print(f"{name}: covers {b['coverage']:.1%} of lengths, median bound {b['median_bound_over_length']:.2f}x "
-              f"the length, {b['predict_us']:.1f} us a prediction")
+              f"the length, {b['predict_us']:.1f} us a prediction{fitting}")
     setup = {"trace": args.trace, "profile": args.profile, "duration_s": args.duration_s,
              "throughput_share": args.throughput_share, "collective_share": args.collective_share}
     print(f"wrote {write_result(args.name, {'setup': setup, 'rows': rows, 'length_bounds': bounds})}")
