@@ -105,18 +105,18 @@ def test_kv_leaves_between_prefill_steps_and_one_link_carries_one_transfer_at_a_
 
 
 def test_a_decode_worker_takes_at_most_its_in_flight_limit_of_kv():
-    """As `kairos decode --max-inflight-transfer-mb`. A and B share a step; while the next (C's)
-    runs, the decode worker makes both ready, and both leave when it ends. With room in flight
-    for one, B is made ready only when A lands, by then the worker is in D's step, and B leaves
-    after it."""
+    """As `kairos decode --max-inflight-transfer-mb`. A and B share a step; they are offered as
+    it starts, and both leave as it ends. With room in flight for one, B is made ready only when
+    A lands, by then the worker is in C's step, and B leaves after it; C's KV waits for B's in
+    turn, and leaves after D's step."""
     config = SimConfig(kv_bytes_per_token=1000, kv_bandwidth_gb_s=1.0, token_budget=2000)
     trace = [TraceRequest(0.0, 1, 1), TraceRequest(0.001, 1000, 2), TraceRequest(0.001, 1000, 2),
              TraceRequest(0.002, 1000, 2), TraceRequest(0.06, 1000, 2)]
     _, a, b, c, d = Simulator(config, COST).run(trace)
     assert a.first_token_time == b.first_token_time < c.first_token_time < d.first_token_time
-    assert b.finish_time < d.first_token_time
+    assert b.finish_time < c.first_token_time
     _, a, b, c, d = Simulator(replace(config, max_inflight_transfer_bytes=1500 * 1000), COST).run(trace)
-    assert a.finish_time < d.first_token_time < b.finish_time
+    assert a.finish_time < c.first_token_time < b.finish_time < d.first_token_time < c.finish_time
 
 
 def test_requests_are_placed_as_the_router_places_them():
