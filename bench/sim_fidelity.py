@@ -34,7 +34,7 @@ from kairos.bench import DEFAULT_TRACE
 from kairos.bench.common import write_result
 from kairos.cli.engine_flags import engine_argv
 from kairos.scheduler.cost_model import CostModel, nonnegative_least_squares
-from kairos.scheduler.simulator import SimConfig, simulate
+from kairos.scheduler.simulator import SimConfig, measured_on_gpu, simulate
 from kairos.scheduler.traces import load_azure, shape, with_slos
 from kairos.transport.client import Client
 from kairos.transport.replay import replay, warm_up
@@ -195,7 +195,7 @@ def judge(args: argparse.Namespace, profile: dict, calibration: dict, row: dict)
     config = SimConfig(prefill_policy=prefill, decode_policy=decode, token_budget=args.token_budget,
                        max_batch=args.max_batch, kv_capacity_tokens=args.kv_blocks * 16,
                        kv_bytes_per_token=profile.get("kv_bytes_per_token", SimConfig.kv_bytes_per_token),
-                       kv_bandwidth_gb_s=args.kv_bandwidth_gb_s)
+                       kv_bandwidth_gb_s=args.kv_bandwidth_gb_s, kv_sent_during_steps=measured_on_gpu(profile))
 
     def served(drift: dict) -> CostModel:
         """The profile's prefill scaled to serving's; decode as serving's own steps were fitted

@@ -108,7 +108,7 @@ def add_sim_args(p: argparse.ArgumentParser) -> None:
 
 def sim_setup(args: argparse.Namespace, prefill_policy: str = "fcfs", decode_policy: str = "cb"):
     from kairos.scheduler.cost_model import CostModel
-    from kairos.scheduler.simulator import SimConfig
+    from kairos.scheduler.simulator import SimConfig, measured_on_gpu
 
     try:
         profile = json.loads(open(args.profile).read())
@@ -120,7 +120,8 @@ def sim_setup(args: argparse.Namespace, prefill_policy: str = "fcfs", decode_pol
                        if args.kv_capacity_tokens is None else args.kv_capacity_tokens,
                        profile.get("kv_bytes_per_token", SimConfig.kv_bytes_per_token), args.kv_bandwidth_gb_s,
                        max_inflight_transfer_bytes=int(args.max_inflight_transfer_mb * MIB),
-                       prefill_jitter=args.step_jitter, decode_jitter=args.step_jitter)
+                       prefill_jitter=args.step_jitter, decode_jitter=args.step_jitter,
+                       kv_sent_during_steps=measured_on_gpu(profile))
     return config, CostModel.from_profile(profile)
 
 

@@ -95,6 +95,10 @@ class LLM:
         # (on a prefill worker: it offers their KV then, so the decode side makes room while
         # the step runs and the KV can leave as soon as it ends).
         self.on_prompts_completing: Callable[[list[Sequence]], None] | None = None
+        # Called over and over while a launched step runs on the device (the host is free until
+        # its tokens land), each call waiting a millisecond at most for work of its own; it
+        # answers False when it has nothing to wait for, and the step is then waited for.
+        self.while_step_runs: Callable[[], bool] | None = None
 
     def _build_policies(self):
         """The scheduling policies; those that predict step times get a cost model, fitted to
@@ -252,6 +256,9 @@ class LLM:
 
     def _complete(self, step: LaunchedStep) -> list[Sequence]:
         """Waits for a launched step's tokens and hands them to the scheduler."""
+        if self.while_step_runs is not None:
+            while not step.tokens.ready() and self.while_step_runs():
+                pass
         try:
             sampled = step.tokens.wait()
         except Exception as e:

@@ -213,6 +213,10 @@ class SampledTokens:
                 self.landed = torch.cuda.Event()
                 self.landed.record()
 
+    def ready(self) -> bool:
+        """Whether the tokens have reached the host (a step on the CPU is done once launched)."""
+        return self.landed is None or self.landed.query()
+
     def wait(self) -> list[int | None]:
         """A token per sequence of the batch (None for those that sampled nothing)."""
         tokens: list[int | None] = [None] * self.batch_size

@@ -10,9 +10,9 @@ the started prompts still need, as in the engine, so a started prompt always fin
 lasts what the cost model predicts. Each prompt's KV then
 moves to a decode worker at the KV bandwidth, once that worker has room for it (backpressure,
 as in the real workers). As in
-the real workers, a prefill worker sends KV only between its steps (a transfer cleared while
-it is busy leaves when the current step ends; a prompt's offer goes out as the step that
-completes it starts, so its KV may leave as that step ends), a decode worker's inbound link carries one
+the real workers, a prompt's offer goes out as the step that completes it starts, so its KV may
+leave as that step ends; KV cleared while its prefill worker is in a later step leaves at once
+on a GPU (`kv_sent_during_steps`), when the step ends on a CPU; a decode worker's inbound link carries one
 transfer at a time, and it has at most `max_inflight_transfer_bytes` of KV under way (one
 transfer at least). A decode worker admits ready requests through its decode policy and runs
 steps whose length the cost model predicts; every running request gains a token per step.
@@ -71,6 +71,16 @@ class SimConfig:
     prefill_jitter: float = 0.0  # mean relative deviation of a step's length from the cost model
     decode_jitter: float = 0.0
     seed: int = 0
+    # Prefill workers on a GPU take decode workers' answers while a step runs (the host is
+    # free), so KV made ready then leaves at once; on a CPU the step holds the host, and the
+    # KV leaves when the step ends.
+    kv_sent_during_steps: bool = True
+
+
+def measured_on_gpu(profile: dict) -> bool:
+    """Whether a step-time profile's steps ran on a GPU (the profiler names a CPU '<arch> CPU'):
+    a GPU worker's host is free while a step runs, a CPU worker's is not."""
+    return not str(profile.get("device", "")).endswith("CPU")
 
 
 def check_config(config: SimConfig) -> None:
@@ -430,7 +440,7 @@ class Simulator:
         self.take(d, self.blocks(d, r.prompt_len))
         d.inflight_bytes += self.kv_bytes(r)
         d.incoming += 1
-        if r.source is not None and r.source.busy:
+        if r.source is not None and r.source.busy and not self.config.kv_sent_during_steps:
             r.source.cleared.append((d, r))
         else:
             self.send_kv(d, r)

@@ -155,3 +155,45 @@ def test_an_offer_whose_prompt_ends_early_is_cancelled_and_blocks_return(prefill
     if how == "the step fails":
         assert any(isinstance(m, p.Error) and m.request_id == "d" and "device lost" in m.message
                    for m in worker.to_router)
+
+
+def test_kv_made_ready_while_a_step_runs_leaves_during_it(prefill):
+    """On a GPU the host is free while a step runs: the worker takes the decode side's answers
+    then, and KV made ready leaves at once, but never before the step computing it has ended."""
+    worker, decode = prefill
+    greet(worker, decode)
+    submit(worker, decode, "a", 40, 8)
+    turn_until(worker, decode, lambda: any(isinstance(m, p.KVOffer) for m in decode.received))
+    a_offer = next(m for m in decode.received if isinstance(m, p.KVOffer))
+
+    launch = worker.llm.runner.launch
+    seen_running: list[p.Message] = []  # what the decode side had got before the step's tokens were read
+
+    def running_step(batch):
+        tokens = launch(batch)
+        polls = 0
+
+        def ready():  # the step runs until a's KV has left (or for 200 polls)
+            nonlocal polls
+            polls += 1
+            for msg in decode.drain(wait_ms=5):
+                seen_running.append(msg)
+                if isinstance(msg, p.KVOffer):  # b's, made as its step started
+                    decode.make_room(msg.transfer_id)
+            if polls == 1:
+                decode.make_room(a_offer.transfer_id)
+            return polls > 200 or any(isinstance(m, p.KVData) for m in seen_running)
+        tokens.ready = ready
+        return tokens
+    worker.llm.runner.launch = running_step
+    submit(worker, decode, "b", 60, 8)
+    worker.run_once()
+    worker.llm.runner.launch = launch
+    sent = [m for m in seen_running if isinstance(m, p.KVData)]
+    assert [m.transfer_id for m in sent] == [a_offer.transfer_id]
+    assert sent[0].first_token == first_tokens(worker)["a"]
+    b_offer = next(m for m in seen_running if isinstance(m, p.KVOffer))
+    worker.run_once()  # b's step is over: its KV goes, with its first token
+    decode.drain(wait_ms=1000)
+    b_data = next(m for m in decode.received if isinstance(m, p.KVData) and m.transfer_id == b_offer.transfer_id)
+    assert b_data.first_token == first_tokens(worker)["b"]

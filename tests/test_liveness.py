@@ -65,13 +65,15 @@ class CheckedSimulator(Simulator):
 @settings(max_examples=150, deadline=None)
 @given(load=loads, pair=policies, kv_blocks=st.integers(4, 400), budget=st.integers(16, 4096),
        max_batch=st.integers(1, 32), workers=st.tuples(st.integers(1, 2), st.integers(1, 2)),
-       jitter=st.sampled_from([0.0, 0.2]))
-def test_every_simulated_request_finishes_or_is_refused(load, pair, kv_blocks, budget, max_batch, workers, jitter):
+       jitter=st.sampled_from([0.0, 0.2]), on_gpu=st.booleans())
+def test_every_simulated_request_finishes_or_is_refused(load, pair, kv_blocks, budget, max_batch, workers, jitter,
+                                                        on_gpu):
     capacity = kv_blocks * BLOCK
     trace = sorted((TraceRequest(t, max(1, int(share * capacity * 1.1)), out, slo=request_slo(ttft, kind))
                     for t, share, out, ttft, kind in load), key=lambda r: r.arrival)
     config = SimConfig(workers[0], workers[1], *pair, token_budget=budget, max_batch=max_batch,
-                       kv_capacity_tokens=capacity, block_size=BLOCK, prefill_jitter=jitter, decode_jitter=jitter)
+                       kv_capacity_tokens=capacity, block_size=BLOCK, prefill_jitter=jitter, decode_jitter=jitter,
+                       kv_sent_during_steps=on_gpu)
     sim = CheckedSimulator(config, COST)
     requests = sim.run(trace)
     for r in requests:

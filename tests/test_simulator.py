@@ -87,11 +87,14 @@ def test_kv_leaves_between_prefill_steps_and_one_link_carries_one_transfer_at_a_
     assert b.first_token_time == pytest.approx(2 * step)
     assert a.finish_time == pytest.approx(step + transfer + COST.decode_time(1, 1001))
     # Room for one transfer at a time, each longer than a step: B's room frees while C's step
-    # runs, and its KV leaves as that step ends.
+    # runs, and its KV leaves at once from a GPU worker (free while its step runs), as that
+    # step ends from a CPU worker.
     slow = replace(config, kv_bandwidth_gb_s=0.02, max_inflight_transfer_bytes=1000 * 1000)
-    a, b, c = Simulator(slow, COST).run([TraceRequest(0.0, 1000, 2), TraceRequest(0.001, 1000, 2),
-                                         TraceRequest(0.002, 1000, 2)])
+    three = [TraceRequest(0.0, 1000, 2), TraceRequest(0.001, 1000, 2), TraceRequest(0.002, 1000, 2)]
+    a, b, c = Simulator(slow, COST).run(three)
     assert step + 50 * transfer == pytest.approx(a.finish_time - COST.decode_time(1, 1001))
+    assert b.finish_time == pytest.approx(step + 100 * transfer + COST.decode_time(1, 1001))
+    a, b, c = Simulator(replace(slow, kv_sent_during_steps=False), COST).run(three)
     assert b.finish_time == pytest.approx(3 * step + 50 * transfer + COST.decode_time(1, 1001))
     # A and B in one step (after C's, a one-token request with no KV to send), the worker idle
     # after it: both leave at once, one after the other.
@@ -107,15 +110,18 @@ def test_kv_leaves_between_prefill_steps_and_one_link_carries_one_transfer_at_a_
 def test_a_decode_worker_takes_at_most_its_in_flight_limit_of_kv():
     """As `kairos decode --max-inflight-transfer-mb`. A and B share a step; they are offered as
     it starts, and both leave as it ends. With room in flight for one, B is made ready only when
-    A lands, by then the worker is in C's step, and B leaves after it; C's KV waits for B's in
-    turn, and leaves after D's step."""
+    A lands, by then the worker is in C's step: from a GPU worker B leaves at once, from a CPU
+    worker after that step, and C's KV waits for B's in turn, leaving after D's step."""
     config = SimConfig(kv_bytes_per_token=1000, kv_bandwidth_gb_s=1.0, token_budget=2000)
     trace = [TraceRequest(0.0, 1, 1), TraceRequest(0.001, 1000, 2), TraceRequest(0.001, 1000, 2),
              TraceRequest(0.002, 1000, 2), TraceRequest(0.06, 1000, 2)]
     _, a, b, c, d = Simulator(config, COST).run(trace)
     assert a.first_token_time == b.first_token_time < c.first_token_time < d.first_token_time
     assert b.finish_time < c.first_token_time
-    _, a, b, c, d = Simulator(replace(config, max_inflight_transfer_bytes=1500 * 1000), COST).run(trace)
+    one = replace(config, max_inflight_transfer_bytes=1500 * 1000)
+    _, a, b, c, d = Simulator(one, COST).run(trace)
+    assert a.finish_time < b.finish_time < c.first_token_time < c.finish_time < d.first_token_time
+    _, a, b, c, d = Simulator(replace(one, kv_sent_during_steps=False), COST).run(trace)
     assert a.finish_time < c.first_token_time < b.finish_time < d.first_token_time < c.finish_time
 
 

@@ -178,7 +178,7 @@ class OutgoingKV:
     GPU the copy goes into a range of `pool` when one is free, else into memory pinned for it."""
 
     def __init__(self, runner: ModelRunner, block_ids: list[int], stream: torch.cuda.Stream | None,
-                 pool: PinnedPool | None = None):
+                 pool: PinnedPool | None = None, written: torch.cuda.Event | None = None):
         self.pool, self.offset = pool, None
         if stream is None:
             self.host = runner.kv_cache[:, :, torch.tensor(block_ids)]  # [2, layers, n, bs, heads, dim], a copy
@@ -192,7 +192,12 @@ class OutgoingKV:
             self.host = pool.buffer[self.offset:self.offset + nbytes].view(cache.dtype).view(shape)
         else:
             self.host = torch.empty(shape, dtype=cache.dtype, pin_memory=True)
-        stream.wait_stream(torch.cuda.current_stream())  # the prefill that wrote them
+        # After the prefill that wrote them: its event where given (the copy then need not wait
+        # for a step running now), else all the work queued so far.
+        if written is not None:
+            stream.wait_event(written)
+        else:
+            stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             # Nothing here waits for the GPU: the caller queues every ready transfer's copy first.
             ids = torch.tensor(block_ids, pin_memory=True).to(runner.device, non_blocking=True)

@@ -51,6 +51,7 @@ class Transfer:
     deadline: float = 0.0  # for the handshake, for room on the decode side, then for the ack
     awaiting_room: bool = False  # offered; the decode side has not reserved its blocks yet
     first_token: int | None = None  # sampled by the step that completes the prompt
+    written: torch.cuda.Event | None = None  # on a GPU: recorded after that step, its KV written then
     kv: OutgoingKV | None = None  # sent once the decode side is ready; kept until the ack
     sent: zmq.MessageTracker | None = None  # whether ZeroMQ still holds the frames' memory
 
@@ -83,6 +84,8 @@ class PrefillWorker(Worker):
         self.per_frame = blocks_per_frame(self.geometry, self.max_frame_bytes)
         self.cache_export = export_cache(self.llm.runner)
         self.llm.on_prompts_completing = self.start_transfers
+        self.llm.while_step_runs = self.serve_kv_during_step
+        self.kv_poller = zmq.Poller()  # the decode workers' KV sockets alone
 
     def stats(self) -> dict:
         return {**super().stats(), "transfers": len(self.transfers)}
@@ -135,6 +138,7 @@ class PrefillWorker(Worker):
         for transfer in [t for t in self.transfers.values() if t.peer is peer]:
             self.finish_transfer(transfer)
         self.poller.unregister(peer.socket)
+        self.kv_poller.unregister(peer.socket)
         peer.socket.close(linger=0)
 
     # ---- engine -------------------------------------------------------------------------------
@@ -164,19 +168,39 @@ class PrefillWorker(Worker):
 
     def start_transfers(self, seqs: list[Sequence]) -> None:
         """Offers the KV of prompts a step just launched will complete."""
+        written = None
+        if self.copy_stream is not None:
+            written = torch.cuda.Event()
+            written.record()
         for seq in seqs:
             if seq.request_id in self.targets:  # not a warm-up prompt
-                self.start_transfer(seq)
+                self.start_transfer(seq, written)
 
-    def start_transfer(self, seq: Sequence) -> None:
+    def serve_kv_during_step(self) -> bool:
+        """While a step runs on the GPU: the decode workers' answers are taken (room made, KV
+        acknowledged), and KV they have made room for leaves now, not when the step ends. The
+        router's messages wait for the turn: nothing here touches the running batch. False when
+        no transfer awaits an answer."""
+        if not self.transfers:
+            return False
+        for sock, _ in self.kv_poller.poll(1):
+            for _ in range(256):
+                if sock.closed or not self.handle_socket(sock):
+                    break
+        self.send_ready()
+        return True
+
+    def start_transfer(self, seq: Sequence, written: torch.cuda.Event | None = None) -> None:
         worker_id, kv_addr = self.targets.pop(seq.request_id)
         peer = self.peers.get(worker_id)
         if peer is None:
             sock = self.dealer(self.worker_id, kv_addr)
             self.poller.register(sock, zmq.POLLIN)
+            self.kv_poller.register(sock, zmq.POLLIN)
             peer = self.peers[worker_id] = DecodePeer(worker_id, sock)
             send(sock, p.KVHello(self.worker_id, self.geometry.to_dict(), self.cache_export))
-        transfer = Transfer(uuid.uuid4().hex, seq, peer, deadline=time.monotonic() + self.transfer_timeout_s)
+        transfer = Transfer(uuid.uuid4().hex, seq, peer, deadline=time.monotonic() + self.transfer_timeout_s,
+                            written=written)
         self.transfers[transfer.transfer_id] = transfer
         self.by_request[seq.request_id] = transfer
         if peer.greeted:
@@ -210,32 +234,32 @@ class PrefillWorker(Worker):
     # ---- the KV channel -----------------------------------------------------------------------
 
     def send_ready(self) -> None:
-        """Copies the KV of every transfer made ready this turn to host memory, then sends it, all
-        before the next step: waiting for the next turn would put a whole prefill step (100 ms
-        and more for long prompts on a GPU) into every handoff, and so into the request's TPOT.
-        All the copies are queued before the first is waited for, so a burst of ready transfers
-        costs the loop one wait, not one each."""
+        """Copies the KV of every transfer made ready to host memory, then sends it, at once (in
+        the loop's turn, or while a step runs): waiting for the next turn would put a whole
+        prefill step (100 ms and more for long prompts on a GPU) into every handoff, and so into
+        the request's TPOT. All the copies are queued before the first is waited for, so a
+        burst of ready transfers costs one wait, not one each. A transfer whose step is still
+        running (the decode side answered its offer during it) waits for its first token."""
         if not self.ready:
             return
         started = time.perf_counter()
-        ready = [t for t in self.ready if t.transfer_id in self.transfers]
-        self.ready.clear()
+        ready = [t for t in self.ready if t.transfer_id in self.transfers and t.first_token is not None]
+        self.ready = [t for t in self.ready if t.transfer_id in self.transfers and t.first_token is None]
         by_name = [t for t in ready if t.peer.cuda_ipc]
-        if by_name:
-            torch.cuda.current_stream().synchronize()  # the steps that wrote their KV are done
         for t in by_name:
+            t.written.synchronize()  # done already: its step's tokens have been read
             send(t.peer.socket, p.KVData(t.transfer_id, self.per_frame, t.first_token,
                                          block_ids=list(t.seq.block_table)))
             t.deadline = time.monotonic() + self.transfer_timeout_s
         staged = [t for t in ready if not t.peer.cuda_ipc]
         for t in staged:
-            t.kv = OutgoingKV(self.llm.runner, t.seq.block_table, self.copy_stream, self.staging)
+            t.kv = OutgoingKV(self.llm.runner, t.seq.block_table, self.copy_stream, self.staging, t.written)
         for t in staged:
             t.kv.wait()
             t.sent = send_tracked(t.peer.socket, p.KVData(t.transfer_id, self.per_frame, t.first_token),
                                   t.kv.frames(self.per_frame))
             t.deadline = time.monotonic() + self.transfer_timeout_s
-        self.turn_notes["kv_staging_s"] = time.perf_counter() - started
+        self.turn_notes["kv_staging_s"] = self.turn_notes.get("kv_staging_s", 0.0) + time.perf_counter() - started
 
     def handle_socket(self, sock: zmq.Socket) -> bool:
         received = recv(sock, routed=False)
