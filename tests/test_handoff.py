@@ -197,3 +197,28 @@ def test_kv_made_ready_while_a_step_runs_leaves_during_it(prefill):
     decode.drain(wait_ms=1000)
     b_data = next(m for m in decode.received if isinstance(m, p.KVData) and m.transfer_id == b_offer.transfer_id)
     assert b_data.first_token == first_tokens(worker)["b"]
+
+
+def test_an_offer_rejected_while_its_step_runs_fails_the_request_and_frees_its_blocks(prefill):
+    worker, decode = prefill
+    greet(worker, decode)
+    launch = worker.llm.runner.launch
+
+    def running_step(batch):
+        tokens = launch(batch)
+        answered = []
+
+        def ready():
+            for msg in decode.drain(wait_ms=5):
+                if isinstance(msg, p.KVOffer):
+                    send(decode.socket, p.KVReject(msg.transfer_id, "no room, ever"), decode.peer)
+                    answered.append(msg)
+            return len(answered) > 0 and not worker.transfers
+        tokens.ready = ready
+        return tokens
+    worker.llm.runner.launch = running_step
+    submit(worker, decode, "r", 40, 8)
+    worker.run_once()
+    assert any(isinstance(m, p.Error) and m.request_id == "r" and "no room, ever" in m.message
+               for m in worker.to_router)
+    assert worker.llm.num_free_blocks == worker.llm.num_total_blocks and not worker.llm.has_unfinished()

@@ -151,6 +151,8 @@ class PrefillWorker(Worker):
             self.counters["cached_prompt_tokens"] += seq.num_cached_tokens
             transfer = self.by_request.get(seq.request_id)
             if transfer is None:
+                if seq.status is Status.HANDED_OFF:  # its offer ended while the step ran (rejected, cancelled)
+                    self.llm.release_handed_off(seq)
                 continue
             if seq.status is Status.HANDED_OFF:
                 transfer.first_token = seq.output_token_ids[0]
