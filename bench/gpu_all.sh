@@ -10,6 +10,8 @@
 #   profile     the step-time profile on the fast loop (bench/profiles/Llama-3.1-8B_<gpu>.json)
 #   throughput  trace-shaped offline throughput against transformers in the same run
 #   serve_loop  the serving loop's share of a decode step under kairos serve (1P1D on the GPU)
+#   handoff     the prefill worker's KV handoff on the GPU: offers as the step starts, answers
+#               served while it runs (CUDA events), every early end cancelling its offer
 #
 #   bench/gpu_all.sh [LOGDIR]        # from the checkout's root, kairos installed
 #
@@ -47,3 +49,4 @@ part throughput 240 $PY -m kairos.bench.throughput --model $MODEL --requests 256
     --peers static --peer-batch-sizes 32 --peer-seconds 30
 part serve_loop 120 $PY -m kairos.bench.serve_loop --model $MODEL --load-format dummy --gpu-memory-utilization 0.42 \
     --requests 200
+part handoff 90 $PY -m pytest -q -x -p no:cacheprovider tests/test_handoff.py
