@@ -12,8 +12,8 @@ moves to a decode worker at the KV bandwidth, once that worker has room for it (
 as in the real workers). As in
 the real workers, a prompt's offer goes out as the step that completes it starts, so its KV may
 leave as that step ends; KV cleared while its prefill worker is in a later step leaves at once
-on a GPU (`kv_sent_during_steps`), when the step ends on a CPU; a decode worker's inbound link carries one
-transfer at a time, and it has at most `max_inflight_transfer_bytes` of KV under way (one
+on a GPU (`kv_sent_during_steps`), when the step ends on a CPU; a decode worker's inbound link
+carries one transfer at a time, and it has at most `max_inflight_transfer_bytes` of KV under way (one
 transfer at least). A decode worker admits ready requests through its decode policy and runs
 steps whose length the cost model predicts; every running request gains a token per step.
 Decode KV is kept in blocks as the engine keeps it: a transfer reserves its prompt's blocks

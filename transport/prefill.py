@@ -7,9 +7,11 @@ then the blocks stay here: backpressure) -> once the step is over, the KV frames
 decode worker on this GPU, only the block ids: it copies them from our cache) with the first
 token -> ack, and only then are the blocks freed. Offering as the step starts lets the decode
 side make room while it runs: offered after it, the answer would come during the next step,
-and the KV would wait for that step to end too. A prompt that finishes at its first token
-cancels its offer. No ack within the transfer timeout fails
-the request and frees the blocks; so does an abort or the decode worker's death.
+and the KV would wait for that step to end too. On a GPU the decode side's answers are also
+taken while a step runs (the host is free until its tokens land), so KV made ready then leaves
+at once. A prompt that ends at its first token, or whose step fails, cancels its offer. No ack
+within the transfer timeout fails the request and frees the blocks; so does an abort or the
+decode worker's death.
 """
 
 from __future__ import annotations
@@ -117,14 +119,12 @@ class PrefillWorker(Worker):
         transfer = self.by_request.get(request_id)
         if transfer is not None:
             self.counters["aborted"] += 1
-            send(transfer.peer.socket, p.KVCancel(transfer.transfer_id, "aborted"))
-            self.finish_transfer(transfer)
+            self.cancel_transfer(transfer, "aborted")
         self.targets.pop(request_id, None)
 
     def reset(self) -> None:
         for t in list(self.transfers.values()):
-            send(t.peer.socket, p.KVCancel(t.transfer_id, "the prefill worker was reset"))
-            self.finish_transfer(t)
+            self.cancel_transfer(t, "the prefill worker was reset")
         for worker_id in list(self.peers):
             self.drop_peer(worker_id)
         self.targets.clear()
@@ -157,15 +157,14 @@ class PrefillWorker(Worker):
             if seq.status is Status.HANDED_OFF:
                 transfer.first_token = seq.output_token_ids[0]
             else:  # it ended at its first token: nothing to decode
-                send(transfer.peer.socket, p.KVCancel(transfer.transfer_id, "finished at prefill"))
-                self.finish_transfer(transfer)
+                self.cancel_transfer(transfer, "finished at prefill")
 
     def on_step_failed(self, request_ids: list[str], message: str) -> None:
         for request_id in request_ids:
+            self.targets.pop(request_id, None)
             transfer = self.by_request.get(request_id)
             if transfer is not None:
-                send(transfer.peer.socket, p.KVCancel(transfer.transfer_id, "the prefill step failed"))
-                self.finish_transfer(transfer)
+                self.cancel_transfer(transfer, "the prefill step failed")
         super().on_step_failed(request_ids, message)
 
     def start_transfers(self, seqs: list[Sequence]) -> None:
@@ -228,6 +227,11 @@ class PrefillWorker(Worker):
             t.peer.unsent_offers.remove(t)
         if t.seq.status is Status.HANDED_OFF:  # else it never got there (failed, or ended at prefill)
             self.llm.release_handed_off(t.seq)
+
+    def cancel_transfer(self, t: Transfer, reason: str) -> None:
+        """Tells the decode worker the transfer is off (it frees what it reserved), then ends it here."""
+        send(t.peer.socket, p.KVCancel(t.transfer_id, reason))
+        self.finish_transfer(t)
 
     def fail_transfer(self, t: Transfer, message: str) -> None:
         self.fail(t.seq.request_id, message)
