@@ -41,6 +41,9 @@ from kairos.transport.replay import replay, warm_up
 from kairos.transport.serve import cpu_share, local_cluster
 
 KEYS = ("ttft_attainment", "tpot_attainment", "e2e_attainment")
+# A jittered simulation is one draw of the steps' times, as a live run is; on a short trace one
+# draw moves a point by several requests, so a jittered prediction is the mean of this many.
+JITTER_DRAWS = 8
 # What a point's step logs give over all its runs together, not as a mean of its runs'.
 FITTED = ("decode_fit", "decode_fit_jitter", "decode_online_error", "prefill_fit", "prefill_fit_jitter")
 
@@ -186,9 +189,10 @@ def point_trace(args: argparse.Namespace, rate: float) -> list:
 
 def judge(args: argparse.Namespace, profile: dict, calibration: dict, row: dict) -> dict:
     """Simulates the row's point calibrated and jittered as the first point's workers were (the
-    prediction), then without the jitter, then straight from the profile, then at each live
-    run's own measured step speed (the event model and policies alone, given the speed the
-    machine ran at); and the gaps of each to the live runs."""
+    prediction, a mean over JITTER_DRAWS draws of the jitter), then without the jitter, then
+    straight from the profile, then at each live run's own measured step speed (the event model
+    and policies alone, given the speed the machine ran at); and the gaps of each to the live
+    runs."""
     prefill, decode = row["policy"].split("+")
     trace = point_trace(args, row["rate_scale"])
     cost = CostModel.from_profile(profile)
@@ -206,7 +210,8 @@ def judge(args: argparse.Namespace, profile: dict, calibration: dict, row: dict)
     def at_speed(drift: dict) -> dict:
         jittered = replace(config, prefill_jitter=drift.get("prefill_fit_jitter", drift["prefill_jitter"]),
                            decode_jitter=drift.get("decode_fit_jitter", drift["decode_jitter"]))
-        return simulate(trace, jittered, served(drift))
+        draws = [simulate(trace, replace(jittered, seed=seed), served(drift)) for seed in range(JITTER_DRAWS)]
+        return {k: sum(d[k] for d in draws) / len(draws) for k in KEYS}
 
     row["simulated"] = at_speed(calibration)
     row["without_jitter"] = simulate(trace, config, served(calibration))
@@ -264,7 +269,8 @@ def resimulate(path: Path, step_logs: Path | None = None) -> None:
     for row in rows:
         print_row(row)
     summarize(args, profile, recorded["calibration"], rows, final=True,
-              live_date=recorded.get("live_date", recorded["date"]), live_device=recorded.get("live_device"))
+              live_date=recorded.get("live_date", recorded["date"]), live_device=recorded.get("live_device"),
+              live_command=recorded.get("live_command", recorded.get("command")))
 
 
 def refit_prefill(recorded: dict, args: argparse.Namespace, step_logs: Path) -> None:
@@ -353,9 +359,10 @@ def main() -> None:
 
 
 def summarize(args, profile: dict, calibration: dict, rows: list[dict], final: bool, live_date: str | None = None,
-              live_device: str | None = None) -> None:
+              live_device: str | None = None, live_command: str | None = None) -> None:
     """Writes the result file (after every point, so a run cut short keeps what it measured).
-    `live_device` is where the workers ran (the profile's device may be another)."""
+    `live_device` is where the workers ran (the profile's device may be another); a result
+    judged again keeps the date, device and command of its live runs."""
     if live_device is None and not args.resimulate:
         import torch
 
@@ -373,6 +380,7 @@ def summarize(args, profile: dict, calibration: dict, rows: list[dict], final: b
     noise = {k: sum(r["live_spread_points"][k] for r in rows) / len(rows) for k in KEYS}
     dated = {"live_date": live_date} if live_date else {}
     dated |= {"live_device": live_device} if live_device else {}
+    dated |= {"live_command": live_command} if live_command else {}
     own = {"own_speed_largest_gap_points": own_speed[0], "own_speed_mean_gap_points": own_speed[1]} if own_speed else {}
     path = write_result(args.name, {"setup": vars(args), **dated, "device": profile["device"], "profile_mape": {
         "prefill": profile["prefill_mape"], "decode": profile["decode_mape"]}, "calibration": calibration,

@@ -75,8 +75,10 @@ class SlackBatching:
     output first, and admitted while the predicted step time of the grown batch stays within
     the tightest TPOT SLO in it (less `headroom`: the time a request waits to join the batch
     and to move its KV counts toward its TPOT too) and a block per sequence remains; so the
-    batch size floats with the contexts. Waiting lowers a request's key (`aging_tokens_per_s`),
-    and no request is passed over while it heads the queue.
+    batch size floats with the contexts. Waiting since its first token lowers a request's key
+    (`aging_tokens_per_s`): that wait is what its TPOT pays for, while one that waited long for
+    its prefill has nothing more to gain from going first here. No request is passed over
+    while it heads the queue.
 
     Under overload some requests must miss. A request is lost once the time since its first
     token (which started its TPOT clock) plus its predicted remaining tokens at the current step
@@ -123,7 +125,7 @@ class SlackBatching:
         if native.ENABLED and len(waiting) >= native.MIN_REQUESTS:
             return native.slack_split(waiting, now, step, self.aging_tokens_per_s, self.estimator)
         aging = self.aging_tokens_per_s
-        return self.split_by(waiting, now, step, lambda r, remaining: remaining - aging * (now - r.arrival_time))
+        return self.split_by(waiting, now, step, lambda r, remaining: remaining - aging * (now - r.first_token_time))
 
     def split_by(self, waiting, now: float, step: float, key) -> tuple[list, list]:
         """(the feasible requests by key(request, predicted remaining tokens), smallest first;

@@ -93,7 +93,7 @@ def slack_order(now, step, aging, arrival, first_token, tpot_s, produced, remain
     for i in range(n):
         budget = tpot_s[i] * (produced[i] - 1 + remaining[i])
         lost[i] = (now - first_token[i]) + remaining[i] * step > budget
-        key[i] = remaining[i] - aging * (now - arrival[i])
+        key[i] = remaining[i] - aging * (now - first_token[i])
     feasible = np.nonzero(~lost)[0]
     late = np.nonzero(lost)[0]
     feasible = feasible[np.argsort(key[feasible], kind="mergesort")]

@@ -380,6 +380,7 @@ class Simulator:
         # Between steps: the decode side has weighed these prompts' offers during this one,
         # so the KV of those it has room for leaves now, not after the next step.
         w.busy = False
+        offered = {}
         for r in done:
             r.first_token_time = self.now
             r.source = w
@@ -395,16 +396,18 @@ class Simulator:
                 w.requests_in_hand -= 1
                 w.held -= r.prompt_len - r.cached
             else:
-                self.offer(r.worker, r)
+                offered.setdefault(id(r.worker), (r.worker, []))[1].append(r)
+        for d, requests in offered.values():
+            self.offer(d, requests)
         self.start_prefill(w)
 
     # ---- transfer and decode --------------------------------------------------------------------
 
-    def offer(self, d: DecodeSim, r: SimRequest) -> None:
-        if d.pending or not self.fits(d, r):
-            d.pending.append(r)  # backpressure: it waits on the prefill side
-            return
-        self.transfer(d, r)
+    def offer(self, d: DecodeSim, requests: list[SimRequest]) -> None:
+        """Offers made together (a step's prompts) are ranked together, as the decode worker
+        ranks every offer it has taken in when it looks for room."""
+        d.pending.extend(requests)  # backpressure: what does not go now waits on the prefill side
+        self.transfer_waiting(d)
 
     def take(self, d: DecodeSim, n: int) -> None:
         """n free blocks go into use, those freed longest ago first (as the engine's free list
@@ -460,7 +463,7 @@ class Simulator:
         d.ready.append(r)
         d.inflight_bytes -= self.kv_bytes(r)
         d.incoming -= 1
-        self.move_in(d)  # room in flight has freed: the next in the last ranking may go
+        self.transfer_waiting(d)  # room in flight has freed
         if not d.busy:
             self.decode_step(d)
         w = r.source
@@ -470,11 +473,14 @@ class Simulator:
             self.start_prefill(w)  # in case it waited for room
 
     def transfer_waiting(self, d: DecodeSim) -> None:
-        """Ranks the waiting KV by the decode policy, then moves it in while there is room."""
-        feasible, lost = d.policy.split(d.pending, d.running, self.now)
-        for r in lost:
-            heapq.heappush(d.given_up, (r.arrival_time, next(self._seq), r))
-        d.pending = deque(feasible)
+        """Ranks the waiting KV by the decode policy, then moves it in while there is room, as
+        the decode worker does whenever room may have come (an offer, a landing, a finish); not
+        while the KV under way leaves no room, when nothing could go."""
+        if len(d.pending) > 1 and d.inflight_bytes < self.config.max_inflight_transfer_bytes:
+            feasible, lost = d.policy.split(d.pending, d.running, self.now)
+            for r in lost:
+                heapq.heappush(d.given_up, (r.arrival_time, next(self._seq), r))
+            d.pending = deque(feasible)
         self.move_in(d)
 
     def kv_bytes(self, r: SimRequest) -> int:

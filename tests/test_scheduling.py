@@ -3,7 +3,7 @@
 import json
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 from hypothesis import given, settings
@@ -363,11 +363,11 @@ def test_slack_batching_prefers_short_predicted_outputs_and_floats_with_context(
 def test_no_request_starves_under_a_stream_of_shorter_ones():
     """A long request keeps losing to fresh short ones until aging lifts it to the front."""
     policy = SlackBatching(COST, max_batch=4, aging_tokens_per_s=100.0)
-    long = Req(arrival_time=0.0, output_len_hint=1000, prompt=10)
+    long = Req(arrival_time=0.0, output_len_hint=1000, prompt=10, tpot_slo=1.0)
     running, ready, now = [], [long], 0.0
     for step in range(2000):
         now = step * 0.01
-        ready.append(Req(arrival_time=now, output_len_hint=5, prompt=10))
+        ready.append(Req(arrival_time=now, first_token_time=now, output_len_hint=5, prompt=10, tpot_slo=1.0))
         running = [r for r in running if r.num_output_tokens < 5] + policy.admit(running, ready, now, 10_000)
         ready = [r for r in ready if all(r is not a for a in running)]
         for r in running:
@@ -377,6 +377,17 @@ def test_no_request_starves_under_a_stream_of_shorter_ones():
     else:
         raise AssertionError("the long request never ran")
     assert now < 12  # its 1000-token lead is gone after about 10 s of waiting
+
+
+def test_aging_counts_the_wait_since_the_first_token_not_the_wait_for_prefill():
+    """The decode side's wait is what a request's TPOT pays for: one whose prompt waited long
+    for prefill gains nothing by overtaking one that has waited longer here."""
+    policy = SlackBatching(COST, max_batch=64)
+    slow_prefill = Req(arrival_time=0.0, first_token_time=9.9, output_len_hint=20, prompt=100)
+    waited_here = Req(arrival_time=9.0, first_token_time=9.5, output_len_hint=20, prompt=100)
+    assert policy.order([slow_prefill, waited_here], running=[], now=10.0) == [waited_here, slow_prefill]
+    queue = [replace(slow_prefill) for _ in range(40)] + [waited_here]  # long enough for the compiled split
+    assert policy.order(queue, running=[], now=10.0)[0] is waited_here
 
 
 def test_requests_that_can_no_longer_meet_tpot_wait_behind_those_that_can():

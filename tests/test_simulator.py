@@ -107,6 +107,23 @@ def test_kv_leaves_between_prefill_steps_and_one_link_carries_one_transfer_at_a_
     assert b.finish_time > prefilled + 2 * transfer  # behind A's transfer on the link
 
 
+def test_the_offers_one_step_makes_are_ranked_together():
+    """As the decode worker ranks every offer it has taken in when it looks for room: of two
+    prompts one step completes, the kairos decode policy moves the shorter output's KV in first,
+    though the step computed it second; continuous batching keeps the step's order."""
+    transfer = 1000 * 1000 / 1e9
+    # A one-token request's step first (no KV to send), so that the other two share the next.
+    trace = [TraceRequest(0.0, 1, 1), TraceRequest(0.001, 1000, 50), TraceRequest(0.001, 1000, 2)]
+    for decode_policy, short_first in (("kairos", True), ("cb", False)):
+        config = SimConfig(kv_bytes_per_token=1000, kv_bandwidth_gb_s=1.0, token_budget=2000,
+                           decode_policy=decode_policy)
+        _, long, short = Simulator(config, COST).run(trace)
+        assert long.first_token_time == short.first_token_time
+        alone = short.first_token_time + transfer + COST.decode_time(1, 1001)
+        assert (short.finish_time == pytest.approx(alone)) is short_first
+        assert short.finish_time >= alone
+
+
 def test_a_decode_worker_takes_at_most_its_in_flight_limit_of_kv():
     """As `kairos decode --max-inflight-transfer-mb`. A and B share a step; they are offered as
     it starts, and both leave as it ends. With room in flight for one, B is made ready only when
@@ -450,7 +467,8 @@ def test_recorded_live_runs_are_judged_again_against_the_current_simulator(tmp_p
                                     "--name", "recorded"])
     live = {"ttft_attainment": 0.5, "tpot_attainment": 0.75, "e2e_attainment": 0.25}
     calibration = {"prefill": 1.5, "prefill_jitter": 0.1, "decode": 1.2, "decode_jitter": 0.1}
-    recorded = {"date": "2026-01-01T00:00:00+00:00", "setup": vars(args), "calibration": calibration,
+    recorded = {"date": "2026-01-01T00:00:00+00:00", "command": "the live run's", "setup": vars(args),
+                "calibration": calibration,
                 "rows": [{"policy": "kairos+kairos", "rate_scale": 4.0, "live": live, "live_runs": [live],
                           "live_spread_points": {k: 0.0 for k in live}, "drift": calibration,
                           # The run's decode steps were fitted afresh: the fit, not the scale, is its speed.
@@ -469,11 +487,18 @@ def test_recorded_live_runs_are_judged_again_against_the_current_simulator(tmp_p
                        kv_bandwidth_gb_s=args.kv_bandwidth_gb_s)
     assert row["without_jitter"] == simulate(trace, config, COST.scaled(1.5, 1.2))
     slow = simulate(trace, config, COST.scaled(30.0, 20.0))
-    assert row["own_speed"] == {k: slow[k] for k in sim_fidelity.KEYS}
+    assert row["own_speed"] == pytest.approx({k: slow[k] for k in sim_fidelity.KEYS})  # no jitter: every draw alike
     assert row["own_speed_gap_points"]["e2e_attainment"] == pytest.approx(100 * (slow["e2e_attainment"] - 0.25))
     assert row["own_speed"] != {k: row["without_jitter"][k] for k in sim_fidelity.KEYS}
-    assert row["live"] == live and result["live_date"] == recorded["date"]
+    assert row["live"] == live and result["live_date"] == recorded["date"] and "live_command" not in recorded
+    assert result["live_command"] == recorded["command"] != result["command"]
     assert row["gap_points"]["e2e_attainment"] == pytest.approx(100 * (row["simulated"]["e2e_attainment"] - 0.25))
+    # The prediction is jittered as calibrated: the mean of its draws, each a different run.
+    jittered = replace(config, prefill_jitter=0.1, decode_jitter=0.1)
+    draws = [simulate(trace, replace(jittered, seed=seed), COST.scaled(1.5, 1.2))
+             for seed in range(sim_fidelity.JITTER_DRAWS)]
+    assert row["simulated"]["ttft_attainment"] == pytest.approx(
+        sum(d["ttft_attainment"] for d in draws) / len(draws))
     assert result["largest_gap_points"]["ttft_attainment"] == pytest.approx(abs(row["gap_points"]["ttft_attainment"]))
 
 
