@@ -476,7 +476,7 @@ class Simulator:
         """Ranks the waiting KV by the decode policy, then moves it in while there is room, as
         the decode worker does whenever room may have come (an offer, a landing, a finish); not
         while the KV under way leaves no room, when nothing could go."""
-        if len(d.pending) > 1 and d.inflight_bytes < self.config.max_inflight_transfer_bytes:
+        if d.pending and d.inflight_bytes < self.config.max_inflight_transfer_bytes:
             feasible, lost = d.policy.split(d.pending, d.running, self.now)
             for r in lost:
                 heapq.heappush(d.given_up, (r.arrival_time, next(self._seq), r))
