@@ -24,6 +24,7 @@ from kairos.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from kairos.scheduler import DECODE_POLICIES, PREFILL_POLICIES, PolicySettings, native
 from kairos.scheduler.cost_model import CalibratedCostModel
 from kairos.scheduler.request import PromptTooLong, RequestSLO, SamplingParams
+from kairos.scheduler.request_queue import RequestQueue
 
 log = logging.getLogger("kairos")
 
@@ -174,7 +175,7 @@ class LLM:
         """Frees a prefilled sequence's blocks once a decode worker has its KV (or gave up)."""
         self.scheduler.release(seq)
 
-    def order_incoming(self, seqs: list[Sequence], now: float) -> list[Sequence]:
+    def order_incoming(self, seqs: RequestQueue | list[Sequence], now: float) -> list[Sequence]:
         """Prefilled sequences waiting to move their KV here, in the order the decode policy
         gives them room (under kairos, those that can still meet their TPOT SLO first)."""
         return self.scheduler.decode_policy.order(seqs, self.scheduler.running, now)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from kairos.engine.block_manager import BlockManager
 from kairos.engine.sequence import FinishReason, Sequence, Status
 from kairos.scheduler import ContinuousBatching, DecodePolicy, FCFSPolicy, PrefillPolicy
+from kairos.scheduler.request_queue import RequestQueue
 
 
 @dataclass
@@ -38,9 +39,13 @@ class StepScheduler:
         self.max_model_len = max_model_len
         self.prefill_policy = prefill_policy or FCFSPolicy()
         self.decode_policy = decode_policy or ContinuousBatching(max_num_seqs)
-        self.waiting: list[Sequence] = []
+        # The queues a policy ranks keep their sequences' numbers as arrays (RequestQueue): a
+        # waiting or ready sequence's numbers hold still until it leaves the queue.
+        self.waiting = RequestQueue()
         self.running: list[Sequence] = []  # admission order; every one holds blocks
-        self.ready: list[Sequence] = []  # prefilled elsewhere, KV in place, not yet running
+        self.ready = RequestQueue()  # prefilled elsewhere, KV in place, not yet running
+        # Waiting sequences preempted with a token still on the device: they recompute once it is known.
+        self.awaiting_token: set[Sequence] = set()
         self.prefill_only = prefill_only
         self.num_handed_off = 0  # sequences out of every queue, still holding blocks
         self.num_preemptions = 0
@@ -102,9 +107,8 @@ class StepScheduler:
         owed = sum(self.blocks.blocks_needed(seq, seq.num_uncomputed_tokens) for seq in prefilling)
         now = time.monotonic()
         admitting = True
-        # A sequence preempted with a token still on the device recomputes once it is known.
-        candidates = prefilling + [seq for seq in self.waiting if not seq.num_pending]
-        for seq in self.prefill_policy.order(candidates, now):
+        started = []
+        for seq in self.prefill_policy.order(self.waiting.snapshot(prefilling, self.awaiting_token), now):
             if budget == 0:
                 break
             if seq.status is not Status.WAITING:
@@ -124,17 +128,18 @@ class StepScheduler:
                 admitting = False
                 continue
             owed += self.blocks.blocks_needed(seq, seq.num_uncomputed_tokens)  # what its later chunks take
-            self.waiting.remove(seq)
+            started.append(seq)
             seq.status = Status.RUNNING
             self.running.append(seq)
+        self.waiting.remove_all(started)
         return batch if batch.seqs else None
 
     def _schedule_decode(self) -> Batch | None:
         if self.ready:
             admitted = self.decode_policy.admit(self.running, self.ready, time.monotonic(), self.blocks.num_free_blocks)
-            for seq in admitted[: self.max_num_seqs - len(self.running)]:
-                self.ready.remove(seq)
-                self.running.append(seq)
+            admitted = admitted[: self.max_num_seqs - len(self.running)]
+            self.ready.remove_all(admitted)
+            self.running.extend(admitted)
         batch = Batch(False, [], [])
         for seq in list(self.running):
             if seq.status is not Status.RUNNING or seq.is_prefilling or self._at_limit(seq):
@@ -164,6 +169,8 @@ class StepScheduler:
         seq.status = Status.WAITING
         self.num_preemptions += 1
         self.waiting.insert(0, seq)
+        if seq.num_pending:
+            self.awaiting_token.add(seq)
 
     def advance(self, batch: Batch, sampling_rows: list[int]) -> None:
         """Records a launched step's progress before its tokens are known: each sequence that
@@ -186,6 +193,8 @@ class StepScheduler:
                 continue
             stepped.append(seq)
             reason = seq.resolve_pending(token, self.max_model_len)
+            if not seq.num_pending:
+                self.awaiting_token.discard(seq)
             if reason is not None:
                 # Preempted since the launch, a sequence waits (to recompute) with its token pending.
                 (self.running if seq.status is Status.RUNNING else self.waiting).remove(seq)
@@ -206,6 +215,7 @@ class StepScheduler:
         if reason is not None and reason is not FinishReason.ABORT:
             self.decode_policy.finished(seq)
         seq.drop_pending()
+        self.awaiting_token.discard(seq)
         self.blocks.free_sequence(seq)
         seq.status = Status.FINISHED
         seq.finish_reason = reason

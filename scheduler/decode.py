@@ -91,7 +91,7 @@ class SlackBatching:
     name = "kairos"
     summary = "slack-guided batching: admit while the step fits the tightest TPOT, short outputs first"
     needs_cost_model = True
-    native_admission = True  # long queues take the compiled walk, whose step limits are TPOT's
+    native_admission = True  # long queues take the compiled ranking and walk: this class's order and TPOT limits
 
     def __init__(self, cost: CostModel, max_batch: int, estimator: OutputLengthEstimator | None = None,
                  aging_tokens_per_s: float = 100.0, headroom: float = 0.9):
@@ -166,14 +166,15 @@ class SlackBatching:
             return []
         context = sum(r.num_tokens for r in running)
         tightest = self._tightest(running)
-        if batch and alpha + beta * (batch + 1) + gamma * (context + min(r.num_tokens for r in ready)) > tightest:
+        compiled = self.native_admission and native.ENABLED and len(ready) >= native.MIN_REQUESTS
+        shortest = native.shortest_context(ready) if compiled else min(r.num_tokens for r in ready)
+        if batch and alpha + beta * (batch + 1) + gamma * (context + shortest) > tightest:
             return []  # no request could join, whichever heads the order: skip ranking them
+        if compiled:
+            return native.slack_admission(ready, now, self.step_time(running), self.aging_tokens_per_s, self.estimator,
+                                          batch, context, tightest, self.max_batch, free_blocks, self.cost.decode,
+                                          self.headroom)
         ordered = self.order(ready, running, now)
-        if self.native_admission and native.ENABLED and len(ordered) >= native.MIN_REQUESTS:
-            # The walk stops by the time the batch is full: only its head can join.
-            head = ordered[: self.max_batch - batch + 1]
-            return head[: native.admission_count(head, batch, context, tightest, self.max_batch, free_blocks,
-                                                    self.cost.decode, self.headroom)]
         admitted = []
         for r in ordered:
             if batch >= self.max_batch or (batch and free_blocks < batch + 1):

@@ -2,7 +2,8 @@
 remaining outputs, TPOT feasibility and ranking for decode admission, and the walk that finds
 which prompts prefill on time.
 
-The policies gather each request's numbers into arrays once per decision and hand them here;
+The policies read each request's numbers as arrays (`request_queue.columns_of`: kept by a
+RequestQueue, or gathered once per decision) and hand them here;
 numba compiles these functions (cached on disk), importing only when one is first called, so
 that processes which never rank a long queue do not pay for it. `warm_up` compiles them ahead
 of serving. Without numba, or with KAIROS_NUMBA=0, the policies keep to their plain-Python
@@ -15,6 +16,8 @@ import functools
 import importlib.util
 import math
 import os
+
+from kairos.scheduler.request_queue import columns_of
 
 try:
     import numpy as np
@@ -191,59 +194,75 @@ def _estimator_arrays(estimator):
     return estimator.arrays
 
 
+def _items(requests) -> list:
+    return requests if isinstance(requests, list) else list(requests)
+
+
+def slack_order_of(requests, now: float, step: float, aging: float, estimator):
+    """SlackBatching.split as indices into requests: (feasible, shortest aged remaining output
+    first; lost, oldest first), and the requests' columns."""
+    columns = columns_of(requests)
+    class_ids, lengths, starts = _estimator_arrays(estimator)
+    unseen = len(class_ids)
+    class_index = np.array([class_ids.get(c, unseen) for c in columns.class_names], dtype=np.int64)
+    remaining = remaining_outputs(columns.produced, columns.max_tokens, columns.hint, class_index[columns.class_code],
+                                  lengths, starts, estimator.quantile)
+    feasible, lost = slack_order(now, step, aging, columns.arrival, columns.first_token, columns.tpot_s,
+                                 columns.produced, remaining)
+    return feasible, lost, columns
+
+
 def slack_split(waiting, now: float, step: float, aging: float, estimator) -> tuple[list, list]:
     """SlackBatching.split: (feasible requests, shortest aged remaining output first; lost ones,
     oldest first)."""
-    slos = [r.slo for r in waiting]
-    class_ids, lengths, starts = _estimator_arrays(estimator)
-    unseen = len(class_ids)
-    produced = np.array([r.num_output_tokens for r in waiting], dtype=np.int64)
-    remaining = remaining_outputs(
-        produced, np.array([r.max_tokens for r in waiting], dtype=np.int64),
-        np.array([-1 if s.output_len_hint is None else s.output_len_hint for s in slos], dtype=np.int64),
-        np.array([class_ids.get(s.request_class, unseen) for s in slos], dtype=np.int64),
-        lengths, starts, estimator.quantile)
-    feasible, lost = slack_order(
-        now, step, aging, np.array([r.arrival_time for r in waiting], dtype=np.float64),
-        np.array([r.first_token_time for r in waiting], dtype=np.float64),
-        np.array([s.tpot_s for s in slos], dtype=np.float64), produced, remaining)
-    return [waiting[i] for i in feasible.tolist()], [waiting[i] for i in lost.tolist()]
+    feasible, lost, _ = slack_order_of(waiting, now, step, aging, estimator)
+    items = _items(waiting)
+    return [items[i] for i in feasible.tolist()], [items[i] for i in lost.tolist()]
 
 
-def _step_limits(requests, decode_coefficients, headroom: float, context):
-    """SlackBatching.step_limit of each request, given their contexts as an array."""
+def _step_limits(tpot, context, decode_coefficients, headroom: float):
+    """SlackBatching.step_limit of requests with these TPOT SLOs and contexts (arrays)."""
     alpha, beta, gamma = decode_coefficients
-    tpot = np.array([r.slo.tpot_s for r in requests], dtype=np.float64)
     alone = np.maximum(0.0, alpha + beta * 1 + gamma * context)  # decode_time(1, context)
     return np.where(alone <= tpot, tpot * headroom, math.inf)
 
 
 def tightest_step_limit(running, decode_coefficients, headroom: float) -> float:
     """SlackBatching's smallest step_limit over the running batch."""
-    context = np.array([r.num_tokens for r in running], dtype=np.float64)
-    return float(_step_limits(running, decode_coefficients, headroom, context).min())
+    columns = columns_of(running)
+    return float(_step_limits(columns.tpot_s, columns.num_tokens, decode_coefficients, headroom).min())
 
 
-def admission_count(ordered, batch: int, context: int, tightest: float, max_batch: int, free_blocks: int,
-                    decode_coefficients, headroom: float) -> int:
-    """How many of the ordered waiting requests SlackBatching.admit lets join."""
-    tokens = np.array([r.num_tokens for r in ordered], dtype=np.int64)
-    limits = _step_limits(ordered, decode_coefficients, headroom, tokens.astype(np.float64))
+def shortest_context(requests) -> int:
+    return int(columns_of(requests).num_tokens.min())
+
+
+def slack_admission(ready, now: float, step: float, aging: float, estimator, batch: int, context: int,
+                    tightest: float, max_batch: int, free_blocks: int, decode_coefficients, headroom: float) -> list:
+    """SlackBatching.admit: the ready requests that join, in its order, by the walk of
+    admission_prefix (which stops by the time the batch is full: only the order's head can
+    join)."""
+    feasible, lost, columns = slack_order_of(ready, now, step, aging, estimator)
+    head = np.concatenate([feasible, lost])[: max_batch - batch + 1]
+    tokens = columns.num_tokens[head]
+    limits = _step_limits(columns.tpot_s[head], tokens, decode_coefficients, headroom)
     alpha, beta, gamma = decode_coefficients
-    return int(admission_prefix(batch, context, tightest, tokens, limits, max_batch, free_blocks,
-                                alpha, beta, gamma))
+    count = admission_prefix(batch, context, tightest, tokens, limits, max_batch, free_blocks, alpha, beta, gamma)
+    items = _items(ready)
+    return [items[i] for i in head[:count].tolist()]
 
 
 def on_time_split(waiting, now: float, prefill_coefficients, token_budget: int, least_slack: bool):
     """_Predicting.split_by: ordered by least slack or else by deadline, then (on time, late
     ones oldest first), late by the walk of late_prompts."""
     fixed, b, c = prefill_coefficients
-    arrival = np.array([r.arrival_time for r in waiting], dtype=np.float64)
-    new = np.array([r.num_uncomputed_tokens for r in waiting], dtype=np.int64)
-    due = arrival + np.array([r.slo.ttft_s for r in waiting], dtype=np.float64)
-    own = b * new + c * new * np.array([r.num_tokens for r in waiting], dtype=np.int64)
+    columns = columns_of(waiting)
+    arrival, new = columns.arrival, columns.uncomputed
+    due = arrival + columns.ttft_s
+    own = b * new + c * new * columns.num_tokens
     order = np.argsort(due - own if least_slack else due, kind="stable")
     late = late_prompts(due[order], own[order], new[order], fixed, token_budget, now, not least_slack)
     demoted = order[late]  # in prefill order, then by arrival, as split_on_time leaves them
     demoted = demoted[np.argsort(arrival[demoted], kind="stable")]
-    return [waiting[i] for i in order[~late].tolist()], [waiting[i] for i in demoted.tolist()]
+    items = _items(waiting)
+    return [items[i] for i in order[~late].tolist()], [items[i] for i in demoted.tolist()]

@@ -1,8 +1,9 @@
 """Liveness, for every prefill and decode policy, in the simulator and in the engine's step
 scheduler on a fake clock: under any arrivals, prompt mix (up to the longest the KV cache can
 hold) and cache size, every request finishes or is refused with an error; a started prompt is
-never computed twice on a prefill worker; every block comes back; and no worker idles while it
-holds a request it could serve."""
+never computed twice on a prefill worker; every block comes back; no worker idles while it
+holds a request it could serve; and the step scheduler's waiting queue keeps its sequences'
+numbers true."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from unittest import mock
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_request_queue import assert_columns_match
 
 from kairos.bench import DEFAULT_PROFILE
 from kairos.engine import step_scheduler
@@ -109,6 +111,7 @@ def run_step_scheduler(load, pair, num_blocks, budget, max_seqs, prefill_only) -
                 seq.arrival_time = t
                 sched.add(seq)
                 seqs.append(seq)
+            assert_columns_match(sched.waiting)  # a waiting sequence's numbers hold still
             batch = sched.schedule()
             if batch is None:
                 if handed_off:

@@ -1,5 +1,6 @@
 """The scheduling policies' compiled array paths (`kairos.scheduler.native`) decide exactly as
-their plain-Python paths, on random queues with ties, hints and classes never seen."""
+their plain-Python paths, on random queues with ties, hints and classes never seen, whether
+they read the requests' numbers from a RequestQueue's columns or gather them."""
 
 import random
 
@@ -13,6 +14,7 @@ from kairos.scheduler.decode import SlackBatching
 from kairos.scheduler.output_length import OutputLengthEstimator
 from kairos.scheduler.prefill import KairosPolicy, MooreHodgsonPolicy
 from kairos.scheduler.request import RequestSLO
+from kairos.scheduler.request_queue import RequestQueue
 
 COST = CostModel(prefill=(0.004, 6e-5, 2e-10), decode=(0.008, 3e-5, 1.5e-8))
 CLASSES = ["chat", "code", None, "agent"]  # "agent" is never observed
@@ -56,11 +58,13 @@ def test_decode_ranking_and_admission_match(monkeypatch, seed, n):
     policy = SlackBatching(COST, 256, estimator(rng))
     running, ready = queue(rng, n), queue(rng, n)
     now = rng.uniform(5, 12)
+    queued = RequestQueue(ready)
     plain, compiled = both_ways(monkeypatch, lambda: policy.split(ready, running, now))
-    assert ids(plain) == ids(compiled)
+    assert ids(plain) == ids(compiled) == ids(policy.split(queued, running, now))
     assert plain[0] and plain[1]  # both feasible and lost requests were ranked
     plain, compiled = both_ways(monkeypatch, lambda: policy.admit(running[:100], ready, now, 100_000))
-    assert ids([plain]) == ids([compiled])
+    assert ids([plain]) == ids([compiled]) == ids([policy.admit(running[:100], queued, now, 100_000)])
+    assert plain
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -88,6 +92,11 @@ def test_prefill_split_matches(monkeypatch, policy_class, seed, n):
     plain, compiled = both_ways(monkeypatch, lambda: policy.split(waiting, now))
     assert ids(plain) == ids(compiled)
     assert plain[0] and plain[1]
+    # As the engine ranks: prompts part-way through ahead of a queue, some of it held back.
+    front, queued, held = waiting[:3], RequestQueue(waiting[3:]), waiting[5:n:7]
+    rest = [r for r in waiting if all(r is not h for h in held)]
+    plain, _ = both_ways(monkeypatch, lambda: policy.split(rest, now))
+    assert ids(plain) == ids(policy.split(queued.snapshot(front, held), now))
 
 
 def test_the_estimator_arrays_follow_new_lengths():

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +21,7 @@ import zmq
 from kairos.engine.sequence import Sequence
 from kairos.scheduler.defaults import MAX_INFLIGHT_TRANSFER_BYTES
 from kairos.scheduler.metrics import time_per_output_token
+from kairos.scheduler.request_queue import RequestQueue
 from kairos.transport import protocol as p
 from kairos.transport.kv import KVWriter, open_peer_cache
 from kairos.transport.security import WORKER_KEYS, warn_if_exposed
@@ -77,7 +77,10 @@ class DecodeWorker(Worker):
             kv_port = self.kv_socket.bind_to_random_port(f"tcp://{kv_host}")
         self.kv_addr = f"tcp://{kv_host}:{kv_port}"
         self.poller.register(self.kv_socket, zmq.POLLIN)
-        self.offers: deque[Incoming] = deque()  # waiting for room
+        # Offers waiting for room: their sequences, which the decode policy ranks by the numbers
+        # a RequestQueue keeps, and the offer of each.
+        self.offers = RequestQueue()
+        self.offer_of: dict[Sequence, Incoming] = {}
         self.incoming: dict[str, Incoming] = {}  # accepted, data not yet complete
         self.writing: dict[str, Incoming] = {}  # data received, being written into the blocks
         self.greeted: set[bytes] = set()
@@ -114,7 +117,8 @@ class DecodeWorker(Worker):
 
     def pending(self) -> list[Incoming]:
         """Every request this worker holds outside the engine, not yet dropped."""
-        return [*self.offers, *self.incoming.values(), *(i for i in self.writing.values() if not i.cancelled)]
+        writing = (i for i in self.writing.values() if not i.cancelled)
+        return [*self.offer_of.values(), *self.incoming.values(), *writing]
 
     # ---- from the router ----------------------------------------------------------------------
 
@@ -161,8 +165,9 @@ class DecodeWorker(Worker):
             self.drop(item)
 
     def drop(self, item: Incoming) -> None:
-        if item in self.offers:
-            self.offers.remove(item)
+        if self.offer_of.get(item.seq) is item:
+            del self.offer_of[item.seq]
+            self.offers.remove(item.seq)
         if self.incoming.pop(item.transfer_id, None) is not None:
             self.llm.free_reserved(item.seq)
         if item.transfer_id in self.writing:
@@ -247,7 +252,8 @@ class DecodeWorker(Worker):
         except ValueError as e:
             send(self.kv_socket, p.KVReject(msg.transfer_id, f"decode worker {self.worker_id}: {e}"), peer)
             return
-        self.offers.append(Incoming(msg.transfer_id, peer, seq, msg.num_blocks))
+        self.offers.append(seq)
+        self.offer_of[seq] = Incoming(msg.transfer_id, peer, seq, msg.num_blocks)
 
     def on_data(self, peer: bytes, msg: p.KVData, frames: list) -> None:
         item = self.incoming.get(msg.transfer_id)
@@ -320,13 +326,15 @@ class DecodeWorker(Worker):
     def accept_offers(self, now: float) -> None:
         if not self.offers or self.inflight_bytes >= self.max_inflight_bytes:
             return  # runs every loop: skip ordering the offers when none could go in
-        by_seq = {id(item.seq): item for item in self.offers}
-        for seq in self.llm.order_incoming([i.seq for i in self.offers], now):
-            item = by_seq[id(seq)]
+        accepted = []
+        for seq in self.llm.order_incoming(self.offers, now):
+            item = self.offer_of[seq]
             reserved = len(self.incoming) + len(self.writing)  # their KV has blocks, not yet a place in a queue
             if not self.has_room_in_flight(item) or not self.llm.reserve_prompt_kv(item.seq, reserved):
                 break  # backpressure: the prefill worker holds the blocks until there is room
-            self.offers.remove(item)
+            accepted.append(seq)
+            del self.offer_of[seq]
             item.deadline = now + self.transfer_timeout_s
             self.incoming[item.transfer_id] = item
             send(self.kv_socket, p.KVReady(item.transfer_id), item.peer)
+        self.offers.remove_all(accepted)
