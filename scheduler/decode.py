@@ -171,7 +171,8 @@ class SlackBatching:
         if batch and alpha + beta * (batch + 1) + gamma * (context + shortest) > tightest:
             return []  # no request could join, whichever heads the order: skip ranking them
         if compiled:
-            return native.slack_admission(ready, now, self.step_time(running), self.aging_tokens_per_s, self.estimator,
+            step = self.cost.decode_time(max(1, batch), context)  # step_time(running), its sums at hand
+            return native.slack_admission(ready, now, step, self.aging_tokens_per_s, self.estimator,
                                           batch, context, tightest, self.max_batch, free_blocks, self.cost.decode,
                                           self.headroom)
         ordered = self.order(ready, running, now)

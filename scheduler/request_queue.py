@@ -179,12 +179,7 @@ class RequestQueue:
         """Removes every one of `requests` in one pass over the columns (ValueError, and nothing
         removed, if one is not queued)."""
         n = len(self._items)
-        if np is None:
-            chosen = set(map(id, requests))
-            positions = [i for i, r in enumerate(self._items) if id(r) in chosen]
-        else:  # found by identity in the queue's own column of ids, not by a search in Python
-            wanted = np.fromiter(map(id, requests), dtype=np.int64, count=len(requests))
-            positions = np.flatnonzero(np.isin(self._ints[IDENTITY, :n], wanted)).tolist()
+        positions = self._positions(requests)
         if len(positions) != len(requests):
             raise ValueError("RequestQueue.remove_all: a request to remove is not queued (or is named twice)")
         for i in reversed(positions):
@@ -195,6 +190,15 @@ class RequestQueue:
             kept = np.flatnonzero(keep)
             self._floats[:, : kept.size] = self._floats.take(kept, axis=1)
             self._ints[:, : kept.size] = self._ints.take(kept, axis=1)
+
+    def _positions(self, requests) -> list[int]:
+        """Where the queued ones of `requests` stand, in queue order."""
+        if np is None:
+            chosen = set(map(id, requests))
+            return [i for i, r in enumerate(self._items) if id(r) in chosen]
+        # By identity, in the queue's own column of ids rather than by a search in Python.
+        wanted = np.fromiter(map(id, requests), dtype=np.int64, count=len(requests))
+        return np.flatnonzero(np.isin(self._ints[IDENTITY, : len(self._items)], wanted)).tolist()
 
     def _class_code(self, name) -> int:
         code = self._class_codes.get(name)
@@ -230,20 +234,22 @@ class RequestQueue:
         front = list(front)
         if not skip:
             return QueueSnapshot(front + self._items, lambda: self._columns_after(front, None))
-        skipped = set(map(id, skip))
-        keep = [id(r) not in skipped for r in self._items]
-        return QueueSnapshot(front + list(itertools.compress(self._items, keep)),
+        if np is None:
+            skipped = set(map(id, skip))
+            return QueueSnapshot(front + [r for r in self._items if id(r) not in skipped], lambda: None)
+        keep = np.ones(len(self._items), dtype=bool)
+        keep[self._positions(skip)] = False
+        return QueueSnapshot(front + list(itertools.compress(self._items, keep.tolist())),
                              lambda: self._columns_after(front, keep))
 
     def _columns_after(self, front: list, keep) -> Columns | None:
-        """The columns of `front`, then of the queued requests where `keep` (all for None)."""
+        """The columns of `front`, then of the queued requests where `keep` (a mask; all for None)."""
         queued = self.columns
         if queued is None or (not front and keep is None):
             return queued
         ahead = GatheredColumns(front)
         codes = dict(self._class_codes)  # the front's classes take codes after the queue's own
         ahead_codes = np.array([codes.setdefault(c, len(codes)) for c in ahead.class_names], dtype=np.int64)
-        keep = None if keep is None else np.array(keep, dtype=bool)
         parts = []
         for name in FLOAT_FIELDS + INT_FIELDS:
             column = getattr(queued, name) if keep is None else getattr(queued, name)[keep]
