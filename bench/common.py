@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from kairos.bench import RESULTS
+from kairos.kernels import BACKENDS
 
 
 def add_model_args(ap, model: str = "bench/models/Llama-3.1-8B") -> None:
@@ -20,6 +21,12 @@ def add_model_args(ap, model: str = "bench/models/Llama-3.1-8B") -> None:
     ap.add_argument("--load-format", default="dummy", choices=["auto", "dummy"])
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--backend", default="auto", choices=BACKENDS, help="the engine's kernels (as kairos serve)")
+
+
+def backend_suffix(args) -> str:
+    """A results file's suffix naming a kernel backend chosen on purpose ('' for auto)."""
+    return "" if args.backend == "auto" else f"_{args.backend}"
 
 
 def synchronize(device: torch.device) -> None:

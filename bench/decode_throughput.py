@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from kairos.bench.common import (
     add_model_args,
+    backend_suffix,
     copy_bandwidth,
     device_name,
     device_tag,
@@ -69,7 +70,7 @@ def main() -> None:
               max_model_len=max_len, max_num_seqs=max(batch_sizes), enable_prefix_caching=False,
               max_num_batched_tokens=max(TOKEN_BUDGET, args.prefill_tokens),
               enforce_eager=args.enforce_eager, gpu_memory_utilization=args.gpu_memory_utilization,
-              overlap=args.overlap)
+              overlap=args.overlap, backend=args.backend)
     runner = llm.runner
     device = runner.device
     weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
@@ -141,7 +142,7 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         result["transformers"] = time_peers(model, dtype, device, peers, args, rows)
-    path = write_result(f"decode_throughput_{name}_{device_tag(device)}", result)
+    path = write_result(f"decode_throughput_{name}_{device_tag(device)}{backend_suffix(args)}", result)
     print(f"wrote {path}")
 
 

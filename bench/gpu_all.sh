@@ -12,8 +12,14 @@
 #   serve_loop  the serving loop's share of a decode step under kairos serve (1P1D on the GPU)
 #   handoff     the prefill worker's KV handoff on the GPU: offers as the step starts, answers
 #               served while it runs (CUDA events), every early end cancelling its offer
+#   flashinfer  where FlashInfer imports: the flashinfer backend's tests, and its decode steps at
+#               batch 1, 32, 128 (FlashInfer compiles its kernels on first use: minutes). Offline,
+#               flashinfer-python 0.5.3 installs from two wheels of about 10 MB: its own (CUDA
+#               sources, built with nvcc on first use) and apache-tvm-ffi; it imports with those
+#               where einops, ninja, nvidia-ml-py and tabulate are installed
 #
-#   bench/gpu_all.sh [LOGDIR]        # from the checkout's root, kairos installed
+#   bench/gpu_all.sh [LOGDIR]                   # from the checkout's root, kairos installed
+#   PARTS="kernels flashinfer" bench/gpu_all.sh # only the parts named
 #
 # Each part runs under its own time limit, and a part that fails leaves the rest to run. The
 # logs go to LOGDIR (default bench/results/gpu_logs), the JSON to bench/results/. `python -P`
@@ -30,6 +36,7 @@ MODEL=bench/models/Llama-3.1-8B
 part() {  # part NAME SECONDS COMMAND...: runs it, logs it, keeps going whatever it returns
     local name=$1 limit=$2
     shift 2
+    [[ " ${PARTS:-$name} " == *" $name "* ]] || return 0
     echo "=== $name (limit ${limit}s): $*"
     local start=$SECONDS
     timeout "$limit" "$@" >"$LOGDIR/$name.log" 2>&1
@@ -50,3 +57,8 @@ part throughput 240 $PY -m kairos.bench.throughput --model $MODEL --requests 256
 part serve_loop 120 $PY -m kairos.bench.serve_loop --model $MODEL --load-format dummy --gpu-memory-utilization 0.42 \
     --requests 200
 part handoff 90 $PY -m pytest -q -x -p no:cacheprovider tests/test_handoff.py
+if $PY -c "import flashinfer" 2>/dev/null; then
+    part flashinfer 300 bash -c "$PY -m pytest -q -x -p no:cacheprovider tests/test_flashinfer.py && \
+        $PY -m kairos.bench.decode_throughput --model $MODEL --backend flashinfer --batch-sizes 1,32,128 \
+        --context 1024 --gpu-memory-utilization 0.5"
+fi

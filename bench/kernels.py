@@ -17,6 +17,7 @@ from triton.testing import do_bench
 
 from kairos.bench.common import write_result
 from kairos.kernels import attention, small_ops
+from kairos.kernels.flashinfer_attention import FlashInferAttention
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
 DTYPE = torch.bfloat16
@@ -47,22 +48,27 @@ def paged_kv(batch: int, length: int):
     return k_cache, v_cache, tables
 
 
-def flashinfer_decode(q, k_cache, v_cache, tables, length):
-    """A callable running FlashInfer's paged decode on the same inputs, or None."""
+def flashinfer_peer():
+    """The FlashInfer backend's attention (kairos.kernels.flashinfer_attention), or None where
+    FlashInfer is not installed. Timed calls reuse their plan, as a forward pass's layers do."""
     try:
-        import flashinfer
-    except ImportError:
+        return FlashInferAttention()
+    except ValueError:
         return None
-    batch, pages = tables.shape
-    workspace = torch.empty(128 << 20, dtype=torch.uint8, device=DEV)
-    wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD")
-    indptr = torch.arange(0, batch * pages + 1, pages, dtype=torch.int32, device=DEV)
-    last = torch.full((batch,), length - (pages - 1) * PAGE, dtype=torch.int32, device=DEV)
-    wrapper.plan(indptr, tables.flatten(), last, HQ, HKV, D, PAGE, data_type=DTYPE)
-    return lambda: wrapper.run(q, (k_cache, v_cache))
 
 
-def bench_decode(ceil: dict) -> list[dict]:
+def time_peer(row: dict, ours_ms: float, call) -> str:
+    """Times FlashInfer's call into row beside ours; the part of the printed line it adds."""
+    try:
+        row["flashinfer_ms"] = ms(call)
+    except Exception as e:  # a FlashInfer whose API differs or fails to build: record why, keep going
+        row["flashinfer_error"] = repr(e)
+        return ", FlashInfer failed"
+    row["speedup_vs_flashinfer"] = row["flashinfer_ms"] / ours_ms
+    return f", {row['speedup_vs_flashinfer']:.2f}x FlashInfer"
+
+
+def bench_decode(ceil: dict, flashinfer: FlashInferAttention | None) -> list[dict]:
     rows = []
     for batch, length in [(64, 4096), (1, 32768), (2, 32768), (4, 32768), (8, 32768)]:
         k_cache, v_cache, tables = paged_kv(batch, length)
@@ -80,22 +86,15 @@ def bench_decode(ceil: dict) -> list[dict]:
             row["ms_by_splits"] = {n: ms(lambda n=n: attention.decode_attention(q, k_cache, v_cache, tables, lens,
                                                                                   D**-0.5, num_splits=n))
                                    for n in sorted({max(1, chosen // 2), 2 * chosen, 4 * chosen, 8 * chosen})}
-        peer = None
-        try:
-            peer = flashinfer_decode(q, k_cache, v_cache, tables, length)
-        except Exception as e:  # a FlashInfer whose API differs: record why, keep going
-            row["flashinfer_error"] = repr(e)
-        if peer is not None:
-            row["flashinfer_ms"] = ms(peer)
-            row["speedup_vs_flashinfer"] = row["flashinfer_ms"] / t
+        peer = "" if flashinfer is None else time_peer(row, t, lambda: flashinfer.decode_attention(
+            q, k_cache, v_cache, tables, lens, D**-0.5))
         rows.append(row)
         print(f"decode B={batch:3d} L={length:6d}: {t:8.3f} ms {gbps:7.0f} GB/s "
-              f"({row['fraction_of_copy_bw']:.0%} of copy)"
-              + (f", {row['speedup_vs_flashinfer']:.2f}x FlashInfer" if peer else ""))
+              f"({row['fraction_of_copy_bw']:.0%} of copy){peer}")
     return rows
 
 
-def bench_prefill(ceil: dict) -> list[dict]:
+def bench_prefill(ceil: dict, flashinfer: FlashInferAttention | None) -> list[dict]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     rows = []
@@ -112,10 +111,13 @@ def bench_prefill(ceil: dict) -> list[dict]:
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             t_sdpa = ms(lambda: torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True))
         tflops = 2 * seq * seq * HQ * D / (t * 1e-3) / 1e12  # causal: half of 4*S^2*H*D
-        rows.append({"seq": seq, "ms": t, "TFLOPs": tflops, "fraction_of_matmul": tflops / ceil["matmul_bf16_TFLOPs"],
-                     "sdpa_flash_ms": t_sdpa, "speedup_vs_sdpa_flash": t_sdpa / t})
+        row = {"seq": seq, "ms": t, "TFLOPs": tflops, "fraction_of_matmul": tflops / ceil["matmul_bf16_TFLOPs"],
+               "sdpa_flash_ms": t_sdpa, "speedup_vs_sdpa_flash": t_sdpa / t}
+        peer = "" if flashinfer is None else time_peer(row, t, lambda: flashinfer.prefill_attention(
+            q, k, v, empty, empty, cu, cu, None, D**-0.5, seq))
+        rows.append(row)
         print(f"prefill S={seq}: {t:8.3f} ms {tflops:6.0f} TFLOP/s ({tflops / ceil['matmul_bf16_TFLOPs']:.0%} of "
-              f"matmul), {t_sdpa / t:.2f}x SDPA flash")
+              f"matmul), {t_sdpa / t:.2f}x SDPA flash{peer}")
     return rows
 
 
@@ -158,8 +160,12 @@ def main() -> None:
     ceil = ceilings()
     name = torch.cuda.get_device_name()
     print(f"{name}: copy {ceil['copy_GBps']:.0f} GB/s, bf16 matmul {ceil['matmul_bf16_TFLOPs']:.0f} TFLOP/s")
-    result = {"device": name, "triton": triton.__version__, "ceilings": ceil, "decode": bench_decode(ceil),
-              "prefill": bench_prefill(ceil), "small_ops": bench_small_ops(ceil)}
+    flashinfer = flashinfer_peer()
+    print("FlashInfer: " + (flashinfer.flashinfer.__version__ if flashinfer else "not installed"))
+    result = {"device": name, "triton": triton.__version__,
+              "flashinfer": flashinfer.flashinfer.__version__ if flashinfer else None, "ceilings": ceil,
+              "decode": bench_decode(ceil, flashinfer), "prefill": bench_prefill(ceil, flashinfer),
+              "small_ops": bench_small_ops(ceil)}
     print(f"wrote {write_result('kernels_' + name.replace(' ', '_'), result)}")
 
 

@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from kairos.bench import DEFAULT_TRACE
-from kairos.bench.common import add_model_args, device_name, device_tag, synchronize, write_result
+from kairos.bench.common import add_model_args, backend_suffix, device_name, device_tag, synchronize, write_result
 from kairos.scheduler.metrics import percentiles, time_per_output_token
 from kairos.scheduler.traces import load_azure
 
@@ -56,7 +56,8 @@ def kairos_engine(args, requests, max_batch: int):
 
     max_len = max(len(p) + n for p, n in requests) + 1
     llm = LLM(args.model, load_format=args.load_format, dtype=args.dtype, device=args.device, max_model_len=max_len,
-              max_num_seqs=max_batch, enable_prefix_caching=False, gpu_memory_utilization=args.gpu_memory_utilization)
+              max_num_seqs=max_batch, enable_prefix_caching=False, gpu_memory_utilization=args.gpu_memory_utilization,
+              backend=args.backend)
     llm.warm_up()
     return llm
 
@@ -215,7 +216,7 @@ def main() -> None:
         if best_peer:
             ratio = best_ours["output_tokens_per_s"] / best_peer["output_tokens_per_s"]
             print(f"Kairos' best is {ratio:.2f}x the output tokens/s of transformers' best ({best_peer['engine']})")
-    name = f"throughput_{Path(args.model).name}_{device_tag(device)}"
+    name = f"throughput_{Path(args.model).name}_{device_tag(device)}{backend_suffix(args)}"
     result = {"device": device_name(device), "model": Path(args.model).name, "trace": Path(args.trace).name,
               "requests": len(requests), "prompt_tokens": sum(len(p) for p, _ in requests),
               "results": rows}

@@ -171,7 +171,8 @@ class EngineConfig:
     device: str = setting("auto", "cpu, cuda or auto")
     load_format: str = setting("auto", "dummy: random weights from config.json alone, for benchmarking shapes",
                                choices=("auto", "dummy"))
-    backend: str = setting("auto", "kernels: auto is triton on CUDA, torch (the PyTorch reference) elsewhere",
+    backend: str = setting("auto", "kernels: auto is triton on CUDA, torch (the PyTorch reference) elsewhere; "
+                           "flashinfer is FlashInfer's attention, on CUDA where it is installed",
                            choices=BACKENDS)
     enforce_eager: bool = setting(False, "decode without CUDA graphs (by default captured at start-up on CUDA)")
     overlap: str = setting("auto", "schedule and prepare each decode step while the device runs the last one "

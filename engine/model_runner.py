@@ -39,10 +39,10 @@ class ModelRunner:
 
     def _capture_decode_graphs(self) -> DecodeGraphs | None:
         """Decode replays CUDA graphs unless told not to (--enforce-eager), off CUDA, on a
-        prefill worker (which decodes nothing), or with the torch backend (whose reference
-        kernels size tensors by their data, which a graph cannot)."""
+        prefill worker (which decodes nothing), or with a backend whose steps cannot be
+        captured (see `kairos.kernels`)."""
         cfg = self.config
-        if self.device.type != "cuda" or cfg.enforce_eager or cfg.role == "prefill" or self.backend.name == "torch":
+        if self.device.type != "cuda" or cfg.enforce_eager or cfg.role == "prefill" or not self.backend.capturable:
             return None
         graphs = DecodeGraphs(self.model, self.decode_inputs)
         graphs.capture()

@@ -3,7 +3,12 @@
 A backend is a namespace of functions with the signatures of `kairos.kernels.reference`:
 - `torch`: that reference; runs on any device.
 - `triton`: the Triton kernels (`small_ops`, `attention`); on CPU only under TRITON_INTERPRET=1.
+- `flashinfer`: FlashInfer's paged attention (`flashinfer_attention`) and the Triton small
+  ops; CUDA only, where FlashInfer is installed.
 - `auto`: triton on CUDA when Triton is installed, torch otherwise.
+
+`capturable` says whether a decode step through the backend may be captured in a CUDA graph:
+not with the reference (it sizes tensors by their data) nor FlashInfer (it plans on the host).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ OPS = (
     "decode_attention",
 )
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "flashinfer")
 
 
 def resolve_backend_name(name: str, device_type: str) -> str:
@@ -40,6 +45,8 @@ def get_backend(name: str = "torch", device_type: str = "cpu") -> SimpleNamespac
         from kairos.kernels import reference
 
         impls = [reference]
+    elif name == "flashinfer" and device_type != "cuda":
+        raise ValueError("the flashinfer backend runs on CUDA")
     elif device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("the triton backend runs on CUDA; on CPU only in Triton's interpreter, "
                          "with TRITON_INTERPRET=1 set (slow: for testing)")
@@ -47,7 +54,11 @@ def get_backend(name: str = "torch", device_type: str = "cpu") -> SimpleNamespac
         try:
             from kairos.kernels import attention, small_ops
         except ImportError as e:
-            raise ValueError(f"the triton backend needs Triton installed: {e}") from e
+            raise ValueError(f"the {name} backend needs Triton installed: {e}") from e
         impls = [small_ops, attention]
+        if name == "flashinfer":
+            from kairos.kernels.flashinfer_attention import FlashInferAttention
+
+            impls.insert(0, FlashInferAttention())
     ops = {op: getattr(next(m for m in impls if hasattr(m, op)), op) for op in OPS}
-    return SimpleNamespace(name=name, **ops)
+    return SimpleNamespace(name=name, capturable=name == "triton", **ops)

@@ -1,6 +1,8 @@
-"""Shared pieces of the kernel tests: device, dtypes, NaN-poisoned outputs and comparison."""
+"""Shared pieces of the kernel tests: device, dtypes, paged inputs, NaN-poisoned outputs and comparison."""
 
 import torch
+
+from kairos.kernels import reference as ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # bf16 only on the GPU: Triton's interpreter computes bf16 dots wrongly.
@@ -22,3 +24,31 @@ def close(actual, expected, dtype, fp32_tol: float = 1e-5) -> None:
     tol = {torch.float32: fp32_tol, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
     assert not actual.isnan().any()
     torch.testing.assert_close(actual.float(), expected.float(), rtol=tol, atol=tol)
+
+
+def paged_pool(lengths, kv_heads, head_dim, page, dtype):
+    """A KV pool with random contents and each sequence in randomly scattered blocks."""
+    blocks = [-(-n // page) for n in lengths]
+    num_blocks = sum(blocks) + 3
+    k_cache = torch.randn(num_blocks, page, kv_heads, head_dim, device=DEVICE, dtype=dtype)
+    v_cache = torch.randn_like(k_cache)
+    order = torch.randperm(num_blocks).tolist()
+    width = max(blocks)
+    tables = [[order.pop() for _ in range(n)] + [-1] * (width - n) for n in blocks]
+    return k_cache, v_cache, torch.tensor(tables, dtype=torch.int32, device=DEVICE)
+
+
+def pack_prefill(q_lens, prefixes, kv_heads, group, head_dim, page, dtype):
+    """Random q/k/v for the new tokens, stored into a paged pool that already holds prefixes."""
+    k_lens = [a + b for a, b in zip(q_lens, prefixes)]
+    k_cache, v_cache, tables = paged_pool(k_lens, kv_heads, head_dim, page, dtype)
+    total = sum(q_lens)
+    q = torch.randn(total, kv_heads * group, head_dim, device=DEVICE, dtype=dtype)
+    k = torch.randn(total, kv_heads, head_dim, device=DEVICE, dtype=dtype)
+    v = torch.randn_like(k)
+    slots = [tables[s, pos // page].item() * page + pos % page
+             for s, (ql, p) in enumerate(zip(q_lens, prefixes)) for pos in range(p, p + ql)]
+    ref.store_kv(k, v, k_cache, v_cache, torch.tensor(slots, device=DEVICE))
+    cu_q = torch.tensor([0] + q_lens, device=DEVICE).cumsum(0).to(torch.int32)
+    cu_k = torch.tensor([0] + k_lens, device=DEVICE).cumsum(0).to(torch.int32)
+    return q, k, v, k_cache, v_cache, cu_q, cu_k, tables

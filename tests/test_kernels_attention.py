@@ -6,7 +6,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from kernel_testing import DEVICE, DTYPES, close, poison_outputs  # noqa: E402
+from kernel_testing import DEVICE, DTYPES, close, pack_prefill, paged_pool, poison_outputs  # noqa: E402
 
 from kairos.kernels import attention  # noqa: E402
 from kairos.kernels import reference as ref  # noqa: E402
@@ -15,18 +15,6 @@ from kairos.kernels import reference as ref  # noqa: E402
 @pytest.fixture(autouse=True)
 def nan_outputs(monkeypatch):
     poison_outputs(monkeypatch, attention)
-
-
-def paged_pool(lengths, kv_heads, head_dim, page, dtype):
-    """A KV pool with random contents and each sequence in randomly scattered blocks."""
-    blocks = [-(-n // page) for n in lengths]
-    num_blocks = sum(blocks) + 3
-    k_cache = torch.randn(num_blocks, page, kv_heads, head_dim, device=DEVICE, dtype=dtype)
-    v_cache = torch.randn_like(k_cache)
-    order = torch.randperm(num_blocks).tolist()
-    width = max(blocks)
-    tables = [[order.pop() for _ in range(n)] + [-1] * (width - n) for n in blocks]
-    return k_cache, v_cache, torch.tensor(tables, dtype=torch.int32, device=DEVICE)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -50,22 +38,6 @@ def test_decode_splits_follow_shapes_only():
     splits = attention.decode_num_splits(1, 8, 32768, h100_sms)  # a long context must fill the SMs
     assert 8 * splits >= 4 * h100_sms and 32768 / splits >= attention.MIN_TOKENS_PER_SPLIT
     assert attention.decode_num_splits(1, 1, 100, h100_sms) == 1  # never below the minimum split
-
-
-def pack_prefill(q_lens, prefixes, kv_heads, group, head_dim, page, dtype):
-    """Random q/k/v for the new tokens, stored into a paged pool that already holds prefixes."""
-    k_lens = [a + b for a, b in zip(q_lens, prefixes)]
-    k_cache, v_cache, tables = paged_pool(k_lens, kv_heads, head_dim, page, dtype)
-    total = sum(q_lens)
-    q = torch.randn(total, kv_heads * group, head_dim, device=DEVICE, dtype=dtype)
-    k = torch.randn(total, kv_heads, head_dim, device=DEVICE, dtype=dtype)
-    v = torch.randn_like(k)
-    slots = [tables[s, pos // page].item() * page + pos % page
-             for s, (ql, p) in enumerate(zip(q_lens, prefixes)) for pos in range(p, p + ql)]
-    ref.store_kv(k, v, k_cache, v_cache, torch.tensor(slots, device=DEVICE))
-    cu_q = torch.tensor([0] + q_lens, device=DEVICE).cumsum(0).to(torch.int32)
-    cu_k = torch.tensor([0] + k_lens, device=DEVICE).cumsum(0).to(torch.int32)
-    return q, k, v, k_cache, v_cache, cu_q, cu_k, tables
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
