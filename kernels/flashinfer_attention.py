@@ -81,23 +81,20 @@ class FlashInferAttention:
                 self.wrappers[key] = fi.BatchPrefillWithRaggedKVCacheWrapper(self.workspace, "NHD")
         return self.wrappers[key]
 
-    def _planned(self, key: tuple, device: torch.device, tensors: tuple, params: tuple, plan) -> object:
-        """The wrapper for key, planned for these metadata (by calling plan(wrapper) unless it already is)."""
-        wrapper = self._wrapper(key, device)
+    def _planned(self, key: tuple, q: torch.Tensor, tensors: tuple, params: tuple, plan) -> object:
+        """The wrapper for key, planned for these metadata (by calling plan(wrapper) unless it
+        already is). The checks run only when planning, not at every layer."""
+        wrapper = self._wrapper(key, q.device)
         last = self.plans.get(key)
         if last is None or not last.matches(tensors, params):
+            if q.dtype not in (torch.float16, torch.bfloat16):
+                raise ValueError(f"FlashInfer attention runs in float16 or bfloat16, not {q.dtype}: "
+                                 "pass --dtype bfloat16 (or float16), or another --backend")
             plan(wrapper)
             self.plans[key] = _Plan(tensors, params)
         return wrapper
 
-    @staticmethod
-    def _check_dtype(q: torch.Tensor) -> None:
-        if q.dtype not in (torch.float16, torch.bfloat16):
-            raise ValueError(f"FlashInfer attention runs in float16 or bfloat16, not {q.dtype}: "
-                             "pass --dtype bfloat16 (or float16), or another --backend")
-
     def decode_attention(self, q, k_cache, v_cache, block_tables, context_lens, scale):
-        self._check_dtype(q)
         num_heads, head_dim = q.shape[1], q.shape[2]
         page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
         params = (num_heads, num_kv_heads, head_dim, page_size, q.dtype, k_cache.dtype, scale)
@@ -108,12 +105,11 @@ class FlashInferAttention:
                          q_data_type=q.dtype, kv_data_type=k_cache.dtype, sm_scale=scale)
 
         key = ("decode", num_heads // num_kv_heads >= 4)
-        wrapper = self._planned(key, q.device, (block_tables, context_lens), params, plan)
+        wrapper = self._planned(key, q, (block_tables, context_lens), params, plan)
         return wrapper.run(q.contiguous(), (k_cache, v_cache))
 
     def prefill_attention(self, q, k, v, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, block_tables, scale,
                           max_seqlen_q):
-        self._check_dtype(q)
         num_heads, num_kv_heads, head_dim = q.shape[1], k.shape[1], q.shape[2]
         page_size = k_cache.shape[1]
         params = (num_heads, num_kv_heads, head_dim, page_size, q.dtype, k.dtype, scale)
@@ -123,7 +119,7 @@ class FlashInferAttention:
                 wrapper.plan(cu_seqlens_q, cu_seqlens_k, num_heads, num_kv_heads, head_dim, causal=True,
                              sm_scale=scale, q_data_type=q.dtype, kv_data_type=k.dtype)
 
-            wrapper = self._planned(("ragged",), q.device, (cu_seqlens_q, cu_seqlens_k), params, plan)
+            wrapper = self._planned(("ragged",), q, (cu_seqlens_q, cu_seqlens_k), params, plan)
             return wrapper.run(q.contiguous(), k.contiguous(), v.contiguous())
 
         # A cached prefix: the whole context, new tokens included (stored already), from the pages.
@@ -133,5 +129,5 @@ class FlashInferAttention:
             wrapper.plan(cu_seqlens_q, indptr, indices, last, num_heads, num_kv_heads, head_dim, page_size,
                          causal=True, sm_scale=scale, q_data_type=q.dtype, kv_data_type=k_cache.dtype)
 
-        wrapper = self._planned(("paged",), q.device, (cu_seqlens_q, cu_seqlens_k, block_tables), params, plan)
+        wrapper = self._planned(("paged",), q, (cu_seqlens_q, cu_seqlens_k, block_tables), params, plan)
         return wrapper.run(q.contiguous(), (k_cache, v_cache))
