@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Every GPU target of the decode-speed work, measured in one run on one H100/H200 (about 9
+# Every GPU target of the decode-speed work, measured in one run on one H100/H200 (about 10
 # minutes), on the Llama-3.1-8B shape with dummy weights:
 #   tests       CUDA graphs against eager decode, overlapped steps against serial ones; the
 #               decode kernel in bf16
 #   decode      decode step at batch 1, 32, 128 against the memory floor, overlapped and one at a
 #               time; an 8k-token prefill step against the matmul ceiling; transformers generate
 #               (static cache) at batch 1
-#   kernels     decode and prefill attention against copy bandwidth, SDPA flash and FlashInfer
+#   kernels     decode and prefill attention against copy bandwidth, SDPA flash and FlashInfer;
+#               decode at the decode batches and at long contexts with other split counts and
+#               tiles; each kernel's registers and programs per SM under this machine's Triton
 #   profile     the step-time profile on the fast loop (bench/profiles/Llama-3.1-8B_<gpu>.json)
 #   throughput  trace-shaped offline throughput against transformers in the same run
 #   serve_loop  the serving loop's share of a decode step under kairos serve (1P1D on the GPU)
@@ -49,7 +51,7 @@ part tests 150 $PY -m pytest -q -x -p no:cacheprovider tests/test_step_inputs.py
     tests/test_overlap.py -k "cuda_graph or larger_than or (decode and dtype2) or on_cuda"
 part decode 220 $PY -m kairos.bench.decode_throughput --model $MODEL --batch-sizes 1,32,128 --context 1024 \
     --prefill-tokens 8192 --gpu-memory-utilization 0.5 --serial-too --hf-peers static --hf-batch-sizes 1
-part kernels 90 $PY -m kairos.bench.kernels
+part kernels 150 bash -c "$PY -m kairos.bench.kernels && $PY -m kairos.bench.kernel_resources"
 part profile 120 $PY -m kairos.cli profile --model $MODEL --load-format dummy --max-model-len 4096 \
     --out "bench/profiles/Llama-3.1-8B_${GPU}.json"
 part throughput 240 $PY -m kairos.bench.throughput --model $MODEL --requests 256 --batch-sizes 64,256 \

@@ -68,29 +68,40 @@ def time_peer(row: dict, ours_ms: float, call) -> str:
     return f", {row['speedup_vs_flashinfer']:.2f}x FlashInfer"
 
 
+# (block_n, num_warps, num_stages) tried beside the default launch: tiles of 32 to 128 keys, one
+# or two warpgroups, a deeper pipeline. bench/kernel_resources.py gives each one's registers
+# and programs per SM.
+DECODE_TILES = [(32, 4, 2), (64, 4, 2), (64, 8, 2), (64, 4, 3), (128, 4, 2), (128, 8, 3)]
+
+
 def bench_decode(ceil: dict, flashinfer: FlashInferAttention | None) -> list[dict]:
+    """Decode attention at the decode benchmark's batches (1k context) and at long contexts,
+    each with its split count halved and doubled, and under other tiles."""
     rows = []
-    for batch, length in [(64, 4096), (1, 32768), (2, 32768), (4, 32768), (8, 32768)]:
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for batch, length in [(32, 1024), (128, 1024), (64, 4096), (1, 32768), (2, 32768), (4, 32768), (8, 32768)]:
         k_cache, v_cache, tables = paged_kv(batch, length)
         q = torch.randn(batch, HQ, D, dtype=DTYPE, device=DEV)
         lens = torch.full((batch,), length, dtype=torch.int32, device=DEV)
-        t = ms(lambda: attention.decode_attention(q, k_cache, v_cache, tables, lens, D**-0.5))
+
+        def run(**launch):
+            return ms(lambda: attention.decode_attention(q, k_cache, v_cache, tables, lens, D**-0.5, **launch))
+
+        t = run()
         gbps = 2 * batch * length * HKV * D * 2 / (t * 1e-3) / 1e9
+        chosen = attention.decode_num_splits(batch, HKV, tables.shape[1] * PAGE, sms)
         row = {"batch": batch, "context": length, "ms": t, "GBps": gbps,
-               "fraction_of_copy_bw": gbps / ceil["copy_GBps"]}
-        if batch <= 2:
-            # How the split count (chosen from shapes) compares with more and fewer splits.
-            chosen = attention.decode_num_splits(batch, HKV, tables.shape[1] * PAGE, torch.cuda.get_device_properties(
-                0).multi_processor_count)
-            row["splits"] = chosen
-            row["ms_by_splits"] = {n: ms(lambda n=n: attention.decode_attention(q, k_cache, v_cache, tables, lens,
-                                                                                  D**-0.5, num_splits=n))
-                                   for n in sorted({max(1, chosen // 2), 2 * chosen, 4 * chosen, 8 * chosen})}
+               "fraction_of_copy_bw": gbps / ceil["copy_GBps"], "splits": chosen,
+               "ms_by_splits": {n: run(num_splits=n) for n in sorted({max(1, chosen // 2), 2 * chosen})},
+               "ms_by_tiles": {f"block_n={n} warps={w} stages={st}": run(block_n=n, num_warps=w, num_stages=st)
+                               for n, w, st in DECODE_TILES}}
+        best_tile, best_ms = min(row["ms_by_tiles"].items(), key=lambda item: item[1])
         peer = "" if flashinfer is None else time_peer(row, t, lambda: flashinfer.decode_attention(
             q, k_cache, v_cache, tables, lens, D**-0.5))
         rows.append(row)
         print(f"decode B={batch:3d} L={length:6d}: {t:8.3f} ms {gbps:7.0f} GB/s "
-              f"({row['fraction_of_copy_bw']:.0%} of copy){peer}")
+              f"({row['fraction_of_copy_bw']:.0%} of copy), {chosen} splits; best tile {best_tile}: "
+              f"{t / best_ms:.2f}x{peer}")
     return rows
 
 

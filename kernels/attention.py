@@ -11,6 +11,7 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634
 MIN_TOKENS_PER_SPLIT = 256
+MERGE_SPLITS = 32  # splits the merge combines per iteration
 
 
 def alloc(shape, dtype, device) -> torch.Tensor:
@@ -26,6 +27,12 @@ def _dot_precision(dtype: torch.dtype) -> str:
 @functools.cache
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _gpu_launch(t: torch.Tensor) -> bool:
+    """Whether kernels on t launch on a GPU, with its tiles and SM count, rather than in the
+    interpreter (bench/kernel_resources.py compiles a GPU's launches from CPU tensors)."""
+    return t.is_cuda
 
 
 # Triton compiles a kernel anew for each new specialization of an integer argument (equal to 1,
@@ -98,19 +105,32 @@ def _decode_kernel(q_ptr, k_cache, v_cache, block_tables, context_lens, out_ptr,
 @triton.jit(do_not_specialize=["num_splits"])
 def _merge_kernel(part_out, part_lse, out_ptr, stride_ob, stride_oh, num_splits,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Combines the splits of one (sequence, head) by their log-sum-exp weights."""
+    """Combines the splits of one (sequence, head) by their log-sum-exp weights, BLOCK_S splits
+    at a time: registers stay bounded and one compiled merge serves every split count."""
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     num_heads = tl.num_programs(1)
-    splits = tl.arange(0, BLOCK_S)
     d = tl.arange(0, BLOCK_D)
     base = (b * num_heads + h) * num_splits
-    lse = tl.load(part_lse + base + splits, mask=splits < num_splits, other=float("-inf"))
-    weights = tl.exp2(lse - tl.max(lse, axis=0))
-    parts = tl.load(part_out + (base + splits)[:, None] * HEAD_DIM + d[None, :],
-                    mask=(splits[:, None] < num_splits) & (d[None, :] < HEAD_DIM), other=0.0)
-    out = tl.sum(parts * weights[:, None], axis=0) / tl.sum(weights, axis=0)
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+    # Split 0 always holds keys (every context has at least one), so the maximum is finite and
+    # the splits that saw none weigh exp2(-inf) = 0.
+    lse_max = float("-inf")
+    for s0 in range(0, num_splits, BLOCK_S):
+        splits = s0 + tl.arange(0, BLOCK_S)
+        lse = tl.load(part_lse + base + splits, mask=splits < num_splits, other=float("-inf"))
+        lse_max = tl.maximum(lse_max, tl.max(lse, axis=0))
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    total = 0.0
+    for s0 in range(0, num_splits, BLOCK_S):
+        splits = s0 + tl.arange(0, BLOCK_S)
+        in_range = splits < num_splits
+        weights = tl.exp2(tl.load(part_lse + base + splits, mask=in_range, other=float("-inf")) - lse_max)
+        parts = tl.load(part_out + (base + splits)[:, None] * HEAD_DIM + d[None, :],
+                        mask=in_range[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
+        acc += tl.sum(parts * weights[:, None], axis=0)
+        total += tl.sum(weights, axis=0)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + d, (acc / total).to(out_ptr.dtype.element_ty),
+             mask=d < HEAD_DIM)
 
 
 def decode_num_splits(batch: int, num_kv_heads: int, max_tokens: int, num_sms: int) -> int:
@@ -124,19 +144,19 @@ def decode_num_splits(batch: int, num_kv_heads: int, max_tokens: int, num_sms: i
     return max(1, min(wanted, triton.cdiv(max_tokens, MIN_TOKENS_PER_SPLIT)))
 
 
-def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits: int | None = None):
+def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits: int | None = None,
+                     block_n: int | None = None, num_warps: int = 4, num_stages: int = 2):
+    """The reference's signature; the keywords after it fix the launch (bench/kernels.py sweeps
+    them) rather than derive it from the shapes."""
     batch, num_heads, head_dim = q.shape
     _, page, num_kv_heads, _ = k_cache.shape
     assert k_cache.stride(-1) == 1 and k_cache.stride() == v_cache.stride() and q.stride(-1) == 1
     group = num_heads // num_kv_heads
-    block_n = 64 if page <= 64 else page
-    max_tokens = block_tables.shape[1] * page
-    sms = _num_sms(q.device.index or 0) if q.is_cuda else 4
+    if block_n is None:
+        block_n = 64 if page <= 64 else page
     if num_splits is None:
-        num_splits = decode_num_splits(batch, num_kv_heads, max_tokens, sms)
-    # The merge's tile holds the most splits any batch on this cache can have, not this batch's,
-    # so that one compiled merge serves every batch.
-    most_splits = max(num_splits, decode_num_splits(1, num_kv_heads, k_cache.shape[0] * page, sms))
+        sms = _num_sms(q.device.index or 0) if _gpu_launch(q) else 4
+        num_splits = decode_num_splits(batch, num_kv_heads, block_tables.shape[1] * page, sms)
     out = alloc(q.shape, q.dtype, q.device)
     direct = num_splits == 1
     if direct:
@@ -151,11 +171,10 @@ def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, num
         out.stride(0), out.stride(1), num_splits, scale * LOG2E,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d,
         BLOCK_N=block_n, PAGE=page, DIRECT=direct, PRECISION=_dot_precision(q.dtype),
-        num_warps=4, num_stages=2)
+        num_warps=num_warps, num_stages=num_stages)
     if not direct:
         _merge_kernel[(batch, num_heads)](part_out, part_lse, out, out.stride(0), out.stride(1), num_splits,
-                                          HEAD_DIM=head_dim, BLOCK_D=block_d,
-                                          BLOCK_S=triton.next_power_of_2(most_splits))
+                                          HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=MERGE_SPLITS)
     return out
 
 
@@ -253,7 +272,7 @@ def prefill_attention(q, k, v, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, blo
     paged = block_tables is not None
     if paged:
         assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
-    block_m, block_n = (64, 64) if q.is_cuda else (16, 16)
+    block_m, block_n = (64, 64) if _gpu_launch(q) else (16, 16)
     out = alloc(q.shape, q.dtype, q.device)
     grid = (cu_seqlens_q.shape[0] - 1, num_heads, triton.cdiv(max_seqlen_q, block_m))
     _prefill_kernel[grid](

@@ -32,6 +32,18 @@ def test_decode_attention(dtype, group, head_dim, page, num_splits):
     close(out, ref.decode_attention(q, k_cache, v_cache, tables, ctx, scale), dtype, fp32_tol=1e-4)
 
 
+@pytest.mark.parametrize("num_splits", [attention.MERGE_SPLITS - 1, attention.MERGE_SPLITS + 1, 70])
+def test_decode_attention_merges_splits_in_chunks(num_splits):
+    """More splits than the merge takes at once: the longest contexts have keys in every chunk
+    of splits, the short ones only in the first (the rest saw none and must weigh nothing)."""
+    lengths = [1, 50, 64 * num_splits - 5, 64 * num_splits + 7]
+    k_cache, v_cache, tables = paged_pool(lengths, 2, 32, 16, torch.float16)
+    q = torch.randn(len(lengths), 8, 32, device=DEVICE, dtype=torch.float16)
+    ctx = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    out = attention.decode_attention(q, k_cache, v_cache, tables, ctx, 32**-0.5, num_splits=num_splits)
+    close(out, ref.decode_attention(q, k_cache, v_cache, tables, ctx, 32**-0.5), torch.float16)
+
+
 def test_decode_splits_follow_shapes_only():
     h100_sms = 132
     assert attention.decode_num_splits(64, 8, 4096, h100_sms) == 1  # 512 programs already
