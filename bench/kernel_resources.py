@@ -138,9 +138,9 @@ def launch_llama_step_kernels(case: dict) -> None:
         "rms_norm": lambda: small_ops.rms_norm(x, weight, 1e-5),
         "add_rms_norm": lambda: small_ops.add_rms_norm(x, torch.empty_like(x), weight, 1e-5),
         "silu_and_mul": lambda: small_ops.silu_and_mul(torch.empty(tokens, 2 * INTERMEDIATE, dtype=bf16)),
-        "rotary_embedding": lambda: small_ops.rotary_embedding(torch.zeros(tokens, dtype=torch.int64), q, k,
-                                                               torch.empty(tokens, D)),
-        "store_kv": lambda: small_ops.store_kv(k, v, k_cache, v_cache, torch.zeros(tokens, dtype=torch.int64)),
+        "rope_and_store_kv": lambda: small_ops.rope_and_store_kv(
+            torch.zeros(tokens, dtype=torch.int64), q, k, v, torch.empty(tokens, D), k_cache, v_cache,
+            torch.zeros(tokens, dtype=torch.int64)),
     }
     for name, launch in small.items():
         case["label"] = f"{name}, {tokens} tokens"

@@ -151,9 +151,10 @@ def bench_small_ops(ceil: dict) -> list[dict]:
         "rms_norm": (lambda: small_ops.rms_norm(x, w, 1e-5), 2 * x.numel() * e),
         "add_rms_norm": (lambda: small_ops.add_rms_norm(x, res, w, 1e-5), 4 * x.numel() * e),
         "silu_and_mul": (lambda: small_ops.silu_and_mul(gate_up), 1.5 * gate_up.numel() * e),
-        "rotary_embedding": (lambda: small_ops.rotary_embedding(positions, q, k, cos_sin),
-                             2 * (q.numel() + k.numel()) * e),
-        "store_kv": (lambda: small_ops.store_kv(k, v, k_cache, v_cache, slots), 4 * k.numel() * e),
+        # q and k read and written back rotated, k and v read (k once) and written to the cache
+        "rope_and_store_kv": (lambda: small_ops.rope_and_store_kv(positions, q, k, v, cos_sin, k_cache, v_cache,
+                                                                  slots), (2 * q.numel() + 3 * k.numel()
+                                                                           + 2 * v.numel()) * e),
     }
     rows = []
     for name, (fn, nbytes) in cases.items():

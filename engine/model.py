@@ -56,8 +56,7 @@ class Attention(nn.Module):
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        self.ops.rotary_embedding(positions, q, k, cos_sin_cache)
-        self.ops.store_kv(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
+        self.ops.rope_and_store_kv(positions, q, k, v, cos_sin_cache, self.k_cache, self.v_cache, ctx.slot_mapping)
         if ctx.is_prefill:
             o = self.ops.prefill_attention(
                 q, k, v, self.k_cache, self.v_cache,

@@ -21,8 +21,7 @@ OPS = (
     "rms_norm",
     "add_rms_norm",
     "silu_and_mul",
-    "rotary_embedding",
-    "store_kv",
+    "rope_and_store_kv",
     "prefill_attention",
     "decode_attention",
 )

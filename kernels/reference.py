@@ -64,6 +64,22 @@ def store_kv(
     v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep]
 
 
+def rope_and_store_kv(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """A layer's new tokens: q and k rotated in place, then k and v stored by slot mapping (one
+    kernel on the GPU, where a decode step is made of many small ones)."""
+    rotary_embedding(positions, q, k, cos_sin_cache)
+    store_kv(k, v, k_cache, v_cache, slot_mapping)
+
+
 def _gather_paged(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
     """The first `length` tokens of one sequence's paged KV, as [length, Hkv, D]."""
     block_size = cache.shape[1]

@@ -1,5 +1,5 @@
-"""Triton kernels for the small memory-bound ops: RMSNorm (with fused residual add), RoPE,
-SiLU-and-mul, and the KV store. Signatures match `kernels.reference`."""
+"""Triton kernels for the small memory-bound ops: RMSNorm (with fused residual add),
+SiLU-and-mul, and RoPE fused with the KV store. Signatures match `kernels.reference`."""
 
 from __future__ import annotations
 
@@ -84,6 +84,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 @triton.jit
 def _rotate_heads(base, t, stride_t, stride_h, num_heads, cos, sin, d, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Rotates a token's heads in place; returns the rotated halves and their mask."""
     heads = tl.arange(0, BLOCK_H)[:, None]
     ptrs = base + t * stride_t + heads * stride_h + d[None, :]
     mask = (heads < num_heads) & (d[None, :] < HALF)
@@ -93,51 +94,44 @@ def _rotate_heads(base, t, stride_t, stride_h, num_heads, cos, sin, d, HALF: tl.
     c = cos.to(x1.dtype).to(tl.float32)[None, :]
     s = sin.to(x1.dtype).to(tl.float32)[None, :]
     f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
-    tl.store(ptrs, (f1 * c - f2 * s).to(x1.dtype), mask=mask)
-    tl.store(ptrs + HALF, (f2 * c + f1 * s).to(x1.dtype), mask=mask)
+    r1 = (f1 * c - f2 * s).to(x1.dtype)
+    r2 = (f2 * c + f1 * s).to(x1.dtype)
+    tl.store(ptrs, r1, mask=mask)
+    tl.store(ptrs + HALF, r2, mask=mask)
+    return r1, r2, mask
 
 
 @triton.jit
-def _rope_kernel(pos_ptr, q_ptr, k_ptr, cache_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
-                 num_q_heads, num_k_heads, HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr):
+def _rope_store_kv_kernel(pos_ptr, q_ptr, k_ptr, v_ptr, cos_sin_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+                          stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, num_q_heads, num_kv_heads,
+                          HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr):
+    """One token: q and k rotated in place, and k (rotated) and v stored at the token's slot."""
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
-    cos = tl.load(cache_ptr + pos * 2 * HALF + d, mask=d < HALF, other=0.0)
-    sin = tl.load(cache_ptr + pos * 2 * HALF + HALF + d, mask=d < HALF, other=0.0)
-    _rotate_heads(q_ptr, t, stride_qt, stride_qh, num_q_heads, cos, sin, d, HALF, BLOCK_H)
-    _rotate_heads(k_ptr, t, stride_kt, stride_kh, num_k_heads, cos, sin, d, HALF, BLOCK_H)
-
-
-def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor) -> None:
-    assert q.stride(-1) == 1 and k.stride(-1) == 1
-    half = q.shape[-1] // 2
-    block_h = triton.next_power_of_2(max(q.shape[1], k.shape[1]))
-    _rope_kernel[(q.shape[0],)](positions, q, k, cos_sin_cache, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-                                q.shape[1], k.shape[1], HALF=half, BLOCK_D=triton.next_power_of_2(half),
-                                BLOCK_H=block_h)
-
-
-@triton.jit
-def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
-                     num_heads, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)
+    cos = tl.load(cos_sin_ptr + pos * 2 * HALF + d, mask=d < HALF, other=0.0)
+    sin = tl.load(cos_sin_ptr + pos * 2 * HALF + HALF + d, mask=d < HALF, other=0.0)
+    _rotate_heads(q_ptr, t, stride_qt, stride_qh, num_q_heads, cos, sin, d, HALF, BLOCK_QH)
+    k1, k2, mask = _rotate_heads(k_ptr, t, stride_kt, stride_kh, num_kv_heads, cos, sin, d, HALF, BLOCK_KH)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot >= 0:
-        heads = tl.arange(0, BLOCK_H)[:, None]
-        d = tl.arange(0, BLOCK_D)[None, :]
-        mask = (heads < num_heads) & (d < HEAD_DIM)
-        dst = slot * num_heads * HEAD_DIM + heads * HEAD_DIM + d
-        k = tl.load(k_ptr + t * stride_kt + heads * stride_kh + d, mask=mask)
-        v = tl.load(v_ptr + t * stride_vt + heads * stride_vh + d, mask=mask)
-        tl.store(k_cache_ptr + dst, k, mask=mask)
-        tl.store(v_cache_ptr + dst, v, mask=mask)
+        heads = tl.arange(0, BLOCK_KH)[:, None]
+        dst = slot * num_kv_heads * 2 * HALF + heads * 2 * HALF + d[None, :]
+        tl.store(k_cache_ptr + dst, k1, mask=mask)
+        tl.store(k_cache_ptr + dst + HALF, k2, mask=mask)
+        v = v_ptr + t * stride_vt + heads * stride_vh + d[None, :]
+        tl.store(v_cache_ptr + dst, tl.load(v, mask=mask), mask=mask)
+        tl.store(v_cache_ptr + dst + HALF, tl.load(v + HALF, mask=mask), mask=mask)
 
 
-def store_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
+def rope_and_store_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      slot_mapping: torch.Tensor) -> None:
+    assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
     assert k_cache.is_contiguous() and v_cache.is_contiguous()
-    assert k.stride(-1) == 1 and v.stride(-1) == 1
-    _store_kv_kernel[(k.shape[0],)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0),
-                                    v.stride(1), k.shape[1], HEAD_DIM=k.shape[2],
-                                    BLOCK_D=triton.next_power_of_2(k.shape[2]),
-                                    BLOCK_H=triton.next_power_of_2(k.shape[1]))
+    half = q.shape[-1] // 2
+    _rope_store_kv_kernel[(q.shape[0],)](
+        positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping, q.stride(0), q.stride(1), k.stride(0),
+        k.stride(1), v.stride(0), v.stride(1), q.shape[1], k.shape[1], HALF=half,
+        BLOCK_D=triton.next_power_of_2(half), BLOCK_QH=triton.next_power_of_2(q.shape[1]),
+        BLOCK_KH=triton.next_power_of_2(k.shape[1]))

@@ -199,7 +199,7 @@ def test_after_the_warm_up_serving_compiles_no_kernel(monkeypatch):
         llm.warm_up()
         warmed = set(seen)
         assert {name for name, _ in warmed} >= {"_prefill_kernel", "_decode_kernel", "_merge_kernel",
-                                               "_rms_norm_kernel", "_store_kv_kernel"}
+                                               "_rms_norm_kernel", "_rope_store_kv_kernel"}
         params = SamplingParams(max_tokens=3, ignore_eos=True, temperature=0)
         llm.generate([ids[1], ids[3], ids[5]], params)
         for n in (61, 70):

@@ -15,7 +15,7 @@ pytest.importorskip("triton")
 from kairos.bench.kernel_resources import SM90, programs_per_sm  # noqa: E402
 
 ENGINE_KERNELS = {"_decode_kernel", "_merge_kernel", "_prefill_kernel", "_rms_norm_kernel", "_silu_and_mul_kernel",
-                  "_rope_kernel", "_store_kv_kernel"}
+                  "_rope_store_kv_kernel"}
 
 
 def compiled_launches(script: str) -> list[dict]:

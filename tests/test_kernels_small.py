@@ -46,38 +46,30 @@ def test_silu_and_mul(dtype, rows, d):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 4, 64), (8, 2, 24), (32, 4, 128)])
-def test_rotary_embedding_in_place_on_packed_qkv(dtype, heads, kv_heads, head_dim):
-    tokens = 11
+@pytest.mark.parametrize("heads, kv_heads, head_dim, block_size", [(4, 4, 64, 16), (8, 2, 24, 32), (32, 8, 128, 16),
+                                                                    (4, 1, 64, 16)])
+def test_rope_and_store_kv_on_packed_qkv(dtype, heads, kv_heads, head_dim, block_size):
+    """q and k rotated in place and v untouched in the packed projection; the rotated k and v
+    written to exactly the mapped slots (-1: padding, stored nowhere)."""
+    tokens, num_blocks = 13, 6
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, device=DEVICE, dtype=dtype)
-    q = qkv[:, : heads * head_dim].view(tokens, heads, head_dim)
-    k = qkv[:, heads * head_dim : (heads + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
     positions = torch.randint(0, 500, (tokens,), device=DEVICE)
     angles = torch.outer(torch.arange(512.0), 1e4 ** (-torch.arange(0, head_dim, 2) / head_dim))
-    cache = torch.cat((angles.cos(), angles.sin()), -1).to(DEVICE)
-    expected = qkv.clone()
-    eq = expected[:, : heads * head_dim].view(tokens, heads, head_dim)
-    ek = expected[:, heads * head_dim : (heads + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
-    ref.rotary_embedding(positions, eq, ek, cache)
-    small_ops.rotary_embedding(positions, q, k, cache)
-    close(qkv, expected, dtype)  # q and k rotated, v untouched
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kv_heads, head_dim, block_size", [(1, 64, 16), (2, 24, 32), (8, 128, 16)])
-def test_store_kv_writes_exactly_the_mapped_slots(dtype, kv_heads, head_dim, block_size):
-    tokens, num_blocks = 13, 6
-    kv = torch.randn(tokens, 2 * kv_heads * head_dim, device=DEVICE, dtype=dtype)
-    k = kv[:, : kv_heads * head_dim].view(tokens, kv_heads, head_dim)
-    v = kv[:, kv_heads * head_dim :].view(tokens, kv_heads, head_dim)
+    cos_sin = torch.cat((angles.cos(), angles.sin()), -1).to(DEVICE)
     slots = torch.randperm(num_blocks * block_size, device=DEVICE)[:tokens]
-    slots[[2, 7]] = -1  # padding: skipped
-    shape = (num_blocks, block_size, kv_heads, head_dim)
-    k_cache = torch.full(shape, float("nan"), device=DEVICE, dtype=dtype)
+    slots[[2, 7]] = -1
+    k_cache = torch.full((num_blocks, block_size, kv_heads, head_dim), float("nan"), device=DEVICE, dtype=dtype)
     v_cache = torch.full_like(k_cache, float("nan"))
-    ref_k, ref_v = k_cache.clone(), v_cache.clone()
-    ref.store_kv(k, v, ref_k, ref_v, slots)
-    small_ops.store_kv(k, v, k_cache, v_cache, slots)
-    assert torch.equal(k_cache.isnan(), ref_k.isnan()) and torch.equal(v_cache.isnan(), ref_v.isnan())
-    written = ~ref_k.isnan()
-    assert torch.equal(k_cache[written], ref_k[written]) and torch.equal(v_cache[written], ref_v[written])
+    expected = [t.clone() for t in (qkv, k_cache, v_cache)]
+
+    def split(packed):
+        q, k, v = packed.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+        return q.view(tokens, heads, head_dim), k.view(tokens, kv_heads, head_dim), v.view(tokens, kv_heads, head_dim)
+
+    ref.rope_and_store_kv(positions, *split(expected[0]), cos_sin, expected[1], expected[2], slots)
+    small_ops.rope_and_store_kv(positions, *split(qkv), cos_sin, k_cache, v_cache, slots)
+    close(qkv, expected[0], dtype)
+    written = ~expected[1].isnan()
+    assert torch.equal(~k_cache.isnan(), written) and torch.equal(~v_cache.isnan(), written)
+    close(k_cache[written], expected[1][written], dtype)  # rotated: within rounding of the reference
+    assert torch.equal(v_cache[written], expected[2][written])  # copied: exactly
