@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU target of the decode-speed work, measured in one run on one H100/H200 (about 10
 # minutes), on the Llama-3.1-8B shape with dummy weights:
-#   tests       CUDA graphs against eager decode, overlapped steps against serial ones; the
-#               decode kernel in bf16
+#   tests       CUDA graphs against eager decode, overlapped steps against serial ones, and
+#               with no synchronizing call between them; the decode kernel and the fused RoPE
+#               and KV store in bf16
 #   decode      decode step at batch 1, 32, 128 against the memory floor, overlapped and one at a
 #               time; an 8k-token prefill step against the matmul ceiling; transformers generate
 #               (static cache) at batch 1
@@ -48,7 +49,8 @@ part() {  # part NAME SECONDS COMMAND...: runs it, logs it, keeps going whatever
 }
 
 part tests 150 $PY -m pytest -q -x -p no:cacheprovider tests/test_step_inputs.py tests/test_kernels_attention.py \
-    tests/test_overlap.py -k "cuda_graph or larger_than or (decode and dtype2) or on_cuda"
+    tests/test_kernels_small.py tests/test_sampler.py tests/test_overlap.py \
+    -k "cuda_graph or larger_than or (decode and dtype2) or merges_splits or (rope and dtype2) or on_cuda"
 part decode 220 $PY -m kairos.bench.decode_throughput --model $MODEL --batch-sizes 1,32,128 --context 1024 \
     --prefill-tokens 8192 --gpu-memory-utilization 0.5 --serial-too --hf-peers static --hf-batch-sizes 1
 part kernels 150 bash -c "$PY -m kairos.bench.kernels && $PY -m kairos.bench.kernel_resources"

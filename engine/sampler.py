@@ -14,7 +14,6 @@ from kairos.scheduler.request import SamplingParams
 
 class Sampler:
     def __init__(self, device: torch.device, seed: int):
-        self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self._seeded = torch.Generator(device=device)
 
@@ -25,31 +24,40 @@ class Sampler:
         greedy = logits.argmax(dim=-1)
         if all(p.greedy for p in params):
             return greedy
-        temps = torch.tensor([p.temperature or 1.0 for p in params], device=logits.device)
+        temps, top_k, top_p, is_greedy = self._row_values(params, logits)
         logits = logits / temps.unsqueeze(1)
         if any(p.top_k > 0 or p.top_p < 1 for p in params):
-            logits = self._filter_top_k_top_p(logits, params)
+            logits = self._filter_top_k_top_p(logits, top_k, top_p)
         probs = logits.softmax(dim=-1)
-        # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p, and lets each seeded
-        # request use its own generator regardless of the rest of the batch.
-        noise = torch.empty_like(probs)
+        # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p. Unseeded rows share one
+        # draw from the engine's generator; a seeded row draws again from its own.
+        noise = torch.empty_like(probs).exponential_(generator=self.generator)
         for row, (p, step) in enumerate(zip(params, steps)):
-            noise[row].exponential_(generator=self._generator_for(p, step))
+            if p.seed is not None:
+                noise[row].exponential_(generator=self._seeded_generator(p.seed, step))
         sampled = (probs / noise).argmax(dim=-1)
-        is_greedy = torch.tensor([p.greedy for p in params], device=logits.device)
         return torch.where(is_greedy, greedy, sampled)
 
-    def _generator_for(self, params: SamplingParams, step: int) -> torch.Generator:
-        if params.seed is None:
-            return self.generator
+    @staticmethod
+    def _row_values(params: list[SamplingParams], logits: torch.Tensor):
+        """Each row's temperature, top-k, top-p and greedy flag on the logits' device, from one
+        pinned host tensor copied without waiting: a blocking copy would wait for the forward
+        pass queued before it, and the host could no longer prepare the next step meanwhile."""
+        vocab = logits.shape[-1]
+        host = torch.tensor([[p.temperature or 1.0 for p in params],
+                             [p.top_k if p.top_k > 0 else vocab for p in params],  # exact in float32
+                             [p.top_p for p in params],
+                             [float(p.greedy) for p in params]], dtype=torch.float32, pin_memory=logits.is_cuda)
+        temps, top_k, top_p, is_greedy = host.to(logits.device, non_blocking=True)
+        return temps, top_k.long(), top_p, is_greedy.bool()
+
+    def _seeded_generator(self, seed: int, step: int) -> torch.Generator:
         # A 64-bit mix of (seed, step): neighbouring seeds and steps give unrelated streams.
-        return self._seeded.manual_seed((params.seed * 0x9E3779B97F4A7C15 + step) % 2**63)
+        return self._seeded.manual_seed((seed * 0x9E3779B97F4A7C15 + step) % 2**63)
 
     @staticmethod
-    def _filter_top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    def _filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
         vocab = logits.shape[-1]
-        top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=logits.device)
-        top_p = torch.tensor([p.top_p for p in params], device=logits.device)
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)
         sorted_logits = sorted_logits.masked_fill(ranks >= top_k.unsqueeze(1), float("-inf"))

@@ -138,3 +138,27 @@ def test_overlapped_graph_replays_match_serial_steps_on_cuda():
         got[overlap] = outputs(llm, batch, params)
         assert llm.num_free_blocks == llm.num_total_blocks
     assert got["on"] == got["off"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_overlapped_decode_waits_for_the_device_only_through_events_on_cuda():
+    """While decoding, the host waits for a step only on the event of its tokens' copy: nothing
+    in scheduling, input building, the graph replay or sampling (greedy, top-p, seeded)
+    synchronizes, or the host could not prepare a step while the last one runs. Torch's sync
+    debug mode raises on any synchronizing call."""
+    llm = LLM("tiny", device="cuda", overlap="on", num_kv_blocks=64, max_model_len=256, max_num_seqs=16)
+    assert llm.runner.graphs is not None
+    params = [SamplingParams(max_tokens=24, temperature=t, top_p=p, seed=s, ignore_eos=True)
+              for t, p, s in [(0, 1.0, None), (0.8, 0.9, None), (1.0, 1.0, 3)] * 3]
+    seqs = [llm.add_request(ids, p) for ids, p in zip(prompts(9), params)]
+    while any(s.num_output_tokens == 0 for s in seqs):  # prefill steps, waited for by design
+        llm.step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        while llm.has_unfinished():
+            llm.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(s.num_output_tokens == 24 for s in seqs)
+    assert llm.num_free_blocks == llm.num_total_blocks

@@ -1,5 +1,6 @@
 """The sampler's distributions on logits whose probabilities are known."""
 
+import pytest
 import torch
 
 from kairos.engine.sampler import Sampler
@@ -57,3 +58,38 @@ def test_engine_seed_drives_unseeded_draws():
 
     assert sample(1) == sample(1)
     assert sample(1) != sample(2)
+
+
+def test_a_seeded_row_draws_the_same_whatever_shares_its_batch():
+    logits = torch.randn(1, 50)
+    seeded = SamplingParams(temperature=1.0, seed=11)
+
+    def tokens_of_seeded(batch_size: int, engine_seed: int) -> list[int]:
+        rows = logits.repeat(batch_size, 1)
+        params = [seeded] + [SamplingParams(temperature=1.0)] * (batch_size - 1)
+        sampler = Sampler(torch.device("cpu"), engine_seed)
+        return [sampler(rows, params, [step] * batch_size)[0].item() for step in range(40)]
+
+    alone = tokens_of_seeded(1, 0)
+    assert tokens_of_seeded(7, 0) == alone
+    assert tokens_of_seeded(7, 5) == alone
+    assert len(set(alone)) > 1  # the steps draw different tokens
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_sampling_never_waits_for_the_device_on_cuda():
+    """Sampling is queued behind the step's forward pass; a synchronizing call in it (such as
+    a blocking copy of the rows' settings) would hold the host until that pass ends."""
+    logits = torch.randn(6, 1000, device="cuda")
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=0.7), SamplingParams(top_k=5),
+              SamplingParams(top_p=0.9), SamplingParams(temperature=1.2, top_k=50, top_p=0.8, seed=4),
+              SamplingParams(seed=9)]
+    sampler = Sampler(torch.device("cuda"), 0)
+    sampler(logits, params, list(range(6)))  # allocations and kernels of the first call
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        tokens = sampler(logits, params, list(range(6)))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert tokens[0].item() == logits[0].argmax().item()
