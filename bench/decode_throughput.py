@@ -56,6 +56,8 @@ def main() -> None:
                     help="overlapped decode steps (the engine's --overlap)")
     ap.add_argument("--serial-too", action="store_true",
                     help="also time each batch size with steps one at a time (overlap off), in the same engine")
+    ap.add_argument("--sampled-too", action="store_true",
+                    help="also time each batch size sampling (temperature 0.8, top-p 0.95) rather than greedy")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--prefill-tokens", type=int, default=0,
                     help="also time one prefill step of a prompt this long against the bf16 matmul ceiling")
@@ -83,9 +85,10 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     vocab = llm.model_config.vocab_size
 
-    def time_steps(prompt_lens: list[int]) -> tuple[float, float]:
+    def time_steps(prompt_lens: list[int], temperature: float = 0, top_p: float = 1) -> tuple[float, float]:
         """Seconds per decode step over these prompts, and their mean context while timed."""
-        params = SamplingParams(max_tokens=args.warmup + args.steps + 1, temperature=0, ignore_eos=True)
+        params = SamplingParams(max_tokens=args.warmup + args.steps + 1, temperature=temperature, top_p=top_p,
+                                ignore_eos=True)
         for n in prompt_lens:
             llm.add_request(torch.randint(0, vocab, (n,), generator=gen).tolist(), params)
         while any(s.is_prefilling for s in llm.scheduler.running) or llm.scheduler.waiting:
@@ -114,6 +117,9 @@ def main() -> None:
             serial_s, _ = time_steps([args.context] * batch)
             llm.overlap = overlap
             row.update(serial_step_ms=serial_s * 1e3, serial_over_step=serial_s / step_s)
+        if args.sampled_too:
+            sampled_s, _ = time_steps([args.context] * batch, temperature=0.8, top_p=0.95)
+            row.update(sampled_step_ms=sampled_s * 1e3, sampled_over_step=sampled_s / step_s)
         mixed = ""
         if args.mixed:
             # In pairs (n, 2 x mean - n), so that the total context is the uniform batch's.
@@ -124,6 +130,7 @@ def main() -> None:
             mixed = f"  mixed lengths (longest {max(lens)}): {row['mixed_over_uniform']:.2f}x the uniform step"
         rows.append(row)
         serial = f"  steps one at a time: {row['serial_step_ms']:.2f} ms" if args.serial_too else ""
+        serial += f"  sampling: {row['sampled_step_ms']:.2f} ms" if args.sampled_too else ""
         print(f"B={batch:4d}  step {row['step_ms']:8.2f} ms  {row['tokens_per_s']:9.1f} tok/s  "
               f"floor {row['memory_floor_ms']:7.2f} ms  ({row['fraction_of_floor']:.0%} of the memory floor)"
               f"{serial}{mixed}")
