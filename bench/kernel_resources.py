@@ -7,10 +7,11 @@ the ptxas it ships. Registers, spills (stack) and shared memory are read from th
 give how many programs fit on one SM and how many waves the grid takes. A kernel that spills,
 or whose grid leaves SMs idle, shows here before it is timed on a GPU (bench/kernels.py).
 
-  python -P -m kairos.bench.kernel_resources            # writes bench/results/kernel_resources_sm90.json
+  python -P -m kairos.bench.kernel_resources            # writes bench/results/kernel_resources_sm90_triton<v>.json
   python -P -m kairos.bench.kernel_resources --check    # and exits 1 if any launch spills
 
-The numbers are this Triton's; a GPU machine with another version may compile differently.
+The numbers are this Triton's (the file names its version): the GPU machine's may compile
+differently, and bench/gpu_all.sh runs this there too.
 """
 
 from __future__ import annotations
@@ -170,8 +171,8 @@ def main() -> None:
     for r in rows:
         print(f"{r['case']:40s} {r['kernel']:22s} {r['programs']:8d} {r['num_warps']:5d} {r['registers']:4d} "
               f"{r['stack_bytes']:5d} {r['shared_bytes']:7d} {r['programs_per_sm']:6d} {r['waves']:6.2f}")
-    path = write_result("kernel_resources_sm90", {"triton": triton.__version__, "target": "cuda sm_90",
-                                                   "sm": SM90, "launches": rows})
+    path = write_result(f"kernel_resources_sm90_triton{triton.__version__}",
+                        {"triton": triton.__version__, "target": "cuda sm_90", "sm": SM90, "launches": rows})
     print(f"wrote {path}")
     spilling = sorted({f"{r['kernel']} ({r['case']})" for r in rows if r["stack_bytes"]})
     if spilling:
