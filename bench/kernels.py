@@ -76,7 +76,7 @@ DECODE_TILES = [(32, 4, 2), (64, 4, 2), (64, 8, 2), (64, 4, 3), (128, 4, 2), (12
 
 def bench_decode(ceil: dict, flashinfer: FlashInferAttention | None) -> list[dict]:
     """Decode attention at the decode benchmark's batches (1k context) and at long contexts,
-    each with its split count halved and doubled, and under other tiles."""
+    each with its split count halved, one less and doubled, and under other tiles."""
     rows = []
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for batch, length in [(32, 1024), (128, 1024), (64, 4096), (1, 32768), (2, 32768), (4, 32768), (8, 32768)]:
@@ -92,7 +92,8 @@ def bench_decode(ceil: dict, flashinfer: FlashInferAttention | None) -> list[dic
         chosen = attention.decode_num_splits(batch, HKV, tables.shape[1] * PAGE, sms)
         row = {"batch": batch, "context": length, "ms": t, "GBps": gbps,
                "fraction_of_copy_bw": gbps / ceil["copy_GBps"], "splits": chosen,
-               "ms_by_splits": {n: run(num_splits=n) for n in sorted({max(1, chosen // 2), 2 * chosen})},
+               "ms_by_splits": {n: run(num_splits=n) for n in sorted({max(1, chosen // 2), max(1, chosen - 1),
+                                                                          2 * chosen})},
                "ms_by_tiles": {f"block_n={n} warps={w} stages={st}": run(block_n=n, num_warps=w, num_stages=st)
                                for n, w, st in DECODE_TILES}}
         best_tile, best_ms = min(row["ms_by_tiles"].items(), key=lambda item: item[1])
