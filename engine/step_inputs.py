@@ -112,18 +112,17 @@ class DecodeInputs:
         self.context_lens[n:rows] = 1
         self.tables[n:rows, 0] = 0
         self.buffer.upload(self.PARTS * self.stride + rows * self.max_blocks)
-        if self.sources[:n].max(initial=-1) >= 0:
-            # Pending inputs come from the last step's sampled ids, on the device, in stream
-            # order after that step: the host never waits for them.
-            sources = self.device_sources[:rows]
-            pending = self.sampled[sources.clamp(min=0)]
-            self.device_ids[:rows] = torch.where(sources >= 0, pending, self.device_ids[:rows])
 
     def forward_args(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, AttentionContext]:
-        """Device views of the first `rows` rows: ids, positions and the attention context."""
+        """The first `rows` rows on the device: ids, positions and the attention context. A row
+        whose token is pending reads it from the last step's sampled ids, on the device and in
+        stream order after that step, so the host never waits for it; a CUDA graph captures
+        this gather with the forward pass."""
+        sources = self.device_sources[:rows]
+        ids = torch.where(sources >= 0, self.sampled[sources.clamp(min=0)], self.device_ids[:rows])
         ctx = AttentionContext(is_prefill=False, slot_mapping=self.device_slots[:rows],
                                block_tables=self.device_tables[:rows], context_lens=self.device_context_lens[:rows])
-        return self.device_ids[:rows], self.device_positions[:rows], ctx
+        return ids, self.device_positions[:rows], ctx
 
 
 class PrefillInputs:
