@@ -1,7 +1,9 @@
 """PyTorch reference implementations of every kernel on the engine's hot path.
 
-Each function here is the specification for the Triton kernel of the same name and signature:
-kernel tests compare the two, and the engine runs on these wherever Triton is unavailable.
+Each public function here but two is the specification for the Triton kernel of the same name
+and signature: kernel tests compare the two, and the engine runs on these wherever Triton is
+unavailable. `rotary_embedding` and `store_kv` are the two parts of `rope_and_store_kv`, which
+one Triton kernel does at once.
 
 Shapes:
   tokens      x, q, k, v: [num_tokens, ...]; q is [T, Hq, D], k and v are [T, Hkv, D]
