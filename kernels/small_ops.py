@@ -129,6 +129,7 @@ def rope_and_store_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                       slot_mapping: torch.Tensor) -> None:
     assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
     assert k_cache.is_contiguous() and v_cache.is_contiguous()
+    assert q.shape[-1] % 2 == 0, f"rotate-half RoPE needs an even head dim, not {q.shape[-1]}"
     half = q.shape[-1] // 2
     _rope_store_kv_kernel[(q.shape[0],)](
         positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping, q.stride(0), q.stride(1), k.stride(0),
