@@ -8,8 +8,9 @@
 #               time, greedy and sampling; an 8k-token prefill step against the matmul ceiling;
 #               transformers generate (static cache) at batch 1
 #   kernels     decode and prefill attention against copy bandwidth, SDPA flash and FlashInfer;
-#               decode at the decode batches and at long contexts with other split counts and
-#               tiles; each kernel's registers and programs per SM under this machine's Triton
+#               decode at the decode batches and at long contexts over tiles (pipelined or
+#               not) and split counts, prefill over tiles; each kernel's registers, copies in
+#               flight and programs per SM under this machine's Triton
 #   profile     the step-time profile on the fast loop (bench/profiles/Llama-3.1-8B_<gpu>.json)
 #   throughput  trace-shaped offline throughput against transformers in the same run
 #   serve_loop  the serving loop's share of a decode step under kairos serve (1P1D on the GPU)
@@ -53,7 +54,7 @@ part tests 150 $PY -m pytest -q -x -p no:cacheprovider tests/test_step_inputs.py
     -k "cuda_graph or larger_than or (decode and dtype2) or merges_splits or (rope and dtype2) or on_cuda"
 part decode 220 $PY -m kairos.bench.decode_throughput --model $MODEL --batch-sizes 1,32,128 --context 1024 \
     --prefill-tokens 8192 --gpu-memory-utilization 0.5 --serial-too --sampled-too --hf-peers static --hf-batch-sizes 1
-part kernels 150 bash -c "$PY -m kairos.bench.kernels && $PY -m kairos.bench.kernel_resources"
+part kernels 180 bash -c "$PY -m kairos.bench.kernels && $PY -m kairos.bench.kernel_resources"
 part profile 120 $PY -m kairos.cli profile --model $MODEL --load-format dummy --max-model-len 4096 \
     --out "bench/profiles/Llama-3.1-8B_${GPU}.json"
 part throughput 240 $PY -m kairos.bench.throughput --model $MODEL --requests 256 --batch-sizes 64,256 \

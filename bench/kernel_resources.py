@@ -4,7 +4,8 @@ Every kernel is compiled as the engine launches it in a Llama-3.1-8B step (bf16,
 tokens) on an H100/H200 (sm_90, 132 SMs): the launch wrappers run on CPU tensors of the step's
 shapes, Triton specializes their real arguments as the GPU's JIT would, and compiles them with
 the ptxas it ships. Registers, spills (stack) and shared memory are read from the cubin, and
-give how many programs fit on one SM and how many waves the grid takes. A kernel that spills,
+give how many programs fit on one SM and how many waves the grid takes; the compiled TTGIR
+gives how many asynchronous copies a program keeps loading while it computes. A kernel that spills,
 or whose grid leaves SMs idle, shows here before it is timed on a GPU (bench/kernels.py).
 
   python -P -m kairos.bench.kernel_resources            # writes bench/results/kernel_resources_sm90_triton<v>.json
@@ -52,6 +53,13 @@ def cubin_resources(cubin: bytes, tools: Path) -> dict:
     return {key.lower(): int(re.search(rf"\b{key}:(\d+)", usage).group(1)) for key in ("REG", "STACK", "SHARED")}
 
 
+def async_groups_in_flight(ttgir: str) -> int:
+    """The most asynchronous copy groups a program leaves loading while it computes: the largest
+    count any wait of the compiled kernel lets stay outstanding (0 where nothing is pipelined).
+    Decode attention issues one group for a K tile and one for its V tile."""
+    return max((int(n) for n in re.findall(r"ttg\.async_wait .*\{num = (\d+) : i32\}", ttgir)), default=0)
+
+
 @contextmanager
 def compiling_launches(rows: list[dict]):
     """Within it, a Triton launch compiles for sm_90 and appends its resources to rows instead
@@ -78,14 +86,16 @@ def compiling_launches(rows: list[dict]):
             kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
                                     options=options.__dict__)
             compiled[key] = {**cubin_resources(kernel.asm["cubin"], tools), "dynamic_shared": kernel.metadata.shared,
-                             "num_warps": kernel.metadata.num_warps, "num_stages": kernel.metadata.num_stages}
+                             "num_warps": kernel.metadata.num_warps, "num_stages": kernel.metadata.num_stages,
+                             "async_groups_in_flight": async_groups_in_flight(kernel.asm["ttgir"])}
         res = compiled[key]
         shared = res["shared"] + res["dynamic_shared"]
         per_sm = programs_per_sm(res["reg"], res["num_warps"], shared)
         programs = grid[0] * (grid[1] if len(grid) > 1 else 1) * (grid[2] if len(grid) > 2 else 1)
         rows.append({"case": case["label"], "kernel": fn.__name__, "grid": list(grid), "programs": programs,
                      "num_warps": res["num_warps"], "num_stages": res["num_stages"], "registers": res["reg"],
-                     "stack_bytes": res["stack"], "shared_bytes": shared, "programs_per_sm": per_sm,
+                     "stack_bytes": res["stack"], "shared_bytes": shared,
+                     "async_groups_in_flight": res["async_groups_in_flight"], "programs_per_sm": per_sm,
                      "waves": programs / (per_sm * SM90["sms"]) if per_sm else float("inf")})
 
     saved = JITFunction.run, attention._gpu_launch, attention._num_sms
@@ -102,7 +112,7 @@ def launch_llama_step_kernels(case: dict) -> None:
     """Calls every kernel wrapper on the shapes of Llama-3.1-8B steps (the contents are never read)."""
     import torch
 
-    from kairos.bench.kernels import DECODE_TILES
+    from kairos.bench.kernels import DECODE_TILES, PREFILL_TILES
     from kairos.kernels import attention, small_ops
 
     bf16 = torch.bfloat16
@@ -131,6 +141,10 @@ def launch_llama_step_kernels(case: dict) -> None:
         cu_k = torch.tensor([0, prefix + tokens], dtype=torch.int32)
         tables = torch.zeros(1, (prefix + tokens) // PAGE, dtype=torch.int32) if prefix else None
         attention.prefill_attention(q, k, v, k_cache, v_cache, cu_q, cu_k, tables, D**-0.5, tokens)
+        for block_m, block_n, num_warps, num_stages in PREFILL_TILES if not prefix else ():  # as bench/kernels.py
+            case["label"] = f"prefill {tokens} tokens tile {block_m}/{block_n}/{num_warps}/{num_stages}"
+            attention.prefill_attention(q, k, v, k_cache, v_cache, cu_q, cu_k, None, D**-0.5, tokens,
+                                        block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
     tokens = 8192
     x = torch.empty(tokens, HIDDEN, dtype=bf16)
     weight = torch.empty(HIDDEN, dtype=bf16)
@@ -167,10 +181,11 @@ def main() -> None:
 
     rows = measure()
     print(f"{'case':40s} {'kernel':22s} {'programs':>8s} {'warps':>5s} {'regs':>4s} {'stack':>5s} {'smem':>7s} "
-          f"{'per SM':>6s} {'waves':>6s}")
+          f"{'async':>5s} {'per SM':>6s} {'waves':>6s}")
     for r in rows:
         print(f"{r['case']:40s} {r['kernel']:22s} {r['programs']:8d} {r['num_warps']:5d} {r['registers']:4d} "
-              f"{r['stack_bytes']:5d} {r['shared_bytes']:7d} {r['programs_per_sm']:6d} {r['waves']:6.2f}")
+              f"{r['stack_bytes']:5d} {r['shared_bytes']:7d} {r['async_groups_in_flight']:5d} "
+              f"{r['programs_per_sm']:6d} {r['waves']:6.2f}")
     path = write_result(f"kernel_resources_sm90_triton{triton.__version__}",
                         {"triton": triton.__version__, "target": "cuda sm_90", "sm": SM90, "launches": rows})
     print(f"wrote {path}")

@@ -68,15 +68,27 @@ def time_peer(row: dict, ours_ms: float, call) -> str:
     return f", {row['speedup_vs_flashinfer']:.2f}x FlashInfer"
 
 
-# (block_n, num_warps, num_stages) tried beside the default launch (64 keys, 4 warps, 2 stages):
-# tiles of 32 to 128 keys, one or two warpgroups, a deeper pipeline. bench/kernel_resources.py
-# gives each one's registers and programs per SM.
-DECODE_TILES = [(32, 4, 2), (64, 8, 2), (64, 4, 3), (128, 4, 2), (128, 8, 3)]
+# (block_n, num_warps, num_stages): the engine's decode launch at pages of 16 tokens, and the
+# tiles tried beside it: 32 to 128 keys, one or two warpgroups, and pipelines that keep one or
+# two K/V tiles loading while a program computes another (stages 3 and 4; the default keeps
+# none). bench/kernel_resources.py gives each one's registers, copies in flight and programs per SM.
+DECODE_DEFAULT = (64, 4, 2)
+DECODE_TILES = [(32, 4, 2), (32, 4, 3), (32, 4, 4), (64, 4, 3), (64, 8, 2), (128, 4, 2)]
+# Programs per SM the split count aims at in the sweep (the engine's default aims at 4).
+SPLIT_TARGETS = (2, 3, 4, 5, 6)
+# (block_m, block_n, num_warps, num_stages): the engine's prefill launch, and beside it the same
+# tile with one K/V tile loading while another is computed, and 128-query tiles over two warpgroups.
+PREFILL_DEFAULT = (64, 64, 4, 2)
+PREFILL_TILES = [(64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2)]
+
+
+def ms_quick(fn) -> float:
+    return do_bench(fn, warmup=5, rep=25, return_mode="median")
 
 
 def bench_decode(ceil: dict, flashinfer: FlashInferAttention | None) -> list[dict]:
-    """Decode attention at the decode benchmark's batches (1k context) and at long contexts,
-    each with its split count halved, one less and doubled, and under other tiles."""
+    """Decode attention at the decode benchmark's batches (1k context) and at long contexts, and
+    a sweep of every tile against the split counts that aim at 2 to 6 programs per SM."""
     rows = []
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for batch, length in [(32, 1024), (128, 1024), (64, 4096), (1, 32768), (2, 32768), (4, 32768), (8, 32768)]:
@@ -84,26 +96,32 @@ def bench_decode(ceil: dict, flashinfer: FlashInferAttention | None) -> list[dic
         q = torch.randn(batch, HQ, D, dtype=DTYPE, device=DEV)
         lens = torch.full((batch,), length, dtype=torch.int32, device=DEV)
 
-        def run(**launch):
-            return ms(lambda: attention.decode_attention(q, k_cache, v_cache, tables, lens, D**-0.5, **launch))
+        def call(**launch):
+            return lambda: attention.decode_attention(q, k_cache, v_cache, tables, lens, D**-0.5, **launch)
 
-        t = run()
-        gbps = 2 * batch * length * HKV * D * 2 / (t * 1e-3) / 1e9
-        chosen = attention.decode_num_splits(batch, HKV, tables.shape[1] * PAGE, sms)
+        kv_bytes = 2 * batch * length * HKV * D * 2
+        t = ms(call())
+        gbps = kv_bytes / (t * 1e-3) / 1e9
+        chosen = attention.decode_num_splits(batch, HKV, length, sms)
+        sweep = []
+        for block_n, num_warps, num_stages in [DECODE_DEFAULT, *DECODE_TILES]:
+            splits = {attention.decode_num_splits(batch, HKV, length, sms, per_sm): per_sm for per_sm in SPLIT_TARGETS}
+            for num_splits, per_sm in splits.items():
+                sweep.append({"block_n": block_n, "num_warps": num_warps, "num_stages": num_stages,
+                              "programs_per_sm_aimed": per_sm, "splits": num_splits,
+                              "ms": ms_quick(call(num_splits=num_splits, block_n=block_n, num_warps=num_warps,
+                                                  num_stages=num_stages))})
+        best = min(sweep, key=lambda r: r["ms"])
         row = {"batch": batch, "context": length, "ms": t, "GBps": gbps,
-               "fraction_of_copy_bw": gbps / ceil["copy_GBps"], "splits": chosen,
-               "ms_by_splits": {n: run(num_splits=n) for n in sorted({max(1, chosen // 2), max(1, chosen - 1),
-                                                                          2 * chosen})},
-               "ms_by_tiles": {f"block_n={n} warps={w} stages={st}": run(block_n=n, num_warps=w, num_stages=st)
-                               for n, w, st in DECODE_TILES}}
-        tiles = {"the default": t, **row["ms_by_tiles"]}
-        best_tile = min(tiles, key=tiles.get)
+               "fraction_of_copy_bw": gbps / ceil["copy_GBps"], "splits": chosen, "sweep": sweep,
+               "best": best, "best_fraction_of_copy_bw": kv_bytes / (best["ms"] * 1e-3) / 1e9 / ceil["copy_GBps"]}
         peer = "" if flashinfer is None else time_peer(row, t, lambda: flashinfer.decode_attention(
             q, k_cache, v_cache, tables, lens, D**-0.5))
         rows.append(row)
         print(f"decode B={batch:3d} L={length:6d}: {t:8.3f} ms {gbps:7.0f} GB/s "
-              f"({row['fraction_of_copy_bw']:.0%} of copy), {chosen} splits; best tile {best_tile}: "
-              f"{t / tiles[best_tile]:.2f}x{peer}")
+              f"({row['fraction_of_copy_bw']:.0%} of copy), {chosen} splits; best {best['block_n']}/"
+              f"{best['num_warps']}/{best['num_stages']} with {best['splits']} splits: "
+              f"{row['best_fraction_of_copy_bw']:.0%} of copy{peer}")
     return rows
 
 
@@ -117,7 +135,14 @@ def bench_prefill(ceil: dict, flashinfer: FlashInferAttention | None) -> list[di
         v = torch.randn_like(k)
         cu = torch.tensor([0, seq], dtype=torch.int32, device=DEV)
         empty = torch.empty(1, PAGE, HKV, D, dtype=DTYPE, device=DEV)
-        t = ms(lambda: attention.prefill_attention(q, k, v, empty, empty, cu, cu, None, D**-0.5, seq))
+        def call(**launch):
+            return lambda: attention.prefill_attention(q, k, v, empty, empty, cu, cu, None, D**-0.5, seq, **launch)
+
+        t = ms(call())
+        sweep = [{"block_m": bm, "block_n": bn, "num_warps": w, "num_stages": st,
+                  "ms": ms_quick(call(block_m=bm, block_n=bn, num_warps=w, num_stages=st))}
+                 for bm, bn, w, st in [PREFILL_DEFAULT, *PREFILL_TILES]]
+        best = min(sweep, key=lambda r: r["ms"])
         # The peer gets its K/V already expanded to every query head, outside the timing.
         qs, ks, vs = (x.transpose(0, 1).unsqueeze(0) for x in (q, k.repeat_interleave(HQ // HKV, 1),
                                                              v.repeat_interleave(HQ // HKV, 1)))
@@ -125,12 +150,14 @@ def bench_prefill(ceil: dict, flashinfer: FlashInferAttention | None) -> list[di
             t_sdpa = ms(lambda: torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True))
         tflops = 2 * seq * seq * HQ * D / (t * 1e-3) / 1e12  # causal: half of 4*S^2*H*D
         row = {"seq": seq, "ms": t, "TFLOPs": tflops, "fraction_of_matmul": tflops / ceil["matmul_bf16_TFLOPs"],
-               "sdpa_flash_ms": t_sdpa, "speedup_vs_sdpa_flash": t_sdpa / t}
+               "sdpa_flash_ms": t_sdpa, "speedup_vs_sdpa_flash": t_sdpa / t, "sweep": sweep, "best": best,
+               "best_fraction_of_matmul": tflops * t / best["ms"] / ceil["matmul_bf16_TFLOPs"]}
         peer = "" if flashinfer is None else time_peer(row, t, lambda: flashinfer.prefill_attention(
             q, k, v, empty, empty, cu, cu, None, D**-0.5, seq))
         rows.append(row)
         print(f"prefill S={seq}: {t:8.3f} ms {tflops:6.0f} TFLOP/s ({tflops / ceil['matmul_bf16_TFLOPs']:.0%} of "
-              f"matmul), {t_sdpa / t:.2f}x SDPA flash{peer}")
+              f"matmul), {t_sdpa / t:.2f}x SDPA flash{peer}; best {best['block_m']}/{best['block_n']}/"
+              f"{best['num_warps']}/{best['num_stages']}: {row['best_fraction_of_matmul']:.0%} of matmul")
     return rows
 
 

@@ -72,10 +72,18 @@ def _decode_kernel(q_ptr, k_cache, v_cache, block_tables, context_lens, out_ptr,
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    # Each tile's pages are read one tile ahead. Were they read in the tile's own iteration, the
+    # K/V loads would depend on a load of that iteration, and Triton's pipeliner would divide its
+    # stages between the two: num_stages=3 would then keep no K/V tile loading while one is
+    # computed (bench/kernel_resources.py reads this off the compiled kernel).
+    table = block_tables + b * stride_bt
+    cols = start + tl.arange(0, BLOCK_N)
+    page = tl.load(table + cols // PAGE, mask=cols < end, other=0).to(tl.int64)
     for n0 in range(start, end, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         valid = cols < end
-        page = tl.load(block_tables + b * stride_bt + cols // PAGE, mask=valid, other=0).to(tl.int64)
+        next_cols = cols + BLOCK_N
+        next_page = tl.load(table + next_cols // PAGE, mask=next_cols < end, other=0).to(tl.int64)
         kv_off = page * stride_cb + (cols % PAGE) * stride_ct + kv_head * stride_ch
         kv_mask = valid[:, None] & (d[None, :] < HEAD_DIM)
         k = tl.load(k_cache + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
@@ -88,6 +96,7 @@ def _decode_kernel(q_ptr, k_cache, v_cache, block_tables, context_lens, out_ptr,
         v = tl.load(v_cache + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m = m_new
+        page = next_page
 
     has_keys = l > 0  # a split past the end of a short sequence saw no keys
     out = tl.where(has_keys[:, None], acc / tl.where(has_keys, l, 1.0)[:, None], 0.0)
@@ -133,14 +142,14 @@ def _merge_kernel(part_out, part_lse, out_ptr, stride_ob, stride_oh, num_splits,
              mask=d < HEAD_DIM)
 
 
-def decode_num_splits(batch: int, num_kv_heads: int, max_tokens: int, num_sms: int) -> int:
-    """Splits enough for about four programs per SM when the batch alone (a program per
-    sequence and KV head) leaves SMs idle, from shapes alone (no host sync, so it is fixed
+def decode_num_splits(batch: int, num_kv_heads: int, max_tokens: int, num_sms: int, programs_per_sm: int = 4) -> int:
+    """Splits enough for about programs_per_sm programs per SM when the batch alone (a program
+    per sequence and KV head) leaves SMs idle, from shapes alone (no host sync, so it is fixed
     under a CUDA graph), never splitting below MIN_TOKENS_PER_SPLIT tokens."""
     programs = batch * num_kv_heads
     if programs >= 2 * num_sms:
         return 1
-    wanted = triton.cdiv(4 * num_sms, programs)
+    wanted = triton.cdiv(programs_per_sm * num_sms, programs)
     return max(1, min(wanted, triton.cdiv(max_tokens, MIN_TOKENS_PER_SPLIT)))
 
 
@@ -265,14 +274,20 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, k_cache, v_cache, cu_seqlens_q, cu_seql
     tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
 
 
-def prefill_attention(q, k, v, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, block_tables, scale, max_seqlen_q):
+def prefill_attention(q, k, v, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, block_tables, scale, max_seqlen_q,
+                      block_m: int | None = None, block_n: int | None = None, num_warps: int = 4,
+                      num_stages: int = 2):
+    """The reference's signature; the keywords after it fix the launch (bench/kernels.py sweeps
+    them)."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     page = k_cache.shape[1]
     paged = block_tables is not None
     if paged:
         assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
-    block_m, block_n = (64, 64) if _gpu_launch(q) else (16, 16)
+    gpu = _gpu_launch(q)
+    block_m = block_m or (64 if gpu else 16)
+    block_n = block_n or (64 if gpu else 16)
     out = alloc(q.shape, q.dtype, q.device)
     grid = (cu_seqlens_q.shape[0] - 1, num_heads, triton.cdiv(max_seqlen_q, block_m))
     _prefill_kernel[grid](
@@ -282,5 +297,5 @@ def prefill_attention(q, k, v, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, blo
         scale * LOG2E,
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         BLOCK_M=block_m, BLOCK_N=block_n, PAGE=page, PAGED=paged, PRECISION=_dot_precision(q.dtype),
-        num_warps=4, num_stages=2)
+        num_warps=num_warps, num_stages=num_stages)
     return out

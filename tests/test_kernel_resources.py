@@ -66,6 +66,16 @@ def test_long_context_decode_fills_every_sm(llama_launches):
         assert SM90["sms"] <= decode["programs"] <= decode["programs_per_sm"] * SM90["sms"]
 
 
+def test_deeper_pipelines_keep_kv_tiles_loading_while_one_is_computed(llama_launches):
+    """Decode reads each tile's pages a tile ahead, so with 3 and 4 stages the pipeliner keeps
+    one and two K/V tiles loading (a K copy and a V copy each) while a program computes one;
+    prefill at 3 stages keeps one."""
+    in_flight = {r["case"].rsplit(" tile ", 1)[-1]: r["async_groups_in_flight"] for r in llama_launches
+                 if " tile " in r["case"] and r["kernel"] in ("_decode_kernel", "_prefill_kernel")}
+    assert in_flight["32/4/3"] == in_flight["64/4/3"] == 2 and in_flight["32/4/4"] == 4
+    assert in_flight["64/64/4/3"] == in_flight["128/64/8/3"] == 2
+
+
 def test_a_kernel_that_spills_is_seen(tmp_path):
     """The check can fail: a reduction over a 1024 x 128 float32 tile in registers spills."""
     (tmp_path / "spilling.py").write_text(textwrap.dedent("""

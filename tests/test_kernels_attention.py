@@ -50,6 +50,8 @@ def test_decode_splits_follow_shapes_only():
     splits = attention.decode_num_splits(1, 8, 32768, h100_sms)  # a long context must fill the SMs
     assert 8 * splits >= 4 * h100_sms and 32768 / splits >= attention.MIN_TOKENS_PER_SPLIT
     assert attention.decode_num_splits(1, 1, 100, h100_sms) == 1  # never below the minimum split
+    # Aiming at 3 programs per SM: 16 programs a split, 25 splits fill 3 x 132 slots.
+    assert attention.decode_num_splits(2, 8, 32768, h100_sms, programs_per_sm=3) == 25
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -63,6 +65,32 @@ def test_prefill_attention(dtype, group, head_dim, with_prefix):
     tables = tables if with_prefix else None
     args = (q, k, v, k_cache, v_cache, cu_q, cu_k, tables, head_dim**-0.5, max(q_lens))
     close(attention.prefill_attention(*args), ref.prefill_attention(*args), dtype, fp32_tol=1e-4)
+
+
+@pytest.mark.parametrize("block_n", [32, 128])
+def test_decode_attention_under_the_benchmarked_tiles(block_n):
+    """bench/kernels.py times other key tiles than the engine's: they must compute the same."""
+    lengths = [1, 31, 33, 200, 700]
+    k_cache, v_cache, tables = paged_pool(lengths, 2, 64, 16, torch.float16)
+    q = torch.randn(len(lengths), 8, 64, device=DEVICE, dtype=torch.float16)
+    ctx = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    for num_splits in (1, 3):
+        out = attention.decode_attention(q, k_cache, v_cache, tables, ctx, 0.125, num_splits=num_splits,
+                                         block_n=block_n)
+        close(out, ref.decode_attention(q, k_cache, v_cache, tables, ctx, 0.125), torch.float16)
+
+
+@pytest.mark.parametrize("block_m, block_n", [(32, 16), (16, 32)])
+@pytest.mark.parametrize("with_prefix", [False, True])
+def test_prefill_attention_under_the_benchmarked_tiles(block_m, block_n, with_prefix):
+    """Query and key tiles of different sizes (bench/kernels.py times 128 by 64): the causal
+    diagonal then crosses key tiles at other offsets."""
+    q_lens = [1, 17, 40, 33]
+    prefixes = [0, 16, 3, 20] if with_prefix else [0] * len(q_lens)
+    q, k, v, k_cache, v_cache, cu_q, cu_k, tables = pack_prefill(q_lens, prefixes, 2, 4, 64, 16, torch.float16)
+    args = (q, k, v, k_cache, v_cache, cu_q, cu_k, tables if with_prefix else None, 0.125, max(q_lens))
+    close(attention.prefill_attention(*args, block_m=block_m, block_n=block_n), ref.prefill_attention(*args),
+          torch.float16)
 
 
 @pytest.mark.parametrize("head_dim, page", [(256, 16), (128, 128)])
