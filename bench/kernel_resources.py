@@ -135,15 +135,15 @@ def launch_llama_step_kernels(case: dict) -> None:
         attention.decode_attention(q, k_cache, v_cache, tables, lens, D**-0.5, block_n=block_n, num_warps=num_warps,
                                    num_stages=num_stages)
     for tokens, prefix in [(8192, 0), (512, 4096)]:
-        case["label"] = f"prefill {tokens} tokens" + (f" after {prefix} cached" if prefix else "")
+        label = case["label"] = f"prefill {tokens} tokens" + (f" after {prefix} cached" if prefix else "")
         q, k, v = qkv_views(tokens)
         cu_q = torch.tensor([0, tokens], dtype=torch.int32)
         cu_k = torch.tensor([0, prefix + tokens], dtype=torch.int32)
         tables = torch.zeros(1, (prefix + tokens) // PAGE, dtype=torch.int32) if prefix else None
         attention.prefill_attention(q, k, v, k_cache, v_cache, cu_q, cu_k, tables, D**-0.5, tokens)
-        for block_m, block_n, num_warps, num_stages in PREFILL_TILES if not prefix else ():  # as bench/kernels.py
-            case["label"] = f"prefill {tokens} tokens tile {block_m}/{block_n}/{num_warps}/{num_stages}"
-            attention.prefill_attention(q, k, v, k_cache, v_cache, cu_q, cu_k, None, D**-0.5, tokens,
+        for block_m, block_n, num_warps, num_stages in PREFILL_TILES:  # bench/kernels.py times them unpaged
+            case["label"] = f"{label} tile {block_m}/{block_n}/{num_warps}/{num_stages}"
+            attention.prefill_attention(q, k, v, k_cache, v_cache, cu_q, cu_k, tables, D**-0.5, tokens,
                                         block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
     tokens = 8192
     x = torch.empty(tokens, HIDDEN, dtype=bf16)
@@ -180,10 +180,10 @@ def main() -> None:
     from kairos.bench.common import write_result
 
     rows = measure()
-    print(f"{'case':40s} {'kernel':22s} {'programs':>8s} {'warps':>5s} {'regs':>4s} {'stack':>5s} {'smem':>7s} "
+    print(f"{'case':52s} {'kernel':22s} {'programs':>8s} {'warps':>5s} {'regs':>4s} {'stack':>5s} {'smem':>7s} "
           f"{'async':>5s} {'per SM':>6s} {'waves':>6s}")
     for r in rows:
-        print(f"{r['case']:40s} {r['kernel']:22s} {r['programs']:8d} {r['num_warps']:5d} {r['registers']:4d} "
+        print(f"{r['case']:52s} {r['kernel']:22s} {r['programs']:8d} {r['num_warps']:5d} {r['registers']:4d} "
               f"{r['stack_bytes']:5d} {r['shared_bytes']:7d} {r['async_groups_in_flight']:5d} "
               f"{r['programs_per_sm']:6d} {r['waves']:6.2f}")
     path = write_result(f"kernel_resources_sm90_triton{triton.__version__}",

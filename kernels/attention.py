@@ -191,13 +191,20 @@ def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, num
 
 
 @triton.jit
-def _load_kv_tile(k_ptr, v_ptr, k_cache, v_cache, block_tables, seq, cols, valid, d, d_mask, kv_head,
-                  tok_start, stride_kt, stride_kh, stride_vt, stride_vh, stride_cb, stride_ct, stride_ch, stride_bt,
-                  PAGED: tl.constexpr, PAGE: tl.constexpr):
+def _tile_pages(block_tables, seq, stride_bt, cols, k_len, PAGE: tl.constexpr, PAGED: tl.constexpr):
+    """The cache page of each key of a tile (read a tile ahead, as decode does; unused unpaged)."""
+    if PAGED:
+        return tl.load(block_tables + seq * stride_bt + cols // PAGE, mask=cols < k_len, other=0)
+    return cols
+
+
+@triton.jit
+def _load_kv_tile(k_ptr, v_ptr, k_cache, v_cache, page, cols, valid, d, d_mask, kv_head, tok_start, stride_kt,
+                  stride_kh, stride_vt, stride_vh, stride_cb, stride_ct, stride_ch, PAGED: tl.constexpr,
+                  PAGE: tl.constexpr):
     mask = valid[:, None] & d_mask[None, :]
     if PAGED:
-        page = tl.load(block_tables + seq * stride_bt + cols // PAGE, mask=valid, other=0).to(tl.int64)
-        off = (page * stride_cb + (cols % PAGE) * stride_ct + kv_head * stride_ch)[:, None] + d[None, :]
+        off = (page.to(tl.int64) * stride_cb + (cols % PAGE) * stride_ct + kv_head * stride_ch)[:, None] + d[None, :]
         return tl.load(k_cache + off, mask=mask, other=0.0), tl.load(v_cache + off, mask=mask, other=0.0)
     tok = (tok_start + cols).to(tl.int64)
     k = tl.load(k_ptr + (tok * stride_kt + kv_head * stride_kh)[:, None] + d[None, :], mask=mask, other=0.0)
@@ -206,15 +213,17 @@ def _load_kv_tile(k_ptr, v_ptr, k_cache, v_cache, block_tables, seq, cols, valid
 
 
 @triton.jit
-def _prefill_tile(q, m, l, acc, k_ptr, v_ptr, k_cache, v_cache, block_tables, seq, n0, rows, offset, k_len, d,
-                  d_mask, kv_head, tok_start, stride_kt, stride_kh, stride_vt, stride_vh, stride_cb, stride_ct,
+def _prefill_tile(q, m, l, acc, page, k_ptr, v_ptr, k_cache, v_cache, block_tables, seq, n0, rows, offset, k_len,
+                  d, d_mask, kv_head, tok_start, stride_kt, stride_kh, stride_vt, stride_vh, stride_cb, stride_ct,
                   stride_ch, stride_bt, qk_scale, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, PAGED: tl.constexpr,
                   MASKED: tl.constexpr, PRECISION: tl.constexpr):
+    """Folds the key tile at n0 (its pages given) into the online softmax; returns the state and
+    the next tile's pages."""
     cols = n0 + tl.arange(0, BLOCK_N)
     valid = cols < k_len
-    k, v = _load_kv_tile(k_ptr, v_ptr, k_cache, v_cache, block_tables, seq, cols, valid, d, d_mask, kv_head,
-                         tok_start, stride_kt, stride_kh, stride_vt, stride_vh, stride_cb, stride_ct, stride_ch,
-                         stride_bt, PAGED, PAGE)
+    next_page = _tile_pages(block_tables, seq, stride_bt, cols + BLOCK_N, k_len, PAGE, PAGED)
+    k, v = _load_kv_tile(k_ptr, v_ptr, k_cache, v_cache, page, cols, valid, d, d_mask, kv_head, tok_start,
+                         stride_kt, stride_kh, stride_vt, stride_vh, stride_cb, stride_ct, stride_ch, PAGED, PAGE)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     if MASKED:
         s = tl.where((cols[None, :] <= rows[:, None] + offset) & valid[None, :], s, float("-inf"))
@@ -223,7 +232,7 @@ def _prefill_tile(q, m, l, acc, k_ptr, v_ptr, k_cache, v_cache, block_tables, se
     p = tl.exp2(s - m_new[:, None])
     l = l * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-    return m_new, l, acc
+    return m_new, l, acc, next_page
 
 
 @triton.jit(do_not_specialize=["stride_bt"])
@@ -258,16 +267,18 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, k_cache, v_cache, cu_seqlens_q, cu_seql
     # Keys before unmasked_end are visible to every row of the tile; up to end, some are.
     unmasked_end = ((tile * BLOCK_M + offset + 1) // BLOCK_N) * BLOCK_N
     end = tl.minimum(k_len, (tile + 1) * BLOCK_M + offset)
+    # The first loop's last tile reads the pages of the second loop's first.
+    page = _tile_pages(block_tables, seq, stride_bt, tl.arange(0, BLOCK_N), k_len, PAGE, PAGED)
     for n0 in range(0, unmasked_end, BLOCK_N):
-        m, l, acc = _prefill_tile(q, m, l, acc, k_ptr, v_ptr, k_cache, v_cache, block_tables, seq, n0, rows, offset,
-                                  k_len, d, d_mask, kv_head, q_start, stride_kt, stride_kh, stride_vt, stride_vh,
-                                  stride_cb, stride_ct, stride_ch, stride_bt, qk_scale, BLOCK_N, PAGE, PAGED,
-                                  False, PRECISION)
+        m, l, acc, page = _prefill_tile(q, m, l, acc, page, k_ptr, v_ptr, k_cache, v_cache, block_tables, seq, n0,
+                                        rows, offset, k_len, d, d_mask, kv_head, q_start, stride_kt, stride_kh,
+                                        stride_vt, stride_vh, stride_cb, stride_ct, stride_ch, stride_bt, qk_scale,
+                                        BLOCK_N, PAGE, PAGED, False, PRECISION)
     for n0 in range(unmasked_end, end, BLOCK_N):
-        m, l, acc = _prefill_tile(q, m, l, acc, k_ptr, v_ptr, k_cache, v_cache, block_tables, seq, n0, rows, offset,
-                                  k_len, d, d_mask, kv_head, q_start, stride_kt, stride_kh, stride_vt, stride_vh,
-                                  stride_cb, stride_ct, stride_ch, stride_bt, qk_scale, BLOCK_N, PAGE, PAGED,
-                                  True, PRECISION)
+        m, l, acc, page = _prefill_tile(q, m, l, acc, page, k_ptr, v_ptr, k_cache, v_cache, block_tables, seq, n0,
+                                        rows, offset, k_len, d, d_mask, kv_head, q_start, stride_kt, stride_kh,
+                                        stride_vt, stride_vh, stride_cb, stride_ct, stride_ch, stride_bt, qk_scale,
+                                        BLOCK_N, PAGE, PAGED, True, PRECISION)
 
     out = acc / l[:, None]
     o_off = ((q_start + rows).to(tl.int64) * stride_ot + head * stride_oh)[:, None] + d[None, :]

@@ -67,13 +67,15 @@ def test_long_context_decode_fills_every_sm(llama_launches):
 
 
 def test_deeper_pipelines_keep_kv_tiles_loading_while_one_is_computed(llama_launches):
-    """Decode reads each tile's pages a tile ahead, so with 3 and 4 stages the pipeliner keeps
-    one and two K/V tiles loading (a K copy and a V copy each) while a program computes one;
-    prefill at 3 stages keeps one."""
-    in_flight = {r["case"].rsplit(" tile ", 1)[-1]: r["async_groups_in_flight"] for r in llama_launches
+    """Attention reads each key tile's pages a tile ahead, so with 3 and 4 stages the pipeliner
+    keeps one and two K/V tiles loading (a K copy and a V copy each) while a program computes
+    one, over a paged cache as well as over the prompt's own keys."""
+    in_flight = {r["case"]: r["async_groups_in_flight"] for r in llama_launches
                  if " tile " in r["case"] and r["kernel"] in ("_decode_kernel", "_prefill_kernel")}
-    assert in_flight["32/4/3"] == in_flight["64/4/3"] == 2 and in_flight["32/4/4"] == 4
-    assert in_flight["64/64/4/3"] == in_flight["128/64/8/3"] == 2
+    decode = "decode B=2 L=32768 tile "
+    assert in_flight[decode + "32/4/3"] == in_flight[decode + "64/4/3"] == 2 and in_flight[decode + "32/4/4"] == 4
+    for prefill in ("prefill 8192 tokens tile ", "prefill 512 tokens after 4096 cached tile "):
+        assert in_flight[prefill + "64/64/4/3"] == in_flight[prefill + "128/64/8/3"] == 2
 
 
 def test_a_kernel_that_spills_is_seen(tmp_path):
