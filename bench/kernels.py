@@ -130,6 +130,36 @@ def bench_decode(ceil: dict, flashinfer: FlashInferAttention | None) -> list[dic
     return rows
 
 
+def plot_decode_sweep(rows: list[dict], copy_gbps: float, path) -> None:
+    """Fraction of copy bandwidth against split count, a line per tile, a panel per long-context
+    batch: where the engine's launch sits among the others."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return
+    long_rows = [r for r in rows if r["context"] >= 32768]
+    fig, axes = plt.subplots(1, len(long_rows), figsize=(4 * len(long_rows), 3.6), sharey=True, squeeze=False)
+    for ax, row in zip(axes[0], long_rows):
+        kv_bytes = 2 * row["batch"] * row["context"] * HKV * D * 2
+        for tile in [DECODE_DEFAULT, *DECODE_TILES]:
+            points = sorted((r["splits"], kv_bytes / (r["ms"] * 1e-3) / 1e9 / copy_gbps) for r in row["sweep"]
+                            if (r["block_n"], r["num_warps"], r["num_stages"]) == tile)
+            engine = " (engine)" if tile == DECODE_DEFAULT else ""
+            ax.plot(*zip(*points), marker="o", label="{}/{}/{}".format(*tile) + engine)
+        ax.axvline(row["splits"], color="grey", linestyle=":")
+        ax.set_title(f"B={row['batch']}, {row['context'] // 1024}k tokens")
+        ax.set_xlabel("splits")
+    axes[0][0].set_ylabel("fraction of copy bandwidth")
+    axes[0][-1].legend(title="keys/warps/stages", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
 def bench_prefill(ceil: dict, flashinfer: FlashInferAttention | None) -> list[dict]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -212,7 +242,9 @@ def main() -> None:
               "flashinfer": flashinfer.flashinfer.__version__ if flashinfer else None, "ceilings": ceil,
               "decode": bench_decode(ceil, flashinfer), "prefill": bench_prefill(ceil, flashinfer),
               "small_ops": bench_small_ops(ceil)}
-    print(f"wrote {write_result('kernels_' + name.replace(' ', '_'), result)}")
+    path = write_result("kernels_" + name.replace(" ", "_"), result)
+    print(f"wrote {path}")
+    plot_decode_sweep(result["decode"], ceil["copy_GBps"], path.with_name(path.stem + "_decode_sweep.png"))
 
 
 if __name__ == "__main__":
