@@ -80,5 +80,5 @@ def test_decode_sweep_plot(stand_in_gpu, tmp_path):
     pytest.importorskip("matplotlib")
     rows = kernel_bench.bench_decode({"copy_GBps": 4000.0}, None)
     path = tmp_path / "sweep.png"
-    kernel_bench.plot_decode_sweep(rows, 4000.0, path)
+    kernel_bench.plot_decode_sweep(rows, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
