@@ -3,11 +3,12 @@
 # minutes), on the Llama-3.1-8B shape with dummy weights:
 #   tests       CUDA graphs against eager decode, overlapped steps against serial ones, and
 #               with no synchronizing call between them; the decode kernel and the fused RoPE
-#               and KV store in bf16
+#               and KV store in bf16; the sampler's top-k/top-p cutoff kernel as compiled
 #   decode      decode step at batch 1, 32, 128 against the memory floor, overlapped and one at a
 #               time, greedy and sampling; an 8k-token prefill step against the matmul ceiling;
 #               transformers generate (static cache) at batch 1
 #   kernels     decode and prefill attention against copy bandwidth, SDPA flash and FlashInfer;
+#               the sampler's top-k/top-p cutoff against the sort it replaces;
 #               decode at the decode batches and at long contexts over tiles (pipelined or
 #               not) and split counts, prefill over tiles; each kernel's registers, copies in
 #               flight and programs per SM under this machine's Triton
@@ -50,8 +51,9 @@ part() {  # part NAME SECONDS COMMAND...: runs it, logs it, keeps going whatever
 }
 
 part tests 150 $PY -m pytest -q -x -p no:cacheprovider tests/test_step_inputs.py tests/test_kernels_attention.py \
-    tests/test_kernels_small.py tests/test_sampler.py tests/test_overlap.py \
-    -k "cuda_graph or larger_than or (decode and dtype2) or merges_splits or (rope and dtype2) or on_cuda"
+    tests/test_kernels_small.py tests/test_sampler.py tests/test_overlap.py tests/test_kernels_sampling.py \
+    -k "cuda_graph or larger_than or (decode and dtype2) or merges_splits or (rope and dtype2) or on_cuda \
+    or kernels_sampling"
 part decode 220 $PY -m kairos.bench.decode_throughput --model $MODEL --batch-sizes 1,32,128 --context 1024 \
     --prefill-tokens 8192 --gpu-memory-utilization 0.5 --serial-too --sampled-too --hf-peers static --hf-batch-sizes 1
 part kernels 180 bash -c "$PY -m kairos.bench.kernels && $PY -m kairos.bench.kernel_resources"

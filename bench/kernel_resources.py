@@ -113,7 +113,7 @@ def launch_llama_step_kernels(case: dict) -> None:
     import torch
 
     from kairos.bench.kernels import DECODE_TILES, PREFILL_TILES
-    from kairos.kernels import attention, small_ops
+    from kairos.kernels import attention, sampling, small_ops
 
     bf16 = torch.bfloat16
 
@@ -160,6 +160,10 @@ def launch_llama_step_kernels(case: dict) -> None:
     for name, launch in small.items():
         case["label"] = f"{name}, {tokens} tokens"
         launch()
+    batch, vocab = 128, 128256
+    case["label"] = f"top_k_top_p_cutoff, {batch} rows of {vocab}"
+    sampling.top_k_top_p_cutoff(torch.empty(batch, vocab), torch.empty(batch, dtype=torch.int64),
+                                torch.empty(batch))
 
 
 def measure() -> list[dict]:

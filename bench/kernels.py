@@ -1,5 +1,6 @@
 """Kernel benchmark on the GPU: each Triton kernel against the device's own ceilings, measured
-in the same run, and against peers (torch SDPA flash for prefill, FlashInfer where installed).
+in the same run, and against peers (torch SDPA flash for prefill, the sort for the sampler's
+top-k/top-p filter, FlashInfer where installed).
 
   python -m kairos.bench.kernels            # needs a CUDA GPU; writes bench/results/kernels_<gpu>.json
 
@@ -16,8 +17,10 @@ import triton
 from triton.testing import do_bench
 
 from kairos.bench.common import write_result
-from kairos.kernels import attention, small_ops
+from kairos.engine.sampler import Sampler
+from kairos.kernels import attention, reference, sampling, small_ops
 from kairos.kernels.flashinfer_attention import FlashInferAttention
+from kairos.scheduler.request import SamplingParams
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
 DTYPE = torch.bfloat16
@@ -230,6 +233,45 @@ def bench_small_ops(ceil: dict) -> list[dict]:
     return rows
 
 
+SAMPLING_BATCHES = (1, 32, 128)
+SAMPLING_SETTINGS = [(0, 0.95), (50, 0.95)]  # (top_k, top_p): 0 turns top-k off
+VOCAB = 128256  # Llama 3's
+
+
+def bench_sampling(ceil: dict, flashinfer: FlashInferAttention | None) -> list[dict]:
+    """The sampler's top-k/top-p cutoff against the sort it replaces (the reference), both as the
+    filter alone and as the sampler's whole draw (temperature, filter, softmax, noise, argmax);
+    FlashInfer's fused top-k/top-p draw beside them where installed. The floor is one read of the
+    logits at copy bandwidth; a selection pass reads them once per 4-bit digit."""
+    rows = []
+    for batch in SAMPLING_BATCHES:
+        logits = torch.randn(batch, VOCAB, device=DEV) * 3
+        for top_k, top_p in SAMPLING_SETTINGS:
+            k = torch.full((batch,), top_k or VOCAB, dtype=torch.int64, device=DEV)
+            p = torch.full((batch,), top_p, device=DEV)
+            params = [SamplingParams(temperature=0.8, top_k=top_k, top_p=top_p)] * batch
+            steps = [0] * batch
+            ours_sampler, sort_sampler = (Sampler(torch.device(DEV), 0, f) for f in
+                                          (sampling.top_k_top_p_cutoff, reference.top_k_top_p_cutoff))
+            row = {"batch": batch, "vocab": VOCAB, "top_k": top_k, "top_p": top_p,
+                   "ms": ms(lambda: sampling.top_k_top_p_cutoff(logits, k, p)),
+                   "sort_ms": ms(lambda: reference.top_k_top_p_cutoff(logits, k, p)),
+                   "sampler_ms": ms(lambda: ours_sampler(logits, params, steps)),
+                   "sort_sampler_ms": ms(lambda: sort_sampler(logits, params, steps)),
+                   "floor_ms": logits.numel() * logits.element_size() / (ceil["copy_GBps"] * 1e9) * 1e3}
+            row["speedup_vs_sort"] = row["sort_ms"] / row["ms"]
+            row["sampler_speedup_vs_sort"] = row["sort_sampler_ms"] / row["sampler_ms"]
+            line = (f"cutoff B={batch:4d} top-k {top_k or '-':>3} top-p {top_p}: {row['ms']:.3f} ms "
+                    f"({row['floor_ms'] / row['ms']:.0%} of one read), {row['speedup_vs_sort']:.2f}x the sort; "
+                    f"whole draw {row['sampler_ms']:.3f} ms, {row['sampler_speedup_vs_sort']:.2f}x")
+            if flashinfer is not None:
+                line += time_peer(row, row["sampler_ms"], lambda: flashinfer.flashinfer.sampling.
+                                  top_k_top_p_sampling_from_logits(logits / 0.8, k, p))
+            print(line)
+            rows.append(row)
+    return rows
+
+
 def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("kairos.bench.kernels times kernels on a CUDA GPU; none is visible here")
@@ -241,7 +283,7 @@ def main() -> None:
     result = {"device": name, "triton": triton.__version__,
               "flashinfer": flashinfer.flashinfer.__version__ if flashinfer else None, "ceilings": ceil,
               "decode": bench_decode(ceil, flashinfer), "prefill": bench_prefill(ceil, flashinfer),
-              "small_ops": bench_small_ops(ceil)}
+              "small_ops": bench_small_ops(ceil), "sampling": bench_sampling(ceil, flashinfer)}
     path = write_result("kernels_" + name.replace(" ", "_"), result)
     print(f"wrote {path}")
     plot_decode_sweep(result["decode"], path.with_name(path.stem + "_decode_sweep.png"))

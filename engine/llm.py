@@ -286,12 +286,13 @@ class LLM:
     def warm_up(self) -> float:
         """Runs one prefill step of the full token budget (as far as half the KV cache holds)
         and a decode step of it, then every other attention shape with kernels of its own
-        (`ModelRunner.run_attention_variants`), before any request: a GPU kernel compiles on
-        first use, and a serving loop that met that on a request stalled for over a second (an
-        8192-token step on an H100 and on an H200, once per machine); and the scheduling
-        policies' compiled loops (`kairos.scheduler.native`). Distinct random prompts,
-        so the step is all new tokens; neither the calibration, the step times, the prefill counter
-        nor the prefix cache keeps anything of it. Returns the seconds it took."""
+        (`ModelRunner.run_attention_variants`) and the sampler's top-k/top-p filter, before any
+        request: a GPU kernel compiles on first use, and a serving loop that met that on a
+        request stalled for over a second (an 8192-token step on an H100 and on an H200, once
+        per machine); and the scheduling policies' compiled loops (`kairos.scheduler.native`).
+        Distinct random prompts, so the step is all new tokens; neither the calibration, the
+        step times, the prefill counter nor the prefix cache keeps anything of it. Returns the
+        seconds it took."""
         started = time.perf_counter()
         total = min(self.config.max_num_batched_tokens, self.num_total_blocks // 2 * self.config.block_size)
         per_prompt = max(1, min(total, self.max_model_len - 2))
@@ -309,6 +310,7 @@ class LLM:
         try:
             self.generate(prompts, SamplingParams(max_tokens=2, ignore_eos=True, temperature=0))
             self.runner.run_attention_variants()
+            self.runner.run_sampler_variants()
             native.warm_up()  # the policies' compiled loops, which long queues use
         finally:
             self.cost_model, self.num_prefill_tokens_computed = calibrated, computed

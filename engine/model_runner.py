@@ -17,6 +17,7 @@ from kairos.engine.sequence import Sequence
 from kairos.engine.step_inputs import DecodeInputs, PrefillInputs
 from kairos.engine.step_scheduler import Batch
 from kairos.kernels import get_backend
+from kairos.scheduler.request import SamplingParams
 
 log = logging.getLogger("kairos")
 
@@ -31,7 +32,7 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.model = self._build_model()
         self.num_blocks = self._allocate_kv_cache()
-        self.sampler = Sampler(self.device, config.seed)
+        self.sampler = Sampler(self.device, config.seed, self.backend.top_k_top_p_cutoff)
         self.prefill_inputs = PrefillInputs(self.device)
         self.decode_inputs = DecodeInputs(config.max_num_seqs, -(-max_model_len // self.block_size),
                                           self.block_size, self.device)
@@ -147,6 +148,13 @@ class ModelRunner:
             self.model(one, self._tensor([context_len - 1]), AttentionContext(
                 is_prefill=False, slot_mapping=nowhere, block_tables=self._tensor([[0] * blocks], torch.int32),
                 context_lens=self._tensor([context_len], torch.int32)))
+
+    @torch.inference_mode()
+    def run_sampler_variants(self) -> None:
+        """One draw through the top-k and top-p filter, whose GPU kernels compile on first use
+        (one variant serves every batch)."""
+        logits = torch.zeros(1, self.model_config.vocab_size, device=self.device)
+        self.sampler(logits, [SamplingParams(temperature=1.0, top_k=1, top_p=0.5)], [0])
 
     def _tensor(self, data, dtype=torch.int64) -> torch.Tensor:
         return torch.tensor(data, dtype=dtype, pin_memory=self.device.type == "cuda").to(

@@ -7,15 +7,23 @@ decode the rest) and still produce the offline engine's tokens."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
+from kairos.kernels import reference
 from kairos.scheduler.request import SamplingParams
+
+CutoffFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class Sampler:
-    def __init__(self, device: torch.device, seed: int):
+    def __init__(self, device: torch.device, seed: int, top_k_top_p_cutoff: CutoffFn = reference.top_k_top_p_cutoff):
+        """top_k_top_p_cutoff: the kernel backend's (`kairos.kernels`), which on the GPU selects
+        each row's cutoff without sorting the vocabulary."""
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self._seeded = torch.Generator(device=device)
+        self.top_k_top_p_cutoff = top_k_top_p_cutoff
 
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams], steps: list[int]) -> torch.Tensor:
         """logits: [B, V] float32; steps: per row, how many tokens the request has output so far.
@@ -27,7 +35,8 @@ class Sampler:
         temps, top_k, top_p, is_greedy = self._row_values(params, logits)
         logits = logits / temps.unsqueeze(1)
         if any(p.top_k > 0 or p.top_p < 1 for p in params):
-            logits = self._filter_top_k_top_p(logits, top_k, top_p)
+            cutoff = self.top_k_top_p_cutoff(logits, top_k, top_p)
+            logits = logits.masked_fill(logits < cutoff.unsqueeze(1), float("-inf"))
         probs = logits.softmax(dim=-1)
         # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p. Unseeded rows share one
         # draw from the engine's generator; a seeded row draws again from its own.
@@ -54,16 +63,3 @@ class Sampler:
     def _seeded_generator(self, seed: int, step: int) -> torch.Generator:
         # A 64-bit mix of (seed, step): neighbouring seeds and steps give unrelated streams.
         return self._seeded.manual_seed((seed * 0x9E3779B97F4A7C15 + step) % 2**63)
-
-    @staticmethod
-    def _filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-        vocab = logits.shape[-1]
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)
-        sorted_logits = sorted_logits.masked_fill(ranks >= top_k.unsqueeze(1), float("-inf"))
-        probs = sorted_logits.softmax(dim=-1)
-        # Keep the smallest head whose mass reaches top_p: drop a token when the mass before it
-        # already does. The first token always stays.
-        mass_before = probs.cumsum(dim=-1) - probs
-        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p.unsqueeze(1), float("-inf"))
-        return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)

@@ -2,9 +2,10 @@
 
 A backend is a namespace of functions with the signatures of `kairos.kernels.reference`:
 - `torch`: that reference; runs on any device.
-- `triton`: the Triton kernels (`small_ops`, `attention`); on CPU only under TRITON_INTERPRET=1.
-- `flashinfer`: FlashInfer's paged attention (`flashinfer_attention`) and the Triton small
-  ops; CUDA only, where FlashInfer is installed.
+- `triton`: the Triton kernels (`small_ops`, `attention`, `sampling`); on CPU only under
+  TRITON_INTERPRET=1.
+- `flashinfer`: FlashInfer's paged attention (`flashinfer_attention`) and the other Triton
+  kernels; CUDA only, where FlashInfer is installed.
 - `auto`: triton on CUDA when Triton is installed, torch otherwise.
 
 `capturable` says whether a decode step through the backend may be captured in a CUDA graph:
@@ -24,6 +25,7 @@ OPS = (
     "rope_and_store_kv",
     "prefill_attention",
     "decode_attention",
+    "top_k_top_p_cutoff",
 )
 
 BACKENDS = ("auto", "torch", "triton", "flashinfer")
@@ -51,10 +53,10 @@ def get_backend(name: str = "torch", device_type: str = "cpu") -> SimpleNamespac
                          "with TRITON_INTERPRET=1 set (slow: for testing)")
     else:
         try:
-            from kairos.kernels import attention, small_ops
+            from kairos.kernels import attention, sampling, small_ops
         except ImportError as e:
             raise ValueError(f"the {name} backend needs Triton installed: {e}") from e
-        impls = [small_ops, attention]
+        impls = [small_ops, attention, sampling]
         if name == "flashinfer":
             from kairos.kernels.flashinfer_attention import FlashInferAttention
 

@@ -35,6 +35,11 @@ def _gpu_launch(t: torch.Tensor) -> bool:
     return t.is_cuda
 
 
+def device_sms(t: torch.Tensor) -> int:
+    """SMs of t's GPU, which a launch's grid is sized to fill; 4 in the interpreter."""
+    return _num_sms(t.device.index or 0) if _gpu_launch(t) else 4
+
+
 # Triton compiles a kernel anew for each new specialization of an integer argument (equal to 1,
 # divisible by 16, other). The block-table stride (the widest sequence's block count) and the
 # split count change from batch to batch, so the kernels leave them unspecialized: otherwise
@@ -164,8 +169,7 @@ def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, num
     if block_n is None:
         block_n = 64 if page <= 64 else page
     if num_splits is None:
-        sms = _num_sms(q.device.index or 0) if _gpu_launch(q) else 4
-        num_splits = decode_num_splits(batch, num_kv_heads, block_tables.shape[1] * page, sms)
+        num_splits = decode_num_splits(batch, num_kv_heads, block_tables.shape[1] * page, device_sms(q))
     out = alloc(q.shape, q.dtype, q.device)
     direct = num_splits == 1
     if direct:

@@ -176,3 +176,24 @@ def decode_attention(
     total = qg.new_zeros((batch, num_kv_heads, group)).index_add_(0, owner, weights.sum(-1))
     out = torch.zeros_like(qg).index_add_(0, owner, torch.einsum("nhgl,nlhd->nhgd", weights, values))
     return (out / total.unsqueeze(-1)).reshape(batch, num_heads, head_dim).to(q.dtype)
+
+
+def top_k_top_p_cutoff(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """The smallest logit each row keeps under top-k, then top-p over the top-k renormalised:
+    the k largest, then the smallest head of those whose probability reaches top_p. Returns
+    [B] float32, -inf where a row keeps everything (top_k >= vocab and top_p >= 1). Ties with a
+    cutoff stay in, at each stage: the sampler keeps the logits >= the cutoff.
+
+    logits [B, V] float32; top_k [B] int64 (>= 1); top_p [B] float32 in (0, 1]. This sorts the
+    whole vocabulary, as the Triton kernel avoids."""
+    vocab = logits.shape[-1]
+    ordered = logits.sort(dim=-1, descending=True).values
+    kth_largest = ordered.gather(1, (top_k.unsqueeze(1) - 1).clamp(max=vocab - 1))
+    in_top_k = ordered >= kth_largest
+    probs = ordered.masked_fill(~in_top_k, float("-inf")).softmax(dim=-1)
+    # A token stays while the mass before it is short of top_p: the first always does. At
+    # top_p 1 all stay, though the float32 mass before the last ones may round up to 1.
+    mass_before = probs.cumsum(dim=-1) - probs
+    kept = in_top_k & ((mass_before < top_p.unsqueeze(1)) | (top_p >= 1).unsqueeze(1))
+    cutoff = ordered.gather(1, (kept.sum(dim=-1, keepdim=True) - 1).clamp(min=0)).squeeze(1)
+    return cutoff.masked_fill((top_k >= vocab) & (top_p >= 1), float("-inf"))

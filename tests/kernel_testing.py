@@ -1,4 +1,7 @@
-"""Shared pieces of the kernel tests: device, dtypes, paged inputs, NaN-poisoned outputs and comparison."""
+"""Shared pieces of the kernel tests: device, dtypes, paged inputs, NaN-poisoned outputs, comparison,
+and the kernel variants launches compile."""
+
+import contextlib
 
 import torch
 
@@ -52,3 +55,49 @@ def pack_prefill(q_lens, prefixes, kv_heads, group, head_dim, page, dtype):
     cu_q = torch.tensor([0] + q_lens, device=DEVICE).cumsum(0).to(torch.int32)
     cu_k = torch.tensor([0] + k_lens, device=DEVICE).cumsum(0).to(torch.int32)
     return q, k, v, k_cache, v_cache, cu_q, cu_k, tables
+
+
+@contextlib.contextmanager
+def kernel_variants():
+    """Records each Triton kernel launch's specialization as Triton keys its compiled kernels:
+    the constexpr values, and for every other argument its type with Triton's specialization of
+    it (an integer equal to 1 or divisible by 16, a pointer's 16-byte alignment), unless the
+    kernel leaves that argument unspecialized."""
+    import inspect
+
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import native_specialize_impl
+
+    from kairos.kernels import attention, sampling, small_ops
+
+    seen: set = set()
+    hooked = []
+    for module in (attention, small_ops, sampling):
+        for name, kernel in vars(module).items():
+            if not (name.endswith("_kernel") and hasattr(kernel, "add_pre_run_hook")):
+                continue
+            params = inspect.signature(kernel.fn).parameters
+            options = getattr(kernel, "kwargs", None) or {}  # the interpreter keeps jit's options here
+            unspecialized = options.get("do_not_specialize") or getattr(kernel, "do_not_specialize", None) or ()
+            unspecialized = {kernel.arg_names[a] if isinstance(a, int) else a for a in unspecialized}
+
+            def hook(*args, _name=name, _kernel=kernel, _params=params, _unspecialized=unspecialized, **kwargs):
+                bound = {**dict(zip(_kernel.arg_names, args)), **kwargs}
+                key = []
+                for arg in _kernel.arg_names:
+                    value = bound[arg]
+                    if "constexpr" in str(_params[arg].annotation):  # a string under postponed annotations
+                        key.append((arg, value))
+                    elif arg in _unspecialized:
+                        key.append((arg, type(value).__name__))
+                    else:
+                        key.append((arg, native_specialize_impl(BaseBackend, value, False, True, True)))
+                seen.add((_name, tuple(key)))
+
+            kernel.add_pre_run_hook(hook)
+            hooked.append((kernel, hook))
+    try:
+        yield seen
+    finally:
+        for kernel, hook in hooked:
+            kernel.pre_run_hooks.remove(hook)

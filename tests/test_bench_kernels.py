@@ -82,3 +82,37 @@ def test_decode_sweep_plot(stand_in_gpu, tmp_path):
     path = tmp_path / "sweep.png"
     kernel_bench.plot_decode_sweep(rows, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sampling_bench_times_the_kernel_and_the_sort_it_replaces(monkeypatch):
+    """Each filter 'costs' a time of its own (the kernel 1, the sort 4), whether called alone
+    or inside the sampler's draw: the rows must report each against the right one."""
+    from kairos.kernels import reference, sampling
+
+    clock = {"ms": 0.0}
+    exact = reference.top_k_top_p_cutoff
+
+    def costing(cost):
+        def cutoff(*args):
+            clock["ms"] += cost
+            return exact(*args)
+        return cutoff
+
+    for module, cost in ((reference, 4.0), (sampling, 1.0)):
+        monkeypatch.setattr(module, "top_k_top_p_cutoff", costing(cost))
+
+    def timed(fn, **_):
+        clock["ms"] = 0.0
+        fn()
+        return clock["ms"]
+
+    monkeypatch.setattr(kernel_bench, "DEV", "cpu")
+    monkeypatch.setattr(kernel_bench, "do_bench", timed)
+    monkeypatch.setattr(kernel_bench, "VOCAB", 300)
+    rows = kernel_bench.bench_sampling({"copy_GBps": 1.0}, None)
+    assert [(r["batch"], r["top_k"], r["top_p"]) for r in rows] == [
+        (b, k, p) for b in kernel_bench.SAMPLING_BATCHES for k, p in kernel_bench.SAMPLING_SETTINGS]
+    for r in rows:
+        assert (r["ms"], r["sort_ms"], r["sampler_ms"], r["sort_sampler_ms"]) == (1.0, 4.0, 1.0, 4.0)
+        assert r["speedup_vs_sort"] == r["sampler_speedup_vs_sort"] == 4.0
+        assert r["floor_ms"] == pytest.approx(r["batch"] * 300 * 4 / 1e9 * 1e3)

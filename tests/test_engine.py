@@ -1,9 +1,9 @@
 """The offline engine on the tiny model: batching, chunked prefill, preemption, aborts, stops."""
 
-import contextlib
 
 import pytest
 import torch
+from kernel_testing import kernel_variants
 
 from kairos.engine import LLM, SamplingParams
 
@@ -136,59 +136,14 @@ def test_warm_up_runs_a_full_budget_prefill_and_a_decode_step_and_keeps_nothing(
     assert llm.num_free_blocks == llm.num_total_blocks and not llm.block_manager.cached
 
 
-@contextlib.contextmanager
-def kernel_variants():
-    """Records each Triton kernel launch's specialization as Triton keys its compiled kernels:
-    the constexpr values, and for every other argument its type with Triton's specialization of
-    it (an integer equal to 1 or divisible by 16, a pointer's 16-byte alignment), unless the
-    kernel leaves that argument unspecialized."""
-    import inspect
-
-    from triton.backends.compiler import BaseBackend
-    from triton.runtime.jit import native_specialize_impl
-
-    from kairos.kernels import attention, small_ops
-
-    seen: set = set()
-    hooked = []
-    for module in (attention, small_ops):
-        for name, kernel in vars(module).items():
-            if not (name.endswith("_kernel") and hasattr(kernel, "add_pre_run_hook")):
-                continue
-            params = inspect.signature(kernel.fn).parameters
-            options = getattr(kernel, "kwargs", None) or {}  # the interpreter keeps jit's options here
-            unspecialized = options.get("do_not_specialize") or getattr(kernel, "do_not_specialize", None) or ()
-            unspecialized = {kernel.arg_names[a] if isinstance(a, int) else a for a in unspecialized}
-
-            def hook(*args, _name=name, _kernel=kernel, _params=params, _unspecialized=unspecialized, **kwargs):
-                bound = {**dict(zip(_kernel.arg_names, args)), **kwargs}
-                key = []
-                for arg in _kernel.arg_names:
-                    value = bound[arg]
-                    if "constexpr" in str(_params[arg].annotation):  # a string under postponed annotations
-                        key.append((arg, value))
-                    elif arg in _unspecialized:
-                        key.append((arg, type(value).__name__))
-                    else:
-                        key.append((arg, native_specialize_impl(BaseBackend, value, False, True, True)))
-                seen.add((_name, tuple(key)))
-
-            kernel.add_pre_run_hook(hook)
-            hooked.append((kernel, hook))
-    try:
-        yield seen
-    finally:
-        for kernel, hook in hooked:
-            kernel.pre_run_hooks.remove(hook)
-
-
 def test_after_the_warm_up_serving_compiles_no_kernel(monkeypatch):
     """Every Triton kernel variant that serving launches, the warm-up launched first: on a GPU
     each new one compiles mid-serving. The steps below vary what could make one: prompts of a
     token, across block boundaries and past the token budget (chunked), a cached prefix, decode
     batches of 1 to 3 whose widest block table is 1, 2, 16 or 18 blocks, and contexts the
-    decode kernel splits in 1 to 3. Blocks of 4 tokens, and splits from 32 keys rather than
-    256, keep the interpreted prompts short."""
+    decode kernel splits in 1 to 3, and sampled batches of 1 to 4 rows through the top-k/top-p
+    filter. Blocks of 4 tokens, and splits from 32 keys rather than 256, keep the interpreted
+    prompts short."""
     from kairos.kernels import attention
 
     monkeypatch.setattr(attention, "MIN_TOKENS_PER_SPLIT", 32)
@@ -199,9 +154,13 @@ def test_after_the_warm_up_serving_compiles_no_kernel(monkeypatch):
         llm.warm_up()
         warmed = set(seen)
         assert {name for name, _ in warmed} >= {"_prefill_kernel", "_decode_kernel", "_merge_kernel",
-                                               "_rms_norm_kernel", "_rope_store_kv_kernel"}
+                                               "_rms_norm_kernel", "_rope_store_kv_kernel", "_radix_pass_kernel",
+                                               "_softmax_parts_kernel", "_finish_kernel"}
         params = SamplingParams(max_tokens=3, ignore_eos=True, temperature=0)
         llm.generate([ids[1], ids[3], ids[5]], params)
+        for rows, (top_k, top_p) in enumerate([(5, 1.0), (0, 0.9), (3, 0.8), (0, 0.5)], start=1):  # sampled
+            llm.generate([ids[1], ids[3], ids[5], ids[1]][:rows],
+                         SamplingParams(max_tokens=3, ignore_eos=True, top_k=top_k, top_p=top_p))
         for n in (61, 70):
             llm.generate([ids[n]], params)
         llm.generate([ids[70][:40] + [7]], params)  # its first ten blocks are cached

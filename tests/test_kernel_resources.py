@@ -15,7 +15,7 @@ pytest.importorskip("triton")
 from kairos.bench.kernel_resources import SM90, programs_per_sm  # noqa: E402
 
 ENGINE_KERNELS = {"_decode_kernel", "_merge_kernel", "_prefill_kernel", "_rms_norm_kernel", "_silu_and_mul_kernel",
-                  "_rope_store_kv_kernel"}
+                  "_rope_store_kv_kernel", "_radix_pass_kernel", "_softmax_parts_kernel", "_finish_kernel"}
 
 
 def compiled_launches(script: str) -> list[dict]:
@@ -76,6 +76,18 @@ def test_deeper_pipelines_keep_kv_tiles_loading_while_one_is_computed(llama_laun
     assert in_flight[decode + "32/4/3"] == in_flight[decode + "64/4/3"] == 2 and in_flight[decode + "32/4/4"] == 4
     for prefill in ("prefill 8192 tokens tile ", "prefill 512 tokens after 4096 cached tile "):
         assert in_flight[prefill + "64/64/4/3"] == in_flight[prefill + "128/64/8/3"] == 2
+
+
+def test_the_sampling_cutoff_passes_read_the_logits_in_one_full_wave(llama_launches):
+    """Each pass over the logits keeps several tiles loading (a program alone would wait on
+    every load), and the digit passes' grid for a batch of 128 rows nearly fills the SMs at
+    once, with no second wave."""
+    passes = [r for r in llama_launches if r["kernel"] in ("_radix_pass_kernel", "_softmax_parts_kernel")]
+    assert len(passes) == 17  # eight digits for top-k, the top-k's softmax, eight digits for top-p
+    for r in passes:
+        assert r["async_groups_in_flight"] >= 4
+        assert r["waves"] <= 1
+        assert r["kernel"] == "_softmax_parts_kernel" or r["waves"] >= 0.75
 
 
 def test_a_kernel_that_spills_is_seen(tmp_path):

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from kairos.engine.sampler import Sampler
+from kairos.kernels import get_backend
 from kairos.scheduler.request import SamplingParams
 
 N = 6000
@@ -79,12 +80,13 @@ def test_a_seeded_row_draws_the_same_whatever_shares_its_batch():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_sampling_never_waits_for_the_device_on_cuda():
     """Sampling is queued behind the step's forward pass; a synchronizing call in it (such as
-    a blocking copy of the rows' settings) would hold the host until that pass ends."""
+    a blocking copy of the rows' settings) would hold the host until that pass ends. The
+    top-k/top-p filter is the Triton backend's, as the engine runs it on a GPU."""
     logits = torch.randn(6, 1000, device="cuda")
     params = [SamplingParams(temperature=0), SamplingParams(temperature=0.7), SamplingParams(top_k=5),
               SamplingParams(top_p=0.9), SamplingParams(temperature=1.2, top_k=50, top_p=0.8, seed=4),
               SamplingParams(seed=9)]
-    sampler = Sampler(torch.device("cuda"), 0)
+    sampler = Sampler(torch.device("cuda"), 0, get_backend("triton", "cuda").top_k_top_p_cutoff)
     sampler(logits, params, list(range(6)))  # allocations and kernels of the first call
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
