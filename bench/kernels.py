@@ -247,7 +247,8 @@ def bench_sampling(ceil: dict, flashinfer: FlashInferAttention | None) -> list[d
     for batch in SAMPLING_BATCHES:
         logits = torch.randn(batch, VOCAB, device=DEV) * 3
         for top_k, top_p in SAMPLING_SETTINGS:
-            k = torch.full((batch,), top_k or VOCAB, dtype=torch.int64, device=DEV)
+            # As the sampler calls it: no top-k tensor where no row asks for top-k.
+            k = torch.full((batch,), top_k, dtype=torch.int64, device=DEV) if top_k else None
             p = torch.full((batch,), top_p, device=DEV)
             params = [SamplingParams(temperature=0.8, top_k=top_k, top_p=top_p)] * batch
             steps = [0] * batch
@@ -266,7 +267,7 @@ def bench_sampling(ceil: dict, flashinfer: FlashInferAttention | None) -> list[d
                     f"whole draw {row['sampler_ms']:.3f} ms, {row['sampler_speedup_vs_sort']:.2f}x")
             if flashinfer is not None:
                 line += time_peer(row, row["sampler_ms"], lambda: flashinfer.flashinfer.sampling.
-                                  top_k_top_p_sampling_from_logits(logits / 0.8, k, p))
+                                  top_k_top_p_sampling_from_logits(logits / 0.8, top_k or VOCAB, p))
             print(line)
             rows.append(row)
     return rows

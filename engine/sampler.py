@@ -14,7 +14,7 @@ import torch
 from kairos.kernels import reference
 from kairos.scheduler.request import SamplingParams
 
-CutoffFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+CutoffFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor | None], torch.Tensor]
 
 
 class Sampler:
@@ -34,8 +34,9 @@ class Sampler:
             return greedy
         temps, top_k, top_p, is_greedy = self._row_values(params, logits)
         logits = logits / temps.unsqueeze(1)
-        if any(p.top_k > 0 or p.top_p < 1 for p in params):
-            cutoff = self.top_k_top_p_cutoff(logits, top_k, top_p)
+        uses_top_k, uses_top_p = any(p.top_k > 0 for p in params), any(p.top_p < 1 for p in params)
+        if uses_top_k or uses_top_p:
+            cutoff = self.top_k_top_p_cutoff(logits, top_k if uses_top_k else None, top_p if uses_top_p else None)
             logits = logits.masked_fill(logits < cutoff.unsqueeze(1), float("-inf"))
         probs = logits.softmax(dim=-1)
         # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p. Unseeded rows share one

@@ -178,15 +178,19 @@ def decode_attention(
     return (out / total.unsqueeze(-1)).reshape(batch, num_heads, head_dim).to(q.dtype)
 
 
-def top_k_top_p_cutoff(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+def top_k_top_p_cutoff(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
     """The smallest logit each row keeps under top-k, then top-p over the top-k renormalised:
     the k largest, then the smallest head of those whose probability reaches top_p. Returns
     [B] float32, -inf where a row keeps everything (top_k >= vocab and top_p >= 1). Ties with a
     cutoff stay in, at each stage: the sampler keeps the logits >= the cutoff.
 
-    logits [B, V] float32; top_k [B] int64 (>= 1); top_p [B] float32 in (0, 1]. This sorts the
-    whole vocabulary, as the Triton kernel avoids."""
-    vocab = logits.shape[-1]
+    logits [B, V] float32; top_k [B] int64 (>= 1); top_p [B] float32 in (0, 1]; either may be
+    None where no row asks for it. This sorts the whole vocabulary, as the Triton kernel avoids."""
+    rows, vocab = logits.shape
+    if top_k is None:
+        top_k = torch.full((rows,), vocab, dtype=torch.int64, device=logits.device)
+    if top_p is None:
+        top_p = torch.ones(rows, device=logits.device)
     ordered = logits.sort(dim=-1, descending=True).values
     kth_largest = ordered.gather(1, (top_k.unsqueeze(1) - 1).clamp(max=vocab - 1))
     in_top_k = ordered >= kth_largest

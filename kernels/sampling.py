@@ -164,15 +164,16 @@ def alloc(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def top_k_top_p_cutoff(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+def top_k_top_p_cutoff(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None,
                        num_splits: int | None = None) -> torch.Tensor:
-    """The reference's signature; num_splits (programs per row) is derived from the shape and
-    the SM count unless given."""
+    """The reference's signature; a stage no row asks for (None) costs no pass. num_splits
+    (programs per row) is derived from the shape and the SM count unless given."""
     assert logits.dtype == torch.float32 and logits.stride(-1) == 1
     rows, vocab = logits.shape
     cutoff = alloc((rows,), torch.float32, logits.device)
-    if rows == 0:
-        return cutoff
+    stages = [by_mass for by_mass, setting in ((False, top_k), (True, top_p)) if setting is not None]
+    if rows == 0 or not stages:
+        return cutoff.fill_(float("-inf"))
     # One wave of programs, each reading at least MIN_BLOCKS_PER_SPLIT tiles: below that, the
     # partial histograms every program reads back outweigh its share of the row.
     programs = PROGRAMS_PER_SM * attention.device_sms(logits)
@@ -191,7 +192,10 @@ def top_k_top_p_cutoff(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     splits_block = triton.next_power_of_2(max(num_splits, max_splits))
     grid = (rows, num_splits)
     stride = logits.stride(0)
-    for by_mass in (False, True):  # top-k, then top-p among the top k
+    # A stage's kernels read only its own setting: the other's pointer may stand in for one not given.
+    top_k = top_k if top_k is not None else top_p
+    top_p = top_p if top_p is not None else top_k
+    for by_mass in stages:  # top-k, then top-p among the top k
         if by_mass:
             _softmax_parts_kernel[grid](logits, stride, vocab, chunk, num_splits, floor, top_p, norm, BLOCK=BLOCK)
         for level in range(DIGITS):

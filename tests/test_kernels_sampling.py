@@ -92,6 +92,33 @@ def test_ties_masked_logits_and_extreme_magnitudes():
     check_cutoffs(tied.to(DEVICE), *row_settings(rows, vocab, gen))
 
 
+def test_a_stage_no_row_asks_for_costs_no_pass(monkeypatch):
+    """None for top-k or top-p means every row leaves it off: the cutoff is as with the setting
+    off in every row, and that stage's passes are not launched."""
+    gen = torch.Generator().manual_seed(5)
+    rows, vocab = 3, 1500
+    logits = (torch.randn(rows, vocab, generator=gen) * 2).to(DEVICE)
+    top_k, top_p = row_settings(rows, vocab, gen)
+    all_k, all_p = torch.full_like(top_k, vocab), torch.ones_like(top_p)
+    passes = []
+
+    def hook(*args, **kwargs):
+        passes.append(1)
+
+    sampling._radix_pass_kernel.add_pre_run_hook(hook)
+    try:
+        for k, p, digit_passes in [(None, top_p, 8), (top_k, None, 8), (None, None, 0)]:
+            passes.clear()
+            got = sampling.top_k_top_p_cutoff(logits, k, p)
+            assert len(passes) == digit_passes
+            assert torch.equal(got, sampling.top_k_top_p_cutoff(logits, all_k if k is None else k,
+                                                                all_p if p is None else p))
+            assert torch.equal(ref.top_k_top_p_cutoff(logits, k, p), ref.top_k_top_p_cutoff(
+                logits, all_k if k is None else k, all_p if p is None else p))
+    finally:
+        sampling._radix_pass_kernel.pre_run_hooks.remove(hook)
+
+
 def test_sampler_draws_the_same_tokens_through_the_kernel():
     """Filtering through the kernel leaves the sampler's draws exactly as the reference's."""
     gen = torch.Generator().manual_seed(3)
