@@ -59,8 +59,8 @@ part decode 220 $PY -m kairos.bench.decode_throughput --model $MODEL --batch-siz
 part kernels 180 bash -c "$PY -m kairos.bench.kernels && $PY -m kairos.bench.kernel_resources"
 part profile 120 $PY -m kairos.cli profile --model $MODEL --load-format dummy --max-model-len 4096 \
     --out "bench/profiles/Llama-3.1-8B_${GPU}.json"
-part throughput 240 $PY -m kairos.bench.throughput --model $MODEL --requests 256 --batch-sizes 64,256 \
-    --peers static --peer-batch-sizes 32 --peer-seconds 30
+part throughput 300 $PY -m kairos.bench.throughput --model $MODEL --requests 256 --batch-sizes 64,256 \
+    --peers static,continuous --peer-batch-sizes 32 --peer-seconds 30 --continuous-requests 64
 part serve_loop 120 $PY -m kairos.bench.serve_loop --model $MODEL --load-format dummy --gpu-memory-utilization 0.42 \
     --requests 200
 part handoff 90 $PY -m pytest -q -x -p no:cacheprovider tests/test_handoff.py

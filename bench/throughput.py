@@ -14,7 +14,8 @@ writes bench/results/throughput_<model>_<device>.json and a PNG of tokens/s agai
   python -P -m kairos.bench.throughput --model tiny --requests 24 --batch-sizes 4,16   # CPU run
 
 A peer that would run past --peer-seconds is stopped after the batch that crosses it, and its
-rate is that of the batches it ran (said in its row). `-P` keeps the checkout off sys.path,
+rate is that of the batches it ran (said in its row). `generate_batch` cannot be stopped part-way:
+--continuous-requests gives it the first N requests only (its row says how many). `-P` keeps the checkout off sys.path,
 where its `kernels` folder would hide the `kernels` package transformers imports.
 """
 
@@ -135,6 +136,7 @@ def run_hf_continuous(hf, requests, batch: int) -> dict:
     wall = time.perf_counter() - start
     generated = [len(o.generated_tokens) for o in outputs.values()]
     return {"engine": "transformers generate_batch (continuous batching)", "batch": batch,
+            "requests_run": len(requests),
             "note": "every request runs to the longest output (one max_new_tokens for all)",
             **summary(wall, sum(len(p) for p, _ in requests), sum(generated), [], [])}
 
@@ -169,6 +171,8 @@ def main() -> None:
     ap.add_argument("--peer-batch-sizes", default="8,32", help="transformers static-cache batch sizes")
     ap.add_argument("--peers", default="static,continuous", help="transformers modes to run: static, continuous")
     ap.add_argument("--peer-seconds", type=float, default=60.0, help="time budget of each peer run")
+    ap.add_argument("--continuous-requests", type=int, default=None,
+                    help="the first N requests only for the continuous-batching peer (default: all)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.5,
                     help="Kairos' share, leaving room for the peer in the same process")
     args = ap.parse_args()
@@ -204,7 +208,8 @@ def main() -> None:
                           for b in args.peer_batch_sizes.split(",")]
         if "continuous" in peers:
             if hasattr(hf, "generate_batch"):
-                peer_rows.append(run_hf_continuous(hf, requests, max(int(b) for b in args.batch_sizes.split(","))))
+                peer_rows.append(run_hf_continuous(hf, requests[: args.continuous_requests],
+                                                   max(int(b) for b in args.batch_sizes.split(","))))
             else:
                 print(f"transformers {transformers.__version__} has no generate_batch: no continuous-batching peer")
         for row in peer_rows:
