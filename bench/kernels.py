@@ -235,6 +235,7 @@ def bench_small_ops(ceil: dict) -> list[dict]:
 
 SAMPLING_BATCHES = (1, 32, 128)
 SAMPLING_SETTINGS = [(0, 0.95), (50, 0.95)]  # (top_k, top_p): 0 turns top-k off
+SAMPLING_DIGIT_BITS = (2, 4)  # bits per selection pass: 16 passes of 4 bins, or 8 of 16
 VOCAB = 128256  # Llama 3's
 
 
@@ -242,7 +243,8 @@ def bench_sampling(ceil: dict, flashinfer: FlashInferAttention | None) -> list[d
     """The sampler's top-k/top-p cutoff against the sort it replaces (the reference), both as the
     filter alone and as the sampler's whole draw (temperature, filter, softmax, noise, argmax);
     FlashInfer's fused top-k/top-p draw beside them where installed. The floor is one read of the
-    logits at copy bandwidth; a selection pass reads them once per 4-bit digit."""
+    logits at copy bandwidth; a selection pass reads them once per digit. The cutoff is also
+    timed at each width of digit in SAMPLING_DIGIT_BITS."""
     rows = []
     for batch in SAMPLING_BATCHES:
         logits = torch.randn(batch, VOCAB, device=DEV) * 3
@@ -256,6 +258,8 @@ def bench_sampling(ceil: dict, flashinfer: FlashInferAttention | None) -> list[d
                                           (sampling.top_k_top_p_cutoff, reference.top_k_top_p_cutoff))
             row = {"batch": batch, "vocab": VOCAB, "top_k": top_k, "top_p": top_p,
                    "ms": ms(lambda: sampling.top_k_top_p_cutoff(logits, k, p)),
+                   "ms_by_digit_bits": {bits: ms(lambda: sampling.top_k_top_p_cutoff(logits, k, p, digit_bits=bits))
+                                        for bits in SAMPLING_DIGIT_BITS},
                    "sort_ms": ms(lambda: reference.top_k_top_p_cutoff(logits, k, p)),
                    "sampler_ms": ms(lambda: ours_sampler(logits, params, steps)),
                    "sort_sampler_ms": ms(lambda: sort_sampler(logits, params, steps)),
@@ -263,7 +267,8 @@ def bench_sampling(ceil: dict, flashinfer: FlashInferAttention | None) -> list[d
             row["speedup_vs_sort"] = row["sort_ms"] / row["ms"]
             row["sampler_speedup_vs_sort"] = row["sort_sampler_ms"] / row["sampler_ms"]
             line = (f"cutoff B={batch:4d} top-k {top_k or '-':>3} top-p {top_p}: {row['ms']:.3f} ms "
-                    f"({row['floor_ms'] / row['ms']:.0%} of one read), {row['speedup_vs_sort']:.2f}x the sort; "
+                    f"({row['floor_ms'] / row['ms']:.0%} of one read), {row['speedup_vs_sort']:.2f}x the sort "
+                    f"(digits of {', '.join(f'{b} bits {t:.3f}' for b, t in row['ms_by_digit_bits'].items())} ms); "
                     f"whole draw {row['sampler_ms']:.3f} ms, {row['sampler_speedup_vs_sort']:.2f}x")
             if flashinfer is not None:
                 line += time_peer(row, row["sampler_ms"], lambda: flashinfer.flashinfer.sampling.

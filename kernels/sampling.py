@@ -21,8 +21,11 @@ import triton.language as tl
 from kairos.kernels import attention
 
 BLOCK = 256  # logits a program reads per iteration: 128 registers at 4 warps on sm_90, no spills
-DIGITS = 8  # 4-bit digits of a 32-bit key
-PROGRAMS_PER_SM = 4  # as registers allow
+# Bits a pass selects. Each pass histograms 2**DIGIT_BITS bins: a compare, a select and an add
+# per bin and logit. Wider digits mean fewer passes over memory and more instructions in each
+# (bench/kernels.py times 2 and 4).
+DIGIT_BITS = 4
+PROGRAMS_PER_SM = 8  # as registers allow (61 on sm_90)
 MIN_BLOCKS_PER_SPLIT = 4
 # Tiles a program's loop keeps loading ahead (six in flight on sm_90): a pass reads each row
 # once at the copy rate only with enough bytes in flight per SM.
@@ -52,7 +55,8 @@ def _target(row, top_k_ptr, top_p_ptr, norm_ptr, num_splits, vocab, BY_MASS: tl.
         peaks = tl.load(norm_ptr + (row * num_splits + splits) * 2, mask=in_range, other=float("-inf"))
         sums = tl.load(norm_ptr + (row * num_splits + splits) * 2 + 1, mask=in_range, other=0.0)
         peak = tl.max(peaks)
-        total = tl.sum(tl.where(peaks > float("-inf"), sums * tl.exp(peaks - peak), 0.0))
+        shift_to = tl.where(peak == float("-inf"), 0.0, peak)  # a row that selects nothing has no peak
+        total = tl.sum(sums * tl.exp(peaks - shift_to))
         top_p = tl.load(top_p_ptr + row)
         return top_p < 1.0, top_p * total, peak
     top_k = tl.load(top_k_ptr + row)
@@ -60,12 +64,13 @@ def _target(row, top_k_ptr, top_p_ptr, norm_ptr, num_splits, vocab, BY_MASS: tl.
 
 
 @triton.jit
-def _choose_digit(partial_ptr, row, num_splits, prefix, above, target, SPLITS_BLOCK: tl.constexpr):
+def _choose_digit(partial_ptr, row, num_splits, prefix, above, target, BITS: tl.constexpr,
+                  SPLITS_BLOCK: tl.constexpr):
     """Extends prefix by the highest digit at which the weight from the top reaches target,
     from the last pass's partial histograms; above: the weight of keys above the prefix's range."""
     splits = tl.arange(0, SPLITS_BLOCK)
-    digits = tl.arange(0, 16)
-    partial = tl.load(partial_ptr + (row * num_splits + splits[:, None]) * 16 + digits[None, :],
+    digits = tl.arange(0, 1 << BITS)
+    partial = tl.load(partial_ptr + (row * num_splits + splits[:, None]) * (1 << BITS) + digits[None, :],
                       mask=splits[:, None] < num_splits, other=0.0)
     hist = tl.sum(partial, axis=0)
     # Rounding may put the target a hair above what the histogram sums to: the lowest digit
@@ -73,7 +78,7 @@ def _choose_digit(partial_ptr, row, num_splits, prefix, above, target, SPLITS_BL
     target = tl.minimum(target, above + tl.sum(hist))
     at_or_above = above + tl.sum(hist) - tl.cumsum(hist, 0) + hist  # weight of digits >= d
     digit = tl.max(tl.where(at_or_above >= target, digits, -1))
-    return prefix * 16 + digit, above + tl.sum(tl.where(digits > digit, hist, 0.0))
+    return (prefix << BITS) + digit, above + tl.sum(tl.where(digits > digit, hist, 0.0))
 
 
 # Nothing here specializes on batch-dependent integers or on the alignment of the rows' settings
@@ -81,7 +86,7 @@ def _choose_digit(partial_ptr, row, num_splits, prefix, above, target, SPLITS_BL
 @triton.jit(do_not_specialize=["stride", "vocab", "chunk", "num_splits", "top_k_ptr", "top_p_ptr", "level"])
 def _radix_pass_kernel(logits_ptr, stride, vocab, chunk, num_splits, floor_ptr, top_k_ptr, top_p_ptr, norm_ptr,
                        partial_in_ptr, partial_out_ptr, prefix_ptr, above_ptr, level,
-                       BY_MASS: tl.constexpr, BLOCK: tl.constexpr, SPLITS_BLOCK: tl.constexpr):
+                       BY_MASS: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr, SPLITS_BLOCK: tl.constexpr):
     """Pass `level` over one chunk of a row: chooses the last pass's digit, then histograms the
     next digit of the keys in the chosen range (and >= the row's floor)."""
     row = tl.program_id(0).to(tl.int64)
@@ -93,16 +98,17 @@ def _radix_pass_kernel(logits_ptr, stride, vocab, chunk, num_splits, floor_ptr, 
         if level > 0:
             prefix = tl.load(prefix_ptr + (level - 1) * tl.num_programs(0) + row)
             above = tl.load(above_ptr + (level - 1) * tl.num_programs(0) + row)
-            prefix, above = _choose_digit(partial_in_ptr, row, num_splits, prefix, above, target, SPLITS_BLOCK)
+            prefix, above = _choose_digit(partial_in_ptr, row, num_splits, prefix, above, target, BITS,
+                                          SPLITS_BLOCK)
         if split == 0:  # the next pass reads the digits chosen so far from here
             tl.store(prefix_ptr + level * tl.num_programs(0) + row, prefix)
             tl.store(above_ptr + level * tl.num_programs(0) + row, above)
         floor = tl.load(floor_ptr + row)
-        shift = 28 - 4 * level
+        shift = 32 - BITS * (level + 1)
         cols = tl.arange(0, BLOCK)
-        digits = tl.arange(0, 16)
+        digits = tl.arange(0, 1 << BITS)
         # Per-lane partial histograms, summed once after the loop rather than every iteration.
-        partial = tl.zeros((BLOCK, 16), tl.float32)
+        partial = tl.zeros((1 << BITS, BLOCK), tl.float32)
         start = split * chunk
         for offset in tl.range(start, tl.minimum(start + chunk, vocab), BLOCK, num_stages=STAGES):
             offs = offset + cols
@@ -111,26 +117,28 @@ def _radix_pass_kernel(logits_ptr, stride, vocab, chunk, num_splits, floor_ptr, 
             key = _key(x)
             # Keys under the floor (outside the top k) never count: were they to, a target that
             # rounding puts above the top k's mass could select a cutoff among them.
-            live = in_row & (key >= floor) & ((key >> (shift + 4)) == prefix)
+            live = in_row & (key >= floor) & ((key >> (shift + BITS)) == prefix)
             if BY_MASS:
                 weight = tl.where(live, tl.exp(x - peak), 0.0)
             else:
                 weight = live.to(tl.float32)
-            partial += tl.where(((key >> shift) & 15)[:, None] == digits[None, :], weight[:, None], 0.0)
-        tl.store(partial_out_ptr + (row * num_splits + split) * 16 + digits, tl.sum(partial, axis=0))
+            key_digit = ((key >> shift) & ((1 << BITS) - 1)).to(tl.int32)
+            partial += tl.where(digits[:, None] == key_digit[None, :], weight[None, :], 0.0)
+        tl.store(partial_out_ptr + (row * num_splits + split) * (1 << BITS) + digits, tl.sum(partial, axis=1))
 
 
 @triton.jit(do_not_specialize=["stride", "vocab", "chunk", "num_splits", "top_p_ptr"])
 def _softmax_parts_kernel(logits_ptr, stride, vocab, chunk, num_splits, floor_ptr, top_p_ptr, norm_ptr,
                           BLOCK: tl.constexpr):
-    """Peak and sum of exp(x - peak) over one chunk of a row's logits >= its floor (its top-k)."""
+    """Peak and sum of exp(x - peak) over one chunk of a row's logits >= its floor (its top-k);
+    -inf and 0 in a row without top-p."""
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
+    peak = tl.max(tl.full((BLOCK,), float("-inf"), tl.float32))
+    total = tl.sum(tl.zeros((BLOCK,), tl.float32))
     if tl.load(top_p_ptr + row) < 1.0:
         floor = tl.load(floor_ptr + row)
         cols = tl.arange(0, BLOCK)
-        peak = tl.max(tl.full((BLOCK,), float("-inf"), tl.float32))
-        total = tl.sum(tl.zeros((BLOCK,), tl.float32))
         start = split * chunk
         for offset in tl.range(start, tl.minimum(start + chunk, vocab), BLOCK, num_stages=STAGES):
             offs = offset + cols
@@ -140,21 +148,21 @@ def _softmax_parts_kernel(logits_ptr, stride, vocab, chunk, num_splits, floor_pt
             shift_to = tl.where(new_peak == float("-inf"), 0.0, new_peak)  # no -inf - -inf while all is out
             total = total * tl.exp(peak - shift_to) + tl.sum(tl.exp(x - shift_to))
             peak = new_peak
-        tl.store(norm_ptr + (row * num_splits + split) * 2, peak)
-        tl.store(norm_ptr + (row * num_splits + split) * 2 + 1, total)
+    tl.store(norm_ptr + (row * num_splits + split) * 2, peak)
+    tl.store(norm_ptr + (row * num_splits + split) * 2 + 1, total)
 
 
 @triton.jit(do_not_specialize=["vocab", "num_splits", "top_k_ptr", "top_p_ptr"])
 def _finish_kernel(vocab, num_splits, floor_ptr, top_k_ptr, top_p_ptr, norm_ptr, partial_ptr, prefix_ptr,
-                   above_ptr, cutoff_ptr, BY_MASS: tl.constexpr, SPLITS_BLOCK: tl.constexpr):
+                   above_ptr, cutoff_ptr, BY_MASS: tl.constexpr, BITS: tl.constexpr, SPLITS_BLOCK: tl.constexpr):
     """Chooses the last digit: the selected key is the row's new floor, and its value the cutoff."""
     row = tl.program_id(0).to(tl.int64)
     selects, target, _ = _target(row, top_k_ptr, top_p_ptr, norm_ptr, num_splits, vocab, BY_MASS, SPLITS_BLOCK)
     floor = tl.load(floor_ptr + row)
     if selects:
-        last = 7 * tl.num_programs(0) + row  # what the eighth pass chose
+        last = (32 // BITS - 1) * tl.num_programs(0) + row  # what the last pass chose
         floor, _ = _choose_digit(partial_ptr, row, num_splits, tl.load(prefix_ptr + last), tl.load(above_ptr + last),
-                                 target, SPLITS_BLOCK)
+                                 target, BITS, SPLITS_BLOCK)
         tl.store(floor_ptr + row, floor)
     tl.store(cutoff_ptr + row, tl.where(floor > 0, _value(floor), float("-inf")))
 
@@ -165,9 +173,11 @@ def alloc(shape, dtype, device) -> torch.Tensor:
 
 
 def top_k_top_p_cutoff(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None,
-                       num_splits: int | None = None) -> torch.Tensor:
+                       num_splits: int | None = None, digit_bits: int = DIGIT_BITS) -> torch.Tensor:
     """The reference's signature; a stage no row asks for (None) costs no pass. num_splits
-    (programs per row) is derived from the shape and the SM count unless given."""
+    (programs per row) is derived from the shape and the SM count unless given; digit_bits
+    (2, 4 or 8: a divisor of 32) fixes the bits a pass selects."""
+    assert 32 % digit_bits == 0, f"digit_bits must divide 32, not {digit_bits}"
     assert logits.dtype == torch.float32 and logits.stride(-1) == 1
     rows, vocab = logits.shape
     cutoff = alloc((rows,), torch.float32, logits.device)
@@ -185,9 +195,10 @@ def top_k_top_p_cutoff(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: 
     device = logits.device
     floor = torch.zeros(rows, dtype=torch.int64, device=device)  # keys >= 0: every logit
     norm = torch.empty(rows, num_splits, 2, dtype=torch.float32, device=device)
-    partials = torch.empty(2, rows, num_splits, 16, dtype=torch.float32, device=device)
-    prefix = torch.empty(DIGITS, rows, dtype=torch.int64, device=device)
-    above = torch.empty(DIGITS, rows, dtype=torch.float32, device=device)
+    passes = 32 // digit_bits
+    partials = torch.empty(2, rows, num_splits, 1 << digit_bits, dtype=torch.float32, device=device)
+    prefix = torch.empty(passes, rows, dtype=torch.int64, device=device)
+    above = torch.empty(passes, rows, dtype=torch.float32, device=device)
     # Sized by the most splits any batch takes, so that one compiled variant serves every batch.
     splits_block = triton.next_power_of_2(max(num_splits, max_splits))
     grid = (rows, num_splits)
@@ -198,10 +209,10 @@ def top_k_top_p_cutoff(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: 
     for by_mass in stages:  # top-k, then top-p among the top k
         if by_mass:
             _softmax_parts_kernel[grid](logits, stride, vocab, chunk, num_splits, floor, top_p, norm, BLOCK=BLOCK)
-        for level in range(DIGITS):
+        for level in range(passes):
             _radix_pass_kernel[grid](logits, stride, vocab, chunk, num_splits, floor, top_k, top_p, norm,
                                      partials[(level + 1) % 2], partials[level % 2], prefix, above, level,
-                                     BY_MASS=by_mass, BLOCK=BLOCK, SPLITS_BLOCK=splits_block)
-        _finish_kernel[(rows,)](vocab, num_splits, floor, top_k, top_p, norm, partials[(DIGITS - 1) % 2], prefix,
-                                above, cutoff, BY_MASS=by_mass, SPLITS_BLOCK=splits_block)
+                                     BY_MASS=by_mass, BITS=digit_bits, BLOCK=BLOCK, SPLITS_BLOCK=splits_block)
+        _finish_kernel[(rows,)](vocab, num_splits, floor, top_k, top_p, norm, partials[(passes - 1) % 2], prefix,
+                                above, cutoff, BY_MASS=by_mass, BITS=digit_bits, SPLITS_BLOCK=splits_block)
     return cutoff

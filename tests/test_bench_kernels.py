@@ -93,9 +93,9 @@ def test_sampling_bench_times_the_kernel_and_the_sort_it_replaces(monkeypatch):
     exact = reference.top_k_top_p_cutoff
 
     def costing(cost):
-        def cutoff(*args):
-            clock["ms"] += cost
-            return exact(*args)
+        def cutoff(logits, top_k, top_p, digit_bits=None):
+            clock["ms"] += cost if digit_bits is None else 10 + digit_bits
+            return exact(logits, top_k, top_p)
         return cutoff
 
     for module, cost in ((reference, 4.0), (sampling, 1.0)):
@@ -114,5 +114,6 @@ def test_sampling_bench_times_the_kernel_and_the_sort_it_replaces(monkeypatch):
         (b, k, p) for b in kernel_bench.SAMPLING_BATCHES for k, p in kernel_bench.SAMPLING_SETTINGS]
     for r in rows:
         assert (r["ms"], r["sort_ms"], r["sampler_ms"], r["sort_sampler_ms"]) == (1.0, 4.0, 1.0, 4.0)
+        assert r["ms_by_digit_bits"] == {bits: 10.0 + bits for bits in kernel_bench.SAMPLING_DIGIT_BITS}
         assert r["speedup_vs_sort"] == r["sampler_speedup_vs_sort"] == 4.0
         assert r["floor_ms"] == pytest.approx(r["batch"] * 300 * 4 / 1e9 * 1e3)

@@ -81,6 +81,16 @@ def test_rows_split_unevenly_among_programs(num_splits):
     check_cutoffs(logits, *row_settings(rows, vocab, gen), num_splits=num_splits)
 
 
+@pytest.mark.parametrize("digit_bits", [1, 2, 8])
+def test_other_digit_widths_select_the_same_cutoffs(digit_bits):
+    """The bench times 2-bit digits beside the default 4 (more passes, each cheaper); every
+    width that divides 32 selects the same keys."""
+    gen = torch.Generator().manual_seed(digit_bits)
+    rows, vocab = 6, 700
+    logits = (torch.randn(rows, vocab, generator=gen) * 2).to(DEVICE)
+    check_cutoffs(logits, *row_settings(rows, vocab, gen), digit_bits=digit_bits)
+
+
 def test_ties_masked_logits_and_extreme_magnitudes():
     gen = torch.Generator().manual_seed(7)
     rows, vocab = 6, 600
