@@ -1,11 +1,12 @@
 """Triton kernels for the sampler's top-k/top-p filter: the smallest logit each row keeps, found
 by radix selection over the logits' bits instead of a sort of the vocabulary.
 
-A sort of [B, 128k] logits costs a decode step milliseconds at large batches. Selection needs
-a few passes over each row instead: the logits map to 32-bit keys in the floats' order, and
-each pass histograms one 4-bit digit of the keys that share the digits chosen so far, by count
-(top-k) or by unnormalised probability (top-p); the highest digit where the weight from the
-top reaches the target is kept. Eight passes give the cutoff's key exactly. Every pass splits
+A sort of [B, 128k] logits is a segmented sort of 16M keys at batch 128, every sampled step.
+Selection needs a few passes over each row instead: the logits map to 32-bit keys in the
+floats' order, and each pass histograms one digit (4 bits by default) of the keys that share
+the digits chosen so far, by count (top-k) or by unnormalised probability (top-p); the highest
+digit where the weight from the top reaches the target is kept. Eight passes of 4-bit digits
+give the cutoff's key exactly. Every pass splits
 each row among many programs (one row alone would leave all but one SM idle), so a pass is a
 launch: its programs first choose the last pass's digit from the partial histograms that pass
 left, then write their own. Nothing waits for the host. Signature matches
@@ -20,7 +21,7 @@ import triton.language as tl
 
 from kairos.kernels import attention
 
-BLOCK = 256  # logits a program reads per iteration: 128 registers at 4 warps on sm_90, no spills
+BLOCK = 256  # logits a program reads per iteration: 61 registers at 4 warps on sm_90
 # Bits a pass selects. Each pass histograms 2**DIGIT_BITS bins: a compare, a select and an add
 # per bin and logit. Wider digits mean fewer passes over memory and more instructions in each
 # (bench/kernels.py times 2 and 4).
@@ -176,7 +177,7 @@ def top_k_top_p_cutoff(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: 
                        num_splits: int | None = None, digit_bits: int = DIGIT_BITS) -> torch.Tensor:
     """The reference's signature; a stage no row asks for (None) costs no pass. num_splits
     (programs per row) is derived from the shape and the SM count unless given; digit_bits
-    (2, 4 or 8: a divisor of 32) fixes the bits a pass selects."""
+    (a divisor of 32) fixes the bits a pass selects: the bench times 2 and 4, as 8 would spill."""
     assert 32 % digit_bits == 0, f"digit_bits must divide 32, not {digit_bits}"
     assert logits.dtype == torch.float32 and logits.stride(-1) == 1
     rows, vocab = logits.shape
