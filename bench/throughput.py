@@ -14,9 +14,10 @@ writes bench/results/throughput_<model>_<device>.json and a PNG of tokens/s agai
   python -P -m kairos.bench.throughput --model tiny --requests 24 --batch-sizes 4,16   # CPU run
 
 A peer that would run past --peer-seconds is stopped after the batch that crosses it, and its
-rate is that of the batches it ran (said in its row). `generate_batch` cannot be stopped part-way:
---continuous-requests gives it the first N requests only (its row says how many). `-P` keeps the checkout off sys.path,
-where its `kernels` folder would hide the `kernels` package transformers imports.
+rate is that of the batches it ran (said in its row). `generate_batch` cannot be stopped
+part-way: --continuous-requests gives it the first N requests only (its row says how many).
+`-P` keeps the checkout off sys.path, where its `kernels` folder would hide the `kernels`
+package transformers imports.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from kairos.kernels import attention
+from kairos.kernels.attention import alloc  # tests poison this module's name for it
 
 BLOCK = 256  # logits a program reads per iteration: 61 registers at 4 warps on sm_90
 # Bits a pass selects. Each pass histograms 2**DIGIT_BITS bins: a compare, a select and an add
@@ -166,11 +167,6 @@ def _finish_kernel(vocab, num_splits, floor_ptr, top_k_ptr, top_p_ptr, norm_ptr,
                                  target, BITS, SPLITS_BLOCK)
         tl.store(floor_ptr + row, floor)
     tl.store(cutoff_ptr + row, tl.where(floor > 0, _value(floor), float("-inf")))
-
-
-def alloc(shape, dtype, device) -> torch.Tensor:
-    """Every output buffer comes from here (tests poison it with NaN to prove full coverage)."""
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def top_k_top_p_cutoff(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None,
