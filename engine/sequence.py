@@ -155,10 +155,14 @@ class Sequence:
             if delta and self.params.stop and self._truncate_at_stop(len(delta)):
                 return FinishReason.STOP
         if token_id in self.stop_token_ids:
-            return FinishReason.STOP
-        if length - self.num_prompt_tokens >= self.params.max_tokens or length >= max_model_len:
-            return FinishReason.LENGTH
-        return None
+            reason = FinishReason.STOP
+        elif length - self.num_prompt_tokens >= self.params.max_tokens or length >= max_model_len:
+            reason = FinishReason.LENGTH
+        else:
+            return None
+        if self.detokenizer is not None:
+            self.detokenizer.flush()
+        return reason
 
     def _truncate_at_stop(self, delta_len: int) -> bool:
         text = self.detokenizer.text

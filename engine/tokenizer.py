@@ -47,6 +47,9 @@ class IncrementalDetokenizer:
     differently at the start of a string (a dropped leading space). So each step decodes a short
     window that begins a few tokens back, and emits only the text past what that window already
     produced, holding back while the text ends in an incomplete character.
+
+    A character whose bytes straddle the end of the prompt (a prompt given as token ids can end
+    inside one) belongs to the output: the output's text is the characters it completes.
     """
 
     CONTEXT_TOKENS = 6
@@ -60,11 +63,26 @@ class IncrementalDetokenizer:
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
+        return self._emit(hold_incomplete=True)
+
+    def flush(self) -> str:
+        """Emits the text held back, an incomplete last character as U+FFFD (as a decode of the
+        whole output would show it): called when the output ends."""
+        return self._emit(hold_incomplete=False)
+
+    def _emit(self, hold_incomplete: bool) -> str:
         prefix = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset])
         window = self.tokenizer.decode(self.ids[self.prefix_offset :])
-        if len(window) <= len(prefix) or window.endswith("\ufffd"):
+        if hold_incomplete and window.endswith("\ufffd"):
             return ""
-        delta = window[len(prefix) :]
+        start = len(prefix)
+        if prefix.endswith("\ufffd") and not window.startswith(prefix):
+            # Only the prompt's window can end in an incomplete character (an output window is
+            # held until complete); the output completed it, so the character is the output's.
+            start -= 1
+        if len(window) <= start:
+            return ""
+        delta = window[start:]
         self.prefix_offset = self.read_offset
         self.read_offset = len(self.ids)
         self.text += delta
