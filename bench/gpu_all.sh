@@ -6,7 +6,8 @@
 #               and KV store in bf16; the sampler's top-k/top-p cutoff kernel as compiled
 #   decode      decode step at batch 1, 32, 128 against the memory floor, overlapped and one at a
 #               time, greedy and sampling; an 8k-token prefill step against the matmul ceiling;
-#               transformers generate (static cache) at batch 1
+#               transformers generate (static cache) at batch 1; where each step's GPU time goes,
+#               by kind of kernel, and idle
 #   kernels     decode and prefill attention against copy bandwidth, SDPA flash and FlashInfer;
 #               the sampler's top-k/top-p cutoff against the sort it replaces;
 #               decode at the decode batches and at long contexts over tiles (pipelined or
@@ -54,8 +55,8 @@ part tests 150 $PY -m pytest -q -x -p no:cacheprovider tests/test_step_inputs.py
     tests/test_kernels_small.py tests/test_sampler.py tests/test_overlap.py tests/test_kernels_sampling.py \
     -k "cuda_graph or larger_than or (decode and dtype2) or merges_splits or (rope and dtype2) or on_cuda \
     or kernels_sampling"
-part decode 220 $PY -m kairos.bench.decode_throughput --model $MODEL --batch-sizes 1,32,128 --context 1024 \
-    --prefill-tokens 8192 --gpu-memory-utilization 0.5 --serial-too --sampled-too --hf-peers static --hf-batch-sizes 1
+part decode 240 $PY -m kairos.bench.decode_throughput --model $MODEL --batch-sizes 1,32,128 --context 1024 \
+    --prefill-tokens 8192 --gpu-memory-utilization 0.5 --serial-too --sampled-too --breakdown --hf-peers static --hf-batch-sizes 1
 part kernels 180 bash -c "$PY -m kairos.bench.kernels && $PY -m kairos.bench.kernel_resources"
 part profile 120 $PY -m kairos.cli profile --model $MODEL --load-format dummy --max-model-len 4096 \
     --out "bench/profiles/Llama-3.1-8B_${GPU}.json"
