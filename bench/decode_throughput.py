@@ -67,6 +67,8 @@ def main() -> None:
     ap.add_argument("--breakdown", action="store_true",
                     help="also profile each batch size's steps: GPU time by kind of kernel, and idle (CUDA)")
     ap.add_argument("--breakdown-steps", type=int, default=4, help="steps profiled per breakdown")
+    ap.add_argument("--skinny-matmul-tokens", type=int, default=0,
+                    help="steps of at most this many tokens take the Triton skinny matmul (as kairos serve)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--prefill-tokens", type=int, default=0,
                     help="also time one prefill step of a prompt this long against the bf16 matmul ceiling")
@@ -83,7 +85,7 @@ def main() -> None:
               max_model_len=max_len, max_num_seqs=max(batch_sizes), enable_prefix_caching=False,
               max_num_batched_tokens=max(TOKEN_BUDGET, args.prefill_tokens),
               enforce_eager=args.enforce_eager, gpu_memory_utilization=args.gpu_memory_utilization,
-              overlap=args.overlap, backend=args.backend)
+              overlap=args.overlap, backend=args.backend, skinny_matmul_tokens=args.skinny_matmul_tokens)
     runner = llm.runner
     device = runner.device
     weight_bytes, weight_bytes_read, matmul_bytes = weight_bytes_per_step(runner.model)
@@ -174,7 +176,7 @@ def main() -> None:
     name = Path(args.model).name if args.model != "tiny" else "tiny"
     result = {"prefill": prefill,"device": device_name(device), "model": name, "load_format": args.load_format,
               "dtype": str(runner.dtype), "backend": runner.backend.name, "cuda_graphs": runner.graphs is not None,
-              "overlap": llm.overlap,
+              "overlap": llm.overlap, "skinny_matmul_tokens": args.skinny_matmul_tokens,
               "copy_bandwidth_GBps": bandwidth / 1e9, "weight_bytes": weight_bytes,
               "weight_bytes_read_per_step": weight_bytes_read,
               "kv_bytes_per_token": kv_bytes_per_token, "results": rows}
@@ -185,7 +187,8 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         result["transformers"] = time_peers(model, dtype, device, peers, args, rows)
-    path = write_result(f"decode_throughput_{name}_{device_tag(device)}{backend_suffix(args)}", result)
+    skinny = f"_skinny{args.skinny_matmul_tokens}" if args.skinny_matmul_tokens else ""
+    path = write_result(f"decode_throughput_{name}_{device_tag(device)}{backend_suffix(args)}{skinny}", result)
     print(f"wrote {path}")
 
 

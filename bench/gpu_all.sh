@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Every GPU target of the decode-speed work, measured in one run on one H100/H200 (about 10
+# Every GPU target of the decode-speed work, measured in one run on one H100/H200 (10 to 15
 # minutes), on the Llama-3.1-8B shape with dummy weights:
 #   tests       CUDA graphs against eager decode, overlapped steps against serial ones, and
 #               with no synchronizing call between them; the decode kernel and the fused RoPE
-#               and KV store in bf16; the sampler's top-k/top-p cutoff kernel as compiled
+#               and KV store in bf16; the sampler's top-k/top-p cutoff kernel as compiled; the
+#               skinny matmuls in bf16
 #   decode      decode step at batch 1, 32, 128 against the memory floor, overlapped and one at a
 #               time, greedy and sampling; an 8k-token prefill step against the matmul ceiling;
 #               transformers generate (static cache) at batch 1; where each step's GPU time goes,
@@ -13,6 +14,11 @@
 #               decode at the decode batches and at long contexts over tiles (pipelined or
 #               not) and split counts, prefill over tiles; each kernel's registers, copies in
 #               flight and programs per SM under this machine's Triton
+#   matmul      the skinny matmul against cuBLAS (the engine's matmul) at a decode step's
+#               projections and batches 1 to 128, over tiles; the MLP's activation fused into
+#               the down projection against the two launches the engine makes; then decode steps
+#               at batch 1 and 32 with the skinny matmul taking them (--skinny-matmul-tokens 32),
+#               against the floor and by kind of kernel, beside the decode part's cuBLAS steps
 #   profile     the step-time profile on the fast loop (bench/profiles/Llama-3.1-8B_<gpu>.json)
 #   throughput  trace-shaped offline throughput against transformers in the same run
 #   serve_loop  the serving loop's share of a decode step under kairos serve (1P1D on the GPU)
@@ -53,11 +59,13 @@ part() {  # part NAME SECONDS COMMAND...: runs it, logs it, keeps going whatever
 
 part tests 150 $PY -m pytest -q -x -p no:cacheprovider tests/test_step_inputs.py tests/test_kernels_attention.py \
     tests/test_kernels_small.py tests/test_sampler.py tests/test_overlap.py tests/test_kernels_sampling.py \
-    -k "cuda_graph or larger_than or (decode and dtype2) or merges_splits or (rope and dtype2) or on_cuda \
-    or kernels_sampling"
+    tests/test_kernels_linear.py -k "cuda_graph or larger_than or (decode and dtype2) or merges_splits \
+    or (rope and dtype2) or on_cuda or kernels_sampling or (kernels_linear and dtype2)"
 part decode 240 $PY -m kairos.bench.decode_throughput --model $MODEL --batch-sizes 1,32,128 --context 1024 \
     --prefill-tokens 8192 --gpu-memory-utilization 0.5 --serial-too --sampled-too --breakdown --hf-peers static --hf-batch-sizes 1
 part kernels 180 bash -c "$PY -m kairos.bench.kernels && $PY -m kairos.bench.kernel_resources"
+part matmul 240 bash -c "$PY -m kairos.bench.matmul && $PY -m kairos.bench.decode_throughput --model $MODEL \
+    --batch-sizes 1,32 --context 1024 --gpu-memory-utilization 0.5 --skinny-matmul-tokens 32 --breakdown"
 part profile 120 $PY -m kairos.cli profile --model $MODEL --load-format dummy --max-model-len 4096 \
     --out "bench/profiles/Llama-3.1-8B_${GPU}.json"
 part throughput 300 $PY -m kairos.bench.throughput --model $MODEL --requests 256 --batch-sizes 64,256 \

@@ -112,8 +112,9 @@ def launch_llama_step_kernels(case: dict) -> None:
     """Calls every kernel wrapper on the shapes of Llama-3.1-8B steps (the contents are never read)."""
     import torch
 
+    from kairos.bench import matmul
     from kairos.bench.kernels import DECODE_TILES, PREFILL_TILES
-    from kairos.kernels import attention, sampling, small_ops
+    from kairos.kernels import attention, linear, sampling, small_ops
 
     bf16 = torch.bfloat16
 
@@ -160,6 +161,16 @@ def launch_llama_step_kernels(case: dict) -> None:
     for name, launch in small.items():
         case["label"] = f"{name}, {tokens} tokens"
         launch()
+    for proj, (n, k) in matmul.SHAPES.items():  # the skinny matmul candidates, as bench/matmul.py times them
+        weight = torch.empty(n, k, dtype=bf16)
+        for batch in (1, 128):
+            for tile in [linear.DEFAULT_TILE, *matmul.TILES]:
+                label = f"{proj} B={batch} tile {'/'.join(map(str, tile))}"
+                case["label"] = "linear " + label
+                linear.linear(torch.empty(batch, k, dtype=bf16), weight, tile=tile)
+                if proj == "down":
+                    case["label"] = "silu_and_mul_linear " + label
+                    linear.silu_and_mul_linear(torch.empty(batch, 2 * k, dtype=bf16), weight, tile=tile)
     batch, vocab = 128, 128256
     case["label"] = f"top_k_top_p_cutoff, {batch} rows of {vocab}"
     sampling.top_k_top_p_cutoff(torch.empty(batch, vocab), torch.empty(batch, dtype=torch.int64),

@@ -25,7 +25,7 @@ KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("attention", ("_decode_kernel", "_merge_kernel", "_prefill_kernel", "batchdecode", "batchprefill")),
     ("sampling", ("_radix_pass_kernel", "_softmax_parts_kernel", "_finish_kernel", "softmax", "argmax", "sort",
                   "distribution")),
-    ("matmul", ("gemm", "gemv", "nvjet", "xmma", "cutlass", "splitkreduce")),
+    ("matmul", ("gemm", "gemv", "nvjet", "xmma", "cutlass", "splitkreduce", "_skinny_linear_kernel")),
     ("norm, RoPE, SiLU", ("_rms_norm_kernel", "_silu_and_mul_kernel", "_rope_store_kv_kernel")),
 )
 DEVICE_CATEGORIES = {"kernel": None, "gpu_memcpy": "copies", "gpu_memset": "copies"}

@@ -174,6 +174,9 @@ class EngineConfig:
     backend: str = setting("auto", "kernels: auto is triton on CUDA, torch (the PyTorch reference) elsewhere; "
                            "flashinfer is FlashInfer's attention, on CUDA where it is installed",
                            choices=BACKENDS)
+    skinny_matmul_tokens: int = setting(0, "steps of at most this many tokens (decode steps) run their projections "
+                                           "on the Triton skinny matmul, with the MLP's activation fused into "
+                                           "it, instead of torch's (cuBLAS); 0: never. bench/matmul.py times both")
     enforce_eager: bool = setting(False, "decode without CUDA graphs (by default captured at start-up on CUDA)")
     overlap: str = setting("auto", "schedule and prepare each decode step while the device runs the last one "
                                    "(auto: on CUDA, where steps run asynchronously)", choices=("auto", "on", "off"))
@@ -219,6 +222,8 @@ class EngineConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
+        if self.skinny_matmul_tokens < 0:
+            raise ConfigError("--skinny-matmul-tokens must be 0 (off) or more")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ConfigError("--num-kv-blocks must be at least 1")
         if self.role not in ROLES:

@@ -49,7 +49,7 @@ class Attention(nn.Module):
         self.k_cache = self.v_cache = torch.empty(0)  # set by the runner once the pool exists
 
     def forward(self, positions, x, ctx: AttentionContext, cos_sin_cache):
-        qkv = self.qkv_proj(x)
+        qkv = self.ops.linear(x, self.qkv_proj.weight, self.qkv_proj.bias)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(-1, self.num_heads, self.head_dim)
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)
@@ -66,7 +66,7 @@ class Attention(nn.Module):
             o = self.ops.decode_attention(
                 q, self.k_cache, self.v_cache, ctx.block_tables, ctx.context_lens, self.scale
             )
-        return self.o_proj(o.reshape(-1, self.q_size))
+        return self.ops.linear(o.reshape(-1, self.q_size), self.o_proj.weight, self.o_proj.bias)
 
 
 class MLP(nn.Module):
@@ -77,7 +77,8 @@ class MLP(nn.Module):
         self.ops = ops
 
     def forward(self, x):
-        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
+        gate_up = self.ops.linear(x, self.gate_up_proj.weight, self.gate_up_proj.bias)
+        return self.ops.silu_and_mul_linear(gate_up, self.down_proj.weight, self.down_proj.bias)
 
 
 class DecoderLayer(nn.Module):
@@ -122,6 +123,7 @@ class CausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, ops: SimpleNamespace):
         super().__init__()
         self.config = cfg
+        self.ops = ops
         self.model = DecoderModel(cfg, ops)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.cos_sin_cache = torch.empty(0)
@@ -146,7 +148,7 @@ class CausalLM(nn.Module):
         return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        return self.ops.linear(hidden, self.lm_head.weight).float()
 
 
 def rope_cos_sin_cache(cfg: ModelConfig, max_positions: int, device) -> torch.Tensor:

@@ -50,7 +50,7 @@ class ModelRunner:
         return graphs
 
     def _build_model(self) -> CausalLM:
-        self.backend = get_backend(self.config.backend, self.device.type)
+        self.backend = get_backend(self.config.backend, self.device.type, self.config.skinny_matmul_tokens)
         with torch.device("meta"):
             model = CausalLM(self.model_config, self.backend)
         model = model.to(dtype=self.dtype).to_empty(device=self.device)

@@ -1,9 +1,11 @@
-"""The kernel backend seam: every attention and small op the model runs goes through a Backend.
+"""The kernel backend seam: every matmul, attention and small op the model runs goes through a
+Backend.
 
 A backend is a namespace of functions with the signatures of `kairos.kernels.reference`:
 - `torch`: that reference; runs on any device.
-- `triton`: the Triton kernels (`small_ops`, `attention`, `sampling`); on CPU only under
-  TRITON_INTERPRET=1.
+- `triton`: the Triton kernels (`small_ops`, `attention`, `sampling`), and torch's matmul
+  (cuBLAS) or, for steps of at most `skinny_matmul_tokens` tokens, the skinny matmul of
+  `linear`; on CPU only under TRITON_INTERPRET=1.
 - `flashinfer`: FlashInfer's paged attention (`flashinfer_attention`) and the other Triton
   kernels; CUDA only, where FlashInfer is installed.
 - `auto`: triton on CUDA when Triton is installed, torch otherwise.
@@ -19,6 +21,8 @@ import os
 from types import SimpleNamespace
 
 OPS = (
+    "linear",
+    "silu_and_mul_linear",
     "rms_norm",
     "add_rms_norm",
     "silu_and_mul",
@@ -40,8 +44,11 @@ def resolve_backend_name(name: str, device_type: str) -> str:
     return name
 
 
-def get_backend(name: str = "torch", device_type: str = "cpu") -> SimpleNamespace:
+def get_backend(name: str = "torch", device_type: str = "cpu", skinny_matmul_tokens: int = 0) -> SimpleNamespace:
     name = resolve_backend_name(name, device_type)
+    if skinny_matmul_tokens and name == "torch":
+        raise ValueError("the skinny matmul is a Triton kernel: --skinny-matmul-tokens needs the triton or "
+                         "flashinfer backend (auto is torch off CUDA)")
     if name == "torch":
         from kairos.kernels import reference
 
@@ -53,10 +60,10 @@ def get_backend(name: str = "torch", device_type: str = "cpu") -> SimpleNamespac
                          "with TRITON_INTERPRET=1 set (slow: for testing)")
     else:
         try:
-            from kairos.kernels import attention, sampling, small_ops
+            from kairos.kernels import attention, linear, sampling, small_ops
         except ImportError as e:
             raise ValueError(f"the {name} backend needs Triton installed: {e}") from e
-        impls = [small_ops, attention, sampling]
+        impls = [linear.skinny_or_torch(skinny_matmul_tokens), small_ops, attention, sampling]
         if name == "flashinfer":
             from kairos.kernels.flashinfer_attention import FlashInferAttention
 

@@ -3,7 +3,9 @@
 Each public function here but two is the specification for the Triton kernel of the same name
 and signature: kernel tests compare the two, and the engine runs on these wherever Triton is
 unavailable. `rotary_embedding` and `store_kv` are the two parts of `rope_and_store_kv`, which
-one Triton kernel does at once.
+one Triton kernel does at once. `linear` and `silu_and_mul_linear` specify the skinny matmul,
+which the Triton backend takes only for steps of at most `--skinny-matmul-tokens` tokens
+(torch's matmul, cuBLAS, otherwise; `bench/matmul.py` times the two).
 
 Shapes:
   tokens      x, q, k, v: [num_tokens, ...]; q is [T, Hq, D], k and v are [T, Hkv, D]
@@ -37,6 +39,16 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """x is [..., 2 * d] holding gate then up; returns silu(gate) * up."""
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T (+ bias): weight is [out_features, in_features], as nn.Linear holds it."""
+    return F.linear(x, weight, bias)
+
+
+def silu_and_mul_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """linear(silu_and_mul(x), weight, bias): the MLP's activation and down projection."""
+    return F.linear(silu_and_mul(x), weight, bias)
 
 
 def rotary_embedding(

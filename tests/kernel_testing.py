@@ -68,11 +68,11 @@ def kernel_variants():
     from triton.backends.compiler import BaseBackend
     from triton.runtime.jit import native_specialize_impl
 
-    from kairos.kernels import attention, sampling, small_ops
+    from kairos.kernels import attention, linear, sampling, small_ops
 
     seen: set = set()
     hooked = []
-    for module in (attention, small_ops, sampling):
+    for module in (attention, small_ops, sampling, linear):
         for name, kernel in vars(module).items():
             if not (name.endswith("_kernel") and hasattr(kernel, "add_pre_run_hook")):
                 continue

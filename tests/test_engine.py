@@ -143,11 +143,13 @@ def test_after_the_warm_up_serving_compiles_no_kernel(monkeypatch):
     batches of 1 to 3 whose widest block table is 1, 2, 16 or 18 blocks, and contexts the
     decode kernel splits in 1 to 3, and sampled batches of 1 to 4 rows through the top-k/top-p
     filter. Blocks of 4 tokens, and splits from 32 keys rather than 256, keep the interpreted
-    prompts short."""
+    prompts short. Steps of one token take the skinny matmul (whose variants do not depend on
+    the token count), so that its variants are checked too."""
     from kairos.kernels import attention
 
     monkeypatch.setattr(attention, "MIN_TOKENS_PER_SPLIT", 32)
-    llm = LLM("tiny", backend="triton", block_size=4, num_kv_blocks=96, max_model_len=160, max_num_batched_tokens=64)
+    llm = LLM("tiny", backend="triton", block_size=4, num_kv_blocks=96, max_model_len=160, max_num_batched_tokens=64,
+              skinny_matmul_tokens=1)
     rng = torch.Generator().manual_seed(0)
     ids = {n: torch.randint(2, 512, (n,), generator=rng).tolist() for n in (1, 3, 5, 61, 70)}
     with kernel_variants() as seen:
@@ -155,7 +157,7 @@ def test_after_the_warm_up_serving_compiles_no_kernel(monkeypatch):
         warmed = set(seen)
         assert {name for name, _ in warmed} >= {"_prefill_kernel", "_decode_kernel", "_merge_kernel",
                                                "_rms_norm_kernel", "_rope_store_kv_kernel", "_radix_pass_kernel",
-                                               "_softmax_parts_kernel", "_finish_kernel"}
+                                               "_softmax_parts_kernel", "_finish_kernel", "_skinny_linear_kernel"}
         params = SamplingParams(max_tokens=3, ignore_eos=True, temperature=0)
         llm.generate([ids[1], ids[3], ids[5]], params)
         for rows, (top_k, top_p) in enumerate([(5, 1.0), (0, 0.9), (3, 0.8), (0, 0.5)], start=1):  # sampled

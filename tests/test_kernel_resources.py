@@ -16,6 +16,7 @@ from kairos.bench.kernel_resources import SM90, programs_per_sm  # noqa: E402
 
 ENGINE_KERNELS = {"_decode_kernel", "_merge_kernel", "_prefill_kernel", "_rms_norm_kernel", "_silu_and_mul_kernel",
                   "_rope_store_kv_kernel", "_radix_pass_kernel", "_softmax_parts_kernel", "_finish_kernel"}
+CANDIDATE_KERNELS = {"_skinny_linear_kernel"}  # timed against what the engine runs, not yet in it
 
 
 def compiled_launches(script: str) -> list[dict]:
@@ -51,7 +52,7 @@ def test_residency_follows_registers_warps_and_shared_memory():
 
 
 def test_every_engine_kernel_compiles_for_sm90_without_spilling(llama_launches):
-    assert {r["kernel"] for r in llama_launches} == ENGINE_KERNELS
+    assert {r["kernel"] for r in llama_launches} == ENGINE_KERNELS | CANDIDATE_KERNELS
     spilling = [(r["case"], r["kernel"], r["stack_bytes"]) for r in llama_launches if r["stack_bytes"]]
     assert spilling == []
     assert all(r["programs_per_sm"] >= 1 for r in llama_launches)
@@ -117,3 +118,19 @@ def test_a_kernel_that_spills_is_seen(tmp_path):
         print(json.dumps(rows))
     """)
     assert rows[0]["kernel"] == "_wide_sum" and rows[0]["stack_bytes"] > 0
+
+
+def test_skinny_matmul_streams_the_weight_on_every_sm_at_batch_1(llama_launches):
+    """A batch-1 matmul is a read of its weight: the default tile must keep weight tiles loading
+    while it multiplies one (two a program, a weight and a token copy each; three copies with
+    the gate and up halves), and its grid must reach every SM in one wave for each of the
+    layer's projections."""
+    from kairos.kernels.linear import DEFAULT_TILE
+
+    default = "B=1 tile " + "/".join(map(str, DEFAULT_TILE))
+    rows = {r["case"]: r for r in llama_launches if r["kernel"] == "_skinny_linear_kernel"}
+    for proj in ("qkv", "o", "down"):
+        r = rows[f"linear {proj} {default}"]
+        assert r["async_groups_in_flight"] == 2 * (DEFAULT_TILE[3] - 2)
+        assert SM90["sms"] <= r["programs"] <= r["programs_per_sm"] * SM90["sms"]
+    assert rows[f"silu_and_mul_linear down {default}"]["async_groups_in_flight"] == 3 * (DEFAULT_TILE[3] - 2)

@@ -1,0 +1,120 @@
+"""Triton skinny matmuls against their PyTorch references, on fresh random inputs: token counts
+either side of the 16-token dot width and of a program's token block, output rows either side of
+a weight tile, input widths that do and do not fill the last k tile. Output buffers are poisoned
+with NaN so every element is proven written."""
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from kernel_testing import DEVICE, DTYPES, close, poison_outputs  # noqa: E402
+
+from kairos.kernels import linear as linear_kernels  # noqa: E402
+from kairos.kernels import reference as ref  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def nan_outputs(monkeypatch):
+    poison_outputs(monkeypatch, linear_kernels)
+
+
+def _weight(n, k, dtype):
+    # Scaled so that sums over k stay near 1 and the dtype's relative rounding is what is compared.
+    return torch.randn(n, k, device=DEVICE, dtype=dtype) / k ** 0.5
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens, n, k", [(1, 16, 256), (3, 17, 100), (16, 7, 520), (17, 100, 256),
+                                          (65, 33, 272)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear(dtype, tokens, n, k, with_bias):
+    x = torch.randn(tokens, k, device=DEVICE, dtype=dtype)
+    w = _weight(n, k, dtype)
+    bias = torch.randn(n, device=DEVICE, dtype=dtype) if with_bias else None
+    close(linear_kernels.linear(x, w, bias), ref.linear(x, w, bias), dtype, fp32_tol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens, n, k", [(1, 16, 256), (5, 23, 136), (33, 64, 512)])
+def test_silu_and_mul_linear(dtype, tokens, n, k):
+    """The activation computed while the down projection reads its input matches the two ops
+    one after the other."""
+    x = torch.randn(tokens, 2 * k, device=DEVICE, dtype=dtype)
+    w = _weight(n, k, dtype)
+    close(linear_kernels.silu_and_mul_linear(x, w), ref.silu_and_mul_linear(x, w), dtype, fp32_tol=1e-4)
+
+
+@pytest.mark.parametrize("tile", [(16, 64, 4, 2), (32, 128, 4, 3), (64, 32, 8, 1)])
+def test_every_tile_shape_computes_the_same(tile):
+    """The bench sweeps tiles: each must be correct, not only the default."""
+    x = torch.randn(2, 3, 200, device=DEVICE)  # leading dims kept, k not a multiple of any block
+    w = _weight(45, 200, torch.float32)
+    out = linear_kernels.linear(x, w, tile=tile)
+    assert out.shape == (2, 3, 45)
+    close(out, ref.linear(x, w), torch.float32, fp32_tol=1e-4)
+
+
+def test_strided_input_rows():
+    """A row view of a wider buffer (as a projection of a packed tensor) is read by its stride."""
+    wide = torch.randn(9, 300, device=DEVICE)
+    x = wide[:, :128]
+    w = _weight(40, 128, torch.float32)
+    close(linear_kernels.linear(x, w), ref.linear(x, w), torch.float32, fp32_tol=1e-4)
+
+
+def test_width_mismatch_is_a_clear_error():
+    w = _weight(8, 64, torch.float32)
+    with pytest.raises(ValueError, match="64 inputs"):
+        linear_kernels.linear(torch.randn(2, 63, device=DEVICE), w)
+    with pytest.raises(ValueError, match="gate and up"):
+        linear_kernels.silu_and_mul_linear(torch.randn(2, 64, device=DEVICE), w)
+
+
+def test_backend_takes_the_skinny_kernel_up_to_its_token_limit(monkeypatch):
+    """With skinny_matmul_tokens=4 a step of 4 tokens runs the Triton kernels and one of 5
+    torch's matmul (after the Triton activation); both compute the reference's result."""
+    from kairos.kernels import get_backend
+
+    calls = []
+    for name in ("linear", "silu_and_mul_linear"):
+        real = getattr(linear_kernels, name)
+        monkeypatch.setattr(linear_kernels, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    backend = get_backend("triton", DEVICE, skinny_matmul_tokens=4)
+    w = _weight(24, 40, torch.float32)
+    for tokens in (4, 5):
+        x = torch.randn(tokens, 40, device=DEVICE)
+        gated = torch.randn(tokens, 80, device=DEVICE)
+        close(backend.linear(x, w), ref.linear(x, w), torch.float32, fp32_tol=1e-4)
+        close(backend.silu_and_mul_linear(gated, w), ref.silu_and_mul_linear(gated, w), torch.float32, fp32_tol=1e-4)
+        assert calls == (["linear", "silu_and_mul_linear"] if tokens == 4 else [])
+        calls.clear()
+
+
+def test_the_skinny_matmul_needs_a_triton_backend():
+    from kairos.engine import LLM
+    from kairos.engine.config import ConfigError, EngineConfig
+    from kairos.kernels import get_backend
+
+    with pytest.raises(ValueError, match="needs the triton or flashinfer backend"):
+        get_backend("torch", "cpu", skinny_matmul_tokens=8)
+    with pytest.raises(ValueError, match="needs the triton or flashinfer backend"):
+        LLM("tiny", backend="torch", skinny_matmul_tokens=8)
+    with pytest.raises(ConfigError, match="skinny-matmul-tokens"):
+        EngineConfig(skinny_matmul_tokens=-1)
+
+
+def test_engine_generates_the_same_tokens_with_the_skinny_matmul():
+    """Greedy decoding of the tiny model with every decode step's projections (and the short
+    prompt's prefill) on the skinny kernels gives the tokens torch's matmuls give."""
+    from kairos.engine import LLM, SamplingParams
+
+    prompts = [[5, 9, 200, 31], [7] * 11, [300, 2, 2, 8, 41, 17]]
+    params = SamplingParams(max_tokens=6, ignore_eos=True, temperature=0)
+    tokens = {}
+    for skinny in (0, 8):
+        llm = LLM("tiny", backend="triton", device=DEVICE, dtype="float32", skinny_matmul_tokens=skinny,
+                  num_kv_blocks=32, max_model_len=64)
+        tokens[skinny] = [out.token_ids for out in llm.generate(prompts, params)]
+    assert tokens[8] == tokens[0]
+    assert all(len(t) == 6 for t in tokens[0])
