@@ -78,7 +78,8 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ga
     if x.shape[-1] != width:
         raise ValueError(f"input of {x.shape[-1]} features for a weight of {k_in} inputs"
                          + (" (gated: gate and up, twice that)" if gated else ""))
-    assert weight.stride(-1) == 1
+    if weight.stride(-1) != 1:
+        raise ValueError("the weight's rows must be contiguous (as nn.Linear holds them)")
     x2 = x.reshape(-1, width)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()

@@ -69,6 +69,8 @@ def test_width_mismatch_is_a_clear_error():
         linear_kernels.linear(torch.randn(2, 63, device=DEVICE), w)
     with pytest.raises(ValueError, match="gate and up"):
         linear_kernels.silu_and_mul_linear(torch.randn(2, 64, device=DEVICE), w)
+    with pytest.raises(ValueError, match="rows must be contiguous"):
+        linear_kernels.linear(torch.randn(2, 8, device=DEVICE), w.t())
 
 
 def test_backend_takes_the_skinny_kernel_up_to_its_token_limit(monkeypatch):
