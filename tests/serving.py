@@ -15,9 +15,12 @@ from kairos.transport.client import Client
 from kairos.transport.serve import free_port  # noqa: F401 - the tests take it from here
 
 # Small enough that 100 concurrent requests run into backpressure and full caches.
-# Short steps keep the workers responsive on a busy 2-core machine.
+# Short steps keep the workers responsive on a busy 2-core machine, and so does one torch thread
+# a worker (as `kairos serve` gives each its share of the cores): workers that each spin a
+# thread per core beside the test process took 5 s over a 1024-token prefill step, past the
+# 4 s transfer timeout.
 WORKER_ARGS = ["--model", "tiny", "--num-kv-blocks", "256", "--max-model-len", "512", "--transfer-timeout", "4",
-               "--max-num-batched-tokens", "1024"]
+               "--max-num-batched-tokens", "1024", "--cpu-threads", "1"]
 
 
 def kairos_process(*argv: str, prefix: tuple[str, ...] = (), **kwargs) -> subprocess.Popen:
