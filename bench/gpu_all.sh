@@ -16,7 +16,8 @@
 #               flight and programs per SM under this machine's Triton
 #   matmul      the skinny matmul against cuBLAS (the engine's matmul) at a decode step's
 #               projections and batches 1 to 128, over tiles; the MLP's activation fused into
-#               the down projection against the two launches the engine makes; then decode steps
+#               the down projection, and the blocks' norms into q/k/v and gate/up, against the
+#               two launches the engine makes for each; then decode steps
 #               at batch 1 and 32 with the skinny matmul taking them (--skinny-matmul-tokens 32),
 #               against the floor and by kind of kernel, beside the decode part's cuBLAS steps
 #   profile     the step-time profile on the fast loop (bench/profiles/Llama-3.1-8B_<gpu>.json)

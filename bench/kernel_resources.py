@@ -171,6 +171,11 @@ def launch_llama_step_kernels(case: dict) -> None:
                 if proj == "down":
                     case["label"] = "silu_and_mul_linear " + label
                     linear.silu_and_mul_linear(torch.empty(batch, 2 * k, dtype=bf16), weight, tile=tile)
+                if proj in matmul.NORMED:
+                    case["label"] = "rms_norm_linear " + label
+                    hidden = torch.empty(batch, k, dtype=bf16)
+                    linear.rms_norm_linear(hidden, torch.empty_like(hidden), torch.empty(k, dtype=bf16), 1e-5,
+                                           weight, tile=tile)
     batch, vocab = 128, 128256
     case["label"] = f"top_k_top_p_cutoff, {batch} rows of {vocab}"
     sampling.top_k_top_p_cutoff(torch.empty(batch, vocab), torch.empty(batch, dtype=torch.int64),

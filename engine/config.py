@@ -175,8 +175,9 @@ class EngineConfig:
                            "flashinfer is FlashInfer's attention, on CUDA where it is installed",
                            choices=BACKENDS)
     skinny_matmul_tokens: int = setting(0, "steps of at most this many tokens (decode steps) run their projections "
-                                           "on the Triton skinny matmul, with the MLP's activation fused into "
-                                           "it, instead of torch's (cuBLAS); 0: never. bench/matmul.py times both")
+                                           "on the Triton skinny matmul, with the MLP's activation and the "
+                                           "blocks' norms fused into it, instead of torch's (cuBLAS); 0: never. "
+                                           "bench/matmul.py times both")
     enforce_eager: bool = setting(False, "decode without CUDA graphs (by default captured at start-up on CUDA)")
     overlap: str = setting("auto", "schedule and prepare each decode step while the device runs the last one "
                                    "(auto: on CUDA, where steps run asynchronously)", choices=("auto", "on", "off"))

@@ -48,8 +48,8 @@ class Attention(nn.Module):
         self.ops = ops
         self.k_cache = self.v_cache = torch.empty(0)  # set by the runner once the pool exists
 
-    def forward(self, positions, x, ctx: AttentionContext, cos_sin_cache):
-        qkv = self.ops.linear(x, self.qkv_proj.weight, self.qkv_proj.bias)
+    def forward(self, positions, qkv, ctx: AttentionContext, cos_sin_cache):
+        """qkv: the packed projection of the normalized input (the layer computes it with its norm)."""
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(-1, self.num_heads, self.head_dim)
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)
@@ -76,8 +76,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
         self.ops = ops
 
-    def forward(self, x):
-        gate_up = self.ops.linear(x, self.gate_up_proj.weight, self.gate_up_proj.bias)
+    def forward(self, gate_up):
+        """gate_up: the packed projection of the normalized input (the layer computes it with its norm)."""
         return self.ops.silu_and_mul_linear(gate_up, self.down_proj.weight, self.down_proj.bias)
 
 
@@ -88,16 +88,19 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg, ops)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
         self.mlp = MLP(cfg, ops)
+        self.ops = ops
 
     def forward(self, positions, hidden, residual, ctx, cos_sin_cache):
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, ctx, cos_sin_cache)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        # Each block's norm (with the residual add) and its input projection are one op: one
+        # launch in a decode step that the skinny matmul takes.
+        qkv, residual = self._norm_and_project(hidden, residual, self.input_layernorm, self.self_attn.qkv_proj)
+        hidden = self.self_attn(positions, qkv, ctx, cos_sin_cache)
+        gate_up, residual = self._norm_and_project(hidden, residual, self.post_attention_layernorm,
+                                                   self.mlp.gate_up_proj)
+        return self.mlp(gate_up), residual
+
+    def _norm_and_project(self, hidden, residual, norm: RMSNorm, proj: nn.Linear):
+        return self.ops.rms_norm_linear(hidden, residual, norm.weight, norm.eps, proj.weight, proj.bias)
 
 
 class DecoderModel(nn.Module):

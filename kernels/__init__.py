@@ -23,6 +23,7 @@ from types import SimpleNamespace
 OPS = (
     "linear",
     "silu_and_mul_linear",
+    "rms_norm_linear",
     "rms_norm",
     "add_rms_norm",
     "silu_and_mul",

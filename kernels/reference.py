@@ -3,9 +3,10 @@
 Each public function here but two is the specification for the Triton kernel of the same name
 and signature: kernel tests compare the two, and the engine runs on these wherever Triton is
 unavailable. `rotary_embedding` and `store_kv` are the two parts of `rope_and_store_kv`, which
-one Triton kernel does at once. `linear` and `silu_and_mul_linear` specify the skinny matmul,
-which the Triton backend takes only for steps of at most `--skinny-matmul-tokens` tokens
-(torch's matmul, cuBLAS, otherwise; `bench/matmul.py` times the two).
+one Triton kernel does at once. `linear`, `silu_and_mul_linear` and `rms_norm_linear` specify
+the skinny matmul, which the Triton backend takes only for steps of at most
+`--skinny-matmul-tokens` tokens (torch's matmul, cuBLAS, otherwise, after the Triton
+activation or norm; `bench/matmul.py` times the two).
 
 Shapes:
   tokens      x, q, k, v: [num_tokens, ...]; q is [T, Hq, D], k and v are [T, Hkv, D]
@@ -49,6 +50,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def silu_and_mul_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """linear(silu_and_mul(x), weight, bias): the MLP's activation and down projection."""
     return F.linear(silu_and_mul(x), weight, bias)
+
+
+def rms_norm_linear(
+    x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+    weight: torch.Tensor, bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(linear(rms_norm(x + residual)), x + residual), or with no residual (the first layer's)
+    (linear(rms_norm(x)), x): a decoder block's norm and its input projection."""
+    if residual is None:
+        return F.linear(rms_norm(x, norm_weight, eps), weight, bias), x
+    normed, residual = add_rms_norm(x, residual, norm_weight, eps)
+    return F.linear(normed, weight, bias), residual
 
 
 def rotary_embedding(

@@ -134,3 +134,10 @@ def test_skinny_matmul_streams_the_weight_on_every_sm_at_batch_1(llama_launches)
         assert r["async_groups_in_flight"] == 2 * (DEFAULT_TILE[3] - 2)
         assert SM90["sms"] <= r["programs"] <= r["programs_per_sm"] * SM90["sms"]
     assert rows[f"silu_and_mul_linear down {default}"]["async_groups_in_flight"] == 3 * (DEFAULT_TILE[3] - 2)
+    # The norm fused before q/k/v and gate/up also streams its residual and gain, and still fits
+    # the batch-1 q/k/v projection in one wave.
+    for proj in ("qkv", "gate_up"):
+        r = rows[f"rms_norm_linear {proj} {default}"]
+        assert r["async_groups_in_flight"] == 4 * (DEFAULT_TILE[3] - 2)
+    r = rows[f"rms_norm_linear qkv {default}"]
+    assert r["programs"] <= r["programs_per_sm"] * SM90["sms"]

@@ -45,6 +45,37 @@ def test_silu_and_mul_linear(dtype, tokens, n, k):
     close(linear_kernels.silu_and_mul_linear(x, w), ref.silu_and_mul_linear(x, w), dtype, fp32_tol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+# (5, 16, 600): one weight tile hands on all three k slices of the residual.
+@pytest.mark.parametrize("tokens, n, k", [(1, 16, 256), (3, 40, 136), (17, 33, 520), (5, 16, 600)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_linear(dtype, tokens, n, k, with_residual):
+    """The residual add and RMS norm computed while the projection reads its input match the
+    ops one after the other, and so does the residual it hands on (in float16 the norm runs
+    first, in its own kernel)."""
+    x = torch.randn(tokens, k, device=DEVICE, dtype=dtype) * 3
+    residual = torch.randn(tokens, k, device=DEVICE, dtype=dtype) if with_residual else None
+    before = None if residual is None else residual.clone()
+    gamma = torch.rand(k, device=DEVICE, dtype=dtype) + 0.5
+    w, bias = _weight(n, k, dtype), torch.randn(n, device=DEVICE, dtype=dtype)
+    out, res_out = linear_kernels.rms_norm_linear(x, residual, gamma, 1e-6, w, bias)
+    ref_out, ref_res = ref.rms_norm_linear(x, residual, gamma, 1e-6, w, bias)
+    close(out, ref_out, dtype, fp32_tol=1e-4)
+    close(res_out, ref_res, dtype)
+    if residual is None:
+        assert res_out is x  # the first layer's residual is its input
+    else:
+        assert torch.equal(residual, before)  # a new tensor: other programs still read the old one
+
+
+def test_rms_norm_linear_checks_its_shapes():
+    w, x = _weight(8, 64, torch.float32), torch.randn(2, 64, device=DEVICE)
+    with pytest.raises(ValueError, match="norm weight of shape \\(63,\\)"):
+        linear_kernels.rms_norm_linear(x, None, torch.ones(63, device=DEVICE), 1e-6, w)
+    with pytest.raises(ValueError, match="residual of shape \\(3, 64\\)"):
+        linear_kernels.rms_norm_linear(x, torch.randn(3, 64, device=DEVICE), torch.ones(64, device=DEVICE), 1e-6, w)
+
+
 @pytest.mark.parametrize("tile", [(16, 64, 4, 2), (32, 128, 4, 3), (64, 32, 8, 1)])
 def test_every_tile_shape_computes_the_same(tile):
     """The bench sweeps tiles: each must be correct, not only the default."""
@@ -75,21 +106,27 @@ def test_width_mismatch_is_a_clear_error():
 
 def test_backend_takes_the_skinny_kernel_up_to_its_token_limit(monkeypatch):
     """With skinny_matmul_tokens=4 a step of 4 tokens runs the Triton kernels and one of 5
-    torch's matmul (after the Triton activation); both compute the reference's result."""
+    torch's matmul (after the Triton activation or norm); both compute the reference's result."""
     from kairos.kernels import get_backend
 
+    names = ("linear", "silu_and_mul_linear", "rms_norm_linear")
     calls = []
-    for name in ("linear", "silu_and_mul_linear"):
+    for name in names:
         real = getattr(linear_kernels, name)
         monkeypatch.setattr(linear_kernels, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
     backend = get_backend("triton", DEVICE, skinny_matmul_tokens=4)
     w = _weight(24, 40, torch.float32)
+    gamma = torch.rand(40, device=DEVICE) + 0.5
     for tokens in (4, 5):
         x = torch.randn(tokens, 40, device=DEVICE)
         gated = torch.randn(tokens, 80, device=DEVICE)
         close(backend.linear(x, w), ref.linear(x, w), torch.float32, fp32_tol=1e-4)
         close(backend.silu_and_mul_linear(gated, w), ref.silu_and_mul_linear(gated, w), torch.float32, fp32_tol=1e-4)
-        assert calls == (["linear", "silu_and_mul_linear"] if tokens == 4 else [])
+        for residual in (None, torch.randn(tokens, 40, device=DEVICE)):
+            got = backend.rms_norm_linear(x, residual, gamma, 1e-6, w)
+            for actual, expected in zip(got, ref.rms_norm_linear(x, residual, gamma, 1e-6, w)):
+                close(actual, expected, torch.float32, fp32_tol=1e-4)
+        assert calls == ([*names, "rms_norm_linear"] if tokens == 4 else [])
         calls.clear()
 
 
