@@ -158,11 +158,16 @@ def rms_norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight:
         raise ValueError(f"a norm weight of shape {tuple(norm_weight.shape)} and a residual of shape "
                          f"{residual_shape} for an input of shape {tuple(x.shape)}")
     if x.dtype == torch.float16:
-        if residual is None:
-            return linear(small_ops.rms_norm(x, norm_weight, eps), weight, bias, tile), x
-        normed, residual = small_ops.add_rms_norm(x, residual, norm_weight, eps)
+        normed, residual = _normed(x, residual, norm_weight, eps)
         return linear(normed, weight, bias, tile), residual
     return _launch(x, weight, bias, False, *tile, norm=(residual, norm_weight.contiguous(), eps))
+
+
+def _normed(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float):
+    """The Triton norm kernel's rms_norm(x (+ residual)), and the residual it hands on."""
+    if residual is None:
+        return small_ops.rms_norm(x, norm_weight, eps), x
+    return small_ops.add_rms_norm(x, residual, norm_weight, eps)
 
 
 def skinny_or_torch(max_tokens: int) -> SimpleNamespace:
@@ -188,9 +193,7 @@ def skinny_or_torch(max_tokens: int) -> SimpleNamespace:
                            weight: torch.Tensor, bias: torch.Tensor | None = None):
         if rows(x) <= max_tokens:
             return rms_norm_linear(x, residual, norm_weight, eps, weight, bias)
-        if residual is None:
-            return F.linear(small_ops.rms_norm(x, norm_weight, eps), weight, bias), x
-        normed, residual = small_ops.add_rms_norm(x, residual, norm_weight, eps)
+        normed, residual = _normed(x, residual, norm_weight, eps)
         return F.linear(normed, weight, bias), residual
 
     return SimpleNamespace(linear=linear_op, silu_and_mul_linear=silu_and_mul_linear_op,
