@@ -101,11 +101,6 @@ def _skinny_linear_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, res_ptr, res_out_ptr,
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=n_mask[:, None] & m_mask[None, :])
 
 
-def _rows(x: torch.Tensor, width: int) -> torch.Tensor:
-    x2 = x.reshape(-1, width)
-    return x2 if x2.stride(-1) == 1 else x2.contiguous()
-
-
 def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gated: bool, block_n: int,
             block_k: int, num_warps: int, num_stages: int, norm: tuple | None = None):
     """norm: (residual or None, gamma, eps) normalizes the input as it is read; the result is then
@@ -117,11 +112,11 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ga
                          + (" (gated: gate and up, twice that)" if gated else ""))
     if weight.stride(-1) != 1:
         raise ValueError("the weight's rows must be contiguous (as nn.Linear holds them)")
-    x2 = _rows(x, width)
+    x2 = small_ops.as_rows(x)
     tokens = x2.shape[0]
     out = alloc((tokens, n_out), x.dtype, x.device)
     residual, gamma, eps = norm if norm is not None else (None, None, 0.0)
-    res2 = _rows(residual, width) if residual is not None else x2
+    res2 = small_ops.as_rows(residual) if residual is not None else x2
     res_out = alloc(res2.shape, x.dtype, x.device) if residual is not None else x2
     grid = (triton.cdiv(tokens, BLOCK_M) * triton.cdiv(n_out, block_n),)
     _skinny_linear_kernel[grid](

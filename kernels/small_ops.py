@@ -31,13 +31,15 @@ def alloc(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """x as [tokens, features] with each row contiguous, as the kernels index it (copied only
+    where it is not already)."""
     x2 = x.reshape(-1, x.shape[-1])
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
 def _norm_launch(x, residual, weight, eps):
-    x2 = _rows(x)
+    x2 = as_rows(x)
     out = alloc(x2.shape, x.dtype, x.device)
     n_rows, n_cols = x2.shape
     block = triton.next_power_of_2(n_cols)
@@ -46,7 +48,7 @@ def _norm_launch(x, residual, weight, eps):
         _rms_norm_kernel[(n_rows,)](x2, x2, weight, out, out, x2.stride(0), 0, 0, out.stride(0), n_cols, eps,
                                     HAS_RESIDUAL=False, BLOCK=block, num_warps=num_warps)
         return out.view(x.shape), None
-    res2 = _rows(residual)
+    res2 = as_rows(residual)
     res_out = alloc(res2.shape, res2.dtype, res2.device)
     _rms_norm_kernel[(n_rows,)](x2, res2, weight, out, res_out, x2.stride(0), res2.stride(0), res_out.stride(0),
                                 out.stride(0), n_cols, eps, HAS_RESIDUAL=True, BLOCK=block, num_warps=num_warps)
@@ -74,7 +76,7 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_out, d, BLOCK: tl.cons
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    x2 = _rows(x)
+    x2 = as_rows(x)
     d = x2.shape[-1] // 2
     out = alloc((x2.shape[0], d), x.dtype, x.device)
     block = min(triton.next_power_of_2(d), 1024)
