@@ -18,6 +18,22 @@ from kairos.engine.config import ModelConfig
 from kairos.engine.context import AttentionContext
 
 
+class Linear(nn.Linear):
+    """nn.Linear without its random init: the model is built on the meta device and the loader
+    (or the dummy init) fills every weight. The init on meta tensors also imports torch's
+    compiler stack, 2.5 s of every engine's start."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding without its random init, as Linear."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float, ops: SimpleNamespace):
         super().__init__()
@@ -38,8 +54,8 @@ class Attention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim**-0.5
-        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, ops)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, ops)
@@ -72,8 +88,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, ops: SimpleNamespace):
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
         self.ops = ops
 
     def forward(self, gate_up):
@@ -99,14 +115,14 @@ class DecoderLayer(nn.Module):
                                                    self.mlp.gate_up_proj)
         return self.mlp(gate_up), residual
 
-    def _norm_and_project(self, hidden, residual, norm: RMSNorm, proj: nn.Linear):
+    def _norm_and_project(self, hidden, residual, norm: RMSNorm, proj: Linear):
         return self.ops.rms_norm_linear(hidden, residual, norm.weight, norm.eps, proj.weight, proj.bias)
 
 
 class DecoderModel(nn.Module):
     def __init__(self, cfg: ModelConfig, ops: SimpleNamespace):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, ops) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
 
@@ -128,7 +144,7 @@ class CausalLM(nn.Module):
         self.config = cfg
         self.ops = ops
         self.model = DecoderModel(cfg, ops)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.cos_sin_cache = torch.empty(0)
 
     def tie_weights(self):
