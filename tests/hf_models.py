@@ -13,30 +13,32 @@ COMMON = dict(
 )
 
 
-def make_config(arch: str):
+def make_config(arch: str, **overrides):
+    """overrides: config fields other than COMMON's (sizes, say)."""
     import transformers as tf
 
+    common = {**COMMON, **overrides}
     if arch == "llama":
         # llama3 scaling with a short original context, so the scaled band matters at these lengths
-        return tf.LlamaConfig(**COMMON, rope_theta=500000.0, rope_scaling={
+        return tf.LlamaConfig(**common, rope_theta=500000.0, rope_scaling={
             "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
             "original_max_position_embeddings": 32})
     if arch == "mistral":
-        return tf.MistralConfig(**COMMON, sliding_window=None)
+        return tf.MistralConfig(**common, sliding_window=None)
     if arch == "qwen2":
-        return tf.Qwen2Config(**COMMON, tie_word_embeddings=True)
+        return tf.Qwen2Config(**common, tie_word_embeddings=True)
     if arch == "qwen3":
         # head_dim 24 differs from hidden / heads = 8
-        return tf.Qwen3Config(**COMMON, head_dim=24, tie_word_embeddings=False)
+        return tf.Qwen3Config(**common, head_dim=24, tie_word_embeddings=False)
     raise ValueError(arch)
 
 
-def make_checkpoint(arch: str, path, seed: int = 0, dtype=torch.float32):
+def make_checkpoint(arch: str, path, seed: int = 0, dtype=torch.float32, **overrides):
     """Writes a random-weight checkpoint to path and returns the transformers model."""
     import transformers as tf
 
     torch.manual_seed(seed)
-    config = make_config(arch)
+    config = make_config(arch, **overrides)
     model = tf.AutoModelForCausalLM.from_config(config, attn_implementation="eager").to(dtype).eval()
     with torch.no_grad():
         # The default init is too flat to tell positions apart; widen it so attention matters.

@@ -3,6 +3,7 @@
 
 import pytest
 import torch
+from hf_models import VOCAB, make_checkpoint
 from kernel_testing import kernel_variants
 
 from kairos.engine import LLM, SamplingParams
@@ -136,7 +137,7 @@ def test_warm_up_runs_a_full_budget_prefill_and_a_decode_step_and_keeps_nothing(
     assert llm.num_free_blocks == llm.num_total_blocks and not llm.block_manager.cached
 
 
-def test_after_the_warm_up_serving_compiles_no_kernel(monkeypatch):
+def test_after_the_warm_up_serving_compiles_no_kernel(monkeypatch, tmp_path):
     """Every Triton kernel variant that serving launches, the warm-up launched first: on a GPU
     each new one compiles mid-serving. The steps below vary what could make one: prompts of a
     token, across block boundaries and past the token budget (chunked), a cached prefix, decode
@@ -144,14 +145,17 @@ def test_after_the_warm_up_serving_compiles_no_kernel(monkeypatch):
     decode kernel splits in 1 to 3, and sampled batches of 1 to 4 rows through the top-k/top-p
     filter. Blocks of 4 tokens, and splits from 32 keys rather than 256, keep the interpreted
     prompts short. Steps of one token take the skinny matmul (whose variants do not depend on
-    the token count), so that its variants are checked too."""
+    the token count), so that its variants are checked too. The model has the tiny one's heads (32
+    wide, two queries a KV head) in fewer layers of narrower matmuls: the interpreter runs it in
+    a third of the time."""
     from kairos.kernels import attention
 
     monkeypatch.setattr(attention, "MIN_TOKENS_PER_SPLIT", 32)
-    llm = LLM("tiny", backend="triton", block_size=4, num_kv_blocks=96, max_model_len=160, max_num_batched_tokens=64,
-              skinny_matmul_tokens=1)
+    make_checkpoint("llama", tmp_path, num_attention_heads=2, num_key_value_heads=1)
+    llm = LLM(str(tmp_path), backend="triton", block_size=4, num_kv_blocks=96, max_model_len=160,
+              max_num_batched_tokens=64, skinny_matmul_tokens=1)
     rng = torch.Generator().manual_seed(0)
-    ids = {n: torch.randint(2, 512, (n,), generator=rng).tolist() for n in (1, 3, 5, 61, 70)}
+    ids = {n: torch.randint(3, VOCAB, (n,), generator=rng).tolist() for n in (1, 3, 5, 61, 70)}
     with kernel_variants() as seen:
         llm.warm_up()
         warmed = set(seen)

@@ -143,17 +143,23 @@ def test_the_skinny_matmul_needs_a_triton_backend():
         EngineConfig(skinny_matmul_tokens=-1)
 
 
-def test_engine_generates_the_same_tokens_with_the_skinny_matmul():
-    """Greedy decoding of the tiny model with every decode step's projections (and the short
-    prompt's prefill) on the skinny kernels gives the tokens torch's matmuls give."""
+def test_engine_generates_the_same_tokens_with_the_skinny_matmul(tmp_path):
+    """Greedy decoding with every decode step's projections on the skinny kernels gives the
+    tokens torch's matmuls give, and a prompt of a few tokens the same logits at every position.
+    A qwen2-shaped model: its q/k/v projections have biases."""
+    from hf_models import make_checkpoint
+
     from kairos.engine import LLM, SamplingParams
 
+    make_checkpoint("qwen2", tmp_path)
     prompts = [[5, 9, 200, 31], [7] * 11, [300, 2, 2, 8, 41, 17]]
     params = SamplingParams(max_tokens=6, ignore_eos=True, temperature=0)
-    tokens = {}
+    tokens, logits = {}, {}
     for skinny in (0, 8):
-        llm = LLM("tiny", backend="triton", device=DEVICE, dtype="float32", skinny_matmul_tokens=skinny,
+        llm = LLM(str(tmp_path), backend="triton", device=DEVICE, dtype="float32", skinny_matmul_tokens=skinny,
                   num_kv_blocks=32, max_model_len=64)
         tokens[skinny] = [out.token_ids for out in llm.generate(prompts, params)]
+        (logits[skinny],) = llm.prompt_logits([prompts[2]])  # 6 tokens: a prefill step the skinny kernels take
     assert tokens[8] == tokens[0]
+    assert (logits[8] - logits[0]).abs().max() <= 1e-4 * logits[0].abs().max()
     assert all(len(t) == 6 for t in tokens[0])
