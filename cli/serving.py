@@ -66,8 +66,8 @@ def router_limit_argv(args: argparse.Namespace) -> list[str]:
 def add_worker_args(p: argparse.ArgumentParser) -> None:
     add_engine_args(p)
     p.add_argument("--transfer-timeout", type=float, default=10.0,
-                   help="seconds a KV transfer may take once the decode side is ready for it; on a CPU, "
-                        "where a prefill worker answers between its steps, make it longer than the longest step")
+                   help="seconds a KV transfer may take once the decode side is ready for it, beyond the "
+                        "prefill worker's longest step (on a CPU it answers between steps; its offers say how long)")
     p.add_argument("--offer-timeout", type=float, default=60.0,
                    help="seconds a prefilled request may wait for room on its decode worker before it fails")
     p.add_argument("--kv-frame-mb", type=float, default=8.0, help="largest KV frame on the wire, MiB")

@@ -85,12 +85,13 @@ def first_tokens(worker) -> dict[str, int]:
 def test_the_offer_goes_out_before_the_first_token_and_the_data_carries_it(prefill):
     worker, decode = prefill
     greet(worker, decode)
-    offered_at = {}
+    offered_at, longest_step_before = {}, {}
     completing = worker.llm.on_prompts_completing
 
     def record(seqs):
         # The step is launched, its token not yet known: the offer goes out now.
         offered_at.update({s.request_id: s.num_pending for s in seqs})
+        longest_step_before["s"] = worker.longest_step_s
         completing(seqs)
     worker.llm.on_prompts_completing = record
 
@@ -99,6 +100,8 @@ def test_the_offer_goes_out_before_the_first_token_and_the_data_carries_it(prefi
     offer = next(m for m in decode.received if isinstance(m, p.KVOffer))
     assert offered_at == {"a": 1}  # one token pending: the offer preceded it
     assert offer.num_blocks == -(-40 // worker.geometry.block_size)
+    # The longest step before it (the greeting's), which the decode side waits beyond its timeout.
+    assert offer.step_s > 0 and offer.step_s == round(longest_step_before["s"], 3)
     decode.make_room(offer.transfer_id)
     turn_until(worker, decode, lambda: any(isinstance(m, p.KVData) for m in decode.received))
     data = next(m for m in decode.received if isinstance(m, p.KVData))

@@ -15,7 +15,7 @@ from serving import WORKER_ARGS, Cluster, FakePrefillWorker, decode_stats, free_
 
 from kairos.engine import LLM, SamplingParams
 from kairos.transport import protocol as p
-from kairos.transport.kv import kv_geometry
+from kairos.transport.kv import OutgoingKV, blocks_per_frame, kv_geometry
 from kairos.transport.sockets import make_socket, recv, send
 
 LONG = {"max_tokens": 400, "ignore_eos": True, "temperature": 0}
@@ -216,6 +216,46 @@ def test_a_transfer_that_never_completes_times_out_and_frees_the_blocks(cluster,
             assert reply(kv) == p.KVCancel("t1", "timed out")
             assert 3 < time.monotonic() - started < 8  # the workers' --transfer-timeout is 4 s
             assert "timed out after 4 s" in client.result(rid).error
+        cluster.wait_idle()
+    finally:
+        fake.close()
+
+
+def test_the_decode_side_waits_out_the_prefill_workers_longest_step(cluster, tiny_llm):
+    """A prefill worker on a CPU reads its KV channel between steps, and its offer says how
+    long its steps take (3 s): KV sent 5 s after the decode side said ready, past the 4 s
+    --transfer-timeout alone, still lands, and the request decodes to the end. An offer
+    claiming steps of over an hour is refused."""
+    geometry = kv_geometry(tiny_llm.runner).to_dict()
+    cluster.add_worker("decode")
+    fake = FakePrefillWorker(cluster.addr, geometry)
+    try:
+        cluster.wait_for_workers(1, 1)
+        with cluster.client() as client:
+            rid = client.submit(list(range(1, 41)), max_tokens=4, ignore_eos=True)
+            req = fake.next_request()
+            kv = fake.kv_socket(req.decode_kv_addr)
+            kv.send(p.encode(p.KVHello(fake.worker_id, geometry, None)))
+            assert isinstance(reply(kv), p.KVHelloOk)
+            blocks = -(-len(req.prompt_token_ids) // geometry["block_size"])
+            kv.send(p.encode(p.KVOffer("t1", req.request_id, req.prompt_token_ids, req.params, req.slo, blocks,
+                                       step_s=3.0)))
+            assert reply(kv) == p.KVReady("t1")
+            fake.router.send(p.encode(p.Tokens(req.request_id, 0, [7], "")))  # the first token, as prefill sends it
+            assert not kv.poll(5000)  # no cancel at 4 s
+            per_frame = blocks_per_frame(kv_geometry(tiny_llm.runner), 8 * 2**20)
+            frames = OutgoingKV(tiny_llm.runner, list(range(blocks)), None).frames(per_frame)
+            kv.send_multipart([p.encode(p.KVData("t1", per_frame, 7)), *frames])
+            assert reply(kv) == p.KVAck("t1")
+            done = client.result(rid)
+            assert done.error is None and len(done.token_ids) == 4 and done.token_ids[0] == 7
+
+            rid = client.submit(list(range(1, 21)), max_tokens=2)
+            req = fake.next_request()
+            kv.send(p.encode(p.KVOffer("t2", req.request_id, req.prompt_token_ids, req.params, req.slo, 2,
+                                       step_s=3601.0)))
+            answer = reply(kv)
+            assert isinstance(answer, p.KVReject) and "steps take 3601.0 s" in answer.message
         cluster.wait_idle()
     finally:
         fake.close()

@@ -33,6 +33,8 @@ log = logging.getLogger("kairos.decode")
 # and at most this many such offers wait at once.
 UNASSIGNED_WAIT_S = 2.0
 MAX_UNASSIGNED = 256
+# A prefill step longer than this is a hung worker: an offer saying its steps take longer is refused.
+MAX_PEER_STEP_S = 3600.0
 
 
 @dataclass
@@ -41,6 +43,7 @@ class Incoming:
     peer: bytes  # the prefill worker's identity on the KV socket
     seq: Sequence
     num_blocks: int
+    wait_s: float  # for the KV once ready: the transfer timeout and the prefill worker's longest step
     deadline: float = float("inf")  # set once the offer is accepted
     cancelled: bool = False  # dropped while its write was under way: free the blocks after it
 
@@ -249,11 +252,14 @@ class DecodeWorker(Worker):
             if needed > self.llm.num_total_blocks:
                 raise ValueError(f"the prompt needs {needed} KV blocks; this decode worker has "
                                  f"{self.llm.num_total_blocks} in all")
+            if not 0 <= msg.step_s <= MAX_PEER_STEP_S:
+                raise ValueError(f"an offer from a worker whose steps take {msg.step_s} s, outside "
+                                 f"0..{MAX_PEER_STEP_S:g}")
         except ValueError as e:
             send(self.kv_socket, p.KVReject(msg.transfer_id, f"decode worker {self.worker_id}: {e}"), peer)
             return
         self.offers.append(seq)
-        self.offer_of[seq] = Incoming(msg.transfer_id, peer, seq, msg.num_blocks)
+        self.offer_of[seq] = Incoming(msg.transfer_id, peer, seq, msg.num_blocks, self.transfer_timeout_s + msg.step_s)
 
     def on_data(self, peer: bytes, msg: p.KVData, frames: list) -> None:
         item = self.incoming.get(msg.transfer_id)
@@ -319,7 +325,7 @@ class DecodeWorker(Worker):
         for item in [i for i in self.incoming.values() if now > i.deadline]:
             send(self.kv_socket, p.KVCancel(item.transfer_id, "timed out"), item.peer)
             self.fail(item.seq.request_id, f"KV transfer from {item.peer.decode(errors='replace')} timed out "
-                                           f"after {self.transfer_timeout_s:g} s")
+                                           f"after {item.wait_s:g} s")
             self.drop(item)
         self.accept_offers(now)
 
@@ -334,7 +340,7 @@ class DecodeWorker(Worker):
                 break  # backpressure: the prefill worker holds the blocks until there is room
             accepted.append(seq)
             del self.offer_of[seq]
-            item.deadline = now + self.transfer_timeout_s
+            item.deadline = now + item.wait_s
             self.incoming[item.transfer_id] = item
             send(self.kv_socket, p.KVReady(item.transfer_id), item.peer)
         self.offers.remove_all(accepted)

@@ -212,7 +212,8 @@ class PrefillWorker(Worker):
     def offer(self, t: Transfer) -> None:
         seq = t.seq
         send(t.peer.socket, p.KVOffer(t.transfer_id, seq.request_id, seq.prompt_token_ids,
-                                      dataclasses.asdict(seq.params), seq.slo.to_dict(), len(seq.block_table)))
+                                      dataclasses.asdict(seq.params), seq.slo.to_dict(), len(seq.block_table),
+                                      step_s=round(self.longest_step_s, 3)))
         # Waiting for room on the decode side is backpressure, not a fault, but it is bounded:
         # a decode worker that never makes room must not hold this worker's blocks forever.
         t.deadline = time.monotonic() + self.offer_timeout_s

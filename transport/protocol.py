@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import msgpack
 
-PROTOCOL_VERSION = 8
+PROTOCOL_VERSION = 9
 # Control messages (requests, tokens, status) are small; the largest is a long prompt's ids.
 MAX_CONTROL_MESSAGE_BYTES = 16 * 2**20
 # No message nests lists and maps deeper than a worker's stats (map of phase, map of figures).
@@ -307,6 +307,9 @@ class KVOffer(Message):
     params: dict
     slo: dict
     num_blocks: int
+    # The prefill worker's longest step so far, seconds: on a CPU it reads this channel only
+    # between steps, so the decode side waits this long beyond its transfer timeout for the KV.
+    step_s: float = 0.0
 
 
 @dataclass

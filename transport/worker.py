@@ -57,6 +57,7 @@ class Worker:
         self.counters = {"completed": 0, "aborted": 0, "failed": 0}
         self._last_register = 0.0
         self._turned_at = time.monotonic()  # when the serving loop last began a turn
+        self.longest_step_s = 0.0  # how long this worker may leave its sockets unread
         self.step_log = open(step_log, "a", buffering=1) if step_log else None
         self.turn_notes: dict[str, float] = {}  # a role's own timings for this turn's step-log line
         self._heartbeats = threading.Thread(target=self._send_heartbeats, name="heartbeat", daemon=True)
@@ -139,6 +140,7 @@ class Worker:
                 self.on_step_failed(e.request_ids, str(e))
                 stepped = []
             step_ended = time.perf_counter()
+            self.longest_step_s = max(self.longest_step_s, step_ended - step_started)
             self.blocked = stepped is None
             self.on_step(stepped or [])
             if self.step_log is not None:
