@@ -1,6 +1,7 @@
 """Serving under faults, with real processes: killed workers, stalled transfers, a shutdown,
 and a deployment across network namespaces."""
 
+import contextlib
 import os
 import shutil
 import signal
@@ -185,40 +186,49 @@ def test_an_offer_the_decode_side_never_makes_room_for_times_out(cluster, tiny_l
         silent.close()
 
 
-def offered(fake: FakePrefillWorker, geometry: dict, export: dict | None = None):
+def offered(fake: FakePrefillWorker, geometry: dict, export: dict | None = None, step_s: float = 0.0):
     """The fake prefill worker's next request, its KV socket after the handshake, and the
-    offer of its KV (transfer 't1'), as a real prefill worker would make it."""
+    offer of its KV (transfer 't1'), as a real prefill worker whose longest step took step_s
+    would make it."""
     req = fake.next_request()
     kv = fake.kv_socket(req.decode_kv_addr)
     kv.send(p.encode(p.KVHello(fake.worker_id, geometry, export)))
     assert isinstance(reply(kv), p.KVHelloOk)
     blocks = -(-len(req.prompt_token_ids) // geometry["block_size"])
-    offer = p.KVOffer("t1", req.request_id, req.prompt_token_ids, req.params, req.slo, blocks)
+    offer = p.KVOffer("t1", req.request_id, req.prompt_token_ids, req.params, req.slo, blocks, step_s=step_s)
     kv.send(p.encode(offer))
     return req, kv, offer
+
+
+@contextlib.contextmanager
+def beside_a_decode_worker(cluster, geometry: dict):
+    """A decode worker with the fake prefill worker beside it, and a client; every block of the
+    decode worker is back at the end."""
+    cluster.add_worker("decode")
+    fake = FakePrefillWorker(cluster.addr, geometry)
+    try:
+        cluster.wait_for_workers(1, 1)
+        with cluster.client() as client:
+            yield fake, client
+        cluster.wait_idle()
+    finally:
+        fake.close()
 
 
 def test_a_transfer_that_never_completes_times_out_and_frees_the_blocks(cluster, tiny_llm):
     """A prefill worker that offers a request's KV and then sends nothing: the decode worker's
     reservation times out, it says so on the channel, the request fails, and the blocks come back."""
     geometry = kv_geometry(tiny_llm.runner).to_dict()
-    cluster.add_worker("decode")
-    fake = FakePrefillWorker(cluster.addr, geometry)
-    try:
-        cluster.wait_for_workers(1, 1)
-        with cluster.client() as client:
-            rid = client.submit(list(range(1, 101)), max_tokens=5)
-            _, kv, _ = offered(fake, geometry)
-            assert reply(kv) == p.KVReady("t1")
-            started = time.monotonic()
-            held = decode_stats(cluster, lambda w: w.get("transfers") == 1)
-            assert held["free_blocks"] == held["total_blocks"] - 7 and held["transfers"] == 1
-            assert reply(kv) == p.KVCancel("t1", "timed out")
-            assert 3 < time.monotonic() - started < 8  # the workers' --transfer-timeout is 4 s
-            assert "timed out after 4 s" in client.result(rid).error
-        cluster.wait_idle()
-    finally:
-        fake.close()
+    with beside_a_decode_worker(cluster, geometry) as (fake, client):
+        rid = client.submit(list(range(1, 101)), max_tokens=5)
+        _, kv, _ = offered(fake, geometry)
+        assert reply(kv) == p.KVReady("t1")
+        started = time.monotonic()
+        held = decode_stats(cluster, lambda w: w.get("transfers") == 1)
+        assert held["free_blocks"] == held["total_blocks"] - 7 and held["transfers"] == 1
+        assert reply(kv) == p.KVCancel("t1", "timed out")
+        assert 3 < time.monotonic() - started < 8  # the workers' --transfer-timeout is 4 s
+        assert "timed out after 4 s" in client.result(rid).error
 
 
 def test_the_decode_side_waits_out_the_prefill_workers_longest_step(cluster, tiny_llm):
@@ -227,38 +237,25 @@ def test_the_decode_side_waits_out_the_prefill_workers_longest_step(cluster, tin
     --transfer-timeout alone, still lands, and the request decodes to the end. An offer
     claiming steps of over an hour is refused."""
     geometry = kv_geometry(tiny_llm.runner).to_dict()
-    cluster.add_worker("decode")
-    fake = FakePrefillWorker(cluster.addr, geometry)
-    try:
-        cluster.wait_for_workers(1, 1)
-        with cluster.client() as client:
-            rid = client.submit(list(range(1, 41)), max_tokens=4, ignore_eos=True)
-            req = fake.next_request()
-            kv = fake.kv_socket(req.decode_kv_addr)
-            kv.send(p.encode(p.KVHello(fake.worker_id, geometry, None)))
-            assert isinstance(reply(kv), p.KVHelloOk)
-            blocks = -(-len(req.prompt_token_ids) // geometry["block_size"])
-            kv.send(p.encode(p.KVOffer("t1", req.request_id, req.prompt_token_ids, req.params, req.slo, blocks,
-                                       step_s=3.0)))
-            assert reply(kv) == p.KVReady("t1")
-            fake.router.send(p.encode(p.Tokens(req.request_id, 0, [7], "")))  # the first token, as prefill sends it
-            assert not kv.poll(5000)  # no cancel at 4 s
-            per_frame = blocks_per_frame(kv_geometry(tiny_llm.runner), 8 * 2**20)
-            frames = OutgoingKV(tiny_llm.runner, list(range(blocks)), None).frames(per_frame)
-            kv.send_multipart([p.encode(p.KVData("t1", per_frame, 7)), *frames])
-            assert reply(kv) == p.KVAck("t1")
-            done = client.result(rid)
-            assert done.error is None and len(done.token_ids) == 4 and done.token_ids[0] == 7
+    with beside_a_decode_worker(cluster, geometry) as (fake, client):
+        rid = client.submit(list(range(1, 41)), max_tokens=4, ignore_eos=True)
+        req, kv, offer = offered(fake, geometry, step_s=3.0)
+        assert reply(kv) == p.KVReady("t1")
+        fake.router.send(p.encode(p.Tokens(req.request_id, 0, [7], "")))  # the first token, as prefill sends it
+        assert not kv.poll(5000)  # no cancel at 4 s
+        per_frame = blocks_per_frame(kv_geometry(tiny_llm.runner), 8 * 2**20)
+        frames = OutgoingKV(tiny_llm.runner, list(range(offer.num_blocks)), None).frames(per_frame)
+        kv.send_multipart([p.encode(p.KVData("t1", per_frame, 7)), *frames])
+        assert reply(kv) == p.KVAck("t1")
+        done = client.result(rid)
+        assert done.error is None and len(done.token_ids) == 4 and done.token_ids[0] == 7
 
-            rid = client.submit(list(range(1, 21)), max_tokens=2)
-            req = fake.next_request()
-            kv.send(p.encode(p.KVOffer("t2", req.request_id, req.prompt_token_ids, req.params, req.slo, 2,
-                                       step_s=3601.0)))
-            answer = reply(kv)
-            assert isinstance(answer, p.KVReject) and "steps take 3601.0 s" in answer.message
-        cluster.wait_idle()
-    finally:
-        fake.close()
+        rid = client.submit(list(range(1, 21)), max_tokens=2)
+        req = fake.next_request()
+        kv.send(p.encode(p.KVOffer("t2", req.request_id, req.prompt_token_ids, req.params, req.slo, 2,
+                                   step_s=3601.0)))
+        answer = reply(kv)
+        assert isinstance(answer, p.KVReject) and "steps take 3601.0 s" in answer.message
 
 
 def test_a_cache_the_decode_worker_cannot_map_leaves_kv_on_the_socket(cluster, tiny_llm):
@@ -268,21 +265,14 @@ def test_a_cache_the_decode_worker_cannot_map_leaves_kv_on_the_socket(cluster, t
     export = {"host": "elsewhere:0", "device_uuid": "GPU-0", "handle": b"h", "storage_bytes": 1 << 20,
               "storage_offset": 0, "ref_counter_handle": b"r", "ref_counter_offset": 0, "event_handle": b"e",
               "event_sync_required": False, "tensor_offset": 0, "shape": list(tiny_llm.runner.kv_cache.shape)}
-    cluster.add_worker("decode")
-    fake = FakePrefillWorker(cluster.addr, geometry)
-    try:
-        cluster.wait_for_workers(1, 1)
-        with cluster.client() as client:
-            rid = client.submit(list(range(1, 21)), max_tokens=5)
-            _, kv, _ = offered(fake, geometry, export)
-            assert reply(kv) == p.KVReady("t1")
-            kv.send(p.encode(p.KVData("t1", 1, 7, block_ids=[0, 1])))
-            answer = reply(kv)
-            assert isinstance(answer, p.KVCancel) and "not mapped here" in answer.reason
-            assert "bad KV transfer" in client.result(rid).error
-        cluster.wait_idle()
-    finally:
-        fake.close()
+    with beside_a_decode_worker(cluster, geometry) as (fake, client):
+        rid = client.submit(list(range(1, 21)), max_tokens=5)
+        _, kv, _ = offered(fake, geometry, export)
+        assert reply(kv) == p.KVReady("t1")
+        kv.send(p.encode(p.KVData("t1", 1, 7, block_ids=[0, 1])))
+        answer = reply(kv)
+        assert isinstance(answer, p.KVCancel) and "not mapped here" in answer.reason
+        assert "bad KV transfer" in client.result(rid).error
 
 
 def test_only_the_assigned_prefill_worker_may_offer_a_requests_kv(cluster, tiny_llm):
@@ -290,36 +280,29 @@ def test_only_the_assigned_prefill_worker_may_offer_a_requests_kv(cluster, tiny_
     its offer refused, and the real transfer goes on; an offer for a request the router never
     assigned here is refused once it has waited for the router's word."""
     geometry = kv_geometry(tiny_llm.runner).to_dict()
-    cluster.add_worker("decode")
-    fake = FakePrefillWorker(cluster.addr, geometry)
-    try:
-        cluster.wait_for_workers(1, 1)
-        with cluster.client() as client:
-            rid = client.submit(list(range(1, 41)), max_tokens=5)
-            req = fake.next_request()
-            intruder = fake.kv_socket(req.decode_kv_addr, identity="intruder")
-            intruder.send(p.encode(p.KVHello("intruder", geometry)))
-            assert isinstance(reply(intruder), p.KVHelloOk)
-            blocks = -(-len(req.prompt_token_ids) // geometry["block_size"])
-            intruder.send(p.encode(p.KVOffer("x1", req.request_id, req.prompt_token_ids, req.params, req.slo,
-                                             blocks)))
-            refusal = reply(intruder)
-            assert isinstance(refusal, p.KVReject) and "not assigned to this peer" in refusal.message
-            intruder.send(p.encode(p.KVOffer("x2", "made-up", [1, 2, 3], {}, {}, 1)))
-            started = time.monotonic()
-            refusal = reply(intruder)
-            assert isinstance(refusal, p.KVReject) and "not assigned here" in refusal.message
-            assert 1.5 < time.monotonic() - started < 4  # it waited for the router's word
-            kv = fake.kv_socket(req.decode_kv_addr)
-            kv.send(p.encode(p.KVHello(fake.worker_id, geometry)))
-            assert isinstance(reply(kv), p.KVHelloOk)
-            kv.send(p.encode(p.KVOffer("t1", req.request_id, req.prompt_token_ids, req.params, req.slo, blocks)))
-            assert reply(kv) == p.KVReady("t1")  # the assigned worker's transfer is untouched
-            client.abort(rid)
-            assert reply(kv) == p.KVCancel("t1", "aborted")
-        cluster.wait_idle()
-    finally:
-        fake.close()
+    with beside_a_decode_worker(cluster, geometry) as (fake, client):
+        rid = client.submit(list(range(1, 41)), max_tokens=5)
+        req = fake.next_request()
+        intruder = fake.kv_socket(req.decode_kv_addr, identity="intruder")
+        intruder.send(p.encode(p.KVHello("intruder", geometry)))
+        assert isinstance(reply(intruder), p.KVHelloOk)
+        blocks = -(-len(req.prompt_token_ids) // geometry["block_size"])
+        intruder.send(p.encode(p.KVOffer("x1", req.request_id, req.prompt_token_ids, req.params, req.slo,
+                                         blocks)))
+        refusal = reply(intruder)
+        assert isinstance(refusal, p.KVReject) and "not assigned to this peer" in refusal.message
+        intruder.send(p.encode(p.KVOffer("x2", "made-up", [1, 2, 3], {}, {}, 1)))
+        started = time.monotonic()
+        refusal = reply(intruder)
+        assert isinstance(refusal, p.KVReject) and "not assigned here" in refusal.message
+        assert 1.5 < time.monotonic() - started < 4  # it waited for the router's word
+        kv = fake.kv_socket(req.decode_kv_addr)
+        kv.send(p.encode(p.KVHello(fake.worker_id, geometry)))
+        assert isinstance(reply(kv), p.KVHelloOk)
+        kv.send(p.encode(p.KVOffer("t1", req.request_id, req.prompt_token_ids, req.params, req.slo, blocks)))
+        assert reply(kv) == p.KVReady("t1")  # the assigned worker's transfer is untouched
+        client.abort(rid)
+        assert reply(kv) == p.KVCancel("t1", "aborted")
 
 
 def processes_using_port(port: int, exclude: int) -> list[int]:
