@@ -21,7 +21,7 @@ from kairos.engine.context import AttentionContext
 class Linear(nn.Linear):
     """nn.Linear without its random init: the model is built on the meta device and the loader
     (or the dummy init) fills every weight. The init on meta tensors also imports torch's
-    compiler stack, 2.5 s of every engine's start."""
+    compiler stack, about 2 s of every engine's start."""
 
     def reset_parameters(self) -> None:
         pass
