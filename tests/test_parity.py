@@ -20,6 +20,9 @@ BACKENDS = ["torch"] + (["triton"] if importlib.util.find_spec("triton") else []
 KERNEL_TWINS = {"mistral": "llama", "qwen2": "llama"} if os.environ.get("TRITON_INTERPRET") == "1" else {}
 # Lengths around the 16-token block size, a single token, and several blocks.
 LENGTHS = [1, 15, 16, 17, 33, 50]
+# Tokens each greedy comparison decodes: 17 write the KV of 16 new positions, so every prompt's
+# decode crosses into a block of its own (the 1-token prompt's last, the 16-token one's first).
+NEW_TOKENS = 17
 
 
 @pytest.fixture(scope="module", params=ARCHS)
@@ -90,9 +93,9 @@ def test_greedy_tokens_match_generate(checkpoint, backend):
     skip_kernel_twin(arch, backend)
     llm = LLM(str(path), num_kv_blocks=64, backend=backend)
     prompts = random_prompts(2)
-    outputs = llm.generate(prompts, SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))
+    outputs = llm.generate(prompts, SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True))
     for prompt, out in zip(prompts, outputs):
-        assert out.token_ids == hf_greedy(hf, prompt, 32)
+        assert out.token_ids == hf_greedy(hf, prompt, NEW_TOKENS)
         assert out.finish_reason == "length"
     assert llm.num_free_blocks == llm.num_total_blocks
 
@@ -103,7 +106,7 @@ def test_prefix_cache_hit_gives_the_same_output_with_less_compute(checkpoint, ba
     skip_kernel_twin(arch, backend)
     llm = LLM(str(path), num_kv_blocks=64, backend=backend)
     prefix, tail_a, tail_b = random_prompts(3, [40, 7, 11])
-    params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
     first = llm.generate(prefix + tail_a, params)[0]
     assert first.num_cached_tokens == 0
     computed_before = llm.num_prefill_tokens_computed
@@ -111,8 +114,8 @@ def test_prefix_cache_hit_gives_the_same_output_with_less_compute(checkpoint, ba
     computed = llm.num_prefill_tokens_computed - computed_before
     assert second.num_cached_tokens == 32  # the two full 16-token blocks of the shared prefix
     assert computed == len(prefix + tail_b) - 32
-    assert first.token_ids == hf_greedy(hf, prefix + tail_a, 32)
-    assert second.token_ids == hf_greedy(hf, prefix + tail_b, 32)
+    assert first.token_ids == hf_greedy(hf, prefix + tail_a, NEW_TOKENS)
+    assert second.token_ids == hf_greedy(hf, prefix + tail_b, NEW_TOKENS)
     # Logits of a prompt read partly from the cache: prefill with a cached prefix.
     (suffix_logits,) = llm.prompt_logits([prefix + tail_a])
     assert suffix_logits.shape[0] == len(prefix + tail_a) - 32
