@@ -67,7 +67,8 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     add_engine_args(p)
     p.add_argument("--transfer-timeout", type=float, default=10.0,
                    help="seconds a KV transfer may take once the decode side is ready for it, beyond the "
-                        "prefill worker's longest step (on a CPU it answers between steps; its offers say how long)")
+                        "longest step of the worker at the other end (on a CPU a worker answers between "
+                        "steps; each side tells the other how long they take)")
     p.add_argument("--offer-timeout", type=float, default=60.0,
                    help="seconds a prefilled request may wait for room on its decode worker before it fails")
     p.add_argument("--kv-frame-mb", type=float, default=8.0, help="largest KV frame on the wire, MiB")

@@ -33,8 +33,8 @@ class FakeDecode:
         self.received += got
         return got
 
-    def make_room(self, transfer_id: str) -> None:
-        send(self.socket, p.KVReady(transfer_id), self.peer)
+    def make_room(self, transfer_id: str, step_s: float = 0.0) -> None:
+        send(self.socket, p.KVReady(transfer_id, step_s=step_s), self.peer)
 
 
 @pytest.fixture
@@ -108,6 +108,39 @@ def test_the_offer_goes_out_before_the_first_token_and_the_data_carries_it(prefi
     assert data.transfer_id == offer.transfer_id and data.first_token == first_tokens(worker)["a"]
     send(decode.socket, p.KVAck(offer.transfer_id), decode.peer)
     turn_until(worker, decode, lambda: worker.llm.num_free_blocks == worker.llm.num_total_blocks)
+
+
+def test_the_ack_may_take_the_decode_workers_longest_step_beyond_the_timeout(prefill):
+    """A decode worker takes KV in and acknowledges it between its steps, and its answer to an
+    offer says how long they take (3 s): the ack is awaited that long beyond the transfer
+    timeout, then the transfer is cancelled. One claiming steps of over an hour is refused."""
+    worker, decode = prefill
+    greet(worker, decode)
+    submit(worker, decode, "a", 40, 8)
+    turn_until(worker, decode, lambda: any(isinstance(m, p.KVOffer) for m in decode.received))
+    offer = next(m for m in decode.received if isinstance(m, p.KVOffer))
+    decode.make_room(offer.transfer_id, step_s=3.0)
+    turn_until(worker, decode, lambda: any(isinstance(m, p.KVData) for m in decode.received))
+    sent = time.monotonic()
+    worker.tick(sent + worker.transfer_timeout_s + 2)
+    assert offer.transfer_id in worker.transfers  # the timeout alone has passed
+    worker.tick(sent + worker.transfer_timeout_s + 3.5)
+    assert offer.transfer_id not in worker.transfers
+    assert p.KVCancel(offer.transfer_id, "timed out") in decode.drain(wait_ms=1000)
+    assert any(isinstance(m, p.Error) and m.request_id == "a" and
+               f"timed out after {worker.transfer_timeout_s + 3:g} s" in m.message for m in worker.to_router)
+    assert worker.llm.num_free_blocks == worker.llm.num_total_blocks
+
+    decode.received.clear()
+    submit(worker, decode, "b", 40, 8)
+    turn_until(worker, decode, lambda: any(isinstance(m, p.KVOffer) for m in decode.received))
+    offer = next(m for m in decode.received if isinstance(m, p.KVOffer))
+    decode.make_room(offer.transfer_id, step_s=3601.0)
+    turn_until(worker, decode, lambda: any(isinstance(m, p.KVCancel) for m in decode.received))
+    assert not any(isinstance(m, p.KVData) for m in decode.received)
+    assert any(isinstance(m, p.Error) and m.request_id == "b" and "steps take 3601.0 s" in m.message
+               for m in worker.to_router)
+    assert worker.llm.num_free_blocks == worker.llm.num_total_blocks and not worker.transfers
 
 
 def test_room_made_during_the_step_sends_the_kv_in_the_next_turn(prefill):

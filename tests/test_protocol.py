@@ -212,6 +212,28 @@ def test_the_decode_worker_keeps_kv_under_way_within_its_byte_budget():
     worker.close()
 
 
+def test_the_decode_worker_makes_room_saying_how_long_its_steps_take():
+    """It takes KV in and acknowledges it between steps: its answer to an offer carries its
+    longest step, which the prefill side waits beyond its transfer timeout for the ack."""
+    import time
+
+    from kairos.engine import LLM
+    from kairos.transport.decode import DecodeWorker
+
+    worker = DecodeWorker(LLM("tiny", num_kv_blocks=64, max_model_len=256), "tcp://127.0.0.1:9")
+    sent = []
+    worker.kv_socket.send_multipart = lambda frames, *a, **k: sent.append(p.decode(frames[-1]))
+    peer = b"prefill-test"
+    worker.greeted.add(peer)
+    worker.longest_step_s = 2.25
+    worker.handle_router(p.KVExpect("r", peer.decode()))
+    worker.on_offer(peer, p.KVOffer("t", "r", list(range(1, 41)), {"max_tokens": 5}, {}, 3))
+    worker.accept_offers(time.monotonic())
+    assert sent == [p.KVReady("t", step_s=2.25)]
+    worker.drop(worker.incoming["t"])
+    worker.close()
+
+
 def test_the_decode_worker_writes_kv_in_the_background_and_frees_blocks_only_after_the_write():
     """KV lands on a writer thread while the worker loop goes on. A request aborted while its
     write is under way keeps its blocks until the write is over (the thread is still filling

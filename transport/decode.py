@@ -33,8 +33,6 @@ log = logging.getLogger("kairos.decode")
 # and at most this many such offers wait at once.
 UNASSIGNED_WAIT_S = 2.0
 MAX_UNASSIGNED = 256
-# A prefill step longer than this is a hung worker: an offer saying its steps take longer is refused.
-MAX_PEER_STEP_S = 3600.0
 
 
 @dataclass
@@ -252,9 +250,9 @@ class DecodeWorker(Worker):
             if needed > self.llm.num_total_blocks:
                 raise ValueError(f"the prompt needs {needed} KV blocks; this decode worker has "
                                  f"{self.llm.num_total_blocks} in all")
-            if not 0 <= msg.step_s <= MAX_PEER_STEP_S:
+            if not 0 <= msg.step_s <= p.MAX_PEER_STEP_S:
                 raise ValueError(f"an offer from a worker whose steps take {msg.step_s} s, outside "
-                                 f"0..{MAX_PEER_STEP_S:g}")
+                                 f"0..{p.MAX_PEER_STEP_S:g}")
         except ValueError as e:
             send(self.kv_socket, p.KVReject(msg.transfer_id, f"decode worker {self.worker_id}: {e}"), peer)
             return
@@ -342,5 +340,5 @@ class DecodeWorker(Worker):
             del self.offer_of[seq]
             item.deadline = now + item.wait_s
             self.incoming[item.transfer_id] = item
-            send(self.kv_socket, p.KVReady(item.transfer_id), item.peer)
+            send(self.kv_socket, p.KVReady(item.transfer_id, step_s=round(self.longest_step_s, 3)), item.peer)
         self.offers.remove_all(accepted)

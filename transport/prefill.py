@@ -51,11 +51,17 @@ class Transfer:
     seq: Sequence
     peer: DecodePeer
     deadline: float = 0.0  # for the handshake, for room on the decode side, then for the ack
+    wait_s: float = 0.0  # the wait that ends at the deadline, for the message if it passes
+    peer_step_s: float = 0.0  # the decode worker's longest step, which the ack may take beyond the timeout
     awaiting_room: bool = False  # offered; the decode side has not reserved its blocks yet
     first_token: int | None = None  # sampled by the step that completes the prompt
     written: torch.cuda.Event | None = None  # on a GPU: recorded after that step, its KV written then
     kv: OutgoingKV | None = None  # sent once the decode side is ready; kept until the ack
     sent: zmq.MessageTracker | None = None  # whether ZeroMQ still holds the frames' memory
+
+    def wait(self, seconds: float) -> None:
+        self.wait_s = seconds
+        self.deadline = time.monotonic() + seconds
 
 
 @dataclass
@@ -200,8 +206,8 @@ class PrefillWorker(Worker):
             self.kv_poller.register(sock, zmq.POLLIN)
             peer = self.peers[worker_id] = DecodePeer(worker_id, sock)
             send(sock, p.KVHello(self.worker_id, self.geometry.to_dict(), self.cache_export))
-        transfer = Transfer(uuid.uuid4().hex, seq, peer, deadline=time.monotonic() + self.transfer_timeout_s,
-                            written=written)
+        transfer = Transfer(uuid.uuid4().hex, seq, peer, written=written)
+        transfer.wait(self.transfer_timeout_s)
         self.transfers[transfer.transfer_id] = transfer
         self.by_request[seq.request_id] = transfer
         if peer.greeted:
@@ -216,7 +222,7 @@ class PrefillWorker(Worker):
                                       step_s=round(self.longest_step_s, 3)))
         # Waiting for room on the decode side is backpressure, not a fault, but it is bounded:
         # a decode worker that never makes room must not hold this worker's blocks forever.
-        t.deadline = time.monotonic() + self.offer_timeout_s
+        t.wait(self.offer_timeout_s)
         t.awaiting_room = True
 
     def finish_transfer(self, t: Transfer) -> None:
@@ -257,7 +263,7 @@ class PrefillWorker(Worker):
             t.written.synchronize()  # done already: its step's tokens have been read
             send(t.peer.socket, p.KVData(t.transfer_id, self.per_frame, t.first_token,
                                          block_ids=list(t.seq.block_table)))
-            t.deadline = time.monotonic() + self.transfer_timeout_s
+            t.wait(self.transfer_timeout_s + t.peer_step_s)
         staged = [t for t in ready if not t.peer.cuda_ipc]
         for t in staged:
             t.kv = OutgoingKV(self.llm.runner, t.seq.block_table, self.copy_stream, self.staging, t.written)
@@ -265,7 +271,7 @@ class PrefillWorker(Worker):
             t.kv.wait()
             t.sent = send_tracked(t.peer.socket, p.KVData(t.transfer_id, self.per_frame, t.first_token),
                                   t.kv.frames(self.per_frame))
-            t.deadline = time.monotonic() + self.transfer_timeout_s
+            t.wait(self.transfer_timeout_s + t.peer_step_s)
         self.turn_notes["kv_staging_s"] = self.turn_notes.get("kv_staging_s", 0.0) + time.perf_counter() - started
 
     def handle_socket(self, sock: zmq.Socket) -> bool:
@@ -295,8 +301,14 @@ class PrefillWorker(Worker):
                 log.info("%s for a transfer that is over; ignored", msg.TYPE)
             return True
         if isinstance(msg, p.KVReady):
+            if not 0 <= msg.step_s <= p.MAX_PEER_STEP_S:
+                send(t.peer.socket, p.KVCancel(t.transfer_id, "a step length out of range"))
+                self.fail_transfer(t, f"decode worker {t.peer.worker_id} says its steps take {msg.step_s} s, "
+                                      f"outside 0..{p.MAX_PEER_STEP_S:g}")
+                return True
             t.awaiting_room = False
-            t.deadline = time.monotonic() + self.transfer_timeout_s
+            t.peer_step_s = msg.step_s
+            t.wait(self.transfer_timeout_s)
             self.ready.append(t)  # staged with the others made ready this turn, before the next step
         elif isinstance(msg, p.KVAck):
             self.finish_transfer(t)
@@ -312,6 +324,6 @@ class PrefillWorker(Worker):
             if now > t.deadline:
                 send(t.peer.socket, p.KVCancel(t.transfer_id, "timed out"))
                 self.fail_transfer(t, f"decode worker {t.peer.worker_id} had no room for the request within "
-                                      f"{self.offer_timeout_s:g} s" if t.awaiting_room else
+                                      f"{t.wait_s:g} s" if t.awaiting_room else
                                       f"KV transfer to decode worker {t.peer.worker_id} timed out "
-                                      f"after {self.transfer_timeout_s:g} s")
+                                      f"after {t.wait_s:g} s")

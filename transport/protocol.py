@@ -17,11 +17,14 @@ from typing import Any, ClassVar
 
 import msgpack
 
-PROTOCOL_VERSION = 9
+PROTOCOL_VERSION = 10
 # Control messages (requests, tokens, status) are small; the largest is a long prompt's ids.
 MAX_CONTROL_MESSAGE_BYTES = 16 * 2**20
 # No message nests lists and maps deeper than a worker's stats (map of phase, map of figures).
 MAX_NESTING = 8
+# The longest step a KV peer may declare (KVOffer.step_s, KVReady.step_s), seconds: a worker
+# whose steps take longer is hung, and one claiming so is refused rather than waited for.
+MAX_PEER_STEP_S = 3600.0
 
 
 class ProtocolError(ValueError):
@@ -316,6 +319,9 @@ class KVOffer(Message):
 class KVReady(Message):
     TYPE = "kv_ready"
     transfer_id: str
+    # The decode worker's longest step so far, seconds: it takes the KV in and acknowledges it
+    # between steps, so the prefill side waits this long beyond its transfer timeout for the ack.
+    step_s: float = 0.0
 
 
 @dataclass
