@@ -146,14 +146,15 @@ def test_sampler_draws_the_same_tokens_through_the_kernel():
 def test_one_compiled_variant_serves_every_batch():
     """The split count follows the batch size; nothing Triton specializes a kernel on may (each
     new variant compiles mid-serving on a GPU), the alignment of the rows' settings included:
-    the sampler passes them as views into one tensor."""
-    vocab = 6000
+    the sampler passes them as views into one tensor. Drawn through the sampler, as serving
+    does: in the interpreter (32 programs) a vocabulary of 1100 is split in 2 for 1 and 2 rows
+    and not at all for 17, where Triton would specialize a count of 1; the top-p view is 16-byte
+    aligned at 2 rows only."""
+    vocab = 1100
+    sampler = Sampler(torch.device(DEVICE), 0, sampling.top_k_top_p_cutoff)
     with kernel_variants() as seen:
-        for rows in (1, 2, 3, 6):
-            logits = torch.randn(rows, vocab, device=DEVICE)
-            settings = torch.stack([torch.full((rows,), 50.0), torch.full((rows,), 0.9)]).to(DEVICE)
-            top_k, top_p = settings
-            sampling.top_k_top_p_cutoff(logits, top_k.long(), top_p)
+        for rows in (1, 2, 17):
+            sampler(torch.randn(rows, vocab, device=DEVICE), [SamplingParams(top_k=50, top_p=0.9)] * rows, [0] * rows)
             if rows == 1:
                 first = set(seen)
     assert {name for name, _ in first} == {"_radix_pass_kernel", "_softmax_parts_kernel", "_finish_kernel"}
