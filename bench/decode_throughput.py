@@ -248,8 +248,13 @@ def time_peers(model: str, dtype: torch.dtype, device: torch.device, peers: list
                 row["kairos_speedup"] = row["step_ms"] / ours[batch]
             out.append(row)
             print(f"transformers generate ({peer}) B={batch:4d}  step {row['step_ms']:8.2f} ms"
-                  + (f"  Kairos is {row['kairos_speedup']:.2f}x faster" if batch in ours else ""))
+                  + (f"  {compared(row['kairos_speedup'])}" if batch in ours else ""))
     return out
+
+
+def compared(speedup: float) -> str:
+    """Kairos's speedup over a peer, said the way round that reads as more than 1x."""
+    return f"Kairos is {speedup:.2f}x faster" if speedup >= 1 else f"Kairos is {1 / speedup:.2f}x slower"
 
 
 if __name__ == "__main__":

@@ -183,23 +183,25 @@ def decode_attention(
     owner = torch.repeat_interleave(torch.arange(batch, device=q.device), num_blocks)  # [N]: each block's sequence
     index = torch.arange(owner.numel(), device=q.device) - (torch.cumsum(num_blocks, 0) - num_blocks)[owner]
     blocks = block_tables.long()[owner, index]
-    keys = k_cache[blocks].float()  # [N, block_size, Hkv, D]
-    values = v_cache[blocks].float()
+    # Gathered head-major, [N, Hkv, block_size, D], in one copy: the matmuls below then batch
+    # over (block, head) as they lie (an einsum on the cache's layout copied each operand again).
+    keys = k_cache.index_select(0, blocks).transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format)
+    values = v_cache.index_select(0, blocks).transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format)
     qg = q.float().view(batch, num_kv_heads, group, head_dim)
-    scores = torch.einsum("nhgd,nlhd->nhgl", qg[owner], keys) * scale
+    scores = (qg.index_select(0, owner) @ keys.transpose(-1, -2)).mul_(scale)  # [N, Hkv, G, block_size]
     # Only a sequence's last block may be partly filled: whatever lies past the context there
     # (NaN even) must get no weight and add nothing.
     last = torch.cumsum(num_blocks, 0) - 1
     invalid = torch.arange(block_size, device=q.device) >= (lens - (num_blocks - 1) * block_size).unsqueeze(1)
     scores[last] = scores[last].masked_fill(invalid[:, None, None, :], float("-inf"))
-    values[last] = values[last].masked_fill(invalid[:, :, None, None], 0.0)
+    values[last] = values[last].masked_fill(invalid[:, None, :, None], 0.0)
     # Softmax over each sequence's blocks together: subtract its maximum, divide by its sum.
     peak = qg.new_full((batch, num_kv_heads, group), float("-inf"))
     block_peak = scores.amax(-1)
     peak = peak.scatter_reduce(0, owner.view(-1, 1, 1).expand_as(block_peak), block_peak, "amax")
-    weights = torch.exp(scores - peak[owner].unsqueeze(-1))
+    weights = torch.exp(scores - peak.index_select(0, owner).unsqueeze(-1))
     total = qg.new_zeros((batch, num_kv_heads, group)).index_add_(0, owner, weights.sum(-1))
-    out = torch.zeros_like(qg).index_add_(0, owner, torch.einsum("nhgl,nlhd->nhgd", weights, values))
+    out = torch.zeros_like(qg).index_add_(0, owner, weights @ values)
     return (out / total.unsqueeze(-1)).reshape(batch, num_heads, head_dim).to(q.dtype)
 
 
