@@ -250,9 +250,7 @@ class DecodeWorker(Worker):
             if needed > self.llm.num_total_blocks:
                 raise ValueError(f"the prompt needs {needed} KV blocks; this decode worker has "
                                  f"{self.llm.num_total_blocks} in all")
-            if not 0 <= msg.step_s <= p.MAX_PEER_STEP_S:
-                raise ValueError(f"an offer from a worker whose steps take {msg.step_s} s, outside "
-                                 f"0..{p.MAX_PEER_STEP_S:g}")
+            p.check_peer_step(msg.step_s)
         except ValueError as e:
             send(self.kv_socket, p.KVReject(msg.transfer_id, f"decode worker {self.worker_id}: {e}"), peer)
             return

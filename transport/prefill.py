@@ -301,10 +301,11 @@ class PrefillWorker(Worker):
                 log.info("%s for a transfer that is over; ignored", msg.TYPE)
             return True
         if isinstance(msg, p.KVReady):
-            if not 0 <= msg.step_s <= p.MAX_PEER_STEP_S:
+            try:
+                p.check_peer_step(msg.step_s)
+            except ValueError as e:
                 send(t.peer.socket, p.KVCancel(t.transfer_id, "a step length out of range"))
-                self.fail_transfer(t, f"decode worker {t.peer.worker_id} says its steps take {msg.step_s} s, "
-                                      f"outside 0..{p.MAX_PEER_STEP_S:g}")
+                self.fail_transfer(t, f"decode worker {t.peer.worker_id} refused: {e}")
                 return True
             t.awaiting_room = False
             t.peer_step_s = msg.step_s

@@ -27,6 +27,13 @@ MAX_NESTING = 8
 MAX_PEER_STEP_S = 3600.0
 
 
+def check_peer_step(step_s: float) -> None:
+    """Raises ValueError where a KV peer's declared step (KVOffer.step_s, KVReady.step_s) is
+    not one to wait for."""
+    if not 0 <= step_s <= MAX_PEER_STEP_S:
+        raise ValueError(f"a worker whose steps take {step_s} s, outside 0..{MAX_PEER_STEP_S:g}")
+
+
 class ProtocolError(ValueError):
     """A message that is not valid Kairos protocol."""
 
