@@ -1,11 +1,9 @@
 """FlashInfer's paged attention behind the signatures of `kairos.kernels.reference`.
 
 FlashInfer splits attention into a plan (host-side work over the batch's page layout, written
-into a workspace) and runs that reuse it. A forward pass calls attention once per layer with the
-same metadata tensors, so a plan is made at the first layer and reused while the metadata are
-the very same tensor objects (held here, so a new tensor is never mistaken for them) with no
-in-place write since. Planning reads the layout on the host: one device sync per forward pass,
-and no CUDA graphs (`capturable` is False for this backend).
+into a workspace) and runs that reuse it: a plan is made at a forward pass's first layer and
+reused by its others (`kairos.kernels.per_pass`). Planning reads the layout on the host: one
+device sync per forward pass, and no CUDA graphs (`capturable` is False for this backend).
 
 The layout conversion is plain PyTorch and runs anywhere; the wrappers need FlashInfer on CUDA.
 """
@@ -13,6 +11,8 @@ The layout conversion is plain PyTorch and runs anywhere; the wrappers need Flas
 from __future__ import annotations
 
 import torch
+
+from kairos.kernels.per_pass import PassMemo
 
 WORKSPACE_BYTES = 256 << 20
 
@@ -32,24 +32,6 @@ def paged_kv_layout(block_tables: torch.Tensor, context_lens: torch.Tensor,
     return indptr, indices, last_page_len
 
 
-def _version(t: torch.Tensor) -> int | None:
-    # Inference tensors keep no version counter; the engine's are rebuilt for every pass anyway.
-    return None if t.is_inference() else t._version
-
-
-class _Plan:
-    """What a wrapper was last planned for: the metadata tensors (held), their versions, and
-    the shapes, dtypes and scale."""
-
-    def __init__(self, tensors: tuple[torch.Tensor, ...], params: tuple):
-        self.tensors, self.params = tensors, params
-        self.versions = tuple(_version(t) for t in tensors)
-
-    def matches(self, tensors: tuple[torch.Tensor, ...], params: tuple) -> bool:
-        return (params == self.params and all(a is b for a, b in zip(tensors, self.tensors, strict=True))
-                and tuple(_version(t) for t in tensors) == self.versions)
-
-
 class FlashInferAttention:
     """One engine's FlashInfer wrappers (decode, paged prefill, ragged prefill) and their
     shared workspace, made on first use on the device of the first query."""
@@ -63,7 +45,7 @@ class FlashInferAttention:
         self.flashinfer = flashinfer
         self.workspace: torch.Tensor | None = None
         self.wrappers: dict[tuple, object] = {}
-        self.plans: dict[tuple, _Plan] = {}
+        self.plans = PassMemo()
 
     def _wrapper(self, key: tuple, device: torch.device):
         if key not in self.wrappers:
@@ -85,13 +67,14 @@ class FlashInferAttention:
         """The wrapper for key, planned for these metadata (by calling plan(wrapper) unless it
         already is). The checks run only when planning, not at every layer."""
         wrapper = self._wrapper(key, q.device)
-        last = self.plans.get(key)
-        if last is None or not last.matches(tensors, params):
+
+        def checked_plan():
             if q.dtype not in (torch.float16, torch.bfloat16):
                 raise ValueError(f"FlashInfer attention runs in float16 or bfloat16, not {q.dtype}: "
                                  "pass --dtype bfloat16 (or float16), or another --backend")
             plan(wrapper)
-            self.plans[key] = _Plan(tensors, params)
+
+        self.plans.get(key, tensors, params, checked_plan)
         return wrapper
 
     def decode_attention(self, q, k_cache, v_cache, block_tables, context_lens, scale):

@@ -17,8 +17,16 @@ Shapes:
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
+
+from kairos.kernels.per_pass import PassMemo
+
+# What every layer of a forward pass would derive alike from its metadata (the rotation at the
+# positions, the rows and slots to store, the decode layout) is derived at the first.
+_per_pass = PassMemo()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -71,11 +79,18 @@ def rotary_embedding(
 
     cos_sin_cache is [max_positions, D] float32: cos in the first D/2 columns, sin in the rest.
     """
-    cos, sin = cos_sin_cache[positions].to(q.dtype).unsqueeze(1).chunk(2, dim=-1)
+    cos, sin = _per_pass.get("rope", (positions, cos_sin_cache), (q.dtype,),
+                             lambda: _rotation(positions, cos_sin_cache, q.dtype))
     for t in (q, k):
-        x1, x2 = t.chunk(2, dim=-1)
-        rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-        t.copy_(rotated)
+        # [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin], as [x1, x2] * cos + [x2, x1] * [-sin, sin].
+        half = t.shape[-1] // 2
+        t.copy_(t * cos + torch.cat((t[..., half:], t[..., :half]), dim=-1) * sin)
+
+
+def _rotation(positions: torch.Tensor, cos_sin_cache: torch.Tensor, dtype: torch.dtype):
+    """cos and sin at these positions, [T, 1, D] each: the rotation of either half of a head."""
+    cos, sin = cos_sin_cache[positions].to(dtype).unsqueeze(1).chunk(2, dim=-1)
+    return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
 
 
 def store_kv(
@@ -85,10 +100,18 @@ def store_kv(
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> None:
+    rows, slots = _per_pass.get("store", (slot_mapping,), (), lambda: _stored_rows(slot_mapping))
+    for new, cache in ((k, k_cache), (v, v_cache)):
+        cache.view(-1, *cache.shape[2:]).index_copy_(0, slots, new if rows is None else new.index_select(0, rows))
+
+
+def _stored_rows(slot_mapping: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The rows of the tokens to store (None for all of them) and their slots."""
     keep = slot_mapping >= 0
-    slots = slot_mapping[keep]
-    k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep]
-    v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep]
+    if bool(keep.all()):
+        return None, slot_mapping.long()
+    rows = keep.nonzero().squeeze(1)
+    return rows, slot_mapping[rows].long()
 
 
 def rope_and_store_kv(
@@ -162,6 +185,33 @@ def prefill_attention(
     return out
 
 
+class _DecodeLayout(NamedTuple):
+    """A decode batch's blocks packed end to end, N in all, gathered into [N, Hkv, block_size, D]."""
+
+    owner: torch.Tensor  # [N] int64: the sequence each block belongs to
+    blocks: torch.Tensor  # [N] int64: its block in the cache
+    # Slots past a context (in its last block), as flat indices into the scores [N, Hkv, G,
+    # block_size] and into the rows [N * block_size * Hkv] of the values as gathered.
+    score_holes: torch.Tensor
+    value_holes: torch.Tensor
+
+
+def _decode_layout(block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int, num_kv_heads: int,
+                   group: int) -> _DecodeLayout:
+    device = context_lens.device
+    lens = context_lens.long()
+    num_blocks = (lens + block_size - 1) // block_size
+    owner = torch.repeat_interleave(torch.arange(len(lens), device=device), num_blocks)
+    index = torch.arange(owner.numel(), device=device) - (torch.cumsum(num_blocks, 0) - num_blocks)[owner]
+    slot_positions = (index * block_size).unsqueeze(1) + torch.arange(block_size, device=device)
+    block, slot = (slot_positions >= lens[owner].unsqueeze(1)).nonzero(as_tuple=True)
+    heads = torch.arange(num_kv_heads, device=device)
+    value_rows = (block * block_size + slot).unsqueeze(1) * num_kv_heads + heads
+    score_rows = (block.view(-1, 1, 1) * num_kv_heads + heads.view(-1, 1)) * group + torch.arange(group, device=device)
+    return _DecodeLayout(owner, block_tables.long()[owner, index],
+                         (score_rows * block_size + slot.view(-1, 1, 1)).flatten(), value_rows.flatten())
+
+
 def decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -178,27 +228,23 @@ def decode_attention(
     batch, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
-    lens = context_lens.long()
-    num_blocks = (lens + block_size - 1) // block_size
-    owner = torch.repeat_interleave(torch.arange(batch, device=q.device), num_blocks)  # [N]: each block's sequence
-    index = torch.arange(owner.numel(), device=q.device) - (torch.cumsum(num_blocks, 0) - num_blocks)[owner]
-    blocks = block_tables.long()[owner, index]
-    # Gathered head-major, [N, Hkv, block_size, D], in one copy: the matmuls below then batch
-    # over (block, head) as they lie (an einsum on the cache's layout copied each operand again).
+    owner, blocks, score_holes, value_holes = _per_pass.get(
+        "decode", (block_tables, context_lens), (block_size, num_kv_heads, group),
+        lambda: _decode_layout(block_tables, context_lens, block_size, num_kv_heads, group))
+    # Gathered in one copy and seen head-major, [N, Hkv, block_size, D] (a float16 or bfloat16
+    # cache is converted in a second): the matmuls below batch over (block, head) as they lie.
     keys = k_cache.index_select(0, blocks).transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format)
-    values = v_cache.index_select(0, blocks).transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format)
+    values = v_cache.index_select(0, blocks)
+    values.view(-1, head_dim).index_fill_(0, value_holes, 0.0)
+    values = values.transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format)
     qg = q.float().view(batch, num_kv_heads, group, head_dim)
     scores = (qg.index_select(0, owner) @ keys.transpose(-1, -2)).mul_(scale)  # [N, Hkv, G, block_size]
-    # Only a sequence's last block may be partly filled: whatever lies past the context there
-    # (NaN even) must get no weight and add nothing.
-    last = torch.cumsum(num_blocks, 0) - 1
-    invalid = torch.arange(block_size, device=q.device) >= (lens - (num_blocks - 1) * block_size).unsqueeze(1)
-    scores[last] = scores[last].masked_fill(invalid[:, None, None, :], float("-inf"))
-    values[last] = values[last].masked_fill(invalid[:, None, :, None], 0.0)
+    # Whatever lies past a context in its last block (NaN even) must get no weight and add nothing.
+    scores.view(-1).index_fill_(0, score_holes, float("-inf"))
     # Softmax over each sequence's blocks together: subtract its maximum, divide by its sum.
-    peak = qg.new_full((batch, num_kv_heads, group), float("-inf"))
     block_peak = scores.amax(-1)
-    peak = peak.scatter_reduce(0, owner.view(-1, 1, 1).expand_as(block_peak), block_peak, "amax")
+    peak = qg.new_full((batch, num_kv_heads, group), float("-inf")).scatter_reduce(
+        0, owner.view(-1, 1, 1).expand_as(block_peak), block_peak, "amax")
     weights = torch.exp(scores - peak.index_select(0, owner).unsqueeze(-1))
     total = qg.new_zeros((batch, num_kv_heads, group)).index_add_(0, owner, weights.sum(-1))
     out = torch.zeros_like(qg).index_add_(0, owner, weights @ values)

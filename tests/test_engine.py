@@ -47,6 +47,26 @@ def test_preemption_under_kv_pressure_keeps_outputs_exact(reference_outputs, cac
     assert llm.num_free_blocks == llm.num_total_blocks
 
 
+def test_the_reference_ops_derive_their_metadata_once_per_forward_pass(reference_outputs, monkeypatch):
+    """Each layer's attention finds the pass's metadata derived already (the same tensors at
+    every layer), and each pass derives its own (new tensors, or the same buffers written)."""
+    from kairos.engine.model import CausalLM
+    from kairos.kernels import reference
+
+    derived, decode_passes = [], []
+    for name in ("_decode_layout", "_stored_rows", "_rotation"):
+        derive = getattr(reference, name)
+        monkeypatch.setattr(reference, name, lambda *a, derive=derive, name=name: derived.append(name) or derive(*a))
+    forward = CausalLM.forward
+    monkeypatch.setattr(CausalLM, "forward", lambda self, ids, positions, ctx: decode_passes.append(
+        not ctx.is_prefill) or forward(self, ids, positions, ctx))
+    llm = LLM("tiny", num_kv_blocks=512, max_model_len=256, max_num_batched_tokens=64)
+    outs = llm.generate(prompts(8), GREEDY)
+    assert [o.token_ids for o in outs] == reference_outputs
+    assert derived.count("_decode_layout") == sum(decode_passes) >= GREEDY.max_tokens - 1
+    assert derived.count("_stored_rows") == derived.count("_rotation") == len(decode_passes)
+
+
 def test_abort_frees_blocks_of_running_and_waiting_requests():
     llm = LLM("tiny", num_kv_blocks=64, max_model_len=256, max_num_seqs=2)
     seqs = [llm.add_request(p, GREEDY, request_id=f"r{i}") for i, p in enumerate(prompts(4))]

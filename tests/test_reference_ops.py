@@ -128,3 +128,44 @@ def test_rotary_embedding_rotates_pairs_in_place():
         torch.testing.assert_close(t[..., :half], x1 * a.cos() - x2 * a.sin())
         torch.testing.assert_close(t[..., half:], x2 * a.cos() + x1 * a.sin())
     assert torch.equal(q[0], q0[0])  # position 0 is the identity
+
+
+def test_per_pass_metadata_written_in_place_or_met_with_other_heads_are_derived_anew():
+    """A forward pass's layers share metadata tensors, so what the ops derive from them alone
+    is derived once and reused while they are the very same, unwritten tensors: a write in
+    place (a new step in the same buffers) or another head count must not meet a stale one."""
+    lengths = [3, 17, 40]
+    k_cache, v_cache, tables = paged(lengths, 2)
+    lens = torch.tensor(lengths, dtype=torch.int32)
+
+    def check(group):
+        q = torch.randn(len(lengths), 2 * group, D)
+        out = ref.decode_attention(q, k_cache, v_cache, tables, lens, D**-0.5)
+        for s, n in enumerate(lens.tolist()):
+            expected = dense_attention(q[s : s + 1], gather(k_cache, tables[s], n), gather(v_cache, tables[s], n),
+                                       n - 1)
+            torch.testing.assert_close(out[s : s + 1].double(), expected, rtol=1e-5, atol=1e-5)
+
+    check(group=1)
+    check(group=4)  # the same tensors, unwritten: other query heads per KV head
+    lens[1] = 9  # block 1 of sequence 1 now lies past its context
+    check(group=4)
+
+    flat_cache = torch.zeros(4 * BS, 2, D)
+    slots = torch.tensor([5, -1, 63])
+    for expected_slots in ([5, 63], [6, 62]):
+        k_cache, v_cache = torch.zeros(4, BS, 2, D), torch.zeros(4, BS, 2, D)
+        k = torch.randn(3, 2, D)
+        ref.store_kv(k, k, k_cache, v_cache, slots)
+        assert k_cache.view_as(flat_cache).abs().sum(dim=(1, 2)).nonzero().flatten().tolist() == expected_slots
+        slots[0], slots[2] = 6, 62
+
+    angles = torch.outer(torch.arange(8).float(), 1.0 / 10000 ** (torch.arange(0, D, 2).float() / D))
+    positions, cache = torch.tensor([0, 0]), torch.cat((angles.cos(), angles.sin()), dim=-1)
+    q, k = torch.randn(2, 1, D), torch.randn(2, 1, D)
+    ref.rotary_embedding(positions, q.clone(), k, cache)
+    positions[1] = 3
+    rotated = q.clone()
+    ref.rotary_embedding(positions, rotated, k, cache)
+    x1, x2, a = q[1, :, : D // 2], q[1, :, D // 2 :], angles[3]
+    torch.testing.assert_close(rotated[1], torch.cat((x1 * a.cos() - x2 * a.sin(), x2 * a.cos() + x1 * a.sin()), -1))
