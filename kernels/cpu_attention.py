@@ -1,0 +1,96 @@
+"""Paged decode attention on the CPU as one compiled loop (numba), with the signature of
+`kairos.kernels.reference.decode_attention`.
+
+A decode step on a CPU is bound by the number of ops it dispatches, not by the bytes it reads:
+the PyTorch reference takes some twenty ops a layer to gather, score, mask and merge a packed
+batch of blocks. Here one call walks each (sequence, KV head) over its context's slots through
+the block table, scoring every query head of the group against a key as it is read, then
+takes the softmax and the weighted sum of the values: no gather, no padding (a step costs its
+total context, as with the reference), and nothing past a context is read, so whatever lies
+there (NaN even) adds nothing.
+
+float32 only, the CPU's default dtype (numba has no half types); anything else, or a tensor
+on another device, takes the reference. numba compiles the loop on first use (cached on disk;
+the engine's warm-up runs a decode step). Without numba, or with KAIROS_NUMBA=0, the torch
+backend keeps to the reference.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+
+import numpy as np
+import torch
+
+from kairos.kernels import reference
+
+ENABLED = os.environ.get("KAIROS_NUMBA", "1") != "0" and importlib.util.find_spec("numba") is not None
+
+_compiled = None
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    if q.device.type != "cpu" or not (q.dtype == k_cache.dtype == v_cache.dtype == torch.float32):
+        return reference.decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
+    out = torch.empty(q.shape, dtype=torch.float32)
+    # Contiguous arrays and int32 metadata: one compiled variant serves every call.
+    _loop()(q.contiguous().numpy(), k_cache.contiguous().numpy(), v_cache.contiguous().numpy(),
+            block_tables.to(torch.int32).contiguous().numpy(), context_lens.to(torch.int32).contiguous().numpy(),
+            float(scale), out.numpy())
+    return out
+
+
+def _loop():
+    global _compiled
+    if _compiled is None:
+        from numba import njit
+
+        # Serial: a worker on a CPU shares its cores with torch's threads and often with
+        # another worker, and a batch's attention is a small part of its step.
+        _compiled = njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})(_paged_decode)
+    return _compiled
+
+
+def _paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale, out):
+    batch, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    scale = np.float32(scale)
+    for seq in range(batch):
+        length = context_lens[seq]
+        for head in range(num_kv_heads):
+            queries = q[seq, head * group : (head + 1) * group]
+            # Each key and each value is read once, for every query head of the group.
+            weights = np.empty((group, length), dtype=np.float32)
+            for t in range(length):
+                key = k_cache[block_tables[seq, t // block_size], t % block_size, head]
+                for g in range(group):
+                    dot = np.float32(0.0)
+                    for d in range(head_dim):
+                        dot += queries[g, d] * key[d]
+                    weights[g, t] = dot * scale
+            # Softmax as the reference takes it: less the maximum, divided by the sum once the
+            # values are summed.
+            totals = np.zeros(group, dtype=np.float32)
+            for g in range(group):
+                peak = weights[g].max()
+                for t in range(length):
+                    weights[g, t] = np.float32(math.exp(weights[g, t] - peak))
+                    totals[g] += weights[g, t]
+            acc = np.zeros((group, head_dim), dtype=np.float32)
+            for t in range(length):
+                value = v_cache[block_tables[seq, t // block_size], t % block_size, head]
+                for g in range(group):
+                    for d in range(head_dim):
+                        acc[g, d] += weights[g, t] * value[d]
+            for g in range(group):
+                out[seq, head * group + g] = acc[g] / totals[g]
