@@ -3,7 +3,7 @@ Backend.
 
 A backend is a namespace of functions with the signatures of `kairos.kernels.reference`:
 - `torch`: that reference; runs on any device. On a CPU, decode attention takes the compiled
-  loop of `cpu_attention` where numba is installed.
+  loop of `cpu_ops` where numba is installed.
 - `triton`: the Triton kernels (`small_ops`, `attention`, `sampling`), and torch's matmul
   (cuBLAS) or, for steps of at most `skinny_matmul_tokens` tokens, the skinny matmul of
   `linear`; on CPU only under TRITON_INTERPRET=1.
@@ -52,9 +52,9 @@ def get_backend(name: str = "torch", device_type: str = "cpu", skinny_matmul_tok
         raise ValueError("the skinny matmul is a Triton kernel: --skinny-matmul-tokens needs the triton or "
                          "flashinfer backend (auto is torch off CUDA)")
     if name == "torch":
-        from kairos.kernels import cpu_attention, reference
+        from kairos.kernels import cpu_ops, reference
 
-        impls = [cpu_attention, reference] if device_type == "cpu" and cpu_attention.ENABLED else [reference]
+        impls = [cpu_ops, reference] if device_type == "cpu" and cpu_ops.ENABLED else [reference]
     elif name == "flashinfer" and device_type != "cuda":
         raise ValueError("the flashinfer backend runs on CUDA")
     elif device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":

@@ -52,9 +52,9 @@ def test_the_reference_ops_derive_their_metadata_once_per_forward_pass(reference
     every layer), and each pass derives its own (new tensors, or the same buffers written).
     Decode attention takes the reference where numba is off (or in half precision)."""
     from kairos.engine.model import CausalLM
-    from kairos.kernels import cpu_attention, reference
+    from kairos.kernels import cpu_ops, reference
 
-    monkeypatch.setattr(cpu_attention, "ENABLED", False)
+    monkeypatch.setattr(cpu_ops, "ENABLED", False)
 
     derived, decode_passes = [], []
     for name in ("_decode_layout", "_stored_rows", "_rotation"):

@@ -1,0 +1,143 @@
+"""Paged decode attention, and RoPE with the KV store, on the CPU as compiled loops (numba),
+with the signatures of `kairos.kernels.reference`.
+
+A decode step on a CPU is bound by the number of ops it dispatches, not by the bytes it reads:
+the PyTorch reference takes some twenty ops a layer to gather, score, mask and merge a packed
+batch of blocks, and a dozen more to rotate q and k and store k and v.
+
+- `decode_attention` walks each (sequence, KV head) over its context's slots through the block
+  table, scoring every query head of the group against a key as it is read, then takes the
+  softmax and the weighted sum of the values: no gather, no padding (a step costs its total
+  context, as with the reference), and nothing past a context is read, so whatever lies there
+  (NaN even) adds nothing.
+- `rope_and_store_kv` rotates each token's q and k in place and stores k and v at its slot
+  (slot -1 skipped), rounding as the reference does: the same bits.
+
+The loops run on one thread: a worker on a CPU shares its cores with torch's threads and often
+with another worker, and these are a small part of its step. float32 only, the CPU's default
+dtype (numba has no half types); anything else, or a tensor on another device, takes the
+reference. numba compiles the loops on first use (cached on disk; the engine's warm-up runs a
+decode step). Without numba, or with KAIROS_NUMBA=0, the torch backend keeps to the reference.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+
+import numpy as np
+import torch
+
+from kairos.kernels import reference
+
+ENABLED = os.environ.get("KAIROS_NUMBA", "1") != "0" and importlib.util.find_spec("numba") is not None
+
+_compiled: dict = {}
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    if q.device.type != "cpu" or not (q.dtype == k_cache.dtype == v_cache.dtype == torch.float32):
+        return reference.decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
+    out = torch.empty(q.shape, dtype=torch.float32)
+    # Contiguous arrays and int32 metadata: one compiled variant serves every call.
+    _loop(_paged_decode)(q.contiguous().numpy(), k_cache.contiguous().numpy(), v_cache.contiguous().numpy(),
+            block_tables.to(torch.int32).contiguous().numpy(), context_lens.to(torch.int32).contiguous().numpy(),
+            float(scale), out.numpy())
+    return out
+
+
+def rope_and_store_kv(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    tensors = (q, k, v, cos_sin_cache, k_cache, v_cache)
+    if q.device.type != "cpu" or any(t.dtype != torch.float32 for t in tensors):
+        return reference.rope_and_store_kv(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping)
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("the KV cache must be contiguous")
+    # q and k are rotated where they lie (views of the packed projection): they keep their strides.
+    _loop(_rope_store)(positions.to(torch.int32).contiguous().numpy(), q.numpy(), k.numpy(), v.numpy(),
+                       cos_sin_cache.contiguous().numpy(), k_cache.numpy(), v_cache.numpy(),
+                       slot_mapping.to(torch.int32).contiguous().numpy())
+
+
+def _loop(fn):
+    if fn not in _compiled:
+        from numba import njit
+
+        # Attention sums in any order (its reference's matmuls do too); RoPE rounds each
+        # product and sum as its reference does, so it must not fuse them.
+        fastmath = {"reassoc", "contract"} if fn is _paged_decode else False
+        _compiled[fn] = njit(cache=True, nogil=True, fastmath=fastmath)(fn)
+    return _compiled[fn]
+
+
+def _paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale, out):
+    batch, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    scale = np.float32(scale)
+    for seq in range(batch):
+        length = context_lens[seq]
+        for head in range(num_kv_heads):
+            queries = q[seq, head * group : (head + 1) * group]
+            # Each key and each value is read once, for every query head of the group.
+            weights = np.empty((group, length), dtype=np.float32)
+            for t in range(length):
+                key = k_cache[block_tables[seq, t // block_size], t % block_size, head]
+                for g in range(group):
+                    dot = np.float32(0.0)
+                    for d in range(head_dim):
+                        dot += queries[g, d] * key[d]
+                    weights[g, t] = dot * scale
+            # Softmax as the reference takes it: less the maximum, divided by the sum once the
+            # values are summed.
+            totals = np.zeros(group, dtype=np.float32)
+            for g in range(group):
+                peak = weights[g].max()
+                for t in range(length):
+                    weights[g, t] = np.float32(math.exp(weights[g, t] - peak))
+                    totals[g] += weights[g, t]
+            acc = np.zeros((group, head_dim), dtype=np.float32)
+            for t in range(length):
+                value = v_cache[block_tables[seq, t // block_size], t % block_size, head]
+                for g in range(group):
+                    for d in range(head_dim):
+                        acc[g, d] += weights[g, t] * value[d]
+            for g in range(group):
+                out[seq, head * group + g] = acc[g] / totals[g]
+
+
+def _rope_store(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping):
+    block_size, half = k_cache.shape[1], q.shape[2] // 2
+    for t in range(q.shape[0]):
+        cos = cos_sin_cache[positions[t], :half]
+        sin = cos_sin_cache[positions[t], half:]
+        for h in range(q.shape[1]):
+            for i in range(half):
+                x1, x2 = q[t, h, i], q[t, h, half + i]
+                q[t, h, i] = x1 * cos[i] - x2 * sin[i]
+                q[t, h, half + i] = x2 * cos[i] + x1 * sin[i]
+        for h in range(k.shape[1]):
+            for i in range(half):
+                x1, x2 = k[t, h, i], k[t, h, half + i]
+                k[t, h, i] = x1 * cos[i] - x2 * sin[i]
+                k[t, h, half + i] = x2 * cos[i] + x1 * sin[i]
+        slot = slot_mapping[t]
+        if slot >= 0:
+            k_cache[slot // block_size, slot % block_size] = k[t]
+            v_cache[slot // block_size, slot % block_size] = v[t]
