@@ -15,9 +15,10 @@ batch of blocks, and a dozen more to rotate q and k and store k and v.
 
 The loops run on one thread: a worker on a CPU shares its cores with torch's threads and often
 with another worker, and these are a small part of its step. float32 only, the CPU's default
-dtype (numba has no half types); anything else, or a tensor on another device, takes the
-reference. numba compiles the loops on first use (cached on disk; the engine's warm-up runs a
-decode step). Without numba, or with KAIROS_NUMBA=0, the torch backend keeps to the reference.
+dtype (numba has no half types), over a contiguous KV cache, as the engine's is; anything
+else, or a tensor on another device, takes the reference. numba compiles the loops on first
+use (cached on disk; the engine's warm-up runs a decode step). Without numba, or with
+KAIROS_NUMBA=0, the torch backend keeps to the reference.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -33,7 +35,13 @@ from kairos.kernels import reference
 
 ENABLED = os.environ.get("KAIROS_NUMBA", "1") != "0" and importlib.util.find_spec("numba") is not None
 
-_compiled: dict = {}
+_compiled: dict[Callable, Callable] = {}
+
+
+def _takes(*tensors: torch.Tensor) -> bool:
+    """Whether the loops take these: float32 on the CPU, the KV cache (the last two) contiguous."""
+    return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+            and tensors[-1].is_contiguous() and tensors[-2].is_contiguous())
 
 
 def decode_attention(
@@ -44,13 +52,13 @@ def decode_attention(
     context_lens: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    if q.device.type != "cpu" or not (q.dtype == k_cache.dtype == v_cache.dtype == torch.float32):
+    if not _takes(q, k_cache, v_cache):
         return reference.decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
     out = torch.empty(q.shape, dtype=torch.float32)
     # Contiguous arrays and int32 metadata: one compiled variant serves every call.
-    _loop(_paged_decode)(q.contiguous().numpy(), k_cache.contiguous().numpy(), v_cache.contiguous().numpy(),
-            block_tables.to(torch.int32).contiguous().numpy(), context_lens.to(torch.int32).contiguous().numpy(),
-            float(scale), out.numpy())
+    _loop(_paged_decode)(q.contiguous().numpy(), k_cache.numpy(), v_cache.numpy(),
+                         block_tables.to(torch.int32).contiguous().numpy(),
+                         context_lens.to(torch.int32).contiguous().numpy(), float(scale), out.numpy())
     return out
 
 
@@ -64,11 +72,8 @@ def rope_and_store_kv(
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> None:
-    tensors = (q, k, v, cos_sin_cache, k_cache, v_cache)
-    if q.device.type != "cpu" or any(t.dtype != torch.float32 for t in tensors):
+    if not _takes(q, k, v, cos_sin_cache, k_cache, v_cache):
         return reference.rope_and_store_kv(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping)
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError("the KV cache must be contiguous")
     # q and k are rotated where they lie (views of the packed projection): they keep their strides.
     _loop(_rope_store)(positions.to(torch.int32).contiguous().numpy(), q.numpy(), k.numpy(), v.numpy(),
                        cos_sin_cache.contiguous().numpy(), k_cache.numpy(), v_cache.numpy(),
@@ -79,10 +84,19 @@ def _loop(fn):
     if fn not in _compiled:
         from numba import njit
 
-        # Attention sums in any order (its reference's matmuls do too); RoPE rounds each
-        # product and sum as its reference does, so it must not fuse them.
-        fastmath = {"reassoc", "contract"} if fn is _paged_decode else False
-        _compiled[fn] = njit(cache=True, nogil=True, fastmath=fastmath)(fn)
+        # One signature each, so that serving never meets a variant the warm-up did not
+        # compile: q, k and v as strided views (the packed projection's) or not, the rest
+        # contiguous. Attention sums in any order (its reference's matmuls do too); RoPE rounds
+        # each product and sum as its reference does, so it must not fuse them.
+        if fn is _paged_decode:
+            signature = ("void(float32[:, :, ::1], float32[:, :, :, ::1], float32[:, :, :, ::1], int32[:, ::1], "
+                         "int32[::1], float64, float32[:, :, ::1])")
+            fastmath = {"reassoc", "contract"}
+        else:
+            signature = ("void(int32[::1], float32[:, :, :], float32[:, :, :], float32[:, :, :], float32[:, ::1], "
+                         "float32[:, :, :, ::1], float32[:, :, :, ::1], int32[::1])")
+            fastmath = False
+        _compiled[fn] = njit(signature, cache=True, nogil=True, fastmath=fastmath)(fn)
     return _compiled[fn]
 
 

@@ -51,7 +51,7 @@ def test_views_of_the_engines_buffers_and_int64_metadata_give_the_same_result():
     close(out, ref.decode_attention(q, k_cache, v_cache, tables, lens, 0.2), torch.float32)
 
 
-def test_half_precision_takes_the_reference():
+def test_half_precision_or_a_strided_cache_takes_the_reference():
     k_cache, v_cache, tables = (t.cpu() for t in paged_pool([5, 20], 1, 32, 16, torch.float16))
     lens = torch.tensor([5, 20], dtype=torch.int32)
     q = torch.randn(2, 2, 32, dtype=torch.float16)
@@ -62,6 +62,12 @@ def test_half_precision_takes_the_reference():
     args = (torch.tensor([3, 9]), q.clone(), k, v, torch.randn(16, 32), k_cache, v_cache, torch.tensor([0, 17]))
     cpu_ops.rope_and_store_kv(*args)
     assert torch.equal(k_cache.view(-1, 1, 32)[17], k[1]) and not torch.equal(args[1], q)
+
+    pool = torch.randn(k_cache.shape[0], 2, *k_cache.shape[1:])
+    strided_k, strided_v = pool[:, 0], pool[:, 1]  # each cache a strided view
+    q = q.float()
+    assert torch.equal(cpu_ops.decode_attention(q, strided_k, strided_v, tables, lens, 0.2),
+                       ref.decode_attention(q, strided_k, strided_v, tables, lens, 0.2))
 
 
 @pytest.mark.parametrize("tokens, heads, kv_heads, head_dim", [(1, 4, 2, 32), (17, 32, 8, 128), (300, 4, 4, 16)])
