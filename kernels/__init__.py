@@ -2,8 +2,8 @@
 Backend.
 
 A backend is a namespace of functions with the signatures of `kairos.kernels.reference`:
-- `torch`: that reference; runs on any device. On a CPU, decode attention takes the compiled
-  loop of `cpu_ops` where numba is installed.
+- `torch`: that reference; runs on any device. On a CPU, decode attention and RoPE with the KV
+  store take the compiled loops of `cpu_ops` (float32, where numba is installed).
 - `triton`: the Triton kernels (`small_ops`, `attention`, `sampling`), and torch's matmul
   (cuBLAS) or, for steps of at most `skinny_matmul_tokens` tokens, the skinny matmul of
   `linear`; on CPU only under TRITON_INTERPRET=1.

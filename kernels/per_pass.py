@@ -1,12 +1,12 @@
 """Work a kernel derives from a forward pass's attention metadata, done once per pass.
 
 A forward pass calls attention once per layer with the very same metadata tensors, so what
-depends on them alone (FlashInfer's plan, the PyTorch decode's block layout) is made at the
-first layer and reused by the others. An entry knows the tensors it was made for by weak
-reference (a new tensor is never mistaken for one of them, even one that took a dead one's id,
-and a finished engine's metadata are not kept alive), and their version counters, so that an
-in-place write since invalidates it. Inference tensors keep no version counter; the engine
-hands every pass new ones (views of its input buffers).
+depends on them alone (FlashInfer's plan; the PyTorch path's decode layout, rotation and rows
+to store) is made at the first layer and reused by the others. An entry knows the tensors it
+was made for by weak reference (a new tensor is never mistaken for one of them, even one that
+took a dead one's id, and a finished engine's metadata are not kept alive), and their version
+counters, so that an in-place write since invalidates it. Inference tensors keep no version
+counter; the engine hands every pass new ones (views of its input buffers).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ class PassMemo:
     """One value per key, reused while its metadata tensors and parameters stay the same.
 
     An entry is replaced as one tuple, so threads sharing a memo (engines in one process) may
-    each recompute a value but never read another's."""
+    each recompute a value but never take one made for other tensors."""
 
     def __init__(self):
         self._entries: dict[Hashable, tuple] = {}

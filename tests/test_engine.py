@@ -50,7 +50,7 @@ def test_preemption_under_kv_pressure_keeps_outputs_exact(reference_outputs, cac
 def test_the_reference_ops_derive_their_metadata_once_per_forward_pass(reference_outputs, monkeypatch):
     """Each layer's attention finds the pass's metadata derived already (the same tensors at
     every layer), and each pass derives its own (new tensors, or the same buffers written).
-    Decode attention takes the reference where numba is off (or in half precision)."""
+    The torch backend on a CPU takes the reference ops where numba is off (or in half precision)."""
     from kairos.engine.model import CausalLM
     from kairos.kernels import cpu_ops, reference
 
