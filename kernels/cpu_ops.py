@@ -44,14 +44,8 @@ def _takes(*tensors: torch.Tensor) -> bool:
             and tensors[-1].is_contiguous() and tensors[-2].is_contiguous())
 
 
-def decode_attention(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                     context_lens: torch.Tensor, scale: float) -> torch.Tensor:
     if not _takes(q, k_cache, v_cache):
         return reference.decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
     out = torch.empty(q.shape, dtype=torch.float32)
@@ -62,16 +56,9 @@ def decode_attention(
     return out
 
 
-def rope_and_store_kv(
-    positions: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cos_sin_cache: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-) -> None:
+def rope_and_store_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      slot_mapping: torch.Tensor) -> None:
     if not _takes(q, k, v, cos_sin_cache, k_cache, v_cache):
         return reference.rope_and_store_kv(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping)
     # q and k are rotated where they lie (views of the packed projection): they keep their strides.
