@@ -87,9 +87,22 @@ def _loop(fn):
     return _compiled[fn]
 
 
+# The loops index without bounds checks: what they are handed is checked first, so that a bad
+# shape, length, block or slot is an error rather than a read or write out of bounds.
+
+
 def _paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale, out):
     batch, num_heads, head_dim = q.shape
-    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    num_blocks, block_size, num_kv_heads = k_cache.shape[0], k_cache.shape[1], k_cache.shape[2]
+    if (num_heads % num_kv_heads or head_dim != k_cache.shape[3] or v_cache.shape != k_cache.shape
+            or block_tables.shape[0] < batch or context_lens.shape[0] < batch or out.shape != q.shape):
+        raise ValueError("decode attention: q, the KV cache, block tables and context lengths disagree in shape")
+    for seq in range(batch):
+        if context_lens[seq] < 1 or context_lens[seq] > block_tables.shape[1] * block_size:
+            raise ValueError("decode attention: a context length is outside its block table")
+        for j in range((context_lens[seq] + block_size - 1) // block_size):
+            if block_tables[seq, j] < 0 or block_tables[seq, j] >= num_blocks:
+                raise ValueError("decode attention: a block table names a block outside the KV cache")
     group = num_heads // num_kv_heads
     scale = np.float32(scale)
     for seq in range(batch):
@@ -125,7 +138,17 @@ def _paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale, out):
 
 def _rope_store(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping):
     block_size, half = k_cache.shape[1], q.shape[2] // 2
-    for t in range(q.shape[0]):
+    tokens = q.shape[0]
+    if (q.shape[2] % 2 or cos_sin_cache.shape[1] != q.shape[2] or k.shape[0] != tokens or v.shape != k.shape
+            or k.shape[1:] != k_cache.shape[2:] or v_cache.shape != k_cache.shape or k.shape[2] != q.shape[2]
+            or positions.shape[0] < tokens or slot_mapping.shape[0] < tokens):
+        raise ValueError("RoPE and KV store: q, k, v, the cos/sin table and the KV cache disagree in shape")
+    for t in range(tokens):
+        if positions[t] < 0 or positions[t] >= cos_sin_cache.shape[0]:
+            raise ValueError("RoPE and KV store: a position is outside the cos/sin table")
+        if slot_mapping[t] >= k_cache.shape[0] * block_size:
+            raise ValueError("RoPE and KV store: a slot is outside the KV cache")
+    for t in range(tokens):
         cos = cos_sin_cache[positions[t], :half]
         sin = cos_sin_cache[positions[t], half:]
         for h in range(q.shape[1]):

@@ -103,3 +103,22 @@ def test_the_torch_backend_on_a_cpu_takes_the_loops_unless_numba_is_off(monkeypa
         assert getattr(get_backend("torch", "cuda"), op) is getattr(ref, op)
     monkeypatch.setattr(cpu_ops, "ENABLED", False)  # as KAIROS_NUMBA=0 sets it
     assert get_backend("torch", "cpu").decode_attention is ref.decode_attention
+
+
+def test_inputs_that_would_read_or_write_out_of_bounds_are_refused_before_anything_is_written():
+    """The loops index without bounds checks, so they check what they are handed first."""
+    k_cache, v_cache, tables = (t.cpu() for t in paged_pool([20, 40], 2, 32, 16, torch.float32))
+    q = torch.randn(2, 4, 32)
+    for lens, table in (([20, 49], tables), ([20, 0], tables), ([20, 40], tables.clone().fill_(k_cache.shape[0]))):
+        with pytest.raises(ValueError, match="block table"):
+            cpu_ops.decode_attention(q, k_cache, v_cache, table, torch.tensor(lens, dtype=torch.int32), 0.2)
+    with pytest.raises(ValueError, match="disagree in shape"):
+        cpu_ops.decode_attention(torch.randn(2, 3, 32), k_cache, v_cache, tables, torch.tensor([20, 40]), 0.2)
+
+    k, v = torch.randn(2, 2, 32), torch.randn(2, 2, 32)
+    before = (q.clone(), k.clone(), k_cache.clone())
+    for positions, slots, message in (([0, 16], [0, 1], "position"), ([0, 1], [0, k_cache.shape[0] * 16], "slot")):
+        with pytest.raises(ValueError, match=message):
+            cpu_ops.rope_and_store_kv(torch.tensor(positions), q, k, v, torch.randn(16, 32), k_cache, v_cache,
+                                      torch.tensor(slots))
+        assert all(torch.equal(a, b) for a, b in zip((q, k, k_cache), before))
