@@ -26,7 +26,6 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -34,9 +33,6 @@ import torch
 from kairos.kernels import reference
 
 ENABLED = os.environ.get("KAIROS_NUMBA", "1") != "0" and importlib.util.find_spec("numba") is not None
-
-_compiled: dict[Callable, Callable] = {}
-
 
 def _takes(*tensors: torch.Tensor) -> bool:
     """Whether the loops take these: float32 on the CPU, the KV cache (the last two) contiguous."""
@@ -49,10 +45,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if not _takes(q, k_cache, v_cache):
         return reference.decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
     out = torch.empty(q.shape, dtype=torch.float32)
-    # Contiguous arrays and int32 metadata: one compiled variant serves every call.
-    _loop(_paged_decode)(q.contiguous().numpy(), k_cache.numpy(), v_cache.numpy(),
-                         block_tables.to(torch.int32).contiguous().numpy(),
-                         context_lens.to(torch.int32).contiguous().numpy(), float(scale), out.numpy())
+    # Contiguous arrays and int32 metadata, as the loop's one signature takes them.
+    _paged_decode(q.contiguous().numpy(), k_cache.numpy(), v_cache.numpy(),
+                  block_tables.to(torch.int32).contiguous().numpy(),
+                  context_lens.to(torch.int32).contiguous().numpy(), float(scale), out.numpy())
     return out
 
 
@@ -62,35 +58,37 @@ def rope_and_store_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     if not _takes(q, k, v, cos_sin_cache, k_cache, v_cache):
         return reference.rope_and_store_kv(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping)
     # q and k are rotated where they lie (views of the packed projection): they keep their strides.
-    _loop(_rope_store)(positions.to(torch.int32).contiguous().numpy(), q.numpy(), k.numpy(), v.numpy(),
-                       cos_sin_cache.contiguous().numpy(), k_cache.numpy(), v_cache.numpy(),
-                       slot_mapping.to(torch.int32).contiguous().numpy())
+    _rope_store(positions.to(torch.int32).contiguous().numpy(), q.numpy(), k.numpy(), v.numpy(),
+                cos_sin_cache.contiguous().numpy(), k_cache.numpy(), v_cache.numpy(),
+                slot_mapping.to(torch.int32).contiguous().numpy())
 
 
-def _loop(fn):
-    if fn not in _compiled:
-        from numba import njit
+def _compiled(signature: str, fastmath=False):
+    """Compiles the loop it decorates with numba, on its first call (cached on disk), for this
+    one signature, so that serving never meets a variant the warm-up did not compile."""
 
-        # One signature each, so that serving never meets a variant the warm-up did not
-        # compile: q, k and v as strided views (the packed projection's) or not, the rest
-        # contiguous. Attention sums in any order (its reference's matmuls do too); RoPE rounds
-        # each product and sum as its reference does, so it must not fuse them.
-        if fn is _paged_decode:
-            signature = ("void(float32[:, :, ::1], float32[:, :, :, ::1], float32[:, :, :, ::1], int32[:, ::1], "
-                         "int32[::1], float64, float32[:, :, ::1])")
-            fastmath = {"reassoc", "contract"}
-        else:
-            signature = ("void(int32[::1], float32[:, :, :], float32[:, :, :], float32[:, :, :], float32[:, ::1], "
-                         "float32[:, :, :, ::1], float32[:, :, :, ::1], int32[::1])")
-            fastmath = False
-        _compiled[fn] = njit(signature, cache=True, nogil=True, fastmath=fastmath)(fn)
-    return _compiled[fn]
+    def decorate(loop):
+        dispatcher = None
+
+        def call(*args):
+            nonlocal dispatcher
+            if dispatcher is None:
+                from numba import njit
+
+                dispatcher = njit(signature, cache=True, nogil=True, fastmath=fastmath)(loop)
+            return dispatcher(*args)
+
+        return call
+
+    return decorate
 
 
 # The loops index without bounds checks: what they are handed is checked first, so that a bad
 # shape, length, block or slot is an error rather than a read or write out of bounds.
-
-
+#
+# q contiguous, the rest too. It sums in any order (its reference's matmuls do too).
+@_compiled("void(float32[:, :, ::1], float32[:, :, :, ::1], float32[:, :, :, ::1], int32[:, ::1], int32[::1], "
+           "float64, float32[:, :, ::1])", fastmath={"reassoc", "contract"})
 def _paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale, out):
     batch, num_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads = k_cache.shape[0], k_cache.shape[1], k_cache.shape[2]
@@ -136,6 +134,10 @@ def _paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale, out):
                 out[seq, head * group + g] = acc[g] / totals[g]
 
 
+# q, k and v strided (views of the packed projection) or not. It rounds each product and sum as
+# its reference does, so it must not fuse them.
+@_compiled("void(int32[::1], float32[:, :, :], float32[:, :, :], float32[:, :, :], float32[:, ::1], "
+           "float32[:, :, :, ::1], float32[:, :, :, ::1], int32[::1])")
 def _rope_store(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping):
     block_size, half = k_cache.shape[1], q.shape[2] // 2
     tokens = q.shape[0]
