@@ -24,7 +24,6 @@ KAIROS_NUMBA=0, the torch backend keeps to the reference.
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 
 import numpy as np
@@ -95,7 +94,9 @@ def _paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale, out):
     if (num_heads % num_kv_heads or head_dim != k_cache.shape[3] or v_cache.shape != k_cache.shape
             or block_tables.shape[0] < batch or context_lens.shape[0] < batch or out.shape != q.shape):
         raise ValueError("decode attention: q, the KV cache, block tables and context lengths disagree in shape")
+    longest = 0
     for seq in range(batch):
+        longest = max(longest, context_lens[seq])
         if context_lens[seq] < 1 or context_lens[seq] > block_tables.shape[1] * block_size:
             raise ValueError("decode attention: a context length is outside its block table")
         for j in range((context_lens[seq] + block_size - 1) // block_size):
@@ -103,33 +104,41 @@ def _paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale, out):
                 raise ValueError("decode attention: a block table names a block outside the KV cache")
     group = num_heads // num_kv_heads
     scale = np.float32(scale)
+    # Scratch for the longest context, allocated once per call rather than per (sequence, head).
+    weights = np.empty((group, longest), dtype=np.float32)
+    totals = np.empty(group, dtype=np.float32)
+    acc = np.empty((group, head_dim), dtype=np.float32)
     for seq in range(batch):
         length = context_lens[seq]
         for head in range(num_kv_heads):
             queries = q[seq, head * group : (head + 1) * group]
-            # Each key and each value is read once, for every query head of the group.
-            weights = np.empty((group, length), dtype=np.float32)
-            for t in range(length):
-                key = k_cache[block_tables[seq, t // block_size], t % block_size, head]
-                for g in range(group):
-                    dot = np.float32(0.0)
-                    for d in range(head_dim):
-                        dot += queries[g, d] * key[d]
-                    weights[g, t] = dot * scale
+            # Each key and each value is read once, for every query head of the group, block by
+            # block through the table (no division per slot).
+            for j in range((length + block_size - 1) // block_size):
+                block, start = block_tables[seq, j], j * block_size
+                for s in range(min(block_size, length - start)):
+                    key = k_cache[block, s, head]
+                    for g in range(group):
+                        dot = np.float32(0.0)
+                        for d in range(head_dim):
+                            dot += queries[g, d] * key[d]
+                        weights[g, start + s] = dot * scale
             # Softmax as the reference takes it: less the maximum, divided by the sum once the
-            # values are summed.
-            totals = np.zeros(group, dtype=np.float32)
+            # values are summed, in float32 (math.exp would take a double).
             for g in range(group):
-                peak = weights[g].max()
+                peak = weights[g, :length].max()
+                totals[g] = 0
                 for t in range(length):
-                    weights[g, t] = np.float32(math.exp(weights[g, t] - peak))
+                    weights[g, t] = np.exp(weights[g, t] - peak)
                     totals[g] += weights[g, t]
-            acc = np.zeros((group, head_dim), dtype=np.float32)
-            for t in range(length):
-                value = v_cache[block_tables[seq, t // block_size], t % block_size, head]
-                for g in range(group):
-                    for d in range(head_dim):
-                        acc[g, d] += weights[g, t] * value[d]
+            acc[:] = 0
+            for j in range((length + block_size - 1) // block_size):
+                block, start = block_tables[seq, j], j * block_size
+                for s in range(min(block_size, length - start)):
+                    value = v_cache[block, s, head]
+                    for g in range(group):
+                        for d in range(head_dim):
+                            acc[g, d] += weights[g, start + s] * value[d]
             for g in range(group):
                 out[seq, head * group + g] = acc[g] / totals[g]
 
