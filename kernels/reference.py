@@ -170,18 +170,19 @@ def prefill_attention(
         else:
             ks = _gather_paged(k_cache, block_tables[s], k_len)
             vs = _gather_paged(v_cache, block_tables[s], k_len)
-        qs = q[q0:q1].transpose(0, 1)
-        ks = ks.transpose(0, 1).repeat_interleave(group, dim=0)
-        vs = vs.transpose(0, 1).repeat_interleave(group, dim=0)
+        # [1, H, tokens, D]: SDPA's fused kernels (CPU flash attention among them) take only
+        # 4-D inputs; 3-D ones take the math path, which materialises the score matrix and was
+        # ten times slower for a 4k prompt on a CPU. enable_gqa shares each KV head with its
+        # group of query heads without copying it.
+        qs, ks, vs = (x.transpose(0, 1).unsqueeze(0) for x in (q[q0:q1], ks, vs))
         if k_len == q_len:
-            # No prefix: plain causal, which lets SDPA avoid materialising the score matrix.
-            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=group > 1)
         else:
             rows = torch.arange(q_len, device=q.device).unsqueeze(1)
             cols = torch.arange(k_len, device=q.device).unsqueeze(0)
             mask = cols <= rows + (k_len - q_len)
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale)
-        out[q0:q1] = o.transpose(0, 1)
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=group > 1)
+        out[q0:q1] = o[0].transpose(0, 1)
     return out
 
 
