@@ -137,6 +137,26 @@ def _gather_paged(cache: torch.Tensor, block_table: torch.Tensor, length: int) -
     return cache[blocks].flatten(0, 1)[:length]
 
 
+# From this many queries over a cached prefix on a CPU, attending to the prefix and to the new
+# tokens apart beats one masked call, whose kernel cannot skip the tiles past the diagonal: on
+# one thread 1.5x faster at 1024 queries over 1024 cached tokens and 2.2x at 3000 over 1000, but
+# slower under a few hundred queries.
+SPLIT_PREFIX_MIN_QUERIES = 512
+
+
+def _prefix_then_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int, scale: float,
+                        group: int) -> torch.Tensor:
+    """q [1, H, Lq, D] over k, v [1, Hkv, prefix + Lq, D], query i seeing up to prefix + i: the
+    prefix unmasked and the new tokens causally, each by SDPA's CPU flash kernel (the op that
+    also returns the log-sum-exp of each row's scores, which SDPA drops), merged by those sums."""
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    k, v = (x.repeat_interleave(group, dim=1) for x in (k, v))  # the op takes no enable_gqa
+    o_prefix, lse_prefix = flash(q, k[:, :, :prefix], v[:, :, :prefix], scale=scale)
+    o_new, lse_new = flash(q, k[:, :, prefix:], v[:, :, prefix:], is_causal=True, scale=scale)
+    prefix_share = torch.sigmoid(lse_prefix - lse_new).unsqueeze(-1)  # of each row's softmax mass
+    return torch.lerp(o_new.float(), o_prefix.float(), prefix_share).to(q.dtype)
+
+
 def prefill_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -177,6 +197,8 @@ def prefill_attention(
         qs, ks, vs = (x.transpose(0, 1).unsqueeze(0) for x in (q[q0:q1], ks, vs))
         if k_len == q_len:
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=group > 1)
+        elif q.device.type == "cpu" and q_len >= SPLIT_PREFIX_MIN_QUERIES:
+            o = _prefix_then_causal(qs, ks, vs, k_len - q_len, scale, group)
         else:
             rows = torch.arange(q_len, device=q.device).unsqueeze(1)
             cols = torch.arange(k_len, device=q.device).unsqueeze(0)
