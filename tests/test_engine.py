@@ -7,6 +7,7 @@ from hf_models import VOCAB, make_checkpoint
 from kernel_testing import kernel_variants
 
 from kairos.engine import LLM, SamplingParams
+from kairos.kernels import reference
 
 GREEDY = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
 
@@ -35,6 +36,15 @@ def test_chunked_prefill_matches_whole_prefill(reference_outputs):
     outs = llm.generate(prompts(8), GREEDY)
     assert [o.token_ids for o in outs] == reference_outputs
     assert llm.num_free_blocks == llm.num_total_blocks
+
+
+def test_long_chunks_over_their_prefix_match_whole_prefill():
+    # Chunks this long attend to the prompt's earlier chunks apart from themselves (on a CPU).
+    chunk = reference.SPLIT_PREFIX_MIN_QUERIES
+    (prompt,) = prompts(1, seed=5, low=3 * chunk - 20, high=3 * chunk - 19)
+    outputs = [LLM("tiny", num_kv_blocks=128, max_model_len=2048, max_num_batched_tokens=budget)
+               .generate(prompt, GREEDY)[0].token_ids for budget in (2048, chunk)]
+    assert outputs[0] == outputs[1]
 
 
 @pytest.mark.parametrize("caching", [True, False])
