@@ -68,38 +68,9 @@ def test_decode_attention_ignores_whatever_lies_past_the_context():
     torch.testing.assert_close(poisoned, clean)
 
 
-@pytest.mark.parametrize("group", [1, 4, 8])
-def test_prefill_attention_with_and_without_cached_prefix(group):
-    q_lens = [1, 17, 16, 5, 40]
-    prefix = [0, 0, 32, 16, 3]  # sequences 2..4 read a cached prefix from the pool
-    k_lens = [a + b for a, b in zip(q_lens, prefix)]
-    k_cache, v_cache, tables = paged(k_lens, 2)
-    total = sum(q_lens)
-    q = torch.randn(total, 2 * group, D)
-    k, v = torch.randn(total, 2, D), torch.randn(total, 2, D)
-    slots = []
-    for s, (ql, p) in enumerate(zip(q_lens, prefix)):
-        slots += [tables[s, pos // BS].item() * BS + pos % BS for pos in range(p, p + ql)]
-    ref.store_kv(k, v, k_cache, v_cache, torch.tensor(slots))
-    cu_q = torch.tensor([0] + q_lens).cumsum(0).int()
-    cu_k = torch.tensor([0] + k_lens).cumsum(0).int()
-    # SDPA's flash kernel only: one that SDPA cannot use (3-D inputs, say) raises, rather than
-    # quietly taking the math path, which materialises every score matrix.
-    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        out = ref.prefill_attention(q, k, v, k_cache, v_cache, cu_q, cu_k, tables, D**-0.5, max(q_lens))
-    for s, (ql, kl) in enumerate(zip(q_lens, k_lens)):
-        qs = q[cu_q[s] : cu_q[s + 1]]
-        expected = dense_attention(qs, gather(k_cache, tables[s], kl), gather(v_cache, tables[s], kl), kl - ql)
-        torch.testing.assert_close(out[cu_q[s] : cu_q[s + 1]].double(), expected, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("group", [1, 4])
-def test_prefill_attention_over_a_cached_prefix_either_side_of_the_split(group, dtype):
-    """Long runs of queries over a cached prefix attend to the prefix and to themselves apart on a
-    CPU; shorter ones in one masked call. Both against dense math, at the threshold and by it."""
-    split = ref.SPLIT_PREFIX_MIN_QUERIES
-    q_lens, prefix = [split - 1, split, split + 37], [5, 200, 16]
+def check_prefill_attention(q_lens, prefix, group, dtype=torch.float32, tolerance=1e-5):
+    """Prompts of q_lens new tokens over cached prefixes of `prefix` tokens, packed, against
+    dense math per sequence."""
     k_lens = [a + b for a, b in zip(q_lens, prefix)]
     k_cache, v_cache, tables = paged(k_lens, 2, num_blocks=sum(-(-n // BS) for n in k_lens) + 3)
     k_cache, v_cache = k_cache.to(dtype), v_cache.to(dtype)
@@ -114,11 +85,29 @@ def test_prefill_attention_over_a_cached_prefix_either_side_of_the_split(group, 
     cu_k = torch.tensor([0] + k_lens).cumsum(0).int()
     out = ref.prefill_attention(q, k, v, k_cache, v_cache, cu_q, cu_k, tables, D**-0.5, max(q_lens))
     assert out.dtype == dtype
-    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     for s, (ql, kl) in enumerate(zip(q_lens, k_lens)):
         qs = q[cu_q[s] : cu_q[s + 1]]
         expected = dense_attention(qs, gather(k_cache, tables[s], kl), gather(v_cache, tables[s], kl), kl - ql)
         torch.testing.assert_close(out[cu_q[s] : cu_q[s + 1]].double(), expected, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("group", [1, 4, 8])
+def test_prefill_attention_with_and_without_cached_prefix(group):
+    # SDPA's flash kernel only: one that SDPA cannot use (3-D inputs, say) raises, rather than
+    # quietly taking the math path, which materialises every score matrix.
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        # Sequences 2..4 read a cached prefix from the pool.
+        check_prefill_attention(q_lens=[1, 17, 16, 5, 40], prefix=[0, 0, 32, 16, 3], group=group)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group", [1, 4])
+def test_prefill_attention_over_a_cached_prefix_either_side_of_the_split(group, dtype):
+    """Long runs of queries over a cached prefix attend to the prefix and to themselves apart on a
+    CPU; shorter ones in one masked call. Both against dense math, at the threshold and by it."""
+    split = ref.SPLIT_PREFIX_MIN_QUERIES
+    check_prefill_attention([split - 1, split, split + 37], [5, 200, 16], group, dtype,
+                            tolerance=1e-5 if dtype == torch.float32 else 2e-2)
 
 
 def test_store_kv_skips_negative_slots():
