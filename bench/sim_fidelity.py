@@ -151,7 +151,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trace", default=str(DEFAULT_TRACE))
     parser.add_argument("--requests", type=int, default=150)
-    parser.add_argument("--rate-scales", default="3,4,6", help="loads to compare at (time compression)")
+    parser.add_argument("--rate-scales", default="8,10,12",
+                        help="loads to compare at (time compression); the default spans the tiny model's prefill "
+                             "worker on a 2-core CPU, from well below its capacity to near it")
     parser.add_argument("--max-prompt-len", type=int, default=512)
     parser.add_argument("--max-output-len", type=int, default=32)
     parser.add_argument("--ttft-slo-ms", type=float, default=500)
