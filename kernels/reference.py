@@ -144,12 +144,12 @@ def _gather_paged(cache: torch.Tensor, block_table: torch.Tensor, length: int) -
 SPLIT_PREFIX_MIN_QUERIES = 512
 
 
-def _prefix_then_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int, scale: float,
-                        group: int) -> torch.Tensor:
+def _prefix_then_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int, scale: float) -> torch.Tensor:
     """q [1, H, Lq, D] over k, v [1, Hkv, prefix + Lq, D], query i seeing up to prefix + i: the
     prefix unmasked and the new tokens causally, each by SDPA's CPU flash kernel (the op that
     also returns the log-sum-exp of each row's scores, which SDPA drops), merged by those sums."""
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    group = q.shape[1] // k.shape[1]
     k, v = (x.repeat_interleave(group, dim=1) for x in (k, v))  # the op takes no enable_gqa
     o_prefix, lse_prefix = flash(q, k[:, :, :prefix], v[:, :, :prefix], scale=scale)
     o_new, lse_new = flash(q, k[:, :, prefix:], v[:, :, prefix:], is_causal=True, scale=scale)
@@ -198,7 +198,7 @@ def prefill_attention(
         if k_len == q_len:
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=group > 1)
         elif q.device.type == "cpu" and q_len >= SPLIT_PREFIX_MIN_QUERIES:
-            o = _prefix_then_causal(qs, ks, vs, k_len - q_len, scale, group)
+            o = _prefix_then_causal(qs, ks, vs, k_len - q_len, scale)
         else:
             rows = torch.arange(q_len, device=q.device).unsqueeze(1)
             cols = torch.arange(k_len, device=q.device).unsqueeze(0)
