@@ -12,8 +12,11 @@ point is also a calibration, from the workers' step logs of its measured runs. I
 steps scale the profile's prefill by least squares (a queue waits on its long steps, and
 serving slowed long steps more than short ones: up to 1.6x against 1.0x on one GPU shared
 with the decode worker). Its decode steps are fitted afresh: serving slows large batches more
-than small ones, which no single scale carries. The steps' spread becomes the simulator's
-step-time jitter.
+than small ones, which no single scale carries. Workers that share a device slow each other,
+the more so as the load keeps the other one busy: from both workers' logs, each role's steps
+are fitted alone and with their slowdown beside the other's, which the simulator applies
+while the other role is busy, and the prefill loop's time between steps is added to each
+step. The steps' spread becomes the simulator's step-time jitter.
 Each live run starts on fresh, warmed-up workers, and each point runs `--repeats` times (the
 policies taking turns): the spread between repeats is the noise any simulator is judged
 against. Target: within 5 percentage points.
@@ -22,6 +25,7 @@ against. Target: within 5 percentage points.
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import os
 import platform
@@ -45,7 +49,12 @@ KEYS = ("ttft_attainment", "tpot_attainment", "e2e_attainment")
 # draw moves a point by several requests, so a jittered prediction is the mean of this many.
 JITTER_DRAWS = 8
 # What a point's step logs give over all its runs together, not as a mean of its runs'.
-FITTED = ("decode_fit", "decode_fit_jitter", "decode_online_error", "prefill_fit", "prefill_fit_jitter")
+FITTED = ("decode_fit", "decode_fit_jitter", "decode_online_error", "prefill_fit", "prefill_fit_jitter",
+          "prefill_loop_s", "prefill_beside_decode", "decode_beside_prefill")
+# A contention fit needs this many steps mostly alone and this many mostly beside the other worker.
+MIN_SIDE_STEPS = 20
+# Rounds of fitting decode steps alone and their slowdown beside prefill, each given the other.
+CONTENTION_ROUNDS = 8
 
 
 def cost_scales(addr: str) -> dict:
@@ -71,30 +80,105 @@ def serving_drift(before: dict, after: dict, seconds: float) -> dict:
     return drift
 
 
-def served_decode_fit(logs: list[Path], spans: list[tuple[float, float]]) -> dict:
+def busy_spans(log: Path) -> tuple[list[float], list[float]]:
+    """When a worker had work in hand (wall clock), from its step log, as the simulator's workers
+    are busy: from a step's start to the next one's while the step left requests waiting or
+    running, else to its end. The spans' starts and ends, in order."""
+    steps = [r for r in map(json.loads, log.read_text().splitlines()) if r.get("stepped") and not r["blocked"]]
+    starts: list[float] = []
+    ends: list[float] = []
+    for step, following in zip(steps, [*steps[1:], None]):
+        start = end = step["t"] - step["after_s"]
+        start -= step["step_s"]
+        if following is not None and step["waiting"] + step["running"] > 0:
+            end = max(end, following["t"] - following["after_s"] - following["step_s"])
+        if ends and start <= ends[-1]:
+            ends[-1] = max(ends[-1], end)
+        else:
+            starts.append(start)
+            ends.append(end)
+    return starts, ends
+
+
+def beside(record: dict, other: tuple[list[float], list[float]]) -> float:
+    """The share of a logged step during which the other worker was busy."""
+    end = record["t"] - record["after_s"]
+    start = end - record["step_s"]
+    if end <= start:
+        return 0.0
+    starts, ends = other
+    i, covered = max(0, bisect.bisect_right(starts, start) - 1), 0.0
+    while i < len(starts) and starts[i] < end:
+        covered += max(0.0, min(end, ends[i]) - max(start, starts[i]))
+        i += 1
+    return covered / (end - start)
+
+
+def contention_fit(steps: list[tuple[float, float, float]]) -> tuple[float, float] | None:
+    """(scale, slowdown) such that a step predicted to take p, the other worker busy for a share
+    b of it, takes scale * p * (1 + (slowdown - 1) * b), by least squares over (p, observed, b);
+    as the simulator runs a step at the slower pace while the other role is busy. None where
+    fewer than MIN_SIDE_STEPS steps ran mostly alone or mostly beside (the two cannot be told
+    apart: a prefill worker on one GPU almost never steps alone, its decode worker busy), or
+    where steps ran no slower beside."""
+    alone = sum(b < 0.5 for _, _, b in steps)
+    if min(alone, len(steps) - alone) < MIN_SIDE_STEPS:
+        return None
+    scale, extra = nonnegative_least_squares([[p, p * b] for p, _, b in steps], [o for _, o, _ in steps])
+    if scale <= 0.0 or extra <= 0.0:
+        return None
+    return scale, 1.0 + extra / scale
+
+
+def logged(logs: list[Path], spans: list[tuple[float, float]], others: list[Path] | None, keep) -> list:
+    """(record, share of it beside the other worker, the loop's time after it) of each step that
+    `keep` takes within the measured spans. The share is 0 without the other workers' logs. The
+    loop's time is what the worker spent between the step and the next one (sending, taking
+    messages in) where the step left it work; None where it went idle (its wait for work is no
+    cost) or the log does not say."""
+    steps = []
+    for i, (log, (start, end)) in enumerate(zip(logs, spans)):
+        other = busy_spans(others[i]) if others else None
+        records = [json.loads(line) for line in log.read_text().splitlines()]
+        for record, following in zip(records, [*records[1:], None]):
+            if start <= record["t"] <= end and keep(record):
+                busy = following is not None and record.get("waiting", 0) + record.get("running", 0) > 0
+                loop = record.get("after_s", 0.0) + following.get("messages_s", 0.0) if busy else None
+                steps.append((record, beside(record, other) if other else 0.0, loop))
+    return steps
+
+
+def served_decode_fit(logs: list[Path], spans: list[tuple[float, float]],
+                      prefill_logs: list[Path] | None = None) -> dict:
     """Serving's own decode step times, fitted as the profile is (fixed, per sequence, per
     context token) to the decode steps the workers logged within the measured runs (wall-clock
     spans): what each step cost the running sequences, the serving loop's time since the
     previous step included. A scale on the quiet profile cannot carry how serving slows a step:
     large batches slowed most (the other worker's steps contend with them for the cores and
     memory), and the tail of TPOT lives in them. Plain least squares weighs a step by its
-    length, as TPOT does. The jitter is the steps' mean relative deviation from the fit. The
+    length, as TPOT does. With the prefill workers' logs, the fit is of steps alone, and
+    `decode_beside_prefill` how much longer they ran while the prefill worker was busy (on a
+    shared device: on one GPU they ran 1.8x, on two CPU cores 1.3x), fitted in turn with the
+    steps until both settle. The jitter is the steps' mean relative deviation from the fit. The
     workers' own calibration is judged too: its prediction before each step against the step."""
-    steps, online = [], []
-    for log, (start, end) in zip(logs, spans):
-        for line in log.read_text().splitlines():
-            record = json.loads(line)
-            if "context_tokens" in record and start <= record["t"] <= end:
-                steps.append((record["batch"], record["context_tokens"], record["observed_s"]))
-                if record.get("calibrated_s", 0.0) > 0.0:
-                    online.append(abs(record["calibrated_s"] / record["observed_s"] - 1))
-    if len(steps) < 3:
+    records = logged(logs, spans, prefill_logs, lambda r: "context_tokens" in r)
+    if len(records) < 3:
         return {}
-    fit = nonnegative_least_squares([[1.0, float(b), float(c)] for b, c, _ in steps],
-                                    [seconds for _, _, seconds in steps])
+    steps = [([1.0, float(r["batch"]), float(r["context_tokens"])], r["observed_s"], b) for r, b, _ in records]
+    slowdown, fit = 1.0, None
+    for _ in range(CONTENTION_ROUNDS if prefill_logs else 1):
+        fit = nonnegative_least_squares([f for f, _, _ in steps], [o / (1 + (slowdown - 1) * b) for _, o, b in steps])
+        contended = contention_fit([(sum(c * x for c, x in zip(fit, f)), o, b) for f, o, b in steps])
+        if contended is None:
+            break
+        scale, slowdown = contended
+        fit = [c * scale for c in fit]
     model = CostModel((0.0, 0.0, 0.0), tuple(fit))
-    jitter = sum(abs(s / model.decode_time(b, c) - 1) for b, c, s in steps) / len(steps)
+    jitter = sum(abs(o / (model.decode_time(int(f[1]), int(f[2])) * (1 + (slowdown - 1) * b)) - 1)
+                 for f, o, b in steps) / len(steps)
+    online = [abs(r["calibrated_s"] / r["observed_s"] - 1) for r, _, _ in records if r.get("calibrated_s", 0.0) > 0.0]
     return {"decode_fit": fit, "decode_fit_jitter": jitter,
+            **({"decode_beside_prefill": slowdown} if prefill_logs else {}),
             **({"decode_online_error": sum(online) / len(online)} if online else {})}
 
 
@@ -104,23 +188,29 @@ def step_log(folder: Path, policy: str, rate: float, repeat: int, role: str) -> 
     return folder / f"{prefill}_{decode}_x{rate:g}_{repeat}_{role}.jsonl"
 
 
-def served_prefill_fit(logs: list[Path], spans: list[tuple[float, float]]) -> dict:
+def served_prefill_fit(logs: list[Path], spans: list[tuple[float, float]],
+                       decode_logs: list[Path] | None = None) -> dict:
     """Serving's prefill steps (from the prefill workers' step logs, within the measured runs'
     spans) as a least-squares scale on the profile's prediction. Least squares weighs a step by
     its length once more than the time-weighted ratio does, as queueing does: a prompt that
-    arrives while a step runs waits, on average, half the length-weighted mean step. The jitter is
-    the steps' mean relative deviation from the scaled prediction."""
-    steps = []
-    for log, (start, end) in zip(logs, spans):
-        for line in log.read_text().splitlines():
-            record = json.loads(line)
-            measured = start <= record["t"] <= end
-            if measured and record.get("prefill_tokens", 0) > 0 and record.get("predicted_s", 0.0) > 0.0:
-                steps.append((record["predicted_s"], record["observed_s"]))
+    arrives while a step runs waits, on average, half the length-weighted mean step. With the
+    decode workers' logs, the scale is of steps alone, and `prefill_beside_decode` how much
+    longer they ran while the decode worker was busy (on two CPU cores 1.2-1.3x: at a heavier
+    load the decode worker is busy more of the time, so prefill steps slow with the load), where
+    enough steps ran each way to tell. `prefill_loop_s` is the loop's mean time between a step
+    and the next while prompts wait, which a quiet profile never sees (on two CPU cores 3-4 ms,
+    a tenth of a step). The jitter is the steps' mean relative deviation from the fit."""
+    records = logged(logs, spans, decode_logs,
+                     lambda r: r.get("prefill_tokens", 0) > 0 and r.get("predicted_s", 0.0) > 0.0)
+    steps = [(r["predicted_s"], r["observed_s"], b) for r, b, _ in records]
     if len(steps) < 3:
         return {}
-    scale = sum(p * o for p, o in steps) / sum(p * p for p, _ in steps)
-    return {"prefill_fit": scale, "prefill_fit_jitter": sum(abs(o / (scale * p) - 1) for p, o in steps) / len(steps)}
+    loops = [loop for _, _, loop in records if loop is not None]
+    scale, slowdown = contention_fit(steps) or (sum(p * o for p, o, _ in steps) / sum(p * p for p, _, _ in steps), 1.0)
+    jitter = sum(abs(o / (scale * p * (1 + (slowdown - 1) * b)) - 1) for p, o, b in steps) / len(steps)
+    loop_s = sum(loops) / len(loops) if loops else 0.0
+    return {"prefill_fit": scale, "prefill_fit_jitter": jitter, "prefill_loop_s": loop_s,
+            **({"prefill_beside_decode": slowdown} if decode_logs else {})}
 
 
 def replay_span(prefill_log: Path, warm_up: int) -> tuple[float, float]:
@@ -203,20 +293,28 @@ def judge(args: argparse.Namespace, profile: dict, calibration: dict, row: dict)
                        kv_bytes_per_token=profile.get("kv_bytes_per_token", SimConfig.kv_bytes_per_token),
                        kv_bandwidth_gb_s=args.kv_bandwidth_gb_s, kv_sent_during_steps=measured_on_gpu(profile))
 
+    def contended(drift: dict) -> SimConfig:
+        """The workers share one device: each role's steps slow as much beside the other's as
+        they did in the runs fitted (not at all in results recorded before that was fitted)."""
+        return replace(config, prefill_beside_decode=drift.get("prefill_beside_decode", 1.0),
+                       decode_beside_prefill=drift.get("decode_beside_prefill", 1.0))
+
     def served(drift: dict) -> CostModel:
         """The profile's prefill scaled to serving's; decode as serving's own steps were fitted
         (results recorded before those fits scale by the time-weighted ratios)."""
         scaled = cost.scaled(drift.get("prefill_fit", drift["prefill"]), drift["decode"])
-        return CostModel(scaled.prefill, tuple(drift["decode_fit"])) if "decode_fit" in drift else scaled
+        fixed, per_token, per_context = scaled.prefill
+        prefill = (fixed + drift.get("prefill_loop_s", 0.0), per_token, per_context)
+        return CostModel(prefill, tuple(drift["decode_fit"]) if "decode_fit" in drift else scaled.decode)
 
     def at_speed(drift: dict) -> dict:
-        jittered = replace(config, prefill_jitter=drift.get("prefill_fit_jitter", drift["prefill_jitter"]),
+        jittered = replace(contended(drift), prefill_jitter=drift.get("prefill_fit_jitter", drift["prefill_jitter"]),
                            decode_jitter=drift.get("decode_fit_jitter", drift["decode_jitter"]))
         draws = [simulate(trace, replace(jittered, seed=seed), served(drift)) for seed in range(JITTER_DRAWS)]
         return {k: sum(d[k] for d in draws) / len(draws) for k in KEYS}
 
     row["simulated"] = at_speed(calibration)
-    row["without_jitter"] = simulate(trace, config, served(calibration))
+    row["without_jitter"] = simulate(trace, contended(calibration), served(calibration))
     row["uncalibrated"] = simulate(trace, config, cost)
     own = [at_speed(drift) for drift in row.get("run_drifts", [])]
     if own:
@@ -232,6 +330,10 @@ def judge(args: argparse.Namespace, profile: dict, calibration: dict, row: dict)
 def fitted(drift: dict, profile: dict) -> str:
     prefill = (f"; least squares scales prefill {drift['prefill_fit']:.2f}x, "
                f"give or take {drift['prefill_fit_jitter']:.0%}" if "prefill_fit" in drift else "")
+    if "prefill_beside_decode" in drift:
+        prefill += (f"; steps ran {drift['prefill_beside_decode']:.2f}x (prefill) and "
+                    f"{drift.get('decode_beside_prefill', 1.0):.2f}x (decode) as long beside the other worker's "
+                    f"as alone; {drift.get('prefill_loop_s', 0.0) * 1e3:.1f} ms between prefill steps")
     if "decode_fit" not in drift:
         return prefill
     ours, theirs = drift["decode_fit"], CostModel.from_profile(profile).decode
@@ -266,7 +368,7 @@ def resimulate(path: Path, step_logs: Path | None = None) -> None:
     args.resimulate = str(path)
     profile = recorded.get("profile") or json.loads(Path(args.profile).read_text())
     if step_logs:
-        refit_prefill(recorded, args, step_logs)
+        refit(recorded, args, step_logs)
     rows = [judge(args, profile, recorded["calibration"], row) for row in recorded["rows"]]
     for row in rows:
         print_row(row)
@@ -275,16 +377,28 @@ def resimulate(path: Path, step_logs: Path | None = None) -> None:
               live_command=recorded.get("live_command", recorded.get("command")))
 
 
-def refit_prefill(recorded: dict, args: argparse.Namespace, step_logs: Path) -> None:
-    """Fits serving's prefill steps afresh from the recorded runs' step logs (named as a live
-    run names them), for each run and for each point; the first point's is the calibration."""
+def served_fits(prefill_logs: list[Path], spans: list[tuple[float, float]], decode_logs: list[Path]) -> dict:
+    """Serving's prefill and decode steps, fitted from both workers' logs of the same runs."""
+    return {**served_prefill_fit(prefill_logs, spans, decode_logs),
+            **served_decode_fit(decode_logs, spans, prefill_logs)}
+
+
+def refit(recorded: dict, args: argparse.Namespace, step_logs: Path) -> None:
+    """Fits serving's prefill and decode steps afresh from the recorded runs' step logs (named
+    as a live run names them), for each run and for each point; the first point's is the
+    calibration. A run recorded without its decode logs keeps its decode fit."""
     for row in recorded["rows"]:
-        logs = [step_log(step_logs, row["policy"], row["rate_scale"], repeat, "prefill")
-                for repeat in range(len(row["live_runs"]))]
-        spans = row.get("spans") or [replay_span(log, args.warm_up) for log in logs]
-        for log, span, drift in zip(logs, spans, row["run_drifts"]):
-            drift.update(served_prefill_fit([log], [span]))
-        row["drift"].update(served_prefill_fit(logs, spans))
+        logs = {role: [step_log(step_logs, row["policy"], row["rate_scale"], repeat, role)
+                       for repeat in range(len(row["live_runs"]))] for role in ("prefill", "decode")}
+        spans = row.get("spans") or [replay_span(log, args.warm_up) for log in logs["prefill"]]
+        if not all(log.exists() for log in logs["decode"]):
+            for log, span, drift in zip(logs["prefill"], spans, row["run_drifts"]):
+                drift.update(served_prefill_fit([log], [span]))
+            row["drift"].update(served_prefill_fit(logs["prefill"], spans))
+            continue
+        for prefill, decode, span, drift in zip(logs["prefill"], logs["decode"], spans, row["run_drifts"]):
+            drift.update(served_fits([prefill], [span], [decode]))
+        row["drift"].update(served_fits(logs["prefill"], spans, logs["decode"]))
     recorded["calibration"] = recorded["rows"][0]["drift"]
 
 
@@ -333,14 +447,14 @@ def main() -> None:
                 span = (wall, time.time())
                 for role in ("prefill", "decode"):
                     step_logs[policy][role].append((logs[role], span))
-                drifts[policy].append({**drift, **served_decode_fit([logs["decode"]], [span]),
-                                       **served_prefill_fit([logs["prefill"]], [span])})
+                drifts[policy].append({**drift, **served_decode_fit([logs["decode"]], [span], [logs["prefill"]]),
+                                       **served_prefill_fit([logs["prefill"]], [span], [logs["decode"]])})
         for policy in policies:
             drift = {k: sum(d[k] for d in drifts[policy]) / args.repeats for k in drifts[policy][0]
                      if k not in FITTED}
             # over all the point's runs
-            drift.update(served_decode_fit(*zip(*step_logs[policy]["decode"])))
-            drift.update(served_prefill_fit(*zip(*step_logs[policy]["prefill"])))
+            drift.update(served_fits(*(list(x) for x in zip(*step_logs[policy]["prefill"])),
+                                     [log for log, _ in step_logs[policy]["decode"]]))
             if calibration is None:
                 # The first point calibrates every simulation: how much slower steps ran while
                 # serving than in the quiet profile (co-located workers share the cores).

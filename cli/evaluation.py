@@ -28,7 +28,8 @@ from kairos.transport.sockets import DEFAULT_ROUTER
 
 MIB = 2**20
 # Options of the simulated system alone, with their defaults: a live run has the real thing.
-SIMULATED_ONLY = {"--profile": str(DEFAULT_PROFILE), "--kv-bandwidth-gb-s": 25.0, "--step-jitter": 0.0}
+SIMULATED_ONLY = {"--profile": str(DEFAULT_PROFILE), "--kv-bandwidth-gb-s": 25.0, "--step-jitter": 0.0,
+                  "--colocated-slowdown": "1,1"}
 LIVE_ONLY = {"--model": "tiny", "--load-format": "auto", "--max-model-len": None, "--worker-profile": None,
              "--timeout": 300.0}
 
@@ -104,6 +105,10 @@ def add_sim_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--step-jitter", type=float, default=SIMULATED_ONLY["--step-jitter"],
                    help="spread step times around the profile by this mean relative deviation "
                         "(kairos status reports it while serving); 0 runs every step as predicted")
+    p.add_argument("--colocated-slowdown", default=SIMULATED_ONLY["--colocated-slowdown"], metavar="PREFILL,DECODE",
+                   help="workers that share one device slow each other: a prefill step beside a busy decode "
+                        "worker takes PREFILL times its length alone, a decode step beside prefill DECODE times "
+                        "(python -m kairos.bench.sim_fidelity fits both from serving's step logs); 1,1: a device each")
 
 
 def sim_setup(args: argparse.Namespace, prefill_policy: str = "fcfs", decode_policy: str = "cb"):
@@ -121,8 +126,18 @@ def sim_setup(args: argparse.Namespace, prefill_policy: str = "fcfs", decode_pol
                        profile.get("kv_bytes_per_token", SimConfig.kv_bytes_per_token), args.kv_bandwidth_gb_s,
                        max_inflight_transfer_bytes=int(args.max_inflight_transfer_mb * MIB),
                        prefill_jitter=args.step_jitter, decode_jitter=args.step_jitter,
-                       kv_sent_during_steps=measured_on_gpu(profile))
+                       **colocated_slowdown(args.colocated_slowdown), kv_sent_during_steps=measured_on_gpu(profile))
     return config, CostModel.from_profile(profile)
+
+
+def colocated_slowdown(value: str) -> dict:
+    """--colocated-slowdown PREFILL,DECODE as the simulator's settings."""
+    try:
+        prefill, decode = (float(x) for x in value.split(","))
+    except ValueError:
+        raise ValueError(f"--colocated-slowdown is PREFILL,DECODE (two numbers >= 1, such as 1.3,1.2), "
+                         f"not {value!r}") from None
+    return {"prefill_beside_decode": prefill, "decode_beside_prefill": decode}
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:

@@ -30,6 +30,13 @@ Served steps are not all alike: `prefill_jitter` and `decode_jitter` spread each
 around the cost model (lognormal, with that mean relative deviation, as `kairos status` reports
 it per worker and phase). The policies then predict through a CalibratedCostModel fed with
 every simulated step, as the workers' policies are fed with every real one.
+
+Workers that share one device (1P1D on one GPU, or on a CPU's cores) slow each other:
+`prefill_beside_decode` is how much longer a prefill step takes while a decode worker is busy,
+and `decode_beside_prefill` the same for decode steps beside prefill. A step then runs at the
+slower pace while the other role is busy and at its own while it is not (its pace changes the
+moment the other role starts or stops), so a step's length follows the load on the other side,
+which one fixed scale cannot carry.
 """
 
 from __future__ import annotations
@@ -70,6 +77,10 @@ class SimConfig:
     block_size: int = defaults.BLOCK_SIZE
     prefill_jitter: float = 0.0  # mean relative deviation of a step's length from the cost model
     decode_jitter: float = 0.0
+    # Co-located workers' contention: a step's length over its length alone while a worker of
+    # the other role is busy (1.0: on devices of their own).
+    prefill_beside_decode: float = 1.0
+    decode_beside_prefill: float = 1.0
     seed: int = 0
     # Prefill workers on a GPU take decode workers' answers while a step runs (the host is
     # free), so KV made ready then leaves at once; on a CPU the step holds the host, and the
@@ -97,6 +108,9 @@ def check_config(config: SimConfig) -> None:
         raise ValueError(f"--kv-bandwidth-gb-s must be positive, got {config.kv_bandwidth_gb_s}")
     if min(config.prefill_jitter, config.decode_jitter) < 0:
         raise ValueError("step-time jitter must be >= 0")
+    if min(config.prefill_beside_decode, config.decode_beside_prefill) < 1:
+        raise ValueError("--colocated-slowdown values must be at least 1: a step beside the other role's "
+                         "is not faster than alone")
 
 
 class SimRequest:
@@ -152,6 +166,21 @@ class SimRequest:
 
 
 @dataclass
+class StepUnderWay:
+    """A worker's step between its start and its end event. Where co-located workers contend,
+    the end moves whenever the step's pace changes: `token` tells the live end event from the
+    ones it replaced."""
+    then: object  # then(worker, *args) handles the end
+    args: tuple
+    observe: tuple | None  # (the policy's observe method, *the step's shape): fed the step's length
+    started: float
+    alone_left: float  # seconds of it left at its own pace, as of `since`
+    since: float
+    pace: float  # its length over its length alone, for now
+    token: int
+
+
+@dataclass
 class PrefillSim:
     policy: object
     model: CostModel | CalibratedCostModel  # what the policy predicts with
@@ -168,6 +197,7 @@ class PrefillSim:
     cache: OrderedDict = field(default_factory=OrderedDict)  # hash id -> None, LRU order
     cleared: list = field(default_factory=list)  # (decode worker, request) to send once this step ends
     prefilled_tokens: int = 0  # prompt tokens computed (recomputation would show as more than the prompts')
+    step: StepUnderWay | None = None
 
 
 @dataclass
@@ -199,6 +229,7 @@ class DecodeSim:
     busy: bool = False
     tokens_out: int = 0
     recomputed_tokens: int = 0  # prompt and output tokens computed again after preemptions
+    step: StepUnderWay | None = None
 
     @property
     def free_blocks(self) -> int:
@@ -215,6 +246,9 @@ class Simulator:
         self.jittered = config.prefill_jitter > 0 or config.decode_jitter > 0
         self.sigma = {"prefill": config.prefill_jitter * math.sqrt(math.pi / 2),
                       "decode": config.decode_jitter * math.sqrt(math.pi / 2)}
+        self.contended = config.prefill_beside_decode != 1.0 or config.decode_beside_prefill != 1.0
+        self.roles_busy = (False, False)  # (a prefill worker, a decode worker), as the paces last saw them
+        self._tokens = itertools.count()
         # Each worker's policy predicts through its own model, as each real worker calibrates its own.
         models = [self._policy_cost() for _ in range(config.prefill_workers + config.decode_workers)]
         settings = [PolicySettings(m, config.token_budget, config.max_batch) for m in models]
@@ -231,7 +265,7 @@ class Simulator:
         self.now = 0.0
 
     def _policy_cost(self):
-        return CalibratedCostModel(self.cost) if self.jittered else self.cost
+        return CalibratedCostModel(self.cost) if self.jittered or self.contended else self.cost
 
     def step_length(self, phase: str, predicted: float) -> float:
         sigma = self.sigma[phase]
@@ -250,7 +284,58 @@ class Simulator:
         while self.events:
             self.now, _, handler, args = heapq.heappop(self.events)
             handler(*args)
+            if self.contended:
+                self.repace()
         return requests
+
+    # ---- steps ----------------------------------------------------------------------------------
+
+    def pace(self, w: PrefillSim | DecodeSim) -> float:
+        """w's step length over its length alone, as the other role's workers are now. A decode
+        worker's recomputation steps count as its steps."""
+        if isinstance(w, PrefillSim):
+            return self.config.prefill_beside_decode if any(d.busy for d in self.decodes) else 1.0
+        return self.config.decode_beside_prefill if any(p.busy for p in self.prefills) else 1.0
+
+    def start_step(self, w: PrefillSim | DecodeSim, seconds: float, observe: tuple | None, then, *args) -> None:
+        """w runs a step that takes `seconds` alone; `then(w, *args)` handles its end, after the
+        policy has observed its length (`observe`, where the policy calibrates)."""
+        w.busy = True
+        if not self.contended:  # its length is known now: no end to move
+            if observe is not None:
+                method, *shape = observe
+                method(*shape, seconds)
+            self.at(self.now + seconds, then, w, *args)
+            return
+        w.step = StepUnderWay(then, args, observe, self.now, seconds, self.now, self.pace(w), next(self._tokens))
+        self.at(self.now + seconds * w.step.pace, self.end_step, w, w.step.token)
+
+    def end_step(self, w: PrefillSim | DecodeSim, token: int) -> None:
+        step = w.step
+        if step is None or step.token != token:
+            return  # an end its step's pace has moved since
+        w.step = None
+        if step.observe is not None:
+            observe, *shape = step.observe
+            observe(*shape, self.now - step.started)
+        step.then(w, *step.args)
+
+    def repace(self) -> None:
+        """Where a role has started or stopped being busy, the other role's steps under way go
+        on at their new pace: what is left of each, at its own pace, is carried to a new end."""
+        busy = (any(p.busy for p in self.prefills), any(d.busy for d in self.decodes))
+        if busy == self.roles_busy:
+            return
+        self.roles_busy = busy
+        for w in (*self.prefills, *self.decodes):
+            step = w.step
+            if step is None:
+                continue
+            pace = self.pace(w)
+            if pace != step.pace:
+                step.alone_left -= (self.now - step.since) / step.pace
+                step.since, step.pace, step.token = self.now, pace, next(self._tokens)
+                self.at(self.now + step.alone_left * pace, self.end_step, w, step.token)
 
     # ---- prefill --------------------------------------------------------------------------------
 
@@ -346,11 +431,9 @@ class Simulator:
     def prefill_step(self, w: PrefillSim | DecodeSim, prompts: list[tuple[int, int]], then, batch) -> None:
         """Runs a prefill step of `prompts` ((new tokens, context after) each) on w; `then(w,
         batch)` handles its end."""
-        w.busy = True
         seconds = self.step_length("prefill", self.cost.prefill_time(prompts))
-        if self.jittered:
-            w.model.observe_prefill(prompts, seconds)
-        self.at(self.now + seconds, then, w, batch)
+        observe = (w.model.observe_prefill, prompts) if self.jittered or self.contended else None
+        self.start_step(w, seconds, observe, then, batch)
 
     def prefill_order(self, w: PrefillSim) -> Iterable[SimRequest]:
         """The prompts in the worker's policy's order. A policy that demotes expired prompts
@@ -524,11 +607,9 @@ class Simulator:
             d.busy = False
             return
         self.grow(d)
-        d.busy = True
         seconds = self.step_length("decode", self.cost.decode_time(len(d.running), d.context))
-        if self.jittered:
-            d.model.observe_decode(len(d.running), d.context, seconds)
-        self.at(self.now + seconds, self.decode_step_done, d)
+        observe = (d.model.observe_decode, len(d.running), d.context) if self.jittered or self.contended else None
+        self.start_step(d, seconds, observe, self.decode_step_done)
 
     def join(self, d: DecodeSim, r: SimRequest) -> None:
         """r joins the running batch with its KV (all but its last token's) in place."""

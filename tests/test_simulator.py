@@ -264,6 +264,28 @@ def test_step_jitter_spreads_step_times_around_the_model_and_the_policies_learn_
         Simulator(SimConfig(decode_jitter=-0.1), COST)
 
 
+def test_co_located_workers_slow_each_others_steps_while_both_are_busy():
+    """A's prefill step runs alone (1 s); B's starts as A's KV leaves, and runs 1.5x slower from
+    the moment A starts decoding beside it (its pace changes mid-step); A's decode steps run 2x
+    slower while B's prefill runs, then at their own pace: 1.5 s of B's step carries 0.75 s of
+    A's decode, and the 1.24 s left of it follows."""
+    cost = CostModel(prefill=(0.0, 1e-3, 0.0), decode=(0.01, 0.0, 0.0))
+    trace = [TraceRequest(0.0, 1000, 200), TraceRequest(0.0, 1000, 2)]
+    alone = SimConfig(token_budget=1000, kv_bytes_per_token=1, kv_bandwidth_gb_s=1000.0)
+    a, b = Simulator(alone, cost).run(trace)
+    assert b.first_token_time == pytest.approx(2.0) and a.finish_time == pytest.approx(1.0 + 199 * 0.01)
+    shared = replace(alone, prefill_beside_decode=1.5, decode_beside_prefill=2.0)
+    sim = Simulator(shared, cost)
+    a, b = sim.run(trace)
+    assert b.first_token_time == pytest.approx(1.0 + 1.5, abs=1e-6)
+    assert a.finish_time == pytest.approx(2.5 + (199 * 0.01 - 1.5 / 2), abs=1e-6)
+    assert a.first_token_time == pytest.approx(1.0)  # nothing decoded beside A's own prefill
+    # The policies predict through a calibration that saw the slower steps.
+    assert sim.prefills[0].model.drift["prefill"][0] > 1.0
+    with pytest.raises(ValueError, match="--colocated-slowdown values must be at least 1"):
+        Simulator(replace(alone, decode_beside_prefill=0.5), cost)
+
+
 @pytest.mark.parametrize("policies", [("fcfs", "cb"), ("kairos", "kairos"), ("mh", "cb"), ("edf", "kairos")])
 def test_every_request_finishes_under_load_and_kv_pressure(policies):
     trace = with_slos(synthetic(800, rate=60.0, seed=3), 500, 50)
@@ -445,6 +467,8 @@ def test_kairos_simulate_prints_the_slo_report_and_refuses_a_negative_jitter(cap
     ("--tpot-slo-ms", "nan", "the TPOT SLO (tpot_ms) must be between 0.001 and 1e+09 milliseconds, got nan"),
     ("--ttft-ms-per-1k-prompt", "-50", "--ttft-ms-per-1k-prompt must be >= 0"),
     ("--rate-scale", "nan", "--rate-scale must be positive"),
+    ("--colocated-slowdown", "1.2", "--colocated-slowdown is PREFILL,DECODE (two numbers >= 1"),
+    ("--colocated-slowdown", "1.2,0.9", "--colocated-slowdown values must be at least 1"),
 ])
 def test_settings_no_system_or_trace_could_have_are_clear_errors(capsys, flag, value, message):
     from kairos.cli.main import main
@@ -548,6 +572,57 @@ def test_serving_prefill_steps_scale_the_profile_by_least_squares(tmp_path):
     expected_jitter = (2 * abs(1 / scale - 1) + abs(2 / scale - 1)) / 3
     assert served["prefill_fit_jitter"] == pytest.approx(expected_jitter)
     assert sim_fidelity.served_prefill_fit([log], [(30.0, 40.0)]) == {}
+
+
+def test_co_located_workers_contention_is_fitted_from_both_workers_step_logs(tmp_path):
+    """Prefill runs from 10 to 30 s, decode from 20 to 40 s: each runs alone half the time and
+    beside the other half. Prefill steps take 1.2x the profile alone and 1.3x that beside decode,
+    and the loop spends 5 ms between steps while prompts wait; decode steps take their fit alone
+    and 1.5x it beside prefill. The fits recover all four; each worker's busy spans run from a
+    step to the next while it has work, its idle turns not counted."""
+    from kairos.bench import sim_fidelity
+
+    rng = random.Random(7)
+    prefill_busy = (10.0, 30.0)
+    decode_busy = (20.0, 40.0)
+
+    def inside(t, span):
+        return span[0] <= t < span[1]
+
+    prefill, t = [], prefill_busy[0]
+    while t < prefill_busy[1]:
+        predicted = rng.uniform(0.05, 0.2)
+        observed = 1.2 * predicted * (1.3 if inside(t, decode_busy) else 1.0)
+        prefill.append({"t": t + observed + 0.001, "messages_s": 0.004, "step_s": observed, "after_s": 0.001,
+                        "blocked": False, "stepped": 2, "prefill_tokens": 300, "waiting": 1, "running": 0,
+                        "predicted_s": predicted, "observed_s": observed})
+        t += observed + 0.005
+    prefill[-1]["waiting"] = 0
+    prefill.append({"t": 50.0, "messages_s": 9.0, "step_s": 0.0, "after_s": 0.0, "blocked": False, "stepped": 0,
+                    "prefill_tokens": 0, "waiting": 0, "running": 0})  # an idle turn
+    decode, t, fit = [], decode_busy[0], (0.005, 1e-4, 1e-6)
+    while t < decode_busy[1]:
+        batch, context = rng.randint(1, 64), rng.randint(100, 5000)
+        observed = (fit[0] + fit[1] * batch + fit[2] * context) * (1.5 if inside(t, (10.0, 30.005)) else 1.0)
+        decode.append({"t": t + observed + 1e-4, "messages_s": 1e-4, "step_s": observed, "after_s": 1e-4,
+                       "blocked": False, "stepped": batch, "waiting": 0, "running": batch, "batch": batch,
+                       "context_tokens": context, "observed_s": observed})
+        t += observed + 2e-4
+    decode[-1]["running"] = 0
+    logs = {}
+    for role, records in (("prefill", prefill), ("decode", decode)):
+        logs[role] = tmp_path / f"{role}.jsonl"
+        logs[role].write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    assert sim_fidelity.busy_spans(logs["prefill"])[0] == [pytest.approx(10.0)]
+    served = sim_fidelity.served_fits([logs["prefill"]], [(0.0, 100.0)], [logs["decode"]])
+    assert served["prefill_fit"] == pytest.approx(1.2, rel=0.02)
+    assert served["prefill_beside_decode"] == pytest.approx(1.3, rel=0.02)
+    assert served["prefill_loop_s"] == pytest.approx(0.005)
+    assert served["decode_beside_prefill"] == pytest.approx(1.5, rel=0.02)
+    assert served["decode_fit"] == pytest.approx(fit, rel=0.05)
+    # Without the other worker's log, one scale carries both.
+    plain = sim_fidelity.served_prefill_fit([logs["prefill"]], [(0.0, 100.0)])
+    assert "prefill_beside_decode" not in plain and 1.2 < plain["prefill_fit"] < 1.2 * 1.3
 
 
 def test_resimulate_fits_recorded_runs_prefill_steps_from_their_step_logs(tmp_path, monkeypatch):
