@@ -261,7 +261,7 @@ class TempoDecode(SlackBatching):
         for r in waiting:
             if r.slo.kind == "collective":
                 self.service.saw(r)
-        return self.split_by(waiting, now, self.step_time(running),
+        return self.split_by(waiting, now, self.lost_step(self.step_time(running), now),
                              lambda r, remaining: -self.service.gain(r) / remaining)
 
     def admit(self, running, ready, now, free_blocks):

@@ -415,6 +415,29 @@ def test_requests_that_can_no_longer_meet_tpot_wait_behind_those_that_can():
     assert policy.admit(fresh[:1], [late], now=5.0, free_blocks=100) == [late]
 
 
+def test_a_request_is_judged_lost_at_the_batchs_recent_mean_step_not_its_momentary_peak():
+    """The policy fills the batch up to its step limit, so the batch's step at a given moment
+    may be near the TPOT SLO though the batch turns over. A request that waited 0.5 s is
+    feasible at the recent mean step (7 ms here) and lost at the momentary peak (16 ms): it is
+    judged at the mean, and at the peak only once the peak has lasted."""
+    small = [Req(prompt=100, num_uncomputed_tokens=0) for _ in range(10)]
+    big = [Req(prompt=100, num_uncomputed_tokens=0) for _ in range(100)]
+    waiting = Req(first_token_time=1.5, tpot_slo=0.02, output_len_hint=100, prompt=100, num_uncomputed_tokens=0)
+    policy = SlackBatching(COST, max_batch=256)
+    peak, mean = policy.step_time(big), policy.step_time(small)
+    assert policy.lost(waiting, now=2.0, step=peak) and not policy.lost(waiting, now=2.0, step=mean)
+    for now in (0.0, 0.5, 1.0, 1.5):
+        policy.split([], small, now)
+    assert policy.split([waiting], big, now=2.0) == ([waiting], [])
+    fresh = SlackBatching(COST, max_batch=256)  # has seen only the peak
+    assert fresh.split([waiting], big, now=2.0) == ([], [waiting])
+    for now in (2.5, 3.0, 3.5, 4.0, 4.5, 5.0):
+        policy.split([], big, now)
+    assert policy.lost_step(peak, 5.0) == pytest.approx(peak, rel=0.05)  # the peak has lasted 3 s
+    later = replace(waiting, first_token_time=4.5)  # waited 0.5 s, as the first one had at 2 s
+    assert policy.split([later], big, now=5.0) == ([], [later])
+
+
 @settings(max_examples=100, deadline=None)
 @given(running=decode_reqs, waiting=decode_reqs, now=st.floats(0, 5), name=st.sampled_from(["cb", "kairos"]))
 def test_decode_policies_order_every_waiting_request_exactly_once(running, waiting, now, name):
