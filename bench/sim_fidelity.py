@@ -165,20 +165,20 @@ def served_decode_fit(logs: list[Path], spans: list[tuple[float, float]],
     if len(records) < 3:
         return {}
     steps = [([1.0, float(r["batch"]), float(r["context_tokens"])], r["observed_s"], b) for r, b, _ in records]
-    slowdown, fit = 1.0, None
+    slowdown, fit, told_apart = 1.0, None, False
     for _ in range(CONTENTION_ROUNDS if prefill_logs else 1):
         fit = nonnegative_least_squares([f for f, _, _ in steps], [o / (1 + (slowdown - 1) * b) for _, o, b in steps])
         contended = contention_fit([(sum(c * x for c, x in zip(fit, f)), o, b) for f, o, b in steps])
         if contended is None:
             break
-        scale, slowdown = contended
+        (scale, slowdown), told_apart = contended, True
         fit = [c * scale for c in fit]
     model = CostModel((0.0, 0.0, 0.0), tuple(fit))
     jitter = sum(abs(o / (model.decode_time(int(f[1]), int(f[2])) * (1 + (slowdown - 1) * b)) - 1)
                  for f, o, b in steps) / len(steps)
     online = [abs(r["calibrated_s"] / r["observed_s"] - 1) for r, _, _ in records if r.get("calibrated_s", 0.0) > 0.0]
     return {"decode_fit": fit, "decode_fit_jitter": jitter,
-            **({"decode_beside_prefill": slowdown} if prefill_logs else {}),
+            **({"decode_beside_prefill": slowdown} if told_apart else {}),
             **({"decode_online_error": sum(online) / len(online)} if online else {})}
 
 
@@ -206,11 +206,12 @@ def served_prefill_fit(logs: list[Path], spans: list[tuple[float, float]],
     if len(steps) < 3:
         return {}
     loops = [loop for _, _, loop in records if loop is not None]
-    scale, slowdown = contention_fit(steps) or (sum(p * o for p, o, _ in steps) / sum(p * p for p, _, _ in steps), 1.0)
+    contended = contention_fit(steps)
+    scale, slowdown = contended or (sum(p * o for p, o, _ in steps) / sum(p * p for p, _, _ in steps), 1.0)
     jitter = sum(abs(o / (scale * p * (1 + (slowdown - 1) * b)) - 1) for p, o, b in steps) / len(steps)
     loop_s = sum(loops) / len(loops) if loops else 0.0
     return {"prefill_fit": scale, "prefill_fit_jitter": jitter, "prefill_loop_s": loop_s,
-            **({"prefill_beside_decode": slowdown} if decode_logs else {})}
+            **({"prefill_beside_decode": slowdown} if contended else {})}
 
 
 def replay_span(prefill_log: Path, warm_up: int) -> tuple[float, float]:
@@ -330,10 +331,12 @@ def judge(args: argparse.Namespace, profile: dict, calibration: dict, row: dict)
 def fitted(drift: dict, profile: dict) -> str:
     prefill = (f"; least squares scales prefill {drift['prefill_fit']:.2f}x, "
                f"give or take {drift['prefill_fit_jitter']:.0%}" if "prefill_fit" in drift else "")
-    if "prefill_beside_decode" in drift:
-        prefill += (f"; steps ran {drift['prefill_beside_decode']:.2f}x (prefill) and "
-                    f"{drift.get('decode_beside_prefill', 1.0):.2f}x (decode) as long beside the other worker's "
-                    f"as alone; {drift.get('prefill_loop_s', 0.0) * 1e3:.1f} ms between prefill steps")
+    beside = [f"{role} steps {drift[key]:.2f}x" for role, key in
+              (("prefill", "prefill_beside_decode"), ("decode", "decode_beside_prefill")) if key in drift]
+    if beside:
+        prefill += "; beside the other worker's steps, " + " and ".join(beside) + " as long as alone"
+    if "prefill_loop_s" in drift:
+        prefill += f"; {drift['prefill_loop_s'] * 1e3:.1f} ms between prefill steps"
     if "decode_fit" not in drift:
         return prefill
     ours, theirs = drift["decode_fit"], CostModel.from_profile(profile).decode

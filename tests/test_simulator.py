@@ -620,6 +620,10 @@ def test_co_located_workers_contention_is_fitted_from_both_workers_step_logs(tmp
     assert served["prefill_loop_s"] == pytest.approx(0.005)
     assert served["decode_beside_prefill"] == pytest.approx(1.5, rel=0.02)
     assert served["decode_fit"] == pytest.approx(fit, rel=0.05)
+    # Where every step ran beside decode, its slowdown cannot be told from its scale.
+    beside_only = sim_fidelity.served_prefill_fit([logs["prefill"]], [(20.5, 29.5)], [logs["decode"]])
+    assert "prefill_beside_decode" not in beside_only
+    assert beside_only["prefill_fit"] == pytest.approx(1.2 * 1.3, rel=0.02)
     # Without the other worker's log, one scale carries both.
     plain = sim_fidelity.served_prefill_fit([logs["prefill"]], [(0.0, 100.0)])
     assert "prefill_beside_decode" not in plain and 1.2 < plain["prefill_fit"] < 1.2 * 1.3
