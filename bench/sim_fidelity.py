@@ -50,7 +50,12 @@ KEYS = ("ttft_attainment", "tpot_attainment", "e2e_attainment")
 JITTER_DRAWS = 8
 # What a point's step logs give over all its runs together, not as a mean of its runs'.
 FITTED = ("decode_fit", "decode_fit_jitter", "decode_online_error", "prefill_fit", "prefill_fit_jitter",
-          "prefill_loop_s", "prefill_beside_decode", "decode_beside_prefill")
+          "prefill_loop_s", "prefill_stalls", "prefill_beside_decode", "decode_beside_prefill")
+# A prefill step whose ratio to the profile is this many times the median step's is a stall (on
+# a fresh GPU machine, one step of a session's first run took 4.4 and 5.7 times: the first use
+# of a kernel's shape), which a queue meets once, not at its rate; least squares would weigh it
+# by its length, so the fit leaves it out and counts it.
+STALL_FACTOR = 3.0
 # A contention fit needs this many steps mostly alone and this many mostly beside the other worker.
 MIN_SIDE_STEPS = 20
 # Rounds of fitting decode steps alone and their slowdown beside prefill, each given the other.
@@ -130,6 +135,20 @@ def contention_fit(steps: list[tuple[float, float, float]]) -> tuple[float, floa
     return scale, 1.0 + extra / scale
 
 
+def without_stalls(steps: list[tuple[float, float, float]]) -> int:
+    """Takes the stalls out of `steps` ((predicted, observed, share beside) each) in place:
+    those over STALL_FACTOR times the median step's ratio of observed to predicted. Returns how
+    many there were. Decode steps keep theirs: a decode step's time includes the loop's since
+    the previous one, and leaving the long ones out widened the gaps of every recorded run
+    judged again."""
+    ratios = sorted(o / p for p, o, _ in steps)
+    limit = STALL_FACTOR * ratios[len(ratios) // 2]
+    kept = [step for step in steps if step[1] <= limit * step[0]]
+    stalls = len(steps) - len(kept)
+    steps[:] = kept
+    return stalls
+
+
 def logged(logs: list[Path], spans: list[tuple[float, float]], others: list[Path] | None, keep) -> list:
     """(record, share of it beside the other worker, the loop's time after it) of each step that
     `keep` takes within the measured spans. The share is 0 without the other workers' logs. The
@@ -205,12 +224,13 @@ def served_prefill_fit(logs: list[Path], spans: list[tuple[float, float]],
     steps = [(r["predicted_s"], r["observed_s"], b) for r, b, _ in records]
     if len(steps) < 3:
         return {}
+    stalls = without_stalls(steps)
     loops = [loop for _, _, loop in records if loop is not None]
     contended = contention_fit(steps)
     scale, slowdown = contended or (sum(p * o for p, o, _ in steps) / sum(p * p for p, _, _ in steps), 1.0)
     jitter = sum(abs(o / (scale * p * (1 + (slowdown - 1) * b)) - 1) for p, o, b in steps) / len(steps)
     loop_s = sum(loops) / len(loops) if loops else 0.0
-    return {"prefill_fit": scale, "prefill_fit_jitter": jitter, "prefill_loop_s": loop_s,
+    return {"prefill_fit": scale, "prefill_fit_jitter": jitter, "prefill_loop_s": loop_s, "prefill_stalls": stalls,
             **({"prefill_beside_decode": slowdown} if contended else {})}
 
 

@@ -620,6 +620,14 @@ def test_co_located_workers_contention_is_fitted_from_both_workers_step_logs(tmp
     assert served["prefill_loop_s"] == pytest.approx(0.005)
     assert served["decode_beside_prefill"] == pytest.approx(1.5, rel=0.02)
     assert served["decode_fit"] == pytest.approx(fit, rel=0.05)
+    assert served["prefill_stalls"] == 0
+    # A step ten times its share (a kernel compiling on first use) is left out and counted.
+    stalled = [dict(r) for r in prefill]
+    stalled[5]["observed_s"] *= 10
+    logs["stalled"] = tmp_path / "stalled.jsonl"
+    logs["stalled"].write_text("\n".join(json.dumps(r) for r in stalled) + "\n")
+    refit = sim_fidelity.served_prefill_fit([logs["stalled"]], [(0.0, 100.0)], [logs["decode"]])
+    assert refit["prefill_stalls"] == 1 and refit["prefill_fit"] == pytest.approx(served["prefill_fit"], rel=0.01)
     # Where every step ran beside decode, its slowdown cannot be told from its scale.
     beside_only = sim_fidelity.served_prefill_fit([logs["prefill"]], [(20.5, 29.5)], [logs["decode"]])
     assert "prefill_beside_decode" not in beside_only
