@@ -25,6 +25,9 @@
 #   serve_loop  the serving loop's share of a decode step under kairos serve (1P1D on the GPU)
 #   handoff     the prefill worker's KV handoff on the GPU: offers as the step starts, answers
 #               served while it runs (CUDA events), every early end cancelling its offer
+#   fidelity    the simulator against live 1P1D on the GPU (CUDA IPC), one run per policy at two
+#               loads, with the workers' step logs: the first GPU data for the co-located
+#               contention fit and the warm-up that should leave no first-use stall
 #   flashinfer  where FlashInfer imports: the flashinfer backend's tests, and its decode steps at
 #               batch 1, 32, 128 (FlashInfer compiles its kernels on first use: minutes). Offline,
 #               flashinfer-python 0.5.3 installs from two wheels of about 10 MB: its own (CUDA
@@ -74,6 +77,11 @@ part throughput 300 $PY -m kairos.bench.throughput --model $MODEL --requests 256
 part serve_loop 120 $PY -m kairos.bench.serve_loop --model $MODEL --load-format dummy --gpu-memory-utilization 0.42 \
     --requests 200
 part handoff 90 $PY -m pytest -q -x -p no:cacheprovider tests/test_handoff.py
+part fidelity 300 $PY -m kairos.bench.sim_fidelity --model $MODEL --load-format dummy \
+    --profile "bench/profiles/Llama-3.1-8B_${GPU}.json" --max-model-len 8192 --requests 150 --max-prompt-len 4096 \
+    --max-output-len 64 --ttft-slo-ms 250 --tpot-slo-ms 50 --token-budget 8192 --max-batch 256 --kv-blocks 4096 \
+    --kv-bandwidth-gb-s 100 --warm-up 8 --rate-scales 6,12 --repeats 1 --step-logs "$LOGDIR/steplogs" \
+    --name "sim_fidelity_Llama-3.1-8B_${GPU}_colocated"
 if $PY -c "import flashinfer" 2>/dev/null; then
     part flashinfer 300 bash -c "$PY -m pytest -q -x -p no:cacheprovider tests/test_flashinfer.py && \
         $PY -m kairos.bench.decode_throughput --model $MODEL --backend flashinfer --batch-sizes 1,32,128 \
