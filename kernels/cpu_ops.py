@@ -5,11 +5,11 @@ A decode step on a CPU is bound by the number of ops it dispatches, not by the b
 the PyTorch reference takes some twenty ops a layer to gather, score, mask and merge a packed
 batch of blocks, and a dozen more to rotate q and k and store k and v.
 
-- `decode_attention` walks each (sequence, KV head) over its context's slots through the block
-  table, scoring every query head of the group against a key as it is read, then takes the
-  softmax and the weighted sum of the values: no gather, no padding (a step costs its total
-  context, as with the reference), and nothing past a context is read, so whatever lies there
-  (NaN even) adds nothing.
+- `decode_attention` walks each sequence's context slots through the block table, scoring
+  every query head against its KV head's key as the slot is read, then takes the softmax and
+  the weighted sum of the values: no gather, no padding (a step costs its total context, as
+  with the reference), and nothing past a context is read, so whatever lies there (NaN even)
+  adds nothing.
 - `rope_and_store_kv` rotates each token's q and k in place and stores k and v at its slot
   (slot -1 skipped), rounding as the reference does: the same bits.
 
@@ -104,43 +104,50 @@ def _paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale, out):
                 raise ValueError("decode attention: a block table names a block outside the KV cache")
     group = num_heads // num_kv_heads
     scale = np.float32(scale)
-    # Scratch for the longest context, allocated once per call rather than per (sequence, head).
-    weights = np.empty((group, longest), dtype=np.float32)
-    totals = np.empty(group, dtype=np.float32)
-    acc = np.empty((group, head_dim), dtype=np.float32)
+    # Scratch for the longest context, allocated once per call rather than per sequence.
+    weights = np.empty((num_heads, longest), dtype=np.float32)
+    totals = np.empty(num_heads, dtype=np.float32)
+    acc = np.empty((num_heads, head_dim), dtype=np.float32)
     for seq in range(batch):
         length = context_lens[seq]
-        for head in range(num_kv_heads):
-            queries = q[seq, head * group : (head + 1) * group]
-            # Each key and each value is read once, for every query head of the group, block by
-            # block through the table (no division per slot).
-            for j in range((length + block_size - 1) // block_size):
-                block, start = block_tables[seq, j], j * block_size
-                for s in range(min(block_size, length - start)):
+        queries = q[seq]
+        # Each slot's keys, every KV head's, are read once, for every query head, block by block
+        # through the table (no division per slot): a slot holds all its KV heads side by side,
+        # and a cache larger than the CPU's caches costs misses per block visited, so one visit
+        # serves them all (the tiny model at batch 32, context ~330: 0.6-0.8 ms a layer against
+        # 1.6-3.1 with a visit per KV head, on a 2-core x86 CPU).
+        for j in range((length + block_size - 1) // block_size):
+            block, start = block_tables[seq, j], j * block_size
+            for s in range(min(block_size, length - start)):
+                for head in range(num_kv_heads):
                     key = k_cache[block, s, head]
                     for g in range(group):
+                        h = head * group + g
                         dot = np.float32(0.0)
                         for d in range(head_dim):
-                            dot += queries[g, d] * key[d]
-                        weights[g, start + s] = dot * scale
-            # Softmax as the reference takes it: less the maximum, divided by the sum once the
-            # values are summed, in float32 (math.exp would take a double).
-            for g in range(group):
-                peak = weights[g, :length].max()
-                totals[g] = 0
-                for t in range(length):
-                    weights[g, t] = np.exp(weights[g, t] - peak)
-                    totals[g] += weights[g, t]
-            acc[:] = 0
-            for j in range((length + block_size - 1) // block_size):
-                block, start = block_tables[seq, j], j * block_size
-                for s in range(min(block_size, length - start)):
+                            dot += queries[h, d] * key[d]
+                        weights[h, start + s] = dot * scale
+        # Softmax as the reference takes it: less the maximum, divided by the sum once the
+        # values are summed, in float32 (math.exp would take a double).
+        for h in range(num_heads):
+            peak = weights[h, :length].max()
+            totals[h] = 0
+            for t in range(length):
+                weights[h, t] = np.exp(weights[h, t] - peak)
+                totals[h] += weights[h, t]
+        acc[:] = 0
+        for j in range((length + block_size - 1) // block_size):
+            block, start = block_tables[seq, j], j * block_size
+            for s in range(min(block_size, length - start)):
+                for head in range(num_kv_heads):
                     value = v_cache[block, s, head]
                     for g in range(group):
+                        h = head * group + g
+                        weight = weights[h, start + s]
                         for d in range(head_dim):
-                            acc[g, d] += weights[g, start + s] * value[d]
-            for g in range(group):
-                out[seq, head * group + g] = acc[g] / totals[g]
+                            acc[h, d] += weight * value[d]
+        for h in range(num_heads):
+            out[seq, h] = acc[h] / totals[h]
 
 
 # q, k and v strided (views of the packed projection) or not. It rounds each product and sum as
