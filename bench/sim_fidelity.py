@@ -177,7 +177,7 @@ def served_decode_fit(logs: list[Path], spans: list[tuple[float, float]],
     memory), and the tail of TPOT lives in them. Plain least squares weighs a step by its
     length, as TPOT does. With the prefill workers' logs, the fit is of steps alone, and
     `decode_beside_prefill` how much longer they ran while the prefill worker was busy (on a
-    shared device: on one GPU they ran 1.8x, on two CPU cores 1.3x), fitted in turn with the
+    shared device: 1.2-1.4x on one H100, 1.2-1.3x on two CPU cores), fitted in turn with the
     steps until both settle. The jitter is the steps' mean relative deviation from the fit. The
     workers' own calibration is judged too: its prediction before each step against the step."""
     records = logged(logs, spans, prefill_logs, lambda r: "context_tokens" in r)
@@ -214,7 +214,7 @@ def served_prefill_fit(logs: list[Path], spans: list[tuple[float, float]],
     its length once more than the time-weighted ratio does, as queueing does: a prompt that
     arrives while a step runs waits, on average, half the length-weighted mean step. With the
     decode workers' logs, the scale is of steps alone, and `prefill_beside_decode` how much
-    longer they ran while the decode worker was busy (on two CPU cores 1.2-1.3x: at a heavier
+    longer they ran while the decode worker was busy (on two CPU cores 1.2-1.4x: at a heavier
     load the decode worker is busy more of the time, so prefill steps slow with the load), where
     enough steps ran each way to tell. `prefill_loop_s` is the loop's mean time between a step
     and the next while prompts wait, which a quiet profile never sees (on two CPU cores 3-4 ms,
@@ -400,8 +400,11 @@ def resimulate(path: Path, step_logs: Path | None = None) -> None:
               live_command=recorded.get("live_command", recorded.get("command")))
 
 
-def served_fits(prefill_logs: list[Path], spans: list[tuple[float, float]], decode_logs: list[Path]) -> dict:
-    """Serving's prefill and decode steps, fitted from both workers' logs of the same runs."""
+def served_fits(prefill_logs: list[Path], spans: list[tuple[float, float]], decode_logs: list[Path] | None) -> dict:
+    """Serving's prefill and decode steps, fitted from both workers' logs of the same runs;
+    without the decode logs, the prefill steps alone (as one scale)."""
+    if decode_logs is None:
+        return served_prefill_fit(prefill_logs, spans)
     return {**served_prefill_fit(prefill_logs, spans, decode_logs),
             **served_decode_fit(decode_logs, spans, prefill_logs)}
 
@@ -414,14 +417,10 @@ def refit(recorded: dict, args: argparse.Namespace, step_logs: Path) -> None:
         logs = {role: [step_log(step_logs, row["policy"], row["rate_scale"], repeat, role)
                        for repeat in range(len(row["live_runs"]))] for role in ("prefill", "decode")}
         spans = row.get("spans") or [replay_span(log, args.warm_up) for log in logs["prefill"]]
-        if not all(log.exists() for log in logs["decode"]):
-            for log, span, drift in zip(logs["prefill"], spans, row["run_drifts"]):
-                drift.update(served_prefill_fit([log], [span]))
-            row["drift"].update(served_prefill_fit(logs["prefill"], spans))
-            continue
-        for prefill, decode, span, drift in zip(logs["prefill"], logs["decode"], spans, row["run_drifts"]):
-            drift.update(served_fits([prefill], [span], [decode]))
-        row["drift"].update(served_fits(logs["prefill"], spans, logs["decode"]))
+        decode = logs["decode"] if all(log.exists() for log in logs["decode"]) else None
+        for i, (span, drift) in enumerate(zip(spans, row["run_drifts"])):
+            drift.update(served_fits([logs["prefill"][i]], [span], decode and [decode[i]]))
+        row["drift"].update(served_fits(logs["prefill"], spans, decode))
     recorded["calibration"] = recorded["rows"][0]["drift"]
 
 
@@ -470,8 +469,7 @@ def main() -> None:
                 span = (wall, time.time())
                 for role in ("prefill", "decode"):
                     step_logs[policy][role].append((logs[role], span))
-                drifts[policy].append({**drift, **served_decode_fit([logs["decode"]], [span], [logs["prefill"]]),
-                                       **served_prefill_fit([logs["prefill"]], [span], [logs["decode"]])})
+                drifts[policy].append({**drift, **served_fits([logs["prefill"]], [span], [logs["decode"]])})
         for policy in policies:
             drift = {k: sum(d[k] for d in drifts[policy]) / args.repeats for k in drifts[policy][0]
                      if k not in FITTED}
