@@ -71,9 +71,10 @@ class BlockManager:
         seq.num_computed_tokens = seq.num_cached_tokens = len(seq.block_table) * self.block_size
         return seq.num_cached_tokens
 
-    def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
+    def allocate(self, seq: Sequence, num_new_tokens: int, register: bool = True) -> None:
         """Gives the sequence blocks for its next num_new_tokens tokens, and registers the hash
-        of every block those tokens fill (their K/V is written in the same step)."""
+        of every block those tokens fill (their K/V is written in the same step). Not with
+        `register` False: blocks reserved for KV that arrives later (`register_filled` then)."""
         needed = self.blocks_needed(seq, num_new_tokens)
         if needed > len(self.free):
             raise RuntimeError("allocate() without enough free blocks; check can_allocate() first")
@@ -82,12 +83,18 @@ class BlockManager:
             self._evict_hash(block_id)
             self._take(block_id)
             seq.block_table.append(block_id)
-        if self.enable_prefix_caching:
+        if register:
             bs = self.block_size
             first_full = seq.num_computed_tokens // bs
             last_full = (seq.num_computed_tokens + num_new_tokens) // bs
             for i in range(first_full, last_full):
                 self.register_block(seq, i)
+
+    def register_filled(self, seq: Sequence) -> None:
+        """Registers every full block of the sequence's computed tokens: KV written into its
+        reserved blocks from elsewhere (a prefill worker's) is now there to match."""
+        for i in range(seq.num_computed_tokens // self.block_size):
+            self.register_block(seq, i)
 
     def free_sequence(self, seq: Sequence) -> None:
         # Tail blocks go back first, so they are reused before the (more shareable) head blocks.
@@ -123,6 +130,11 @@ class BlockManager:
         block.token_ids = tokens
         block.hash = chain_hash(prev, tokens)
         self.cached[block.hash] = block.block_id
+
+    def forget_blocks(self, block_ids) -> None:
+        """Makes these blocks unfindable by prefix: a step that was to write their KV failed."""
+        for block_id in block_ids:
+            self._evict_hash(block_id)
 
     def forget_prefixes(self) -> None:
         """Drops every cached prefix (blocks in use keep their KV, and are no longer matched)."""

@@ -229,10 +229,6 @@ class EngineConfig:
             raise ConfigError("--num-kv-blocks must be at least 1")
         if self.role not in ROLES:
             raise ConfigError(f"role must be one of {ROLES}, not {self.role!r}")
-        if self.role == "decode":
-            # Blocks arrive reserved before their KV does; a prefix match on them would read
-            # bytes not yet written. Decode workers only reuse KV they computed themselves.
-            self.enable_prefix_caching = False
 
     def torch_dtype(self, model_config: ModelConfig) -> torch.dtype:
         import torch

@@ -188,7 +188,8 @@ class LLM:
         spare = len(self.scheduler.running) + len(self.scheduler.ready) + incoming
         if self.block_manager.blocks_needed(seq, seq.num_prompt_tokens) + spare > self.block_manager.num_free_blocks:
             return False
-        self.block_manager.allocate(seq, seq.num_prompt_tokens)
+        # Not findable by prefix until the KV is in them.
+        self.block_manager.allocate(seq, seq.num_prompt_tokens, register=False)
         return True
 
     def free_reserved(self, seq: Sequence) -> None:
@@ -199,6 +200,9 @@ class LLM:
         """A sequence whose prompt KV is now in its reserved blocks, and whose first token was
         sampled elsewhere: it joins the decode batch as the decode policy admits it."""
         seq.num_computed_tokens = seq.num_prompt_tokens
+        # Its prompt's blocks may serve a prefix from now on: this sequence's own recompute
+        # if it is preempted, as much as another's.
+        self.block_manager.register_filled(seq)
         self.scheduler.add_prefilled(seq)
 
     def load(self) -> dict:
@@ -233,8 +237,17 @@ class LLM:
         # leaves it there for the next call).
         launched = self._launch(batch)
         in_flight, self._in_flight = self._in_flight, launched
-        stepped = self._complete(in_flight) if in_flight is not None else []
-        if batch.is_prefill or not self.overlap:
+        waits_for_launched = batch.is_prefill or not self.overlap
+        try:
+            stepped = self._complete(in_flight) if in_flight is not None else []
+        except StepFailed as e:
+            if not waits_for_launched:
+                raise
+            # The step just launched is never read: its requests fail with the last one's, not
+            # go on to decode from tokens that never came back.
+            self._in_flight = None
+            raise self._step_failed(e.request_ids, batch, e.__cause__) from e.__cause__
+        if waits_for_launched:
             self._in_flight = None
             stepped += self._complete(launched)
         return stepped
@@ -249,7 +262,7 @@ class LLM:
         try:
             tokens = self.runner.launch(batch)
         except Exception as e:
-            raise StepFailed([seq.request_id for seq in batch.seqs], e) from e
+            raise self._step_failed([], batch, e) from e
         self.scheduler.advance(batch, tokens.rows)
         if batch.is_prefill and self.on_prompts_completing is not None and tokens.rows:
             self.on_prompts_completing([batch.seqs[row] for row in tokens.rows])
@@ -263,7 +276,7 @@ class LLM:
         try:
             sampled = step.tokens.wait()
         except Exception as e:
-            raise StepFailed([seq.request_id for seq in step.batch.seqs], e) from e
+            raise self._step_failed([], step.batch, e) from e
         ended = time.perf_counter()
         decode = not step.batch.is_prefill
         # What a token costs a running sequence is the whole period from one decode step to the
@@ -283,6 +296,12 @@ class LLM:
         self._decoding_since = ended if decode and self.scheduler.running else None
         return stepped
 
+    def _step_failed(self, request_ids: list[str], batch: Batch, cause: BaseException) -> StepFailed:
+        """The failure of a batch (after `request_ids`, failed already). The KV its blocks were
+        to receive may never have been written, so no later prompt may match them as a prefix."""
+        self.block_manager.forget_blocks(b for seq in batch.seqs for b in seq.block_table)
+        return StepFailed(request_ids + [seq.request_id for seq in batch.seqs], cause)
+
     def warm_up(self) -> float:
         """Runs one prefill step of the full token budget (as far as half the KV cache holds)
         and a decode step of it, then every other attention shape with kernels of its own
@@ -291,8 +310,8 @@ class LLM:
         request stalled for over a second (an 8192-token step on an H100 and on an H200, once
         per machine); and the scheduling policies' compiled loops (`kairos.scheduler.native`).
         Distinct random prompts, so the step is all new tokens; neither the calibration, the
-        step times, the prefill counter nor the prefix cache keeps anything of it. Returns the
-        seconds it took."""
+        step times, the prefill counter, the decode policy's output lengths nor the prefix cache
+        keeps anything of it. Returns the seconds it took."""
         started = time.perf_counter()
         total = min(self.config.max_num_batched_tokens, self.num_total_blocks // 2 * self.config.block_size)
         per_prompt = max(1, min(total, self.max_model_len - 2))
@@ -307,6 +326,7 @@ class LLM:
         # A prefill worker's engine hands sequences off after their first token: here they
         # decode too, so that the decode kernels are warm as well.
         hands_off, self.scheduler.prefill_only = self.scheduler.prefill_only, False
+        self.scheduler.learns_output_lengths = False
         try:
             self.generate(prompts, SamplingParams(max_tokens=2, ignore_eos=True, temperature=0))
             self.runner.run_attention_variants()
@@ -315,6 +335,7 @@ class LLM:
         finally:
             self.cost_model, self.num_prefill_tokens_computed = calibrated, computed
             self.scheduler.prefill_only = hands_off
+            self.scheduler.learns_output_lengths = True
             self._decoding_since = None
             self.step_times = StepTimes()
             self.block_manager.forget_prefixes()
@@ -357,6 +378,10 @@ class LLM:
                 self.block_manager.allocate(seq, n)
             batch = Batch(True, seqs, [s.num_uncomputed_tokens for s in seqs])
             return list(self.runner.forward_logits(batch, all_logits=True).split(batch.num_new_tokens))
+        except BaseException:
+            # Blocks registered for KV the forward pass did not write must not serve a prefix.
+            self.block_manager.forget_blocks(b for seq in seqs for b in seq.block_table)
+            raise
         finally:
             for seq in seqs:
                 if seq.block_table:

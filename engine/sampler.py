@@ -54,7 +54,7 @@ class Sampler:
         pinned host tensor copied without waiting: a blocking copy would wait for the forward
         pass queued before it, and the host could no longer prepare the next step meanwhile."""
         vocab = logits.shape[-1]
-        host = torch.tensor([[p.temperature or 1.0 for p in params],
+        host = torch.tensor([[1.0 if p.greedy else p.temperature for p in params],
                              [p.top_k if p.top_k > 0 else vocab for p in params],  # exact in float32
                              [p.top_p for p in params],
                              [float(p.greedy) for p in params]], dtype=torch.float32, pin_memory=logits.is_cuda)

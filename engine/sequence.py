@@ -114,7 +114,8 @@ class Sequence:
         end = len(text)
         if not self.is_finished:
             for stop in self.params.stop:
-                for n in range(min(len(stop) - 1, end - self.num_text_streamed), 0, -1):
+                # Each stop looks at all the unstreamed text, not what an earlier stop left.
+                for n in range(min(len(stop) - 1, len(text) - self.num_text_streamed), 0, -1):
                     if text.endswith(stop[:n]):
                         end = min(end, len(text) - n)
                         break

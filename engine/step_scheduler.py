@@ -47,6 +47,7 @@ class StepScheduler:
         # Waiting sequences preempted with a token still on the device: they recompute once it is known.
         self.awaiting_token: set[Sequence] = set()
         self.prefill_only = prefill_only
+        self.learns_output_lengths = True  # off while warming up: its outputs are not serving's
         self.num_handed_off = 0  # sequences out of every queue, still holding blocks
         self.num_preemptions = 0
 
@@ -212,7 +213,7 @@ class StepScheduler:
         return stepped
 
     def _finish(self, seq: Sequence, reason: FinishReason | None) -> None:
-        if reason is not None and reason is not FinishReason.ABORT:
+        if reason is not None and reason is not FinishReason.ABORT and self.learns_output_lengths:
             self.decode_policy.finished(seq)
         seq.drop_pending()
         self.awaiting_token.discard(seq)

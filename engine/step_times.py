@@ -23,10 +23,11 @@ class StepTimes:
         """{phase: {upper bound ("+Inf" the last): steps at most that long, "sum": seconds}}, in
         the shape of a heartbeat's figures."""
         out = {}
-        for phase, counts in self.counts.items():
+        # A copy: a worker's heartbeat thread reads these while its serving loop records.
+        for phase, counts in list(self.counts.items()):
             total, hist = 0, {}
             for bound, count in zip([*map(str, self.buckets), "+Inf"], counts):
                 total += count
                 hist[bound] = total
-            out[phase] = {**hist, "sum": self.sums[phase]}
+            out[phase] = {**hist, "sum": self.sums.get(phase, 0.0)}
         return out

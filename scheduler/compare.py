@@ -59,7 +59,10 @@ def compare(trace: list[TraceRequest], rate_scales: list[float], policies: list[
     of them); a row holds the mean report, and each run's E2E attainment."""
     if repeats < 1:
         raise ValueError(f"--repeats must be at least 1, got {repeats}")
-    base_rate = len(trace) / max(r.arrival for r in trace)
+    last_arrival = max((r.arrival for r in trace), default=0.0)
+    if last_arrival <= 0:
+        raise ValueError("the trace's requests all arrive at once (or there are none): it has no rate to scale")
+    base_rate = len(trace) / last_arrival
     rows, cdfs = [], {}
     for scale in rate_scales:
         runs = {policy: [] for policy in policies}

@@ -11,6 +11,7 @@ from kairos.scheduler.defaults import DEFAULT_TPOT_SLO_MS, DEFAULT_TTFT_SLO_MS
 
 MAX_COUNT = 2**31 - 1  # token counts and ids, top-k: what an int32 holds
 MAX_TEMPERATURE = 1e4
+GREEDY_BELOW_TEMPERATURE = 1e-5
 MIN_SLO_MS, MAX_SLO_MS = 1e-3, 1e9  # a microsecond to about eleven days
 MAX_CLASS_NAME = 256
 # Latency-sensitive requests are judged by TTFT and TPOT; throughput-intensive ones by a deadline
@@ -76,7 +77,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # Below this, dividing the logits by the temperature overflows float32 (a row of NaN
+        # would sample token 0), long before sampling could differ from the argmax.
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
 
 @dataclass(frozen=True, slots=True)

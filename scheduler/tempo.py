@@ -173,6 +173,9 @@ class TempoPrefill(_Predicting):
 
     name = "tempo"
     summary = "Tempo: earliest first-token deadline, the least gain density demoted when late"
+    # Its deadlines are not arrival + TTFT, nor its late prompts in arrival order: the simulator
+    # may not set prompts aside by their TTFT as it does for kairos and mh.
+    demotes_expired = False
 
     def __init__(self, cost: CostModel, token_budget: int, service: Service | None = None):
         super().__init__(cost, token_budget)

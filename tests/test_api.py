@@ -213,6 +213,11 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "http://x"}}]}]}, 400, "messages[0].content"),
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"content": "no role"}]}, 400, "messages[0].role"),
+    # Valid JSON, but not valid Unicode: the first prompt is not sent without the second.
+    ("/v1/completions", b'{"model": "tiny", "prompt": ["ok", "a\\ud800"]}', 400, None),
+    ("/v1/completions", b"[" * 100_000 + b"]" * 100_000, 400, None),
+    # Under the body limit, over what one message to the router may carry.
+    ("/v1/completions", {"model": "tiny", "prompt": "x" * (17 * 2**20)}, 413, None),
 ]
 
 

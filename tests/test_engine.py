@@ -117,6 +117,45 @@ def test_eos_from_generation_config_stops_unless_ignored(tiny_llm):
     assert seq.append_token(1, 1024) is None
 
 
+def test_streamed_text_holds_back_every_stop_string_prefix_whatever_the_stops_order():
+    """'xab' may become the stop 'xabc': none of it streams, however the stops are listed."""
+    from types import SimpleNamespace
+
+    from kairos.engine.sequence import Sequence
+
+    for stops in (["bq", "xabc"], ["xabc", "bq"]):
+        seq = Sequence([1], SamplingParams(stop=stops), detokenizer=SimpleNamespace(text="hello xab"))
+        assert seq.take_text_delta() == "hello "
+        seq.detokenizer.text += "d"
+        assert seq.take_text_delta() == "xabd"
+
+
+def test_a_prompt_logits_call_that_fails_leaves_no_prefix_behind():
+    """The first prompt's blocks were registered for KV that no forward pass wrote."""
+    llm = LLM("tiny", num_kv_blocks=8, max_model_len=256, block_size=16)
+    with pytest.raises(RuntimeError, match="not enough free KV blocks"):
+        llm.prompt_logits([[3] * 40, [4] * 200])
+    assert not llm.block_manager.cached and llm.num_free_blocks == llm.num_total_blocks
+
+
+def test_a_decode_worker_matches_received_kv_as_a_prefix_only_once_it_is_in_place():
+    """Blocks reserved for a prompt's KV hold nothing until the transfer lands: no prefix match
+    may find them before. Once in place, they serve a later prefix (a preempted sequence's own
+    recompute first of all)."""
+    llm = LLM("tiny", role="decode", num_kv_blocks=64, max_model_len=256, block_size=16)
+    seq = llm.make_sequence([7] * 40, SamplingParams(max_tokens=4))
+    assert llm.reserve_prompt_kv(seq) and not llm.block_manager.cached
+    seq.append_token(5, llm.max_model_len)  # the first token, sampled by the prefill worker
+    llm.add_prefilled(seq)
+    assert len(llm.block_manager.cached) == 2  # 40 tokens: two full blocks
+    again = llm.make_sequence([7] * 40 + [5, 9], SamplingParams(max_tokens=4))
+    assert llm.block_manager.match_prefix(again) == 32
+    cancelled = llm.make_sequence([8] * 40, SamplingParams(max_tokens=4))
+    assert llm.reserve_prompt_kv(cancelled)
+    llm.free_reserved(cancelled)  # its transfer failed: nothing of it is findable
+    assert llm.block_manager.match_prefix(llm.make_sequence([8] * 40, SamplingParams(max_tokens=4))) == 0
+
+
 def test_stop_string_truncates_text(tiny_llm):
     free_run = tiny_llm.generate("The quick brown fox", GREEDY)[0]
     text = free_run.text
@@ -168,6 +207,9 @@ def test_warm_up_runs_a_full_budget_prefill_and_a_decode_step_and_keeps_nothing(
     assert [len(b.seqs) for b in steps[1:] if not b.is_prefill] == [3]
     assert llm.cost_model.totals == totals and llm.num_prefill_tokens_computed == 0
     assert llm.num_free_blocks == llm.num_total_blocks and not llm.block_manager.cached
+    assert not llm.scheduler.decode_policy.estimator.lengths_by_class()  # no 2-token outputs learned
+    llm.generate([[5] * 20], SamplingParams(max_tokens=3, ignore_eos=True))
+    assert llm.scheduler.decode_policy.estimator.lengths_by_class() == {None: [3]}  # serving's are
 
 
 def test_after_the_warm_up_serving_compiles_no_kernel(monkeypatch, tmp_path):

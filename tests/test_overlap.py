@@ -122,6 +122,30 @@ def test_a_step_failing_mid_flight_fails_only_its_requests():
     assert llm.num_free_blocks == llm.num_total_blocks
 
 
+def test_a_prefill_launched_behind_a_failing_step_fails_with_it_and_leaves_no_prefix():
+    """A prefill is launched before the decode step in flight is read; when that read fails,
+    the prefill is never read either: its request fails too (it must not decode on from a
+    first token that never came back), and its blocks serve no later prompt as a prefix."""
+    from kairos.engine.llm import StepFailed
+
+    llm = LLM("tiny", overlap="on", num_kv_blocks=64, max_model_len=256, block_size=8)
+    first, late = prompts(2, seed=1, low=20, high=40)
+    llm.add_request(first, GREEDY, request_id="r0")
+    llm.step()
+    llm.step()  # r0's decode step in flight
+    llm._in_flight.tokens.wait = lambda: (_ for _ in ()).throw(RuntimeError("device lost"))
+    llm.add_request(late, GREEDY, request_id="r1")
+    with pytest.raises(StepFailed) as failed:
+        llm.step()  # launches r1's prefill, then reads r0's step
+    assert sorted(failed.value.request_ids) == ["r0", "r1"] and llm._in_flight is None
+    for request_id in failed.value.request_ids:
+        llm.abort(request_id)
+    assert not llm.has_unfinished() and llm.num_free_blocks == llm.num_total_blocks
+    assert not llm.block_manager.cached
+    fresh = LLM("tiny", overlap="off", num_kv_blocks=64, max_model_len=256, block_size=8)
+    assert outputs(llm, [late], GREEDY) == outputs(fresh, [late], GREEDY)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_overlapped_graph_replays_match_serial_steps_on_cuda():
     """On CUDA the overlapped step's pending inputs are read on the device, between graph

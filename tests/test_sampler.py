@@ -50,6 +50,15 @@ def test_greedy_rows_and_sampled_rows_in_one_batch():
     assert Sampler(torch.device("cpu"), 99)(logits, params, list(range(65))).tolist() == first
 
 
+def test_a_temperature_too_small_to_divide_by_is_greedy_not_token_zero():
+    """Logits over 1e-37 overflow float32: a row of NaN, whose argmax is token 0."""
+    logits = torch.tensor([[0.0, 5.0, 1.0]] * 3)
+    params = [SamplingParams(temperature=t) for t in (1e-38, 1e-6)] + [SamplingParams(temperature=0.7, seed=1)]
+    assert all(p.greedy for p in params[:2]) and not params[2].greedy
+    tokens = Sampler(torch.device("cpu"), 0)(logits, params, [0, 0, 0]).tolist()
+    assert tokens[:2] == [1, 1]
+
+
 def test_engine_seed_drives_unseeded_draws():
     logits = torch.zeros(64, 8)
     params = [SamplingParams()] * 64

@@ -11,6 +11,7 @@ from kairos.bench import DEFAULT_TRACE
 from kairos.scheduler.compare import compare, goodput, simulated_point, table
 from kairos.scheduler.cost_model import CostModel
 from kairos.scheduler.metrics import metrics
+from kairos.scheduler.prefill import PREFILL_POLICIES
 from kairos.scheduler.request import RequestSLO
 from kairos.scheduler.simulator import SimConfig, Simulator, simulate
 from kairos.scheduler.traces import TraceRequest, load_azure, load_mooncake, shape, synthetic, with_slos
@@ -222,10 +223,11 @@ def test_prefill_steps_chunk_as_the_engine_does_and_prompts_hold_kv_until_it_lan
     assert b.first_token_time == pytest.approx(landed + COST.prefill_time([(800, 800)]))
 
 
-@pytest.mark.parametrize("policy", ["kairos", "mh"])
+@pytest.mark.parametrize("policy", [name for name, cls in PREFILL_POLICIES.items() if cls.demotes_expired])
 def test_expired_prompts_kept_aside_change_no_result(policy):
-    """The simulator keeps prompts past their deadline out of the policy's sort; under a
-    sustained overload that must give exactly what ranking the whole queue every step gives."""
+    """The simulator keeps prompts past their deadline out of the sort of a policy that
+    declares it demotes them; under a sustained overload that must give exactly what ranking
+    the whole queue every step gives."""
     class RanksEverything(Simulator):
         def prefill_order(self, w):
             return w.policy.order(w.prefilling + w.waiting, self.now)
@@ -364,6 +366,12 @@ def test_compare_reports_gains_against_the_baseline():
     base = result["summary"]["fcfs+cb"]
     assert base["goodput_vs_baseline"] in (None, 1.0)
     assert all(math.isfinite(r["decode_throughput_tok_s"]) for r in result["rows"])
+
+
+def test_compare_refuses_a_trace_with_no_rate_to_scale():
+    for trace in ([], [TraceRequest(0.0, 10, 5)] * 3):
+        with pytest.raises(ValueError, match="no rate to scale"):
+            compare(trace, [1.0], ["fcfs+cb"], simulated_point(SimConfig(), COST))
 
 
 def test_repeated_points_take_turns_and_report_the_mean():

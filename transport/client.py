@@ -28,6 +28,12 @@ from kairos.transport import protocol as p
 from kairos.transport.security import CurveKeys
 from kairos.transport.sockets import DEFAULT_ROUTER, make_socket
 
+ABORT_LINGER_MS = 200  # how long a closing client may take to get its aborts out
+
+
+class RequestTooLarge(ValueError):
+    """A request over the size of a message a router takes."""
+
 
 class RequestFailed(RuntimeError):
     """code: what kind of failure (protocol.ERROR_CODES), or None."""
@@ -110,7 +116,24 @@ def make_submit(prompt: str | list[int], request_id: str, *, max_tokens: int = 1
         text, ids = None, prompt
     else:
         raise ValueError("a prompt is a string or a non-empty list of token ids")
-    return p.Submit(request_id, text, ids, asdict(params), slo, group_id, add_special_tokens)
+    msg = p.Submit(request_id, text, ids, asdict(params), slo, group_id, add_special_tokens)
+    encoded_submit(msg)
+    return msg
+
+
+def encoded_submit(msg: p.Submit) -> bytes:
+    """The request as it goes on the wire; ValueError where it cannot go: text that is not
+    valid Unicode, or more bytes than a router takes in one message (which ZeroMQ would drop
+    by disconnecting the sender, and every request in flight on it with it)."""
+    try:
+        data = p.encode(msg)
+    except UnicodeEncodeError as e:
+        raise ValueError(f"the request holds text that is not valid Unicode ({e.reason} at character "
+                         f"{e.start} of {e.object[max(0, e.start - 20) : e.start + 1]!r})") from None
+    if len(data) > p.MAX_CONTROL_MESSAGE_BYTES:
+        raise RequestTooLarge(f"the request is {len(data)} bytes as sent; a router takes at most "
+                         f"{p.MAX_CONTROL_MESSAGE_BYTES} (a shorter prompt fits)")
+    return data
 
 
 def status_dict(report: p.StatusReport) -> dict:
@@ -125,11 +148,15 @@ class _Base:
         self._ids = itertools.count()
         self._prefix = f"{os.getpid()}-{id(self) & 0xFFFF:x}"
 
-    def _new_request(self, prompt, request_id: str | None, options: dict) -> tuple[p.Submit, _Tracked]:
+    def _new_request(self, prompt, request_id: str | None, options: dict) -> tuple[bytes, _Tracked]:
+        """The request's message, checked and encoded, and its tracker (not yet filed)."""
         request_id = request_id or f"{self._prefix}-{next(self._ids)}"
         if request_id in self.tracked:
             raise ValueError(f"request id {request_id!r} is already in use")
-        return make_submit(prompt, request_id, **options), _Tracked(request_id)
+        return encoded_submit(make_submit(prompt, request_id, **options)), _Tracked(request_id)
+
+    def _unfinished(self) -> list[str]:
+        return [rid for rid, tracked in self.tracked.items() if not tracked.done]
 
     def _route(self, data: bytes) -> p.Message:
         """Files a request's message under its request, and returns the message."""
@@ -161,14 +188,15 @@ class Client(_Base):
 
     def submit(self, prompt: str | list[int], request_id: str | None = None, **options) -> str:
         """Sends a request (options: see `make_submit`) and returns its id at once."""
-        msg, tracked = self._new_request(prompt, request_id, options)
+        data, tracked = self._new_request(prompt, request_id, options)
         self.tracked[tracked.request_id] = tracked
         tracked.sent_at = time.perf_counter()
-        self.socket.send(p.encode(msg))
+        self.socket.send(data)
         return tracked.request_id
 
     def stream(self, request_id: str) -> Iterator[p.Tokens]:
-        """The request's token chunks as they arrive; raises RequestFailed on an error."""
+        """The request's token chunks as they arrive; raises RequestFailed on an error. Left
+        before its end (a break, an exception, a timeout), the request is aborted."""
         tracked = self.tracked[request_id]
         try:
             while True:
@@ -177,8 +205,9 @@ class Client(_Base):
                     return
                 self._receive()
         finally:
-            if tracked.done:
-                self.tracked.pop(request_id, None)
+            if not tracked.done and not self.socket.closed:
+                self.abort(request_id)
+            self.tracked.pop(request_id, None)
 
     def result(self, request_id: str) -> Completion:
         """Waits for the request to end; failures are in the completion's `error`."""
@@ -228,7 +257,12 @@ class Client(_Base):
         return self._route(self.socket.recv())
 
     def close(self) -> None:
-        self.ctx.destroy(linger=0)
+        """Aborts the requests still running (their output would go nowhere) and disconnects."""
+        unfinished = self._unfinished()
+        for request_id in unfinished:
+            self.abort(request_id)
+        # Long enough for the aborts to leave, not to wait on a router that is gone.
+        self.ctx.destroy(linger=ABORT_LINGER_MS if unfinished else 0)
 
     def __enter__(self):
         return self
@@ -278,12 +312,12 @@ class AsyncClient(_Base):
         return tracked.completion
 
     async def _start(self, prompt, request_id: str | None, options: dict) -> _Tracked:
-        msg, tracked = self._new_request(prompt, request_id, options)
+        data, tracked = self._new_request(prompt, request_id, options)
         self.tracked[tracked.request_id] = tracked
         self._wakeups[tracked.request_id] = asyncio.Event()
         self._ensure_reader()
         tracked.sent_at = time.perf_counter()
-        await self.socket.send(p.encode(msg))
+        await self.socket.send(data)
         return tracked
 
     async def _chunks(self, tracked: _Tracked) -> AsyncIterator[p.Tokens]:
@@ -305,6 +339,9 @@ class AsyncClient(_Base):
         finally:
             self.tracked.pop(rid, None)
             self._wakeups.pop(rid, None)
+            if not tracked.done and not self.socket.closed:
+                # Left before its end (a break, a cancelled task, a timeout): nobody reads on.
+                await self.abort(rid)
 
     async def abort(self, request_id: str) -> None:
         await self.socket.send(p.encode(p.Abort(request_id)))
@@ -355,9 +392,16 @@ class AsyncClient(_Base):
                 wake.set()
 
     def close(self) -> None:
+        """Aborts the requests still running (their output would go nowhere) and disconnects."""
         if self._reader is not None:
             self._reader.cancel()
-        self.ctx.destroy(linger=0)
+        unfinished = self._unfinished()
+        if unfinished:
+            # Sent at once, outside the event loop, which may not run again before the end.
+            now = zmq.Socket.shadow(self.socket.underlying)
+            for request_id in unfinished:
+                now.send(p.encode(p.Abort(request_id)), flags=zmq.NOBLOCK)
+        self.ctx.destroy(linger=ABORT_LINGER_MS if unfinished else 0)
 
     async def __aenter__(self):
         return self

@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from kairos.scheduler.request import MAX_COUNT
 from kairos.transport import protocol as p
 from kairos.transport.chat import ChatTemplate, ChatTemplateError
-from kairos.transport.client import AsyncClient, RequestFailed, make_submit
+from kairos.transport.client import AsyncClient, RequestFailed, RequestTooLarge, make_submit
 
 log = logging.getLogger("kairos.api")
 
@@ -467,6 +467,8 @@ class OpenAIServer:
             raw = json.loads(data)
         except (ValueError, UnicodeDecodeError) as e:
             raise APIError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
+        except RecursionError:
+            raise APIError(400, "the body nests too deeply", code="invalid_json") from None
         try:
             body = model.model_validate(raw)
         except ValidationError as e:
@@ -482,6 +484,8 @@ class OpenAIServer:
         try:
             for prompt, extra in prompts:
                 make_submit(prompt, "check", **options, **extra)
+        except RequestTooLarge as e:
+            raise APIError(STATUS_OF_CODE[p.PROMPT_TOO_LONG], str(e), code=p.PROMPT_TOO_LONG) from None
         except ValueError as e:
             message = str(e)
             param = message.split()[0] if message.split()[0] in options else None

@@ -70,7 +70,11 @@ class _Native:
 
     async def send(self, prompt: list[int], r: TraceRequest) -> tuple[int, list[float], str | None]:
         """(output tokens, each token's arrival in seconds since sent, error)."""
-        out = await self.client.generate(prompt, max_tokens=r.output_len, ignore_eos=True, temperature=0, slo=r.slo)
+        try:
+            out = await self.client.generate(prompt, max_tokens=r.output_len, ignore_eos=True, temperature=0,
+                                             slo=r.slo)
+        except TimeoutError as e:  # one request's failure, not the replay's
+            return 0, [], str(e)
         return len(out.token_ids), [ms / 1e3 for ms in out.token_times_ms], out.error
 
     async def close(self) -> None:
@@ -89,6 +93,7 @@ class _HTTP:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         # As many connections as requests in flight: the replay is open loop.
         self.http = httpx.AsyncClient(timeout=timeout_s, headers=headers, limits=httpx.Limits(max_connections=None))
+        self.transport_errors = httpx.TransportError
         self.model = model
 
     async def send(self, prompt: list[int], r: TraceRequest) -> tuple[int, list[float], str | None]:
@@ -101,16 +106,19 @@ class _HTTP:
                 **({"request_class": r.slo.request_class} if r.slo.request_class else {}),
                 **({"output_len_hint": r.slo.output_len_hint} if r.slo.output_len_hint else {})}
         sent, times = time.perf_counter(), []
-        async with self.http.stream("POST", f"{self.url}/completions", json=body) as response:
-            if response.status_code != 200:
-                return 0, [], f"HTTP {response.status_code}: {(await response.aread()).decode(errors='replace')}"
-            async for line in response.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                event = json.loads(line[6:])
-                if "error" in event:
-                    return len(times), times, event["error"]["message"]
-                times.append(time.perf_counter() - sent)
+        try:
+            async with self.http.stream("POST", f"{self.url}/completions", json=body) as response:
+                if response.status_code != 200:
+                    return 0, [], f"HTTP {response.status_code}: {(await response.aread()).decode(errors='replace')}"
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    event = json.loads(line[6:])
+                    if "error" in event:
+                        return len(times), times, event["error"]["message"]
+                    times.append(time.perf_counter() - sent)
+        except self.transport_errors as e:  # one request's failure (a timeout, a reset), not the replay's
+            return len(times), times, f"{type(e).__name__}: {e}"
         return len(times), times, None
 
     async def close(self) -> None:

@@ -232,9 +232,15 @@ class Router:
             log.warning("refused registration of %s: %s", msg.worker_id, problem)
             send(self.socket, p.Error(None, problem), identity)
             return
-        self.workers[msg.worker_id] = WorkerInfo(msg.worker_id, msg.role, identity, msg.geometry,
-                                                 msg.total_blocks, msg.kv_addr, time.monotonic(), key=user_id)
-        log.info("registered %s worker %s", msg.role, msg.worker_id)
+        known = self.workers.get(msg.worker_id)
+        if known is not None and (known.role, known.key) == (msg.role, user_id):
+            # It asked again before our answer reached it (ids are drawn afresh by each worker
+            # process, so it is the same one): the requests it serves stay on its books.
+            known.last_seen = time.monotonic()
+        else:
+            self.workers[msg.worker_id] = WorkerInfo(msg.worker_id, msg.role, identity, msg.geometry,
+                                                     msg.total_blocks, msg.kv_addr, time.monotonic(), key=user_id)
+            log.info("registered %s worker %s", msg.role, msg.worker_id)
         send(self.socket, p.Registered(msg.worker_id), identity)
 
     def on_submit(self, client: bytes, msg: p.Submit) -> None:
@@ -269,15 +275,21 @@ class Router:
         self.counters["submitted"] += 1
         self.metrics.received.inc()
         self.pending.append(rid)
-        self.dispatch_pending(time.monotonic())
+        if len(self.pending) == 1:
+            # Others waiting means no worker was free at the turn's last look; the turn looks
+            # again once its messages are read, rather than at each of a burst's submits.
+            self.dispatch_pending(time.monotonic())
 
     def on_client_abort(self, client: bytes, request_id: str) -> None:
         rid = self.by_client.get((client, request_id))
         r = self.requests.get(rid) if rid is not None else None
         if r is None:
             return  # already over: its final message is on its way
-        self.tell_workers(r, p.Abort(r.rid))
         send(self.socket, p.Tokens(request_id, r.next_index, [], "", "abort"), client)
+        self.abort(r)
+
+    def abort(self, r: RoutedRequest) -> None:
+        self.tell_workers(r, p.Abort(r.rid))
         self.counters["aborted"] += 1
         self.count_completion(r, "abort")
         self.forget(r)
@@ -290,8 +302,11 @@ class Router:
         r.held[msg.index] = msg
         while r.next_index in r.held:
             chunk = r.held.pop(r.next_index)
-            send(self.socket, p.Tokens(r.submit.request_id, chunk.index, chunk.token_ids, chunk.text,
-                                       chunk.finish_reason, chunk.prompt_tokens), r.client)
+            if not send(self.socket, p.Tokens(r.submit.request_id, chunk.index, chunk.token_ids, chunk.text,
+                                              chunk.finish_reason, chunk.prompt_tokens), r.client):
+                # Its client is gone: the workers stop spending steps and KV on it.
+                self.abort(r)
+                return
             r.next_index += len(chunk.token_ids)
             if chunk.token_ids:
                 r.last_token_at = time.monotonic()

@@ -22,6 +22,11 @@ def make_socket(ctx: zmq.Context, kind: int, max_bytes: int = MAX_CONTROL_MESSAG
     # ZeroMQ drops any frame over this size and disconnects its sender.
     sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)
     sock.setsockopt(zmq.LINGER, 0)
+    # No queue limit: at ZeroMQ's default of 1000 messages a peer, a burst of requests (or a
+    # client slow to read its tokens) would have messages dropped, and a request lost without
+    # a word. What is queued is what clients asked for, bounded in size message by message.
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
     if kind == zmq.ROUTER:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a reply to a vanished peer raises, not drops
     if identity is not None:
@@ -30,7 +35,8 @@ def make_socket(ctx: zmq.Context, kind: int, max_bytes: int = MAX_CONTROL_MESSAG
 
 
 def send(sock: zmq.Socket, msg: Message, identity: bytes | None = None) -> bool:
-    """Sends one message. False if the peer is gone."""
+    """Sends one message without blocking. False if the peer is gone (a ROUTER socket's peer)
+    or, where a queue limit is set, not reading."""
     parts = ([identity] if identity is not None else []) + [encode(msg)]
     try:
         sock.send_multipart(parts, flags=zmq.NOBLOCK)

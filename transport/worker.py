@@ -121,6 +121,8 @@ class Worker:
         for sock, _ in self.poller.poll(0 if busy else self.idle_poll_ms()):
             # Drain what is waiting, but bounded, so a flood cannot starve the engine.
             for _ in range(256):
+                if sock.closed:  # an earlier message dropped its peer (a decode worker gone)
+                    break
                 if sock is self.router:
                     received = recv(self.router, routed=False)
                     if received is None:
@@ -175,7 +177,13 @@ class Worker:
         try:
             while not self.stopping:
                 if self.registered:
-                    send(sock, p.Heartbeat(self.worker_id, self.stats()))
+                    try:
+                        heartbeat = p.Heartbeat(self.worker_id, self.stats())
+                    except Exception:  # figures read mid-update by the serving loop
+                        # A thread that died here would leave a live worker given up for dead.
+                        log.exception("%s worker %s: no heartbeat this time", self.role, self.worker_id)
+                    else:
+                        send(sock, heartbeat)
                 time.sleep(HEARTBEAT_INTERVAL_S)
         except zmq.ContextTerminated:
             pass

@@ -1,0 +1,196 @@
+"""Nothing the cluster sends is lost without a word, and nothing it computes is for nobody: no
+queue limit drops a burst, a request whose client is gone or stopped reading is aborted on its
+workers, a request that cannot go on the wire fails before it is sent, and a replay counts a
+request that timed out as failed rather than ending."""
+
+import asyncio
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+import zmq
+from serving import recording_router
+
+from kairos.scheduler.traces import TraceRequest
+from kairos.transport import protocol as p
+from kairos.transport.client import AsyncClient, Client, RequestTooLarge, make_submit
+from kairos.transport.replay import replay_requests
+from kairos.transport.sockets import make_socket, recv, send
+from kairos.transport.worker import Worker
+
+
+@pytest.fixture()
+def router():
+    router = recording_router()
+    yield router
+    router.ctx.destroy(linger=0)
+
+
+@pytest.fixture()
+def fake_router():
+    """A bare ROUTER socket standing for the router: what clients send it, and replies."""
+    ctx = zmq.Context()
+    sock = make_socket(ctx, zmq.ROUTER)
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    yield sock, f"tcp://127.0.0.1:{port}"
+    ctx.destroy(linger=0)
+
+
+def received(sock, timeout_ms: int = 5000) -> tuple[bytes, p.Message]:
+    assert sock.poll(timeout_ms), "nothing arrived"
+    got = recv(sock, routed=True)
+    return got.identity, got.msg
+
+
+def test_a_burst_beyond_zeromqs_default_queue_arrives_whole():
+    """At the default of 1000 messages a peer, a reader busy for a moment lost the rest."""
+    ctx = zmq.Context()
+    try:
+        server = make_socket(ctx, zmq.ROUTER)
+        port = server.bind_to_random_port("tcp://127.0.0.1")
+        peer = make_socket(ctx, zmq.DEALER, identity=b"worker")
+        peer.connect(f"tcp://127.0.0.1:{port}")
+        send(peer, p.Heartbeat("worker", {}))
+        received(server)  # the peer is known to the ROUTER socket now
+        burst = 5000
+        assert all(send(server, p.Abort(f"r{i}"), b"worker") for i in range(burst))
+        ids = []
+        while len(ids) < burst and peer.poll(5000):
+            ids.append(p.decode(peer.recv()).request_id)
+        assert ids == [f"r{i}" for i in range(burst)]
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_a_request_whose_client_is_gone_is_aborted_on_its_workers(router):
+    router.on_submit(b"client", p.Submit("r", prompt_token_ids=[1, 2, 3]))
+    rid = router.by_client[(b"client", "r")]
+    assert (router.requests[rid].prefill, router.requests[rid].decode) == ("p1", "d1")
+
+    def send_multipart(frames, *args, **kwargs):
+        if frames[0] == b"client":
+            raise zmq.ZMQError(zmq.EHOSTUNREACH)
+        router.sent.append((frames[0], p.decode(frames[-1])))
+
+    router.socket.send_multipart = send_multipart
+    router.sent.clear()
+    router.handle(b"p1", p.Tokens(rid, 0, [7], "x", None))
+    assert sorted(to for to, msg in router.sent if isinstance(msg, p.Abort) and msg.request_id == rid) == [b"d1", b"p1"]
+    assert rid not in router.requests and not router.workers["p1"].requests and not router.workers["d1"].requests
+    assert router.counters["aborted"] == 1
+
+
+def test_a_worker_asking_again_to_register_keeps_its_requests(router):
+    """Its Register crossed our answer: the same process, serving the same requests."""
+    router.on_submit(b"client", p.Submit("r", prompt_token_ids=[1, 2, 3]))
+    rid = router.by_client[(b"client", "r")]
+    router.sent.clear()
+    router.handle(b"p1", p.Register("p1", "prefill", {}, 64))
+    assert rid in router.workers["p1"].requests and router.sent == [(b"p1", p.Registered("p1"))]
+
+
+def test_a_request_that_cannot_go_on_the_wire_fails_before_it_is_sent():
+    with pytest.raises(ValueError, match="not valid Unicode"):
+        make_submit("a lone \ud800 surrogate", "r")
+    with pytest.raises(ValueError, match="not valid Unicode"):
+        make_submit("fine", "r", stop=["\udfff"])
+    with pytest.raises(RequestTooLarge, match="a router takes at most"):
+        make_submit("x" * (p.MAX_CONTROL_MESSAGE_BYTES + 1), "r")
+    make_submit("x" * (p.MAX_CONTROL_MESSAGE_BYTES - 1000), "r")  # the limit is the message's
+
+
+def test_a_stream_left_early_and_a_client_closed_mid_request_abort_at_the_router(fake_router):
+    sock, addr = fake_router
+    client = Client(addr, timeout_s=5)
+    first = client.submit("one", max_tokens=8)
+    identity, submit = received(sock)
+    assert isinstance(submit, p.Submit) and submit.request_id == first
+    send(sock, p.Tokens(first, 0, [5], "a", None), identity)
+    for _ in client.stream(first):
+        break
+    assert received(sock)[1] == p.Abort(first)
+    second = client.submit("two", max_tokens=8)
+    received(sock)
+    client.close()
+    assert received(sock)[1] == p.Abort(second)
+
+
+def test_an_async_stream_left_early_and_a_closed_async_client_abort_too(fake_router):
+    sock, addr = fake_router
+
+    async def run():
+        client = AsyncClient(addr, timeout_s=5)
+        stream = client.stream("one", max_tokens=8)
+        task = asyncio.ensure_future(stream.__anext__())
+        identity, submit = await asyncio.to_thread(received, sock)
+        send(sock, p.Tokens(submit.request_id, 0, [5], "a", None), identity)
+        await task
+        await stream.aclose()
+        assert (await asyncio.to_thread(received, sock))[1] == p.Abort(submit.request_id)
+        second = await client.submit("two", max_tokens=8)
+        await asyncio.to_thread(received, sock)
+        client.close()
+        assert (await asyncio.to_thread(received, sock))[1] == p.Abort(second)
+
+    asyncio.run(run())
+
+
+def test_a_replayed_request_that_times_out_fails_alone(fake_router):
+    """The router answers the first request and never the second: the replay reports both."""
+    sock, addr = fake_router
+    trace = [TraceRequest(0.0, 4, 1), TraceRequest(0.0, 4, 1)]
+    answered = []
+
+    def answer_first():
+        identity, submit = received(sock)
+        answered.append(submit.request_id)
+        send(sock, p.Tokens(submit.request_id, 0, [5], "a", "length", 4), identity)
+        received(sock)  # the second, never answered
+
+    thread = threading.Thread(target=answer_first)
+    thread.start()
+    started = time.monotonic()
+    done = replay_requests(addr, trace, timeout_s=1.0)
+    thread.join()
+    assert time.monotonic() - started < 10
+    assert sorted((r.output_len, r.error is None) for r in done) == [(0, False), (1, True)]
+    assert "no reply from the router" in next(r.error for r in done if r.error)
+
+
+def test_a_worker_loop_reads_no_socket_that_a_message_before_closed():
+    """A router message (WorkerGone, RegisterAgain) can close a decode worker's KV socket that
+    the same poll found readable: reading it raised, and the prefill worker died."""
+    ctx = zmq.Context()
+    try:
+        ends = []
+        for name in (b"router", b"kv"):
+            server = make_socket(ctx, zmq.ROUTER)
+            port = server.bind_to_random_port("tcp://127.0.0.1")
+            client = make_socket(ctx, zmq.DEALER, identity=b"w")
+            client.connect(f"tcp://127.0.0.1:{port}")
+            send(client, p.Heartbeat("w", {}))
+            received(server)
+            send(server, p.Abort(name.decode()), b"w")
+            ends.append(client)
+        worker = Worker.__new__(Worker)
+        worker.router, kv = ends
+        worker.poller = zmq.Poller()
+        for sock in ends:
+            worker.poller.register(sock, zmq.POLLIN)
+            assert sock.poll(5000)
+        worker.registered, worker.blocked, worker.turn_notes = True, False, {}
+        worker.llm = SimpleNamespace(has_unfinished=lambda: False)
+        worker.tick = lambda now: None
+        worker.idle_poll_ms = lambda: 1000
+
+        def on_router_message(message):
+            worker.poller.unregister(kv)
+            kv.close(linger=0)
+
+        worker._on_router_message = on_router_message
+        worker.handle_socket = lambda sock: recv(sock, routed=False) is not None
+        worker.run_once()
+        assert kv.closed
+    finally:
+        ctx.destroy(linger=0)
