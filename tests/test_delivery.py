@@ -53,8 +53,8 @@ def test_a_burst_beyond_zeromqs_default_queue_arrives_whole():
         peer.connect(f"tcp://127.0.0.1:{port}")
         send(peer, p.Heartbeat("worker", {}))
         received(server)  # the peer is known to the ROUTER socket now
-        burst = 5000
-        assert all(send(server, p.Abort(f"r{i}"), b"worker") for i in range(burst))
+        burst, text = 5000, "x" * 10_000  # beyond what the pipes and the TCP buffers hold
+        assert all(send(server, p.Tokens(f"r{i}", 0, [], text, None), b"worker") for i in range(burst))
         ids = []
         while len(ids) < burst and peer.poll(5000):
             ids.append(p.decode(peer.recv()).request_id)

@@ -124,17 +124,19 @@ def test_streamed_text_holds_back_every_stop_string_prefix_whatever_the_stops_or
     from kairos.engine.sequence import Sequence
 
     for stops in (["bq", "xabc"], ["xabc", "bq"]):
-        seq = Sequence([1], SamplingParams(stop=stops), detokenizer=SimpleNamespace(text="hello xab"))
+        seq = Sequence([1], SamplingParams(stop=stops), detokenizer=SimpleNamespace(text="hello "))
         assert seq.take_text_delta() == "hello "
+        seq.detokenizer.text += "xab"
+        assert seq.take_text_delta() == ""
         seq.detokenizer.text += "d"
         assert seq.take_text_delta() == "xabd"
 
 
 def test_a_prompt_logits_call_that_fails_leaves_no_prefix_behind():
     """The first prompt's blocks were registered for KV that no forward pass wrote."""
-    llm = LLM("tiny", num_kv_blocks=8, max_model_len=256, block_size=16)
+    llm = LLM("tiny", num_kv_blocks=8, max_model_len=128, block_size=16)
     with pytest.raises(RuntimeError, match="not enough free KV blocks"):
-        llm.prompt_logits([[3] * 40, [4] * 200])
+        llm.prompt_logits([[3] * 40, [4] * 100])  # 3 blocks, then 7 of the 5 left
     assert not llm.block_manager.cached and llm.num_free_blocks == llm.num_total_blocks
 
 
