@@ -169,7 +169,8 @@ class TempoPrefill(_Predicting):
     the latest start that still lets their predicted output finish by their due time (a request
     with time to spare waits while others need the prefill). When a prompt would be late, the
     kept prompt of the lowest gain density gives way to it if its density is higher (the walk
-    keeps the most gain it can); the demoted prompts follow, densest first."""
+    keeps the most gain it can); the demoted prompts follow, densest first, and last those
+    whose first token is already overdue, oldest first."""
 
     name = "tempo"
     summary = "Tempo: earliest first-token deadline, the least gain density demoted when late"
@@ -218,7 +219,11 @@ class TempoPrefill(_Predicting):
             else:
                 late.add(i)
         on_time = [job[3] for i, job in enumerate(jobs) if i not in late]
-        return on_time, [jobs[i][3] for i in sorted(late, key=lambda i: -densities[i])]
+        # A prompt whose first token is due already has no gain left to keep: it goes behind
+        # every prompt that still has some, oldest first, so that it cannot sink them.
+        hopeless = sorted((i for i in late if jobs[i][0] < now), key=lambda i: jobs[i][3].arrival_time)
+        still = sorted((i for i in late if jobs[i][0] >= now), key=lambda i: -densities[i])
+        return on_time, [jobs[i][3] for i in still + hopeless]
 
 
 class TempoDecode(SlackBatching):

@@ -100,6 +100,20 @@ def test_tempo_prefill_keeps_the_most_gain_brute_force_can_find(jobs):
     assert on_time(kept) and tokens(kept) == best
 
 
+def test_tempo_prefill_puts_overdue_prompts_last_oldest_first():
+    """A prompt whose first token is already overdue gains nothing however dense it is: it may
+    not go ahead of a late prompt that can still gain, and overdue ones keep arrival order."""
+    cost = CostModel(prefill=(0.0, 1e-3, 0.0), decode=COST.decode)  # 100 tokens: 0.1 s, one step
+    policy = TempoPrefill(cost, token_budget=100)
+    overdue_dense = Req(0.5, RequestSLO(ttft_ms=100), prompt=10, max_tokens=400)
+    overdue_old = Req(0.1, RequestSLO(ttft_ms=100), prompt=10, max_tokens=5)
+    kept = Req(1.0, RequestSLO(ttft_ms=150), max_tokens=50)
+    late_but_possible = Req(1.0, RequestSLO(ttft_ms=160), max_tokens=10)  # loses the one step to `kept`
+    on_time, late = policy.split([overdue_dense, late_but_possible, overdue_old, kept], now=1.0)
+    assert on_time == [kept]
+    assert late == [late_but_possible, overdue_old, overdue_dense]
+
+
 def test_tempo_decode_takes_the_densest_and_lets_requests_with_time_to_spare_wait():
     policy = TempoDecode(COST, max_batch=2)
     chat = Req(0.0, RequestSLO(ttft_ms=500, tpot_ms=50), max_tokens=10, num_output_tokens=1)
