@@ -13,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from kairos.bench import DEFAULT_PROFILE, DEFAULT_TRACE, RESULTS
+from kairos.cli.checks import positive_float, positive_int, writable_folder
 from kairos.cli.engine_flags import engine_argv
 from kairos.cli.report import print_slo_report
 from kairos.scheduler import DECODE_POLICIES, PREFILL_POLICIES
@@ -24,6 +25,7 @@ from kairos.scheduler.defaults import (
     MAX_INFLIGHT_TRANSFER_BYTES,
     TOKEN_BUDGET,
 )
+from kairos.scheduler.metrics import NothingServed
 from kairos.transport.sockets import DEFAULT_ROUTER
 
 MIB = 2**20
@@ -41,7 +43,7 @@ def add_trace_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rate-scale", type=float, default=1.0, help="compress time by this factor")
     p.add_argument("--start-s", type=float, default=0.0)
     p.add_argument("--duration-s", type=float)
-    p.add_argument("--limit", type=int, help="at most this many requests")
+    p.add_argument("--limit", type=positive_int, help="at most this many requests")
     p.add_argument("--ttft-slo-ms", type=float, default=DEFAULT_TTFT_SLO_MS)
     p.add_argument("--tpot-slo-ms", type=float, default=DEFAULT_TPOT_SLO_MS)
     p.add_argument("--ttft-ms-per-1k-prompt", type=float, default=0.0,
@@ -117,8 +119,9 @@ def sim_setup(args: argparse.Namespace, prefill_policy: str = "fcfs", decode_pol
 
     try:
         profile = json.loads(open(args.profile).read())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read the profile {args.profile}: {e}") from None
+        cost = CostModel.from_profile(profile)
+    except (OSError, json.JSONDecodeError, ValueError) as e:
+        raise ValueError(f"cannot use the profile {args.profile}: {e}") from None
     config = SimConfig(args.prefill_workers, args.decode_workers, prefill_policy, decode_policy,
                        args.token_budget, args.max_batch,
                        profile.get("kv_capacity_tokens", SimConfig.kv_capacity_tokens)
@@ -127,7 +130,7 @@ def sim_setup(args: argparse.Namespace, prefill_policy: str = "fcfs", decode_pol
                        max_inflight_transfer_bytes=int(args.max_inflight_transfer_mb * MIB),
                        prefill_jitter=args.step_jitter, decode_jitter=args.step_jitter,
                        **colocated_slowdown(args.colocated_slowdown), kv_sent_during_steps=measured_on_gpu(profile))
-    return config, CostModel.from_profile(profile)
+    return config, cost
 
 
 def colocated_slowdown(value: str) -> dict:
@@ -209,6 +212,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from kairos.scheduler import compare as cmp
 
     check_compare_flags(args)
+    writable_folder(args.out_dir, "--out-dir")  # now, not after the sweep
     policies = policy_pairs(args.policies, cmp.BASELINE)
     trace = read_trace(args)
     scales = [float(x) for x in args.rate_scales.split(",")]
@@ -218,8 +222,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
         config, cost = sim_setup(args)
         run_point, setup = cmp.simulated_point(config, cost), {"profile": args.profile, "config": vars(config)}
     mode = "live" if args.live else "simulated"
-    with tqdm(total=len(scales) * len(policies) * args.repeats, desc=mode, disable=not sys.stderr.isatty()) as bar:
-        result = cmp.compare(trace, scales, policies, run_point, args.repeats, progress=bar.update)
+    try:
+        with tqdm(total=len(scales) * len(policies) * args.repeats, desc=mode, disable=not sys.stderr.isatty()) as bar:
+            result = cmp.compare(trace, scales, policies, run_point, args.repeats, progress=bar.update)
+    except NothingServed as e:  # a live point whose requests all failed
+        print(f"kairos: error: {e}", file=sys.stderr)
+        return 1
     print(cmp.table(result))
     stem = Path(args.trace).stem if args.trace_format != "synthetic" else "synthetic"
     name = args.name or f"compare_{stem}{'_live' if args.live else ''}"
@@ -236,12 +244,18 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     from kairos.transport.replay import replay
 
+    if args.http is None and (args.model or args.api_key):
+        raise ValueError("--model and --api-key are for --http (the HTTP API); a router takes neither")
     trace = read_trace(args)
     target = args.http or args.addr
     api_key = args.api_key or os.environ.get("KAIROS_API_KEY")
-    with tqdm(total=len(trace), desc="replay", disable=args.json or not sys.stderr.isatty()) as bar:
-        report = replay(target, trace, timeout_s=args.timeout, progress=bar.update, seed=args.prompt_seed,
-                        http_model=args.model, api_key=api_key)
+    try:
+        with tqdm(total=len(trace), desc="replay", disable=args.json or not sys.stderr.isatty()) as bar:
+            report = replay(target, trace, timeout_s=args.timeout, progress=bar.update, seed=args.prompt_seed,
+                            http_model=args.model, api_key=api_key)
+    except NothingServed as e:
+        print(f"kairos: error: {e}", file=sys.stderr)
+        return 1
     print_slo_report(report, args.json, f"{report['requests']} requests ({report['failed']} failed), live at {target}")
     return 0
 
@@ -270,7 +284,7 @@ def add_commands(sub) -> None:
     cmp.add_argument("--max-model-len", type=int, help="--live: the workers' longest sequence")
     cmp.add_argument("--worker-profile", help="--live: the workers' step-time profile (default: each measures "
                                                "a short one at start-up; --profile is the simulator's)")
-    cmp.add_argument("--timeout", type=float, default=LIVE_ONLY["--timeout"],
+    cmp.add_argument("--timeout", type=positive_float, default=LIVE_ONLY["--timeout"],
                      help="--live: seconds to wait for any reply")
     cmp.add_argument("--rate-scales", default="2,3,4,5,6,7,8")
     cmp.add_argument("--repeats", type=int, default=1,
@@ -288,7 +302,7 @@ def add_commands(sub) -> None:
                      "streamed /v1/completions, instead of to the router at --addr")
     rep.add_argument("--model", help="--http: the model name (default: the one /v1/models lists)")
     rep.add_argument("--api-key", help="--http: the API key (default: $KAIROS_API_KEY)")
-    rep.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for any reply")
+    rep.add_argument("--timeout", type=positive_float, default=300.0, help="seconds to wait for any reply")
     rep.add_argument("--prompt-seed", type=int, help="draw the synthetic prompts from this seed (default: a fresh "
                      "one, so that no prompt of an earlier replay is still in the server's prefix cache)")
     rep.add_argument("--json", action="store_true")

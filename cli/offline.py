@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from kairos.cli.checks import writable_file
 from kairos.cli.engine_flags import add_engine_args, engine_kwargs
 
 
@@ -36,6 +37,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from kairos.engine import LLM
     from kairos.engine.profiler import measure_profile
 
+    if args.out:
+        writable_file(args.out, "--out")  # now, not after the measurement
     llm = LLM(**engine_kwargs(args))
     profile = measure_profile(llm, quick=args.quick, progress=sys.stderr.isatty())
     out = args.out or f"profile_{profile['model']}_{llm.runner.device.type}.json"

@@ -40,7 +40,7 @@ def print_status(report: dict) -> None:
         return str(worker.get(column, ""))
 
     rows = [[cell(w, c) for c in STATUS_COLUMNS] for w in sorted(report["workers"], key=lambda w: w["role"])]
-    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(STATUS_COLUMNS)]
+    widths = [max([len(c), *(len(r[i]) for r in rows)]) for i, c in enumerate(STATUS_COLUMNS)]
     for row in [list(STATUS_COLUMNS), *rows]:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
     if not rows:

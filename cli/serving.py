@@ -8,6 +8,7 @@ import json
 import os
 import sys
 
+from kairos.cli.checks import fraction, port_is_free, positive_float, positive_int, writable_file
 from kairos.cli.engine_flags import add_engine_args, engine_argv, engine_kwargs
 from kairos.cli.report import print_status
 from kairos.scheduler.defaults import (
@@ -17,6 +18,7 @@ from kairos.scheduler.defaults import (
     MAX_PROMPT_CHARS,
     MAX_PROMPT_TOKENS,
 )
+from kairos.transport.protocol import HEARTBEAT_INTERVAL_S
 from kairos.transport.sockets import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_ROUTER
 
 MIB = 2**20
@@ -55,7 +57,7 @@ def add_http_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model-name", help="the model name requests give (default: --model)")
     p.add_argument("--api-key", help="what HTTP requests must present as 'Authorization: Bearer KEY' "
                                      "(default: $KAIROS_API_KEY; none: no check)")
-    p.add_argument("--max-body-mb", type=float, default=32.0, help="largest HTTP request body, MiB")
+    p.add_argument("--max-body-mb", type=positive_float, default=32.0, help="largest HTTP request body, MiB")
 
 
 def router_limit_argv(args: argparse.Namespace) -> list[str]:
@@ -65,22 +67,26 @@ def router_limit_argv(args: argparse.Namespace) -> list[str]:
 
 def add_worker_args(p: argparse.ArgumentParser) -> None:
     add_engine_args(p)
-    p.add_argument("--transfer-timeout", type=float, default=10.0,
+    p.add_argument("--transfer-timeout", type=positive_float, default=10.0,
                    help="seconds a KV transfer may take once the decode side is ready for it, beyond the "
                         "longest step of the worker at the other end (on a CPU a worker answers between "
                         "steps; each side tells the other how long they take)")
-    p.add_argument("--offer-timeout", type=float, default=60.0,
+    p.add_argument("--offer-timeout", type=positive_float, default=60.0,
                    help="seconds a prefilled request may wait for room on its decode worker before it fails")
-    p.add_argument("--kv-frame-mb", type=float, default=8.0, help="largest KV frame on the wire, MiB")
+    p.add_argument("--kv-frame-mb", type=positive_float, default=8.0, help="largest KV frame on the wire, MiB")
     add_curve_arg(p)
     p.add_argument("--step-log", metavar="FILE",
                    help="append one JSON line per engine step: loop time split, batch, queue and free KV blocks")
 
 
 def worker_kwargs(args: argparse.Namespace) -> dict:
+    """A worker's own settings, checked (keys read, the step log writable) before its model
+    loads: a mistake there should not cost the load."""
     from kairos.transport.security import CurveKeys
 
     keys = CurveKeys.load(args.curve_keys, "worker") if args.curve_keys else None
+    if args.step_log:
+        writable_file(args.step_log, "--step-log")
     return {"transfer_timeout_s": args.transfer_timeout, "offer_timeout_s": args.offer_timeout,
             "max_frame_bytes": int(args.kv_frame_mb * MIB), "step_log": args.step_log, "keys": keys}
 
@@ -100,6 +106,11 @@ def cmd_router(args: argparse.Namespace) -> int:
 
     if min(args.max_prompt_chars, args.max_prompt_tokens) < 1:
         raise ValueError("--max-prompt-chars and --max-prompt-tokens must be at least 1")
+    if args.worker_timeout < 2 * HEARTBEAT_INTERVAL_S:
+        raise ValueError(f"--worker-timeout must be at least {2 * HEARTBEAT_INTERVAL_S:g} s: workers beat every "
+                         f"{HEARTBEAT_INTERVAL_S:g} s, and a shorter timeout gives up live ones")
+    if args.metrics_port is not None:
+        port_is_free(args.host, args.metrics_port, "--metrics-port")
     router = Router(args.host, args.port, args.worker_timeout, args.queue_timeout,
                     default_slo=RequestSLO(args.ttft_slo_ms, args.tpot_slo_ms),
                     max_prompt_chars=args.max_prompt_chars, max_prompt_tokens=args.max_prompt_tokens,
@@ -115,7 +126,8 @@ def cmd_prefill(args: argparse.Namespace) -> int:
     from kairos.engine import LLM
     from kairos.transport.prefill import PrefillWorker
 
-    PrefillWorker(LLM(role="prefill", **engine_kwargs(args)), args.router, **worker_kwargs(args)).run()
+    settings = worker_kwargs(args)
+    PrefillWorker(LLM(role="prefill", **engine_kwargs(args)), args.router, **settings).run()
     return 0
 
 
@@ -123,17 +135,18 @@ def cmd_decode(args: argparse.Namespace) -> int:
     from kairos.engine import LLM
     from kairos.transport.decode import DecodeWorker
 
+    settings = worker_kwargs(args)
     DecodeWorker(LLM(role="decode", **engine_kwargs(args)), args.router, kv_host=args.kv_host,
-                 kv_port=args.kv_port, max_inflight_bytes=int(args.max_inflight_transfer_mb * MIB),
-                 **worker_kwargs(args)).run()
+                 kv_port=args.kv_port, max_inflight_bytes=int(args.max_inflight_transfer_mb * MIB), **settings).run()
     return 0
 
 
 def cmd_api(args: argparse.Namespace) -> int:
     from kairos.transport.http_api import run_api
 
-    if not args.max_body_mb > 0 or not args.timeout > 0:
-        raise ValueError("--max-body-mb and --timeout must be positive")
+    if args.model != "tiny" and not os.path.isdir(args.model):
+        raise ValueError(f"--model {args.model}: no such model folder (its chat template serves chat requests)")
+    port_is_free(args.host, args.port, "--port")
     run_api(args.router, args.host, args.port, args.model, args.served_model_name, args.timeout, args.curve_keys,
             int(args.max_body_mb * MIB), args.api_key or os.environ.get("KAIROS_API_KEY"), args.verbose)
     return 0
@@ -141,9 +154,10 @@ def cmd_api(args: argparse.Namespace) -> int:
 
 def api_argv(args: argparse.Namespace, router: str) -> list[str]:
     """`kairos api` as `kairos serve --http-port` starts it."""
-    argv = ["api", "--router", router, "--host", args.host, "--port", str(args.http_port), "--model", args.model,
+    # The chat template is the tokenizer's, where one is given apart from the model.
+    argv = ["api", "--router", router, "--host", args.host, "--port", str(args.http_port),
+            "--model", args.tokenizer or args.model, "--served-model-name", args.served_model_name or args.model,
             "--timeout", str(args.api_timeout), "--max-body-mb", str(args.max_body_mb)]
-    argv += ["--served-model-name", args.served_model_name] if args.served_model_name else []
     # The key goes by environment, not argv: a command line is visible to every local user.
     return argv + (["--curve-keys", args.curve_keys] if args.curve_keys else [])
 
@@ -151,16 +165,24 @@ def api_argv(args: argparse.Namespace, router: str) -> list[str]:
 def cmd_serve(args: argparse.Namespace) -> int:
     import torch
 
-    from kairos.transport.serve import cpu_share, serve
+    from kairos.transport.serve import cpu_share, free_port, serve
 
     n_prefill, n_decode = args.prefill_workers, args.decode_workers
-    if min(n_prefill, n_decode) < 1:
-        raise ValueError("--prefill-workers and --decode-workers must be at least 1")
+    if args.port == 0:  # any free port: the workers and clients are told which
+        args.port = free_port(args.host)
+    for flag, port in (("--port", args.port), ("--http-port", args.http_port), ("--metrics-port", args.metrics_port)):
+        if port is not None:
+            port_is_free(args.host, port, flag)
+    if args.http_port is None:
+        given = [flag for flag, value in (("--api-key", args.api_key), ("--served-model-name", args.served_model_name))
+                 if value]
+        if given:
+            raise ValueError(f"{' and '.join(given)} configure the HTTP API: give --http-port too")
     settings = engine_kwargs(args)
     util = settings.pop("gpu_memory_utilization")
     threads = args.cpu_threads or cpu_share(n_prefill + n_decode)
     workers = [*engine_argv(**settings), *worker_argv(args), "--cpu-threads", str(threads)]
-    on_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    on_gpu = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
     # One GPU, workers started one at a time, each sizing its memory against a running total:
     # the prefill workers share --prefill-memory-share of it, the decode workers the rest.
     share = args.prefill_memory_share
@@ -219,8 +241,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.wait is not None:
         from kairos.transport.serve import wait_for_workers
 
-        if not args.wait > 0:
-            raise ValueError(f"--wait must be a positive number of seconds, got {args.wait}")
         wait_for_workers(args.addr, {"prefill": 1, "decode": 1}, None, args.wait, curve_keys=args.curve_keys)
     with Client(args.addr, timeout_s=args.timeout, curve_keys=args.curve_keys) as client:
         report = client.status()
@@ -246,9 +266,10 @@ def add_commands(sub) -> None:
     add_default_slo_args(router)
     add_prompt_limit_args(router)
     add_curve_arg(router)
-    router.add_argument("--worker-timeout", type=float, default=2.0,
-                        help="seconds without a heartbeat before a worker is given up for dead")
-    router.add_argument("--queue-timeout", type=float, default=30.0,
+    router.add_argument("--worker-timeout", type=positive_float, default=2.0,
+                        help="seconds without a heartbeat before a worker is given up for dead "
+                             f"(workers beat every {HEARTBEAT_INTERVAL_S:g} s)")
+    router.add_argument("--queue-timeout", type=positive_float, default=30.0,
                         help="seconds a request may wait for a worker to register")
     add_metrics_port_arg(router)
     router.set_defaults(func=cmd_router)
@@ -258,7 +279,7 @@ def add_commands(sub) -> None:
     api.add_argument("--host", default=DEFAULT_HOST, help="address to bind (default: loopback only)")
     api.add_argument("--port", type=int, default=8000)
     api.add_argument("--model", default="tiny", help="the workers' --model: its chat template serves chat requests")
-    api.add_argument("--timeout", type=float, default=300.0,
+    api.add_argument("--timeout", type=positive_float, default=300.0,
                      help="seconds a request may wait for its next token before it fails (504)")
     add_http_args(api)
     add_curve_arg(api)
@@ -281,14 +302,14 @@ def add_commands(sub) -> None:
     add_network_args(srv)
     add_default_slo_args(srv)
     add_prompt_limit_args(srv)
-    srv.add_argument("--prefill-workers", type=int, default=1, help="prefill worker processes")
-    srv.add_argument("--decode-workers", type=int, default=1, help="decode worker processes")
-    srv.add_argument("--prefill-memory-share", type=float, default=0.4,
+    srv.add_argument("--prefill-workers", type=positive_int, default=1, help="prefill worker processes")
+    srv.add_argument("--decode-workers", type=positive_int, default=1, help="decode worker processes")
+    srv.add_argument("--prefill-memory-share", type=fraction, default=0.4,
                      help="on one GPU: the prefill workers' share of --gpu-memory-utilization")
-    srv.add_argument("--startup-timeout", type=float, default=600.0)
+    srv.add_argument("--startup-timeout", type=positive_float, default=600.0)
     add_metrics_port_arg(srv)
     srv.add_argument("--http-port", type=int, help="also serve the OpenAI-compatible HTTP API (kairos api) here")
-    srv.add_argument("--api-timeout", type=float, default=300.0,
+    srv.add_argument("--api-timeout", type=positive_float, default=300.0,
                      help="with --http-port: seconds a request may wait for its next token (504)")
     add_http_args(srv)
     srv.set_defaults(func=cmd_serve)
@@ -313,15 +334,15 @@ def add_commands(sub) -> None:
     cli.add_argument("--deadline-ms", type=float, help="throughput and collective requests: when the response is due")
     cli.add_argument("--dag-id", help="collective requests: the DAG the call belongs to")
     cli.add_argument("--dag-stage", type=int, help="collective requests: which call of its DAG this is, from 0")
-    cli.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for any reply")
+    cli.add_argument("--timeout", type=positive_float, default=60.0, help="seconds to wait for any reply")
     cli.add_argument("--json", action="store_true", help="one JSON object per request")
     add_curve_arg(cli)
     cli.set_defaults(func=cmd_client)
 
     status = sub.add_parser("status", help="workers, queues, KV blocks and request counts of a router")
     status.add_argument("--addr", default=DEFAULT_ROUTER)
-    status.add_argument("--timeout", type=float, default=5.0)
-    status.add_argument("--wait", type=float, metavar="S",
+    status.add_argument("--timeout", type=positive_float, default=5.0)
+    status.add_argument("--wait", type=positive_float, metavar="S",
                         help="first wait up to S seconds for a prefill and a decode worker to register "
                              "(exit status 1 if they do not): for scripts that start a cluster")
     status.add_argument("--json", action="store_true")

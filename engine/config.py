@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -206,6 +207,8 @@ class EngineConfig:
 
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError("--device cuda was asked for but torch sees no CUDA device")
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -227,6 +230,10 @@ class EngineConfig:
             raise ConfigError("--skinny-matmul-tokens must be 0 (off) or more")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ConfigError("--num-kv-blocks must be at least 1")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ConfigError("--max-model-len must be at least 2 (a prompt token and an output token)")
+        if self.cpu_kv_cache_gb <= 0:
+            raise ConfigError("--cpu-kv-cache-gb must be positive")
         if self.role not in ROLES:
             raise ConfigError(f"role must be one of {ROLES}, not {self.role!r}")
 

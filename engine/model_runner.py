@@ -138,7 +138,7 @@ class ModelRunner:
         mid-serving. The passes read block 0 over and over and store nothing."""
         one = self._tensor([0])
         nowhere = self._tensor([-1])
-        prefix_len = 2 * self.block_size
+        prefix_len = min(2 * self.block_size, self.max_model_len)  # positions the RoPE table holds
         self.model(one, self._tensor([prefix_len - 1]), AttentionContext(
             is_prefill=True, slot_mapping=nowhere, cu_seqlens_q=self._tensor([0, 1], torch.int32),
             cu_seqlens_k=self._tensor([0, prefix_len], torch.int32), max_seqlen_q=1,

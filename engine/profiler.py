@@ -154,7 +154,7 @@ def load_cost_model(llm, profile_path: str | None) -> CostModel:
     if profile_path:
         try:
             return CostModel.from_profile(json.loads(Path(profile_path).read_text()))
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        except (OSError, json.JSONDecodeError, ValueError) as e:
             raise ValueError(f"cannot use the profile {profile_path}: {e}") from None
     log.warning("no --profile given: measuring a short step-time profile for the cost model")
     profile = measure_profile(llm, quick=True)

@@ -15,6 +15,7 @@ from kairos.kernels import reference
 from kairos.scheduler.request import SamplingParams
 
 CutoffFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor | None], torch.Tensor]
+MIN_TOP_P = 1e-30  # a top_p that float32 would round to 0 stands for this: the top token alone
 
 
 class Sampler:
@@ -56,7 +57,7 @@ class Sampler:
         vocab = logits.shape[-1]
         host = torch.tensor([[1.0 if p.greedy else p.temperature for p in params],
                              [p.top_k if p.top_k > 0 else vocab for p in params],  # exact in float32
-                             [p.top_p for p in params],
+                             [max(p.top_p, MIN_TOP_P) for p in params],
                              [float(p.greedy) for p in params]], dtype=torch.float32, pin_memory=logits.is_cuda)
         temps, top_k, top_p, is_greedy = host.to(logits.device, non_blocking=True)
         return temps, top_k.long(), top_p, is_greedy.bool()

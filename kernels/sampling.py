@@ -200,9 +200,10 @@ def top_k_top_p_cutoff(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: 
     splits_block = triton.next_power_of_2(max(num_splits, max_splits))
     grid = (rows, num_splits)
     stride = logits.stride(0)
-    # A stage's kernels read only its own setting: the other's pointer may stand in for one not given.
-    top_k = top_k if top_k is not None else top_p
-    top_p = top_p if top_p is not None else top_k
+    # A stage's kernels read only its own setting, but a pointer's element type is part of the
+    # compiled variant: a setting not given is stood in for by an unread one of its own type.
+    top_k = top_k if top_k is not None else torch.empty(1, dtype=torch.int64, device=device)
+    top_p = top_p if top_p is not None else torch.empty(1, dtype=torch.float32, device=device)
     for by_mass in stages:  # top-k, then top-p among the top k
         if by_mass:
             _softmax_parts_kernel[grid](logits, stride, vocab, chunk, num_splits, floor, top_p, norm, BLOCK=BLOCK)

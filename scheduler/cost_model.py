@@ -94,11 +94,17 @@ class CostModel:
     @classmethod
     def from_profile(cls, profile: dict) -> CostModel:
         """Fitted to a profile's measurements; a profile without any (derived from a roofline,
-        say) gives its coefficients directly under "fit"."""
-        if profile.get("prefill") and profile.get("decode"):
-            return cls.fit(profile)
-        fit = profile["fit"]
-        return cls(tuple(fit["prefill"]), tuple(fit["decode"]))
+        say) gives its coefficients directly under "fit". ValueError for anything else."""
+        try:
+            if profile.get("prefill") and profile.get("decode"):
+                return cls.fit(profile)
+            prefill, decode = (tuple(float(c) for c in profile["fit"][phase]) for phase in ("prefill", "decode"))
+        except (AttributeError, KeyError, TypeError, ValueError, IndexError) as e:
+            raise ValueError(f"not a step-time profile as `kairos profile` writes one ({type(e).__name__}: {e})") \
+                from None
+        if len(prefill) != 3 or len(decode) != 3:
+            raise ValueError("not a step-time profile: its fit has three coefficients per phase")
+        return cls(prefill, decode)
 
     @classmethod
     def fit_with_holdout(cls, profile: dict, every: int = 4) -> tuple[CostModel, dict]:

@@ -23,6 +23,10 @@ def percentiles(values: list[float]) -> dict:
     return {f"p{q}": s[min(len(s) - 1, int(q / 100 * len(s)))] for q in (50, 90, 99)}
 
 
+class NothingServed(RuntimeError):
+    """Every request of a live run failed: there is nothing to report on."""
+
+
 def metrics(requests: list, decode_tokens: int | None = None) -> dict:
     """The SLO report of finished requests: attainment, latency percentiles and decode
     throughput (by default, every token after each request's first)."""

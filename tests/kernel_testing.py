@@ -88,8 +88,8 @@ def kernel_variants():
                     value = bound[arg]
                     if "constexpr" in str(_params[arg].annotation):  # a string under postponed annotations
                         key.append((arg, value))
-                    elif arg in _unspecialized:
-                        key.append((arg, type(value).__name__))
+                    elif arg in _unspecialized:  # a pointer's element type still makes a variant
+                        key.append((arg, str(value.dtype) if isinstance(value, torch.Tensor) else type(value).__name__))
                     else:
                         key.append((arg, native_specialize_impl(BaseBackend, value, False, True, True)))
                 seen.add((_name, tuple(key)))

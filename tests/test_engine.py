@@ -214,6 +214,12 @@ def test_warm_up_runs_a_full_budget_prefill_and_a_decode_step_and_keeps_nothing(
     assert llm.scheduler.decode_policy.estimator.lengths_by_class() == {None: [3]}  # serving's are
 
 
+def test_a_model_length_under_two_blocks_warms_up_within_its_positions():
+    """The warm-up's pass over a cached prefix stays within the positions RoPE has."""
+    llm = LLM("tiny", block_size=16, max_model_len=20, num_kv_blocks=8)
+    assert llm.warm_up() > 0 and llm.generate([[5] * 10], SamplingParams(max_tokens=4))[0].finish_reason
+
+
 def test_after_the_warm_up_serving_compiles_no_kernel(monkeypatch, tmp_path):
     """Every Triton kernel variant that serving launches, the warm-up launched first: on a GPU
     each new one compiles mid-serving. The steps below vary what could make one: prompts of a

@@ -155,3 +155,67 @@ def test_backend_choice(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         get_backend("triton", "cpu")
+
+
+def kairos_main(argv: list[str], capsys) -> tuple[int, str]:
+    """`kairos ARGV` in this process: its exit status (argparse's errors too) and its stderr."""
+    from kairos.cli.main import main
+
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture
+def busy_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["status", "--timeout", "-1"], "--timeout: must be a positive number"),
+    (["client", "--timeout", "0", "hi"], "--timeout: must be a positive number"),
+    (["generate", "--prompt", "hi", "--max-model-len", "-5"], "--max-model-len must be at least 2"),
+    (["generate", "--prompt", "hi", "--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N"),
+    (["simulate", "--limit", "-3"], "--limit: must be at least 1"),
+    (["serve", "--prefill-memory-share", "0"], "--prefill-memory-share: must be between 0 and 1"),
+    (["serve", "--api-key", "k"], "give --http-port too"),
+    (["router", "--worker-timeout", "0.1"], "--worker-timeout must be at least 0.5 s"),
+    (["profile", "--out", "/nonexistent/profile.json"], "--out /nonexistent/profile.json: cannot write there"),
+    (["prefill", "--step-log", "/nonexistent/steps.jsonl"], "--step-log /nonexistent/steps.jsonl: cannot write"),
+    (["bench", "compare", "--limit", "20", "--out-dir", "/proc/kairos"], "--out-dir /proc/kairos"),
+    (["bench", "replay", "--api-key", "k", "--limit", "2"], "--model and --api-key are for --http"),
+    (["api", "--model", "/nonexistent"], "--model /nonexistent: no such model folder"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_bad_command_lines_stop_with_one_line_and_status_2_before_any_work(argv, message, capsys):
+    code, err = kairos_main(argv, capsys)
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["serve", "api"])
+def test_a_port_another_server_holds_is_refused_before_anything_starts(command, busy_port, capsys):
+    code, err = kairos_main([command, "--port", str(busy_port)], capsys)
+    assert code == 2 and f"--port {busy_port}: cannot listen" in err
+
+
+@pytest.mark.parametrize("profile", [[], {}, {"fit": {"prefill": [1, 2], "decode": [1, 2, 3]}}, {"fit": "x"}])
+def test_a_file_that_is_not_a_step_time_profile_is_named_as_such(profile, tmp_path, capsys):
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(profile))
+    for argv in (["simulate", "--limit", "5", "--profile", str(path)],
+                 ["generate", "--prompt", "hi", "--prefill-policy", "kairos", "--profile", str(path)]):
+        code, err = kairos_main(argv, capsys)
+        assert code == 2 and "not a step-time profile" in err, err
+
+
+def test_status_of_a_router_with_no_workers_says_so(capsys):
+    from kairos.cli.report import print_status
+
+    print_status({"counters": {"submitted": 0}, "pending": 0, "workers": []})
+    assert "(no workers registered)" in capsys.readouterr().out

@@ -143,6 +143,16 @@ def test_sampler_draws_the_same_tokens_through_the_kernel():
         assert torch.equal(Sampler(device, seed, sampling.top_k_top_p_cutoff)(logits, params, steps), expected)
 
 
+def test_a_top_p_too_small_for_float32_keeps_the_top_token_through_the_kernel():
+    """1e-50 rounds to 0 in float32, and a mass of 0 to reach took no digit the kernel could
+    stop at: it masked every token, and the row drew token 0."""
+    logits = (torch.randn(3, 300, generator=torch.Generator().manual_seed(4)) * 3).to(DEVICE)
+    params = [SamplingParams(temperature=1.0, top_p=1e-50, seed=i) for i in range(3)]
+    for cutoff in (ref.top_k_top_p_cutoff, sampling.top_k_top_p_cutoff):
+        tokens = Sampler(torch.device(DEVICE), 0, cutoff)(logits, params, [0, 0, 0])
+        assert torch.equal(tokens, logits.argmax(dim=-1))
+
+
 def test_one_compiled_variant_serves_every_batch():
     """The split count follows the batch size; nothing Triton specializes a kernel on may (each
     new variant compiles mid-serving on a GPU), the alignment of the rows' settings included:

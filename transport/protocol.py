@@ -20,6 +20,7 @@ import msgpack
 PROTOCOL_VERSION = 10
 # Control messages (requests, tokens, status) are small; the largest is a long prompt's ids.
 MAX_CONTROL_MESSAGE_BYTES = 16 * 2**20
+HEARTBEAT_INTERVAL_S = 0.25  # how often a worker tells the router it is alive
 # No message nests lists and maps deeper than a worker's stats (map of phase, map of figures).
 MAX_NESTING = 8
 # The longest step a KV peer may declare (KVOffer.step_s, KVReady.step_s), seconds: a worker

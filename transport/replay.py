@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from kairos.scheduler.metrics import latency_samples, metrics, service_metrics
+from kairos.scheduler.metrics import NothingServed, latency_samples, metrics, service_metrics
 from kairos.scheduler.request import MIN_SLO_MS, RequestSLO
 from kairos.scheduler.traces import MOONCAKE_BLOCK_TOKENS, TraceRequest
 from kairos.transport.client import AsyncClient, Client
@@ -97,8 +97,6 @@ class _HTTP:
         self.model = model
 
     async def send(self, prompt: list[int], r: TraceRequest) -> tuple[int, list[float], str | None]:
-        if self.model is None:
-            self.model = (await self.http.get(f"{self.url}/models")).json()["data"][0]["id"]
         slo = r.slo
         body = {"model": self.model, "prompt": prompt, "max_tokens": r.output_len, "temperature": 0,
                 "ignore_eos": True, "stream": True, "ttft_slo_ms": slo.ttft_ms, "tpot_slo_ms": slo.tpot_ms,
@@ -107,6 +105,11 @@ class _HTTP:
                 **({"output_len_hint": r.slo.output_len_hint} if r.slo.output_len_hint else {})}
         sent, times = time.perf_counter(), []
         try:
+            if self.model is None:
+                models = await self.http.get(f"{self.url}/models")
+                if models.status_code != 200:
+                    return 0, [], f"HTTP {models.status_code} from {self.url}/models: {models.text[:200]}"
+                self.model = models.json()["data"][0]["id"]
             async with self.http.stream("POST", f"{self.url}/completions", json=body) as response:
                 if response.status_code != 200:
                     return 0, [], f"HTTP {response.status_code}: {(await response.aread()).decode(errors='replace')}"
@@ -197,7 +200,7 @@ def warm_up(addr: str, trace: list[TraceRequest], requests: int = 16,
 def report(requests: list[ReplayedRequest]) -> dict:
     served = [r for r in requests if r.error is None]
     if not served:
-        raise RuntimeError(f"every replayed request failed; first error: {requests[0].error}")
+        raise NothingServed(f"every replayed request failed; the first: {requests[0].error}")
     result = metrics(served)
     failed = len(requests) - len(served)
     # A failed request met no SLO.

@@ -28,7 +28,6 @@ from kairos.transport.sockets import Received, make_socket, recv, send
 
 log = logging.getLogger("kairos.worker")
 
-HEARTBEAT_INTERVAL_S = 0.25
 IDLE_POLL_MS = 20
 
 
@@ -184,7 +183,7 @@ class Worker:
                         log.exception("%s worker %s: no heartbeat this time", self.role, self.worker_id)
                     else:
                         send(sock, heartbeat)
-                time.sleep(HEARTBEAT_INTERVAL_S)
+                time.sleep(p.HEARTBEAT_INTERVAL_S)
         except zmq.ContextTerminated:
             pass
         finally:
@@ -223,7 +222,7 @@ class Worker:
     def close(self) -> None:
         self.stopping = True
         if self._heartbeats.is_alive():
-            self._heartbeats.join(timeout=2 * HEARTBEAT_INTERVAL_S)
+            self._heartbeats.join(timeout=2 * p.HEARTBEAT_INTERVAL_S)
         if self.authenticator is not None:
             self.authenticator.stop()
         self.ctx.destroy(linger=0)
