@@ -44,6 +44,8 @@ def port_is_free(host: str, port: int, flag: str) -> None:
     it): better said before a cluster starts than found by a child that keeps failing to bind."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family) as s:
+        # As ZeroMQ and uvicorn bind: a port that only closed connections linger on is free.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as e:

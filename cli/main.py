@@ -9,7 +9,7 @@ import sys
 import zmq
 
 from kairos.cli import evaluation, offline, serving
-from kairos.transport.serve import StartupError
+from kairos.transport.serve import StartupError, die_with_parent
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    die_with_parent()
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")

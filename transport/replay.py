@@ -110,6 +110,7 @@ class _HTTP:
                 if models.status_code != 200:
                     return 0, [], f"HTTP {models.status_code} from {self.url}/models: {models.text[:200]}"
                 self.model = models.json()["data"][0]["id"]
+            body["model"] = self.model
             async with self.http.stream("POST", f"{self.url}/completions", json=body) as response:
                 if response.status_code != 200:
                     return 0, [], f"HTTP {response.status_code}: {(await response.aread()).decode(errors='replace')}"

@@ -22,12 +22,22 @@ MAX_BACKOFF_S = 30.0
 RESTART_RESET_S = 60.0  # a child that ran this long starts its backoff over
 
 
-def _die_with_parent() -> None:
-    """Runs in each child before exec: on Linux, SIGTERM it if the serve process dies."""
+PARENT_ENV = "KAIROS_SERVE_PID"  # in the environment of serve's children: they go down with it
+
+
+def die_with_parent() -> None:
+    """In a child of `kairos serve`, on Linux: SIGTERM this process when serve dies. The child
+    asks for it itself, first thing: asked between fork and exec, a parent with threads (ZeroMQ's)
+    could deadlock the child before it ran."""
+    parent = os.environ.pop(PARENT_ENV, None)
+    if parent is None or not sys.platform.startswith("linux"):
+        return
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
-        pass
+        return
+    if os.getppid() != int(parent):  # serve died before the request took hold
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 class StartupError(RuntimeError):
@@ -58,8 +68,7 @@ class ProcessGroup:
 
     def _spawn(self, argv: list[str]) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "kairos.cli", *(["-v"] if self.verbose else []), *argv]
-        preexec = _die_with_parent if sys.platform.startswith("linux") else None
-        return subprocess.Popen(cmd, preexec_fn=preexec)
+        return subprocess.Popen(cmd, env={**os.environ, PARENT_ENV: str(os.getpid())})
 
     def start(self, name: str, argv: list[str]) -> None:
         self.children.append(Child(name, argv, self._spawn(argv), time.monotonic()))
