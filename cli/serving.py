@@ -116,7 +116,8 @@ def cmd_router(args: argparse.Namespace) -> int:
                     max_prompt_chars=args.max_prompt_chars, max_prompt_tokens=args.max_prompt_tokens,
                     keys=CurveKeys.load(args.curve_keys, "router") if args.curve_keys else None,
                     metrics_port=args.metrics_port)
-    metrics = f", metrics at http://{args.host}:{args.metrics_port}/metrics" if args.metrics_port is not None else ""
+    served = router.metrics_server
+    metrics = f", metrics at http://{args.host}:{served.server_port}/metrics" if served is not None else ""
     print(f"kairos router: listening at {router.addr}{metrics}", flush=True)
     router.run()
     return 0
