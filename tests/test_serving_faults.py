@@ -552,3 +552,20 @@ def test_router_prefill_and_decode_on_separate_hosts(tiny_path, tmp_path):
         cluster.stop()
         for name in NAMESPACES.values():
             subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+def test_a_decode_worker_taking_smaller_kv_frames_than_its_prefill_worker_sends_still_serves(tiny_path, tiny_llm):
+    """--kv-frame-mb differs between the two ends: the prefill worker sends frames no larger than
+    the decode worker said it takes, where every transfer was refused."""
+    cluster = Cluster()
+    try:
+        cluster.add_worker("prefill", "--kv-frame-mb", "8")
+        cluster.add_worker("decode", "--kv-frame-mb", "0.01")
+        cluster.wait_for_workers(1, 1)
+        prompt = [(7 * i) % 500 + 1 for i in range(300)]
+        with cluster.client() as client:
+            out = client.generate(prompt, max_tokens=8, temperature=0, ignore_eos=True)
+        expected = tiny_llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0]
+        assert out.error is None and out.token_ids == expected.token_ids
+    finally:
+        cluster.stop()

@@ -227,7 +227,8 @@ class DecodeWorker(Worker):
                 log.info("KV from %s is copied from its cache on this GPU (CUDA IPC)", msg.worker_id)
             except ValueError as e:
                 log.info("KV from %s comes over the socket: %s", msg.worker_id, e)
-        send(self.kv_socket, p.KVHelloOk(self.worker_id, cuda_ipc=peer in self.peer_caches), peer)
+        send(self.kv_socket, p.KVHelloOk(self.worker_id, cuda_ipc=peer in self.peer_caches,
+                                         max_frame_bytes=self.max_frame_bytes), peer)
 
     def on_offer(self, peer: bytes, msg: p.KVOffer) -> None:
         assigned = self.expected.get(msg.request_id)

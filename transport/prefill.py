@@ -70,6 +70,7 @@ class DecodePeer:
     socket: zmq.Socket
     greeted: bool = False
     cuda_ipc: bool = False  # it maps our KV cache: transfers name blocks instead of sending bytes
+    per_frame: int = 1  # blocks per KV frame: what both ends' --kv-frame-mb allow, once greeted
     unsent_offers: list = field(default_factory=list)  # transfers waiting for the handshake
 
 
@@ -261,7 +262,7 @@ class PrefillWorker(Worker):
         by_name = [t for t in ready if t.peer.cuda_ipc]
         for t in by_name:
             t.written.synchronize()  # done already: its step's tokens have been read
-            send(t.peer.socket, p.KVData(t.transfer_id, self.per_frame, t.first_token,
+            send(t.peer.socket, p.KVData(t.transfer_id, t.peer.per_frame, t.first_token,
                                          block_ids=list(t.seq.block_table)))
             t.wait(self.transfer_timeout_s + t.peer_step_s)
         staged = [t for t in ready if not t.peer.cuda_ipc]
@@ -269,8 +270,8 @@ class PrefillWorker(Worker):
             t.kv = OutgoingKV(self.llm.runner, t.seq.block_table, self.copy_stream, self.staging, t.written)
         for t in staged:
             t.kv.wait()
-            t.sent = send_tracked(t.peer.socket, p.KVData(t.transfer_id, self.per_frame, t.first_token),
-                                  t.kv.frames(self.per_frame))
+            t.sent = send_tracked(t.peer.socket, p.KVData(t.transfer_id, t.peer.per_frame, t.first_token),
+                                  t.kv.frames(t.peer.per_frame))
             t.wait(self.transfer_timeout_s + t.peer_step_s)
         self.turn_notes["kv_staging_s"] = self.turn_notes.get("kv_staging_s", 0.0) + time.perf_counter() - started
 
@@ -285,6 +286,9 @@ class PrefillWorker(Worker):
         if isinstance(msg, p.KVHelloOk):
             peer.greeted = True
             peer.cuda_ipc = msg.cuda_ipc and self.cache_export is not None
+            # Frames no larger than the decode worker takes, whatever each side was told.
+            theirs = blocks_per_frame(self.geometry, msg.max_frame_bytes) if msg.max_frame_bytes else self.per_frame
+            peer.per_frame = min(self.per_frame, theirs)
             for t in peer.unsent_offers:
                 self.offer(t)
             peer.unsent_offers.clear()

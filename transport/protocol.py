@@ -307,6 +307,7 @@ class KVHelloOk(Message):
     TYPE = "kv_hello_ok"
     worker_id: str
     cuda_ipc: bool = False  # the decode worker mapped the export: transfers name blocks, not bytes
+    max_frame_bytes: int | None = None  # the largest KV frame the decode worker takes (--kv-frame-mb)
 
 
 @dataclass

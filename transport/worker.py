@@ -44,6 +44,9 @@ class Worker:
         self.offer_timeout_s = offer_timeout_s
         self.max_frame_bytes = max_frame_bytes
         self.geometry = kv_geometry(llm.runner)
+        if max_frame_bytes < self.geometry.bytes_per_block_layer:
+            raise ValueError(f"--kv-frame-mb {max_frame_bytes / 2**20:g} is less than one KV block of one layer "
+                             f"({self.geometry.bytes_per_block_layer} bytes)")
         self.worker_id = f"{self.role}-{uuid.uuid4().hex[:8]}"
         self.ctx = zmq.Context()
         self.authenticator = keys.start_authenticator(self.ctx) if keys is not None else None
