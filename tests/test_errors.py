@@ -224,4 +224,4 @@ def test_status_of_a_router_with_no_workers_says_so(capsys):
 def test_a_kv_frame_under_one_block_is_refused_with_the_blocks_size(capsys):
     code, err = kairos_main(["decode", "--model", "tiny", "--kv-frame-mb", "0.0001", "--router", "tcp://127.0.0.1:1"],
                             capsys)
-    assert code == 2 and "--kv-frame-mb 0.0001 is less than one KV block of one layer" in err
+    assert code == 2 and "--kv-frame-mb allows frames of 104 bytes, less than one KV block of one layer" in err

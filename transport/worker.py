@@ -45,8 +45,8 @@ class Worker:
         self.max_frame_bytes = max_frame_bytes
         self.geometry = kv_geometry(llm.runner)
         if max_frame_bytes < self.geometry.bytes_per_block_layer:
-            raise ValueError(f"--kv-frame-mb {max_frame_bytes / 2**20:g} is less than one KV block of one layer "
-                             f"({self.geometry.bytes_per_block_layer} bytes)")
+            raise ValueError(f"--kv-frame-mb allows frames of {max_frame_bytes} bytes, less than one KV block of "
+                             f"one layer ({self.geometry.bytes_per_block_layer} bytes)")
         self.worker_id = f"{self.role}-{uuid.uuid4().hex[:8]}"
         self.ctx = zmq.Context()
         self.authenticator = keys.start_authenticator(self.ctx) if keys is not None else None
