@@ -4,6 +4,8 @@ import asyncio
 import json
 import math
 import random
+import subprocess
+import sys
 import time
 from dataclasses import replace
 
@@ -170,6 +172,21 @@ def test_abort_mid_stream_frees_every_block(cluster):
     assert sum(len(c.token_ids) for c in received + rest) < 400
     status = cluster.wait_idle()
     assert status["counters"]["aborted"] >= 1
+
+
+def test_a_client_gone_mid_stream_without_a_word_has_its_request_aborted(cluster):
+    """The client process dies after a few tokens of a 400-token request and sends no abort:
+    the router, unable to deliver the next tokens, aborts it on the workers, and its blocks
+    come back long before 400 tokens could have been decoded."""
+    before = cluster.wait_idle()["counters"]
+    script = (f"import os\nfrom kairos.transport.client import Client\nc = Client({cluster.addr!r}, timeout_s=30)\n"
+              "rid = c.submit([5] * 200, max_tokens=400, temperature=0, ignore_eos=True)\n"
+              "for i, _ in enumerate(c.stream(rid)):\n    if i == 5:\n        os._exit(0)\n")
+    child = subprocess.run([sys.executable, "-c", script], timeout=60)
+    assert child.returncode == 0
+    status = cluster.wait_idle()
+    assert status["counters"]["aborted"] == before["aborted"] + 1
+    assert status["counters"]["completed"] == before["completed"]
 
 
 def test_bad_requests_fail_with_a_clear_error(cluster):
