@@ -70,8 +70,10 @@ class LLM:
         self.model_config = ModelConfig.from_pretrained(path)
         self.tokenizer = self._load_tokenizer(path)
         self.max_model_len = self.config.resolve_max_model_len(self.model_config)
-        self.eos_token_ids = self.model_config.eos_token_ids or (
-            self.tokenizer.eos_token_ids if self.tokenizer else ())
+        # The generation config's ends and the tokenizer's own: a chat fine-tune often ends its
+        # turns with a token (<|im_end|>) that only its tokenizer names.
+        self.eos_token_ids = tuple(dict.fromkeys(
+            (*self.model_config.eos_token_ids, *(self.tokenizer.eos_token_ids if self.tokenizer else ()))))
         self.runner = ModelRunner(self.model_config, self.config, self.max_model_len)
         self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size,
                                           self.config.enable_prefix_caching)

@@ -194,16 +194,20 @@ def post(server, path: str, body, **kwargs) -> httpx.Response:
 BAD_REQUESTS = [
     ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
     ("/v1/completions", {"model": "gpt-4", "prompt": "x"}, 404, "model"),
-    ("/v1/completions", {"model": "tiny", "prompt": "x" * (MAX_PROMPT_CHARS + 1)}, 413, None),
-    ("/v1/completions", {"model": "tiny", "prompt": [3] * 600}, 413, None),  # beyond --max-model-len 512
+    ("/v1/completions", {"model": "tiny", "prompt": "x" * (MAX_PROMPT_CHARS + 1)}, 400, None),
+    ("/v1/completions", {"model": "tiny", "prompt": [3] * 600}, 400, None),  # beyond --max-model-len 512
     ("/v1/completions", b'{"model": "tiny", "prompt": ', 400, None),
     ("/v1/completions", b"\xff\xfe", 400, None),
     ("/v1/completions", [1, 2], 400, None),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": "5"}, 400, "max_tokens"),
     ("/v1/completions", {"model": "tiny", "prompt": 5}, 400, "prompt"),
     ("/v1/completions", {"model": "tiny", "prompt": []}, 400, "prompt"),
-    ("/v1/completions", {"model": "tiny", "prompt": "x", "n": 2}, 400, "n"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "n": 0}, 400, "n"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "n": 2, "best_of": 3}, 400, "best_of"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "logprobs": 2}, 400, "logprobs"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "logprobs": 0}, 400, "logprobs"),  # 0 asks for some
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "stream_options": {"include_usage": True}}, 400,
+     "stream_options"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "frobnicate": True}, 400, "frobnicate"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "ttft_slo_ms": -5}, 400, None),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "temperature": -1}, 400, "temperature"),
@@ -226,6 +230,8 @@ def test_bad_input_gets_the_right_status_in_the_openai_shape_and_serving_goes_on
     for path, body, status, param in BAD_REQUESTS:
         for stream in (False, True):
             if stream and isinstance(body, dict):
+                if "stream_options" in body:
+                    continue  # its fault is being sent without stream
                 body = {**body, "stream": True}
             response = post(server, path, body)
             assert response.status_code == status, (body, response.text)
@@ -248,6 +254,37 @@ def test_bad_input_gets_the_right_status_in_the_openai_shape_and_serving_goes_on
         metrics_before, "kairos:request_failure_total", code="prompt_too_long") == 4
     assert client.completions.create(model="tiny", prompt="still serving", max_tokens=4).usage.completion_tokens == 4
     server.idle()
+
+
+def test_null_means_the_default_and_n_gives_that_many_choices(server):
+    """Clients send null for optional fields they leave unset; n copies a prompt (seeded copies
+    differ and repeat), streamed or not, every chunk of a stream with the same `created`."""
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": None,
+            "top_p": None, "top_k": None, "n": None, "stream": None, "presence_penalty": None,
+            "frequency_penalty": None, "logprobs": None, "ignore_eos": None, "stream_options": None}
+    response = post(server, "/v1/chat/completions", chat)
+    assert response.status_code == 200, response.text
+    client = server.openai()
+    greedy = client.completions.create(model="tiny", prompt=["a", "b"], max_tokens=5, temperature=0, n=2)
+    texts = [c.text for c in sorted(greedy.choices, key=lambda c: c.index)]
+    assert len(texts) == 4 and texts[0] == texts[1] and texts[2] == texts[3] and greedy.usage.completion_tokens == 20
+    seeded = [client.completions.create(model="tiny", prompt="a", max_tokens=8, temperature=1.0, seed=3, n=3,
+                                        extra_body={"ignore_eos": True}) for _ in range(2)]
+    runs = [[c.text for c in sorted(r.choices, key=lambda c: c.index)] for r in seeded]
+    assert runs[0] == runs[1] and len(set(runs[0])) > 1
+    chunks = list(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=4, n=2, stream=True, temperature=0,
+                                                 stream_options={"include_usage": True}))
+    assert {c.choices[0].index for c in chunks if c.choices} == {0, 1} and len({c.created for c in chunks}) == 1
+    assert chunks[-1].usage.completion_tokens == 8
+
+
+def test_a_timeout_tells_openai_clients_not_to_retry():
+    from kairos.transport.http_api import APIError
+
+    response = APIError(504, "the request timed out").response()
+    assert response.status_code == 504 and response.headers["x-should-retry"] == "false"
+    assert "x-should-retry" not in APIError(503, "no worker").response().headers
 
 
 def test_a_client_that_disconnects_aborts_its_request_and_blocks_return(server):
@@ -391,7 +428,15 @@ CONVERSATIONS = [
 ]
 
 
-@pytest.mark.parametrize("template", [None, TEMPLATE], ids=["tiny", "custom"])
+# transformers' generation marks, a `tools` test without a `defined` guard, and an extra value
+# a request gives (chat_template_kwargs).
+MARKED_TEMPLATE = """{% for message in messages %}{% if message['role'] == 'assistant' %}\
+{% generation %}<{{ message['content'] }}>{% endgeneration %}{% else %}{{ message['content'] }}{% endif %}\
+{% endfor %}{% if tools is not none %}[TOOLS]{% endif %}\
+{% if enable_thinking is defined and not enable_thinking %}[NO THINKING]{% endif %}"""
+
+
+@pytest.mark.parametrize("template", [None, TEMPLATE, MARKED_TEMPLATE], ids=["tiny", "custom", "marked"])
 def test_chat_templates_render_as_transformers_does(tiny_path, tmp_path, template):
     from transformers import AutoTokenizer
 
@@ -407,7 +452,9 @@ def test_chat_templates_render_as_transformers_does(tiny_path, tmp_path, templat
         for generation in (True, False):
             assert ours.render(messages, generation) == reference.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=generation)
-    if template is not None:
+            assert ours.render(messages, generation, enable_thinking=False) == reference.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=generation, enable_thinking=False)
+    if template is TEMPLATE:
         with pytest.raises(ChatTemplateError, match="roles must alternate"):
             ours.render([{"role": "assistant", "content": "first"}])
     assert ChatTemplate.for_model("tiny").render(CONVERSATIONS[0]) == ChatTemplate.for_model(str(tiny_path)).render(

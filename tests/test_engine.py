@@ -117,6 +117,21 @@ def test_eos_from_generation_config_stops_unless_ignored(tiny_llm):
     assert seq.append_token(1, 1024) is None
 
 
+def test_the_tokenizers_own_end_token_stops_generation_beside_the_generation_configs(tiny_path, tmp_path):
+    """A chat fine-tune ends its turns with the token its tokenizer names (<|im_end|>) while its
+    generation config keeps the base model's: both end a request."""
+    import json
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_path, folder)
+    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": 2}))
+    llm = LLM(str(folder), num_kv_blocks=32, max_model_len=128)
+    assert llm.eos_token_ids == (2, 1)  # the generation config's, then tokenizer_config's <|end|>
+    seq = llm.make_sequence("Hi", SamplingParams(max_tokens=5))
+    assert seq.append_token(1, 128) == "stop"
+
+
 def test_streamed_text_holds_back_every_stop_string_prefix_whatever_the_stops_order():
     """'xab' may become the stop 'xabc': none of it streams, however the stops are listed."""
     from types import SimpleNamespace

@@ -13,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 
 import jinja2
-from jinja2.ext import loopcontrols
+from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 
@@ -29,9 +29,21 @@ def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=F
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
+class _GenerationMarks(Extension):
+    """transformers' `{% generation %}...{% endgeneration %}`, which marks the assistant's text for
+    training masks: rendering a prompt renders what it encloses."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        next(parser.stream)
+        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+
 class ChatTemplate:
     def __init__(self, source: str, special_tokens: dict[str, str]):
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=[loopcontrols, _GenerationMarks])
         env.filters["tojson"] = _tojson
         env.globals["raise_exception"] = _raise_exception
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -62,12 +74,14 @@ class ChatTemplate:
                           None)
         return cls(source, special) if isinstance(source, str) else None
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The prompt of a conversation (messages with `role` and text `content`); raises
-        ChatTemplateError if the template refuses it."""
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, **extra) -> str:
+        """The prompt of a conversation (messages with `role` and text `content`), with `extra`
+        values for the template (a request's chat_template_kwargs); raises ChatTemplateError if
+        the template refuses it. `tools` and `documents` are None unless given, as transformers
+        passes them: a template testing `tools is not none` must not see them as given."""
         try:
-            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                        **self.special_tokens)
+            return self.template.render(**{"tools": None, "documents": None, **self.special_tokens, **extra,
+                                           "messages": messages, "add_generation_prompt": add_generation_prompt})
         except ChatTemplateError:
             raise
         except jinja2.TemplateError as e:

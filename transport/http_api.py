@@ -40,7 +40,11 @@ log = logging.getLogger("kairos.api")
 DEFAULT_MAX_BODY_BYTES = 32 * 2**20  # a prompt at the router's default limits fits, escaped
 HEALTH_TIMEOUT_S = 2.0
 WORKERS_FRESH_S = 1.0  # how old a look at the registered workers may be when a request relies on it
-STATUS_OF_CODE = {p.INVALID_REQUEST: 400, p.PROMPT_TOO_LONG: 413, p.UNAVAILABLE: 503}
+# A prompt beyond the model's length is a 400, as OpenAI's and vLLM's (clients detect a context
+# overflow by it), under OpenAI's code for it.
+STATUS_OF_CODE = {p.INVALID_REQUEST: 400, p.PROMPT_TOO_LONG: 400, p.UNAVAILABLE: 503}
+HTTP_CODE_OF_CODE = {p.PROMPT_TOO_LONG: "context_length_exceeded"}
+MAX_CHOICES = 128  # n: copies of a request in one call
 
 
 class APIError(Exception):
@@ -59,7 +63,10 @@ class APIError(Exception):
                           "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        # OpenAI's clients retry a 5xx by default; a timed-out request retried twice would land
+        # three times the load on a cluster that is already behind.
+        headers = {"x-should-retry": "false"} if self.status == 504 else None
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
 class ClientGone(Exception):
@@ -80,21 +87,22 @@ class StreamOptions(_Body):
 
 
 class _Request(_Body):
+    # Optional fields take null as "the default", as OpenAI's API and its clients use it.
     model: str
     max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
+    temperature: float | None = None  # 1
+    top_p: float | None = None  # 1
+    top_k: int | None = None  # -1: off
     seed: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
-    ignore_eos: bool = False
-    n: int = 1
-    stream: bool = False
+    ignore_eos: bool | None = None
+    n: int | None = None  # 1
+    stream: bool | None = None
     stream_options: StreamOptions | None = None
     # OpenAI fields taken at their neutral values only (the engine has no such sampling).
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     # Kairos's extensions: the request's SLOs and what its scheduler may know of it.
@@ -111,7 +119,7 @@ class _Request(_Body):
 class CompletionRequest(_Request):
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = None
-    echo: bool = False
+    echo: bool | None = None
     best_of: int | None = None
     suffix: str | None = None
 
@@ -132,15 +140,28 @@ class ChatRequest(_Request):
     tools: list | None = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
+    chat_template_kwargs: dict | None = None  # extra values the template reads (enable_thinking, ...)
 
 
 def _unsupported(body: _Request) -> None:
     """Refuses, by name, the OpenAI features the engine does not have, when asked for."""
-    neutral = {"n": 1, "presence_penalty": 0.0, "frequency_penalty": 0.0, "echo": False, "best_of": 1,
-               "logprobs": False, "top_logprobs": 0, "tools": [], "tool_choice": "none"}
+    neutral = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "echo": False, "top_logprobs": 0, "tools": [],
+               "tool_choice": "none"}
     for name, value in body:
         if name in neutral and value not in (None, neutral[name]):
             raise APIError(400, f"{name}={value!r} is not supported by this server", name, "unsupported")
+    # Chat's logprobs is a flag (false is neutral); completions' a count, where even 0 asks for some.
+    logprobs = getattr(body, "logprobs", None)
+    if logprobs is not None and logprobs is not False:
+        raise APIError(400, f"logprobs={logprobs!r} is not supported by this server", "logprobs", "unsupported")
+    n = 1 if body.n is None else body.n
+    if not 1 <= n <= MAX_CHOICES:
+        raise APIError(400, f"n must be in [1, {MAX_CHOICES}], got {n}", "n")
+    best_of = getattr(body, "best_of", None)
+    if best_of not in (None, n):
+        raise APIError(400, "best_of other than n is not supported by this server", "best_of", "unsupported")
+    if body.stream_options is not None and not body.stream:
+        raise APIError(400, "stream_options is only for stream=true", "stream_options")
         if name in ("logit_bias", "suffix") and value:
             raise APIError(400, f"{name} is not supported by this server", name, "unsupported")
     fmt = getattr(body, "response_format", None)
@@ -153,9 +174,17 @@ def _options(body: _Request, max_tokens: int | None, default_max_tokens: int) ->
            "request_class": body.request_class, "kind": body.kind, "deadline_ms": body.deadline_ms,
            "dag_id": body.dag_id, "dag_stage": body.dag_stage}
     return {"max_tokens": default_max_tokens if max_tokens is None else max_tokens,
-            "temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k, "seed": body.seed,
-            "stop": body.stop, "stop_token_ids": body.stop_token_ids, "ignore_eos": body.ignore_eos,
-            "slo": {k: v for k, v in slo.items() if v is not None} or None}
+            "temperature": 1.0 if body.temperature is None else body.temperature,
+            "top_p": 1.0 if body.top_p is None else body.top_p, "top_k": -1 if body.top_k is None else body.top_k,
+            "seed": body.seed, "stop": body.stop, "stop_token_ids": body.stop_token_ids,
+            "ignore_eos": bool(body.ignore_eos), "slo": {k: v for k, v in slo.items() if v is not None} or None}
+
+
+def _copies(prompts: list, n: int | None, seed: int | None) -> list[tuple[object, dict]]:
+    """Each prompt n times (choice prompt * n + j), copy j drawing from seed + j where a seed is
+    given, so that seeded copies differ and still repeat."""
+    n = n or 1
+    return [(prompt, {} if seed is None else {"seed": seed + j}) for prompt in prompts for j in range(n)]
 
 
 def _validation_error(e: ValidationError) -> APIError:
@@ -269,7 +298,7 @@ class RequestGroup:
 
 def _api_error(e: Exception) -> APIError:
     if isinstance(e, RequestFailed):
-        return APIError(STATUS_OF_CODE.get(e.code, 500), e.message, code=e.code)
+        return APIError(STATUS_OF_CODE.get(e.code, 500), e.message, code=HTTP_CODE_OF_CODE.get(e.code, e.code))
     if isinstance(e, TimeoutError):
         return APIError(504, f"the request timed out: {e}", code="timeout")
     return APIError(500, f"the connection to the router failed: {e}")
@@ -398,21 +427,21 @@ class OpenAIServer:
     async def completions(self, request: Request) -> Response:
         body = await self._parse(request, CompletionRequest)
         prompts = _prompts(body.prompt)
-        submits = [(prompt, {}) for prompt in prompts]
-        group = await self._submit(submits, _options(body, body.max_tokens, 16))
-        cid = f"cmpl-{secrets.token_hex(12)}"
+        options = _options(body, body.max_tokens, 16)
+        group = await self._submit(_copies(prompts, body.n, options.pop("seed")), options)
+        cid, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
 
         def chunk(choice: Choice, text: str, finish_reason: str | None) -> dict:
-            return {"id": cid, "object": "text_completion", "created": int(time.time()), "model": self.model,
+            return {"id": cid, "object": "text_completion", "created": created, "model": self.model,
                     "choices": [{"index": choice.index, "text": text, "logprobs": None,
                                  "finish_reason": finish_reason}]}
 
         if body.stream:
-            return await self._stream(request, group, body, cid, "text_completion",
+            return await self._stream(request, group, body, cid, created, "text_completion",
                                       lambda choice, tokens: chunk(choice, tokens.text, tokens.finish_reason))
         choices = await self._finish(request, group)
         return JSONResponse({
-            "id": cid, "object": "text_completion", "created": int(time.time()), "model": self.model,
+            "id": cid, "object": "text_completion", "created": created, "model": self.model,
             "choices": [{"index": c.index, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
                         for c in choices],
             "usage": group.usage()})
@@ -423,13 +452,14 @@ class OpenAIServer:
             raise APIError(400, f"the model {self.model} has no chat template: use /v1/completions",
                            "messages", "no_chat_template")
         try:
-            prompt = self.chat_template.render(_chat_messages(body.messages))
+            prompt = self.chat_template.render(_chat_messages(body.messages), **(body.chat_template_kwargs or {}))
         except ChatTemplateError as e:
             raise APIError(400, str(e), "messages") from None
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         # Unbounded unless asked: the output ends at the model's length ("length"), as OpenAI's does.
-        group = await self._submit([(prompt, {"add_special_tokens": False})], _options(body, max_tokens, MAX_COUNT))
-        cid = f"chatcmpl-{secrets.token_hex(12)}"
+        options = {**_options(body, max_tokens, MAX_COUNT), "add_special_tokens": False}
+        group = await self._submit(_copies([prompt], body.n, options.pop("seed")), options)
+        cid, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
         started = set()
 
         def chunk(choice: Choice, tokens: p.Tokens) -> dict:
@@ -437,15 +467,15 @@ class OpenAIServer:
             if choice.index not in started:
                 started.add(choice.index)
                 delta = {"role": "assistant", **delta}
-            return {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": self.model,
+            return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.model,
                     "choices": [{"index": choice.index, "delta": delta, "logprobs": None,
                                  "finish_reason": tokens.finish_reason}]}
 
         if body.stream:
-            return await self._stream(request, group, body, cid, "chat.completion.chunk", chunk)
+            return await self._stream(request, group, body, cid, created, "chat.completion.chunk", chunk)
         choices = await self._finish(request, group)
         return JSONResponse({
-            "id": cid, "object": "chat.completion", "created": int(time.time()), "model": self.model,
+            "id": cid, "object": "chat.completion", "created": created, "model": self.model,
             "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
                          "finish_reason": c.finish_reason} for c in choices],
             "usage": group.usage()})
@@ -485,7 +515,7 @@ class OpenAIServer:
             for prompt, extra in prompts:
                 make_submit(prompt, "check", **options, **extra)
         except RequestTooLarge as e:
-            raise APIError(STATUS_OF_CODE[p.PROMPT_TOO_LONG], str(e), code=p.PROMPT_TOO_LONG) from None
+            raise APIError(413, str(e), code="request_too_large") from None
         except ValueError as e:
             message = str(e)
             param = message.split()[0] if message.split()[0] in options else None
@@ -516,8 +546,8 @@ class OpenAIServer:
             task.cancel()
             gone.cancel()
 
-    async def _stream(self, request: Request, group: RequestGroup, body: _Request, cid: str, obj: str,
-                      make_chunk) -> Response:
+    async def _stream(self, request: Request, group: RequestGroup, body: _Request, cid: str, created: int,
+                      obj: str, make_chunk) -> Response:
         """Server-sent events. The status waits for each request's first message, so that a
         request refused downstream (too long a prompt, no worker) gets its error status."""
         first = []
@@ -542,7 +572,7 @@ class OpenAIServer:
                     choice, tokens = await group.next()
                     yield _sse(make_chunk(choice, tokens))
                 if include_usage:
-                    yield _sse({"id": cid, "object": obj, "created": int(time.time()), "model": self.model,
+                    yield _sse({"id": cid, "object": obj, "created": created, "model": self.model,
                                 "choices": [], "usage": group.usage()})
             except APIError as e:
                 yield _sse(e.body())
