@@ -31,7 +31,7 @@ from kairos.transport.sockets import DEFAULT_ROUTER
 MIB = 2**20
 # Options of the simulated system alone, with their defaults: a live run has the real thing.
 SIMULATED_ONLY = {"--profile": str(DEFAULT_PROFILE), "--kv-bandwidth-gb-s": 25.0, "--step-jitter": 0.0,
-                  "--colocated-slowdown": "1,1"}
+                  "--colocated-slowdown": "1,1", "--max-tokens": None}
 LIVE_ONLY = {"--model": "tiny", "--load-format": "auto", "--max-model-len": None, "--worker-profile": None,
              "--timeout": 300.0}
 
@@ -111,6 +111,10 @@ def add_sim_args(p: argparse.ArgumentParser) -> None:
                    help="workers that share one device slow each other: a prefill step beside a busy decode "
                         "worker takes PREFILL times its length alone, a decode step beside prefill DECODE times "
                         "(python -m kairos.bench.sim_fidelity fits both from serving's step logs); 1,1: a device each")
+    p.add_argument("--max-tokens", type=positive_int, default=SIMULATED_ONLY["--max-tokens"],
+                   help="the max_tokens clients set on every request, outputs still ending at the trace's lengths "
+                        "(default: each request's own length, as a replay sets it, which the policies' output-length "
+                        "bound then knows exactly)")
 
 
 def sim_setup(args: argparse.Namespace, prefill_policy: str = "fcfs", decode_policy: str = "cb"):
@@ -129,7 +133,8 @@ def sim_setup(args: argparse.Namespace, prefill_policy: str = "fcfs", decode_pol
                        profile.get("kv_bytes_per_token", SimConfig.kv_bytes_per_token), args.kv_bandwidth_gb_s,
                        max_inflight_transfer_bytes=int(args.max_inflight_transfer_mb * MIB),
                        prefill_jitter=args.step_jitter, decode_jitter=args.step_jitter,
-                       **colocated_slowdown(args.colocated_slowdown), kv_sent_during_steps=measured_on_gpu(profile))
+                       **colocated_slowdown(args.colocated_slowdown), kv_sent_during_steps=measured_on_gpu(profile),
+                       max_tokens=args.max_tokens)
     return config, cost
 
 

@@ -86,6 +86,11 @@ class SimConfig:
     # free), so KV made ready then leaves at once; on a CPU the step holds the host, and the
     # KV leaves when the step ends.
     kv_sent_during_steps: bool = True
+    # The max_tokens clients set. None: each request's own output length, which is how a replay
+    # makes a trace's lengths happen (with ignore_eos), and which the policies' output-length
+    # bound is capped by, so that it knows every length under its quantile. A number: a cap as
+    # clients set one, the output ending at the trace's length (or the cap, if shorter).
+    max_tokens: int | None = None
 
 
 def measured_on_gpu(profile: dict) -> bool:
@@ -108,6 +113,8 @@ def check_config(config: SimConfig) -> None:
         raise ValueError(f"--kv-bandwidth-gb-s must be positive, got {config.kv_bandwidth_gb_s}")
     if min(config.prefill_jitter, config.decode_jitter) < 0:
         raise ValueError("step-time jitter must be >= 0")
+    if config.max_tokens is not None and config.max_tokens < 1:
+        raise ValueError(f"--max-tokens must be at least 1, not {config.max_tokens}")
     if min(config.prefill_beside_decode, config.decode_beside_prefill) < 1:
         raise ValueError("--colocated-slowdown values must be at least 1: a step beside the other role's "
                          "is not faster than alone")
@@ -344,7 +351,10 @@ class Simulator:
         if r.prompt_len >= max_len:
             self.refuse(r)
             return
-        r.output_len = r.max_tokens = min(r.output_len, max_len - r.prompt_len)
+        cap = max_len - r.prompt_len if self.config.max_tokens is None else min(self.config.max_tokens,
+                                                                                 max_len - r.prompt_len)
+        r.output_len = min(r.output_len, cap)
+        r.max_tokens = r.output_len if self.config.max_tokens is None else cap
         worker = pick_prefill_worker(self.prefills)  # as the router places it
         worker.requests_in_hand += 1
         r.worker = pick_decode_worker(self.decodes)

@@ -368,6 +368,19 @@ def test_compare_reports_gains_against_the_baseline():
     assert all(math.isfinite(r["decode_throughput_tok_s"]) for r in result["rows"])
 
 
+def test_a_client_cap_on_max_tokens_hides_the_lengths_but_not_the_work():
+    """By default a request's max_tokens is its own length (as a replay forces it); with a cap
+    the policies see the cap, the output still ends at the trace's length, or at the cap."""
+    trace = [TraceRequest(0.0, 100, 10), TraceRequest(0.0, 100, 300)]
+    exact = Simulator(SimConfig(), COST).run(trace)
+    capped = Simulator(SimConfig(max_tokens=200), COST).run(trace)
+    assert [r.max_tokens for r in exact] == [10, 300] and [r.max_tokens for r in capped] == [200, 200]
+    assert [r.output_len for r in capped] == [10, 200]
+    assert capped[0].finish_time == pytest.approx(exact[0].finish_time)  # under cb, lengths alone set the work
+    with pytest.raises(ValueError, match="--max-tokens must be at least 1"):
+        Simulator(SimConfig(max_tokens=0), COST)
+
+
 def test_compare_refuses_a_trace_with_no_rate_to_scale():
     for trace in ([], [TraceRequest(0.0, 10, 5)] * 3):
         with pytest.raises(ValueError, match="no rate to scale"):
