@@ -430,3 +430,37 @@ def test_the_router_says_what_kind_of_failure_each_refusal_is():
             assert f'kairos:request_failure_total{{code="{code}"}} 1.0' in text
     finally:
         router.close()
+
+
+def test_a_decode_worker_clocks_a_request_from_its_arrival_and_its_first_token_from_its_sampling():
+    """The offer says how long ago the request reached the router and the KV how long ago its
+    first token was sampled: the decode policy's slack and TPOT clocks run from then, as the
+    simulator's do, not from when the offer and the KV happened to come. A peer's nonsense age
+    counts as none, or as at most a day."""
+    from kairos.engine import LLM
+    from kairos.transport.decode import DecodeWorker
+
+    llm = LLM("tiny", num_kv_blocks=64, max_model_len=256)
+    worker = DecodeWorker(llm, "tcp://127.0.0.1:9")  # no router there: its messages are dropped
+    peer = b"prefill-test"
+    worker.greeted.add(peer)
+    per_frame = blocks_per_frame(worker.geometry, worker.max_frame_bytes)
+    frames = [FakeFrame(f) for f in OutgoingKV(llm.runner, [0, 1, 2], None).frames(per_frame)]
+    try:
+        for request_id, age, token_age, taken, token_taken in [("a", 2.5, 1.0, 2.5, 1.0),
+                                                                ("b", float("inf"), -5.0, 0.0, 0.0),
+                                                                ("c", 1e12, float("nan"), 86400.0, 0.0)]:
+            worker.handle_router(p.KVExpect(request_id, peer.decode()))
+            now = time.monotonic()
+            worker.on_offer(peer, p.KVOffer(f"t-{request_id}", request_id, list(range(1, 41)), {"max_tokens": 5},
+                                            {}, 3, age_s=age))
+            seq = worker.offers[-1]
+            assert seq.arrival_time == pytest.approx(now - taken, abs=0.5)
+            worker.accept_offers(time.monotonic())
+            now = time.monotonic()
+            worker.on_data(peer, p.KVData(f"t-{request_id}", per_frame, 7, first_token_age_s=token_age), frames)
+            assert seq.first_token_time == pytest.approx(now - token_taken, abs=0.5)
+            while worker.writing:
+                worker.finish_writes()
+    finally:
+        worker.close()

@@ -255,6 +255,7 @@ class DecodeWorker(Worker):
         except ValueError as e:
             send(self.kv_socket, p.KVReject(msg.transfer_id, f"decode worker {self.worker_id}: {e}"), peer)
             return
+        seq.arrival_time = time.monotonic() - p.peer_age(msg.age_s)  # the request's arrival, not the offer's
         self.offers.append(seq)
         self.offer_of[seq] = Incoming(msg.transfer_id, peer, seq, msg.num_blocks, self.transfer_timeout_s + msg.step_s)
 
@@ -280,6 +281,7 @@ class DecodeWorker(Worker):
         # The first token was sampled on the prefill side; replay it so the detokenizer and
         # the stop-string state continue where the prefill worker's left off.
         item.seq.append_token(msg.first_token, self.llm.max_model_len)
+        item.seq.token_times[-1] = time.monotonic() - p.peer_age(msg.first_token_age_s)  # sampled then, not now
         item.seq.take_text_delta()
         del self.incoming[item.transfer_id]
         self.writing[item.transfer_id] = item

@@ -45,6 +45,11 @@ def dispatch_age(arrival_unix: float, now_unix: float) -> float:
     return min(MAX_DISPATCH_AGE_S, max(0.0, now_unix - arrival_unix))
 
 
+def first_token_age(t) -> float:
+    """Seconds since the transfer's first token was sampled (TPOT's clock starts there)."""
+    return time.monotonic() - t.seq.token_times[0] if t.seq.token_times else 0.0
+
+
 @dataclass
 class Transfer:
     transfer_id: str
@@ -220,7 +225,7 @@ class PrefillWorker(Worker):
         seq = t.seq
         send(t.peer.socket, p.KVOffer(t.transfer_id, seq.request_id, seq.prompt_token_ids,
                                       dataclasses.asdict(seq.params), seq.slo.to_dict(), len(seq.block_table),
-                                      step_s=round(self.longest_step_s, 3)))
+                                      step_s=round(self.longest_step_s, 3), age_s=time.monotonic() - seq.arrival_time))
         # Waiting for room on the decode side is backpressure, not a fault, but it is bounded:
         # a decode worker that never makes room must not hold this worker's blocks forever.
         t.wait(self.offer_timeout_s)
@@ -263,14 +268,15 @@ class PrefillWorker(Worker):
         for t in by_name:
             t.written.synchronize()  # done already: its step's tokens have been read
             send(t.peer.socket, p.KVData(t.transfer_id, t.peer.per_frame, t.first_token,
-                                         block_ids=list(t.seq.block_table)))
+                                         block_ids=list(t.seq.block_table), first_token_age_s=first_token_age(t)))
             t.wait(self.transfer_timeout_s + t.peer_step_s)
         staged = [t for t in ready if not t.peer.cuda_ipc]
         for t in staged:
             t.kv = OutgoingKV(self.llm.runner, t.seq.block_table, self.copy_stream, self.staging, t.written)
         for t in staged:
             t.kv.wait()
-            t.sent = send_tracked(t.peer.socket, p.KVData(t.transfer_id, t.peer.per_frame, t.first_token),
+            t.sent = send_tracked(t.peer.socket, p.KVData(t.transfer_id, t.peer.per_frame, t.first_token,
+                                                          first_token_age_s=first_token_age(t)),
                                   t.kv.frames(t.peer.per_frame))
             t.wait(self.transfer_timeout_s + t.peer_step_s)
         self.turn_notes["kv_staging_s"] = self.turn_notes.get("kv_staging_s", 0.0) + time.perf_counter() - started

@@ -26,6 +26,7 @@ MAX_NESTING = 8
 # The longest step a KV peer may declare (KVOffer.step_s, KVReady.step_s), seconds: a worker
 # whose steps take longer is hung, and one claiming so is refused rather than waited for.
 MAX_PEER_STEP_S = 3600.0
+MAX_PEER_AGE_S = 86400.0
 
 
 def check_peer_step(step_s: float) -> None:
@@ -33,6 +34,12 @@ def check_peer_step(step_s: float) -> None:
     not one to wait for."""
     if not 0 <= step_s <= MAX_PEER_STEP_S:
         raise ValueError(f"a worker whose steps take {step_s} s, outside 0..{MAX_PEER_STEP_S:g}")
+
+
+def peer_age(seconds: float) -> float:
+    """A time span a peer measured on its own clock (how long ago a request arrived, or its first
+    token was sampled), as this side may take it: never negative, nor over MAX_PEER_AGE_S."""
+    return min(max(seconds, 0.0), MAX_PEER_AGE_S) if math.isfinite(seconds) else 0.0
 
 
 class ProtocolError(ValueError):
@@ -322,6 +329,9 @@ class KVOffer(Message):
     # The prefill worker's longest step so far, seconds: on a CPU it reads this channel only
     # between steps, so the decode side waits this long beyond its transfer timeout for the KV.
     step_s: float = 0.0
+    # Seconds since the router received the request, as the offer leaves: the decode policy's
+    # clocks run from the request's arrival, not from the offer's.
+    age_s: float = 0.0
 
 
 @dataclass
@@ -351,6 +361,7 @@ class KVData(Message):
     blocks_per_frame: int
     first_token: int
     block_ids: list[int] | None = None
+    first_token_age_s: float = 0.0  # seconds since it was sampled: TPOT runs from then
 
 
 @dataclass
