@@ -10,8 +10,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from kairos.scheduler.cost_model import CostModel
-from kairos.scheduler.metrics import latency_samples, metrics
-from kairos.scheduler.simulator import SimConfig, Simulator
+from kairos.scheduler.metrics import latency_samples
+from kairos.scheduler.simulator import SimConfig, Simulator, report
 from kairos.scheduler.traces import TraceRequest, shape
 
 BASELINE = "fcfs+cb"
@@ -25,7 +25,8 @@ def simulated_point(config: SimConfig, cost: CostModel):
         prefill, decode = policy.split("+")
         sim = Simulator(replace(config, prefill_policy=prefill, decode_policy=decode), cost)
         requests = sim.run(trace)
-        return metrics(requests, sum(d.tokens_out for d in sim.decodes)), latency_samples(requests)
+        # As `simulate` reports: a refused request misses every SLO, and a stall is an error.
+        return report(sim, requests), latency_samples([r for r in requests if not r.refused])
 
     return run
 

@@ -736,7 +736,12 @@ def simulate(trace: list[TraceRequest], config: SimConfig, cost: CostModel) -> d
     """The SLO report of the trace's run. A refused request (longer than a worker's KV cache)
     counts as a miss of every SLO."""
     sim = Simulator(config, cost)
-    requests = sim.run(trace)
+    return report(sim, sim.run(trace))
+
+
+def report(sim: Simulator, requests: list[SimRequest]) -> dict:
+    """The SLO report of a finished simulation of these requests (see `simulate`)."""
+    config = sim.config
     served = [r for r in requests if not r.refused]
     unfinished = [r for r in served if math.isnan(r.finish_time)]
     if unfinished:  # a stall: a bug of the simulator or a policy, never a result

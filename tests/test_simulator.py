@@ -381,6 +381,18 @@ def test_a_client_cap_on_max_tokens_hides_the_lengths_but_not_the_work():
         Simulator(SimConfig(max_tokens=0), COST)
 
 
+def test_compare_counts_a_refused_request_as_a_miss_as_simulate_does():
+    """A prompt longer than the KV cache is refused: a miss of every SLO in a compare row as in
+    `kairos simulate`, not NaN times in the metrics (which made the first row's throughput 0)."""
+    trace = [TraceRequest(0.0, 5000, 4)] + [TraceRequest(0.1 * i, 100, 4) for i in range(1, 20)]
+    config = SimConfig(kv_capacity_tokens=4096)
+    result = compare(trace, [1.0], ["fcfs+cb"], simulated_point(config, COST))
+    (row,) = result["rows"]
+    alone = simulate(trace, config, COST)
+    assert row["refused"] == 1 and row["e2e_attainment"] == pytest.approx(alone["e2e_attainment"])
+    assert row["e2e_attainment"] == pytest.approx(19 / 20) and row["decode_throughput_tok_s"] > 0
+
+
 def test_compare_refuses_a_trace_with_no_rate_to_scale():
     for trace in ([], [TraceRequest(0.0, 10, 5)] * 3):
         with pytest.raises(ValueError, match="no rate to scale"):
