@@ -112,6 +112,9 @@ def main() -> None:
     ap.add_argument("--duration-s", type=float, default=1200.0, help="of the trace, before rate scaling")
     ap.add_argument("--throughput-share", type=float, default=0.2)
     ap.add_argument("--collective-share", type=float, default=0.1)
+    ap.add_argument("--max-tokens", type=int, help="the max_tokens clients set on every request, outputs still "
+                    "ending at the trace's lengths (default: each request's own length, which the policies' "
+                    "output-length bound then knows)")
     ap.add_argument("--name", default="tempo_mixed")
     args = ap.parse_args()
 
@@ -125,7 +128,8 @@ def main() -> None:
         for pair in POLICIES:
             prefill, decode = pair.split("+")
             config = SimConfig(prefill_policy=prefill, decode_policy=decode,
-                               kv_capacity_tokens=profile.get("kv_capacity_tokens", SimConfig.kv_capacity_tokens))
+                               kv_capacity_tokens=profile.get("kv_capacity_tokens", SimConfig.kv_capacity_tokens),
+                               max_tokens=args.max_tokens)
             requests = Simulator(config, cost).run(trace)
             row = {"rate_scale": scale, "policy": pair, **service_metrics(requests)}
             rows.append(row)
@@ -142,7 +146,8 @@ def main() -> None:
         print(f"{name}: covers {b['coverage']:.1%} of lengths, median bound {b['median_bound_over_length']:.2f}x "
               f"the length, {b['predict_us']:.1f} us a prediction{fitting}")
     setup = {"trace": args.trace, "profile": args.profile, "duration_s": args.duration_s,
-             "throughput_share": args.throughput_share, "collective_share": args.collective_share}
+             "throughput_share": args.throughput_share, "collective_share": args.collective_share,
+             "max_tokens": args.max_tokens}
     print(f"wrote {write_result(args.name, {'setup': setup, 'rows': rows, 'length_bounds': bounds})}")
     plot(rows, args.name)
 
