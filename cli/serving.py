@@ -109,8 +109,6 @@ def cmd_router(args: argparse.Namespace) -> int:
     if args.worker_timeout < 2 * HEARTBEAT_INTERVAL_S:
         raise ValueError(f"--worker-timeout must be at least {2 * HEARTBEAT_INTERVAL_S:g} s: workers beat every "
                          f"{HEARTBEAT_INTERVAL_S:g} s, and a shorter timeout gives up live ones")
-    if args.metrics_port is not None:
-        port_is_free(args.host, args.metrics_port, "--metrics-port")
     router = Router(args.host, args.port, args.worker_timeout, args.queue_timeout,
                     default_slo=RequestSLO(args.ttft_slo_ms, args.tpot_slo_ms),
                     max_prompt_chars=args.max_prompt_chars, max_prompt_tokens=args.max_prompt_tokens,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from kairos.scheduler.cost_model import CostModel
 from kairos.scheduler.metrics import latency_samples
-from kairos.scheduler.simulator import SimConfig, Simulator, report
+from kairos.scheduler.simulator import SimConfig, Simulator, simulation_report
 from kairos.scheduler.traces import TraceRequest, shape
 
 BASELINE = "fcfs+cb"
@@ -26,7 +26,7 @@ def simulated_point(config: SimConfig, cost: CostModel):
         sim = Simulator(replace(config, prefill_policy=prefill, decode_policy=decode), cost)
         requests = sim.run(trace)
         # As `simulate` reports: a refused request misses every SLO, and a stall is an error.
-        return report(sim, requests), latency_samples([r for r in requests if not r.refused])
+        return simulation_report(sim, requests), latency_samples([r for r in requests if not r.refused])
 
     return run
 

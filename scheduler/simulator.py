@@ -351,8 +351,8 @@ class Simulator:
         if r.prompt_len >= max_len:
             self.refuse(r)
             return
-        cap = max_len - r.prompt_len if self.config.max_tokens is None else min(self.config.max_tokens,
-                                                                                 max_len - r.prompt_len)
+        room = max_len - r.prompt_len
+        cap = room if self.config.max_tokens is None else min(self.config.max_tokens, room)
         r.output_len = min(r.output_len, cap)
         r.max_tokens = r.output_len if self.config.max_tokens is None else cap
         worker = pick_prefill_worker(self.prefills)  # as the router places it
@@ -736,10 +736,10 @@ def simulate(trace: list[TraceRequest], config: SimConfig, cost: CostModel) -> d
     """The SLO report of the trace's run. A refused request (longer than a worker's KV cache)
     counts as a miss of every SLO."""
     sim = Simulator(config, cost)
-    return report(sim, sim.run(trace))
+    return simulation_report(sim, sim.run(trace))
 
 
-def report(sim: Simulator, requests: list[SimRequest]) -> dict:
+def simulation_report(sim: Simulator, requests: list[SimRequest]) -> dict:
     """The SLO report of a finished simulation of these requests (see `simulate`)."""
     config = sim.config
     served = [r for r in requests if not r.refused]

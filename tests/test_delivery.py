@@ -14,7 +14,7 @@ from serving import recording_router
 
 from kairos.scheduler.traces import TraceRequest
 from kairos.transport import protocol as p
-from kairos.transport.client import AsyncClient, Client, RequestTooLarge, make_submit
+from kairos.transport.client import AsyncClient, Client, RequestTooLarge, encoded_submit, make_submit
 from kairos.transport.replay import replay_requests
 from kairos.transport.sockets import make_socket, recv, send
 from kairos.transport.worker import Worker
@@ -92,12 +92,12 @@ def test_a_worker_asking_again_to_register_keeps_its_requests(router):
 
 def test_a_request_that_cannot_go_on_the_wire_fails_before_it_is_sent():
     with pytest.raises(ValueError, match="not valid Unicode"):
-        make_submit("a lone \ud800 surrogate", "r")
+        encoded_submit(make_submit("a lone \ud800 surrogate", "r"))
     with pytest.raises(ValueError, match="not valid Unicode"):
-        make_submit("fine", "r", stop=["\udfff"])
+        encoded_submit(make_submit("fine", "r", stop=["\udfff"]))
     with pytest.raises(RequestTooLarge, match="a router takes at most"):
-        make_submit("x" * (p.MAX_CONTROL_MESSAGE_BYTES + 1), "r")
-    make_submit("x" * (p.MAX_CONTROL_MESSAGE_BYTES - 1000), "r")  # the limit is the message's
+        encoded_submit(make_submit("x" * (p.MAX_CONTROL_MESSAGE_BYTES + 1), "r"))
+    encoded_submit(make_submit("x" * (p.MAX_CONTROL_MESSAGE_BYTES - 1000), "r"))  # the limit is the message's
 
 
 def test_a_stream_left_early_and_a_client_closed_mid_request_abort_at_the_router(fake_router):

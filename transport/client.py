@@ -116,9 +116,7 @@ def make_submit(prompt: str | list[int], request_id: str, *, max_tokens: int = 1
         text, ids = None, prompt
     else:
         raise ValueError("a prompt is a string or a non-empty list of token ids")
-    msg = p.Submit(request_id, text, ids, asdict(params), slo, group_id, add_special_tokens)
-    encoded_submit(msg)
-    return msg
+    return p.Submit(request_id, text, ids, asdict(params), slo, group_id, add_special_tokens)
 
 
 def encoded_submit(msg: p.Submit) -> bytes:

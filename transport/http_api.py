@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from kairos.scheduler.request import MAX_COUNT
 from kairos.transport import protocol as p
 from kairos.transport.chat import ChatTemplate, ChatTemplateError
-from kairos.transport.client import AsyncClient, RequestFailed, RequestTooLarge, make_submit
+from kairos.transport.client import AsyncClient, RequestFailed, RequestTooLarge, encoded_submit, make_submit
 
 log = logging.getLogger("kairos.api")
 
@@ -513,7 +513,7 @@ class OpenAIServer:
         """Checks every request, then sends them; APIError for a bad one (none is sent then)."""
         try:
             for prompt, extra in prompts:
-                make_submit(prompt, "check", **options, **extra)
+                encoded_submit(make_submit(prompt, "check", **options, **extra))
         except RequestTooLarge as e:
             raise APIError(413, str(e), code="request_too_large") from None
         except ValueError as e:

@@ -93,10 +93,11 @@ class _HTTP:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         # As many connections as requests in flight: the replay is open loop.
         self.http = httpx.AsyncClient(timeout=timeout_s, headers=headers, limits=httpx.Limits(max_connections=None))
-        self.transport_errors = httpx.TransportError
         self.model = model
 
     async def send(self, prompt: list[int], r: TraceRequest) -> tuple[int, list[float], str | None]:
+        import httpx
+
         slo = r.slo
         body = {"model": self.model, "prompt": prompt, "max_tokens": r.output_len, "temperature": 0,
                 "ignore_eos": True, "stream": True, "ttft_slo_ms": slo.ttft_ms, "tpot_slo_ms": slo.tpot_ms,
@@ -121,7 +122,7 @@ class _HTTP:
                     if "error" in event:
                         return len(times), times, event["error"]["message"]
                     times.append(time.perf_counter() - sent)
-        except self.transport_errors as e:  # one request's failure (a timeout, a reset), not the replay's
+        except httpx.TransportError as e:  # one request's failure (a timeout, a reset), not the replay's
             return len(times), times, f"{type(e).__name__}: {e}"
         return len(times), times, None
 
