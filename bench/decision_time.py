@@ -44,6 +44,10 @@ class Req:
     num_output_tokens: int
     max_tokens: int
 
+    @property
+    def num_prompt_tokens(self) -> int:
+        return self.num_tokens - self.num_output_tokens
+
 
 def requests(n: int, rng: random.Random) -> list[Req]:
     out = []
@@ -111,8 +115,9 @@ def main() -> None:
     args = parser.parse_args()
     rng = random.Random(0)
     estimator = OutputLengthEstimator()
-    for _ in range(2048):
-        estimator.observe(rng.choice(["chat", "code", None]), int(rng.lognormvariate(5, 1)) + 1)
+    for _ in range(8192):
+        estimator.observe(rng.choice(["chat", "code", None]), int(rng.lognormvariate(6.5, 1.0)) + 1,
+                          int(rng.lognormvariate(5, 1)) + 1)
     counts = [int(x) for x in args.requests.split(",")]
     compiled = native.ENABLED
     native.ENABLED = False

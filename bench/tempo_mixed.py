@@ -27,7 +27,6 @@ from kairos.scheduler.cost_model import CostModel
 from kairos.scheduler.metrics import service_metrics
 from kairos.scheduler.output_length import OutputLengthEstimator
 from kairos.scheduler.simulator import SimConfig, Simulator
-from kairos.scheduler.tempo import QuantileLengthPredictor
 from kairos.scheduler.traces import load_azure, mixed, shape, with_slos
 
 POLICIES = ("fcfs+cb", "kairos+kairos", "tempo+tempo")
@@ -72,11 +71,11 @@ def length_bounds() -> dict:
     scikit-learn is installed (it is not a dependency)."""
     requests = [("conv", r) for r in load_azure(DEFAULT_TRACE)] + [("code", r) for r in load_azure(CODE_TRACE)]
     random.Random(0).shuffle(requests)
-    per_class, grid = OutputLengthEstimator(0.9), QuantileLengthPredictor(0.95)
-    predictors = {
-        "per-class p90": (lambda c, r: per_class.remaining(c, 0, 1 << 20),
-                          lambda c, r: per_class.observe(c, r.output_len), None),
-        "quantile p95 (class x prompt length)": (lambda c, r: grid.upper_bound(c, r.prompt_len, 0, 1 << 20),
+    per_class, grid = OutputLengthEstimator(0.9), OutputLengthEstimator(0.95, window=4096)
+    predictors = {  # one prompt length for all: the class alone
+        "per-class p90": (lambda c, r: per_class.remaining(c, 1, 0, 1 << 20),
+                          lambda c, r: per_class.observe(c, 1, r.output_len), None),
+        "quantile p95 (class x prompt length)": (lambda c, r: grid.remaining(c, r.prompt_len, 0, 1 << 20),
                                                  lambda c, r: grid.observe(c, r.prompt_len, r.output_len), None)}
     try:
         boosted = BoostedQuantile(0.95)

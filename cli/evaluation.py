@@ -31,7 +31,7 @@ from kairos.transport.sockets import DEFAULT_ROUTER
 MIB = 2**20
 # Options of the simulated system alone, with their defaults: a live run has the real thing.
 SIMULATED_ONLY = {"--profile": str(DEFAULT_PROFILE), "--kv-bandwidth-gb-s": 25.0, "--step-jitter": 0.0,
-                  "--colocated-slowdown": "1,1", "--max-tokens": None}
+                  "--colocated-slowdown": "1,1"}
 LIVE_ONLY = {"--model": "tiny", "--load-format": "auto", "--max-model-len": None, "--worker-profile": None,
              "--timeout": 300.0}
 
@@ -68,6 +68,10 @@ def add_trace_args(p: argparse.ArgumentParser) -> None:
                    help="make this share of requests the first call of an agent's DAG of 3-8 calls")
     p.add_argument("--max-prompt-len", type=int, help="cap prompt lengths (to fit a small model)")
     p.add_argument("--max-output-len", type=int, help="cap output lengths")
+    p.add_argument("--max-tokens", type=positive_int,
+                   help="the max_tokens clients set on every request, outputs still ending at the trace's lengths "
+                        "(live: as at an end token, which the policies are not told; over a router only). Default: "
+                        "each request's own length, which the policies' output-length bound then knows exactly")
 
 
 def read_trace(args: argparse.Namespace):
@@ -111,10 +115,6 @@ def add_sim_args(p: argparse.ArgumentParser) -> None:
                    help="workers that share one device slow each other: a prefill step beside a busy decode "
                         "worker takes PREFILL times its length alone, a decode step beside prefill DECODE times "
                         "(python -m kairos.bench.sim_fidelity fits both from serving's step logs); 1,1: a device each")
-    p.add_argument("--max-tokens", type=positive_int, default=SIMULATED_ONLY["--max-tokens"],
-                   help="the max_tokens clients set on every request, outputs still ending at the trace's lengths "
-                        "(default: each request's own length, as a replay sets it, which the policies' output-length "
-                        "bound then knows exactly)")
 
 
 def sim_setup(args: argparse.Namespace, prefill_policy: str = "fcfs", decode_policy: str = "cb"):
@@ -206,7 +206,7 @@ def live_setup(args: argparse.Namespace):
                          max_num_seqs=args.max_batch, max_model_len=args.max_model_len, num_kv_blocks=num_kv_blocks,
                          profile=args.worker_profile)
     decode = ["--max-inflight-transfer-mb", str(args.max_inflight_transfer_mb)]
-    run_point = live_point(worker, args.timeout, args.prefill_workers, args.decode_workers, decode)
+    run_point = live_point(worker, args.timeout, args.prefill_workers, args.decode_workers, decode, args.max_tokens)
     return run_point, {"workers": worker, "decode_worker_extra": decode, "prefill_workers": args.prefill_workers,
                        "decode_workers": args.decode_workers}
 
@@ -257,7 +257,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     try:
         with tqdm(total=len(trace), desc="replay", disable=args.json or not sys.stderr.isatty()) as bar:
             report = replay(target, trace, timeout_s=args.timeout, progress=bar.update, seed=args.prompt_seed,
-                            http_model=args.model, api_key=api_key)
+                            http_model=args.model, api_key=api_key, max_tokens=args.max_tokens)
     except NothingServed as e:
         print(f"kairos: error: {e}", file=sys.stderr)
         return 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import math
 import time
 
 from kairos.engine.tokenizer import IncrementalDetokenizer
@@ -54,6 +55,7 @@ class Sequence:
         self.num_text_streamed = 0  # characters of text already handed to a stream
         self.slo = slo or RequestSLO()  # what the scheduling policies go by
         self.arrival_time = time.monotonic()
+        self.finish_time = math.nan  # monotonic, once it finished
         self.token_times: list[float] = []  # when each output token was sampled (monotonic)
 
     def __len__(self) -> int:
@@ -84,6 +86,11 @@ class Sequence:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens :]
+
+    def ends_here(self, num_output_tokens: int) -> bool:
+        """Whether the output ends at this length as at an end token (params.eos_after)."""
+        eos_after = self.params.eos_after
+        return eos_after is not None and num_output_tokens >= eos_after
 
     @property
     def num_uncomputed_tokens(self) -> int:
@@ -155,7 +162,7 @@ class Sequence:
             delta = self.detokenizer.push(token_id)
             if delta and self.params.stop and self._truncate_at_stop(len(delta)):
                 return FinishReason.STOP
-        if token_id in self.stop_token_ids:
+        if token_id in self.stop_token_ids or self.ends_here(length - self.num_prompt_tokens):
             reason = FinishReason.STOP
         elif length - self.num_prompt_tokens >= self.params.max_tokens or length >= max_model_len:
             reason = FinishReason.LENGTH

@@ -160,8 +160,10 @@ class StepScheduler:
         return batch if batch.seqs else None
 
     def _at_limit(self, seq: Sequence) -> bool:
-        """Whether a sequence's pending token will end it by length: no step may follow."""
-        return seq.num_pending > 0 and (seq.num_output_tokens >= seq.max_tokens or len(seq) >= self.max_model_len)
+        """Whether a sequence's pending token will end it by length (or by eos_after, which
+        stands for an end token): no step may follow."""
+        return seq.num_pending > 0 and (seq.num_output_tokens >= seq.max_tokens or len(seq) >= self.max_model_len
+                                        or seq.ends_here(seq.num_output_tokens))
 
     def _preempt(self, seq: Sequence) -> None:
         """Frees the sequence's blocks and sends it back to wait; it will recompute its K/V."""
@@ -213,8 +215,11 @@ class StepScheduler:
         return stepped
 
     def _finish(self, seq: Sequence, reason: FinishReason | None) -> None:
+        seq.finish_time = time.monotonic()
         if reason is not None and reason is not FinishReason.ABORT and self.learns_output_lengths:
             self.decode_policy.finished(seq)
+            if not self.prefill_only:  # a prefill worker learns of every request from the router
+                self.prefill_policy.finished(seq)
         seq.drop_pending()
         self.awaiting_token.discard(seq)
         self.blocks.free_sequence(seq)

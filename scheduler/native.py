@@ -17,6 +17,7 @@ import importlib.util
 import math
 import os
 
+from kairos.scheduler.output_length import NUM_BUCKETS
 from kairos.scheduler.request_queue import columns_of
 
 try:
@@ -58,31 +59,36 @@ def warm_up() -> None:
     if not ENABLED:
         return
     ints, floats = np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.float64)
-    remaining_outputs(ints, ints + 1, ints - 1, ints, ints, np.zeros(2, dtype=np.int64), 0.9)
+    remaining_outputs(ints, ints + 1, ints - 1, np.zeros((1, 3), dtype=np.int64), ints, np.zeros(2, dtype=np.int64),
+                      16, 0.9)
     slack_order(0.0, 0.0, 0.0, floats, floats, floats, ints, ints + 1)
     late_prompts(floats, floats, ints + 1, 0.0, 8192, 0.0, True)
     admission_prefix(0, 0, math.inf, ints, floats, 256, 1000, 0.0, 0.0, 0.0)
 
 
 @compiled
-def remaining_outputs(produced, max_tokens, hint, class_index, lengths, class_starts, quantile):
+def remaining_outputs(produced, max_tokens, hint, pools, lengths, starts, min_samples, quantile):
     """Predicted tokens still to come per request (OutputLengthEstimator.remaining): its hint
-    (-1 for none), else the quantile of its class's lengths (sorted, lengths[class_starts[c]:
-    class_starts[c + 1]]) above what it has produced, at most its max_tokens."""
+    (-1 for none), else the quantile of the lengths above what it has produced in the first of
+    its pools (pools[i]: most specific first; pool p's sorted lengths are lengths[starts[p]:
+    starts[p + 1]]) that holds enough of them (min_samples, one in the last), at most its
+    max_tokens."""
     out = np.empty(produced.shape[0], dtype=np.int64)
+    levels = pools.shape[1]
     for i in range(produced.shape[0]):
         cap = max(1, max_tokens[i] - produced[i])
+        out[i] = cap
         if hint[i] >= 0:
             out[i] = max(1, min(cap, hint[i] - produced[i]))
             continue
-        c = class_index[i]
-        ordered = lengths[class_starts[c]:class_starts[c + 1]]
-        longer = ordered.shape[0] - np.searchsorted(ordered, produced[i], side="right")
-        if longer == 0:
-            out[i] = cap
-            continue
-        length = ordered[ordered.shape[0] - longer + min(longer - 1, int(quantile * longer))]
-        out[i] = max(1, min(cap, length - produced[i]))
+        for level in range(levels):
+            p = pools[i, level]
+            ordered = lengths[starts[p]:starts[p + 1]]
+            longer = ordered.shape[0] - np.searchsorted(ordered, produced[i], side="right")
+            if longer >= (min_samples if level < levels - 1 else 1):
+                length = ordered[ordered.shape[0] - longer + min(longer - 1, int(quantile * longer))]
+                out[i] = max(1, min(cap, length - produced[i]))
+                break
     return out
 
 
@@ -183,15 +189,53 @@ def admission_prefix(batch, context, tightest, tokens, limits, max_batch, free_b
 
 
 def _estimator_arrays(estimator):
-    """(class -> index, every class's sorted lengths end to end, where each class starts and
-    the last ends), cached on the estimator until it observes a new length. A class never
-    seen maps to len(index), an empty range."""
+    """(class -> row, pools, every pool's sorted lengths end to end, where each pool starts and
+    the last ends), cached on the estimator until it observes a new length (and each key's
+    lengths until that key sees one: a finished request changes three). Pools: pools[row,
+    bucket] is the pool of that class and prompt bucket, pools[row, NUM_BUCKETS] the class's,
+    pools[row, NUM_BUCKETS + 1] every request's; a class never seen has row len(class -> row),
+    and a key without lengths the empty pool after the last."""
     if estimator.arrays is None:
-        by_class = estimator.lengths_by_class()
-        starts = np.cumsum([0] + [len(v) for v in by_class.values()] + [0]).astype(np.int64)
-        lengths = np.fromiter((n for v in by_class.values() for n in v), dtype=np.int64, count=int(starts[-1]))
-        estimator.arrays = ({c: i for i, c in enumerate(by_class)}, lengths, starts)
+        by_key = estimator.lengths_by_key()
+        cached = estimator.key_arrays
+        for key in estimator.changed:
+            cached.pop(key, None)
+        estimator.changed.clear()
+        parts = [cached.get(key) if key in cached else cached.setdefault(key, np.array(v, dtype=np.int64))
+                 for key, v in by_key.items()]
+        index = {key: i for i, key in enumerate(by_key)}
+        empty = len(index)
+        classes = {key[0]: None for key in by_key if key}
+        rows = {c: i for i, c in enumerate(classes)}
+        pools = np.full((len(rows) + 1, NUM_BUCKETS + 2), empty, dtype=np.int64)
+        pools[:, NUM_BUCKETS + 1] = index.get((), empty)
+        for key, i in index.items():
+            if len(key) == 2:
+                pools[rows[key[0]], key[1]] = i
+            elif key:
+                pools[rows[key[0]], NUM_BUCKETS] = i
+        starts = np.cumsum([0] + [len(v) for v in parts] + [0]).astype(np.int64)
+        lengths = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        estimator.arrays = (rows, pools, lengths, starts)
     return estimator.arrays
+
+
+def prompt_buckets(prompt):
+    """output_length.prompt_bucket of each prompt length (int64 array), exactly."""
+    n = np.maximum(prompt, 1)
+    octave = np.frexp(n.astype(np.float64))[1].astype(np.int64) - 1  # exact below 2**53
+    return 2 * octave + (n * n >= np.left_shift(1, 2 * octave + 1))
+
+
+def remaining_of(columns, estimator, quantile: float | None = None):
+    """OutputLengthEstimator.remaining of every request of these columns."""
+    rows, pools, lengths, starts = _estimator_arrays(estimator)
+    unseen = len(rows)
+    row = np.array([rows.get(c, unseen) for c in columns.class_names], dtype=np.int64)[columns.class_code]
+    chosen = np.stack([pools[row, prompt_buckets(columns.prompt)], pools[row, NUM_BUCKETS],
+                       pools[row, NUM_BUCKETS + 1]], axis=1)
+    return remaining_outputs(columns.produced, columns.max_tokens, columns.hint, chosen, lengths, starts,
+                             estimator.min_samples, estimator.quantile if quantile is None else quantile)
 
 
 def _items(requests) -> list:
@@ -202,13 +246,8 @@ def slack_order_of(requests, now: float, step: float, aging: float, estimator):
     """SlackBatching.split as indices into requests: (feasible, shortest aged remaining output
     first; lost, oldest first), and the requests' columns."""
     columns = columns_of(requests)
-    class_ids, lengths, starts = _estimator_arrays(estimator)
-    unseen = len(class_ids)
-    class_index = np.array([class_ids.get(c, unseen) for c in columns.class_names], dtype=np.int64)
-    remaining = remaining_outputs(columns.produced, columns.max_tokens, columns.hint, class_index[columns.class_code],
-                                  lengths, starts, estimator.quantile)
     feasible, lost = slack_order(now, step, aging, columns.arrival, columns.first_token, columns.tpot_s,
-                                 columns.produced, remaining)
+                                 columns.produced, remaining_of(columns, estimator))
     return feasible, lost, columns
 
 

@@ -43,6 +43,10 @@ class PrefillPolicy(Protocol):
         going to later steps, when its whole remaining prompt does not fit the `room` left of
         the token budget. `step` holds the (request, tokens) already in the step."""
 
+    def finished(self, request) -> None:
+        """A request ran to its end, here or on a decode worker (to learn from, e.g. its output
+        length): it has `slo`, `num_prompt_tokens` and `num_output_tokens`."""
+
 
 def deadline(r) -> float:
     return r.arrival_time + r.slo.ttft_s
@@ -69,6 +73,9 @@ class FCFSPolicy:
     def chunk(self, step, candidate, room, now):
         return room  # every step full, as vLLM and SGLang run chunked prefill
 
+    def finished(self, request) -> None:
+        pass
+
 
 class EDFPolicy:
     """Earliest TTFT deadline first."""
@@ -90,6 +97,9 @@ class EDFPolicy:
 
     def chunk(self, step, candidate, room, now):
         return 0  # with no step times to go by, a chunk could make the step's prompts late
+
+    def finished(self, request) -> None:
+        pass
 
 
 class _Predicting:
@@ -118,6 +128,9 @@ class _Predicting:
     def order(self, waiting, now):
         on_time, late = self.split(waiting, now)
         return on_time + late
+
+    def finished(self, request) -> None:
+        pass
 
     def chunk(self, step, candidate, room, now):
         """The largest chunk that every prompt the step finishes in time still finishes in time

@@ -47,6 +47,10 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    # For replaying a trace's output lengths: the output ends here as at the model's own end
+    # token. Unlike max_tokens, a cap the scheduling policies bound outputs by, they are not
+    # told of it, as they cannot know where a model will stop.
+    eos_after: int | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -74,6 +78,8 @@ class SamplingParams:
             raise ValueError(f"stop strings must be non-empty strings, got {_brief(self.stop)}")
         if any(not _integer(t, 0, MAX_COUNT) for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be integers in [0, {MAX_COUNT}], got {_brief(self.stop_token_ids)}")
+        if self.eos_after is not None and not _integer(self.eos_after, 1, MAX_COUNT):
+            raise ValueError(f"eos_after must be an integer in [1, {MAX_COUNT}], got {_brief(self.eos_after)}")
 
     @property
     def greedy(self) -> bool:
@@ -145,3 +151,23 @@ class RequestSLO:
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+
+
+@dataclass(frozen=True)
+class FinishedRequest:
+    """A request that ran to its end elsewhere, as a prefill policy learns from one (see its
+    `finished`): its SLO, prompt and output lengths."""
+
+    slo: RequestSLO
+    num_prompt_tokens: int
+    num_output_tokens: int
+
+    @classmethod
+    def from_report(cls, slo: dict, prompt_tokens, output_tokens) -> FinishedRequest:
+        """From a report off the wire. ValueError names whatever is wrong."""
+        if not isinstance(slo, dict):
+            raise ValueError(f"slo must be a dict, got {_brief(slo)}")
+        for name, value in (("prompt_tokens", prompt_tokens), ("output_tokens", output_tokens)):
+            if not _integer(value, 1, MAX_COUNT):
+                raise ValueError(f"{name} must be an integer in [1, {MAX_COUNT}], got {_brief(value)}")
+        return cls(RequestSLO.from_dict(slo), prompt_tokens, output_tokens)

@@ -24,7 +24,7 @@ except ImportError:  # without numpy the policies keep to their plain-Python pat
 
 # The columns, in the order of the rows of RequestQueue's float and int tables.
 FLOAT_FIELDS = ("arrival", "first_token", "ttft_s", "tpot_s")
-INT_FIELDS = ("produced", "max_tokens", "hint", "num_tokens", "uncomputed", "class_code")
+INT_FIELDS = ("produced", "max_tokens", "hint", "num_tokens", "prompt", "uncomputed", "class_code")
 IDENTITY = len(INT_FIELDS)  # the int table's last row: each request's id(), to find it by
 
 
@@ -33,16 +33,17 @@ def _floats(r) -> tuple[float, float, float, float]:
     return r.arrival_time, r.first_token_time, slo.ttft_s, slo.tpot_s
 
 
-def _ints(r, class_code: int) -> tuple[int, int, int, int, int, int, int]:
+def _ints(r, class_code: int) -> tuple[int, int, int, int, int, int, int, int]:
     hint = r.slo.output_len_hint
-    return (r.num_output_tokens, r.max_tokens, -1 if hint is None else hint, r.num_tokens,
+    return (r.num_output_tokens, r.max_tokens, -1 if hint is None else hint, r.num_tokens, r.num_prompt_tokens,
             r.num_uncomputed_tokens, class_code, id(r))
 
 
 class Columns:
     """Per request, in order: `arrival`, `first_token`, `ttft_s`, `tpot_s` (float64);
     `produced` (output tokens), `max_tokens`, `hint` (the output length hint, -1 for none),
-    `num_tokens`, `uncomputed` (prompt tokens still to prefill) and `class_code` (int64), where
+    `num_tokens`, `prompt` (prompt tokens), `uncomputed` (prompt tokens still to prefill) and
+    `class_code` (int64), where
     request class `class_names[code]` has that code."""
 
     def __init__(self, floats, ints, class_names: list):
@@ -91,6 +92,10 @@ class GatheredColumns:
     @cached_property
     def num_tokens(self):
         return np.array([r.num_tokens for r in self.requests], dtype=np.int64)
+
+    @cached_property
+    def prompt(self):
+        return np.array([r.num_prompt_tokens for r in self.requests], dtype=np.int64)
 
     @cached_property
     def uncomputed(self):

@@ -156,6 +156,10 @@ class SimRequest:
         self.cache_segment: list | None = None
 
     @property
+    def num_prompt_tokens(self) -> int:
+        return self.prompt_len
+
+    @property
     def num_uncomputed_tokens(self) -> int:
         return self.prompt_len - self.computed
 
@@ -380,8 +384,11 @@ class Simulator:
 
     def finish(self, r: SimRequest) -> None:
         """r has its last token; a DAG's next call is sent a tool's time later, with the time its
-        DAG has left as its deadline."""
+        DAG has left as its deadline. Every prefill policy learns of it, as the router tells
+        every prefill worker."""
         r.finish_time = self.now
+        for w in self.prefills:
+            w.policy.finished(r)
         for d in r.dependents:
             d.arrival_time, d.dag_start = self.now + d.trace.arrival, r.dag_start
             left_ms = d.trace.slo.deadline_ms - (d.arrival_time - d.dag_start) * 1e3

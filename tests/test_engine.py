@@ -224,9 +224,22 @@ def test_warm_up_runs_a_full_budget_prefill_and_a_decode_step_and_keeps_nothing(
     assert [len(b.seqs) for b in steps[1:] if not b.is_prefill] == [3]
     assert llm.cost_model.totals == totals and llm.num_prefill_tokens_computed == 0
     assert llm.num_free_blocks == llm.num_total_blocks and not llm.block_manager.cached
-    assert not llm.scheduler.decode_policy.estimator.lengths_by_class()  # no 2-token outputs learned
+    assert not llm.scheduler.decode_policy.estimator.lengths_by_key()  # no 2-token outputs learned
     llm.generate([[5] * 20], SamplingParams(max_tokens=3, ignore_eos=True))
-    assert llm.scheduler.decode_policy.estimator.lengths_by_class() == {None: [3]}  # serving's are
+    assert llm.scheduler.decode_policy.estimator.lengths_by_key()[()] == [3]  # serving's are
+
+
+def test_an_engine_that_prefills_and_decodes_teaches_both_of_its_policies_the_output_lengths():
+    """Tempo's prefill policy ranks by predicted output lengths too: where one engine serves
+    whole requests, it learns them as its decode policy does."""
+    from pathlib import Path
+
+    profile = Path(__file__).resolve().parent.parent / "bench" / "profiles" / "tiny_cpu_2core.json"
+    llm = LLM("tiny", num_kv_blocks=64, max_model_len=200, prefill_policy="tempo", decode_policy="kairos",
+              profile=str(profile))
+    llm.generate([[5] * 20, [6] * 40], SamplingParams(max_tokens=3, ignore_eos=True))
+    assert llm.scheduler.prefill_policy.service.predictor.lengths_by_key()[()] == [3, 3]
+    assert llm.scheduler.decode_policy.estimator.lengths_by_key()[()] == [3, 3]
 
 
 def test_a_model_length_under_two_blocks_warms_up_within_its_positions():
@@ -270,3 +283,15 @@ def test_after_the_warm_up_serving_compiles_no_kernel(monkeypatch, tmp_path):
         llm.generate([ids[70][:40] + [7]], params)  # its first ten blocks are cached
     assert llm.num_free_blocks == llm.num_total_blocks
     assert set(seen) - warmed == set()
+
+
+def test_eos_after_ends_an_output_as_an_end_token_would_with_max_tokens_left_as_the_cap(tiny_llm):
+    """A replay forces a trace's output length with eos_after: the output stops there (finish
+    reason stop) while max_tokens, what the policies read, stays the client's cap."""
+    prompts = [[3, 4, 5] * 7, [9] * 30]
+    capped = tiny_llm.generate(prompts, SamplingParams(max_tokens=7, temperature=0, ignore_eos=True))
+    ended = tiny_llm.generate(prompts, SamplingParams(max_tokens=200, temperature=0, ignore_eos=True, eos_after=7))
+    assert [o.token_ids for o in ended] == [o.token_ids for o in capped]
+    assert {o.finish_reason for o in ended} == {"stop"} and {o.finish_reason for o in capped} == {"length"}
+    with pytest.raises(ValueError, match="eos_after must be an integer"):
+        SamplingParams(eos_after=0)

@@ -258,3 +258,17 @@ def test_an_offer_rejected_while_its_step_runs_fails_the_request_and_frees_its_b
     assert any(isinstance(m, p.Error) and m.request_id == "r" and "no room, ever" in m.message
                for m in worker.to_router)
     assert worker.llm.num_free_blocks == worker.llm.num_total_blocks and not worker.llm.has_unfinished()
+
+
+def test_a_prefill_worker_learns_the_output_lengths_the_router_reports(prefill, caplog):
+    worker, _ = prefill
+    learned = []
+    worker.llm.scheduler.prefill_policy.finished = learned.append
+    worker.handle_router(p.Completed({"request_class": "chat", "tpot_ms": 40}, 300, 42))
+    [done] = learned
+    assert (done.slo.request_class, done.slo.tpot_ms, done.num_prompt_tokens, done.num_output_tokens) == (
+        "chat", 40, 300, 42)
+    for bad in (p.Completed({"tpot_ms": -1}, 300, 42), p.Completed({}, 0, 42), p.Completed({}, 3, 2.5),
+                p.Completed([], 3, 4)):
+        worker.handle_router(bad)
+    assert len(learned) == 1 and caplog.text.count("a bad completion report") == 4

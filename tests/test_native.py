@@ -11,10 +11,10 @@ from kairos.bench.decision_time import Req
 from kairos.scheduler import native
 from kairos.scheduler.cost_model import CostModel
 from kairos.scheduler.decode import SlackBatching
-from kairos.scheduler.output_length import OutputLengthEstimator
+from kairos.scheduler.output_length import NUM_BUCKETS, OutputLengthEstimator, lookup_keys, prompt_bucket
 from kairos.scheduler.prefill import KairosPolicy, MooreHodgsonPolicy
 from kairos.scheduler.request import RequestSLO
-from kairos.scheduler.request_queue import RequestQueue
+from kairos.scheduler.request_queue import RequestQueue, columns_of
 
 COST = CostModel(prefill=(0.004, 6e-5, 2e-10), decode=(0.008, 3e-5, 1.5e-8))
 CLASSES = ["chat", "code", None, "agent"]  # "agent" is never observed
@@ -35,8 +35,8 @@ def queue(rng: random.Random, n: int) -> list[Req]:
 
 def estimator(rng: random.Random) -> OutputLengthEstimator:
     est = OutputLengthEstimator(window=300)
-    for _ in range(500):
-        est.observe(rng.choice(CLASSES[:3]), int(rng.lognormvariate(5, 1)) + 1)
+    for _ in range(500):  # few enough that some buckets fall back to their class, and classes to all requests
+        est.observe(rng.choice(CLASSES[:3]), int(rng.lognormvariate(6, 1.2)) + 1, int(rng.lognormvariate(5, 1)) + 1)
     return est
 
 
@@ -72,13 +72,19 @@ def test_remaining_outputs_match_the_estimator(seed):
     rng = random.Random(seed)
     est = estimator(rng)
     reqs = queue(rng, 300)
-    class_ids, lengths, starts = native._estimator_arrays(est)
-    got = native.remaining_outputs(
-        np.array([r.num_output_tokens for r in reqs]), np.array([r.max_tokens for r in reqs]),
-        np.array([-1 if r.slo.output_len_hint is None else r.slo.output_len_hint for r in reqs]),
-        np.array([class_ids.get(r.slo.request_class, len(class_ids)) for r in reqs]), lengths, starts, est.quantile)
-    want = [est.remaining(r.slo.request_class, r.num_output_tokens, r.max_tokens, r.slo.output_len_hint) for r in reqs]
-    assert got.tolist() == want
+    for quantile in (None, 0.5):
+        got = native.remaining_of(columns_of(reqs), est, quantile)
+        want = [est.remaining(r.slo.request_class, r.num_prompt_tokens, r.num_output_tokens, r.max_tokens,
+                              r.slo.output_len_hint, quantile) for r in reqs]
+        assert got.tolist() == want
+    levels = {len(est.lengths_by_key().get(k, ())) >= est.min_samples for r in reqs
+              for k in lookup_keys(r.slo.request_class, r.num_prompt_tokens)[:2]}
+    assert levels == {True, False}  # both a key that answers and one that falls back were met
+
+
+def test_prompt_buckets_match_over_arrays():
+    lengths = np.array([*range(1, 5000), 2**20 - 1, 2**20, 2**31 - 1], dtype=np.int64)
+    assert native.prompt_buckets(lengths).tolist() == [prompt_bucket(int(n)) for n in lengths]
 
 
 @pytest.mark.parametrize("policy_class", [KairosPolicy, MooreHodgsonPolicy])
@@ -101,10 +107,30 @@ def test_prefill_split_matches(monkeypatch, policy_class, seed, n):
 
 def test_the_estimator_arrays_follow_new_lengths():
     est = OutputLengthEstimator()
-    est.observe("chat", 10)
-    assert native._estimator_arrays(est)[1].tolist() == [10]
-    est.observe("chat", 5)
-    est.observe("code", 7)
-    class_ids, lengths, starts = native._estimator_arrays(est)
-    assert lengths[starts[class_ids["chat"]]:starts[class_ids["chat"] + 1]].tolist() == [5, 10]
-    assert starts[-1] == starts[-2] == 3  # the class never seen: an empty range
+    est.observe("chat", 100, 10)
+    assert native._estimator_arrays(est)[2].tolist() == [10, 10, 10]  # its bucket's, its class's, everyone's
+    est.observe("chat", 100, 5)
+    est.observe("code", 100, 7)
+    rows, pools, lengths, starts = native._estimator_arrays(est)
+    chat = pools[rows["chat"], NUM_BUCKETS]
+    assert lengths[starts[chat]:starts[chat + 1]].tolist() == [5, 10]
+    unseen = pools[len(rows), prompt_bucket(100)]
+    assert starts[unseen] == starts[unseen + 1] == starts[-1]  # the class never seen: an empty range
+
+
+def test_the_estimator_arrays_stay_exact_as_keys_change_and_are_forgotten():
+    """The arrays are rebuilt from each key's lengths kept as an array until that key changes:
+    whatever is observed or forgotten between two builds, every key's range holds its lengths."""
+    rng = random.Random(3)
+    est = OutputLengthEstimator(window=20, max_keys=12)
+    for step in range(300):
+        est.observe(rng.choice(CLASSES), rng.choice([10, 100, 1000, 5000]), rng.randrange(1, 500))
+        if step % 7 == 0:
+            rows, pools, lengths, starts = native._estimator_arrays(est)
+            keyed = {}
+            for c, row in rows.items():
+                keyed[(c,)] = pools[row, NUM_BUCKETS]
+                keyed.update({(c, b): pools[row, b] for b in range(NUM_BUCKETS)})
+            keyed[()] = pools[0, NUM_BUCKETS + 1]
+            built = {k: lengths[starts[i]:starts[i + 1]].tolist() for k, i in keyed.items()}
+            assert {k: v for k, v in built.items() if v} == {k: v for k, v in est.lengths_by_key().items() if v}

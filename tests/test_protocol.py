@@ -43,6 +43,7 @@ EXAMPLES = [
     p.KVHelloOk("d", cuda_ipc=True),
     p.KVData("t", 4, 3, block_ids=[3, 9]),
     p.KVCancel("t", "timed out"),
+    p.Completed({"request_class": "chat", "kind": "latency"}, 300, 42),
 ]
 
 
@@ -398,6 +399,7 @@ def test_one_message_carries_a_steps_tokens_and_the_router_relays_each_in_order(
         chunks = [p.Tokens(rids[0], 1, [8], "y"), p.Tokens(rids[1], 0, [5], "x", "stop", prompt_tokens=3),
                   p.Tokens(rids[0], 0, [7], "x")]
         router.handle(b"d1", p.StepTokens.of(chunks))
+        sent = [m for m in sent if isinstance(m, p.Tokens)]
         assert [(m.request_id, m.index, m.token_ids, m.finish_reason, m.prompt_tokens) for m in sent] == [
             ("b", 0, [5], "stop", 3), ("a", 0, [7], None, None), ("a", 1, [8], None, None)]
         assert rids[1] not in router.requests and rids[0] in router.requests
@@ -405,6 +407,35 @@ def test_one_message_carries_a_steps_tokens_and_the_router_relays_each_in_order(
         router.handle(b"d1", p.StepTokens([rids[0]], [2, 3], [[1]], ["z"], [None]))
         assert len(sent) == 1 and isinstance(sent[0], p.Error) and "unequal length" in sent[0].message
         assert router.requests[rids[0]].next_index == 2  # nothing of the bad message was relayed
+    finally:
+        router.ctx.destroy(linger=0)
+
+
+def test_the_router_tells_every_prefill_worker_how_long_a_finished_output_ran():
+    """A prefill worker sees no output past the first token, yet its policy may rank prompts by
+    predicted output length: the router reports each request that ran to its end to every
+    prefill worker (its SLO, prompt and output lengths), and no aborted one."""
+    from serving import recording_router
+
+    from kairos.transport.router import WorkerInfo
+
+    router = recording_router()
+    try:
+        router.workers["p2"] = WorkerInfo("p2", "prefill", b"p2", {}, 64, None, time.monotonic())
+        rids = {}
+        for name in ("done", "aborted"):
+            router.on_submit(b"client", p.Submit(name, prompt_token_ids=[1, 2, 3], slo={"request_class": "chat"}))
+            rids[name] = rid = router.by_client[(b"client", name)]
+            router.requests[rid].prefill, router.requests[rid].decode = "p1", "d1"
+        router.sent.clear()
+        router.handle(b"d1", p.StepTokens.of([p.Tokens(rids["done"], 0, [5, 6], "xy"),
+                                              p.Tokens(rids["aborted"], 0, [7], "z")]))
+        router.handle(b"d1", p.StepTokens.of([p.Tokens(rids["done"], 2, [8], "w", "length", prompt_tokens=3)]))
+        router.on_client_abort(b"client", "aborted")
+        reports = [(to, m) for to, m in router.sent if isinstance(m, p.Completed)]
+        assert sorted(to for to, _ in reports) == [b"p1", b"p2"]
+        _, report = reports[0]
+        assert (report.slo["request_class"], report.prompt_tokens, report.output_tokens) == ("chat", 3, 3)
     finally:
         router.ctx.destroy(linger=0)
 

@@ -1,7 +1,6 @@
 """The scheduling policies, cost model and output-length estimator, on synthetic requests."""
 
 import json
-import math
 import random
 from dataclasses import dataclass, replace
 
@@ -23,6 +22,7 @@ from kairos.scheduler import (
     SlackBatching,
 )
 from kairos.scheduler.cost_model import CalibratedCostModel, decode_features, prefill_features
+from kairos.scheduler.output_length import NUM_BUCKETS, prompt_bucket
 
 COST = CostModel(prefill=(0.004, 2e-5, 1e-9), decode=(0.006, 1e-4, 2e-8))
 
@@ -43,6 +43,10 @@ class Req:
     @property
     def num_tokens(self) -> int:
         return self.prompt + self.num_uncomputed_tokens + self.num_output_tokens
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return self.prompt + self.num_uncomputed_tokens
 
     @property
     def slo(self) -> RequestSLO:
@@ -455,33 +459,70 @@ def test_continuous_batching_is_fcfs_up_to_the_batch_limit():
 
 def test_output_length_quantile_refines_with_produced_tokens():
     est = OutputLengthEstimator(quantile=0.9)
-    assert est.remaining("chat", 0, max_tokens=500) == 500  # nothing seen: the cap
+    assert est.remaining("chat", 100, 0, max_tokens=500) == 500  # nothing seen: the cap
     for n in range(1, 101):
-        est.observe("chat", n)
-    assert est.remaining("chat", 0, 500) == 91
-    assert est.remaining("chat", 80, 500) == 99 - 80 + 0  # p90 of 81..100 is 99
-    assert est.remaining("chat", 100, 500) == 400  # longer than anything seen: up to the cap
-    assert est.remaining("code", 0, 300) == 300  # classes are separate
-    assert est.remaining("chat", 10, 500, hint=30) == 20  # a client hint wins
-    assert est.remaining("chat", 0, 50) == 50  # never beyond max_tokens
+        est.observe("chat", 100, n)
+    assert est.remaining("chat", 100, 0, 500) == 91
+    assert est.remaining("chat", 100, 0, 500, quantile=0.5) == 51
+    assert est.remaining("chat", 100, 80, 500) == 99 - 80  # p90 of 81..100 is 99
+    assert est.remaining("chat", 100, 100, 500) == 400  # longer than anything seen: up to the cap
+    assert est.remaining("chat", 100, 10, 500, hint=30) == 20  # a client hint wins
+    assert est.remaining("chat", 100, 0, 50) == 50  # never beyond max_tokens
+
+
+def test_the_quantile_bound_covers_its_quantile_and_refines_with_produced_tokens():
+    est = OutputLengthEstimator(0.95, window=4096)
+    rng = random.Random(0)
+    for _ in range(2000):
+        est.observe("chat", 1000, int(rng.lognormvariate(5, 1)) + 1)
+    lengths = sorted(int(rng.lognormvariate(5, 1)) + 1 for _ in range(4000))
+    bound = est.remaining("chat", 1000, 0, 10**6)
+    covered = sum(n <= bound for n in lengths) / len(lengths)
+    assert 0.93 < covered < 0.97
+    assert bound + est.remaining("chat", 1000, bound, 10**6) > bound  # longer than the bound so far: it grows
+
+
+def test_output_lengths_are_told_apart_by_prompt_length_with_fallbacks():
+    """A half-octave of prompt lengths with min_samples lengths answers for itself; with fewer,
+    the class does; an unseen class, every request. So two workloads of one class, short
+    prompts with long answers and long prompts with short ones, are predicted apart."""
+    est = OutputLengthEstimator(quantile=1.0, min_samples=16)
+    for _ in range(100):
+        est.observe("chat", 300, 400)  # bucket of 256..361
+        est.observe("chat", 700, 60)  # bucket of 512..723
+    assert est.remaining("chat", 260, 0, 10**6) == 400 and est.remaining("chat", 720, 0, 10**6) == 60
+    assert est.remaining("chat", 730, 0, 10**6) == 400  # the next half-octave has none: the class's bound
+    for _ in range(15):
+        est.observe("chat", 2000, 5)
+    assert est.remaining("chat", 2000, 0, 10**6) == 400  # 15 lengths are too few
+    est.observe("chat", 2000, 5)
+    assert est.remaining("chat", 2000, 0, 10**6) == 5
+    assert est.remaining("chat", 700, 59, 10**6) == 1 and est.remaining("chat", 700, 60, 10**6) == 400 - 60
+    est.observe("code", 10, 7)  # one length: too few for its bucket or class, and every request's longest is 400
+    assert est.remaining("code", 10, 0, 10**6) == 400 and est.remaining("agent", 10, 0, 10**6) == 400
+
+
+@pytest.mark.parametrize("n", [*range(1, 200), 2**20 - 1, 2**20, 2**31 - 1])
+def test_prompt_buckets_are_half_octaves(n):
+    bucket = prompt_bucket(n)
+    assert 2 ** (bucket / 2) <= n < 2 ** ((bucket + 1) / 2) and bucket < NUM_BUCKETS
 
 
 def test_output_length_window_forgets_old_lengths():
     est = OutputLengthEstimator(quantile=1.0, window=10)
     for n in [1000] * 10 + [5] * 10:
-        est.observe(None, n)
-    assert est.remaining(None, 0, 2000) == 5
-    assert math.isfinite(est.remaining(None, 0, 2000))
+        est.observe(None, 50, n)
+    assert est.remaining(None, 50, 0, 2000) == 5
 
 
-def test_output_length_history_keeps_a_bounded_number_of_classes():
+def test_output_length_history_keeps_a_bounded_number_of_keys():
     """Clients name request classes: one naming a new class per request must not grow the
-    history without end. The class first seen longest ago is forgotten."""
-    est = OutputLengthEstimator(quantile=1.0, max_classes=3)
+    history without end. The key first seen longest ago is forgotten, never every request's."""
+    est = OutputLengthEstimator(quantile=1.0, max_keys=5, min_samples=1)
     for i in range(1000):
-        est.observe(f"class-{i}", 7)
-    assert set(est.lengths_by_class()) == {"class-997", "class-998", "class-999"}
-    assert est.remaining("class-999", 0, 100) == 7 and est.remaining("class-0", 0, 100) == 100
+        est.observe(f"class-{i}", 100, i)
+    assert set(est.lengths_by_key()) == {(), ("class-998", 13), ("class-998",), ("class-999", 13), ("class-999",)}
+    assert est.remaining("class-999", 100, 0, 10**6) == 999 and est.remaining("class-0", 100, 0, 10**6) == 999
 
 
 # ---- in the engine -------------------------------------------------------------------------------

@@ -305,6 +305,20 @@ def test_live_replay_reports_what_the_simulator_reports(cluster):
     cluster.wait_idle()
 
 
+def test_a_replay_under_a_client_cap_still_ends_each_output_at_its_trace_length(cluster):
+    """With --max-tokens, every request sets that cap, as clients do, and its output ends at its
+    trace length as at an end token (eos_after), which the policies are not told."""
+    from kairos.scheduler.traces import synthetic, with_slos
+    from kairos.transport.replay import replay_requests
+
+    trace = with_slos(synthetic(10, rate=20.0, prompt_mean=40, output_mean=8, max_len=200, seed=5), 5000, 1000)
+    done = replay_requests(cluster.addr, trace, timeout_s=60, max_tokens=100)
+    assert [d.output_len for d in done] == [r.output_len for r in trace] and len({r.output_len for r in trace}) > 3
+    with pytest.raises(ValueError, match="over a router only"):
+        replay_requests("http://127.0.0.1:9", trace, max_tokens=100)
+    cluster.wait_idle()
+
+
 def test_a_mixed_trace_replays_live_with_each_dag_call_sent_after_the_one_before_ends(cluster):
     """Throughput and collective requests travel with their kind and deadline; a DAG's later
     call leaves its tool time after the call before it has its last token, with the time the

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import itertools
 import math
-import random
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import given, settings
@@ -19,7 +19,7 @@ from kairos.scheduler.cost_model import CostModel
 from kairos.scheduler.metrics import service_metrics
 from kairos.scheduler.request import RequestSLO
 from kairos.scheduler.simulator import SimConfig, Simulator
-from kairos.scheduler.tempo import QuantileLengthPredictor, TempoDecode, TempoPrefill
+from kairos.scheduler.tempo import TempoDecode, TempoPrefill
 from kairos.scheduler.traces import load_azure, mixed, shape, with_slos
 
 COST = CostModel(prefill=(0.005, 2e-5, 3e-10), decode=(0.006, 2e-5, 4e-8))
@@ -45,6 +45,10 @@ class Req:
     def num_tokens(self) -> int:
         return self.prompt + self.num_output_tokens
 
+    @property
+    def num_prompt_tokens(self) -> int:
+        return self.prompt
+
 
 def test_request_kinds_are_checked_where_slos_are():
     assert RequestSLO().kind == "latency"
@@ -58,25 +62,6 @@ def test_request_kinds_are_checked_where_slos_are():
         with pytest.raises(ValueError, match=message):
             RequestSLO.from_dict(bad)
     assert "tempo" in PREFILL_POLICIES and "tempo" in DECODE_POLICIES
-
-
-def test_the_quantile_bound_covers_its_quantile_and_refines_with_produced_tokens():
-    predictor = QuantileLengthPredictor(0.95)
-    rng = random.Random(0)
-    for _ in range(2000):
-        predictor.observe("chat", 1000, int(rng.lognormvariate(5, 1)) + 1)
-    lengths = sorted(int(rng.lognormvariate(5, 1)) + 1 for _ in range(4000))
-    bound = predictor.upper_bound("chat", 1000, 0, 10**6)
-    covered = sum(n <= bound for n in lengths) / len(lengths)
-    assert 0.93 < covered < 0.97
-    assert predictor.upper_bound("chat", 1000, bound, 10**6) > bound  # longer than the bound so far: it grows
-    assert predictor.upper_bound("chat", 1000, 0, 50) == 50  # never past max_tokens
-    # By prompt length: a bucket with enough lengths of its own answers for itself.
-    for _ in range(200):
-        predictor.observe("chat", 40000, 5)
-    assert predictor.upper_bound("chat", 40000, 0, 10**6) == 5
-    # An unseen class falls back to every length seen.
-    assert predictor.upper_bound("unseen", 10, 0, 10**6) == predictor.lengths.above((), 0)
 
 
 @settings(max_examples=200, deadline=None)
@@ -163,3 +148,18 @@ def test_service_metrics_count_tokens_in_time_and_nothing_for_early_finishes():
     assert report["service_gain_tokens"] == 10 + 30 + 12
     assert report["attainment_by_kind"] == {"collective": 1.0, "latency": 0.5, "throughput": 0.5}
     assert report["slo_goodput_req_s"] == pytest.approx(4 / 9.0)
+
+
+def test_every_prefill_worker_learns_the_output_lengths_as_the_decode_side_does():
+    """Tempo's prefill ranks a throughput request by when its output must start, from its
+    predicted length: with max_tokens far above the lengths, a prefill policy that never learned
+    them would take every such request to need all of max_tokens."""
+    trace = with_slos(shape(load_azure(DEFAULT_TRACE), 3.0, duration_s=120), 1000.0, 100.0)
+    mix = mixed(trace, throughput_share=0.3, collective_share=0.0, seed=2)
+    sim = Simulator(SimConfig(prefill_workers=2, prefill_policy="tempo", decode_policy="tempo", max_tokens=4096), COST)
+    requests = sim.run(mix)
+    seen = [w.policy.service.predictor.lengths_by_key()[()] for w in sim.prefills]
+    assert seen[0] == seen[1] == sorted(r.output_len for r in requests)[-len(seen[0]):]
+    fresh = SimpleNamespace(slo=RequestSLO(kind="throughput", deadline_ms=60_000), num_prompt_tokens=1000,
+                            num_output_tokens=0, max_tokens=4096)
+    assert sim.prefills[1].policy.service.remaining(fresh) < 1000

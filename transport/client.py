@@ -97,7 +97,7 @@ class _Tracked:
 
 def make_submit(prompt: str | list[int], request_id: str, *, max_tokens: int = 16, temperature: float = 1.0,
                 top_p: float = 1.0, top_k: int = -1, seed: int | None = None, stop: list[str] | str | None = None,
-                stop_token_ids: list[int] | None = None, ignore_eos: bool = False,
+                stop_token_ids: list[int] | None = None, ignore_eos: bool = False, eos_after: int | None = None,
                 slo: RequestSLO | dict | None = None, group_id: str | None = None,
                 add_special_tokens: bool = True) -> p.Submit:
     """Checks a request's values here, so a bad one fails before it is sent (ValueError, saying
@@ -105,7 +105,8 @@ def make_submit(prompt: str | list[int], request_id: str, *, max_tokens: int = 1
     request_class, output_len_hint), the router's defaults standing for the rest.
     add_special_tokens: False for a text prompt that holds them already (a rendered chat)."""
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                            stop=stop or [], stop_token_ids=stop_token_ids or [], ignore_eos=ignore_eos)
+                            stop=stop or [], stop_token_ids=stop_token_ids or [], ignore_eos=ignore_eos,
+                            eos_after=eos_after)
     if isinstance(slo, RequestSLO):
         slo = slo.to_dict()
     elif slo is not None:

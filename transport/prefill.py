@@ -26,7 +26,7 @@ import torch
 import zmq
 
 from kairos.engine.sequence import Sequence, Status
-from kairos.scheduler.request import PromptTooLong
+from kairos.scheduler.request import FinishedRequest, PromptTooLong
 from kairos.transport import protocol as p
 from kairos.transport.kv import OutgoingKV, PinnedPool, blocks_per_frame, export_cache
 from kairos.transport.sockets import recv, send, send_tracked
@@ -122,8 +122,18 @@ class PrefillWorker(Worker):
             self.abort(msg.request_id)
         elif isinstance(msg, p.WorkerGone):
             self.drop_peer(msg.worker_id)
+        elif isinstance(msg, p.Completed):
+            self.learn(msg)
         else:
             log.warning("unexpected %s message from the router", msg.TYPE)
+
+    def learn(self, msg: p.Completed) -> None:
+        try:
+            done = FinishedRequest.from_report(msg.slo, msg.prompt_tokens, msg.output_tokens)
+        except ValueError as e:
+            log.warning("a bad completion report from the router: %s", e)
+            return
+        self.llm.scheduler.prefill_policy.finished(done)
 
     def abort(self, request_id: str) -> None:
         if self.llm.abort(request_id):

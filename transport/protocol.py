@@ -298,6 +298,17 @@ class WorkerGone(Message):
     worker_id: str
 
 
+@dataclass
+class Completed(Message):
+    """Router -> prefill workers: a request ran to its end (stop or length), so that policies
+    which predict output lengths learn them where prefill is scheduled too: its SLO (RequestSLO
+    fields), prompt and output lengths."""
+    TYPE = "completed"
+    slo: dict
+    prompt_tokens: int
+    output_tokens: int
+
+
 # ---- prefill worker <-> decode worker (the KV channel) ------------------------------------------
 
 

@@ -63,16 +63,21 @@ def fresh_seed() -> int:
 
 
 class _Native:
-    """Requests to a router, on one AsyncClient connection."""
+    """Requests to a router, on one AsyncClient connection. Each output runs to its trace length:
+    max_tokens is that length, or with `max_tokens` given, that is the cap every request sets and
+    the output ends at its length as at an end token (eos_after), which the policies are not
+    told."""
 
-    def __init__(self, addr: str, timeout_s: float):
+    def __init__(self, addr: str, timeout_s: float, max_tokens: int | None = None):
         self.client = AsyncClient(addr, timeout_s=timeout_s)
+        self.max_tokens = max_tokens
 
     async def send(self, prompt: list[int], r: TraceRequest) -> tuple[int, list[float], str | None]:
         """(output tokens, each token's arrival in seconds since sent, error)."""
+        lengths = {"max_tokens": r.output_len} if self.max_tokens is None else {
+            "max_tokens": self.max_tokens, "eos_after": r.output_len}
         try:
-            out = await self.client.generate(prompt, max_tokens=r.output_len, ignore_eos=True, temperature=0,
-                                             slo=r.slo)
+            out = await self.client.generate(prompt, **lengths, ignore_eos=True, temperature=0, slo=r.slo)
         except TimeoutError as e:  # one request's failure, not the replay's
             return 0, [], str(e)
         return len(out.token_ids), [ms / 1e3 for ms in out.token_times_ms], out.error
@@ -174,29 +179,35 @@ async def _replay(target, trace: list[TraceRequest], vocab_ids: int, progress, s
 
 def replay_requests(addr: str, trace: list[TraceRequest], vocab_ids: int = 256, timeout_s: float = 300.0,
                     progress=None, seed: int | None = None, http_model: str | None = None,
-                    api_key: str | None = None) -> list[ReplayedRequest]:
+                    api_key: str | None = None, max_tokens: int | None = None) -> list[ReplayedRequest]:
     """Every request of the trace, sent open loop; each with its client-side timings or error.
     The prompts come from `seed`, by default a fresh one. `addr` is a router's (tcp://...), or
-    the HTTP API's URL (http://...), whose model is `http_model` (default: the one it lists)."""
+    the HTTP API's URL (http://...), whose model is `http_model` (default: the one it lists).
+    `max_tokens`: the cap every request sets, its output still ending at its trace length (over
+    a router only: the HTTP API has no way to end an output where a trace did)."""
     seed = fresh_seed() if seed is None else seed
+    http = addr.startswith(("http://", "https://"))
+    if http and max_tokens is not None:
+        raise ValueError("--max-tokens replays over a router only: through the HTTP API, max_tokens is each "
+                         "request's trace length")
 
     async def run():
-        http = addr.startswith(("http://", "https://"))
-        target = _HTTP(addr, timeout_s, http_model, api_key) if http else _Native(addr, timeout_s)
+        target = _HTTP(addr, timeout_s, http_model, api_key) if http else _Native(addr, timeout_s, max_tokens)
         return await _replay(target, trace, vocab_ids, progress, seed)
 
     return asyncio.run(run())
 
 
-def warm_up(addr: str, trace: list[TraceRequest], requests: int = 16,
-            timeout_s: float = 300.0) -> list[ReplayedRequest]:
+def warm_up(addr: str, trace: list[TraceRequest], requests: int = 16, timeout_s: float = 300.0,
+            max_tokens: int | None = None) -> list[ReplayedRequest]:
     """Sends the trace's first requests, one after another, unmeasured: a fresh worker's first
     steps pay one-off costs (allocations, lazy initialisation) that would otherwise land on
     the first measured requests, and its cost-model calibration starts from real steps. Their
     prompts share no prefix with each other or with the replay's (each has a fresh seed, and
     none of the trace's shared blocks), so the measured run finds no prefix cached."""
     return [done for r in trace[:requests]
-            for done in replay_requests(addr, [replace(r, arrival=0.0, hash_ids=(), after=None)], timeout_s=timeout_s)]
+            for done in replay_requests(addr, [replace(r, arrival=0.0, hash_ids=(), after=None)], timeout_s=timeout_s,
+                                        max_tokens=max_tokens)]
 
 
 def report(requests: list[ReplayedRequest]) -> dict:
@@ -228,7 +239,7 @@ def served_by_worker(addr: str) -> dict[str, int]:
 
 
 def live_point(worker_argv: list[str], timeout_s: float = 300.0, prefill_workers: int = 1, decode_workers: int = 1,
-               decode_argv: list[str] | None = None):
+               decode_argv: list[str] | None = None, max_tokens: int | None = None):
     """run_point for `scheduler.compare`: each policy pair on a fresh local router with this many
     prefill and decode workers (started with these arguments; decode ones with decode_argv
     too), warmed up, then the trace replayed live. The report adds what each worker served."""
@@ -239,9 +250,9 @@ def live_point(worker_argv: list[str], timeout_s: float = 300.0, prefill_workers
         with local_cluster(["--prefill-policy", prefill, *worker_argv],
                            ["--decode-policy", decode, *worker_argv, *(decode_argv or [])],
                            prefill_workers, decode_workers) as addr:
-            warm_up(addr, trace, timeout_s=timeout_s)
+            warm_up(addr, trace, timeout_s=timeout_s, max_tokens=max_tokens)
             before = served_by_worker(addr)
-            requests = replay_requests(addr, trace, timeout_s=timeout_s)
+            requests = replay_requests(addr, trace, timeout_s=timeout_s, max_tokens=max_tokens)
             after = served_by_worker(addr)
         result = report(requests)
         result["served_by_worker"] = {worker: n - before.get(worker, 0) for worker, n in after.items()}
@@ -251,5 +262,6 @@ def live_point(worker_argv: list[str], timeout_s: float = 300.0, prefill_workers
 
 
 def replay(addr: str, trace: list[TraceRequest], vocab_ids: int = 256, timeout_s: float = 300.0,
-           progress=None, seed: int | None = None, http_model: str | None = None, api_key: str | None = None) -> dict:
-    return report(replay_requests(addr, trace, vocab_ids, timeout_s, progress, seed, http_model, api_key))
+           progress=None, seed: int | None = None, http_model: str | None = None, api_key: str | None = None,
+           max_tokens: int | None = None) -> dict:
+    return report(replay_requests(addr, trace, vocab_ids, timeout_s, progress, seed, http_model, api_key, max_tokens))

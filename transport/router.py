@@ -318,8 +318,19 @@ class Router:
                 r.prompt_tokens = chunk.prompt_tokens
                 self.counters["completed"] += 1
                 self.count_completion(r, chunk.finish_reason)
+                self.tell_prefill_workers_of(r)
                 self.forget(r)
                 return
+
+    def tell_prefill_workers_of(self, r: RoutedRequest) -> None:
+        """Every prefill worker learns the output length of a request that ran to its end (its
+        prefill policy may rank by predicted lengths, and sees no output but the first token)."""
+        if r.prompt_tokens is None or not r.next_index:
+            return
+        msg = p.Completed(r.slo.to_dict(), r.prompt_tokens, r.next_index)
+        for w in self.workers.values():
+            if w.role == "prefill":
+                send(self.socket, msg, w.identity)
 
     def on_worker_error(self, worker: WorkerInfo, msg: p.Error) -> None:
         if msg.request_id is None:
