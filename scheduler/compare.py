@@ -83,9 +83,10 @@ def compare(trace: list[TraceRequest], rate_scales: list[float], policies: list[
     summary = {}
     for policy in policies:
         mine = [(r["rate_req_s"], r["e2e_attainment"]) for r in rows if r["policy"] == policy]
-        # Still at 90% at the highest rate swept: the goodput is that rate or more.
+        # At 90% at every rate swept: the goodput is the highest rate or more. (A sweep that dips
+        # under 90% and comes back, as live runs can, has its goodput at the first crossing.)
         summary[policy] = {"goodput_req_s": goodput(mine),
-                           "goodput_above_sweep": max(mine)[1] >= GOODPUT_ATTAINMENT}
+                           "goodput_above_sweep": all(a >= GOODPUT_ATTAINMENT for _, a in mine)}
     base_goodput = summary.get(BASELINE, {}).get("goodput_req_s", 0.0)
     for policy in policies:
         g = summary[policy]["goodput_req_s"]
