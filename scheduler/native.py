@@ -198,9 +198,6 @@ def _estimator_arrays(estimator):
     if estimator.arrays is None:
         by_key = estimator.lengths_by_key()
         cached = estimator.key_arrays
-        for key in estimator.changed:
-            cached.pop(key, None)
-        estimator.changed.clear()
         parts = [cached.get(key) if key in cached else cached.setdefault(key, np.array(v, dtype=np.int64))
                  for key, v in by_key.items()]
         index = {key: i for i, key in enumerate(by_key)}

@@ -11,7 +11,7 @@ a bucket has seen too few.
 from __future__ import annotations
 
 import bisect
-from collections import deque
+from collections import OrderedDict, deque
 
 NUM_BUCKETS = 64  # half-octaves of prompt lengths up to 2**32
 
@@ -36,26 +36,30 @@ class OutputLengthEstimator:
 
     def __init__(self, quantile: float = 0.9, window: int = 2048, max_keys: int = 1024, min_samples: int = 16):
         check_quantile(quantile)
+        if max_keys < 3:
+            raise ValueError(f"max_keys must be at least 3 (a request observes three keys), got {max_keys}")
         self.quantile = quantile
         self.window = window
         # Clients name the classes: a bound keeps the history from growing with every new name.
         self.max_keys = max_keys
         self.min_samples = min_samples
-        self._recent: dict[tuple, deque[int]] = {}
+        self._recent: OrderedDict[tuple, deque[int]] = OrderedDict()  # least recently observed first
         self._sorted: dict[tuple, list[int]] = {}
         # The lengths as arrays, built by `native` when it needs them: all keys' end to end, and
-        # each key's, kept until that key sees a new length (`changed`).
+        # each key's, kept until that key sees a new length.
         self.arrays = None
         self.key_arrays: dict[tuple, object] = {}
-        self.changed: set[tuple] = set()
 
     def observe(self, request_class: str | None, prompt_len: int, length: int) -> None:
         for key in lookup_keys(request_class, prompt_len):
-            if key not in self._recent and len(self._recent) >= self.max_keys:
-                oldest = next(k for k in self._recent if k)  # the key first seen longest ago goes, not all requests'
-                del self._recent[oldest], self._sorted[oldest]
-                self.changed.add(oldest)
-            self.changed.add(key)
+            if key in self._recent:
+                self._recent.move_to_end(key)
+            elif len(self._recent) >= self.max_keys:
+                # The key observed longest ago goes (never every request's).
+                stale = next(k for k in self._recent if k)
+                del self._recent[stale], self._sorted[stale]
+                self.key_arrays.pop(stale, None)
+            self.key_arrays.pop(key, None)
             recent = self._recent.setdefault(key, deque())
             ordered = self._sorted.setdefault(key, [])
             recent.append(length)

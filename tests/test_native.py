@@ -134,3 +134,4 @@ def test_the_estimator_arrays_stay_exact_as_keys_change_and_are_forgotten():
             keyed[()] = pools[0, NUM_BUCKETS + 1]
             built = {k: lengths[starts[i]:starts[i + 1]].tolist() for k, i in keyed.items()}
             assert {k: v for k, v in built.items() if v} == {k: v for k, v in est.lengths_by_key().items() if v}
+            assert set(est.key_arrays) <= set(est.lengths_by_key())  # nothing kept of forgotten keys

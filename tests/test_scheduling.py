@@ -517,12 +517,18 @@ def test_output_length_window_forgets_old_lengths():
 
 def test_output_length_history_keeps_a_bounded_number_of_keys():
     """Clients name request classes: one naming a new class per request must not grow the
-    history without end. The key first seen longest ago is forgotten, never every request's."""
-    est = OutputLengthEstimator(quantile=1.0, max_keys=5, min_samples=1)
+    history without end (nor anything kept beside it). The key observed longest ago is
+    forgotten, never every request's, so a busy class outlives a stream of one-off names."""
+    est = OutputLengthEstimator(quantile=1.0, max_keys=7, min_samples=1)
     for i in range(1000):
+        est.observe("chat", 100, 5)
         est.observe(f"class-{i}", 100, i)
-    assert set(est.lengths_by_key()) == {(), ("class-998", 13), ("class-998",), ("class-999", 13), ("class-999",)}
+    assert set(est.lengths_by_key()) == {(), ("chat", 13), ("chat",), ("class-998", 13), ("class-998",),
+                                         ("class-999", 13), ("class-999",)}
     assert est.remaining("class-999", 100, 0, 10**6) == 999 and est.remaining("class-0", 100, 0, 10**6) == 999
+    assert est.remaining("chat", 100, 0, 10**6) == 5
+    with pytest.raises(ValueError, match="max_keys must be at least 3"):
+        OutputLengthEstimator(max_keys=2)
 
 
 # ---- in the engine -------------------------------------------------------------------------------
