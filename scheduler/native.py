@@ -198,8 +198,10 @@ def _estimator_arrays(estimator):
     if estimator.arrays is None:
         by_key = estimator.lengths_by_key()
         cached = estimator.key_arrays
-        parts = [cached.get(key) if key in cached else cached.setdefault(key, np.array(v, dtype=np.int64))
-                 for key, v in by_key.items()]
+        for key, v in by_key.items():
+            if key not in cached:
+                cached[key] = np.array(v, dtype=np.int64)
+        parts = [cached[key] for key in by_key]
         index = {key: i for i, key in enumerate(by_key)}
         empty = len(index)
         classes = {key[0]: None for key in by_key if key}
@@ -224,7 +226,7 @@ def prompt_buckets(prompt):
     return 2 * octave + (n * n >= np.left_shift(1, 2 * octave + 1))
 
 
-def remaining_of(columns, estimator, quantile: float | None = None):
+def remaining_of(columns, estimator):
     """OutputLengthEstimator.remaining of every request of these columns."""
     rows, pools, lengths, starts = _estimator_arrays(estimator)
     unseen = len(rows)
@@ -232,7 +234,7 @@ def remaining_of(columns, estimator, quantile: float | None = None):
     chosen = np.stack([pools[row, prompt_buckets(columns.prompt)], pools[row, NUM_BUCKETS],
                        pools[row, NUM_BUCKETS + 1]], axis=1)
     return remaining_outputs(columns.produced, columns.max_tokens, columns.hint, chosen, lengths, starts,
-                             estimator.min_samples, estimator.quantile if quantile is None else quantile)
+                             estimator.min_samples, estimator.quantile)
 
 
 def _items(requests) -> list:

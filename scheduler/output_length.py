@@ -35,7 +35,8 @@ class OutputLengthEstimator:
     such lengths; the last fallback, every request, once it holds one."""
 
     def __init__(self, quantile: float = 0.9, window: int = 2048, max_keys: int = 1024, min_samples: int = 16):
-        check_quantile(quantile)
+        if not 0 < quantile <= 1:
+            raise ValueError(f"quantile must be in (0, 1], got {quantile}")
         if max_keys < 3:
             raise ValueError(f"max_keys must be at least 3 (a request observes three keys), got {max_keys}")
         self.quantile = quantile
@@ -73,15 +74,15 @@ class OutputLengthEstimator:
         return self._sorted
 
     def remaining(self, request_class: str | None, prompt_len: int, produced: int, max_tokens: int,
-                  hint: int | None = None, quantile: float | None = None) -> int:
+                  hint: int | None = None) -> int:
         """Predicted tokens still to come (at least 1): from the client's hint if it gave one,
-        else the quantile (this estimator's, unless given) of the lengths longer than
-        `produced` of the most specific key with enough of them; never beyond max_tokens,
-        which is also the answer while nothing longer has been seen."""
+        else the quantile of the lengths longer than `produced` of the most specific key with
+        enough of them; never beyond max_tokens, which is also the answer while nothing longer
+        has been seen."""
         cap = max(1, max_tokens - produced)
         if hint is not None:
             return max(1, min(cap, hint - produced))
-        q = self.quantile if quantile is None else quantile
+        q = self.quantile
         for key in lookup_keys(request_class, prompt_len):
             ordered = self._sorted.get(key, ())
             longer = len(ordered) - bisect.bisect_right(ordered, produced)
@@ -89,8 +90,3 @@ class OutputLengthEstimator:
                 length = ordered[len(ordered) - longer + min(longer - 1, int(q * longer))]
                 return max(1, min(cap, length - produced))
         return cap
-
-
-def check_quantile(quantile: float) -> None:
-    if not 0 < quantile <= 1:
-        raise ValueError(f"quantile must be in (0, 1], got {quantile}")

@@ -43,8 +43,7 @@ class Columns:
     """Per request, in order: `arrival`, `first_token`, `ttft_s`, `tpot_s` (float64);
     `produced` (output tokens), `max_tokens`, `hint` (the output length hint, -1 for none),
     `num_tokens`, `prompt` (prompt tokens), `uncomputed` (prompt tokens still to prefill) and
-    `class_code` (int64), where
-    request class `class_names[code]` has that code."""
+    `class_code` (int64), where request class `class_names[code]` has that code."""
 
     def __init__(self, floats, ints, class_names: list):
         for name, column in zip(FLOAT_FIELDS, floats):

@@ -72,10 +72,10 @@ def test_remaining_outputs_match_the_estimator(seed):
     rng = random.Random(seed)
     est = estimator(rng)
     reqs = queue(rng, 300)
-    for quantile in (None, 0.5):
-        got = native.remaining_of(columns_of(reqs), est, quantile)
+    for est.quantile in (0.9, 0.5):
+        got = native.remaining_of(columns_of(reqs), est)
         want = [est.remaining(r.slo.request_class, r.num_prompt_tokens, r.num_output_tokens, r.max_tokens,
-                              r.slo.output_len_hint, quantile) for r in reqs]
+                              r.slo.output_len_hint) for r in reqs]
         assert got.tolist() == want
     levels = {len(est.lengths_by_key().get(k, ())) >= est.min_samples for r in reqs
               for k in lookup_keys(r.slo.request_class, r.num_prompt_tokens)[:2]}

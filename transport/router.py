@@ -24,7 +24,7 @@ from kairos.scheduler.request import RequestSLO, SamplingParams
 from kairos.transport import protocol as p
 from kairos.transport.metrics import RouterMetrics
 from kairos.transport.security import ANY_KEY, CurveKeys, warn_if_exposed
-from kairos.transport.sockets import DEFAULT_HOST, DEFAULT_PORT, make_socket, recv, send
+from kairos.transport.sockets import DEFAULT_HOST, DEFAULT_PORT, broadcast, make_socket, recv, send
 
 SAMPLING_FIELDS = [f.name for f in fields(SamplingParams)]
 log = logging.getLogger("kairos.router")
@@ -327,10 +327,8 @@ class Router:
         prefill policy may rank by predicted lengths, and sees no output but the first token)."""
         if r.prompt_tokens is None or not r.next_index:
             return
-        msg = p.Completed(r.slo.to_dict(), r.prompt_tokens, r.next_index)
-        for w in self.workers.values():
-            if w.role == "prefill":
-                send(self.socket, msg, w.identity)
+        broadcast(self.socket, p.Completed(r.slo.to_dict(), r.prompt_tokens, r.next_index),
+                  [w.identity for w in self.workers.values() if w.role == "prefill"])
 
     def on_worker_error(self, worker: WorkerInfo, msg: p.Error) -> None:
         if msg.request_id is None:
@@ -417,8 +415,7 @@ class Router:
             else:
                 self.tell_workers(r, p.Abort(r.rid), skip=w.worker_id)
                 self.fail(r, f"the {w.role} worker {w.worker_id} serving this request died")
-        for other in self.workers.values():
-            send(self.socket, p.WorkerGone(w.worker_id), other.identity)
+        broadcast(self.socket, p.WorkerGone(w.worker_id), [other.identity for other in self.workers.values()])
 
     # ---- bookkeeping --------------------------------------------------------------------------
 

@@ -37,7 +37,18 @@ def make_socket(ctx: zmq.Context, kind: int, max_bytes: int = MAX_CONTROL_MESSAG
 def send(sock: zmq.Socket, msg: Message, identity: bytes | None = None) -> bool:
     """Sends one message without blocking. False if the peer is gone (a ROUTER socket's peer)
     or, where a queue limit is set, not reading."""
-    parts = ([identity] if identity is not None else []) + [encode(msg)]
+    return _send(sock, msg, encode(msg), identity)
+
+
+def broadcast(sock: zmq.Socket, msg: Message, identities) -> None:
+    """Sends one message to each of these peers of a ROUTER socket, encoded once."""
+    data = encode(msg)
+    for identity in identities:
+        _send(sock, msg, data, identity)
+
+
+def _send(sock: zmq.Socket, msg: Message, data: bytes, identity: bytes | None) -> bool:
+    parts = ([identity] if identity is not None else []) + [data]
     try:
         sock.send_multipart(parts, flags=zmq.NOBLOCK)
         return True
