@@ -81,6 +81,14 @@ class CostModel:
         alpha, beta, gamma = self.decode
         return max(0.0, alpha + beta * batch_size + gamma * total_context)
 
+    def decode_limit_keeping(self, slo, share):
+        """The step limit under a step limit of `slo` seconds at which decoding keeps `share`
+        of the throughput `slo` allows (floats or arrays). A limit L holds a batch of about
+        (L - alpha) / c sequences, c being a sequence's cost, so a step decodes (1 - alpha / L) / c
+        sequences a second whatever c is; this solves (1 - alpha / L) = share * (1 - alpha / slo)."""
+        alpha = self.decode[0]
+        return alpha / (1 - share * (1 - alpha / slo))
+
     @classmethod
     def fit(cls, profile: dict) -> CostModel:
         prefill = profile["prefill"]
@@ -139,6 +147,7 @@ class CalibratedCostModel:
     prefill_time = CostModel.prefill_time
     prefill_marginal = CostModel.prefill_marginal
     decode_time = CostModel.decode_time
+    decode_limit_keeping = CostModel.decode_limit_keeping
 
     def __init__(self, base: CostModel, weight: float = 0.05, bounds: tuple[float, float] = (0.25, 4.0)):
         self.base = base

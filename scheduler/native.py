@@ -93,16 +93,18 @@ def remaining_outputs(produced, max_tokens, hint, pools, lengths, starts, min_sa
 
 
 @compiled
+def lost_mask(now, step, first_token, tpot_s, produced, remaining):
+    """SlackBatching.lost over arrays: who misses its TPOT SLO even at steps of `step` seconds."""
+    budget = tpot_s * (produced - 1 + remaining)
+    return (now - first_token) + remaining * step > budget
+
+
+@compiled
 def slack_order(now, step, aging, arrival, first_token, tpot_s, produced, remaining):
     """SlackBatching.split over arrays: (feasible indices, shortest aged remaining output first;
     lost indices, oldest first), both stable."""
-    n = arrival.shape[0]
-    lost = np.empty(n, dtype=np.bool_)
-    key = np.empty(n, dtype=np.float64)
-    for i in range(n):
-        budget = tpot_s[i] * (produced[i] - 1 + remaining[i])
-        lost[i] = (now - first_token[i]) + remaining[i] * step > budget
-        key[i] = remaining[i] - aging * (now - first_token[i])
+    lost = lost_mask(now, step, first_token, tpot_s, produced, remaining)
+    key = remaining - aging * (now - first_token)
     feasible = np.nonzero(~lost)[0]
     late = np.nonzero(lost)[0]
     feasible = feasible[np.argsort(key[feasible], kind="mergesort")]
@@ -258,17 +260,22 @@ def slack_split(waiting, now: float, step: float, aging: float, estimator) -> tu
     return [items[i] for i in feasible.tolist()], [items[i] for i in lost.tolist()]
 
 
-def _step_limits(tpot, context, decode_coefficients, headroom: float):
-    """SlackBatching.step_limit of requests with these TPOT SLOs and contexts (arrays)."""
-    alpha, beta, gamma = decode_coefficients
+def _step_limits(tpot, context, lost, cost, headroom: float, kept_throughput: float):
+    """SlackBatching.step_limit of requests with these TPOT SLOs, contexts and lost flags (arrays)."""
+    alpha, beta, gamma = cost.decode
     alone = np.maximum(0.0, alpha + beta * 1 + gamma * context)  # decode_time(1, context)
-    return np.where(alone <= tpot, tpot * headroom, math.inf)
+    kept = np.minimum(tpot, np.maximum(tpot * headroom, cost.decode_limit_keeping(tpot, kept_throughput)))
+    return np.where(lost | (alone > tpot), math.inf, kept)
 
 
-def tightest_step_limit(running, decode_coefficients, headroom: float) -> float:
-    """SlackBatching's smallest step_limit over the running batch."""
+def tightest_step_limit(running, now: float, step: float, estimator, cost, headroom: float,
+                        kept_throughput: float) -> float:
+    """SlackBatching's smallest step_limit over the running batch, each request judged lost or
+    not at steps of `step` seconds."""
     columns = columns_of(running)
-    return float(_step_limits(columns.tpot_s, columns.num_tokens, decode_coefficients, headroom).min())
+    lost = lost_mask(now, step, columns.first_token, columns.tpot_s, columns.produced,
+                     remaining_of(columns, estimator))
+    return float(_step_limits(columns.tpot_s, columns.num_tokens, lost, cost, headroom, kept_throughput).min())
 
 
 def shortest_context(requests) -> int:
@@ -276,15 +283,17 @@ def shortest_context(requests) -> int:
 
 
 def slack_admission(ready, now: float, step: float, aging: float, estimator, batch: int, context: int,
-                    tightest: float, max_batch: int, free_blocks: int, decode_coefficients, headroom: float) -> list:
+                    tightest: float, max_batch: int, free_blocks: int, cost, headroom: float,
+                    kept_throughput: float) -> list:
     """SlackBatching.admit: the ready requests that join, in its order, by the walk of
     admission_prefix (which stops by the time the batch is full: only the order's head can
     join)."""
     feasible, lost, columns = slack_order_of(ready, now, step, aging, estimator)
     head = np.concatenate([feasible, lost])[: max_batch - batch + 1]
     tokens = columns.num_tokens[head]
-    limits = _step_limits(columns.tpot_s[head], tokens, decode_coefficients, headroom)
-    alpha, beta, gamma = decode_coefficients
+    limits = _step_limits(columns.tpot_s[head], tokens, np.arange(head.shape[0]) >= feasible.shape[0], cost,
+                          headroom, kept_throughput)
+    alpha, beta, gamma = cost.decode
     count = admission_prefix(batch, context, tightest, tokens, limits, max_batch, free_blocks, alpha, beta, gamma)
     items = _items(ready)
     return [items[i] for i in head[:count].tolist()]

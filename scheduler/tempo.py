@@ -185,8 +185,8 @@ class TempoDecode(SlackBatching):
     summary = "Tempo: admit by gain density, each request bounding the step only as its SLO needs"
     native_admission = False  # its step limits are the service's, not the compiled TPOT walk's
 
-    def __init__(self, cost: CostModel, max_batch: int, service: Service | None = None, headroom: float = 0.9):
-        super().__init__(cost, max_batch, headroom=headroom)
+    def __init__(self, cost: CostModel, max_batch: int, service: Service | None = None):
+        super().__init__(cost, max_batch)
         self.service = service or Service(cost)
         self.now = 0.0  # of the decision being made: a due time's pace depends on it
 
@@ -197,19 +197,19 @@ class TempoDecode(SlackBatching):
     def remaining(self, r) -> int:
         return self.service.remaining(r)
 
-    def step_limit(self, r) -> float:
+    def step_limit(self, r, lost: bool) -> float:
         if r.slo.kind == "latency":
-            return super().step_limit(r)
+            return super().step_limit(r, lost)
         pace = (self.service.due(r) - self.now) / self.remaining(r)
-        return pace * self.headroom if pace > self.cost.decode_time(1, r.num_tokens) else math.inf
+        return pace * self.headroom if not lost and pace > self.cost.decode_time(1, r.num_tokens) else math.inf
 
     def lost(self, r, now, step, remaining=None):
         if r.slo.kind == "latency":
             return super().lost(r, now, step, remaining)
         return now + (self.remaining(r) if remaining is None else remaining) * step > self.service.due(r)
 
-    def _tightest(self, running):
-        return min(map(self.step_limit, running), default=math.inf)
+    def _tightest(self, running, now, step):
+        return min((self.step_limit(r, self.lost(r, now, step)) for r in running), default=math.inf)
 
     def split(self, waiting, running, now):
         self.now = now

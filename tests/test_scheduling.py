@@ -355,7 +355,10 @@ def test_slack_batching_keeps_the_predicted_step_within_the_tightest_tpot(runnin
         return
     batch = running + admitted
     step = COST.decode_time(len(batch), sum(r.num_tokens for r in batch))
-    slo = min(policy.step_limit(r) for r in batch)
+    # Each request bounds the step unless it is lost at the running batch's step (which a new
+    # policy's mean step equals).
+    judged_at = COST.decode_time(max(1, len(running)), sum(r.num_tokens for r in running))
+    slo = min(policy.step_limit(r, policy.lost(r, 1.0, judged_at)) for r in batch)
     # Only a lone request in an empty batch may go over (something must run).
     assert step <= slo or (len(admitted) == 1 and not running)
     # A block per sequence, but for an empty batch's head, which goes in whatever the blocks (it
@@ -417,6 +420,59 @@ def test_requests_that_can_no_longer_meet_tpot_wait_behind_those_that_can():
     assert ContinuousBatching(2).order([late, *fresh], [], 5.0) == [late, *fresh]
     # Once nothing feasible waits, the lost request goes in.
     assert policy.admit(fresh[:1], [late], now=5.0, free_blocks=100) == [late]
+
+
+def fresh_ready(count: int, tpot_slo: float, prompt: int = 100) -> list[Req]:
+    return [Req(first_token_time=10.0, tpot_slo=tpot_slo, output_len_hint=50, prompt=prompt, num_uncomputed_tokens=0)
+            for _ in range(count)]
+
+
+def joining(cost: CostModel, batch: list, limit: float, prompt: int = 100) -> int:
+    """How many requests of `prompt`-token contexts fit beside the batch under a step of limit."""
+    context = sum(r.num_tokens for r in batch)
+    return max(n for n in range(1000) if n == 0 or cost.decode_time(len(batch) + n, context + prompt * n) <= limit)
+
+
+@pytest.mark.parametrize("running_count", [10, 100])  # under and over native.MIN_REQUESTS
+def test_the_tightest_slo_of_requests_on_track_bounds_the_step_and_lost_ones_bound_nothing(running_count):
+    def running(tpot_slo, first_token_time, produced):
+        return [Req(first_token_time=first_token_time, tpot_slo=tpot_slo, output_len_hint=produced + 50, prompt=100,
+                    num_uncomputed_tokens=0, num_output_tokens=produced) for _ in range(running_count)]
+
+    def admitted(batch):
+        return len(SlackBatching(COST, 512).admit(batch, fresh_ready(300, 0.02), 10.0, 10_000))
+
+    limit = {slo: SlackBatching(COST, 512).step_limit(Req(tpot_slo=slo), lost=False) for slo in (0.01, 0.02)}
+    assert limit[0.02] < 0.02 and limit[0.01] < 0.01  # the headroom, cheap with this fixed cost
+    on_track = running(0.02, 10.0, 0)
+    assert admitted(on_track) == joining(COST, on_track, limit[0.02]) > 0
+    # Requests with a 10 ms SLO, lost long ago: the 20 ms ones set the bound.
+    lost = running(0.01, 0.0, 20)
+    policy = SlackBatching(COST, 512)
+    assert all(policy.lost(r, 10.0, policy.step_time(lost)) for r in lost)
+    assert admitted(lost) == joining(COST, lost, limit[0.02]) > 0
+    # The same SLO with slack to spare (0.5 s for 200 tokens): they still make it, and bound the step.
+    saved = running(0.01, 9.5, 200)
+    assert not any(policy.lost(r, 10.0, max(0.01, policy.step_time(saved))) for r in saved)
+    assert admitted(saved) == joining(COST, saved, limit[0.01]) < joining(COST, saved, limit[0.02])
+
+
+@pytest.mark.parametrize("fixed_cost", [0.006, 0.0255])
+def test_the_headroom_for_the_wait_never_costs_more_than_3_percent_of_decode_throughput(fixed_cost):
+    """90% of the TPOT SLO, unless the step's fixed cost is so much of the SLO that the batch
+    would then decode less than 97% of the sequences a second the whole SLO allows (with a
+    25.5 ms fixed cost and a 30 ms SLO, 90% would leave a third)."""
+    cost = CostModel(prefill=COST.prefill, decode=(fixed_cost, 1.1e-5, 1e-8))
+    policy = SlackBatching(cost, 1000)
+    batch = policy.admit([], fresh_ready(1000, 0.03, prompt=1000), 10.0, 100_000)
+    step = cost.decode_time(len(batch), sum(r.num_tokens for r in batch))
+    whole = joining(cost, [], 0.03, prompt=1000)
+    whole_rate = whole / cost.decode_time(whole, 1000 * whole)
+    assert len(batch) / step >= 0.97 * whole_rate - 1 / step  # within one sequence of 97%
+    if fixed_cost < 0.01:
+        assert step <= 0.027 and len(batch) == joining(cost, [], 0.027, prompt=1000)
+    else:
+        assert step > 0.027 and len(batch) / step < 0.99 * whole_rate
 
 
 def test_a_request_is_judged_lost_at_the_batchs_recent_mean_step_not_its_momentary_peak():
