@@ -82,10 +82,11 @@ class CostModel:
         return max(0.0, alpha + beta * batch_size + gamma * total_context)
 
     def decode_limit_keeping(self, slo, share):
-        """The step limit under a step limit of `slo` seconds at which decoding keeps `share`
-        of the throughput `slo` allows (floats or arrays). A limit L holds a batch of about
-        (L - alpha) / c sequences, c being a sequence's cost, so a step decodes (1 - alpha / L) / c
-        sequences a second whatever c is; this solves (1 - alpha / L) = share * (1 - alpha / slo)."""
+        """The step limit at which decoding keeps `share` of the sequences a second that a limit
+        of `slo` seconds allows (floats or arrays). A limit L holds a batch of about
+        (L - alpha) / c sequences, c being a sequence's cost, so the batch decodes
+        (1 - alpha / L) / c sequences a second whatever c is; this solves
+        (1 - alpha / L) = share * (1 - alpha / slo) for L."""
         alpha = self.decode[0]
         return alpha / (1 - share * (1 - alpha / slo))
 

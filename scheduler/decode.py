@@ -74,11 +74,12 @@ class SlackBatching:
     """Slack-guided adaptive batching. Waiting requests are taken shortest predicted remaining
     output first (by default the median of the lengths of requests alike, by class and prompt
     length: see OutputLengthEstimator), and admitted while the predicted step time of the grown
-    batch stays within the tightest TPOT SLO among the requests in it that can still meet theirs,
-    and a block per sequence remains; so the batch size floats with the contexts. Waiting since
-    its first token lowers a request's key (`aging_tokens_per_s`): that wait is what its TPOT
-    pays for, while one that waited long for its prefill has nothing more to gain from going
-    first here. No request is passed over while it heads the queue.
+    batch stays within the tightest step limit (its TPOT SLO less a headroom, below) among the
+    requests in it that can still meet their SLO, and a block per sequence remains; so the
+    batch size floats with the contexts. Waiting since its first token lowers a request's key
+    (`aging_tokens_per_s`): that wait is what its TPOT pays for, while one that waited long for
+    its prefill has nothing more to gain from going first here. No request is passed over while
+    it heads the queue.
 
     The limit keeps `headroom` of the SLO back for the time a request waits to join the batch
     and to move its KV, which its TPOT pays for too; but never so much that the batch decodes
