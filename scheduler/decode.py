@@ -111,7 +111,7 @@ class SlackBatching:
     name = "kairos"
     summary = "slack-guided batching: admit while the step fits the tightest TPOT, short outputs first"
     needs_cost_model = True
-    native_admission = True  # long queues take the compiled ranking and walk: this class's order and TPOT limits
+    native_admission = True  # long batches and queues take the compiled walk: this class's order and TPOT limits
 
     def __init__(self, cost: CostModel, max_batch: int, estimator: OutputLengthEstimator | None = None,
                  aging_tokens_per_s: float = 100.0, headroom: float = 0.9, kept_throughput: float = 0.97,
@@ -196,7 +196,7 @@ class SlackBatching:
     def _tightest(self, running, now: float, step: float) -> float:
         """The smallest step_limit of the running batch (inf for none), each request judged lost
         or not at steps of `step` seconds."""
-        if native.ENABLED and len(running) >= native.MIN_REQUESTS:
+        if self.native_admission and native.ENABLED and len(running) >= native.MIN_REQUESTS:
             return native.tightest_step_limit(running, now, step, self.estimator, self.cost, self.headroom,
                                               self.kept_throughput)
         return min((self.step_limit(r, self.lost(r, now, step)) for r in running), default=math.inf)

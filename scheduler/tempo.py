@@ -208,9 +208,6 @@ class TempoDecode(SlackBatching):
             return super().lost(r, now, step, remaining)
         return now + (self.remaining(r) if remaining is None else remaining) * step > self.service.due(r)
 
-    def _tightest(self, running, now, step):
-        return min((self.step_limit(r, self.lost(r, now, step)) for r in running), default=math.inf)
-
     def split(self, waiting, running, now):
         self.now = now
         for r in waiting:
