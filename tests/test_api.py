@@ -206,6 +206,11 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": "tiny", "prompt": "x", "n": 2, "best_of": 3}, 400, "best_of"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "logprobs": 2}, 400, "logprobs"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "logprobs": 0}, 400, "logprobs"),  # 0 asks for some
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "logit_bias": {"42": -100}}, 400, "logit_bias"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "suffix": "end"}, 400, "suffix"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                              "logit_bias": {"42": 5}}, 400, "logit_bias"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "stream_options": {"include_usage": True}}, 400,
      "stream_options"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "frobnicate": True}, 400, "frobnicate"),
@@ -261,7 +266,8 @@ def test_null_means_the_default_and_n_gives_that_many_choices(server):
     differ and repeat), streamed or not, every chunk of a stream with the same `created`."""
     chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": None,
             "top_p": None, "top_k": None, "n": None, "stream": None, "presence_penalty": None,
-            "frequency_penalty": None, "logprobs": None, "ignore_eos": None, "stream_options": None}
+            "frequency_penalty": None, "logprobs": None, "ignore_eos": None, "stream_options": None,
+            "logit_bias": {}, "user": "u1"}  # an empty bias and a user id change nothing
     response = post(server, "/v1/chat/completions", chat)
     assert response.status_code == 200, response.text
     client = server.openai()

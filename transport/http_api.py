@@ -150,6 +150,8 @@ def _unsupported(body: _Request) -> None:
     for name, value in body:
         if name in neutral and value not in (None, neutral[name]):
             raise APIError(400, f"{name}={value!r} is not supported by this server", name, "unsupported")
+        if name in ("logit_bias", "suffix") and value:
+            raise APIError(400, f"{name} is not supported by this server", name, "unsupported")
     # Chat's logprobs is a flag (false is neutral); completions' a count, where even 0 asks for some.
     logprobs = getattr(body, "logprobs", None)
     if logprobs is not None and logprobs is not False:
@@ -162,8 +164,6 @@ def _unsupported(body: _Request) -> None:
         raise APIError(400, "best_of other than n is not supported by this server", "best_of", "unsupported")
     if body.stream_options is not None and not body.stream:
         raise APIError(400, "stream_options is only for stream=true", "stream_options")
-        if name in ("logit_bias", "suffix") and value:
-            raise APIError(400, f"{name} is not supported by this server", name, "unsupported")
     fmt = getattr(body, "response_format", None)
     if fmt not in (None, {"type": "text"}):
         raise APIError(400, "response_format other than text is not supported", "response_format", "unsupported")
