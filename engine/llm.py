@@ -89,6 +89,7 @@ class LLM:
                                        self.config.max_num_batched_tokens, self.max_model_len,
                                        prefill_policy, decode_policy, prefill_only=self.config.role == "prefill")
         self.num_prefill_tokens_computed = 0
+        self.num_reserved = 0  # sequences whose prompt KV is on its way here, into reserved blocks
         self._decoding_since: float | None = None  # end of the last decode step, while decoding goes on
         self.overlap = self.config.overlap == "on"
         self._in_flight: LaunchedStep | None = None  # an overlapped decode step, tokens not yet read
@@ -182,21 +183,26 @@ class LLM:
         gives them room (under kairos, those that can still meet their TPOT SLO first)."""
         return self.scheduler.decode_policy.order(seqs, self.scheduler.running, now)
 
-    def reserve_prompt_kv(self, seq: Sequence, incoming: int = 0) -> bool:
-        """Reserves blocks for a prefilled prompt's KV, keeping a block spare per sequence that
-        is running, ready, or has `incoming` KV reserved already, so that taking new KV in does
-        not at once force the running batch into preemption. False (nothing reserved) if they
-        do not fit."""
-        spare = len(self.scheduler.running) + len(self.scheduler.ready) + incoming
-        if self.block_manager.blocks_needed(seq, seq.num_prompt_tokens) + spare > self.block_manager.num_free_blocks:
+    def reserve_prompt_kv(self, seq: Sequence) -> bool:
+        """Reserves blocks for a prefilled prompt's KV, keeping free a block per sequence that is
+        running, ready or has KV reserved already, and every block the preempted sequences need
+        to compute their KV again: taking new KV in then neither forces the running batch into
+        preemption at once nor keeps a preempted sequence out for good. False (nothing
+        reserved) if they do not fit."""
+        sched, blocks = self.scheduler, self.block_manager
+        spare = len(sched.running) + len(sched.ready) + self.num_reserved
+        spare += sum(blocks.blocks_needed(s, s.num_uncomputed_tokens) for s in sched.waiting)
+        if blocks.blocks_needed(seq, seq.num_prompt_tokens) + spare > blocks.num_free_blocks:
             return False
         # Not findable by prefix until the KV is in them.
-        self.block_manager.allocate(seq, seq.num_prompt_tokens, register=False)
+        blocks.allocate(seq, seq.num_prompt_tokens, register=False)
+        self.num_reserved += 1
         return True
 
     def free_reserved(self, seq: Sequence) -> None:
         """Gives back the blocks reserved for a sequence that will not join the batch."""
         self.block_manager.free_sequence(seq)
+        self.num_reserved -= 1
 
     def add_prefilled(self, seq: Sequence) -> None:
         """A sequence whose prompt KV is now in its reserved blocks, and whose first token was
@@ -205,6 +211,7 @@ class LLM:
         # Its prompt's blocks may serve a prefix from now on: this sequence's own recompute
         # if it is preempted, as much as another's.
         self.block_manager.register_filled(seq)
+        self.num_reserved -= 1
         self.scheduler.add_prefilled(seq)
 
     def load(self) -> dict:
@@ -219,7 +226,9 @@ class LLM:
 
     def step(self) -> list[Sequence] | None:
         """Runs one scheduled batch; returns the sequences that got a token. None if nothing
-        could run: on a prefill worker, while handed-off requests hold the blocks.
+        could run while blocks are held outside the queues: on a prefill worker by handed-off
+        requests, on a decode worker by KV on its way in (a preempted sequence may wait for
+        those blocks).
 
         With overlap, a decode step is launched before the last one's tokens are back: this
         call returns the last step's sequences while the device runs the new one. Their
@@ -231,7 +240,7 @@ class LLM:
             if self._in_flight is not None:
                 in_flight, self._in_flight = self._in_flight, None
                 return self._complete(in_flight)
-            if self.scheduler.has_unfinished() and not self.scheduler.num_handed_off:
+            if self.scheduler.has_unfinished() and not self.scheduler.num_handed_off and not self.num_reserved:
                 raise RuntimeError("the scheduler made no progress with requests pending")
             return None
         # The new step is queued before the last one's tokens are read, so the device never

@@ -173,6 +173,29 @@ def test_a_decode_worker_matches_received_kv_as_a_prefix_only_once_it_is_in_plac
     assert llm.block_manager.match_prefix(llm.make_sequence([8] * 40, SamplingParams(max_tokens=4))) == 0
 
 
+def test_a_decode_worker_waits_while_kv_on_its_way_holds_the_blocks_a_preempted_sequence_needs():
+    """A preempted sequence computes its KV again on the decode worker once its blocks fit.
+    While KV on its way in holds them, nothing can run, and the worker waits (step gives None)
+    rather than failing every request; and new KV is not let in ahead of the preempted."""
+    llm = LLM("tiny", role="decode", num_kv_blocks=16, max_model_len=256, block_size=16)
+    incoming = llm.make_sequence([7] * 190, SamplingParams(max_tokens=4, ignore_eos=True))  # 12 blocks
+    assert llm.reserve_prompt_kv(incoming)
+    preempted = llm.make_sequence([8] * 80, SamplingParams(max_tokens=4, ignore_eos=True))  # 5 blocks, 4 free
+    llm.scheduler.waiting.append(preempted)
+    assert llm.step() is None and llm.step() is None
+    incoming.append_token(5, llm.max_model_len)  # sampled by the prefill worker
+    llm.add_prefilled(incoming)
+    while incoming.finish_reason is None:
+        assert llm.step()
+    assert llm.num_free_blocks == 16  # the finished one gave its blocks back (and the preempted got none)
+    # Now the preempted sequence's 5 blocks are kept for it: 12 more blocks of KV would not leave them.
+    late = llm.make_sequence([9] * 190, SamplingParams(max_tokens=4))
+    assert not llm.reserve_prompt_kv(late)
+    assert llm.reserve_prompt_kv(llm.make_sequence([9] * 150, SamplingParams(max_tokens=4)))  # 10 blocks
+    while preempted.finish_reason is None:
+        assert llm.step()
+
+
 def test_stop_string_truncates_text(tiny_llm):
     free_run = tiny_llm.generate("The quick brown fox", GREEDY)[0]
     text = free_run.text

@@ -334,8 +334,7 @@ class DecodeWorker(Worker):
         accepted = []
         for seq in self.llm.order_incoming(self.offers, now):
             item = self.offer_of[seq]
-            reserved = len(self.incoming) + len(self.writing)  # their KV has blocks, not yet a place in a queue
-            if not self.has_room_in_flight(item) or not self.llm.reserve_prompt_kv(item.seq, reserved):
+            if not self.has_room_in_flight(item) or not self.llm.reserve_prompt_kv(item.seq):
                 break  # backpressure: the prefill worker holds the blocks until there is room
             accepted.append(seq)
             del self.offer_of[seq]
