@@ -592,9 +592,10 @@ class Simulator:
 
     def fits(self, d: DecodeSim, r: SimRequest) -> bool:
         """Whether r's KV may go under way: blocks for its prompt with one spare per running,
-        ready or incoming sequence (an empty worker takes anything), and room in flight (one
-        transfer can always go)."""
+        ready or incoming sequence and all those that preempted sequences not yet recomputing
+        need (an empty worker takes anything), and room in flight (one transfer can always go)."""
         spare = len(d.running) + len(d.ready) + d.incoming
+        spare += sum(self.blocks(d, q.num_tokens) for q in d.preempted if not q.recomputed)
         room = d.used_blocks + self.blocks(d, r.prompt_len) + spare <= d.capacity_blocks or not d.used_blocks
         return room and (not d.inflight_bytes
                          or d.inflight_bytes + self.kv_bytes(r) <= self.config.max_inflight_transfer_bytes)
