@@ -142,9 +142,12 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
 def cmd_api(args: argparse.Namespace) -> int:
     from kairos.transport.http_api import run_api
+    from kairos.transport.serve import free_port
 
     if args.model != "tiny" and not os.path.isdir(args.model):
         raise ValueError(f"--model {args.model}: no such model folder (its chat template serves chat requests)")
+    if args.port == 0:  # any free port, the one printed
+        args.port = free_port(args.host)
     port_is_free(args.host, args.port, "--port")
     run_api(args.router, args.host, args.port, args.model, args.served_model_name, args.timeout, args.curve_keys,
             int(args.max_body_mb * MIB), args.api_key or os.environ.get("KAIROS_API_KEY"), args.verbose)
@@ -169,6 +172,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     n_prefill, n_decode = args.prefill_workers, args.decode_workers
     if args.port == 0:  # any free port: the workers and clients are told which
         args.port = free_port(args.host)
+    if args.http_port == 0:  # likewise, printed by the API as it starts
+        args.http_port = free_port(args.host)
     for flag, port in (("--port", args.port), ("--http-port", args.http_port), ("--metrics-port", args.metrics_port)):
         if port is not None:
             port_is_free(args.host, port, flag)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -274,6 +275,9 @@ def test_null_means_the_default_and_n_gives_that_many_choices(server):
     greedy = client.completions.create(model="tiny", prompt=["a", "b"], max_tokens=5, temperature=0, n=2)
     texts = [c.text for c in sorted(greedy.choices, key=lambda c: c.index)]
     assert len(texts) == 4 and texts[0] == texts[1] and texts[2] == texts[3] and greedy.usage.completion_tokens == 20
+    # Each prompt's tokens count once, however many copies of it ran (as OpenAI and vLLM count).
+    single = client.completions.create(model="tiny", prompt=["a", "b"], max_tokens=1, temperature=0)
+    assert greedy.usage.prompt_tokens == single.usage.prompt_tokens > 0
     seeded = [client.completions.create(model="tiny", prompt="a", max_tokens=8, temperature=1.0, seed=3, n=3,
                                         extra_body={"ignore_eos": True}) for _ in range(2)]
     runs = [[c.text for c in sorted(r.choices, key=lambda c: c.index)] for r in seeded]
@@ -283,6 +287,8 @@ def test_null_means_the_default_and_n_gives_that_many_choices(server):
                                                  stream_options={"include_usage": True}))
     assert {c.choices[0].index for c in chunks if c.choices} == {0, 1} and len({c.created for c in chunks}) == 1
     assert chunks[-1].usage.completion_tokens == 8
+    alone = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=1)
+    assert chunks[-1].usage.prompt_tokens == alone.usage.prompt_tokens
 
 
 def test_a_timeout_tells_openai_clients_not_to_retry():
@@ -295,6 +301,8 @@ def test_a_timeout_tells_openai_clients_not_to_retry():
 
 def test_a_client_that_disconnects_aborts_its_request_and_blocks_return(server):
     before = server.counters()
+    logged = len(server.output)
+    metrics_before = scrape(f"{server.url}/metrics")
     body = {"model": "tiny", "prompt": "a long story", "max_tokens": 480, "temperature": 0, "ignore_eos": True}
     with httpx.Client(timeout=60) as http:
         with http.stream("POST", f"{server.url}/v1/completions", json={**body, "stream": True}) as response:
@@ -308,6 +316,13 @@ def test_a_client_that_disconnects_aborts_its_request_and_blocks_return(server):
     status = server.idle()
     assert status["counters"]["aborted"] == before["aborted"] + 2
     assert status["counters"]["completed"] == before["completed"]
+    # The one not streamed is answered 499 (to no one; the stream had its 200), and nothing is
+    # logged as a failure of the server.
+    gone = value(scrape(f"{server.url}/metrics"), "kairos:http_requests_total", endpoint="/v1/completions",
+                 status="499") - value(metrics_before, "kairos:http_requests_total", endpoint="/v1/completions",
+                                       status="499")
+    assert gone == 1
+    assert not any("Traceback" in line or "Exception" in line for line in server.output[logged:])
 
 
 def scrape(url: str) -> dict:
@@ -365,13 +380,15 @@ def test_http_replay_reports_attainment_through_the_front_door(server):
 
 def test_no_worker_is_503_a_silent_one_504_and_the_key_is_checked(tiny_path):
     """Against a router with no workers, then with fake ones that never answer; the API is
-    started with --timeout 1 and an API key."""
-    port, http_port = free_port(), free_port()
-    addr, url = f"tcp://127.0.0.1:{port}", f"http://127.0.0.1:{http_port}"
+    started with --timeout 1 and an API key, on any free port (--port 0), which it prints."""
+    port = free_port()
+    addr = f"tcp://127.0.0.1:{port}"
     router = kairos_process("router", "--port", str(port))
-    api = kairos_process("api", "--router", addr, "--port", str(http_port), "--timeout", "1", "--api-key", "s3cret")
+    api = kairos_process("api", "--router", addr, "--port", "0", "--timeout", "1", "--api-key", "s3cret")
     fakes = []
     try:
+        url = next(re.search(r"at (http://\S+)/v1 ", line).group(1) for line in api.stdout if "serving" in line)
+        assert not url.endswith(":0")
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret", max_retries=0, timeout=30)
         deadline = time.monotonic() + 60
         while True:

@@ -29,6 +29,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.requests import ClientDisconnect
 
 from kairos.scheduler.request import MAX_COUNT
 from kairos.transport import protocol as p
@@ -245,11 +246,12 @@ class Choice:
 
 
 class RequestGroup:
-    """The requests of one HTTP call (one per prompt), their chunks merged in arrival order;
-    `close` aborts those not finished (the HTTP client went away, or one of them failed)."""
+    """The requests of one HTTP call (`copies` of each prompt, side by side), their chunks merged
+    in arrival order; `close` aborts those not finished (the HTTP client went away, or one of
+    them failed)."""
 
-    def __init__(self, client: AsyncClient, request_ids: list[str], background: set):
-        self.client, self.background = client, background
+    def __init__(self, client: AsyncClient, request_ids: list[str], background: set, copies: int = 1):
+        self.client, self.background, self.copies = client, background, copies
         self.choices = [Choice(i, rid) for i, rid in enumerate(request_ids)]
         self.open = set(range(len(request_ids)))
         self.queue: asyncio.Queue = asyncio.Queue()
@@ -291,7 +293,8 @@ class RequestGroup:
         self.open.clear()
 
     def usage(self) -> dict:
-        prompt = sum(c.prompt_tokens for c in self.choices)
+        # A prompt counts once however many copies of it ran, as OpenAI's and vLLM's usage does.
+        prompt = sum(c.prompt_tokens for c in self.choices[:: self.copies])
         completion = sum(c.completion_tokens for c in self.choices)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
@@ -306,6 +309,11 @@ def _api_error(e: Exception) -> APIError:
 
 async def _answer_api_error(_request: Request, e: APIError) -> JSONResponse:
     return e.response()
+
+
+async def _answer_client_gone(_request: Request, _e) -> Response:
+    """A client that disconnected (its requests aborted) gets nothing: 499, as nginx logs it."""
+    return Response(status_code=499)
 
 
 async def _answer_not_found(request: Request, _e) -> JSONResponse:
@@ -387,6 +395,8 @@ class OpenAIServer:
         app.add_api_route("/health", self.health, methods=["GET"])
         app.add_api_route("/metrics", self.metrics, methods=["GET"])
         app.add_exception_handler(APIError, _answer_api_error)
+        app.add_exception_handler(ClientGone, _answer_client_gone)
+        app.add_exception_handler(ClientDisconnect, _answer_client_gone)  # gone while the body was read
         app.add_exception_handler(404, _answer_not_found)
         app.add_exception_handler(405, _answer_not_allowed)
         app.add_middleware(_Gate, counter=self.http_requests, api_key=self.api_key)
@@ -428,7 +438,7 @@ class OpenAIServer:
         body = await self._parse(request, CompletionRequest)
         prompts = _prompts(body.prompt)
         options = _options(body, body.max_tokens, 16)
-        group = await self._submit(_copies(prompts, body.n, options.pop("seed")), options)
+        group = await self._submit(_copies(prompts, body.n, options.pop("seed")), options, body.n or 1)
         cid, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
 
         def chunk(choice: Choice, text: str, finish_reason: str | None) -> dict:
@@ -458,7 +468,7 @@ class OpenAIServer:
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         # Unbounded unless asked: the output ends at the model's length ("length"), as OpenAI's does.
         options = {**_options(body, max_tokens, MAX_COUNT), "add_special_tokens": False}
-        group = await self._submit(_copies([prompt], body.n, options.pop("seed")), options)
+        group = await self._submit(_copies([prompt], body.n, options.pop("seed")), options, body.n or 1)
         cid, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
         started = set()
 
@@ -509,8 +519,9 @@ class OpenAIServer:
         _unsupported(body)
         return body
 
-    async def _submit(self, prompts: list[tuple[str | list[int], dict]], options: dict) -> RequestGroup:
-        """Checks every request, then sends them; APIError for a bad one (none is sent then)."""
+    async def _submit(self, prompts: list[tuple[str | list[int], dict]], options: dict, copies: int) -> RequestGroup:
+        """Checks every request (`copies` of each prompt in a row), then sends them; APIError for
+        a bad one (none is sent then)."""
         try:
             for prompt, extra in prompts:
                 encoded_submit(make_submit(prompt, "check", **options, **extra))
@@ -525,7 +536,7 @@ class OpenAIServer:
         ids = []
         for prompt, extra in prompts:
             ids.append(await self.client.submit(prompt, f"http-{secrets.token_hex(12)}", **options, **extra))
-        return RequestGroup(self.client, ids, self.background)
+        return RequestGroup(self.client, ids, self.background, copies)
 
     async def _finish(self, request: Request, group: RequestGroup) -> list[Choice]:
         try:
@@ -557,10 +568,8 @@ class OpenAIServer:
                 choice, tokens = await self._unless_gone(request, group.next())
                 first.append((choice, tokens))
                 pending.discard(choice.index)
-        except BaseException as e:
+        except BaseException:
             group.close()
-            if isinstance(e, ClientGone):
-                return Response(status_code=499)
             raise
         include_usage = body.stream_options is not None and body.stream_options.include_usage
 
