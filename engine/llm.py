@@ -74,7 +74,14 @@ class LLM:
         # turns with a token (<|im_end|>) that only its tokenizer names.
         self.eos_token_ids = tuple(dict.fromkeys(
             (*self.model_config.eos_token_ids, *(self.tokenizer.eos_token_ids if self.tokenizer else ()))))
-        self.runner = ModelRunner(self.model_config, self.config, self.max_model_len)
+        try:
+            self.runner = ModelRunner(self.model_config, self.config, self.max_model_len)
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if not isinstance(e, torch.OutOfMemoryError) and "allocate" not in str(e):
+                raise
+            reason = str(e).splitlines()[0]
+            raise ConfigError(f"not enough memory for the weights, KV cache and step buffers ({reason}): lower "
+                              "--num-kv-blocks, --max-num-seqs or --max-model-len") from None
         self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size,
                                           self.config.enable_prefix_caching)
         kv_tokens = self.runner.num_blocks * self.config.block_size
@@ -129,17 +136,24 @@ class LLM:
         """Validates a prompt and turns it into a Sequence; raises ValueError naming the problem
         (PromptTooLong for a prompt beyond the model's length). add_special_tokens: whether a
         text prompt gets the tokenizer's (a BOS), as a text that already holds them must not."""
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling params must be a SamplingParams, not {type(params).__name__}")
         params.validate()
+        vocab = self.model_config.vocab_size
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ConfigError(f"{self.model_config.path} has no tokenizer.json: pass token ids "
                                   "or a tokenizer (--tokenizer)")
             text, ids = prompt, self.tokenizer.encode(prompt, add_special_tokens)
-        else:
+            if any(t >= vocab for t in ids):
+                raise ConfigError(f"the tokenizer gave token id {max(ids)}, beyond the model's vocabulary of {vocab}: "
+                                  "it is not this model's tokenizer")
+        elif isinstance(prompt, (list, tuple)):
             text, ids = None, list(prompt)
-            vocab = self.model_config.vocab_size
             if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
                 raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        else:
+            raise TypeError(f"a prompt is a text or a list of token ids, not {type(prompt).__name__}")
         if not ids:
             raise ValueError("the prompt is empty")
         if len(ids) >= self.max_model_len:

@@ -126,8 +126,20 @@ def test_bad_prompts_are_rejected_before_any_work(tiny_llm):
         tiny_llm.generate([[]], SamplingParams(max_tokens=4))
     with pytest.raises(ValueError, match="stop_token_ids"):
         tiny_llm.generate("ok", SamplingParams(stop_token_ids=[10**6]))
+    with pytest.raises(TypeError, match="a prompt is a text or a list of token ids, not NoneType"):
+        tiny_llm.generate(["fine", None])
+    with pytest.raises(TypeError, match="sampling params must be a SamplingParams, not dict"):
+        tiny_llm.generate(["fine"], {"max_tokens": 2})
     assert not tiny_llm.has_unfinished()
     assert tiny_llm.num_prefill_tokens_computed == computed
+
+
+def test_a_tokenizer_beyond_the_models_vocabulary_is_named_before_any_work(checkpoint):
+    edit_config(checkpoint, vocab_size=40)
+    llm = LLM(str(checkpoint), load_format="dummy", tokenizer="tiny", num_kv_blocks=64)
+    with pytest.raises(ConfigError, match="beyond the model's vocabulary of 40: it is not this model's tokenizer"):
+        llm.generate("a text the tiny tokenizer spells with ids past 40")
+    assert not llm.has_unfinished()
 
 
 def test_text_prompt_without_tokenizer(good_checkpoint):
@@ -192,6 +204,7 @@ def busy_port():
     (["bench", "compare", "--limit", "20", "--out-dir", "/proc/kairos"], "--out-dir /proc/kairos"),
     (["bench", "replay", "--api-key", "k", "--limit", "2"], "--model and --api-key are for --http"),
     (["api", "--model", "/nonexistent"], "--model /nonexistent: no such model folder"),
+    (["generate", "--prompt", "hi", "--num-kv-blocks", "100000000"], "not enough memory for the weights, KV cache"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
 def test_bad_command_lines_stop_with_one_line_and_status_2_before_any_work(argv, message, capsys):
     code, err = kairos_main(argv, capsys)
