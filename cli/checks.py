@@ -23,6 +23,11 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_floats(text: str) -> list[float]:
+    """Comma-separated positive numbers, at least one."""
+    return [positive_float(part) for part in text.split(",")]
+
+
 def fraction(text: str) -> float:
     """A share strictly between 0 and 1."""
     value = _number(text, float)
@@ -69,3 +74,12 @@ def writable_folder(path: str, flag: str) -> None:
         raise ValueError(f"{flag} {path}: {e.strerror}") from None
     if not os.access(path, os.W_OK):
         raise ValueError(f"{flag} {path}: cannot write there")
+
+
+def model_folder(model: str) -> None:
+    """ConfigError naming what is wrong with a model folder (not `tiny`), before child processes
+    are started to load it: each would report it, and the parent only that one exited."""
+    from kairos.engine.config import ModelConfig
+
+    if model != "tiny":
+        ModelConfig.from_pretrained(model)

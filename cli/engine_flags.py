@@ -25,7 +25,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     for f in FIELDS:
         if f.type == "bool":  # the flag turns the default around
             p.add_argument(flag(f), dest=f.name, action="store_false" if f.default else "store_true",
-                           help=f.metadata["help"])
+                           help=("do not " if f.default else "") + f.metadata["help"])
         else:
             p.add_argument(flag(f), dest=f.name, type=_value_type(f), default=f.default,
                            choices=f.metadata["choices"], help=f.metadata["help"])

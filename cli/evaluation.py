@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from kairos.bench import DEFAULT_PROFILE, DEFAULT_TRACE, RESULTS
-from kairos.cli.checks import positive_float, positive_int, writable_folder
+from kairos.cli.checks import model_folder, positive_float, positive_floats, positive_int, writable_folder
 from kairos.cli.engine_flags import engine_argv
 from kairos.cli.report import print_slo_report
 from kairos.scheduler import DECODE_POLICIES, PREFILL_POLICIES
@@ -195,6 +195,7 @@ def live_setup(args: argparse.Namespace):
     from kairos.scheduler.simulator import SimConfig, check_config
     from kairos.transport.replay import live_point
 
+    model_folder(args.model)
     # The live cluster's settings, checked as the simulator checks its own.
     check_config(SimConfig(args.prefill_workers, args.decode_workers, token_budget=args.token_budget,
                            max_batch=args.max_batch,
@@ -220,7 +221,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     writable_folder(args.out_dir, "--out-dir")  # now, not after the sweep
     policies = policy_pairs(args.policies, cmp.BASELINE)
     trace = read_trace(args)
-    scales = [float(x) for x in args.rate_scales.split(",")]
+    scales = args.rate_scales
     if args.live:
         run_point, setup = live_setup(args)
     else:
@@ -251,8 +252,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     if args.http is None and (args.model or args.api_key):
         raise ValueError("--model and --api-key are for --http (the HTTP API); a router takes neither")
+    if args.http is not None and args.addr is not None:
+        raise ValueError("--addr (a router) and --http (the HTTP API) exclude each other: give one")
+    if args.http is not None and not args.http.startswith(("http://", "https://")):
+        raise ValueError(f"--http takes the API's URL, http://HOST:PORT or https://..., not {args.http!r}")
     trace = read_trace(args)
-    target = args.http or args.addr
+    target = args.http or args.addr or DEFAULT_ROUTER
     api_key = args.api_key or os.environ.get("KAIROS_API_KEY")
     try:
         with tqdm(total=len(trace), desc="replay", disable=args.json or not sys.stderr.isatty()) as bar:
@@ -291,7 +296,8 @@ def add_commands(sub) -> None:
                                                "a short one at start-up; --profile is the simulator's)")
     cmp.add_argument("--timeout", type=positive_float, default=LIVE_ONLY["--timeout"],
                      help="--live: seconds to wait for any reply")
-    cmp.add_argument("--rate-scales", default="2,3,4,5,6,7,8")
+    cmp.add_argument("--rate-scales", type=positive_floats, default=[2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0],
+                     help="comma-separated: how many times faster than the trace requests arrive")
     cmp.add_argument("--repeats", type=int, default=1,
                      help="--live: runs per point, the policies taking turns; rows report their mean")
     cmp.add_argument("--policies", default="fcfs+cb,kairos+cb,kairos+kairos,mh+kairos",
@@ -302,7 +308,7 @@ def add_commands(sub) -> None:
 
     rep = bench.add_parser("replay", help="send a trace to a router, open loop, and report SLO attainment")
     add_trace_args(rep)
-    rep.add_argument("--addr", default=DEFAULT_ROUTER)
+    rep.add_argument("--addr", help=f"the router (default: {DEFAULT_ROUTER})")
     rep.add_argument("--http", metavar="URL", help="send through the OpenAI-compatible HTTP API at URL (kairos api), "
                      "streamed /v1/completions, instead of to the router at --addr")
     rep.add_argument("--model", help="--http: the model name (default: the one /v1/models lists)")

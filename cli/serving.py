@@ -8,7 +8,7 @@ import json
 import os
 import sys
 
-from kairos.cli.checks import fraction, port_is_free, positive_float, positive_int, writable_file
+from kairos.cli.checks import fraction, model_folder, port_is_free, positive_float, positive_int, writable_file
 from kairos.cli.engine_flags import add_engine_args, engine_argv, engine_kwargs
 from kairos.cli.report import print_status
 from kairos.scheduler.defaults import (
@@ -109,6 +109,8 @@ def cmd_router(args: argparse.Namespace) -> int:
     if args.worker_timeout < 2 * HEARTBEAT_INTERVAL_S:
         raise ValueError(f"--worker-timeout must be at least {2 * HEARTBEAT_INTERVAL_S:g} s: workers beat every "
                          f"{HEARTBEAT_INTERVAL_S:g} s, and a shorter timeout gives up live ones")
+    if args.metrics_port:  # 0: any free port, the one printed
+        port_is_free(args.host, args.metrics_port, "--metrics-port")
     router = Router(args.host, args.port, args.worker_timeout, args.queue_timeout,
                     default_slo=RequestSLO(args.ttft_slo_ms, args.tpot_slo_ms),
                     max_prompt_chars=args.max_prompt_chars, max_prompt_tokens=args.max_prompt_tokens,
@@ -170,6 +172,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from kairos.transport.serve import cpu_share, free_port, serve
 
     n_prefill, n_decode = args.prefill_workers, args.decode_workers
+    model_folder(args.model)
     if args.port == 0:  # any free port: the workers and clients are told which
         args.port = free_port(args.host)
     if args.http_port == 0:  # likewise, printed by the API as it starts

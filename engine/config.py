@@ -70,7 +70,7 @@ class ModelConfig:
         path = Path(path)
         config_file = path / "config.json"
         if not path.is_dir():
-            raise ConfigError(f"model folder {path} does not exist")
+            raise ConfigError(f"model folder {path} {'is a file, not a folder' if path.exists() else 'does not exist'}")
         if not config_file.exists():
             raise ConfigError(f"{path} has no config.json: not a Hugging Face model folder")
         cfg = _read_json(config_file)

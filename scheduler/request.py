@@ -74,8 +74,9 @@ class SamplingParams:
             raise ValueError(f"top_k must be -1 (disabled) or an integer up to {MAX_COUNT}, got {_brief(self.top_k)}")
         if self.seed is not None and not _integer(self.seed, -(2**63), 2**63 - 1):
             raise ValueError(f"seed must be a 64-bit integer, got {_brief(self.seed)}")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError(f"stop strings must be non-empty strings, got {_brief(self.stop)}")
+        bad = [s for s in self.stop if not isinstance(s, str) or not s]
+        if bad:
+            raise ValueError(f"stop strings must be non-empty strings, got {_brief(bad[0])}")
         if any(not _integer(t, 0, MAX_COUNT) for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be integers in [0, {MAX_COUNT}], got {_brief(self.stop_token_ids)}")
         if self.eos_after is not None and not _integer(self.eos_after, 1, MAX_COUNT):

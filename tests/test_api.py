@@ -209,6 +209,7 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": "tiny", "prompt": "x", "logprobs": 0}, 400, "logprobs"),  # 0 asks for some
     ("/v1/completions", {"model": "tiny", "prompt": "x", "logit_bias": {"42": -100}}, 400, "logit_bias"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "suffix": "end"}, 400, "suffix"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "stop": ""}, 400, "stop"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty"),
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
                               "logit_bias": {"42": 5}}, 400, "logit_bias"),
@@ -223,6 +224,8 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "http://x"}}]}]}, 400, "messages[0].content"),
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"content": "no role"}]}, 400, "messages[0].role"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "bogus", "content": "x"}]}, 400,
+     "messages[0].role"),
     # Valid JSON, but not valid Unicode: the first prompt is not sent without the second.
     ("/v1/completions", b'{"model": "tiny", "prompt": ["ok", "a\\ud800"]}', 400, None),
     ("/v1/completions", b"[" * 100_000 + b"]" * 100_000, 400, None),

@@ -205,16 +205,20 @@ def busy_port():
     (["bench", "replay", "--api-key", "k", "--limit", "2"], "--model and --api-key are for --http"),
     (["api", "--model", "/nonexistent"], "--model /nonexistent: no such model folder"),
     (["generate", "--prompt", "hi", "--num-kv-blocks", "100000000"], "not enough memory for the weights, KV cache"),
+    (["serve", "--model", "/nonexistent", "--port", "0"], "model folder /nonexistent does not exist"),
+    (["bench", "compare", "--rate-scales", "2,,3"], "--rate-scales: must be a number, not ''"),
+    (["bench", "replay", "--http", "notaurl", "--limit", "2"], "--http takes the API's URL"),
+    (["bench", "replay", "--addr", "tcp://127.0.0.1:1", "--http", "http://x", "--limit", "2"], "exclude each other"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
 def test_bad_command_lines_stop_with_one_line_and_status_2_before_any_work(argv, message, capsys):
     code, err = kairos_main(argv, capsys)
     assert code == 2 and message in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("command", ["serve", "api"])
-def test_a_port_another_server_holds_is_refused_before_anything_starts(command, busy_port, capsys):
-    code, err = kairos_main([command, "--port", str(busy_port)], capsys)
-    assert code == 2 and f"--port {busy_port}: cannot listen" in err
+@pytest.mark.parametrize("command, flag", [("serve", "--port"), ("api", "--port"), ("router", "--metrics-port")])
+def test_a_port_another_server_holds_is_refused_before_anything_starts(command, flag, busy_port, capsys):
+    code, err = kairos_main([command, flag, str(busy_port)], capsys)
+    assert code == 2 and f"{flag} {busy_port}: cannot listen" in err
 
 
 @pytest.mark.parametrize("profile", [[], {}, {"fit": {"prefill": [1, 2], "decode": [1, 2, 3]}}, {"fit": "x"}])

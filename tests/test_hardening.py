@@ -296,3 +296,19 @@ def test_a_busy_worker_keeps_its_requests_but_gets_no_new_ones(router):
     router.handle(b"p1/heartbeat", p.Heartbeat("p1", {"free_blocks": 64, "loop_age_s": 0.01}))
     router.on_submit(b"client", p.Submit("next", prompt_token_ids=[1, 2, 3]))
     assert router.requests[router.by_client[(b"client", "next")]].prefill == "p1"  # free again, and idler
+
+
+def test_a_worker_says_so_every_10_s_while_the_router_leaves_it_unanswered(caplog):
+    """A wrong --router address would otherwise leave a worker waiting in silence."""
+    from types import SimpleNamespace
+
+    from kairos.transport.worker import REGISTER_WARNING_S, Worker
+
+    worker = SimpleNamespace(role="prefill", worker_id="prefill-1", router_addr="tcp://127.0.0.1:1",
+                             _unregistered_since=None, _warn_at=0.0)
+    with caplog.at_level("WARNING", logger="kairos.worker"):
+        for second in range(26):  # a registration sent each second
+            Worker._warn_if_unanswered(worker, 100.0 + second)
+    said = [r.getMessage() for r in caplog.records]
+    assert REGISTER_WARNING_S == 10 and len(said) == 2
+    assert "no answer from the router at tcp://127.0.0.1:1 for 10 s" in said[0] and "for 20 s" in said[1]

@@ -105,8 +105,8 @@ def make_submit(prompt: str | list[int], request_id: str, *, max_tokens: int = 1
     request_class, output_len_hint), the router's defaults standing for the rest.
     add_special_tokens: False for a text prompt that holds them already (a rendered chat)."""
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                            stop=stop or [], stop_token_ids=stop_token_ids or [], ignore_eos=ignore_eos,
-                            eos_after=eos_after)
+                            stop=[] if stop is None else stop, stop_token_ids=stop_token_ids or [],
+                            ignore_eos=ignore_eos, eos_after=eos_after)
     if isinstance(slo, RequestSLO):
         slo = slo.to_dict()
     elif slo is not None:

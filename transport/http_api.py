@@ -216,10 +216,15 @@ def _prompts(prompt) -> list[str | list[int]]:
     return list(prompt) if isinstance(prompt[0], (str, list)) else [prompt]
 
 
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")  # OpenAI's
+
+
 def _chat_messages(messages: list[ChatMessage]) -> list[dict]:
     """The messages as a template reads them, each content a text (parts of type text joined)."""
     out = []
     for i, m in enumerate(messages):
+        if m.role not in CHAT_ROLES:
+            raise APIError(400, f"role must be one of {', '.join(CHAT_ROLES)}, not {m.role!r}", f"messages[{i}].role")
         message = m.model_dump(exclude_none=True)
         content = m.content
         if isinstance(content, list):

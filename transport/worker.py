@@ -29,6 +29,7 @@ from kairos.transport.sockets import Received, make_socket, recv, send
 log = logging.getLogger("kairos.worker")
 
 IDLE_POLL_MS = 20
+REGISTER_WARNING_S = 10.0  # how often an unanswered worker says it is still waiting for the router
 
 
 class Worker:
@@ -58,6 +59,8 @@ class Worker:
         self.blocked = False  # the last step found nothing it could run
         self.counters = {"completed": 0, "aborted": 0, "failed": 0}
         self._last_register = 0.0
+        self._unregistered_since: float | None = None  # first registration sent without an answer yet
+        self._warn_at = 0.0  # when to say again that the router has not answered
         self._turned_at = time.monotonic()  # when the serving loop last began a turn
         self.longest_step_s = 0.0  # how long this worker may leave its sockets unread
         self.step_log = open(step_log, "a", buffering=1) if step_log else None
@@ -117,6 +120,7 @@ class Worker:
         if not self.registered and now - self._last_register > 1.0:
             send(self.router, self.registration())
             self._last_register = now
+            self._warn_if_unanswered(now)
         busy = self.llm.has_unfinished() and not self.blocked
         turn_started = time.perf_counter()
         self.turn_notes.clear()
@@ -202,10 +206,21 @@ class Worker:
             self.llm.abort(request_id)
             self.fail(request_id, message)
 
+    def _warn_if_unanswered(self, now: float) -> None:
+        """Says so every REGISTER_WARNING_S while the router leaves the registrations unanswered:
+        a wrong --router address, or a router not yet up, would otherwise wait in silence."""
+        if self._unregistered_since is None:
+            self._unregistered_since, self._warn_at = now, now + REGISTER_WARNING_S
+        elif now >= self._warn_at:
+            self._warn_at = now + REGISTER_WARNING_S
+            log.warning("%s worker %s: no answer from the router at %s for %.0f s; still trying", self.role,
+                        self.worker_id, self.router_addr, now - self._unregistered_since)
+
     def _on_router_message(self, received: Received) -> None:
         msg = received.msg
         if isinstance(msg, p.Registered):
             self.registered = True
+            self._unregistered_since = None
             log.info("%s worker %s registered", self.role, self.worker_id)
         elif isinstance(msg, p.RegisterAgain) and self.registered:
             log.warning("the router no longer knows this worker: dropping all requests, registering again")
