@@ -106,7 +106,17 @@ class SlackBatching:
     earlier late ones. A lost request, waiting or running, does not bound the step: it misses
     whatever the batch does, and a bound for it would only slow the batch's throughput when the
     load needs it most (while every running request is lost, the batch grows as continuous
-    batching's would, up to `max_batch`)."""
+    batching's would, up to `max_batch`).
+
+    With the batch at its step limit, a feasible request that the next step would still serve in
+    time but that waiting through it would lose joins all the same (`rescue`): waiting, it would
+    be lost for certain, and then wait behind every feasible request; joining, it lengthens the
+    step by one sequence's cost. Near capacity a burst otherwise falls whole on the requests
+    that arrive in it: with a 30 ms TPOT SLO over a 25.5 ms fixed step cost, 8115 of 9993 misses
+    had waited over a second to join, where continuous batching kept every wait under 52 ms and
+    spread the burst's cost thinly over the running batch (simulated at 27.7 req/s, E2E
+    attainment 48.4% without the rescue, 54.0% with it, continuous batching 59.7%; with a 6 ms
+    fixed cost and a 20 ms SLO under overload, 88.6% and 90.2% of TPOTs met, 62.1%)."""
 
     name = "kairos"
     summary = "slack-guided batching: admit while the step fits the tightest TPOT, short outputs first"
@@ -115,7 +125,7 @@ class SlackBatching:
 
     def __init__(self, cost: CostModel, max_batch: int, estimator: OutputLengthEstimator | None = None,
                  aging_tokens_per_s: float = 100.0, headroom: float = 0.9, kept_throughput: float = 0.97,
-                 step_memory_s: float = 1.0):
+                 step_memory_s: float = 1.0, rescue: bool = True):
         self.cost = cost
         self.max_batch = max_batch
         self.estimator = estimator or OutputLengthEstimator(quantile=0.5)
@@ -123,6 +133,7 @@ class SlackBatching:
         self.headroom = headroom
         self.kept_throughput = kept_throughput
         self.step_memory_s = step_memory_s  # how far back the mean step of `lost_step` looks
+        self.rescue = rescue  # whether requests about to be lost join past the step limit (see rescued)
         self.mean_step = math.nan  # time-decayed mean of the running batch's predicted step
         self._step_seen = (0.0, 0.0)  # (when, the predicted step then)
 
@@ -211,14 +222,10 @@ class SlackBatching:
         context = sum(r.num_tokens for r in running)
         step = self.lost_step(self.cost.decode_time(max(1, batch), context), now)  # step_time, sums at hand
         tightest = self._tightest(running, now, step)
-        compiled = self.native_admission and native.ENABLED and len(ready) >= native.MIN_REQUESTS
-        shortest = native.shortest_context(ready) if compiled else min(r.num_tokens for r in ready)
-        if batch and alpha + beta * (batch + 1) + gamma * (context + shortest) > tightest:
-            return []  # no request could join, whichever heads the order: skip ranking them
-        if compiled:
+        if self.native_admission and native.ENABLED and len(ready) >= native.MIN_REQUESTS:
             return native.slack_admission(ready, now, step, self.aging_tokens_per_s, self.estimator,
                                           batch, context, tightest, self.max_batch, free_blocks, self.cost,
-                                          self.headroom, self.kept_throughput)
+                                          self.headroom, self.kept_throughput, self.rescue)
         feasible, lost = self.split(ready, running, now)
         admitted = []
         for r in feasible + lost:
@@ -229,7 +236,20 @@ class SlackBatching:
                 break  # the head waits for room rather than being overtaken
             admitted.append(r)
             batch, context, tightest = batch + 1, context + r.num_tokens, slo
+        if self.rescue and len(admitted) < len(feasible):
+            admitted += self.rescued(feasible[len(admitted):], now, batch, context, free_blocks)
         return admitted
+
+    def rescued(self, refused, now: float, batch: int, context: int, free_blocks: int) -> list:
+        """Of the feasible requests the step limit keeps out (in the order they would join), those
+        that the batch's next step would still serve in time but that waiting through it would
+        lose, both judged at steps as long as that one: they join all the same, while the batch
+        and the blocks have room (see the class)."""
+        room = min(self.max_batch, free_blocks) - batch
+        if room <= 0:
+            return []
+        step = self.cost.decode_time(batch, context)
+        return [r for r in refused if not self.lost(r, now, step) and self.lost(r, now + step, step)][:room]
 
     def finished(self, request) -> None:
         self.estimator.observe(request.slo.request_class, request.num_prompt_tokens, request.num_output_tokens)

@@ -245,17 +245,18 @@ def _items(requests) -> list:
 
 def slack_order_of(requests, now: float, step: float, aging: float, estimator):
     """SlackBatching.split as indices into requests: (feasible, shortest aged remaining output
-    first; lost, oldest first), and the requests' columns."""
+    first; lost, oldest first), the requests' columns and their predicted remaining outputs."""
     columns = columns_of(requests)
+    remaining = remaining_of(columns, estimator)
     feasible, lost = slack_order(now, step, aging, columns.arrival, columns.first_token, columns.tpot_s,
-                                 columns.produced, remaining_of(columns, estimator))
-    return feasible, lost, columns
+                                 columns.produced, remaining)
+    return feasible, lost, columns, remaining
 
 
 def slack_split(waiting, now: float, step: float, aging: float, estimator) -> tuple[list, list]:
     """SlackBatching.split: (feasible requests, shortest aged remaining output first; lost ones,
     oldest first)."""
-    feasible, lost, _ = slack_order_of(waiting, now, step, aging, estimator)
+    feasible, lost, _, _ = slack_order_of(waiting, now, step, aging, estimator)
     items = _items(waiting)
     return [items[i] for i in feasible.tolist()], [items[i] for i in lost.tolist()]
 
@@ -278,17 +279,14 @@ def tightest_step_limit(running, now: float, step: float, estimator, cost, headr
     return float(_step_limits(columns.tpot_s, columns.num_tokens, lost, cost, headroom, kept_throughput).min())
 
 
-def shortest_context(requests) -> int:
-    return int(columns_of(requests).num_tokens.min())
-
-
 def slack_admission(ready, now: float, step: float, aging: float, estimator, batch: int, context: int,
                     tightest: float, max_batch: int, free_blocks: int, cost, headroom: float,
-                    kept_throughput: float) -> list:
+                    kept_throughput: float, rescue: bool) -> list:
     """SlackBatching.admit: the ready requests that join, in its order, by the walk of
     admission_prefix (which stops by the time the batch is full: only the order's head can
-    join)."""
-    feasible, lost, columns = slack_order_of(ready, now, step, aging, estimator)
+    join), then, with `rescue`, those of the feasible ones left out that SlackBatching.rescued
+    takes."""
+    feasible, lost, columns, remaining = slack_order_of(ready, now, step, aging, estimator)
     head = np.concatenate([feasible, lost])[: max_batch - batch + 1]
     tokens = columns.num_tokens[head]
     limits = _step_limits(columns.tpot_s[head], tokens, np.arange(head.shape[0]) >= feasible.shape[0], cost,
@@ -296,7 +294,16 @@ def slack_admission(ready, now: float, step: float, aging: float, estimator, bat
     alpha, beta, gamma = cost.decode
     count = admission_prefix(batch, context, tightest, tokens, limits, max_batch, free_blocks, alpha, beta, gamma)
     items = _items(ready)
-    return [items[i] for i in head[:count].tolist()]
+    admitted = head[:count]
+    room = min(max_batch, free_blocks) - batch - count
+    if rescue and count < feasible.shape[0] and room > 0:
+        refused = feasible[count:]
+        next_step = cost.decode_time(batch + count, context + int(tokens[:count].sum()))
+        numbers = (columns.first_token[refused], columns.tpot_s[refused], columns.produced[refused],
+                   remaining[refused])
+        about_lost = ~lost_mask(now, next_step, *numbers) & lost_mask(now + next_step, next_step, *numbers)
+        admitted = np.concatenate([admitted, refused[about_lost][:room]])
+    return [items[i] for i in admitted.tolist()]
 
 
 def on_time_split(waiting, now: float, prefill_coefficients, token_budget: int, least_slack: bool):

@@ -186,7 +186,10 @@ class TempoDecode(SlackBatching):
     native_admission = False  # its step limits are the service's, not the compiled TPOT walk's
 
     def __init__(self, cost: CostModel, max_batch: int, service: Service | None = None):
-        super().__init__(cost, max_batch)
+        # No request joins past the step limit: here most limits are paces that requests with
+        # time to spare set, and going past them made those requests late in turn (simulated
+        # mixed workload at 6x and 7x: 22 to 29% less service goodput, DAGs 53% to 32% on time).
+        super().__init__(cost, max_batch, rescue=False)
         self.service = service or Service(cost)
         self.now = 0.0  # of the decision being made: a due time's pace depends on it
 

@@ -65,6 +65,21 @@ def test_decode_ranking_and_admission_match(monkeypatch, seed, n):
     plain, compiled = both_ways(monkeypatch, lambda: policy.admit(running[:100], ready, now, 100_000))
     assert ids([plain]) == ids([compiled]) == ids([policy.admit(running[:100], queued, now, 100_000)])
     assert plain
+    # A fuller batch, where requests about to be lost join past the step limit (see the next test).
+    plain, compiled = both_ways(monkeypatch, lambda: policy.admit(running[:200], ready, now, 150))
+    assert ids([plain]) == ids([compiled]) == ids([policy.admit(running[:200], queued, now, 150)])
+
+
+@pytest.mark.parametrize("seed", [0, 2])
+def test_admission_past_the_step_limit_matches(monkeypatch, seed):
+    rng = random.Random(seed)
+    policy = SlackBatching(COST, 256, estimator(rng))
+    running, ready = queue(rng, 1000), queue(rng, 1000)
+    now = rng.uniform(5, 12)
+    within_limit = SlackBatching(COST, 256, policy.estimator, rescue=False)
+    plain, compiled = both_ways(monkeypatch, lambda: policy.admit(running[:200], ready, now, 100_000))
+    assert ids([plain]) == ids([compiled])
+    assert len(plain) > len(within_limit.admit(running[:200], ready, now, 100_000))
 
 
 @pytest.mark.parametrize("seed", range(4))

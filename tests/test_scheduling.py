@@ -349,11 +349,19 @@ decode_reqs = st.lists(st.builds(Req, arrival_time=st.floats(0, 1), tpot_slo=st.
 @given(running=decode_reqs, ready=decode_reqs, free=st.integers(0, 400))
 def test_slack_batching_keeps_the_predicted_step_within_the_tightest_tpot(running, ready, free):
     policy = SlackBatching(COST, max_batch=128)
-    admitted = policy.admit(running, ready, now=1.0, free_blocks=free)
-    assert all(any(a is r for r in ready) for a in admitted)
+    everyone = policy.admit(running, ready, now=1.0, free_blocks=free)
+    assert all(any(a is r for r in ready) for a in everyone)
+    admitted = SlackBatching(COST, max_batch=128, rescue=False).admit(running, ready, now=1.0, free_blocks=free)
+    assert everyone[: len(admitted)] == admitted
+    # The rest join past the limit, each one that the next step would still serve in time and
+    # waiting through it would lose.
+    batch = running + admitted
+    step = COST.decode_time(max(1, len(batch)), sum(r.num_tokens for r in batch))
+    assert all(not policy.lost(r, 1.0, step) and policy.lost(r, 1.0 + step, step) for r in everyone[len(admitted):])
+    rescued = everyone[len(admitted):]
+    assert len(running) + len(everyone) <= 128 and (free >= len(running) + len(everyone) or not rescued)
     if not admitted:
         return
-    batch = running + admitted
     step = COST.decode_time(len(batch), sum(r.num_tokens for r in batch))
     # Each request bounds the step unless it is lost at the running batch's step (which a new
     # policy's mean step equals).
@@ -455,6 +463,31 @@ def test_the_tightest_slo_of_requests_on_track_bounds_the_step_and_lost_ones_bou
     saved = running(0.01, 9.5, 200)
     assert not any(policy.lost(r, 10.0, max(0.01, policy.step_time(saved))) for r in saved)
     assert admitted(saved) == joining(COST, saved, limit[0.01]) < joining(COST, saved, limit[0.02])
+
+
+@pytest.mark.parametrize("padding", [0, 40])  # the plain path, and the compiled one past native.MIN_REQUESTS
+def test_a_request_that_one_more_step_of_waiting_would_lose_joins_past_the_step_limit(padding):
+    """With the batch at its step limit, the feasible requests that would be lost by waiting
+    through the next step join all the same (in a burst they would otherwise wait, lost, until
+    it passes); those with steps of slack to spare wait, and those already lost wait too."""
+    policy = SlackBatching(COST, 512)
+    limit = policy.step_limit(Req(tpot_slo=0.02), lost=False)
+
+    def req(waited):  # 49 tokens to go: a 0.98 s budget, 0.916 s of it spent at steps of the limit
+        return Req(first_token_time=10.0 - waited, tpot_slo=0.02, output_len_hint=50, prompt=100,
+                   num_uncomputed_tokens=0, num_output_tokens=1)
+
+    running = [req(0.0) for _ in range(joining(COST, [], limit, prompt=101))]
+    step = policy.step_time(running)
+    assert limit - COST.decode[1] < step <= limit  # full: not one more sequence fits
+    relaxed, soon, gone = req(0.0), req(0.05), req(0.07)
+    assert not policy.lost(soon, 10.0, step) and policy.lost(soon, 10.0 + step, step)
+    assert not policy.lost(relaxed, 10.0 + step, step) and policy.lost(gone, 10.0, step)
+    ready = [relaxed, soon, gone] + [req(0.0) for _ in range(padding)]
+    assert policy.admit(running, ready, 10.0, 10_000) == [soon]
+    batch = len(running)
+    assert SlackBatching(COST, batch).admit(running, ready, 10.0, 10_000) == []  # no room in the batch
+    assert SlackBatching(COST, 512).admit(running, ready, 10.0, batch) == []  # nor in the blocks
 
 
 @pytest.mark.parametrize("fixed_cost", [0.006, 0.0255])
