@@ -393,7 +393,7 @@ def test_compare_live_sweeps_policies_on_real_workers(tmp_path):
     assert (tmp_path / "live_attainment.png").exists() and "goodput" in out
 
 
-def test_compare_live_refuses_what_only_the_simulator_has_and_reports_a_worker_that_will_not_start():
+def test_compare_live_refuses_what_only_the_simulator_has_and_reports_a_worker_that_will_not_start(tmp_path):
     proc = kairos_process("bench", "compare", "--live", "--kv-bandwidth-gb-s", "2")
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 2 and "--kv-bandwidth-gb-s sets up the simulator" in out
@@ -404,6 +404,15 @@ def test_compare_live_refuses_what_only_the_simulator_has_and_reports_a_worker_t
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 2 and "--prefill-workers must be at least 1" in out
     proc = kairos_process("bench", "compare", "--live", "--model", "no-such-model", "--limit", "5",
+                          "--rate-scales", "1", "--policies", "kairos+kairos")
+    out, _ = proc.communicate(timeout=120)
+    # Said once, before any worker starts.
+    assert proc.returncode == 2 and out.count("model folder no-such-model does not exist") == 1
+    # A folder whose config passes, but that has no weights: the workers fail as they load it.
+    from kairos.engine.tiny import tiny_model_path
+
+    (tmp_path / "config.json").write_text((tiny_model_path() / "config.json").read_text())
+    proc = kairos_process("bench", "compare", "--live", "--model", str(tmp_path), "--limit", "5",
                           "--rate-scales", "1", "--policies", "kairos+kairos")
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 1 and "exited with status 2 during start-up" in out and "Traceback" not in out
