@@ -194,3 +194,29 @@ def test_a_worker_loop_reads_no_socket_that_a_message_before_closed():
         assert kv.closed
     finally:
         ctx.destroy(linger=0)
+
+
+def test_a_dead_decode_workers_requests_that_streamed_nothing_start_over_on_another(router):
+    """Like a dead prefill worker's: placed anew under a new id, so that a first token the old
+    attempt's prefill worker sent before its abort arrived is not taken for the new one's. One
+    that has streamed a token fails."""
+    from kairos.transport.router import WorkerInfo
+
+    router.on_submit(b"client", p.Submit("quiet", prompt_token_ids=[1, 2, 3]))
+    router.on_submit(b"client", p.Submit("streaming", prompt_token_ids=[4, 5, 6]))
+    quiet, streaming = router.by_client[(b"client", "quiet")], router.by_client[(b"client", "streaming")]
+    router.handle(b"p1", p.Tokens(streaming, 0, [9], "z", None))
+    router.workers["d2"] = WorkerInfo("d2", "decode", b"d2", {}, 64, "tcp://127.0.0.1:2", time.monotonic())
+    router.sent.clear()
+    router.worker_died(router.workers["d1"])
+    router.dispatch_pending(time.monotonic())
+    retried = router.by_client[(b"client", "quiet")]
+    assert retried != quiet and quiet not in router.requests and router.requests[retried].decode == "d2"
+    assert (b"p1", p.Abort(quiet)) in router.sent and (b"p1", p.Abort(streaming)) in router.sent
+    assert any(to == b"p1" and isinstance(m, p.PrefillRequest) and m.request_id == retried for to, m in router.sent)
+    failed = [m for to, m in router.sent if to == b"client" and isinstance(m, p.Error)]
+    assert [m.request_id for m in failed] == ["streaming"] and "decode worker d1" in failed[0].message
+    router.sent.clear()
+    router.handle(b"p1", p.Tokens(quiet, 0, [7], "x", None))  # the old attempt's, late
+    router.handle(b"p1", p.Tokens(retried, 0, [8], "y", None))
+    assert [(m.index, m.token_ids) for to, m in router.sent if to == b"client"] == [(0, [8])]

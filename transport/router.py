@@ -402,16 +402,19 @@ class Router:
     def worker_died(self, w: WorkerInfo) -> None:
         log.warning("%s worker %s sent nothing for %.1f s: dropping it", w.role, w.worker_id, self.worker_timeout_s)
         del self.workers[w.worker_id]
-        can_retry = w.role == "prefill" and any(o.role == "prefill" for o in self.workers.values())
+        can_retry = any(o.role == w.role for o in self.workers.values())
         # In arrival order, so that retried requests queue again as they came.
         for r in sorted(filter(None, map(self.requests.get, w.requests)), key=lambda r: r.arrival):
-            rid = r.rid
             if can_retry and r.next_index == 0 and not r.held:
-                # Nothing streamed yet: it can start over on another prefill worker.
+                # Nothing streamed yet: it starts over, placed anew (on another worker of the dead
+                # one's role), under a new id: a first token its old prefill worker sent before
+                # the abort reached it must not pass for the new attempt's.
                 self.tell_workers(r, p.Abort(r.rid), skip=w.worker_id)
-                self.release(r)
-                r.prefill = r.decode = None
-                self.pending.append(rid)
+                self.forget(r)
+                r.rid, r.prefill, r.decode = secrets.token_hex(16), None, None
+                self.requests[r.rid] = r
+                self.by_client[(r.client, r.submit.request_id)] = r.rid
+                self.pending.append(r.rid)
             else:
                 self.tell_workers(r, p.Abort(r.rid), skip=w.worker_id)
                 self.fail(r, f"the {w.role} worker {w.worker_id} serving this request died")
