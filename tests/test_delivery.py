@@ -220,3 +220,40 @@ def test_a_dead_decode_workers_requests_that_streamed_nothing_start_over_on_anot
     router.handle(b"p1", p.Tokens(quiet, 0, [7], "x", None))  # the old attempt's, late
     router.handle(b"p1", p.Tokens(retried, 0, [8], "y", None))
     assert [(m.index, m.token_ids) for to, m in router.sent if to == b"client"] == [(0, [8])]
+
+
+def test_requests_fail_at_once_when_the_connection_to_the_router_drops():
+    """A router that dies (or is restarted, knowing none of them) leaves its clients' requests
+    nowhere: they fail as the connection drops, not at the clients' timeout."""
+    import signal
+
+    from serving import kairos_process
+
+    from kairos.transport.serve import free_port
+
+    port = free_port()
+    addr = f"tcp://127.0.0.1:{port}"
+    router = kairos_process("router", "--port", str(port))
+    try:
+        router.stdout.readline()  # listening; with no worker, a request waits there
+        with Client(addr, timeout_s=60) as client:
+            client.status()
+            waiting = client.submit("hello", max_tokens=4)
+
+            async def killed_under_async_client():
+                async with AsyncClient(addr, timeout_s=60) as async_client:
+                    await async_client.status()
+                    pending = asyncio.ensure_future(async_client.generate("hi", max_tokens=3))
+                    await asyncio.sleep(0.3)
+                    router.send_signal(signal.SIGKILL)
+                    return await asyncio.wait_for(pending, 10)
+
+            started = time.monotonic()
+            async_result = asyncio.run(killed_under_async_client())
+            result = client.result(waiting)
+            assert time.monotonic() - started < 10
+        for r in (async_result, result):
+            assert r.error_code == p.UNAVAILABLE and "connection to the router" in r.error, r
+    finally:
+        router.kill()
+        router.wait(10)

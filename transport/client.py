@@ -22,6 +22,7 @@ from typing import AsyncIterator, Iterator
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import recv_monitor_message
 
 from kairos.scheduler.request import RequestSLO, SamplingParams
 from kairos.transport import protocol as p
@@ -175,6 +176,13 @@ class _Base:
     def _timeout_error(self) -> TimeoutError:
         return TimeoutError(f"no reply from the router at {self.addr} within {self.timeout_s:g} s")
 
+    def _router_gone(self) -> None:
+        """The connection to the router dropped (it died, or was restarted and knows none of
+        them): every request still running fails now rather than at its timeout."""
+        for rid in self._unfinished():
+            self.tracked[rid].record(p.Error(rid, f"the connection to the router at {self.addr} was lost, and the "
+                                                  "request with it", p.UNAVAILABLE))
+
 
 class Client(_Base):
     """curve_keys: the cluster's keys folder (`kairos keys`), where the router requires CURVE;
@@ -184,6 +192,10 @@ class Client(_Base):
         super().__init__(addr, timeout_s)
         self.ctx = zmq.Context()
         self.socket = self._connect(make_socket(self.ctx, zmq.DEALER), curve_keys)
+        self.disconnects = self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.poller = zmq.Poller()
+        self.poller.register(self.socket, zmq.POLLIN)
+        self.poller.register(self.disconnects, zmq.POLLIN)
 
     def submit(self, prompt: str | list[int], request_id: str | None = None, **options) -> str:
         """Sends a request (options: see `make_submit`) and returns its id at once."""
@@ -250,10 +262,16 @@ class Client(_Base):
                 raise TimeoutError(f"no report since the last {timeout_s} s from every worker fits: {status}")
             time.sleep(0.05)
 
-    def _receive(self) -> p.Message:
-        if not self.socket.poll(self.timeout_s * 1e3):
-            raise self._timeout_error()
-        return self._route(self.socket.recv())
+    def _receive(self) -> p.Message | None:
+        """The next message, or None if the connection to the router dropped meanwhile."""
+        ready = dict(self.poller.poll(self.timeout_s * 1e3))
+        if self.socket in ready:
+            return self._route(self.socket.recv())
+        if self.disconnects in ready:
+            recv_monitor_message(self.disconnects)
+            self._router_gone()
+            return None
+        raise self._timeout_error()
 
     def close(self) -> None:
         """Aborts the requests still running (their output would go nowhere) and disconnects."""
@@ -284,6 +302,8 @@ class AsyncClient(_Base):
         self._replies: dict[type, deque[asyncio.Future]] = {p.StatusReport: deque(), p.MetricsReport: deque()}
         self._reader: asyncio.Task | None = None
         self._failure: BaseException | None = None
+        self.disconnects = self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._watcher: asyncio.Task | None = None
 
     async def stream(self, prompt: str | list[int], request_id: str | None = None,
                      **options) -> AsyncIterator[p.Tokens]:
@@ -369,6 +389,16 @@ class AsyncClient(_Base):
         if self._reader is None or self._reader.done():
             self._failure = None  # what broke the last reader failed the streams waiting then
             self._reader = asyncio.get_running_loop().create_task(self._read())
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        """Fails the running requests whenever the connection to the router drops."""
+        while True:
+            await recv_monitor_message(self.disconnects)
+            self._router_gone()
+            for wake in self._wakeups.values():
+                wake.set()
 
     async def _read(self) -> None:
         try:
@@ -392,8 +422,9 @@ class AsyncClient(_Base):
 
     def close(self) -> None:
         """Aborts the requests still running (their output would go nowhere) and disconnects."""
-        if self._reader is not None:
-            self._reader.cancel()
+        for task in (self._reader, self._watcher):
+            if task is not None:
+                task.cancel()
         unfinished = self._unfinished()
         if unfinished:
             # Sent at once, outside the event loop, which may not run again before the end.
