@@ -312,3 +312,20 @@ def test_a_worker_says_so_every_10_s_while_the_router_leaves_it_unanswered(caplo
     said = [r.getMessage() for r in caplog.records]
     assert REGISTER_WARNING_S == 10 and len(said) == 2
     assert "no answer from the router at tcp://127.0.0.1:1 for 10 s" in said[0] and "for 20 s" in said[1]
+
+
+def test_a_worker_registering_again_takes_the_routers_further_answers_as_nothing_new(caplog):
+    """After a router restart, each message the worker sent before it knew is answered with
+    RegisterAgain: only the first drops its requests; the rest are neither handled nor logged."""
+    from types import SimpleNamespace
+
+    from kairos.transport.worker import Worker
+
+    resets, handled = [], []
+    worker = SimpleNamespace(registered=True, reset=lambda: resets.append(1), handle_router=handled.append,
+                             _last_register=5.0)
+    with caplog.at_level("WARNING"):
+        for _ in range(3):
+            Worker._on_router_message(worker, SimpleNamespace(msg=p.RegisterAgain()))
+    assert len(resets) == 1 and not worker.registered and worker._last_register == 0.0 and not handled
+    assert len(caplog.records) == 1

@@ -222,11 +222,14 @@ class Worker:
             self.registered = True
             self._unregistered_since = None
             log.info("%s worker %s registered", self.role, self.worker_id)
-        elif isinstance(msg, p.RegisterAgain) and self.registered:
-            log.warning("the router no longer knows this worker: dropping all requests, registering again")
-            self.registered = False
-            self.reset()
-            self._last_register = 0.0
+        elif isinstance(msg, p.RegisterAgain):
+            # The router answers each message of a worker it does not know so: once this worker
+            # is registering again, the answers to its earlier messages say nothing new.
+            if self.registered:
+                log.warning("the router no longer knows this worker: dropping all requests, registering again")
+                self.registered = False
+                self.reset()
+                self._last_register = 0.0
         elif isinstance(msg, p.Error) and msg.request_id is None and not self.registered:
             raise SystemExit(f"kairos {self.role}: the router refused registration: {msg.message}")
         elif isinstance(msg, p.Error) and msg.request_id is None:
