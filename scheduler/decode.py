@@ -245,11 +245,15 @@ class SlackBatching:
         that the batch's next step would still serve in time but that waiting through it would
         lose, both judged at steps as long as that one: they join all the same, while the batch
         and the blocks have room (see the class)."""
-        room = min(self.max_batch, free_blocks) - batch
-        if room <= 0:
-            return []
         step = self.cost.decode_time(batch, context)
-        return [r for r in refused if not self.lost(r, now, step) and self.lost(r, now + step, step)][:room]
+        taken = []
+        for r in refused:
+            if len(taken) >= min(self.max_batch, free_blocks) - batch:
+                break
+            remaining = self.remaining(r)
+            if not self.lost(r, now, step, remaining) and self.lost(r, now + step, step, remaining):
+                taken.append(r)
+        return taken
 
     def finished(self, request) -> None:
         self.estimator.observe(request.slo.request_class, request.num_prompt_tokens, request.num_output_tokens)
