@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.cpu_threads)
     try:
         return args.func(args)
-    except (TimeoutError, StartupError) as e:  # no answer from a server; a local worker would not start
+    except (TimeoutError, ConnectionError, StartupError) as e:  # no server answers; a local worker would not start
         print(f"kairos: error: {e}", file=sys.stderr)
         return 1
     except (ValueError, OSError, zmq.ZMQError) as e:

@@ -222,6 +222,44 @@ def test_a_dead_decode_workers_requests_that_streamed_nothing_start_over_on_anot
     assert [(m.index, m.token_ids) for to, m in router.sent if to == b"client"] == [(0, [8])]
 
 
+def test_a_router_that_is_not_there_fails_requests_at_the_connect_timeout_and_one_coming_up_serves_them():
+    """Requests sent to an address where no router listens fail as unavailable once the
+    client has not connected for its connect timeout (a status query raises ConnectionError),
+    not at the reply timeout; a router that comes up within it answers what was sent before."""
+    from serving import kairos_process
+
+    from kairos.transport.serve import free_port
+
+    addr = f"tcp://127.0.0.1:{free_port()}"
+    with Client(addr, timeout_s=60, connect_timeout_s=1.0) as client:
+        started = time.monotonic()
+        result = client.generate("hello", max_tokens=2)
+        assert result.error_code == p.UNAVAILABLE and f"no router at {addr}" in result.error
+        with pytest.raises(ConnectionError):
+            client.status()
+        assert time.monotonic() - started < 5
+
+    async def under_async_client():
+        async with AsyncClient(addr, timeout_s=60, connect_timeout_s=1.0) as async_client:
+            result = await async_client.generate("hi", max_tokens=2)
+            with pytest.raises(ConnectionError):
+                await async_client.status()
+            return result
+
+    started = time.monotonic()
+    result = asyncio.run(under_async_client())
+    assert result.error_code == p.UNAVAILABLE and time.monotonic() - started < 5
+
+    port = free_port()
+    with Client(f"tcp://127.0.0.1:{port}", timeout_s=60, connect_timeout_s=30) as client:
+        router = kairos_process("router", "--port", str(port))  # up after the client connects
+        try:
+            assert client.status()["workers"] == []
+        finally:
+            router.kill()
+            router.wait(10)
+
+
 def test_requests_fail_at_once_when_the_connection_to_the_router_drops():
     """A router that dies (or is restarted, knowing none of them) leaves its clients' requests
     nowhere: they fail as the connection drops, not at the clients' timeout."""

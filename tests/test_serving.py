@@ -260,7 +260,7 @@ def test_cli_client_json_and_exit_status(cluster):
     assert "queued_prompt_tokens" in out and "preemptions" in out and "kv_cuda_ipc" in out
     dead = kairos_process("status", "--addr", "tcp://127.0.0.1:1", "--timeout", "0.5")
     out, _ = dead.communicate(timeout=60)
-    assert dead.returncode == 1 and "no reply from the router" in out
+    assert dead.returncode == 1 and "no router at tcp://127.0.0.1:1: not connected" in out
     ready = kairos_process("status", "--addr", cluster.addr, "--wait", "30", "--json")
     out, _ = ready.communicate(timeout=60)
     assert ready.returncode == 0 and {w["role"] for w in json.loads(out)["workers"]} == {"prefill", "decode"}

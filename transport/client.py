@@ -30,6 +30,14 @@ from kairos.transport.security import CurveKeys
 from kairos.transport.sockets import DEFAULT_ROUTER, make_socket
 
 ABORT_LINGER_MS = 200  # how long a closing client may take to get its aborts out
+# How long requests wait for a connection to the router (one not up yet, or restarting) before
+# they fail as unavailable: a router that is not there fails them in seconds, not at the reply
+# timeout.
+CONNECT_TIMEOUT_S = 10.0
+CONNECT_CHECK_S = 0.25  # how often an unconnected asyncio client looks at the time
+# Connected means the ZeroMQ handshake done (where the router requires CURVE, with the keys
+# right): a TCP connection alone may still be refused.
+CONNECTION_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
 
 
 class RequestTooLarge(ValueError):
@@ -141,9 +149,13 @@ def status_dict(report: p.StatusReport) -> dict:
 
 
 class _Base:
-    def __init__(self, addr: str, timeout_s: float):
+    def __init__(self, addr: str, timeout_s: float, connect_timeout_s: float):
         self.addr = addr
         self.timeout_s = timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        self.connected = False
+        self.unconnected_since = time.monotonic()
+        self.reached = False  # whether a TCP connection ever came up
         self.tracked: dict[str, _Tracked] = {}
         self._ids = itertools.count()
         self._prefix = f"{os.getpid()}-{id(self) & 0xFFFF:x}"
@@ -176,26 +188,57 @@ class _Base:
     def _timeout_error(self) -> TimeoutError:
         return TimeoutError(f"no reply from the router at {self.addr} within {self.timeout_s:g} s")
 
-    def _router_gone(self) -> None:
-        """The connection to the router dropped (it died, or was restarted and knows none of
-        them): every request still running fails now rather than at its timeout."""
+    def _on_connection_event(self, event: dict) -> bool:
+        """Follows the connection's state; whether it dropped. When it drops (the router died,
+        or was restarted and knows none of them), every request still running fails now rather
+        than at its timeout."""
+        if event["event"] == zmq.EVENT_CONNECTED:
+            self.reached = True
+            return False
+        if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self.connected = True
+            return False
+        if not self.connected:  # a handshake refused
+            return False
+        self.connected, self.unconnected_since = False, time.monotonic()
         for rid in self._unfinished():
             self.tracked[rid].record(p.Error(rid, f"the connection to the router at {self.addr} was lost, and the "
                                                   "request with it", p.UNAVAILABLE))
+        return True
+
+    def _connect_deadline(self) -> float | None:
+        """When waiting for a connection stops (monotonic seconds); None while connected."""
+        return None if self.connected else self.unconnected_since + self.connect_timeout_s
+
+    def _unreachable_error(self) -> ConnectionError:
+        waited = time.monotonic() - self.unconnected_since
+        if self.reached:
+            return ConnectionError(f"the router at {self.addr} completed no handshake with this client in "
+                                   f"{waited:.1f} s (where it requires CURVE, are this client's keys the cluster's?)")
+        return ConnectionError(f"no router at {self.addr}: not connected in {waited:.1f} s")
+
+    def _fail_unreachable(self) -> bool:
+        """Fails the running requests, the router being unreachable; whether there were any."""
+        unfinished = self._unfinished()
+        for rid in unfinished:
+            self.tracked[rid].record(p.Error(rid, str(self._unreachable_error()), p.UNAVAILABLE))
+        return bool(unfinished)
 
 
 class Client(_Base):
     """curve_keys: the cluster's keys folder (`kairos keys`), where the router requires CURVE;
     only its server.key is read."""
 
-    def __init__(self, addr: str = DEFAULT_ROUTER, timeout_s: float = 60.0, curve_keys: str | None = None):
-        super().__init__(addr, timeout_s)
+    def __init__(self, addr: str = DEFAULT_ROUTER, timeout_s: float = 60.0, curve_keys: str | None = None,
+                 connect_timeout_s: float = CONNECT_TIMEOUT_S):
+        super().__init__(addr, timeout_s, connect_timeout_s)
         self.ctx = zmq.Context()
-        self.socket = self._connect(make_socket(self.ctx, zmq.DEALER), curve_keys)
-        self.disconnects = self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.socket = make_socket(self.ctx, zmq.DEALER)
+        self.connection_events = self.socket.get_monitor_socket(CONNECTION_EVENTS)  # before it can connect
+        self._connect(self.socket, curve_keys)
         self.poller = zmq.Poller()
         self.poller.register(self.socket, zmq.POLLIN)
-        self.poller.register(self.disconnects, zmq.POLLIN)
+        self.poller.register(self.connection_events, zmq.POLLIN)
 
     def submit(self, prompt: str | list[int], request_id: str | None = None, **options) -> str:
         """Sends a request (options: see `make_submit`) and returns its id at once."""
@@ -263,15 +306,22 @@ class Client(_Base):
             time.sleep(0.05)
 
     def _receive(self) -> p.Message | None:
-        """The next message, or None if the connection to the router dropped meanwhile."""
-        ready = dict(self.poller.poll(self.timeout_s * 1e3))
-        if self.socket in ready:
-            return self._route(self.socket.recv())
-        if self.disconnects in ready:
-            recv_monitor_message(self.disconnects)
-            self._router_gone()
-            return None
-        raise self._timeout_error()
+        """The next message, or None if the running requests failed meanwhile (the connection
+        to the router dropped, or never came up in time). ConnectionError when the router is
+        unreachable and no request was running, TimeoutError when it is silent."""
+        while True:
+            deadline = self._connect_deadline()
+            wait = self.timeout_s if deadline is None else min(self.timeout_s, max(0.0, deadline - time.monotonic()))
+            ready = dict(self.poller.poll(wait * 1e3))
+            if self.socket in ready:
+                return self._route(self.socket.recv())
+            if self.connection_events in ready:
+                if self._on_connection_event(recv_monitor_message(self.connection_events)):
+                    return None
+                continue
+            if deadline is not None and time.monotonic() >= deadline and self._fail_unreachable():
+                return None
+            raise self._timeout_error() if self.connected else self._unreachable_error()
 
     def close(self) -> None:
         """Aborts the requests still running (their output would go nowhere) and disconnects."""
@@ -292,17 +342,19 @@ class AsyncClient(_Base):
     """The asyncio client: `async for chunk in client.stream(prompt, ...)`. One reader task
     files incoming messages under their requests."""
 
-    def __init__(self, addr: str = DEFAULT_ROUTER, timeout_s: float = 60.0, curve_keys: str | None = None):
-        super().__init__(addr, timeout_s)
+    def __init__(self, addr: str = DEFAULT_ROUTER, timeout_s: float = 60.0, curve_keys: str | None = None,
+                 connect_timeout_s: float = CONNECT_TIMEOUT_S):
+        super().__init__(addr, timeout_s, connect_timeout_s)
         self.ctx = zmq.asyncio.Context()
-        self.socket = self._connect(make_socket(self.ctx, zmq.DEALER), curve_keys)
+        self.socket = make_socket(self.ctx, zmq.DEALER)
+        self.connection_events = self.socket.get_monitor_socket(CONNECTION_EVENTS)  # before it can connect
+        self._connect(self.socket, curve_keys)
         self._wakeups: dict[str, asyncio.Event] = {}
         # Callers awaiting a status or metrics report, first asked first answered (the router
         # answers in the order it is asked).
         self._replies: dict[type, deque[asyncio.Future]] = {p.StatusReport: deque(), p.MetricsReport: deque()}
         self._reader: asyncio.Task | None = None
         self._failure: BaseException | None = None
-        self.disconnects = self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self._watcher: asyncio.Task | None = None
 
     async def stream(self, prompt: str | list[int], request_id: str | None = None,
@@ -393,10 +445,25 @@ class AsyncClient(_Base):
             self._watcher = asyncio.get_running_loop().create_task(self._watch())
 
     async def _watch(self) -> None:
-        """Fails the running requests whenever the connection to the router drops."""
+        """Fails the running requests whenever the connection to the router drops, and, while
+        it has not come up for connect_timeout_s, every request and query."""
         while True:
-            await recv_monitor_message(self.disconnects)
-            self._router_gone()
+            deadline = self._connect_deadline()
+            try:
+                event = await asyncio.wait_for(recv_monitor_message(self.connection_events),
+                                               None if deadline is None else CONNECT_CHECK_S)
+            except asyncio.TimeoutError:
+                if time.monotonic() < deadline:
+                    continue
+                self._fail_unreachable()
+                for waiting in self._replies.values():
+                    while waiting:
+                        future = waiting.popleft()
+                        if not future.done():
+                            future.set_exception(self._unreachable_error())
+            else:
+                if not self._on_connection_event(event):
+                    continue
             for wake in self._wakeups.values():
                 wake.set()
 

@@ -309,6 +309,8 @@ def _api_error(e: Exception) -> APIError:
         return APIError(STATUS_OF_CODE.get(e.code, 500), e.message, code=HTTP_CODE_OF_CODE.get(e.code, e.code))
     if isinstance(e, TimeoutError):
         return APIError(504, f"the request timed out: {e}", code="timeout")
+    if isinstance(e, ConnectionError):
+        return APIError(503, str(e), code="unavailable")
     return APIError(500, f"the connection to the router failed: {e}")
 
 
@@ -425,7 +427,7 @@ class OpenAIServer:
         if self._workers_seen is None or now - self._workers_seen[0] > max_age_s:
             try:
                 status = await asyncio.wait_for(self.client.status(), HEALTH_TIMEOUT_S)
-            except (TimeoutError, asyncio.TimeoutError):
+            except (TimeoutError, asyncio.TimeoutError, ConnectionError):
                 raise APIError(503, f"the router at {self.router_addr} does not answer", code="unavailable") from None
             self._workers_seen = (now, [w["role"] for w in status["workers"]])
         roles = self._workers_seen[1]
@@ -435,7 +437,10 @@ class OpenAIServer:
         return roles
 
     async def metrics(self) -> Response:
-        router = await self.client.metrics()
+        try:
+            router = await self.client.metrics()
+        except (TimeoutError, ConnectionError):
+            raise APIError(503, f"the router at {self.router_addr} does not answer", code="unavailable") from None
         text = router + generate_latest(self.registry).decode()
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 

@@ -127,7 +127,7 @@ def wait_for_workers(addr: str, wanted: dict[str, int], group: ProcessGroup | No
                 registered = Counter(w["role"] for w in client.status()["workers"])
                 if all(registered[role] >= n for role, n in wanted.items()):
                     return
-            except TimeoutError:
+            except (TimeoutError, ConnectionError):  # the router is still coming up
                 continue
             time.sleep(0.2)
     if not interrupted():
@@ -238,7 +238,7 @@ def serve(host: str, port: int, router_argv: list[str], worker_argv: list[str], 
             while not interrupted():
                 group.supervise(time.monotonic())
                 if any(c.kv_blocks is None for c in group.children if c.is_worker):
-                    with contextlib.suppress(TimeoutError):
+                    with contextlib.suppress(TimeoutError, ConnectionError):
                         group.learn_kv_blocks(client.status()["workers"])
                 time.sleep(0.2)
         return 0
