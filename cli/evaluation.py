@@ -108,6 +108,9 @@ def add_sim_args(p: argparse.ArgumentParser) -> None:
                    help="prefill -> decode KV bandwidth")
     p.add_argument("--max-inflight-transfer-mb", type=float, default=MAX_INFLIGHT_TRANSFER_BYTES / MIB,
                    help="KV under way into a decode worker, MiB (as kairos decode --max-inflight-transfer-mb)")
+    p.add_argument("--max-prefill-wait-s", type=float,
+                   help="a prompt the prefill policy demoted goes first once it has waited this long "
+                        "(as the workers' flag; default: no limit)")
     p.add_argument("--step-jitter", type=float, default=SIMULATED_ONLY["--step-jitter"],
                    help="spread step times around the profile by this mean relative deviation "
                         "(kairos status reports it while serving); 0 runs every step as predicted")
@@ -134,7 +137,7 @@ def sim_setup(args: argparse.Namespace, prefill_policy: str = "fcfs", decode_pol
                        max_inflight_transfer_bytes=int(args.max_inflight_transfer_mb * MIB),
                        prefill_jitter=args.step_jitter, decode_jitter=args.step_jitter,
                        **colocated_slowdown(args.colocated_slowdown), kv_sent_during_steps=measured_on_gpu(profile),
-                       max_tokens=args.max_tokens)
+                       max_tokens=args.max_tokens, max_prefill_wait_s=args.max_prefill_wait_s)
     return config, cost
 
 
@@ -201,11 +204,11 @@ def live_setup(args: argparse.Namespace):
                            max_batch=args.max_batch,
                            max_inflight_transfer_bytes=int(args.max_inflight_transfer_mb * MIB),
                            kv_capacity_tokens=SimConfig.kv_capacity_tokens if args.kv_capacity_tokens is None
-                           else args.kv_capacity_tokens))
+                           else args.kv_capacity_tokens, max_prefill_wait_s=args.max_prefill_wait_s))
     num_kv_blocks = None if args.kv_capacity_tokens is None else -(-args.kv_capacity_tokens // BLOCK_SIZE)
     worker = engine_argv(model=args.model, load_format=args.load_format, max_num_batched_tokens=args.token_budget,
                          max_num_seqs=args.max_batch, max_model_len=args.max_model_len, num_kv_blocks=num_kv_blocks,
-                         profile=args.worker_profile)
+                         profile=args.worker_profile, max_prefill_wait_s=args.max_prefill_wait_s)
     decode = ["--max-inflight-transfer-mb", str(args.max_inflight_transfer_mb)]
     run_point = live_point(worker, args.timeout, args.prefill_workers, args.decode_workers, decode, args.max_tokens)
     return run_point, {"workers": worker, "decode_worker_extra": decode, "prefill_workers": args.prefill_workers,

@@ -196,6 +196,10 @@ class EngineConfig:
                                   choices=tuple(PREFILL_POLICIES))
     decode_policy: str = setting("cb", f"who joins the decode batch: {DECODE_POLICIES.describe()}",
                                  choices=tuple(DECODE_POLICIES))
+    max_prefill_wait_s: float | None = setting(
+        None, "a prompt the prefill policy demoted (kairos, mh, tempo: predicted to miss its TTFT) goes first once it "
+              "has waited this long, oldest first, so that none waits without bound behind a steady stream of "
+              "prompts still in time; it costs TTFT attainment (default: no limit)")
     profile: str | None = setting(None, "step-time profile (kairos profile) for the cost model; without one, "
                                         "predicting policies measure a short one at start-up")
     # offline: whole requests here; prefill: each request's prompt, then its KV goes to a decode
@@ -234,6 +238,8 @@ class EngineConfig:
             raise ConfigError("--max-model-len must be at least 2 (a prompt token and an output token)")
         if self.cpu_kv_cache_gb <= 0:
             raise ConfigError("--cpu-kv-cache-gb must be positive")
+        if self.max_prefill_wait_s is not None and not self.max_prefill_wait_s > 0:
+            raise ConfigError(f"--max-prefill-wait-s must be positive, not {self.max_prefill_wait_s}")
         if self.role not in ROLES:
             raise ConfigError(f"role must be one of {ROLES}, not {self.role!r}")
 

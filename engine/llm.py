@@ -120,7 +120,8 @@ class LLM:
                       or DECODE_POLICIES.needs_cost_model(cfg.decode_policy))
         cost = load_cost_model(self, cfg.profile) if needs_cost or cfg.profile else None
         self.cost_model = CalibratedCostModel(cost) if cost is not None else None
-        settings = PolicySettings(self.cost_model, cfg.max_num_batched_tokens, cfg.max_num_seqs)
+        settings = PolicySettings(self.cost_model, cfg.max_num_batched_tokens, cfg.max_num_seqs,
+                                  cfg.max_prefill_wait_s)
         return PREFILL_POLICIES.build(cfg.prefill_policy, settings), DECODE_POLICIES.build(cfg.decode_policy, settings)
 
     def _load_tokenizer(self, path: Path) -> Tokenizer | None:

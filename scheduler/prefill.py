@@ -105,18 +105,24 @@ class EDFPolicy:
 class _Predicting:
     """Walks a candidate order, predicting when each prompt's prefill would finish: prompts go
     whole into steps of at most `token_budget` tokens (a longer one alone into as many steps
-    as it needs), each step paying the fixed cost once."""
+    as it needs), each step paying the fixed cost once.
+
+    A demoted prompt waits while prompts that can still make their deadlines keep coming, which
+    under a steady load (closed-loop clients) can be minutes. With `max_wait_s`, one that has
+    waited that long goes before them, oldest first: a bound on every wait, paid for in
+    deadlines met."""
 
     needs_cost_model = True
     demotes_expired = True
 
-    def __init__(self, cost: CostModel, token_budget: int):
+    def __init__(self, cost: CostModel, token_budget: int, max_wait_s: float | None = None):
         self.cost = cost
         self.token_budget = token_budget
+        self.max_wait_s = max_wait_s
 
     @classmethod
     def build(cls, settings):
-        return cls(settings.cost, settings.token_budget)
+        return cls(settings.cost, settings.token_budget, settings.max_prefill_wait_s)
 
     def jobs(self, waiting) -> list[tuple[float, float, int, object]]:
         """(deadline, own prefill time, tokens, request) per request; computed once per call."""
@@ -127,7 +133,16 @@ class _Predicting:
 
     def order(self, waiting, now):
         on_time, late = self.split(waiting, now)
-        return on_time + late
+        overdue, late = self.past_wait_limit(late, now)
+        return overdue + on_time + late
+
+    def past_wait_limit(self, late: list, now: float) -> tuple[list, list]:
+        """(the demoted prompts that have waited max_wait_s, oldest first; the others, in order)."""
+        if self.max_wait_s is None:
+            return [], late
+        since = now - self.max_wait_s
+        overdue = sorted((r for r in late if r.arrival_time <= since), key=lambda r: r.arrival_time)
+        return overdue, [r for r in late if r.arrival_time > since] if overdue else late
 
     def finished(self, request) -> None:
         pass

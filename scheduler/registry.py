@@ -18,6 +18,8 @@ class PolicySettings:
     cost: CostModel | None = None  # step-time predictions, for the policies that need them
     token_budget: int = TOKEN_BUDGET  # prompt tokens per prefill step
     max_batch: int = MAX_BATCH  # sequences per decode step
+    # A prompt a prefill policy demoted goes first once it has waited this long (None: no limit).
+    max_prefill_wait_s: float | None = None
 
 
 class PolicyRegistry(dict):

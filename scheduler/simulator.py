@@ -91,6 +91,8 @@ class SimConfig:
     # bound is capped by, so that it knows every length under its quantile. A number: a cap as
     # clients set one, the output ending at the trace's length (or the cap, if shorter).
     max_tokens: int | None = None
+    # A prompt the prefill policy demoted goes first once it has waited this long (None: never).
+    max_prefill_wait_s: float | None = None
 
 
 def measured_on_gpu(profile: dict) -> bool:
@@ -115,6 +117,8 @@ def check_config(config: SimConfig) -> None:
         raise ValueError("step-time jitter must be >= 0")
     if config.max_tokens is not None and config.max_tokens < 1:
         raise ValueError(f"--max-tokens must be at least 1, not {config.max_tokens}")
+    if config.max_prefill_wait_s is not None and not config.max_prefill_wait_s > 0:
+        raise ValueError(f"--max-prefill-wait-s must be positive, not {config.max_prefill_wait_s}")
     if min(config.prefill_beside_decode, config.decode_beside_prefill) < 1:
         raise ValueError("--colocated-slowdown values must be at least 1: a step beside the other role's "
                          "is not faster than alone")
@@ -262,7 +266,8 @@ class Simulator:
         self._tokens = itertools.count()
         # Each worker's policy predicts through its own model, as each real worker calibrates its own.
         models = [self._policy_cost() for _ in range(config.prefill_workers + config.decode_workers)]
-        settings = [PolicySettings(m, config.token_budget, config.max_batch) for m in models]
+        settings = [PolicySettings(m, config.token_budget, config.max_batch, config.max_prefill_wait_s)
+                    for m in models]
         self.prefills = [PrefillSim(PREFILL_POLICIES.build(config.prefill_policy, ps), ps.cost,
                                     config.kv_capacity_tokens) for ps in settings[:config.prefill_workers]]
         self.decodes = [DecodeSim(DECODE_POLICIES.build(config.decode_policy, ds), ds.cost,
@@ -384,15 +389,17 @@ class Simulator:
 
     def finish(self, r: SimRequest) -> None:
         """r has its last token; a DAG's next call is sent a tool's time later, with the time its
-        DAG has left as its deadline. Every prefill policy learns of it, as the router tells
-        every prefill worker."""
+        DAG has left as its deadline (a call without one, as a closed-loop client's next
+        request, keeps its SLO). Every prefill policy learns of it, as the router tells every
+        prefill worker."""
         r.finish_time = self.now
         for w in self.prefills:
             w.policy.finished(r)
         for d in r.dependents:
             d.arrival_time, d.dag_start = self.now + d.trace.arrival, r.dag_start
-            left_ms = d.trace.slo.deadline_ms - (d.arrival_time - d.dag_start) * 1e3
-            d.slo = replace(d.trace.slo, deadline_ms=max(MIN_SLO_MS, left_ms))
+            if d.trace.slo.deadline_ms is not None:
+                left_ms = d.trace.slo.deadline_ms - (d.arrival_time - d.dag_start) * 1e3
+                d.slo = replace(d.trace.slo, deadline_ms=max(MIN_SLO_MS, left_ms))
             self.at(d.arrival_time, self.arrive, d)
 
     def start_prefill(self, w: PrefillSim) -> None:
@@ -455,7 +462,7 @@ class Simulator:
     def prefill_order(self, w: PrefillSim) -> Iterable[SimRequest]:
         """The prompts in the worker's policy's order. A policy that demotes expired prompts
         ranks only those whose deadline has not passed; the expired ones follow its late ones,
-        by arrival."""
+        by arrival, but for those past its wait limit, which go first with its own."""
         if not w.policy.demotes_expired:
             return w.policy.order(w.prefilling + w.waiting, self.now)
         in_time = []
@@ -466,7 +473,13 @@ class Simulator:
                 in_time.append(r)
         w.waiting = in_time
         on_time, late = w.policy.split(w.prefilling + w.waiting, self.now)
-        return itertools.chain(on_time, heapq.merge(late, reversed(w.expired), key=lambda q: q.arrival_time))
+        overdue, late = w.policy.past_wait_limit(late, self.now)
+        cut = len(w.expired)  # w.expired is newest first: those past the wait limit are its tail
+        if w.policy.max_wait_s is not None:
+            cut = bisect.bisect_left(w.expired, w.policy.max_wait_s - self.now, key=lambda q: -q.arrival_time)
+        by_arrival = lambda q: q.arrival_time  # noqa: E731
+        return itertools.chain(heapq.merge(overdue, reversed(w.expired[cut:]), key=by_arrival), on_time,
+                               heapq.merge(late, (w.expired[i] for i in range(cut - 1, -1, -1)), key=by_arrival))
 
     def prefill_done(self, w: PrefillSim, batch: list[tuple[SimRequest, int]]) -> None:
         capacity_blocks = self.config.kv_capacity_tokens // MOONCAKE_BLOCK_TOKENS

@@ -118,13 +118,14 @@ class TempoPrefill(_Predicting):
     # may not set prompts aside by their TTFT as it does for kairos and mh.
     demotes_expired = False
 
-    def __init__(self, cost: CostModel, token_budget: int, service: Service | None = None):
-        super().__init__(cost, token_budget)
+    def __init__(self, cost: CostModel, token_budget: int, service: Service | None = None,
+                 max_wait_s: float | None = None):
+        super().__init__(cost, token_budget, max_wait_s)
         self.service = service or Service(cost)
 
     @classmethod
     def build(cls, settings):
-        return cls(settings.cost, settings.token_budget)
+        return cls(settings.cost, settings.token_budget, max_wait_s=settings.max_prefill_wait_s)
 
     def first_token_due(self, r) -> float:
         s = self.service

@@ -28,9 +28,10 @@ class TraceRequest:
     output_len: int
     hash_ids: tuple[int, ...] = ()  # Mooncake: one id per 512-token prompt block; equal ids, shared prefix
     slo: RequestSLO = RequestSLO()
-    # A DAG's later call: the index in the trace of the call it waits for. Its `arrival` is then
-    # the seconds after that call ends (an agent's tool time) and its SLO's deadline_ms the
-    # DAG's, from the DAG's first call.
+    # A DAG's later call, or a closed-loop client's next request: the index in the trace of the
+    # request it waits for. Its `arrival` is then the seconds after that one ends (an agent's
+    # tool time, a user's think time); a DAG's call's SLO deadline_ms is the DAG's, from the
+    # DAG's first call.
     after: int | None = None
 
 

@@ -7,6 +7,7 @@ from hf_models import VOCAB, make_checkpoint
 from kernel_testing import kernel_variants
 
 from kairos.engine import LLM, SamplingParams
+from kairos.engine.config import ConfigError
 from kairos.kernels import reference
 
 GREEDY = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
@@ -237,7 +238,10 @@ def test_warm_up_runs_a_full_budget_prefill_and_a_decode_step_and_keeps_nothing(
 
     profile = Path(__file__).resolve().parent.parent / "bench" / "profiles" / "tiny_cpu_2core.json"
     llm = LLM("tiny", num_kv_blocks=64, max_model_len=200, max_num_batched_tokens=500, prefill_policy="kairos",
-              decode_policy="kairos", profile=str(profile))
+              decode_policy="kairos", profile=str(profile), max_prefill_wait_s=7.5)
+    assert llm.scheduler.prefill_policy.max_wait_s == 7.5
+    with pytest.raises(ConfigError, match="--max-prefill-wait-s must be positive"):
+        LLM("tiny", prefill_policy="kairos", profile=str(profile), max_prefill_wait_s=-1.0)
     steps = []
     launch = llm.runner.launch
     monkeypatch.setattr(llm.runner, "launch", lambda batch: steps.append(batch) or launch(batch))

@@ -233,6 +233,21 @@ def test_kairos_demotes_hopeless_requests_behind_feasible_ones():
     assert order[-1] is hopeless and order[:3] == feasible
 
 
+@pytest.mark.parametrize("name", ["kairos", "mh", "tempo"])
+def test_a_demoted_prompt_goes_first_once_it_has_waited_the_limit(name):
+    hopeless = [Req(arrival_time=0.05 * i, ttft_slo=0.001, num_uncomputed_tokens=500) for i in (1, 0)]
+    feasible = [Req(arrival_time=0.1 + i, ttft_slo=5.0, num_uncomputed_tokens=100) for i in range(3)]
+    queue = [*hopeless, *feasible]
+
+    def order(max_wait_s):
+        return PREFILL_POLICIES.build(name, PolicySettings(COST, 8192, max_prefill_wait_s=max_wait_s)).order(queue, 0.2)
+
+    assert order(None)[:3] == order(1.0)[:3] == feasible and set(map(id, order(1.0)[3:])) == set(map(id, hopeless))
+    # Past the limit, oldest first; one not yet past it stays behind the feasible prompts.
+    assert order(0.1) == [hopeless[1], hopeless[0], *feasible]
+    assert order(0.175) == [hopeless[1], *feasible, hopeless[0]]
+
+
 def test_policies_without_a_cost_model_are_refused():
     with pytest.raises(ValueError, match="needs a cost model"):
         PREFILL_POLICIES.build("kairos", PolicySettings())

@@ -223,20 +223,42 @@ def test_prefill_steps_chunk_as_the_engine_does_and_prompts_hold_kv_until_it_lan
     assert b.first_token_time == pytest.approx(landed + COST.prefill_time([(800, 800)]))
 
 
+@pytest.mark.parametrize("max_wait_s", [None, 2.0])
 @pytest.mark.parametrize("policy", [name for name, cls in PREFILL_POLICIES.items() if cls.demotes_expired])
-def test_expired_prompts_kept_aside_change_no_result(policy):
+def test_expired_prompts_kept_aside_change_no_result(policy, max_wait_s):
     """The simulator keeps prompts past their deadline out of the sort of a policy that
     declares it demotes them; under a sustained overload that must give exactly what ranking
-    the whole queue every step gives."""
+    the whole queue every step gives, with a wait limit too."""
     class RanksEverything(Simulator):
         def prefill_order(self, w):
             return w.policy.order(w.prefilling + w.waiting, self.now)
 
     trace = with_slos(synthetic(3000, rate=100.0, seed=5), ttft_slo_ms=500, tpot_slo_ms=100)
-    config = SimConfig(prefill_policy=policy, decode_policy="kairos", kv_capacity_tokens=100_000)
+    config = SimConfig(prefill_policy=policy, decode_policy="kairos", kv_capacity_tokens=100_000,
+                       max_prefill_wait_s=max_wait_s)
     fast, full = Simulator(config, COST).run(trace), RanksEverything(config, COST).run(trace)
     assert [(r.first_token_time, r.finish_time) for r in fast] == [(r.first_token_time, r.finish_time) for r in full]
     assert metrics(fast)["ttft_attainment"] < 0.6  # an overload: many prompts expire waiting
+
+
+def test_a_wait_limit_bounds_demoted_prompts_under_closed_loop_clients():
+    """100 clients, each sending its next request as its last one ends, keep the prefill queue
+    full of prompts still in time, so a prompt kairos demoted waits until the load stops; with
+    --max-prefill-wait-s every first token comes within about the limit, while more deadlines
+    are met than first come, first served meets."""
+    base = synthetic(1000, rate=1.0, seed=3)
+    trace = [replace(r, arrival=i // 10 * 0.01 if i % 10 == 0 else 0.0, after=None if i % 10 == 0 else i - 1,
+                     slo=RequestSLO(500, 100)) for i, r in enumerate(base)]
+
+    def run(policy: str, max_wait_s: float | None) -> tuple[float, float]:
+        config = SimConfig(prefill_policy=policy, kv_capacity_tokens=400_000, max_prefill_wait_s=max_wait_s)
+        requests = Simulator(config, COST).run(trace)
+        return metrics(requests)["ttft_attainment"], max(r.first_token_time - r.arrival_time for r in requests)
+
+    (fcfs, _), (unbounded, longest), (bounded, longest_bounded) = run("fcfs", None), run("kairos", None), \
+        run("kairos", 3.0)
+    assert longest > 6.0 and longest_bounded < 3.0 + 1.0
+    assert unbounded > bounded > fcfs + 0.1
 
 
 def test_one_request_alone_takes_exactly_the_modelled_time():
@@ -519,6 +541,7 @@ def test_kairos_simulate_prints_the_slo_report_and_refuses_a_negative_jitter(cap
     ("--tpot-slo-ms", "nan", "the TPOT SLO (tpot_ms) must be between 0.001 and 1e+09 milliseconds, got nan"),
     ("--ttft-ms-per-1k-prompt", "-50", "--ttft-ms-per-1k-prompt must be >= 0"),
     ("--rate-scale", "nan", "--rate-scale must be positive"),
+    ("--max-prefill-wait-s", "0", "--max-prefill-wait-s must be positive, not 0.0"),
     ("--colocated-slowdown", "1.2", "--colocated-slowdown is PREFILL,DECODE (two numbers >= 1"),
     ("--colocated-slowdown", "1.2,0.9", "--colocated-slowdown values must be at least 1"),
 ])
