@@ -133,10 +133,13 @@ class LLM:
     # ---- requests -------------------------------------------------------------------------
 
     def make_sequence(self, prompt: Prompt, params: SamplingParams, request_id: str | None = None,
-                      slo: RequestSLO | None = None, add_special_tokens: bool = True) -> Sequence:
+                      slo: RequestSLO | None = None, add_special_tokens: bool = True,
+                      max_tokens_must_fit: bool = False) -> Sequence:
         """Validates a prompt and turns it into a Sequence; raises ValueError naming the problem
-        (PromptTooLong for a prompt beyond the model's length). add_special_tokens: whether a
-        text prompt gets the tokenizer's (a BOS), as a text that already holds them must not."""
+        (PromptTooLong for a prompt beyond the model's length, or with max_tokens_must_fit for
+        one that leaves less room than max_tokens: otherwise the output ends at the model's
+        length). add_special_tokens: whether a text prompt gets the tokenizer's (a BOS), as a
+        text that already holds them must not."""
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling params must be a SamplingParams, not {type(params).__name__}")
         params.validate()
@@ -160,6 +163,10 @@ class LLM:
         if len(ids) >= self.max_model_len:
             raise PromptTooLong(f"the prompt has {len(ids)} tokens, but the model's maximum length is "
                              f"{self.max_model_len} (prompt and output together)")
+        if max_tokens_must_fit and len(ids) + params.max_tokens > self.max_model_len:
+            raise PromptTooLong(f"max_tokens is {params.max_tokens}, but the prompt has {len(ids)} tokens and the "
+                                f"model's maximum length is {self.max_model_len} (prompt and output together): "
+                                f"at most {self.max_model_len - len(ids)} output tokens fit")
         bad_stop = [t for t in params.stop_token_ids if t >= self.model_config.vocab_size]
         if bad_stop:
             raise ValueError(f"stop_token_ids {bad_stop} are outside the vocabulary")

@@ -197,6 +197,9 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": "gpt-4", "prompt": "x"}, 404, "model"),
     ("/v1/completions", {"model": "tiny", "prompt": "x" * (MAX_PROMPT_CHARS + 1)}, 400, None),
     ("/v1/completions", {"model": "tiny", "prompt": [3] * 600}, 400, None),  # beyond --max-model-len 512
+    ("/v1/completions", {"model": "tiny", "prompt": [3] * 500, "max_tokens": 13}, 400, None),  # 513 > 512
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                              "max_completion_tokens": 512}, 400, None),
     ("/v1/completions", b'{"model": "tiny", "prompt": ', 400, None),
     ("/v1/completions", b"\xff\xfe", 400, None),
     ("/v1/completions", [1, 2], 400, None),
@@ -260,9 +263,28 @@ def test_bad_input_gets_the_right_status_in_the_openai_shape_and_serving_goes_on
     # Over-long prompts (router and worker limits, each streamed and not) were counted as such.
     after = scrape(f"{server.url}/metrics")
     assert value(after, "kairos:request_failure_total", code="prompt_too_long") - value(
-        metrics_before, "kairos:request_failure_total", code="prompt_too_long") == 4
+        metrics_before, "kairos:request_failure_total", code="prompt_too_long") == 8
     assert client.completions.create(model="tiny", prompt="still serving", max_tokens=4).usage.completion_tokens == 4
     server.idle()
+
+
+def test_a_max_tokens_given_must_fit_beside_the_prompt_and_one_not_given_ends_at_the_model_length(server):
+    """As OpenAI's and vLLM's APIs: a max_tokens the model's length leaves no room for is a 400
+    naming what fits; without one, the output ends at the model's length."""
+    client = server.openai()
+    prompt = [3] * 500  # of --max-model-len 512
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(model="tiny", prompt=prompt, max_tokens=13, extra_body={"ignore_eos": True})
+    assert refused.value.body["code"] == "context_length_exceeded"
+    assert "at most 12 output tokens fit" in refused.value.body["message"]
+    fits = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, extra_body={"ignore_eos": True})
+    assert fits.usage.completion_tokens == 12
+    default = client.completions.create(model="tiny", prompt=prompt, extra_body={"ignore_eos": True})  # 16
+    assert default.choices[0].finish_reason == "length" and default.usage.completion_tokens == 12
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x " * 240}],
+                                          extra_body={"ignore_eos": True})
+    assert chat.choices[0].finish_reason == "length"
+    assert chat.usage.prompt_tokens + chat.usage.completion_tokens == 512
 
 
 def test_null_means_the_default_and_n_gives_that_many_choices(server):

@@ -120,6 +120,10 @@ def test_bad_prompts_are_rejected_before_any_work(tiny_llm):
     computed = tiny_llm.num_prefill_tokens_computed
     with pytest.raises(ValueError, match="maximum length is 1024"):
         tiny_llm.generate(["fine", [5] * 1024], SamplingParams(max_tokens=4))
+    # Offline, an output that does not fit ends at the model's length; a server may refuse it.
+    assert tiny_llm.make_sequence([5] * 1000, SamplingParams(max_tokens=24)).num_prompt_tokens == 1000
+    with pytest.raises(ValueError, match="max_tokens is 25, .* at most 24 output tokens fit"):
+        tiny_llm.make_sequence([5] * 1000, SamplingParams(max_tokens=25), max_tokens_must_fit=True)
     with pytest.raises(ValueError, match="token ids must be integers in \\[0, 512\\)"):
         tiny_llm.generate([[1, 2, 512]], SamplingParams(max_tokens=4))
     with pytest.raises(ValueError, match="empty"):

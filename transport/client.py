@@ -108,11 +108,14 @@ def make_submit(prompt: str | list[int], request_id: str, *, max_tokens: int = 1
                 top_p: float = 1.0, top_k: int = -1, seed: int | None = None, stop: list[str] | str | None = None,
                 stop_token_ids: list[int] | None = None, ignore_eos: bool = False, eos_after: int | None = None,
                 slo: RequestSLO | dict | None = None, group_id: str | None = None,
-                add_special_tokens: bool = True) -> p.Submit:
+                add_special_tokens: bool = True, max_tokens_must_fit: bool = False) -> p.Submit:
     """Checks a request's values here, so a bad one fails before it is sent (ValueError, saying
     what is wrong). `slo` is a RequestSLO, or a dict of some of its fields (ttft_ms, tpot_ms,
     request_class, output_len_hint), the router's defaults standing for the rest.
-    add_special_tokens: False for a text prompt that holds them already (a rendered chat)."""
+    add_special_tokens: False for a text prompt that holds them already (a rendered chat).
+    max_tokens_must_fit: the request fails (prompt_too_long) if its prompt leaves less room than
+    max_tokens under the model's length, rather than its output ending there ("length"), as
+    OpenAI's and vLLM's APIs refuse it."""
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                             stop=[] if stop is None else stop, stop_token_ids=stop_token_ids or [],
                             ignore_eos=ignore_eos, eos_after=eos_after)
@@ -126,7 +129,7 @@ def make_submit(prompt: str | list[int], request_id: str, *, max_tokens: int = 1
         text, ids = None, prompt
     else:
         raise ValueError("a prompt is a string or a non-empty list of token ids")
-    return p.Submit(request_id, text, ids, asdict(params), slo, group_id, add_special_tokens)
+    return p.Submit(request_id, text, ids, asdict(params), slo, group_id, add_special_tokens, max_tokens_must_fit)
 
 
 def encoded_submit(msg: p.Submit) -> bytes:

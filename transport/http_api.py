@@ -447,7 +447,8 @@ class OpenAIServer:
     async def completions(self, request: Request) -> Response:
         body = await self._parse(request, CompletionRequest)
         prompts = _prompts(body.prompt)
-        options = _options(body, body.max_tokens, 16)
+        # A max_tokens given must fit beside the prompt, as OpenAI's and vLLM's APIs require.
+        options = {**_options(body, body.max_tokens, 16), "max_tokens_must_fit": body.max_tokens is not None}
         group = await self._submit(_copies(prompts, body.n, options.pop("seed")), options, body.n or 1)
         cid, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
 
@@ -477,7 +478,9 @@ class OpenAIServer:
             raise APIError(400, str(e), "messages") from None
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         # Unbounded unless asked: the output ends at the model's length ("length"), as OpenAI's does.
-        options = {**_options(body, max_tokens, MAX_COUNT), "add_special_tokens": False}
+        # One asked for must fit beside the prompt.
+        options = {**_options(body, max_tokens, MAX_COUNT), "add_special_tokens": False,
+                   "max_tokens_must_fit": max_tokens is not None}
         group = await self._submit(_copies([prompt], body.n, options.pop("seed")), options, body.n or 1)
         cid, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
         started = set()

@@ -110,7 +110,7 @@ class PrefillWorker(Worker):
         if isinstance(msg, p.PrefillRequest):
             try:
                 seq = self.make_sequence(msg.prompt, msg.prompt_token_ids, msg.params, msg.slo, msg.request_id,
-                                         msg.add_special_tokens)
+                                         msg.add_special_tokens, msg.max_tokens_must_fit)
             except ValueError as e:
                 code = p.PROMPT_TOO_LONG if isinstance(e, PromptTooLong) else p.INVALID_REQUEST
                 self.fail(msg.request_id, str(e), code)

@@ -117,6 +117,9 @@ class Submit(Message):
     group_id: str | None = None
     # False for a text that already holds them (a rendered chat template begins with its BOS).
     add_special_tokens: bool = True
+    # Refuse (prompt_too_long) a prompt that leaves less room than max_tokens under the model's
+    # length, rather than end its output there.
+    max_tokens_must_fit: bool = False
 
 
 @dataclass
@@ -274,6 +277,7 @@ class PrefillRequest(Message):
     # gets round to reading its socket (after the step it is running). Hosts need NTP.
     arrival_unix: float
     add_special_tokens: bool = True
+    max_tokens_must_fit: bool = False
 
 
 @dataclass

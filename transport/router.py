@@ -390,7 +390,8 @@ class Router:
             # a whole step before it can offer it).
             send(self.socket, p.KVExpect(rid, prefill.worker_id), decode.identity)
             send(self.socket, p.PrefillRequest(rid, s.prompt, s.prompt_token_ids, s.params, r.slo.to_dict(),
-                                               decode.worker_id, decode.kv_addr, arrival_unix, s.add_special_tokens),
+                                               decode.worker_id, decode.kv_addr, arrival_unix, s.add_special_tokens,
+                                               s.max_tokens_must_fit),
                  prefill.identity)
         self.pending = still
 

@@ -261,7 +261,7 @@ class Worker:
         return sock
 
     def make_sequence(self, prompt, prompt_token_ids, params: dict, slo: dict, request_id: str,
-                      add_special_tokens: bool = True) -> Sequence:
+                      add_special_tokens: bool = True, max_tokens_must_fit: bool = False) -> Sequence:
         """A validated engine sequence; ValueError (with the reason) for anything it rejects."""
         try:
             sampling = SamplingParams(**params)
@@ -271,7 +271,8 @@ class Worker:
         source = prompt if prompt is not None else prompt_token_ids
         if source is None:
             raise ValueError("the request has neither a prompt nor prompt_token_ids")
-        return self.llm.make_sequence(source, sampling, request_id, request_slo, add_special_tokens)
+        return self.llm.make_sequence(source, sampling, request_id, request_slo, add_special_tokens,
+                                      max_tokens_must_fit)
 
     def send_tokens(self, seqs: list[Sequence]) -> None:
         """The token a step just gave each sequence, with its text (and finish reason, if done),
