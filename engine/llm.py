@@ -122,7 +122,11 @@ class LLM:
         self.cost_model = CalibratedCostModel(cost) if cost is not None else None
         settings = PolicySettings(self.cost_model, cfg.max_num_batched_tokens, cfg.max_num_seqs,
                                   cfg.max_prefill_wait_s)
-        return PREFILL_POLICIES.build(cfg.prefill_policy, settings), DECODE_POLICIES.build(cfg.decode_policy, settings)
+        prefill = PREFILL_POLICIES.build(cfg.prefill_policy, settings)
+        if cfg.max_prefill_wait_s is not None and cfg.role != "decode" and not hasattr(prefill, "max_wait_s"):
+            log.warning("--max-prefill-wait-s does nothing under the %s prefill policy, which demotes no prompt",
+                        cfg.prefill_policy)
+        return prefill, DECODE_POLICIES.build(cfg.decode_policy, settings)
 
     def _load_tokenizer(self, path: Path) -> Tokenizer | None:
         source = self.config.tokenizer

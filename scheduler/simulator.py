@@ -45,6 +45,7 @@ import bisect
 import heapq
 import itertools
 import math
+import operator
 import random
 from collections import OrderedDict, deque
 from collections.abc import Iterable
@@ -477,7 +478,7 @@ class Simulator:
         cut = len(w.expired)  # w.expired is newest first: those past the wait limit are its tail
         if w.policy.max_wait_s is not None:
             cut = bisect.bisect_left(w.expired, w.policy.max_wait_s - self.now, key=lambda q: -q.arrival_time)
-        by_arrival = lambda q: q.arrival_time  # noqa: E731
+        by_arrival = operator.attrgetter("arrival_time")
         return itertools.chain(heapq.merge(overdue, reversed(w.expired[cut:]), key=by_arrival), on_time,
                                heapq.merge(late, (w.expired[i] for i in range(cut - 1, -1, -1)), key=by_arrival))
 
