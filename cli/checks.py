@@ -62,6 +62,8 @@ def writable_file(path: str, flag: str) -> None:
     """ValueError naming the flag if a file cannot be written at path, before the work whose
     result would go there."""
     folder = Path(path).resolve().parent
+    if Path(path).is_dir():
+        raise ValueError(f"{flag} {path} is a folder: give the file's path")
     if not folder.is_dir() or not os.access(folder, os.W_OK) or (Path(path).exists() and not os.access(path, os.W_OK)):
         raise ValueError(f"{flag} {path}: cannot write there")
 

@@ -48,7 +48,7 @@ def add_trace_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tpot-slo-ms", type=float, default=DEFAULT_TPOT_SLO_MS)
     p.add_argument("--ttft-ms-per-1k-prompt", type=float, default=0.0,
                    help="grow the TTFT SLO by this much per 1000 prompt tokens")
-    p.add_argument("--synthetic-requests", type=int, default=1000)
+    p.add_argument("--synthetic-requests", type=positive_int, default=1000)
     p.add_argument("--synthetic-rate", type=float, default=5.0, help="requests/s")
     p.add_argument("--synthetic-arrival", default="poisson", choices=["poisson", "gamma"])
     p.add_argument("--synthetic-lengths", default="lognormal", choices=["lognormal", "zipf"])
@@ -167,7 +167,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def check_compare_flags(args: argparse.Namespace) -> None:
-    """Flags that set up only the simulator, or only the live workers, are refused in the other mode."""
+    """Flags that set up only the simulator, or only the live workers, are refused in the other
+    mode; a results name must be a file name."""
+    if args.rate_scale != 1.0:
+        raise ValueError("--rate-scale sets one rate; a comparison sweeps --rate-scales")
+    if args.name is not None and (not args.name or Path(args.name).name != args.name or args.name in (".", "..")):
+        raise ValueError(f"--name is the results' file name, without a folder (that is --out-dir): not {args.name!r}")
     if args.repeats != 1 and not args.live:
         raise ValueError("--repeats is for --live runs: the simulator gives the same result every time")
     for flag, default in LIVE_ONLY.items() if not args.live else ():
@@ -180,8 +185,8 @@ def check_compare_flags(args: argparse.Namespace) -> None:
 
 
 def policy_pairs(spec: str, baseline: str) -> list[str]:
-    """PREFILL+DECODE pairs, the baseline first if it is not among them."""
-    pairs = spec.split(",")
+    """PREFILL+DECODE pairs, each once, the baseline first if it is not among them."""
+    pairs = list(dict.fromkeys(spec.split(",")))
     if baseline not in pairs:
         pairs.insert(0, baseline)
     for pair in pairs:
@@ -224,7 +229,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     writable_folder(args.out_dir, "--out-dir")  # now, not after the sweep
     policies = policy_pairs(args.policies, cmp.BASELINE)
     trace = read_trace(args)
-    scales = args.rate_scales
+    scales = sorted(set(args.rate_scales))  # goodput reads the rates in order
     if args.live:
         run_point, setup = live_setup(args)
     else:
@@ -269,7 +274,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     except NothingServed as e:
         print(f"kairos: error: {e}", file=sys.stderr)
         return 1
-    print_slo_report(report, args.json, f"{report['requests']} requests ({report['failed']} failed), live at {target}")
+    failed = f"{report['failed']} failed" + (f"; the first: {report['first_failure']}" if report["failed"] else "")
+    print_slo_report(report, args.json, f"{report['requests']} requests ({failed}), live at {target}")
     return 0
 
 

@@ -13,11 +13,16 @@ from kairos.cli.engine_flags import add_engine_args, engine_kwargs
 def cmd_generate(args: argparse.Namespace) -> int:
     from kairos.engine import LLM, SamplingParams
 
-    # With --seed S, prompt i gets seed S + i: the run is reproducible and the prompts do not
-    # all share one random stream.
+    # With --seed S, prompt i gets seed S + i (wrapping around the 64-bit range, where S itself
+    # must lie): the run is reproducible and the prompts do not all share one random stream.
+    def seed(i: int) -> int | None:
+        if args.seed is None or i == 0:
+            return args.seed  # checked as given
+        return (args.seed + i + 2**63) % 2**64 - 2**63
+
     params = [SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        seed=None if args.seed is None else args.seed + i, stop=args.stop or [], ignore_eos=args.ignore_eos,
+        seed=seed(i), stop=args.stop or [], ignore_eos=args.ignore_eos,
     ) for i in range(len(args.prompt))]
     llm = LLM(**engine_kwargs(args))
     outputs = llm.generate(args.prompt, params, use_tqdm=not args.json and sys.stderr.isatty())

@@ -63,5 +63,8 @@ class Sampler:
         return temps, top_k.long(), top_p, is_greedy.bool()
 
     def _seeded_generator(self, seed: int, step: int) -> torch.Generator:
-        # A 64-bit mix of (seed, step): neighbouring seeds and steps give unrelated streams.
-        return self._seeded.manual_seed((seed * 0x9E3779B97F4A7C15 + step) % 2**63)
+        # A 64-bit mix of (seed, step): neighbouring seeds and steps give unrelated streams. The
+        # high half is folded into the low one, which is all the CPU generator (mt19937) keeps:
+        # seeds 2**63 apart, such as -1 and 2**63 - 1, would otherwise draw alike.
+        mixed = (seed * 0x9E3779B97F4A7C15 + step) % 2**64
+        return self._seeded.manual_seed(mixed ^ (mixed >> 32))

@@ -47,7 +47,7 @@ class ContinuousBatching:
     """The baseline: first come, first admitted, up to a fixed batch size."""
 
     name = "cb"
-    summary = "continuous batching, first come first admitted up to --max-num-seqs (the baseline)"
+    summary = "continuous batching, first come first admitted up to the batch cap (the baseline)"
     needs_cost_model = False
 
     def __init__(self, max_batch: int):

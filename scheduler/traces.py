@@ -63,9 +63,14 @@ def load_mooncake(path: str | Path) -> list[TraceRequest]:
                 continue
             try:
                 row = json.loads(line)
-                out.append(TraceRequest(float(row["timestamp"]) / 1e3, max(1, int(row["input_length"])),
-                                        max(1, int(row["output_length"])), tuple(row.get("hash_ids", ()))))
-            except (ValueError, KeyError, TypeError) as e:
+                stamp, hash_ids = float(row["timestamp"]), row.get("hash_ids", [])
+                if not math.isfinite(stamp):
+                    raise ValueError(f"timestamp {stamp}")
+                if not isinstance(hash_ids, list) or not all(type(h) is int for h in hash_ids):
+                    raise ValueError("hash_ids must be a list of integers")
+                out.append(TraceRequest(stamp / 1e3, max(1, int(row["input_length"])),
+                                        max(1, int(row["output_length"])), tuple(hash_ids)))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
                 raise ValueError(f"{path}:{line_no}: not a Mooncake trace record ({e!r})") from None
     if not out:
         raise ValueError(f"{path} has no requests")

@@ -204,6 +204,8 @@ def busy_port():
     (["serve", "--api-key", "k"], "give --http-port too"),
     (["router", "--worker-timeout", "0.1"], "--worker-timeout must be at least 0.5 s"),
     (["profile", "--out", "/nonexistent/profile.json"], "--out /nonexistent/profile.json: cannot write there"),
+    (["profile", "--out", "/tmp"], "--out /tmp is a folder: give the file's path"),
+    (["simulate", "--trace-format", "synthetic", "--synthetic-requests", "0"], "--synthetic-requests: must be"),
     (["prefill", "--step-log", "/nonexistent/steps.jsonl"], "--step-log /nonexistent/steps.jsonl: cannot write"),
     (["bench", "compare", "--limit", "20", "--out-dir", "/proc/kairos"], "--out-dir /proc/kairos"),
     (["bench", "replay", "--api-key", "k", "--limit", "2"], "--model and --api-key are for --http"),

@@ -86,6 +86,18 @@ def test_a_seeded_row_draws_the_same_whatever_shares_its_batch():
     assert len(set(alone)) > 1  # the steps draw different tokens
 
 
+def test_seeds_2_to_the_63_apart_draw_differently():
+    """The CPU generator keeps 32 bits of its seed: -1 and 2**63 - 1 once drew alike."""
+    logits = torch.randn(1, 500)
+
+    def draws(seed: int) -> list[int]:
+        sampler = Sampler(torch.device("cpu"), 0)
+        return [sampler(logits, [SamplingParams(seed=seed)], [step])[0].item() for step in range(8)]
+
+    assert draws(-1) != draws(2**63 - 1) and draws(0) != draws(-(2**63))
+    assert draws(-1) == draws(-1)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_sampling_never_waits_for_the_device_on_cuda():
     """Sampling is queued behind the step's forward pass; a synchronizing call in it (such as

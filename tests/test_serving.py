@@ -302,6 +302,9 @@ def test_live_replay_reports_what_the_simulator_reports(cluster):
     assert {"ttft_attainment", "tpot_attainment", "e2e_attainment", "decode_throughput_tok_s", "ttft_ms",
             "tpot_ms"} <= set(report)
     assert report["ttft_ms"]["p50"] > 0 and report["decode_throughput_tok_s"] > 0
+    # A request that fails is counted, and the first one's reason is given.
+    too_long = replay(cluster.addr, [trace[0], replace(trace[1], prompt_len=600)], timeout_s=60)
+    assert too_long["failed"] == 1 and "maximum length is 512" in too_long["first_failure"]
     cluster.wait_idle()
 
 

@@ -38,6 +38,12 @@ def test_malformed_traces_are_clear_errors(tmp_path):
     broken.write_text('{"timestamp": 0, "input_length": 5, "output_length": 3}\n{"timestamp": 1}\n')
     with pytest.raises(ValueError, match="broken.jsonl:2"):
         load_mooncake(broken)
+    for record in ('{"timestamp": NaN, "input_length": 5, "output_length": 3}',
+                   '{"timestamp": 1, "input_length": 5, "output_length": 3, "hash_ids": [[1], [2]]}',
+                   '{"timestamp": 1, "input_length": 5, "output_length": 3, "hash_ids": "ab"}', "[1, 2]"):
+        broken.write_text('{"timestamp": 0, "input_length": 5, "output_length": 3}\n' + record + "\n")
+        with pytest.raises(ValueError, match="broken.jsonl:2: not a Mooncake trace record"):
+            load_mooncake(broken)
     with pytest.raises(ValueError, match="positive rate"):
         synthetic(10, rate=0.0)
 
@@ -513,6 +519,35 @@ def test_compare_refuses_repeats_without_live_runs(capsys):
 
     assert main(["bench", "compare", "--trace", str(CONV), "--limit", "50", "--repeats", "3"]) == 2
     assert "--repeats is for --live runs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--name", "sub/x"], "--name is the results' file name, without a folder"),
+    (["--name", ""], "--name is the results' file name"),
+    (["--rate-scale", "3"], "--rate-scale sets one rate; a comparison sweeps --rate-scales"),
+])
+def test_compare_refuses_before_the_sweep_what_would_fail_or_mislead_after_it(capsys, tmp_path, flags, message):
+    from kairos.cli.main import main
+
+    assert main(["bench", "compare", "--trace", str(CONV), "--limit", "20", "--out-dir", str(tmp_path), *flags]) == 2
+    assert message in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
+def test_compare_sweeps_rates_in_order_and_each_rate_and_pair_once(capsys, tmp_path):
+    """Goodput reads the rates in order: given unsorted, it once stopped at the first point."""
+    from kairos.cli.main import main
+
+    def summary(scales: str, policies: str) -> tuple[dict, list]:
+        assert main(["bench", "compare", "--trace", str(CONV), "--limit", "300", "--rate-scales", scales,
+                     "--policies", policies, "--out-dir", str(tmp_path), "--name", "x"]) == 0
+        capsys.readouterr()
+        result = json.loads((tmp_path / "x.json").read_text())
+        return result["summary"], [(r["rate_scale"], r["policy"]) for r in result["rows"]]
+
+    ordered, rows = summary("4,6,8,10", "kairos+kairos")
+    assert summary("10,8,4,6,8", "kairos+kairos,kairos+kairos") == (ordered, rows)
+    assert [scale for scale, _ in rows] == [4.0, 4.0, 6.0, 6.0, 8.0, 8.0, 10.0, 10.0]
+    assert ordered["fcfs+cb"]["goodput_req_s"] > 0
 
 
 def test_kairos_simulate_prints_the_slo_report_and_refuses_a_negative_jitter(capsys):

@@ -128,7 +128,10 @@ class _HTTP:
                         return len(times), times, event["error"]["message"]
                     times.append(time.perf_counter() - sent)
         except httpx.TransportError as e:  # one request's failure (a timeout, a reset), not the replay's
-            return len(times), times, f"{type(e).__name__}: {e}"
+            if isinstance(e, httpx.TimeoutException):
+                waited = self.http.timeout.read
+                return len(times), times, f"no reply from {self.url} within {waited:g} s ({type(e).__name__})"
+            return len(times), times, f"{type(e).__name__}: {e or 'no detail'}"
         return len(times), times, None
 
     async def close(self) -> None:
@@ -220,6 +223,8 @@ def report(requests: list[ReplayedRequest]) -> dict:
     for key in ("ttft_attainment", "tpot_attainment", "e2e_attainment"):
         result[key] = result[key] * len(served) / len(requests)
     result.update(requests=len(requests), failed=failed)
+    if failed:
+        result["first_failure"] = next(r.error for r in requests if r.error is not None)
     if any(r.slo.kind != "latency" for r in requests):
         result["service"] = service_metrics(requests)
     return result
