@@ -13,12 +13,10 @@ longest TTFT and requests/s per number of clients and policy.
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import replace
 
 from kairos.bench import DEFAULT_PROFILE, DEFAULT_TRACE, RESULTS
-from kairos.bench.common import write_result
-from kairos.scheduler.cost_model import CostModel
+from kairos.bench.common import profile_cost_model, pyplot, write_result
 from kairos.scheduler.simulator import SimConfig, Simulator, simulation_report
 from kairos.scheduler.traces import TraceRequest, load_azure, with_slos
 
@@ -49,8 +47,7 @@ def main() -> None:
     ap.add_argument("--profile", default=str(DEFAULT_PROFILE))
     ap.add_argument("--name", default="closed_loop")
     args = ap.parse_args()
-    profile = json.loads(open(args.profile).read())
-    cost = CostModel.from_profile(profile)
+    profile, cost = profile_cost_model(args.profile)
     base = with_slos(load_azure(DEFAULT_TRACE), 1000.0, 100.0)
     rows = []
     for clients in CLIENTS:
@@ -79,13 +76,8 @@ def main() -> None:
 
 
 def plot(rows: list[dict], name: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     fig, (met, wait) = plt.subplots(1, 2, figsize=(11, 4))
     for pair, max_wait_s in RUNS:

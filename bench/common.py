@@ -88,3 +88,24 @@ def write_result(name: str, payload: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
+
+
+def pyplot():
+    """matplotlib's pyplot, drawing to files only; None (saying so) where it is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return None
+    return plt
+
+
+def profile_cost_model(path: str):
+    """A step-time profile (kairos profile) and the cost model fitted to it, for a simulated run."""
+    from kairos.scheduler.cost_model import CostModel
+
+    profile = json.loads(Path(path).read_text())
+    return profile, CostModel.from_profile(profile)

@@ -12,11 +12,9 @@ JSON under bench/results/.
 from __future__ import annotations
 
 import argparse
-import json
 
 from kairos.bench import DEFAULT_PROFILE, DEFAULT_TRACE
-from kairos.bench.common import write_result
-from kairos.scheduler.cost_model import CostModel
+from kairos.bench.common import profile_cost_model, write_result
 from kairos.scheduler.simulator import SimConfig, simulate
 from kairos.scheduler.traces import load_azure, shape, with_slos
 
@@ -29,8 +27,7 @@ def main() -> None:
     ap.add_argument("--profile", default=str(DEFAULT_PROFILE))
     ap.add_argument("--name", default="decode_batching")
     args = ap.parse_args()
-    profile = json.loads(open(args.profile).read())
-    cost = CostModel.from_profile(profile)
+    profile, cost = profile_cost_model(args.profile)
     base = load_azure(DEFAULT_TRACE)
     rows = []
     for setup, (prefill_workers, scales) in SETUPS.items():

@@ -16,7 +16,7 @@ import torch
 import triton
 from triton.testing import do_bench
 
-from kairos.bench.common import write_result
+from kairos.bench.common import pyplot, write_result
 from kairos.engine.sampler import Sampler
 from kairos.kernels import attention, reference, sampling, small_ops
 from kairos.kernels.flashinfer_attention import FlashInferAttention
@@ -136,13 +136,8 @@ def bench_decode(ceil: dict, flashinfer: FlashInferAttention | None) -> list[dic
 def plot_decode_sweep(rows: list[dict], path) -> None:
     """Fraction of copy bandwidth against split count, a line per tile, a panel per long-context
     batch: where the engine's launch sits among the others."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     long_rows = [r for r in rows if r["context"] >= 32768]
     fig, axes = plt.subplots(1, len(long_rows), figsize=(4 * len(long_rows), 3.6), sharey=True, squeeze=False)

@@ -16,14 +16,12 @@ bench/results/.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
 import time
 
 from kairos.bench import DEFAULT_PROFILE, DEFAULT_TRACE
-from kairos.bench.common import write_result
-from kairos.scheduler.cost_model import CostModel
+from kairos.bench.common import profile_cost_model, pyplot, write_result
 from kairos.scheduler.metrics import service_metrics
 from kairos.scheduler.output_length import OutputLengthEstimator
 from kairos.scheduler.simulator import SimConfig, Simulator
@@ -117,8 +115,7 @@ def main() -> None:
     ap.add_argument("--name", default="tempo_mixed")
     args = ap.parse_args()
 
-    profile = json.loads(open(args.profile).read())
-    cost = CostModel.from_profile(profile)
+    profile, cost = profile_cost_model(args.profile)
     base = load_azure(args.trace)
     rows = []
     for scale in map(float, args.rate_scales.split(",")):
@@ -152,13 +149,8 @@ def main() -> None:
 
 
 def plot(rows: list[dict], name: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     from kairos.bench import RESULTS
 
