@@ -441,8 +441,14 @@ def test_curve_keys_admit_listed_workers_and_key_holding_clients_only(tmp_path):
         with cluster.client() as client:
             assert client.generate("with keys", max_tokens=4, temperature=0).finish_reason == "length"
             kv_addr = next(w["kv_addr"] for w in client.status()["workers"] if w["role"] == "decode")
-        with Client(cluster.addr, timeout_s=2) as keyless, pytest.raises(ConnectionError, match="no handshake"):
-            keyless.status()
+        with Client(cluster.addr, timeout_s=2) as keyless:
+            with pytest.raises(ConnectionError, match="no handshake"):
+                keyless.status()
+            # ZeroMQ does not try a refused handshake again: later messages fail, not hang.
+            started = time.monotonic()
+            refused = keyless.generate("no keys", max_tokens=2)
+            assert refused.error_code == "unavailable" and "refused this client's handshake" in refused.error
+            assert time.monotonic() - started < 1
 
         stranger, worker = CurveKeys.load(keys_dir, "client"), CurveKeys.load(keys_dir, "worker")
 

@@ -13,7 +13,9 @@ request was sent. Nothing here needs torch: a client machine needs only pyzmq an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import math
 import os
 import time
 from collections import deque
@@ -34,7 +36,7 @@ ABORT_LINGER_MS = 200  # how long a closing client may take to get its aborts ou
 # they fail as unavailable: a router that is not there fails them in seconds, not at the reply
 # timeout.
 CONNECT_TIMEOUT_S = 10.0
-CONNECT_CHECK_S = 0.25  # how often an unconnected asyncio client looks at the time
+CONNECT_CHECK_S = 0.25  # how often an asyncio client not connected in time fails what waits
 # Connected means the ZeroMQ handshake done (where the router requires CURVE, with the keys
 # right): a TCP connection alone may still be refused.
 CONNECTION_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
@@ -203,15 +205,43 @@ class _Base:
             return False
         if not self.connected:  # a handshake refused
             return False
-        self.connected, self.unconnected_since = False, time.monotonic()
+        self.connected, self.unconnected_since, self.reached = False, time.monotonic(), False
         for rid in self._unfinished():
             self.tracked[rid].record(p.Error(rid, f"the connection to the router at {self.addr} was lost, and the "
                                                   "request with it", p.UNAVAILABLE))
         return True
 
+    def _follow_events(self, events: zmq.Socket) -> bool:
+        """Takes in the connection events queued so far (events: a blocking view of the monitor
+        socket), so that a request is judged by the connection as it is now, not by a drop
+        from before it was sent; whether the connection dropped."""
+        dropped = False
+        while events.poll(0):
+            dropped |= self._on_connection_event(recv_monitor_message(events))
+        return dropped
+
     def _connect_deadline(self) -> float | None:
         """When waiting for a connection stops (monotonic seconds); None while connected."""
         return None if self.connected else self.unconnected_since + self.connect_timeout_s
+
+    def _past_connect_deadline(self) -> bool:
+        return not self.connected and time.monotonic() >= self.unconnected_since + self.connect_timeout_s
+
+    def _unsent(self, tracked: _Tracked) -> bool:
+        """Fails a request about to be sent where the router has been unreachable for
+        connect_timeout_s already: it would only wait in the socket's queue. Whether it did."""
+        if self._past_connect_deadline():
+            tracked.record(p.Error(tracked.request_id, str(self._unreachable_error()), p.UNAVAILABLE))
+        return tracked.done
+
+    def _unsendable(self, tracked: _Tracked | None = None) -> ConnectionError:
+        """ZeroMQ has no connection to queue a message on: the router refused this client's
+        handshake, which is not tried again. Fails the request, if one is given."""
+        error = ConnectionError(f"cannot send to the router at {self.addr}: it refused this client's handshake "
+                                "(where it requires CURVE, are this client's keys the cluster's?)")
+        if tracked is not None:
+            tracked.record(p.Error(tracked.request_id, str(error), p.UNAVAILABLE))
+        return error
 
     def _unreachable_error(self) -> ConnectionError:
         waited = time.monotonic() - self.unconnected_since
@@ -246,9 +276,14 @@ class Client(_Base):
     def submit(self, prompt: str | list[int], request_id: str | None = None, **options) -> str:
         """Sends a request (options: see `make_submit`) and returns its id at once."""
         data, tracked = self._new_request(prompt, request_id, options)
+        self._follow_events(self.connection_events)
         self.tracked[tracked.request_id] = tracked
         tracked.sent_at = time.perf_counter()
-        self.socket.send(data)
+        if not self._unsent(tracked):
+            try:
+                self.socket.send(data, zmq.NOBLOCK)
+            except zmq.Again:
+                self._unsendable(tracked)
         return tracked.request_id
 
     def stream(self, request_id: str) -> Iterator[p.Tokens]:
@@ -282,10 +317,18 @@ class Client(_Base):
         return results[0] if single else results
 
     def abort(self, request_id: str) -> None:
-        self.socket.send(p.encode(p.Abort(request_id)))
+        with contextlib.suppress(zmq.Again):  # no connection: nothing runs there to abort
+            self.socket.send(p.encode(p.Abort(request_id)), zmq.NOBLOCK)
 
     def status(self) -> dict:
-        self.socket.send(p.encode(p.StatusQuery()))
+        """The router's status; ConnectionError if it is unreachable, TimeoutError if silent."""
+        self._follow_events(self.connection_events)
+        if self._past_connect_deadline():
+            raise self._unreachable_error()
+        try:
+            self.socket.send(p.encode(p.StatusQuery()), zmq.NOBLOCK)
+        except zmq.Again:
+            raise self._unsendable() from None
         while not isinstance(msg := self._receive(), p.StatusReport):
             pass
         return status_dict(msg)
@@ -311,20 +354,27 @@ class Client(_Base):
     def _receive(self) -> p.Message | None:
         """The next message, or None if the running requests failed meanwhile (the connection
         to the router dropped, or never came up in time). ConnectionError when the router is
-        unreachable and no request was running, TimeoutError when it is silent."""
+        unreachable (not connected through either timeout) and no request was running,
+        TimeoutError when it is connected and silent for timeout_s."""
+        reply_deadline = time.monotonic() + self.timeout_s
         while True:
-            deadline = self._connect_deadline()
-            wait = self.timeout_s if deadline is None else min(self.timeout_s, max(0.0, deadline - time.monotonic()))
-            ready = dict(self.poller.poll(wait * 1e3))
+            connect_deadline = self._connect_deadline()
+            until = reply_deadline if connect_deadline is None else min(reply_deadline, connect_deadline)
+            # Rounded up: a poll that returned before the deadline would be taken for a timeout.
+            ready = dict(self.poller.poll(max(0, math.ceil((until - time.monotonic()) * 1e3))))
             if self.socket in ready:
                 return self._route(self.socket.recv())
             if self.connection_events in ready:
                 if self._on_connection_event(recv_monitor_message(self.connection_events)):
                     return None
                 continue
-            if deadline is not None and time.monotonic() >= deadline and self._fail_unreachable():
-                return None
-            raise self._timeout_error() if self.connected else self._unreachable_error()
+            now = time.monotonic()
+            if not self.connected and now >= until:
+                if self._fail_unreachable():
+                    return None
+                raise self._unreachable_error()
+            if now >= reply_deadline:
+                raise self._timeout_error()
 
     def close(self) -> None:
         """Aborts the requests still running (their output would go nowhere) and disconnects."""
@@ -352,6 +402,7 @@ class AsyncClient(_Base):
         self.socket = make_socket(self.ctx, zmq.DEALER)
         self.connection_events = self.socket.get_monitor_socket(CONNECTION_EVENTS)  # before it can connect
         self._connect(self.socket, curve_keys)
+        self._events_now = zmq.Socket.shadow(self.connection_events.underlying)  # read without awaiting
         self._wakeups: dict[str, asyncio.Event] = {}
         # Callers awaiting a status or metrics report, first asked first answered (the router
         # answers in the order it is asked).
@@ -390,8 +441,13 @@ class AsyncClient(_Base):
         self.tracked[tracked.request_id] = tracked
         self._wakeups[tracked.request_id] = asyncio.Event()
         self._ensure_reader()
+        self._follow_events(self._events_now)
         tracked.sent_at = time.perf_counter()
-        await self.socket.send(data)
+        if not self._unsent(tracked):
+            try:
+                await self.socket.send(data, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                self._unsendable(tracked)
         return tracked
 
     async def _chunks(self, tracked: _Tracked) -> AsyncIterator[p.Tokens]:
@@ -418,7 +474,8 @@ class AsyncClient(_Base):
                 await self.abort(rid)
 
     async def abort(self, request_id: str) -> None:
-        await self.socket.send(p.encode(p.Abort(request_id)))
+        with contextlib.suppress(zmq.Again):  # no connection: nothing runs there to abort
+            await self.socket.send(p.encode(p.Abort(request_id)), flags=zmq.NOBLOCK)
 
     async def status(self) -> dict:
         return status_dict(await self._ask(p.StatusQuery(), p.StatusReport))
@@ -428,12 +485,18 @@ class AsyncClient(_Base):
         return (await self._ask(p.MetricsQuery(), p.MetricsReport)).text
 
     async def _ask(self, query: p.Message, reply: type) -> p.Message:
+        """The router's answer; ConnectionError if it is unreachable, TimeoutError if silent."""
         self._ensure_reader()
+        self._follow_events(self._events_now)
+        if self._past_connect_deadline():
+            raise self._unreachable_error()
         future = asyncio.get_running_loop().create_future()
         self._replies[reply].append(future)
-        await self.socket.send(p.encode(query))
         try:
+            await self.socket.send(p.encode(query), flags=zmq.NOBLOCK)
             return await asyncio.wait_for(future, self.timeout_s)
+        except zmq.Again:
+            raise self._unsendable() from None
         except asyncio.TimeoutError:
             raise self._timeout_error() from None
         finally:
@@ -451,24 +514,25 @@ class AsyncClient(_Base):
         """Fails the running requests whenever the connection to the router drops, and, while
         it has not come up for connect_timeout_s, every request and query."""
         while True:
-            deadline = self._connect_deadline()
+            deadline, timeout = self._connect_deadline(), None
+            if deadline is not None:  # wake at the deadline, and every CONNECT_CHECK_S past it
+                left = deadline - time.monotonic()
+                timeout = left if 0 < left < CONNECT_CHECK_S else CONNECT_CHECK_S
             try:
-                event = await asyncio.wait_for(recv_monitor_message(self.connection_events),
-                                               None if deadline is None else CONNECT_CHECK_S)
+                event = await asyncio.wait_for(recv_monitor_message(self.connection_events), timeout)
+                dropped = self._on_connection_event(event)
             except asyncio.TimeoutError:
-                if time.monotonic() < deadline:
-                    continue
-                self._fail_unreachable()
+                dropped = False
+            if self._past_connect_deadline():
+                dropped |= self._fail_unreachable()
                 for waiting in self._replies.values():
                     while waiting:
                         future = waiting.popleft()
                         if not future.done():
                             future.set_exception(self._unreachable_error())
-            else:
-                if not self._on_connection_event(event):
-                    continue
-            for wake in self._wakeups.values():
-                wake.set()
+            if dropped:
+                for wake in self._wakeups.values():
+                    wake.set()
 
     async def _read(self) -> None:
         try:

@@ -128,7 +128,7 @@ def wait_for_workers(addr: str, wanted: dict[str, int], group: ProcessGroup | No
                 if all(registered[role] >= n for role, n in wanted.items()):
                     return
             except (TimeoutError, ConnectionError):  # the router is still coming up
-                continue
+                pass
             time.sleep(0.2)
     if not interrupted():
         missing = " and ".join(f"{n} {role}" for role, n in wanted.items())
