@@ -402,7 +402,10 @@ class AsyncClient(_Base):
         self.socket = make_socket(self.ctx, zmq.DEALER)
         self.connection_events = self.socket.get_monitor_socket(CONNECTION_EVENTS)  # before it can connect
         self._connect(self.socket, curve_keys)
-        self._events_now = zmq.Socket.shadow(self.connection_events.underlying)  # read without awaiting
+        # Blocking views, read without awaiting: the events before a request is sent, the
+        # messages the reader has not read yet when the connection drops.
+        self._events_now = zmq.Socket.shadow(self.connection_events.underlying)
+        self._socket_now = zmq.Socket.shadow(self.socket.underlying)
         self._wakeups: dict[str, asyncio.Event] = {}
         # Callers awaiting a status or metrics report, first asked first answered (the router
         # answers in the order it is asked).
@@ -520,6 +523,12 @@ class AsyncClient(_Base):
                 timeout = left if 0 < left < CONNECT_CHECK_S else CONNECT_CHECK_S
             try:
                 event = await asyncio.wait_for(recv_monitor_message(self.connection_events), timeout)
+                if event["event"] == zmq.EVENT_DISCONNECTED and self.connected:
+                    # What the router sent before it went comes first: a request that ended
+                    # then is not failed.
+                    with contextlib.suppress(RuntimeError, p.ProtocolError):  # a broken message ends the drain
+                        while self._socket_now.poll(0):
+                            self._deliver(self._socket_now.recv())
                 dropped = self._on_connection_event(event)
             except asyncio.TimeoutError:
                 dropped = False
@@ -537,22 +546,26 @@ class AsyncClient(_Base):
     async def _read(self) -> None:
         try:
             while True:
-                msg = self._route(await self.socket.recv())
-                waiting = self._replies.get(type(msg))
-                while waiting:
-                    future = waiting.popleft()
-                    if not future.done():
-                        future.set_result(msg)
-                        break
-                wake = self._wakeups.get(getattr(msg, "request_id", None))
-                if wake is not None:
-                    wake.set()
+                self._deliver(await self.socket.recv())
         except asyncio.CancelledError:
             raise
         except Exception as e:  # a broken reader must not leave streams waiting forever
             self._failure = e
             for wake in self._wakeups.values():
                 wake.set()
+
+    def _deliver(self, data: bytes) -> None:
+        """Files a message from the router and wakes whoever waits for it."""
+        msg = self._route(data)
+        waiting = self._replies.get(type(msg))
+        while waiting:
+            future = waiting.popleft()
+            if not future.done():
+                future.set_result(msg)
+                break
+        wake = self._wakeups.get(getattr(msg, "request_id", None))
+        if wake is not None:
+            wake.set()
 
     def close(self) -> None:
         """Aborts the requests still running (their output would go nowhere) and disconnects."""
