@@ -40,6 +40,7 @@ CONNECT_CHECK_S = 0.25  # how often an asyncio client not connected in time fail
 # Connected means the ZeroMQ handshake done (where the router requires CURVE, with the keys
 # right): a TCP connection alone may still be refused.
 CONNECTION_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+CURVE_HINT = "(where it requires CURVE, are this client's keys the cluster's?)"
 
 
 class RequestTooLarge(ValueError):
@@ -206,10 +207,13 @@ class _Base:
         if not self.connected:  # a handshake refused
             return False
         self.connected, self.unconnected_since, self.reached = False, time.monotonic(), False
-        for rid in self._unfinished():
-            self.tracked[rid].record(p.Error(rid, f"the connection to the router at {self.addr} was lost, and the "
-                                                  "request with it", p.UNAVAILABLE))
+        self._fail(self._unfinished(), f"the connection to the router at {self.addr} was lost, and the request with it")
         return True
+
+    def _fail(self, request_ids: list[str], message: str) -> None:
+        """These requests fail as unavailable: the router cannot be reached."""
+        for rid in request_ids:
+            self.tracked[rid].record(p.Error(rid, message, p.UNAVAILABLE))
 
     def _follow_events(self, events: zmq.Socket) -> bool:
         """Takes in the connection events queued so far (events: a blocking view of the monitor
@@ -225,36 +229,36 @@ class _Base:
         return None if self.connected else self.unconnected_since + self.connect_timeout_s
 
     def _past_connect_deadline(self) -> bool:
-        return not self.connected and time.monotonic() >= self.unconnected_since + self.connect_timeout_s
+        deadline = self._connect_deadline()
+        return deadline is not None and time.monotonic() >= deadline
 
     def _unsent(self, tracked: _Tracked) -> bool:
         """Fails a request about to be sent where the router has been unreachable for
         connect_timeout_s already: it would only wait in the socket's queue. Whether it did."""
         if self._past_connect_deadline():
-            tracked.record(p.Error(tracked.request_id, str(self._unreachable_error()), p.UNAVAILABLE))
+            self._fail([tracked.request_id], str(self._unreachable_error()))
         return tracked.done
 
     def _unsendable(self, tracked: _Tracked | None = None) -> ConnectionError:
         """ZeroMQ has no connection to queue a message on: the router refused this client's
         handshake, which is not tried again. Fails the request, if one is given."""
         error = ConnectionError(f"cannot send to the router at {self.addr}: it refused this client's handshake "
-                                "(where it requires CURVE, are this client's keys the cluster's?)")
+                                f"{CURVE_HINT}")
         if tracked is not None:
-            tracked.record(p.Error(tracked.request_id, str(error), p.UNAVAILABLE))
+            self._fail([tracked.request_id], str(error))
         return error
 
     def _unreachable_error(self) -> ConnectionError:
         waited = time.monotonic() - self.unconnected_since
         if self.reached:
             return ConnectionError(f"the router at {self.addr} completed no handshake with this client in "
-                                   f"{waited:.1f} s (where it requires CURVE, are this client's keys the cluster's?)")
+                                   f"{waited:.1f} s {CURVE_HINT}")
         return ConnectionError(f"no router at {self.addr}: not connected in {waited:.1f} s")
 
     def _fail_unreachable(self) -> bool:
         """Fails the running requests, the router being unreachable; whether there were any."""
         unfinished = self._unfinished()
-        for rid in unfinished:
-            self.tracked[rid].record(p.Error(rid, str(self._unreachable_error()), p.UNAVAILABLE))
+        self._fail(unfinished, str(self._unreachable_error()))
         return bool(unfinished)
 
 
