@@ -16,7 +16,7 @@ import argparse
 from dataclasses import replace
 
 from kairos.bench import DEFAULT_PROFILE, DEFAULT_TRACE, RESULTS
-from kairos.bench.common import profile_cost_model, pyplot, write_result
+from kairos.bench.common import profile_cost_model, pyplot, save_figure, write_result
 from kairos.scheduler.simulator import SimConfig, Simulator, simulation_report
 from kairos.scheduler.traces import TraceRequest, load_azure, with_slos
 
@@ -92,10 +92,7 @@ def plot(rows: list[dict], name: str) -> None:
     wait.set_yscale("log")
     met.legend(fontsize=8)
     fig.suptitle("Closed-loop clients, simulated: a wait limit on demoted prompts")
-    fig.tight_layout()
-    path = RESULTS / f"{name}.png"
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
+    save_figure(fig, RESULTS / f"{name}.png")
 
 
 if __name__ == "__main__":

@@ -103,6 +103,12 @@ def pyplot():
     return plt
 
 
+def save_figure(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
 def profile_cost_model(path: str):
     """A step-time profile (kairos profile) and the cost model fitted to it, for a simulated run."""
     from kairos.scheduler.cost_model import CostModel

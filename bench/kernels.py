@@ -16,7 +16,7 @@ import torch
 import triton
 from triton.testing import do_bench
 
-from kairos.bench.common import pyplot, write_result
+from kairos.bench.common import pyplot, save_figure, write_result
 from kairos.engine.sampler import Sampler
 from kairos.kernels import attention, reference, sampling, small_ops
 from kairos.kernels.flashinfer_attention import FlashInferAttention
@@ -152,9 +152,7 @@ def plot_decode_sweep(rows: list[dict], path) -> None:
         ax.set_xlabel("splits")
     axes[0][0].set_ylabel("fraction of copy bandwidth")
     axes[0][-1].legend(title="keys/warps/stages", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
+    save_figure(fig, path)
 
 
 def bench_prefill(ceil: dict, flashinfer: FlashInferAttention | None) -> list[dict]:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from kairos.bench.common import RESULTS, write_result
+from kairos.bench.common import RESULTS, save_figure, write_result
 from kairos.cli.engine_flags import engine_argv
 from kairos.transport.client import AsyncClient, Client, RequestFailed
 from kairos.transport.serve import ProcessGroup, local_cluster
@@ -130,9 +130,7 @@ def plot(rounds: list[dict], names: list[str], path: Path) -> None:
     ax.set_ylabel("resident memory (MB)")
     ax.set_title("Memory per process over a soak (20% aborted mid-stream)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import random
 import time
 
 from kairos.bench import DEFAULT_PROFILE, DEFAULT_TRACE
-from kairos.bench.common import profile_cost_model, pyplot, write_result
+from kairos.bench.common import profile_cost_model, pyplot, save_figure, write_result
 from kairos.scheduler.metrics import service_metrics
 from kairos.scheduler.output_length import OutputLengthEstimator
 from kairos.scheduler.simulator import SimConfig, Simulator
@@ -162,10 +162,7 @@ def plot(rows: list[dict], name: str) -> None:
     ax.set_ylabel("service goodput (tokens/s in time)")
     ax.set_title("Mixed workload, simulated")
     ax.legend()
-    fig.tight_layout()
-    path = RESULTS / f"{name}.png"
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
+    save_figure(fig, RESULTS / f"{name}.png")
 
 
 if __name__ == "__main__":
